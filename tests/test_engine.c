@@ -493,7 +493,8 @@ static char tmpdir[256];
 
 static void make_tmpdir(void)
 {
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/test_engine_XXXXXX");
+    const char *base = getenv("SAE_TEST_TMPDIR"); /* set by ctest in libsae's build */
+    snprintf(tmpdir, sizeof tmpdir, "%s/test_engine_XXXXXX", base && *base ? base : "/tmp");
     ck_assert(mkdtemp(tmpdir) != NULL);
 }
 
