@@ -1,0 +1,330 @@
+/*
+ * libsae: sparse autoencoders for language-model activations, in C.
+ *
+ * A sparse autoencoder (SAE) maps an activation vector x (one token's residual stream, d_in
+ * floats) to a much wider, mostly-zero code f (d_sae floats) whose nonzero entries are
+ * interpretable "features", and maps f back to an approximation of x. libsae loads the SAEs
+ * that SAELens, sparsify and Gemma Scope publish, encodes and decodes batches of activations,
+ * steers a model by clamping features (keeping the SAE's error term), gathers feature
+ * statistics, and trains new SAEs.
+ *
+ * A complete program:
+ *
+ *     sae_model *m;
+ *     if (sae_model_load(&m, "gemma-scope/params.npz") != SAE_OK) {
+ *         fprintf(stderr, "%s\n", sae_last_error());
+ *         return 1;
+ *     }
+ *     uint32_t idx[8 * n], count[n];
+ *     float val[8 * n];
+ *     sae_encode_sparse(m, x, n, 8, idx, val, count);   // each token's 8 strongest features
+ *     sae_steer *s;
+ *     sae_steer_new(&s, m);
+ *     sae_steer_clamp(s, 1234, 40.0f);                   // force feature 1234 to 40
+ *     sae_steer_apply(s, x, n);                          // x is now the steered activations
+ *     sae_steer_free(s);
+ *     sae_model_free(m);
+ *
+ * Conventions used everywhere below:
+ * - Activations are float, row-major, contiguous: x is [n][d_in], codes f are [n][d_sae].
+ * - Functions that can fail return SAE_OK (0) or a negative SAE_E* code, and leave a message for
+ *   sae_last_error(). Output buffers are unspecified after a failure.
+ * - Functions taking a const handle may be called from many threads at once on the same handle.
+ *   A non-const handle must not be used by two threads at once. The library has no global
+ *   mutable state besides the per-thread error message.
+ * - Every *_new / *_load has a *_free, and every *_free accepts NULL.
+ */
+#ifndef SAE_H
+#define SAE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(SAE_STATIC_DEFINE)
+#define SAE_API
+#elif defined(_WIN32)
+#define SAE_API __declspec(dllimport)
+#elif defined(__GNUC__)
+#define SAE_API __attribute__((visibility("default")))
+#else
+#define SAE_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * Version
+ * ------------------------------------------------------------------------------------------- */
+
+#define SAE_VERSION_MAJOR 0
+#define SAE_VERSION_MINOR 1
+#define SAE_VERSION_PATCH 0
+#define SAE_VERSION_NUMBER (SAE_VERSION_MAJOR * 10000 + SAE_VERSION_MINOR * 100 + SAE_VERSION_PATCH)
+
+/* The version of the library actually linked, as SAE_VERSION_NUMBER and as "0.1.0". Compare with
+ * the macros to catch a header/library mismatch. Thread safe; never fails. */
+SAE_API unsigned sae_version_number(void);
+SAE_API const char *sae_version_string(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Errors
+ * ------------------------------------------------------------------------------------------- */
+
+typedef enum {
+    SAE_OK = 0,
+    SAE_EINVAL = -1,       /* an argument is wrong: NULL, zero or mismatched size, NaN, ... */
+    SAE_ENOMEM = -2,       /* an allocation failed, or a size would overflow */
+    SAE_EIO = -3,          /* the operating system refused a read, write, rename or map */
+    SAE_EFORMAT = -4,      /* a file is malformed, truncated, inconsistent or oversized */
+    SAE_EUNSUPPORTED = -5, /* valid, but not something libsae does (an architecture, a dtype) */
+    SAE_ERANGE = -6,       /* an index or value is outside its allowed range */
+    SAE_ESTATE = -7,       /* the call does not fit the object's state (e.g. step before init) */
+    SAE_ECALLBACK = -8     /* a caller-supplied callback reported failure */
+} sae_error;
+
+/* A short constant name for a code ("invalid argument"). Unknown codes give "unknown error".
+ * Thread safe; never returns NULL. */
+SAE_API const char *sae_strerror(int code);
+
+/* The message left by the most recent failing call on the calling thread: what went wrong and
+ * where (file, tensor, shape, offset, argument). Successful calls leave it unchanged. The string
+ * belongs to the library and stays valid until the next libsae call on this thread. Never NULL
+ * (empty before any failure). */
+SAE_API const char *sae_last_error(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * The model
+ *
+ * Tensors, all float, row-major:
+ *   W_enc [d_in][d_sae]     b_enc [d_sae]
+ *   W_dec [d_sae][d_in]     b_dec [d_in]      (row i of W_dec is feature i's direction)
+ *   threshold [d_sae]       (JumpReLU only)
+ *
+ * The math, for each token x (to float rounding):
+ *   x_s = INPUT_SCALE * x
+ *   pre = (x_s - APPLY_B_DEC_TO_INPUT * b_dec) @ W_enc + b_enc
+ *   ReLU:      f = max(pre, 0)
+ *   JumpReLU:  f = max(pre, 0) * (pre > threshold)      per feature
+ *   BatchTopK: f = pre * (pre > THRESHOLD), pre > 0      one global threshold (inference form)
+ *   TopK:      f = max(pre, 0) on the K largest entries of pre (ties: lower index first), else 0
+ *   x_hat = (f @ W_dec + b_dec) / INPUT_SCALE
+ *   error = x - x_hat
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct sae_model sae_model;
+
+typedef enum {
+    SAE_ARCH_RELU = 1,
+    SAE_ARCH_TOPK = 2,
+    SAE_ARCH_BATCHTOPK = 3,
+    SAE_ARCH_JUMPRELU = 4
+} sae_arch;
+
+typedef enum {
+    SAE_W_ENC = 1,
+    SAE_W_DEC = 2,
+    SAE_B_ENC = 3,
+    SAE_B_DEC = 4,
+    SAE_THRESHOLD = 5 /* JumpReLU only */
+} sae_tensor;
+
+typedef enum {
+    SAE_PARAM_K = 1,                    /* TopK and BatchTopK: features kept per token; default 32 */
+    SAE_PARAM_APPLY_B_DEC_TO_INPUT = 2, /* 0 or 1; default 1 */
+    SAE_PARAM_INPUT_SCALE = 3,          /* finite, > 0; default 1 */
+    SAE_PARAM_THRESHOLD = 4             /* BatchTopK's single global threshold; default 0 */
+} sae_model_param;
+
+/* Creates a model with every tensor zero and default parameters. d_in and d_sae must be at least
+ * 1 and the weights must fit in memory (SAE_ENOMEM otherwise). On success *out owns the model;
+ * release it with sae_model_free. Errors: SAE_EINVAL (NULL out, zero size, unknown arch),
+ * SAE_ENOMEM. */
+SAE_API int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae);
+
+/* Loads a model from path, detecting the format from content and folder layout:
+ *   - libsae's own file (what sae_model_save writes: safetensors with __metadata__);
+ *   - a SAELens folder (cfg.json + sae_weights.safetensors), or that weights file alone;
+ *   - a sparsify folder (cfg.json + sae.safetensors);
+ *   - a Gemma Scope params.npz (JumpReLU), or a folder holding one.
+ * Tensors stored as F32, F16, BF16 or F64 are converted to float. Little-endian F32 tensors of
+ * libsae's own files are memory-mapped (copy-on-write) rather than read. On success *out owns
+ * the model. Errors: SAE_EINVAL (NULL argument), SAE_EIO (cannot open or map), SAE_EFORMAT
+ * (malformed, truncated, inconsistent or oversized; the message names file, tensor or key and
+ * what was expected), SAE_EUNSUPPORTED (valid but not supported, e.g. a gated SAE), SAE_ENOMEM. */
+SAE_API int sae_model_load(sae_model **out, const char *path);
+
+/* Writes the model as libsae's own safetensors file: tensors W_enc, W_dec, b_enc, b_dec (and
+ * threshold for JumpReLU) as F32, and __metadata__ with the architecture, sizes and every
+ * parameter. Atomic: the data goes to a temporary file in the same folder, which is flushed to
+ * disk and renamed over path; on any failure path is untouched and the temporary is removed.
+ * Errors: SAE_EINVAL, SAE_EIO (the message names the file and the system error). */
+SAE_API int sae_model_save(const sae_model *m, const char *path);
+
+/* Releases the model and everything it owns. NULL is a no-op. Objects made from the model
+ * (steering plans, trainers) must be freed first. */
+SAE_API void sae_model_free(sae_model *m);
+
+/* Sizes and architecture. Return 0 for a NULL model. */
+SAE_API size_t sae_model_d_in(const sae_model *m);
+SAE_API size_t sae_model_d_sae(const sae_model *m);
+SAE_API sae_arch sae_model_arch(const sae_model *m);
+
+/* Copies a whole tensor into the model (set) or out of it (get); sizes as in the table above.
+ * set refuses NaN and infinity (SAE_EINVAL, naming the first bad element). Errors: SAE_EINVAL
+ * (NULL, unknown tensor), SAE_EUNSUPPORTED (threshold of a non-JumpReLU model). */
+SAE_API int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src);
+SAE_API int sae_model_get_tensor(const sae_model *m, sae_tensor t, float *dst);
+
+/* Sets or reads a parameter. K must be a whole number >= 1; APPLY_B_DEC_TO_INPUT 0 or 1;
+ * INPUT_SCALE finite and > 0; THRESHOLD finite. Errors: SAE_EINVAL (NULL, unknown parameter,
+ * bad value), SAE_EUNSUPPORTED (K on ReLU/JumpReLU, THRESHOLD on anything but BatchTopK). */
+SAE_API int sae_model_set_param(sae_model *m, sae_model_param p, double value);
+SAE_API int sae_model_get_param(const sae_model *m, sae_model_param p, double *value);
+
+/* Names: "relu", "topk", "batchtopk", "jumprelu"; NULL for an unknown value. */
+SAE_API const char *sae_arch_name(sae_arch arch);
+/* Parses those names (and SAELens' "standard" for ReLU). Errors: SAE_EINVAL. */
+SAE_API int sae_arch_from_name(const char *name, sae_arch *arch);
+
+/* Where a loaded model came from: "libsae", "saelens", "sparsify", "gemma-scope", or "new" for
+ * sae_model_new; and the dtype its weights were stored in ("F32", "F16", "BF16", "F64").
+ * Constant strings; NULL for a NULL model. */
+SAE_API const char *sae_model_format(const sae_model *m);
+SAE_API const char *sae_model_dtype(const sae_model *m);
+
+/* ---------------------------------------------------------------------------------------------
+ * Encoding and decoding
+ *
+ * n may be 0 (nothing is written). Inputs must be finite: a NaN or infinity in x or f is
+ * SAE_EINVAL naming the token and element. A batch is one SGEMM; a single token one SGEMV.
+ * Scratch memory is allocated per call, never per token.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Dense codes: f [n][d_sae] from x [n][d_in]. Errors: SAE_EINVAL, SAE_ENOMEM. */
+SAE_API int sae_encode(const sae_model *m, const float *x, size_t n, float *f);
+
+/* Sparse codes. Token t owns slots [t*k, t*k+k) of idx and val: its nonzero features, largest
+ * value first (ties: lower index first), at most k of them; count[t] says how many. Unused slots
+ * are set to index 0 and value 0. k >= 1. Errors: SAE_EINVAL, SAE_ENOMEM. */
+SAE_API int sae_encode_sparse(const sae_model *m, const float *x, size_t n, size_t k,
+                              uint32_t *idx, float *val, uint32_t *count);
+
+/* x_hat [n][d_in] from dense codes f [n][d_sae]. Errors: SAE_EINVAL, SAE_ENOMEM. */
+SAE_API int sae_decode(const sae_model *m, const float *f, size_t n, float *x_hat);
+
+/* x_hat from sparse codes laid out as sae_encode_sparse writes them. Reads only the rows of W_dec
+ * it needs. Errors: SAE_EINVAL (count[t] > k, non-finite value), SAE_ERANGE (an index >= d_sae). */
+SAE_API int sae_decode_sparse(const sae_model *m, const uint32_t *idx, const float *val,
+                              const uint32_t *count, size_t k, size_t n, float *x_hat);
+
+/* x_hat = decode(encode(x)). x_hat may equal x (in place). Errors: SAE_EINVAL, SAE_ENOMEM. */
+SAE_API int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat);
+
+/* ---------------------------------------------------------------------------------------------
+ * Activation files (.npy)
+ *
+ * Activations usually travel as numpy .npy files. These read 1-D or 2-D arrays of float32,
+ * float16 or float64 (little-endian, C order) as float, in row ranges, so a file larger than
+ * memory can be streamed; and write float32 [rows][cols] files atomically.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct sae_npy sae_npy;
+
+/* Opens path and checks its header (magic, version, dtype, order, shape against the file size).
+ * A 1-D array of length n reads as n rows of 1 column. Errors: SAE_EINVAL, SAE_EIO,
+ * SAE_EFORMAT (the message says what the header holds), SAE_EUNSUPPORTED (other dtypes,
+ * Fortran order, more than 2 dimensions), SAE_ENOMEM. */
+SAE_API int sae_npy_open(sae_npy **out, const char *path);
+SAE_API void sae_npy_close(sae_npy *a);
+/* Shape; 0 for NULL. */
+SAE_API size_t sae_npy_rows(const sae_npy *a);
+SAE_API size_t sae_npy_cols(const sae_npy *a);
+/* Copies rows [first, first + count) into dst [count][cols] as float. Not thread safe on one
+ * handle (it moves the file position). Errors: SAE_EINVAL, SAE_ERANGE (past the last row),
+ * SAE_EIO, SAE_EFORMAT (the file shrank). */
+SAE_API int sae_npy_read(sae_npy *a, size_t first, size_t count, float *dst);
+/* Writes data [rows][cols] as a float32 .npy file, atomically (as sae_model_save).
+ * Errors: SAE_EINVAL, SAE_EIO. */
+SAE_API int sae_npy_write(const char *path, const float *data, size_t rows, size_t cols);
+
+/* ---------------------------------------------------------------------------------------------
+ * Steering (feature clamping)
+ *
+ * A plan of per-feature operations applied to activations in place:
+ *   clamp  f_i := value          scale  f_i := factor * f_i          (both keep the error term)
+ *   add    x += coeff * W_dec[i] / INPUT_SCALE                        (independent of x)
+ * clamp and scale compute, for each token, x' = x + sum_i (f_i' - f_i(x)) * W_dec[i] / INPUT_SCALE
+ * with f(x) from the model's own encoder, so everything the SAE does not reconstruct (its error
+ * term) is kept, as in "Scaling Monosemanticity". Clamping to 0 is ablation. A later op on a
+ * feature replaces the earlier one.
+ * For ReLU, JumpReLU and BatchTopK a feature's value depends only on its own encoder column, so a
+ * plan of m features costs O(m * d_in) per token. TopK needs the full encode, because whether a
+ * feature survives depends on every other feature's value. A plan of only add ops is a constant
+ * vector added without encoding.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct sae_steer sae_steer;
+
+/* A new empty plan for model m, which must outlive it (the plan reads its weights when applied).
+ * Errors: SAE_EINVAL, SAE_ENOMEM. */
+SAE_API int sae_steer_new(sae_steer **out, const sae_model *m);
+SAE_API void sae_steer_free(sae_steer *s);
+
+/* Adds or replaces the op on one feature. Errors: SAE_EINVAL (NULL, non-finite value),
+ * SAE_ERANGE (feature >= d_sae), SAE_ENOMEM. */
+SAE_API int sae_steer_clamp(sae_steer *s, uint32_t feature, float value);
+SAE_API int sae_steer_scale(sae_steer *s, uint32_t feature, float factor);
+SAE_API int sae_steer_add(sae_steer *s, uint32_t feature, float coeff);
+/* Removes every op. Errors: SAE_EINVAL. */
+SAE_API int sae_steer_clear(sae_steer *s);
+/* Applies the plan to x [n][d_in] in place. Errors: SAE_EINVAL (NULL, non-finite x), SAE_ENOMEM. */
+SAE_API int sae_steer_apply(const sae_steer *s, float *x, size_t n);
+
+/* ---------------------------------------------------------------------------------------------
+ * Analysis: feature statistics and neighbours
+ * ------------------------------------------------------------------------------------------- */
+
+/* ---------------------------------------------------------------------------------------------
+ * Dictionary learning (training)
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct sae_trainer sae_trainer;
+
+typedef enum {
+    SAE_TRAIN_LR = 1,
+    SAE_TRAIN_L1_COEFF = 2,
+    SAE_TRAIN_AUXK = 3,
+    SAE_TRAIN_AUXK_COEFF = 4,
+    SAE_TRAIN_DEAD_TOKENS = 5,
+    SAE_TRAIN_WARMUP_STEPS = 6,
+    SAE_TRAIN_BETA1 = 7,
+    SAE_TRAIN_BETA2 = 8,
+    SAE_TRAIN_SEED = 9
+} sae_train_param;
+
+typedef enum {
+    SAE_METRIC_LOSS = 1,
+    SAE_METRIC_MSE = 2,
+    SAE_METRIC_FVU = 3,
+    SAE_METRIC_L0 = 4,
+    SAE_METRIC_DEAD_FRACTION = 5,
+    SAE_METRIC_STEPS = 6
+} sae_train_metric;
+
+SAE_API int sae_trainer_new(sae_trainer **out, sae_model *m);
+SAE_API void sae_trainer_free(sae_trainer *t);
+SAE_API int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v);
+SAE_API int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v);
+SAE_API int sae_trainer_init(sae_trainer *t, const float *x, size_t n);
+SAE_API int sae_trainer_step(sae_trainer *t, const float *x, size_t n);
+SAE_API int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double *v);
+
+typedef int (*sae_allreduce_fn)(float *buf, size_t count, void *user);
+SAE_API int sae_trainer_set_allreduce(sae_trainer *t, sae_allreduce_fn fn, void *user);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SAE_H */

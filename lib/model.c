@@ -1,0 +1,262 @@
+/* The model object: its shape, tensors, parameters and their validation. */
+#include "internal.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const arch_names[] = {NULL, "relu", "topk", "batchtopk", "jumprelu"};
+
+const char *sae_arch_name(sae_arch arch)
+{
+    return arch >= SAE_ARCH_RELU && arch <= SAE_ARCH_JUMPRELU ? arch_names[arch] : NULL;
+}
+
+int sae_arch_from_name(const char *name, sae_arch *arch)
+{
+    SAE_CHECK_NULL(name);
+    SAE_CHECK_NULL(arch);
+    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++) {
+        if (strcmp(name, arch_names[a]) == 0) {
+            *arch = (sae_arch)a;
+            return SAE_OK;
+        }
+    }
+    if (strcmp(name, "standard") == 0) {
+        *arch = SAE_ARCH_RELU;
+        return SAE_OK;
+    }
+    return sae__fail(SAE_EINVAL,
+                     "unknown architecture '%.64s' (expected relu, topk, batchtopk or jumprelu)",
+                     name);
+}
+
+static const char *const tensor_names[] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec", "threshold"};
+
+static bool valid_arch(sae_arch arch) { return arch >= SAE_ARCH_RELU && arch <= SAE_ARCH_JUMPRELU; }
+
+size_t sae__model_tensor_count(const sae_model *m, sae_tensor t)
+{
+    switch (t) {
+    case SAE_W_ENC:
+    case SAE_W_DEC: return m->d_in * m->d_sae; /* checked not to overflow at creation */
+    case SAE_B_ENC: return m->d_sae;
+    case SAE_B_DEC: return m->d_in;
+    case SAE_THRESHOLD: return m->arch == SAE_ARCH_JUMPRELU ? m->d_sae : 0;
+    default: return 0;
+    }
+}
+
+float **sae__model_tensor_slot(sae_model *m, sae_tensor t)
+{
+    switch (t) {
+    case SAE_W_ENC: return &m->W_enc;
+    case SAE_W_DEC: return &m->W_dec;
+    case SAE_B_ENC: return &m->b_enc;
+    case SAE_B_DEC: return &m->b_dec;
+    case SAE_THRESHOLD: return &m->threshold;
+    default: return NULL;
+    }
+}
+
+int sae__model_alloc(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae)
+{
+    SAE_CHECK_NULL(out);
+    *out = NULL;
+    if (!valid_arch(arch))
+        return sae__fail(SAE_EINVAL, "unknown architecture %d", (int)arch);
+    if (d_in == 0 || d_sae == 0)
+        return sae__fail(SAE_EINVAL, "d_in (%zu) and d_sae (%zu) must be at least 1", d_in, d_sae);
+    /* Indices travel as uint32_t, and every matrix must be addressable in bytes. */
+    size_t weights;
+    if (d_sae > UINT32_MAX || d_in > INT32_MAX || d_sae > INT32_MAX ||
+        !sae__mul(d_in, d_sae, &weights) || !sae__mul(weights, 2 * sizeof(float), &weights))
+        return sae__fail(SAE_ENOMEM, "an SAE of %zu x %zu is too large", d_in, d_sae);
+    sae_model *m = calloc(1, sizeof *m);
+    if (m == NULL)
+        return sae__fail(SAE_ENOMEM, "cannot allocate a model");
+    m->arch = arch;
+    m->d_in = d_in;
+    m->d_sae = d_sae;
+    m->k = 32;
+    m->apply_b_dec = 1;
+    m->input_scale = 1.0f;
+    m->format = "new";
+    m->dtype = SAE__F32;
+    m->dec_norm = sae__zalloc(d_sae, sizeof(float), "decoder norms");
+    if (m->dec_norm == NULL) {
+        free(m);
+        return SAE_ENOMEM;
+    }
+    *out = m;
+    return SAE_OK;
+}
+
+int sae__model_own_tensor(sae_model *m, sae_tensor t)
+{
+    float **slot = sae__model_tensor_slot(m, t);
+    size_t count = sae__model_tensor_count(m, t);
+    if (m->owned & (1u << t))
+        free(*slot);
+    *slot = sae__zalloc(count, sizeof(float), tensor_names[t]);
+    if (*slot == NULL) {
+        m->owned &= ~(1u << t);
+        return SAE_ENOMEM;
+    }
+    m->owned |= 1u << t;
+    return SAE_OK;
+}
+
+int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae)
+{
+    SAE_CHECK_NULL(out);
+    *out = NULL;
+    sae_model *m;
+    int rc = sae__model_alloc(&m, arch, d_in, d_sae);
+    if (rc != SAE_OK)
+        return rc;
+    for (int t = SAE_W_ENC; t <= SAE_THRESHOLD; t++) {
+        if (sae__model_tensor_count(m, (sae_tensor)t) == 0)
+            continue;
+        if ((rc = sae__model_own_tensor(m, (sae_tensor)t)) != SAE_OK) {
+            sae_model_free(m);
+            return rc;
+        }
+    }
+    *out = m;
+    return SAE_OK;
+}
+
+void sae_model_free(sae_model *m)
+{
+    if (m == NULL)
+        return;
+    for (int t = SAE_W_ENC; t <= SAE_THRESHOLD; t++)
+        if (m->owned & (1u << t))
+            free(*sae__model_tensor_slot(m, (sae_tensor)t));
+    free(m->dec_norm);
+    sae__unmap(&m->map);
+    free(m);
+}
+
+size_t sae_model_d_in(const sae_model *m) { return m ? m->d_in : 0; }
+size_t sae_model_d_sae(const sae_model *m) { return m ? m->d_sae : 0; }
+sae_arch sae_model_arch(const sae_model *m) { return m ? m->arch : (sae_arch)0; }
+const char *sae_model_format(const sae_model *m) { return m ? m->format : NULL; }
+const char *sae_model_dtype(const sae_model *m) { return m ? sae__dtype_name(m->dtype) : NULL; }
+
+void sae__model_weights_changed(sae_model *m)
+{
+    for (size_t i = 0; i < m->d_sae; i++)
+        m->dec_norm[i] = cblas_snrm2((int)m->d_in, m->W_dec + i * m->d_in, 1);
+}
+
+static int check_tensor(const sae_model *m, sae_tensor t)
+{
+    if (t < SAE_W_ENC || t > SAE_THRESHOLD)
+        return sae__fail(SAE_EINVAL, "unknown tensor %d", (int)t);
+    if (t == SAE_THRESHOLD && m->arch != SAE_ARCH_JUMPRELU)
+        return sae__fail(SAE_EUNSUPPORTED,
+                         "only JumpReLU models have a threshold tensor (this one is %s; "
+                         "BatchTopK's is the parameter SAE_PARAM_THRESHOLD)",
+                         sae_arch_name(m->arch));
+    return SAE_OK;
+}
+
+int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src)
+{
+    SAE_CHECK_NULL(m);
+    SAE_CHECK_NULL(src);
+    int rc = check_tensor(m, t);
+    if (rc != SAE_OK)
+        return rc;
+    size_t count = sae__model_tensor_count(m, t);
+    size_t cols = (t == SAE_W_ENC) ? m->d_sae : (t == SAE_W_DEC) ? m->d_in : 1;
+    if ((rc = sae__check_finite(src, count, cols, tensor_names[t])) != SAE_OK)
+        return rc;
+    memmove(*sae__model_tensor_slot(m, t), src, count * sizeof(float));
+    if (t == SAE_W_DEC)
+        sae__model_weights_changed(m);
+    return SAE_OK;
+}
+
+int sae_model_get_tensor(const sae_model *m, sae_tensor t, float *dst)
+{
+    SAE_CHECK_NULL(m);
+    SAE_CHECK_NULL(dst);
+    int rc = check_tensor(m, t);
+    if (rc != SAE_OK)
+        return rc;
+    float *const *slot = sae__model_tensor_slot((sae_model *)m, t);
+    memmove(dst, *slot, sae__model_tensor_count(m, t) * sizeof(float));
+    return SAE_OK;
+}
+
+static int param_applies(const sae_model *m, sae_model_param p)
+{
+    switch (p) {
+    case SAE_PARAM_K:
+        if (m->arch != SAE_ARCH_TOPK && m->arch != SAE_ARCH_BATCHTOPK)
+            return sae__fail(SAE_EUNSUPPORTED, "K applies to TopK and BatchTopK, not %s",
+                             sae_arch_name(m->arch));
+        return SAE_OK;
+    case SAE_PARAM_THRESHOLD:
+        if (m->arch != SAE_ARCH_BATCHTOPK)
+            return sae__fail(SAE_EUNSUPPORTED,
+                             "THRESHOLD applies to BatchTopK, not %s (JumpReLU's per-feature "
+                             "thresholds are the tensor SAE_THRESHOLD)",
+                             sae_arch_name(m->arch));
+        return SAE_OK;
+    case SAE_PARAM_APPLY_B_DEC_TO_INPUT:
+    case SAE_PARAM_INPUT_SCALE: return SAE_OK;
+    default: return sae__fail(SAE_EINVAL, "unknown model parameter %d", (int)p);
+    }
+}
+
+int sae_model_set_param(sae_model *m, sae_model_param p, double value)
+{
+    SAE_CHECK_NULL(m);
+    int rc = param_applies(m, p);
+    if (rc != SAE_OK)
+        return rc;
+    switch (p) {
+    case SAE_PARAM_K:
+        if (!(value >= 1.0 && value <= (double)UINT32_MAX) || value != floor(value))
+            return sae__fail(SAE_EINVAL, "K must be a whole number >= 1, not %g", value);
+        m->k = (size_t)value;
+        break;
+    case SAE_PARAM_APPLY_B_DEC_TO_INPUT:
+        if (value != 0.0 && value != 1.0)
+            return sae__fail(SAE_EINVAL, "APPLY_B_DEC_TO_INPUT must be 0 or 1, not %g", value);
+        m->apply_b_dec = value == 1.0;
+        break;
+    case SAE_PARAM_INPUT_SCALE:
+        if (!(value > 0.0) || !isfinite((float)value))
+            return sae__fail(SAE_EINVAL, "INPUT_SCALE must be finite and > 0, not %g", value);
+        m->input_scale = (float)value;
+        break;
+    case SAE_PARAM_THRESHOLD:
+        if (!isfinite((float)value))
+            return sae__fail(SAE_EINVAL, "THRESHOLD must be finite, not %g", value);
+        m->batch_threshold = (float)value;
+        break;
+    }
+    return SAE_OK;
+}
+
+int sae_model_get_param(const sae_model *m, sae_model_param p, double *value)
+{
+    SAE_CHECK_NULL(m);
+    SAE_CHECK_NULL(value);
+    int rc = param_applies(m, p);
+    if (rc != SAE_OK)
+        return rc;
+    switch (p) {
+    case SAE_PARAM_K: *value = (double)m->k; break;
+    case SAE_PARAM_APPLY_B_DEC_TO_INPUT: *value = m->apply_b_dec; break;
+    case SAE_PARAM_INPUT_SCALE: *value = m->input_scale; break;
+    case SAE_PARAM_THRESHOLD: *value = m->batch_threshold; break;
+    }
+    return SAE_OK;
+}
