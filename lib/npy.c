@@ -106,8 +106,10 @@ static int parse_header(sae_npy *a, const char *dict, size_t file_size)
         return sae__fail(SAE_EFORMAT, "%s: shape (%zu, %zu) overflows", path, a->rows, a->cols);
     if (bytes != file_size)
         return sae__fail(SAE_EFORMAT,
-                         "%s: shape (%zu, %zu) of %s needs %zu bytes, but the file has %zu",
-                         path, a->rows, a->cols, sae__dtype_name(a->dtype), bytes, file_size);
+                         "%s: shape (%zu, %zu) of %s needs %zu bytes of data, but the file has "
+                         "%zu after its header",
+                         path, a->rows, a->cols, sae__dtype_name(a->dtype), bytes - a->data_offset,
+                         file_size - a->data_offset);
     if (a->cols == 0 && a->rows > 0)
         return sae__fail(SAE_EFORMAT, "%s: rows of zero columns", path);
     return SAE_OK;
