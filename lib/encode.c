@@ -67,13 +67,14 @@ void sae__activate_inplace(const sae_model *m, float *pre, size_t n)
     }
 }
 
-static int check_encode_args(const sae_model *m, const float *x, size_t n, const void *out)
+static int check_encode_args(const char *fn, const sae_model *m, const float *x, size_t n,
+                             const void *out)
 {
-    SAE_CHECK_NULL(m);
+    SAE_CHECK_NULL_IN(fn, m);
     if (n == 0)
         return SAE_OK;
-    SAE_CHECK_NULL(x);
-    SAE_CHECK_NULL(out);
+    SAE_CHECK_NULL_IN(fn, x);
+    SAE_CHECK_NULL_IN(fn, out);
     size_t count;
     if (!sae__mul(n, m->d_in, &count) || !sae__mul(n, m->d_sae, &count) ||
         !sae__mul(count, sizeof(float), &count) || n > INT32_MAX)
@@ -83,7 +84,7 @@ static int check_encode_args(const sae_model *m, const float *x, size_t n, const
 
 int sae_encode(const sae_model *m, const float *x, size_t n, float *f)
 {
-    int rc = check_encode_args(m, x, n, f);
+    int rc = check_encode_args(__func__, m, x, n, f);
     if (rc != SAE_OK || n == 0)
         return rc;
     float *xs = NULL;
@@ -110,7 +111,7 @@ int sae_encode(const sae_model *m, const float *x, size_t n, float *f)
 int sae_encode_sparse(const sae_model *m, const float *x, size_t n, size_t k, uint32_t *idx,
                       float *val, uint32_t *count)
 {
-    int rc = check_encode_args(m, x, n, idx);
+    int rc = check_encode_args(__func__, m, x, n, idx);
     if (rc != SAE_OK)
         return rc;
     if (k == 0)

@@ -18,10 +18,12 @@ int sae__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3
 /* Prefixes the current message with context ("loading foo.safetensors: ") and returns code. */
 int sae__wrap(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-#define SAE_CHECK_NULL(ptr)                                                                        \
+#define SAE_CHECK_NULL(ptr) SAE_CHECK_NULL_IN(__func__, ptr)
+/* For helpers that check arguments on behalf of a public function named fn. */
+#define SAE_CHECK_NULL_IN(fn, ptr)                                                                 \
     do {                                                                                           \
         if ((ptr) == NULL)                                                                         \
-            return sae__fail(SAE_EINVAL, "%s: argument '%s' is NULL", __func__, #ptr);            \
+            return sae__fail(SAE_EINVAL, "%s: argument '%s' is NULL", (fn), #ptr);                \
     } while (0)
 
 /* ---- sizes and memory (util.c) ------------------------------------------------------------- */
