@@ -1,0 +1,46 @@
+"""libsae: sparse autoencoders over language-model activations, from Python.
+
+A thin ctypes layer over the C library ``libsae.so``: every call goes straight to C, numpy
+arrays pass without a copy when they are C-contiguous float32, and nothing is computed in
+Python. Without numpy, any buffer (``array.array``, ``memoryview``) works and results come back
+as ``array.array``.
+
+    import libsae, numpy as np
+    m = libsae.Model.load("path/to/sae")                 # SAELens, sparsify, Gemma Scope, libsae
+    f = m.encode(np.zeros((4, m.d_in), np.float32))      # [4, d_sae]
+
+The shared library is found through ``LIBSAE_LIBRARY`` (a path), then the system loader, then
+the build tree of the checkout this package sits in. Failures raise :class:`LibsaeError`,
+carrying the C code and the C library's message.
+"""
+from ._buffers import HAVE_NUMPY
+from ._lib import EXPECTED_MAJOR, LibraryNotFound, LibsaeError, has
+from ._lib import path as library_path
+from ._lib import version_number, version_string
+from ._model import MODEL_PARAMS, TENSORS, Model
+from ._npy import NpyFile, load_npy, save_npy
+from ._steer import Steering
+from ._train import METRICS, TRAIN_PARAMS, Trainer
+
+__version__ = "0.1.0"
+
+# The C library's error codes (LibsaeError.code).
+OK = 0
+EINVAL = -1
+ENOMEM = -2
+EIO = -3
+EFORMAT = -4
+EUNSUPPORTED = -5
+ERANGE = -6
+ESTATE = -7
+ECALLBACK = -8
+
+#: The architectures, as Model.arch names them.
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+__all__ = [
+    "Model", "Steering", "Trainer", "NpyFile", "load_npy", "save_npy", "LibsaeError",
+    "LibraryNotFound", "HAVE_NUMPY", "library_path", "version_string", "version_number",
+    "has", "TENSORS", "MODEL_PARAMS", "TRAIN_PARAMS", "METRICS", "ARCHITECTURES",
+    "OK", "EINVAL", "ENOMEM", "EIO", "EFORMAT", "EUNSUPPORTED", "ERANGE", "ESTATE", "ECALLBACK",
+]

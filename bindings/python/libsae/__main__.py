@@ -1,0 +1,397 @@
+"""python3 -m libsae: what people do with SAE files every day, without writing code.
+
+    python3 -m libsae info FILE                       describe a model
+    python3 -m libsae convert IN OUT                  any loadable format -> libsae's file
+    python3 -m libsae top FILE ACTS.npy [-k 8]        each token's strongest features
+    python3 -m libsae train ACTS.npy OUT [options]    train an SAE, with a progress bar
+    python3 -m libsae steer FILE ACTS.npy --clamp F=V ... -o OUT.npy
+
+Exit status: 0 on success, 2 for a wrong command line, 1 when the library or a file refuses
+(the message goes to stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple
+
+from . import HAVE_NUMPY, LibsaeError, Model, NpyFile, Steering, Trainer, has, save_npy
+from . import _buffers as B
+from ._lib import version_string
+
+PROG = "python3 -m libsae"
+
+
+class CliError(Exception):
+    """A failure that is the input's fault, reported as 'libsae: error: ...' with exit 1."""
+
+
+# ------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------
+
+def _summary(values) -> Tuple[float, float, float]:
+    """min, mean, max of a float array (numpy or array.array)."""
+    if HAVE_NUMPY:
+        a = B.np.asarray(values, dtype=B.np.float64)
+        return float(a.min()), float(a.mean()), float(a.max())
+    vals = list(values)
+    return min(vals), math.fsum(vals) / len(vals), max(vals)
+
+
+def _row_norms(m: Model):
+    w = m.get_tensor("W_dec")
+    if HAVE_NUMPY:
+        return B.np.sqrt(B.np.einsum("ij,ij->i", w.astype(B.np.float64), w.astype(B.np.float64)))
+    d = m.d_in
+    return [math.sqrt(math.fsum(v * v for v in w[i * d:(i + 1) * d])) for i in range(m.d_sae)]
+
+
+def cmd_info(args) -> int:
+    m = Model.load(args.file)
+    norms = _row_norms(m)
+    lo, mean, hi = _summary(norms)
+    off_unit = sum(1 for v in norms if abs(v - 1.0) > 1e-3)
+    params = m.params()
+    if args.json:
+        import json
+        out = {"file": str(args.file), "format": m.format, "architecture": m.arch,
+               "d_in": m.d_in, "d_sae": m.d_sae, "dtype": m.dtype, "parameters": params,
+               "decoder_row_norms": {"min": lo, "mean": mean, "max": hi,
+                                     "not_unit": off_unit}}
+        if m.arch == "jumprelu":
+            tlo, tmean, thi = _summary(m.get_tensor("threshold"))
+            out["threshold"] = {"min": tlo, "mean": tmean, "max": thi}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"file          {args.file}")
+    print(f"format        {m.format}")
+    print(f"architecture  {m.arch}")
+    print(f"shape         d_in {m.d_in}, d_sae {m.d_sae} "
+          f"(W_enc [{m.d_in}, {m.d_sae}], W_dec [{m.d_sae}, {m.d_in}])")
+    print(f"dtype         {m.dtype}")
+    print("parameters    " + ", ".join(f"{k} {_num(v)}" for k, v in params.items()))
+    print(f"W_dec rows    norm min {lo:.6g}, mean {mean:.6g}, max {hi:.6g}; "
+          f"{off_unit} of {m.d_sae} differ from 1 by more than 1e-3")
+    if m.arch == "jumprelu":
+        tlo, tmean, thi = _summary(m.get_tensor("threshold"))
+        print(f"threshold     min {tlo:.6g}, mean {tmean:.6g}, max {thi:.6g}")
+    return 0
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
+
+
+# ------------------------------------------------------------------------------------------
+# convert
+# ------------------------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    m = Model.load(args.input)
+    m.save(args.output)
+    if not args.quiet:
+        print(f"wrote {args.output}: {m.arch}, d_in {m.d_in}, d_sae {m.d_sae} "
+              f"(from {m.format}, {m.dtype})", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# top
+# ------------------------------------------------------------------------------------------
+
+def _open_acts(path: str, d_in: int) -> NpyFile:
+    f = NpyFile(path)
+    if f.cols != d_in:
+        f.close()
+        raise CliError(f"{path}: rows of {f.cols} values, but the model's d_in is {d_in}")
+    return f
+
+
+def cmd_top(args) -> int:
+    m = Model.load(args.file)
+    with _open_acts(args.acts, m.d_in) as acts:
+        first = args.first
+        if first > acts.rows:
+            raise CliError(f"--first {first} is past the last row of {args.acts} "
+                           f"({acts.rows} rows)")
+        last = acts.rows if args.count is None else min(acts.rows, first + args.count)
+        out = sys.stdout
+        t = first
+        while t < last:
+            n = min(args.batch, last - t)
+            idx, val, count = m.encode_sparse(acts.read(t, n), args.k)
+            idx, val, count = _flat(idx), _flat(val), _flat(count)
+            for r in range(n):
+                c = int(count[r])
+                base = r * args.k
+                feats = " ".join(f"{idx[base + j]}:{val[base + j]:.4g}" for j in range(c))
+                out.write(f"{t + r}\t{feats}\n")
+            t += n
+    return 0
+
+
+def _flat(a):
+    return a.reshape(-1).tolist() if HAVE_NUMPY else a
+
+
+# ------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on a terminal; a line every tenth of the run otherwise."""
+
+    def __init__(self, total: int, stream=sys.stderr, quiet: bool = False):
+        self.total, self.stream, self.quiet = total, stream, quiet
+        self.tty = stream.isatty()
+        self.start = time.monotonic()
+        self.last_print = -1
+
+    def update(self, done: int, tokens: int, metrics: dict) -> None:
+        if self.quiet:
+            return
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        width = 24
+        filled = int(width * done / self.total)
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} steps  "
+                f"loss {metrics['loss']:.4g}  fvu {metrics['fvu']:.4f}  l0 {metrics['l0']:.1f}  "
+                f"dead {100 * metrics['dead_fraction']:.1f}%  {tokens / elapsed:,.0f} tok/s  "
+                f"eta {eta:.0f}s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done == self.total else ""))
+            self.stream.flush()
+        else:
+            tenth = done * 10 // self.total
+            if tenth != self.last_print or done == self.total:
+                self.last_print = tenth
+                self.stream.write(line + "\n")
+                self.stream.flush()
+
+
+def cmd_train(args) -> int:
+    if not has("sae_trainer_new"):
+        raise CliError("this libsae has no trainer (sae_trainer_new is missing from "
+                       "the loaded library); build a newer libsae")
+    with NpyFile(args.acts) as acts:
+        d_in, rows = acts.cols, acts.rows
+        if rows < args.batch_size:
+            raise CliError(f"{args.acts} has {rows} rows, fewer than one batch "
+                           f"(--batch-size {args.batch_size})")
+        d_sae = args.d_sae or d_in * args.expansion
+        kw = {}
+        if args.arch in ("topk", "batchtopk"):
+            kw["k"] = args.k
+        elif args.k_given:
+            raise CliError(f"-k applies to topk and batchtopk, not {args.arch}")
+        m = Model.new(args.arch, d_in, d_sae, **kw)
+        params = {"seed": args.seed}
+        for name in ("lr", "l1_coeff", "auxk", "auxk_coeff", "dead_tokens", "warmup_steps"):
+            v = getattr(args, name)
+            if v is not None:
+                params[name] = v
+        t = Trainer(m, **params)
+        t.init(acts.read(0, min(rows, args.init_tokens)))
+        starts = list(range(0, rows - args.batch_size + 1, args.batch_size))
+        steps = args.steps if args.steps is not None else len(starts)
+        rng = random.Random(args.seed)
+        progress = Progress(steps, quiet=args.quiet)
+        order: List[int] = []
+        tokens = 0
+        metrics = {}
+        for step in range(1, steps + 1):
+            if not order:  # a new epoch: batches in a new random order
+                order = starts[:]
+                rng.shuffle(order)
+            metrics = t.step(acts.read(order.pop(), args.batch_size))
+            tokens += args.batch_size
+            progress.update(step, tokens, metrics)
+        t.close()
+        m.save(args.output)
+    if not args.quiet:
+        print(f"wrote {args.output}: {args.arch}, d_in {d_in}, d_sae {d_sae}, {steps} steps of "
+              f"{args.batch_size}; last batch fvu {metrics.get('fvu', float('nan')):.4f}, "
+              f"l0 {metrics.get('l0', float('nan')):.1f}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# steer
+# ------------------------------------------------------------------------------------------
+
+def _feature_op(text: str) -> Tuple[int, float]:
+    feature, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        f = int(feature)
+        if f < 0:
+            raise ValueError
+        return f, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FEATURE=VALUE with a feature index >= 0 and a number, got {text!r}") \
+            from None
+
+
+def cmd_steer(args) -> int:
+    if not has("sae_steer_new"):
+        raise CliError("this libsae has no steering (sae_steer_new is missing from the loaded "
+                       "library); build a newer libsae")
+    ops = [("clamp", o) for o in args.clamp] + [("scale", o) for o in args.scale] + \
+          [("add", o) for o in args.add]
+    m = Model.load(args.file)
+    with _open_acts(args.acts, m.d_in) as acts:
+        x = acts.read()
+    with Steering(m) as s:
+        for op, (feature, value) in ops:
+            getattr(s, op)(feature, value)
+        s.apply(x)
+    save_npy(args.output, x, m.d_in)
+    if not args.quiet:
+        print(f"wrote {args.output}: {acts.rows} tokens steered by {len(ops)} op(s)",
+              file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+        if v < 1:
+            raise ValueError
+        return v
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+
+
+def _nonneg(text: str) -> int:
+    try:
+        v = int(text)
+        if v < 0:
+            raise ValueError
+        return v
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+
+
+class _KGiven(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.k_given = True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Sparse autoencoder files and activations from the command line "
+        f"(libsae {version_string}).",
+        epilog="Exit status: 0 success, 1 the library or a file refused (message on stderr), "
+        "2 a wrong command line.")
+    p.add_argument("--version", action="version", version=f"libsae {version_string}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("info", help="describe a model file or folder",
+                       description="Describe a model: format, architecture, shapes, dtype, "
+                       "parameters and a summary of the decoder rows' norms.")
+    s.add_argument("file", metavar="FILE", help="libsae file, SAELens/sparsify folder, "
+                   "Gemma Scope params.npz")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.set_defaults(run=cmd_info)
+
+    s = sub.add_parser("convert", help="convert any loadable model to libsae's file",
+                       description="Load a model in any format libsae reads and save it as "
+                       "libsae's safetensors file (F32, atomic).")
+    s.add_argument("input", metavar="IN")
+    s.add_argument("output", metavar="OUT")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(run=cmd_convert)
+
+    s = sub.add_parser("top", help="each token's strongest features",
+                       description="Encode activations and print, one line per token, the token "
+                       "index and its strongest features as FEATURE:VALUE, largest first.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("acts", metavar="ACTS.npy", help="float activations [tokens, d_in]")
+    s.add_argument("-k", type=_positive, default=8, help="features per token (default 8)")
+    s.add_argument("--first", type=_nonneg, default=0, help="first token (default 0)")
+    s.add_argument("--count", type=_nonneg, default=None, help="number of tokens (default all)")
+    s.add_argument("--batch", type=_positive, default=1024, help=argparse.SUPPRESS)
+    s.set_defaults(run=cmd_top)
+
+    s = sub.add_parser("train", help="train an SAE on activations",
+                       description="Train an SAE on activations read from a .npy file in "
+                       "shuffled batches, with a progress bar on stderr, and save it.")
+    s.add_argument("acts", metavar="ACTS.npy", help="float activations [tokens, d_in]")
+    s.add_argument("output", metavar="OUT", help="where to save the trained model")
+    s.add_argument("--arch", choices=["topk", "relu", "batchtopk", "jumprelu"], default="topk",
+                   help="architecture (default topk)")
+    s.add_argument("-k", type=_positive, default=32, action=_KGiven,
+                   help="features per token for topk and batchtopk (default 32)")
+    s.add_argument("--d-sae", type=_positive, default=None,
+                   help="number of features (default d_in x --expansion)")
+    s.add_argument("--expansion", type=_positive, default=8, help="default 8")
+    s.add_argument("--steps", type=_positive, default=None,
+                   help="Adam steps (default: one pass over the data)")
+    s.add_argument("--batch-size", type=_positive, default=1024, help="tokens per step "
+                   "(default 1024)")
+    s.add_argument("--init-tokens", type=_positive, default=16384,
+                   help="tokens for the data-aware initialization (default 16384)")
+    s.add_argument("--lr", type=float, default=None, help="learning rate (library default)")
+    s.add_argument("--l1-coeff", type=float, default=None, help="ReLU's L1 coefficient")
+    s.add_argument("--auxk", type=float, default=None, help="TopK's AuxK latents")
+    s.add_argument("--auxk-coeff", type=float, default=None)
+    s.add_argument("--dead-tokens", type=float, default=None)
+    s.add_argument("--warmup-steps", type=float, default=None)
+    s.add_argument("--seed", type=_nonneg, default=0, help="default 0")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(run=cmd_train, k_given=False)
+
+    s = sub.add_parser("steer", help="steer activations by clamping, scaling or adding features",
+                       description="Apply feature operations to activations and write the "
+                       "steered activations. clamp and scale keep the SAE's error term; add adds "
+                       "the feature's decoder direction. A later op on a feature replaces an "
+                       "earlier one.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("acts", metavar="ACTS.npy")
+    s.add_argument("--clamp", type=_feature_op, action="append", default=[], metavar="F=V",
+                   help="set feature F to V (0 ablates it); repeatable")
+    s.add_argument("--scale", type=_feature_op, action="append", default=[], metavar="F=X",
+                   help="multiply feature F by X; repeatable")
+    s.add_argument("--add", type=_feature_op, action="append", default=[], metavar="F=C",
+                   help="add C times feature F's direction; repeatable")
+    s.add_argument("-o", "--output", metavar="OUT.npy", required=True)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(run=cmd_steer)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "steer" and not (args.clamp or args.scale or args.add):
+        parser.exit(2, f"{PROG} steer: error: give at least one --clamp, --scale or --add\n")
+    try:
+        return args.run(args)
+    except (LibsaeError, CliError) as e:
+        print(f"libsae: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        print(f"libsae: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("libsae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

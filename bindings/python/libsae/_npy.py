@@ -1,0 +1,67 @@
+"""Activation files (.npy) through the C reader and writer: streamed, no numpy needed."""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Optional
+
+from . import _buffers as B
+from ._handle import Handle
+from ._lib import lib
+from ._model import PathLike, _path
+
+
+class NpyFile(Handle):
+    """A 1-D or 2-D float32/float16/float64 .npy file, read in row ranges as float32.
+
+    ``with libsae.NpyFile("acts.npy") as f: x = f.read(0, 1024)``; a 1-D file reads as rows of
+    one column. Files larger than memory can be streamed a range at a time.
+    """
+
+    _kind = "NpyFile"
+
+    def __init__(self, path: PathLike):
+        out = ctypes.c_void_p()
+        lib.sae_npy_open(ctypes.byref(out), _path(path))
+        self._own(out.value, lib.sae_npy_close)
+        self.path = path
+        self.rows: int = lib.sae_npy_rows(out.value)
+        self.cols: int = lib.sae_npy_cols(out.value)
+
+    @property
+    def shape(self):
+        return (self.rows, self.cols)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def read(self, first: int = 0, count: Optional[int] = None) -> Any:
+        """Rows [first, first + count) as float32 [count, cols]; count defaults to the rest."""
+        h = self._h
+        if h is None:
+            raise self._closed_error()
+        if count is None:
+            count = max(self.rows - first, 0)
+        out, ptr = B.new_output((count, self.cols))
+        lib.sae_npy_read(h, first, count, ptr)
+        return out
+
+
+def load_npy(path: PathLike) -> Any:
+    """A whole .npy activation file as float32 [rows, cols]."""
+    with NpyFile(path) as f:
+        return f.read()
+
+
+def save_npy(path: PathLike, data: Any, cols: Optional[int] = None) -> None:
+    """Writes data [rows, cols] as a float32 .npy file, atomically. numpy arrays give their own
+    shape (1-D arrays are one row); flat buffers need cols."""
+    if B.HAVE_NUMPY and isinstance(data, B.np.ndarray):
+        if data.ndim == 0:
+            raise ValueError("save_npy: data must have at least one dimension")
+        cols = data.shape[-1] if cols is None else cols
+    elif cols is None:
+        raise TypeError("save_npy: cols is required for a flat buffer")
+    if cols < 1:
+        raise ValueError(f"save_npy: cols must be at least 1, not {cols}")
+    ptr, keep, rows, _ = B.as_input(data, cols, "save_npy: data")
+    lib.sae_npy_write(_path(path), ptr, rows, cols)

@@ -1,0 +1,120 @@
+"""Training an SAE in place: Adam steps on batches of activations."""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Callable, Dict, Optional
+
+from . import _buffers as B
+from ._handle import Handle
+from ._lib import ALLREDUCE_FN, lib, require
+from ._model import Model
+
+#: sae_train_param values by name.
+TRAIN_PARAMS = {"lr": 1, "l1_coeff": 2, "auxk": 3, "auxk_coeff": 4, "dead_tokens": 5,
+                "warmup_steps": 6, "beta1": 7, "beta2": 8, "seed": 9}
+#: sae_train_metric values by name: what Trainer.step returns.
+METRICS = {"loss": 1, "mse": 2, "fvu": 3, "l0": 4, "dead_fraction": 5, "steps": 6}
+
+
+class Trainer(Handle):
+    """Trains a model in place (ReLU with the L1 penalty, TopK with AuxK, BatchTopK).
+
+    ``Trainer(m, lr=1e-3, l1_coeff=5.0, seed=0)``: keyword arguments set parameters by name
+    (lr, l1_coeff, auxk, auxk_coeff, dead_tokens, warmup_steps, beta1, beta2, seed). Call
+    :meth:`init` once with a sample of the data, then :meth:`step` per batch. The trainer keeps
+    its model alive; the model's weights change with every step.
+    """
+
+    _kind = "Trainer"
+
+    def __init__(self, model: Model, **params: float):
+        require("sae_trainer_new")
+        if not isinstance(model, Model):
+            raise TypeError(f"Trainer needs a libsae.Model, not {type(model).__name__}")
+        for name in params:
+            _param(name)
+        out = ctypes.c_void_p()
+        lib.sae_trainer_new(ctypes.byref(out), model._ptr())
+        self.model = model
+        self._own(out.value, lib.sae_trainer_free, parent=model)
+        self._allreduce = None
+        for name, v in params.items():
+            self.set_param(name, v)
+
+    def _ptr(self) -> int:
+        h = self._h
+        if h is None:
+            raise self._closed_error()
+        return h
+
+    def set_param(self, name: str, value: float) -> None:
+        """Sets a training parameter by name; the C library checks the value."""
+        lib.sae_trainer_set_param(self._ptr(), _param(name), float(value))
+
+    def get_param(self, name: str) -> float:
+        require("sae_trainer_get_param")
+        v = ctypes.c_double()
+        lib.sae_trainer_get_param(self._ptr(), _param(name), ctypes.byref(v))
+        return v.value
+
+    def params(self) -> Dict[str, float]:
+        """Every training parameter, by name."""
+        return {name: self.get_param(name) for name in TRAIN_PARAMS}
+
+    def init(self, x: Any) -> None:
+        """Data-aware initialization from activations x [..., d_in]: b_dec from the data, the
+        encoder as the decoder's transpose with unit-norm decoder rows."""
+        h = self._ptr()
+        xp, keep, n, _ = B.as_input(x, self.model.d_in, "Trainer.init: x")
+        lib.sae_trainer_init(h, xp, n)
+
+    def step(self, x: Any) -> Dict[str, float]:
+        """One Adam step on the batch x [..., d_in]; returns :meth:`metrics`."""
+        h = self._ptr()
+        xp, keep, n, _ = B.as_input(x, self.model.d_in, "Trainer.step: x")
+        lib.sae_trainer_step(h, xp, n)
+        return self.metrics()
+
+    def metrics(self) -> Dict[str, float]:
+        """The last step's batch: loss, mse, fvu, l0, dead_fraction, and steps (an int)."""
+        h = self._ptr()
+        v = ctypes.c_double()
+        out: Dict[str, float] = {}
+        for name, key in METRICS.items():
+            lib.sae_trainer_get_metric(h, key, ctypes.byref(v))
+            out[name] = v.value
+        out["steps"] = int(out["steps"])
+        return out
+
+    def set_allreduce(self, fn: Optional[Callable[[Any], None]]) -> None:
+        """Data-parallel training: fn(buf) is called once per step with this process's gradient
+        sums (a float32 array, numpy if available, else a memoryview) and must replace them in
+        place with the sum over all processes (e.g. mpi4py's ``comm.Allreduce(MPI.IN_PLACE,
+        buf)``). An exception from fn makes the step fail (LibsaeError ECALLBACK). None removes
+        the hook."""
+        h = self._ptr()
+        if fn is None:
+            lib.sae_trainer_set_allreduce(h, ALLREDUCE_FN(), None)
+            self._allreduce = None
+            return
+
+        def trampoline(buf: int, count: int, user: int) -> int:
+            try:
+                arr = (ctypes.c_float * count).from_address(buf)
+                fn(B.np.frombuffer(arr, dtype=B.np.float32) if B.HAVE_NUMPY
+                   else memoryview(arr).cast("B").cast("f"))
+                return 0
+            except BaseException:  # noqa: B902 -- a C caller cannot take a Python exception
+                return 1
+
+        cb = ALLREDUCE_FN(trampoline)
+        lib.sae_trainer_set_allreduce(h, cb, None)
+        self._allreduce = cb  # the C library keeps the pointer: keep the thunk alive
+
+
+def _param(name: str) -> int:
+    try:
+        return TRAIN_PARAMS[name]
+    except KeyError:
+        raise KeyError(f"unknown training parameter {name!r}; parameters are "
+                       f"{', '.join(TRAIN_PARAMS)}") from None
