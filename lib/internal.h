@@ -188,4 +188,146 @@ size_t sae__block_tokens(size_t d_sae, size_t n);
 /* x_hat rows from codes: x_hat = (f @ W_dec + b_dec) / scale. */
 void sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat);
 
+/* ---- .npy headers (npy.c; shared with the npz reader) -------------------------------------- */
+
+/* Header dicts are short; numpy itself refuses ones over 10 000 bytes by default. */
+#define SAE__NPY_MAX_HEADER 65536u
+
+typedef struct {
+    sae__dtype dtype;
+    size_t ndim;       /* 1 or 2 */
+    size_t rows, cols; /* cols = 1 for a 1-D array */
+    size_t prefix;     /* bytes of magic, version and length: 10 or 12 */
+    size_t dict_len;   /* bytes of the header dict that follows */
+    size_t data_bytes; /* rows * cols * dtype size, checked not to overflow */
+} sae__npy_header;
+
+/* Reads the fixed prefix in buf[0..avail) (magic, version, dict length) into h->prefix and
+ * h->dict_len; avail may be 10 for a version 1.0 file. */
+int sae__npy_prefix(const unsigned char *buf, size_t avail, const char *path, sae__npy_header *h);
+/* Parses the header dict (NUL-terminated): descr (<f4, <f2, <f8), fortran_order False, and a
+ * 1- or 2-D shape whose byte size fits in size_t. */
+int sae__npy_dict(const char *dict, const char *path, sae__npy_header *h);
+
+/* ---- cfg.json values (json.c) ---------------------------------------------------------------- */
+
+/* Typed lookups of key in a JSON object, for reading the config files of other tools. Each
+ * returns SAE_OK and sets *found = false when the key is absent or null (leaving *out alone),
+ * and SAE_EFORMAT naming file and key when the value has the wrong type or range. */
+int sae__json_size(const struct cJSON *obj, const char *key, const char *path, size_t *out,
+                   bool *found);
+int sae__json_bool(const struct cJSON *obj, const char *key, const char *path, bool *out,
+                   bool *found);
+int sae__json_string(const struct cJSON *obj, const char *key, const char *path,
+                     const char **out, bool *found);
+int sae__json_number(const struct cJSON *obj, const char *key, const char *path, double *out,
+                     bool *found);
+/* Parses text[0..len) as a JSON object (SAE_EFORMAT naming path otherwise). */
+int sae__json_parse_object(const char *text, size_t len, const char *path, struct cJSON **out);
+
+/* ---- published formats (load.c, saelens.c, sparsify.c, npz.c) ------------------------------- */
+
+/* Makes a model of the given shape from tensors of st, named names[t] for each sae_tensor t
+ * (NULL: the model has no such tensor), each with the model's shape or, when bit t of
+ * transpose is set, the transposed shape. *map, when not NULL and holding st's data, is taken
+ * over by the model so F32 tensors can be used in place; it is zeroed once taken. */
+int sae__model_from_st(const sae__safetensors *st, sae__map *map, sae_arch arch, size_t d_in,
+                       size_t d_sae, const char *const names[6], unsigned transpose,
+                       const char *format, sae_model **out);
+
+typedef enum {
+    SAE__NORM_NONE = 0,
+    SAE__NORM_EXPECTED_AVERAGE, /* "expected_average_only_in": one dataset-wide scalar */
+    SAE__NORM_CONSTANT_NORM,    /* "constant_norm_rescale" */
+    SAE__NORM_LAYER_NORM        /* "layer_norm" */
+} sae__norm;
+
+/* A SAELens cfg.json, v6 or the pre-6.0 flat layout, reduced to what the math needs. */
+typedef struct {
+    size_t d_in, d_sae;
+    const char *architecture; /* SAELens' name after pre-6.0 defaulting; static storage */
+    sae_arch arch;            /* 0 when the architecture is not one libsae runs */
+    size_t k;                 /* topk; 0 when absent */
+    bool apply_b_dec;
+    sae__norm norm;
+    bool rescale_by_decoder_norm;
+    bool finetuning_scaling_factor;
+    bool v6;                  /* the 6.x layout (else the flat pre-6.0 one) */
+} sae__saelens_cfg;
+
+/* Parses a SAELens cfg.json. Unsupported settings are not errors here: sae__saelens_load
+ * reports them, so that a config can be inspected whatever it says. */
+int sae__saelens_cfg_parse(const char *text, size_t len, const char *path, sae__saelens_cfg *cfg);
+/* Parses activation_scaler.json ({"scaling_factor": s or null}); *s = 0 for null. */
+int sae__saelens_scaler_parse(const char *text, size_t len, const char *path, double *s);
+/* Makes a model from SAELens weights; cfg NULL means no cfg.json (defaults, architecture from
+ * the tensors); scaling_factor > 0 when activation_scaler.json holds one. */
+int sae__saelens_load(const sae__safetensors *st, sae__map *map, const sae__saelens_cfg *cfg,
+                      double scaling_factor, sae_model **out);
+
+/* An EleutherAI sparsify cfg.json (SparseCoderConfig + d_in). */
+typedef struct {
+    size_t d_in;         /* 0 when absent */
+    size_t k;            /* default 32 */
+    size_t num_latents;  /* 0: d_in * expansion_factor */
+    size_t expansion_factor;
+    bool topk;           /* activation "topk" (else "groupmax") */
+    bool transcode, skip_connection;
+} sae__sparsify_cfg;
+
+int sae__sparsify_cfg_parse(const char *text, size_t len, const char *path, sae__sparsify_cfg *cfg);
+int sae__sparsify_load(const sae__safetensors *st, sae__map *map, const sae__sparsify_cfg *cfg,
+                       sae_model **out);
+
+/* A Gemma Scope params.npz held in data[0..size) (a zip of .npy members, stored or deflated,
+ * ZIP64 or not). The data is copied; the caller keeps it. */
+int sae__npz_load(const unsigned char *data, size_t size, const char *path, sae_model **out);
+
+/* The safetensors file in data[0..size), interpreted by its content: libsae's own, SAELens or
+ * sparsify. cfg_text/scaler_text are the cfg.json and activation_scaler.json found beside it
+ * (NULL when absent). map as in sae__model_from_st. */
+int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map, const char *path,
+                          const char *cfg_text, size_t cfg_len, const char *cfg_path,
+                          const char *scaler_text, size_t scaler_len, const char *scaler_path,
+                          sae_model **out);
+
+/* ---- steering and analysis (steer.c, stats.c) ---------------------------------------------- */
+
+/* Features per gathered block of encoder columns and decoder rows when applying a plan; 0 (the
+ * default) sizes blocks to about 8 MiB. Lets tests cover plans that span several blocks. */
+void sae__steer_set_block(sae_steer *s, size_t features);
+/* The largest value feature has shown (0 if it never fired); feature < d_sae. */
+float sae__stats_feature_max(const sae_stats *st, uint32_t feature);
+
+/* ---- training (train.c, adam.c) ------------------------------------------------------------ */
+
+/* One Adam step over a flat array, computed as torch.optim.Adam does (no weight decay):
+ * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps),
+ * with t = step (1 for the first step). */
+typedef struct {
+    double lr, beta1, beta2, eps;
+    uint64_t step;
+} sae__adam;
+void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, const sae__adam *a);
+
+/* The per-step buffer handed to the allreduce callback: offsets (in floats) of its sections. The
+ * gradient sections are sums over the process's tokens of the per-token loss's gradient, in the
+ * model's layouts; fires[i] counts tokens where latent i fired; stats are sums indexed by
+ * SAE__STAT_*; sum_dx = sum of (x_s - b_dec), sum_err = sum of (x_hat_s - x_s). */
+enum {
+    SAE__STAT_TOKENS = 0, /* tokens in the batch */
+    SAE__STAT_SSE,        /* sum of squared error, scaled units */
+    SAE__STAT_LOSS,       /* sum of per-token main loss (MSE term, plus L1 for ReLU) */
+    SAE__STAT_AUX,        /* sum of squared AuxK error, before normalization */
+    SAE__STAT_L0,         /* nonzero codes */
+    SAE__STAT_XX,         /* sum of ||x_s - b_dec||^2 */
+    SAE__STAT_MIN,        /* BatchTopK: smallest kept activation */
+    SAE__STAT_MIN_COUNT,  /* BatchTopK: processes that kept any */
+    SAE__STAT_COUNT
+};
+typedef struct {
+    size_t W_enc, W_dec, b_enc, b_dec, n_params, fires, stats, sum_dx, sum_err, count;
+} sae__train_layout;
+void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
+
 #endif /* SAE_INTERNAL_H */

@@ -1,5 +1,6 @@
-/* sae_model_load: finds out what a path holds and hands it to the right reader; plus libsae's own
- * file format, read and written. */
+/* sae_model_load: finds out what a path holds, from its content and its folder, and hands it to
+ * the right reader (libsae's own file here; SAELens, sparsify and Gemma Scope in their own
+ * files); plus libsae's own file format, read and written. */
 #include "internal.h"
 
 #include <cjson/cJSON.h>
@@ -9,6 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+
+/* cfg.json and activation_scaler.json are a few kB; anything near this is not one. */
+#define MAX_CFG_BYTES (1u << 20)
 
 #define OWN_FORMAT_VERSION "1"
 
@@ -33,17 +37,72 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
         sae__to_float(src->dtype, bytes, src->count, *slot);
         return SAE_OK;
     }
-    /* src is [rows][cols]; the model wants [cols][rows]. Converted a row at a time. */
+    /* src is [rows][cols]; the model wants [cols][rows]. A band of rows is converted at a time,
+     * then written out in square tiles so both the reads and the writes stay in cache. */
+    enum { BAND = 64 };
     size_t rows = src->shape[0], cols = src->shape[1], esize = sae__dtype_size(src->dtype);
-    float *row = sae__alloc(cols, sizeof(float), "transpose scratch");
-    if (row == NULL)
+    float *band = sae__alloc(BAND * cols, sizeof(float), "transpose scratch");
+    if (band == NULL)
         return SAE_ENOMEM;
-    for (size_t r = 0; r < rows; r++) {
-        sae__to_float(src->dtype, bytes + r * cols * esize, cols, row);
-        for (size_t c = 0; c < cols; c++)
-            (*slot)[c * rows + r] = row[c];
+    float *dst = *slot;
+    for (size_t r0 = 0; r0 < rows; r0 += BAND) {
+        size_t nr = rows - r0 < BAND ? rows - r0 : BAND;
+        sae__to_float(src->dtype, bytes + r0 * cols * esize, nr * cols, band);
+        for (size_t c0 = 0; c0 < cols; c0 += BAND) {
+            size_t nc = cols - c0 < BAND ? cols - c0 : BAND;
+            for (size_t c = c0; c < c0 + nc; c++)
+                for (size_t r = 0; r < nr; r++)
+                    dst[c * rows + r0 + r] = band[r * cols + c];
+        }
     }
-    free(row);
+    free(band);
+    return SAE_OK;
+}
+
+int sae__model_from_st(const sae__safetensors *st, sae__map *map, sae_arch arch, size_t d_in,
+                       size_t d_sae, const char *const names[6], unsigned transpose,
+                       const char *format, sae_model **out)
+{
+    *out = NULL;
+    sae_model *m;
+    int rc = sae__model_alloc(&m, arch, d_in, d_sae);
+    if (rc != SAE_OK)
+        return sae__wrap(rc, "%s: ", st->path);
+    bool take = map != NULL && map->data != NULL && map->data == st->data;
+    if (take)
+        m->map = *map;
+    m->format = format;
+    for (int t = SAE_W_ENC; t <= SAE_THRESHOLD && rc == SAE_OK; t++) {
+        if (sae__model_tensor_count(m, (sae_tensor)t) == 0)
+            continue;
+        bool flip = (transpose >> t) & 1u;
+        size_t d0 = t == SAE_W_ENC || t == SAE_B_DEC ? d_in : d_sae;
+        size_t d1 = t == SAE_W_ENC ? d_sae : t == SAE_W_DEC ? d_in : 0;
+        if (flip && d1 != 0) {
+            size_t tmp = d0;
+            d0 = d1;
+            d1 = tmp;
+        }
+        const sae__st_tensor *src;
+        if (names[t] == NULL)
+            rc = sae__fail(SAE_EFORMAT, "%s: no tensor for %s", st->path,
+                           t == SAE_THRESHOLD ? "threshold" : "a required weight");
+        else if ((rc = sae__st_expect(st, names[t], d0, d1, &src)) == SAE_OK &&
+                 (rc = sae__model_load_tensor(m, (sae_tensor)t, st, src, flip && d1 != 0)) ==
+                     SAE_OK &&
+                 src->dtype != SAE__F32)
+            m->dtype = src->dtype;
+    }
+    if (rc != SAE_OK) {
+        if (take)
+            m->map = (sae__map){0}; /* the caller still owns the mapping */
+        sae_model_free(m);
+        return rc;
+    }
+    sae__model_weights_changed(m);
+    if (take)
+        *map = (sae__map){0};
+    *out = m;
     return SAE_OK;
 }
 
@@ -76,7 +135,7 @@ static int meta_size(const sae__safetensors *st, const char *key, size_t *out)
     return SAE_OK;
 }
 
-/* Reads libsae's own file; takes ownership of *map on success. */
+/* Reads libsae's own file; takes ownership of *map on success when it holds st's data. */
 static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
 {
     const char *arch_name = sae__st_meta(st, "architecture");
@@ -94,7 +153,9 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
     sae_model *m;
     if ((rc = sae__model_alloc(&m, arch, d_in, d_sae)) != SAE_OK)
         return rc;
-    m->map = *map;
+    bool take = map != NULL && map->data != NULL && map->data == st->data;
+    if (take)
+        m->map = *map;
     m->format = "libsae";
 
     static const struct {
@@ -136,50 +197,206 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
         }
     }
     if (rc != SAE_OK) {
-        m->map = (sae__map){0}; /* the caller still owns the mapping */
+        if (take)
+            m->map = (sae__map){0}; /* the caller still owns the mapping */
         sae_model_free(m);
         return rc;
     }
     sae__model_weights_changed(m);
-    *map = (sae__map){0};
+    if (take)
+        *map = (sae__map){0};
     *out = m;
     return SAE_OK;
 }
 
-/* A safetensors file without libsae metadata: a SAELens or sparsify weights file on its own. */
-static int load_foreign_safetensors(const char *path, const sae__safetensors *st, sae__map *map,
-                                    sae_model **out)
+/* Names the first few tensors of a file that is no SAE we know, so the user sees what it is. */
+static int not_an_sae(const sae__safetensors *st)
 {
-    (void)map;
-    (void)out;
-    (void)st;
-    return sae__fail(SAE_EUNSUPPORTED,
-                     "%s: a safetensors file without libsae metadata (SAELens and sparsify files "
-                     "are not read yet)",
-                     path);
+    char names[256] = "";
+    size_t used = 0;
+    for (size_t i = 0; i < st->n_tensors && i < 6 && used < sizeof names; i++) {
+        int w = snprintf(names + used, sizeof names - used, "%s'%.40s'", i ? ", " : "",
+                         st->tensors[i].name);
+        if (w > 0)
+            used += (size_t)w;
+    }
+    return sae__fail(SAE_EFORMAT,
+                     "%s: not an SAE file libsae knows: expected tensor W_enc (libsae, SAELens) "
+                     "or encoder.weight (sparsify); found %zu tensor(s)%s%s",
+                     st->path, st->n_tensors, st->n_tensors ? ": " : "", names);
 }
 
-static int load_file(const char *path, sae_model **out)
+int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map, const char *path,
+                          const char *cfg_text, size_t cfg_len, const char *cfg_path,
+                          const char *scaler_text, size_t scaler_len, const char *scaler_path,
+                          sae_model **out)
+{
+    *out = NULL;
+    sae__safetensors st;
+    int rc = sae__st_parse(&st, data, size, path);
+    if (rc != SAE_OK)
+        return rc;
+    const char *format = sae__st_meta(&st, "format");
+    if (format != NULL && strcmp(format, "libsae") == 0) {
+        rc = load_own(&st, map, out);
+    } else if (sae__st_find(&st, "encoder.weight") != NULL) {
+        sae__sparsify_cfg cfg;
+        if (cfg_text == NULL)
+            rc = sae__fail(SAE_EFORMAT,
+                           "%s: sparsify weights (encoder.weight) need the cfg.json written "
+                           "beside them (it holds d_in and k), and there is none",
+                           path);
+        else if ((rc = sae__sparsify_cfg_parse(cfg_text, cfg_len, cfg_path, &cfg)) == SAE_OK)
+            rc = sae__sparsify_load(&st, map, &cfg, out);
+    } else if (sae__st_find(&st, "W_enc") != NULL) {
+        sae__saelens_cfg cfg;
+        double scale = 0;
+        if (cfg_text != NULL &&
+            (rc = sae__saelens_cfg_parse(cfg_text, cfg_len, cfg_path, &cfg)) == SAE_OK &&
+            cfg.norm == SAE__NORM_EXPECTED_AVERAGE && scaler_text != NULL)
+            rc = sae__saelens_scaler_parse(scaler_text, scaler_len, scaler_path, &scale);
+        if (rc == SAE_OK)
+            rc = sae__saelens_load(&st, map, cfg_text ? &cfg : NULL, scale, out);
+    } else {
+        rc = not_an_sae(&st);
+    }
+    sae__st_close(&st);
+    return rc;
+}
+
+/* dir/name, malloc'd. */
+static char *join(const char *dir, const char *name)
+{
+    size_t a = strlen(dir), b = strlen(name);
+    char *p = malloc(a + b + 2);
+    if (p == NULL) {
+        sae__fail(SAE_ENOMEM, "out of memory");
+        return NULL;
+    }
+    memcpy(p, dir, a);
+    p[a] = '/';
+    memcpy(p + a + 1, name, b + 1);
+    return p;
+}
+
+/* The folder of a file path, malloc'd ("." for a bare name). */
+static char *folder_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    size_t len = slash == NULL ? 0 : slash == path ? 1 : (size_t)(slash - path);
+    char *dir = malloc(len ? len + 1 : 2);
+    if (dir == NULL) {
+        sae__fail(SAE_ENOMEM, "out of memory");
+        return NULL;
+    }
+    if (len == 0)
+        strcpy(dir, ".");
+    else {
+        memcpy(dir, path, len);
+        dir[len] = '\0';
+    }
+    return dir;
+}
+
+static bool is_file(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+/* A small file beside the weights: *text NULL (and SAE_OK) when there is none. */
+typedef struct {
+    char *path, *text;
+    size_t len;
+} side_file;
+
+static int read_side(const char *dir, const char *name, side_file *f)
+{
+    f->text = NULL;
+    f->len = 0;
+    f->path = join(dir, name);
+    if (f->path == NULL)
+        return SAE_ENOMEM;
+    struct stat sb;
+    if (stat(f->path, &sb) != 0 && errno == ENOENT)
+        return SAE_OK;
+    return sae__read_small_file(f->path, MAX_CFG_BYTES, &f->text, &f->len);
+}
+
+static void free_side(side_file *f)
+{
+    free(f->path);
+    free(f->text);
+}
+
+static int load_dir(const char *dir, sae_model **out);
+
+/* follow_cfg: a config file stands for its folder (only when the user named it, so that a
+ * weights file that looks like JSON cannot send the folder search round in a loop). */
+static int load_file(const char *path, bool follow_cfg, sae_model **out)
 {
     sae__map map;
     int rc = sae__map_file(path, &map);
     if (rc != SAE_OK)
         return rc;
-    if (map.size >= 4 && memcmp(map.data, "PK\3\4", 4) == 0) {
+    const unsigned char *d = map.data;
+    if (map.size >= 4 && d[0] == 'P' && d[1] == 'K' &&
+        ((d[2] == 3 && d[3] == 4) || (d[2] == 5 && d[3] == 6))) {
+        rc = sae__npz_load(map.data, map.size, path, out);
         sae__unmap(&map);
-        return sae__fail(SAE_EUNSUPPORTED, "%s: npz files are not read yet", path);
+        return rc;
     }
-    sae__safetensors st;
-    if ((rc = sae__st_parse(&st, map.data, map.size, path)) == SAE_OK) {
-        const char *format = sae__st_meta(&st, "format");
-        if (format != NULL && strcmp(format, "libsae") == 0)
-            rc = load_own(&st, &map, out);
-        else
-            rc = load_foreign_safetensors(path, &st, &map, out);
-        sae__st_close(&st);
+    size_t lead = 0;
+    while (lead < map.size && lead < 64 && (d[lead] == ' ' || d[lead] == '\n' || d[lead] == '\t'))
+        lead++;
+    if (follow_cfg && lead < map.size && d[lead] == '{') {
+        /* A config (cfg.json): the SAE is the folder it describes. */
+        sae__unmap(&map);
+        char *dir = folder_of(path);
+        if (dir == NULL)
+            return SAE_ENOMEM;
+        rc = load_dir(dir, out);
+        free(dir);
+        return rc;
     }
+    char *dir = folder_of(path);
+    side_file cfg = {0}, scaler = {0};
+    if (dir == NULL)
+        rc = SAE_ENOMEM;
+    if (rc == SAE_OK)
+        rc = read_side(dir, "cfg.json", &cfg);
+    if (rc == SAE_OK)
+        rc = read_side(dir, "activation_scaler.json", &scaler);
+    if (rc == SAE_OK)
+        rc = sae__load_safetensors(map.data, map.size, &map, path, cfg.text, cfg.len, cfg.path,
+                                   scaler.text, scaler.len, scaler.path, out);
+    free_side(&cfg);
+    free_side(&scaler);
+    free(dir);
     sae__unmap(&map); /* a no-op when the model took it */
     return rc;
+}
+
+/* A folder: the weights file each tool writes, found by its name, then read by its content. */
+static int load_dir(const char *dir, sae_model **out)
+{
+    static const char *const names[] = {"sae_weights.safetensors", "sae.safetensors",
+                                        "params.npz"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char *path = join(dir, names[i]);
+        if (path == NULL)
+            return SAE_ENOMEM;
+        if (is_file(path)) {
+            int rc = load_file(path, false, out);
+            free(path);
+            return rc;
+        }
+        free(path);
+    }
+    return sae__fail(SAE_EFORMAT,
+                     "%s: a folder without SAE weights: expected sae_weights.safetensors "
+                     "(SAELens), sae.safetensors (sparsify) or params.npz (Gemma Scope)",
+                     dir);
 }
 
 int sae_model_load(sae_model **out, const char *path)
@@ -191,8 +408,8 @@ int sae_model_load(sae_model **out, const char *path)
     if (stat(path, &sb) != 0)
         return sae__fail(SAE_EIO, "%s: %s", path, strerror(errno));
     if (S_ISDIR(sb.st_mode))
-        return sae__fail(SAE_EUNSUPPORTED, "%s: loading folders is not supported yet", path);
-    return load_file(path, out);
+        return load_dir(path, out);
+    return load_file(path, true, out);
 }
 
 int sae_model_save(const sae_model *m, const char *path)

@@ -18,9 +18,6 @@ struct sae_npy {
     size_t data_offset;
 };
 
-/* Header dicts are short; numpy itself refuses ones over 10 000 bytes by default. */
-#define MAX_NPY_HEADER 65536
-
 static const char *skip_space(const char *p)
 {
     while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
@@ -44,9 +41,8 @@ static const char *find_key(const char *dict, const char *key)
     return NULL;
 }
 
-static int parse_header(sae_npy *a, const char *dict, size_t file_size)
+int sae__npy_dict(const char *dict, const char *path, sae__npy_header *h)
 {
-    const char *path = a->path;
     const char *descr = find_key(dict, "descr");
     const char *order = find_key(dict, "fortran_order");
     const char *shape = find_key(dict, "shape");
@@ -69,7 +65,7 @@ static int parse_header(sae_npy *a, const char *dict, size_t file_size)
                          "float64 '<f8')",
                          path, len, descr);
     }
-    a->dtype = types[t].dtype;
+    h->dtype = types[t].dtype;
     if (strncmp(order, "True", 4) == 0)
         return sae__fail(SAE_EUNSUPPORTED, "%s: Fortran-order arrays are not supported", path);
     if (strncmp(order, "False", 5) != 0)
@@ -98,11 +94,48 @@ static int parse_header(sae_npy *a, const char *dict, size_t file_size)
     if (ndim == 0 || ndim > 2)
         return sae__fail(SAE_EUNSUPPORTED, "%s: %zu-dimensional arrays are not supported (1 or 2)",
                          path, ndim);
-    a->rows = dims[0];
-    a->cols = ndim == 2 ? dims[1] : 1;
+    h->ndim = ndim;
+    h->rows = dims[0];
+    h->cols = ndim == 2 ? dims[1] : 1;
+    if (!sae__mul(h->rows, h->cols, &h->data_bytes) ||
+        !sae__mul(h->data_bytes, sae__dtype_size(h->dtype), &h->data_bytes))
+        return sae__fail(SAE_EFORMAT, "%s: shape (%zu, %zu) overflows", path, h->rows, h->cols);
+    return SAE_OK;
+}
+
+int sae__npy_prefix(const unsigned char *buf, size_t avail, const char *path, sae__npy_header *h)
+{
+    if (avail < 10 || memcmp(buf, "\x93NUMPY", 6) != 0)
+        return sae__fail(SAE_EFORMAT, "%s: not a .npy file (no \\x93NUMPY magic)", path);
+    if (buf[6] == 1) {
+        h->dict_len = (size_t)buf[8] | (size_t)buf[9] << 8;
+        h->prefix = 10;
+    } else if (buf[6] == 2 || buf[6] == 3) {
+        if (avail < 12)
+            return sae__fail(SAE_EFORMAT, "%s: truncated .npy header", path);
+        h->dict_len = (size_t)buf[8] | (size_t)buf[9] << 8 | (size_t)buf[10] << 16 |
+                      (size_t)buf[11] << 24;
+        h->prefix = 12;
+    } else {
+        return sae__fail(SAE_EUNSUPPORTED, "%s: .npy version %d.%d is not supported", path,
+                         buf[6], buf[7]);
+    }
+    return SAE_OK;
+}
+
+/* The array's bytes must be exactly what is left of the file after the header. */
+static int parse_header(sae_npy *a, const char *dict, size_t file_size)
+{
+    const char *path = a->path;
+    sae__npy_header h;
+    int rc = sae__npy_dict(dict, path, &h);
+    if (rc != SAE_OK)
+        return rc;
+    a->dtype = h.dtype;
+    a->rows = h.rows;
+    a->cols = h.cols;
     size_t bytes;
-    if (!sae__mul(a->rows, a->cols, &bytes) || !sae__mul(bytes, sae__dtype_size(a->dtype), &bytes) ||
-        !sae__add(bytes, a->data_offset, &bytes))
+    if (!sae__add(h.data_bytes, a->data_offset, &bytes))
         return sae__fail(SAE_EFORMAT, "%s: shape (%zu, %zu) overflows", path, a->rows, a->cols);
     if (bytes != file_size)
         return sae__fail(SAE_EFORMAT,
@@ -134,28 +167,15 @@ int sae_npy_open(sae_npy **out, const char *path)
         rc = sae__fail(SAE_EIO, "%s: cannot open: %s", path, strerror(errno));
         goto done;
     }
-    if (fread(pre, 1, 10, a->fp) != 10 || memcmp(pre, "\x93NUMPY", 6) != 0) {
-        rc = sae__fail(SAE_EFORMAT, "%s: not a .npy file (no \\x93NUMPY magic)", path);
+    sae__npy_header h;
+    size_t got = fread(pre, 1, 10, a->fp);
+    if (got == 10 && (pre[6] == 2 || pre[6] == 3)) /* a 4-byte length */
+        got += fread(pre + 10, 1, 2, a->fp);
+    rc = sae__npy_prefix(pre, got, path, &h);
+    if (rc != SAE_OK)
         goto done;
-    }
-    size_t header_len, prefix;
-    if (pre[6] == 1) {
-        header_len = (size_t)pre[8] | (size_t)pre[9] << 8;
-        prefix = 10;
-    } else if (pre[6] == 2 || pre[6] == 3) {
-        if (fread(pre + 10, 1, 2, a->fp) != 2) {
-            rc = sae__fail(SAE_EFORMAT, "%s: truncated .npy header", path);
-            goto done;
-        }
-        header_len = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
-                     (size_t)pre[11] << 24;
-        prefix = 12;
-    } else {
-        rc = sae__fail(SAE_EUNSUPPORTED, "%s: .npy version %d.%d is not supported", path, pre[6],
-                       pre[7]);
-        goto done;
-    }
-    if (header_len > MAX_NPY_HEADER || prefix + header_len > (size_t)sb.st_size) {
+    size_t header_len = h.dict_len, prefix = h.prefix;
+    if (header_len > SAE__NPY_MAX_HEADER || prefix + header_len > (size_t)sb.st_size) {
         rc = sae__fail(SAE_EFORMAT, "%s: header length %zu does not fit the file", path,
                        header_len);
         goto done;
