@@ -19,7 +19,8 @@ from ._lib import path as library_path
 from ._lib import version_number, version_string
 from ._model import MODEL_PARAMS, TENSORS, Model
 from ._npy import NpyFile, load_npy, save_npy
-from ._steer import Steering
+from ._stats import Stats, neighbors
+from ._steer import Steering, write_cvec
 from ._train import METRICS, TRAIN_PARAMS, Trainer
 
 __version__ = "0.1.0"
@@ -39,7 +40,7 @@ ECALLBACK = -8
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
 __all__ = [
-    "Model", "Steering", "Trainer", "NpyFile", "load_npy", "save_npy", "LibsaeError",
+    "Model", "Steering", "Trainer", "Stats", "neighbors", "write_cvec", "NpyFile", "load_npy", "save_npy", "LibsaeError",
     "LibraryNotFound", "HAVE_NUMPY", "library_path", "version_string", "version_number",
     "has", "TENSORS", "MODEL_PARAMS", "TRAIN_PARAMS", "METRICS", "ARCHITECTURES",
     "OK", "EINVAL", "ENOMEM", "EIO", "EFORMAT", "EUNSUPPORTED", "ERANGE", "ESTATE", "ECALLBACK",

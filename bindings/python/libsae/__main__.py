@@ -190,7 +190,8 @@ def cmd_train(args) -> int:
         elif args.k_given:
             raise CliError(f"-k applies to topk and batchtopk, not {args.arch}")
         m = Model.new(args.arch, d_in, d_sae, **kw)
-        params = {"seed": args.seed}
+        steps_planned = args.steps if args.steps is not None else rows // args.batch_size
+        params = {"seed": args.seed, "total_steps": steps_planned}
         for name in ("lr", "l1_coeff", "auxk", "auxk_coeff", "dead_tokens", "warmup_steps"):
             v = getattr(args, name)
             if v is not None:

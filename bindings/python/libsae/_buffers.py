@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import operator
 from typing import Any, Tuple
 
 try:
@@ -30,6 +31,7 @@ if HAVE_NUMPY:
     _F32 = np.dtype(np.float32)
     _U32 = np.dtype(np.uint32)
     _ndarray = np.ndarray
+    _DTYPES = {"f": _F32, U32: _U32, "d": np.dtype(np.float64), "Q": np.dtype(np.uint64)}
 
 
 def _address(mv: memoryview) -> int:
@@ -62,7 +64,7 @@ def _plain(obj: Any, typecode: str, what: str) -> Tuple[int, Any, Tuple[int, ...
     shape = mv.shape or (1,)
     if mv.format == typecode or (mv.format in ("f", "<f", "=f") and typecode == "f"):
         if mv.c_contiguous and not mv.readonly:
-            return _address(mv), mv, shape, mv.nbytes // 4
+            return _address(mv), mv, shape, mv.nbytes // mv.itemsize
         a = array.array(typecode, mv.tobytes())  # converted once
         return a.buffer_info()[0], a, shape, len(a)
     try:
@@ -74,7 +76,7 @@ def _plain(obj: Any, typecode: str, what: str) -> Tuple[int, Any, Tuple[int, ...
 
 
 def _tname(typecode: str) -> str:
-    return "float32" if typecode == "f" else "uint32"
+    return {"f": "float32", "d": "float64", "Q": "uint64"}.get(typecode, "uint32")
 
 
 def as_input(obj: Any, width: int, what: str) -> Tuple[int, Any, int, Tuple[int, ...]]:
@@ -107,15 +109,15 @@ def as_input(obj: Any, width: int, what: str) -> Tuple[int, Any, int, Tuple[int,
 def as_exact(obj: Any, shape: Tuple[int, ...], typecode: str, what: str) -> Tuple[int, Any]:
     """A read-only argument of exactly `shape` (numpy) or that many elements (other buffers)."""
     if HAVE_NUMPY:
-        dt = _F32 if typecode == "f" else _U32
+        dt = _DTYPES[typecode]
         is_nd = isinstance(obj, _ndarray)
         a = obj if is_nd else np.asarray(obj)
         flat_ok = not is_nd and a.ndim == 1 and a.size == _prod(shape)  # array.array, list
         if a.shape != shape and not flat_ok:
             raise ValueError(f"{what}: expected shape {list(shape)}, got {list(a.shape)}")
         if a.dtype != dt or not a.flags.c_contiguous:
-            if typecode != "f" and a.dtype.kind not in "ui":
-                raise TypeError(f"{what}: expected integer indices, got {a.dtype}")
+            if dt.kind == "u" and a.dtype.kind not in "ui":
+                raise TypeError(f"{what}: expected integers, got {a.dtype}")
             a = np.ascontiguousarray(a, dtype=dt)
         return a.ctypes.data, a
     ptr, keep, _, count = _plain(obj, typecode, what)
@@ -135,9 +137,9 @@ def _prod(shape: Tuple[int, ...]) -> int:
 def new_output(shape: Tuple[int, ...], typecode: str = "f") -> Tuple[Any, int]:
     """A fresh result array: (array, address)."""
     if HAVE_NUMPY:
-        a = np.empty(shape, dtype=_F32 if typecode == "f" else _U32)
+        a = np.empty(shape, dtype=_DTYPES[typecode])
         return a, a.ctypes.data
-    a = array.array(typecode, bytes(4 * _prod(shape)))
+    a = array.array(typecode, bytes(array.array(typecode).itemsize * _prod(shape)))
     return a, a.buffer_info()[0]
 
 
@@ -169,3 +171,14 @@ def as_inplace(obj: Any, count: int, what: str) -> int:
     if mv.nbytes != 4 * count:
         raise ValueError(f"{what}: expected {count} float32 values, got {mv.nbytes // 4}")
     return _address(mv)
+
+
+def index(value: Any, what: str) -> int:
+    """A whole number >= 0 for a size_t or uint32 argument (ctypes would wrap a negative one)."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a whole number, not {type(value).__name__}") from None
+    if v < 0:
+        raise ValueError(f"{what} must be >= 0, not {v}")
+    return v

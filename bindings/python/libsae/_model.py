@@ -59,7 +59,8 @@ class Model(Handle):
         """A model with every tensor zero. `arch` is "relu", "topk", "batchtopk" or "jumprelu"
         (or SAELens' "standard"). Keyword arguments set the parameters of the same name."""
         out = ctypes.c_void_p()
-        lib.sae_model_new(ctypes.byref(out), _arch_value(arch), d_in, d_sae)
+        lib.sae_model_new(ctypes.byref(out), _arch_value(arch), B.index(d_in, "d_in"),
+                          B.index(d_sae, "d_sae"))
         m = cls(out.value)
         for name, v in (("k", k), ("input_scale", input_scale),
                         ("apply_b_dec_to_input", apply_b_dec_to_input), ("threshold", threshold)):
@@ -226,6 +227,7 @@ class Model(Handle):
             k = self.k
             if k is None:
                 raise TypeError(f"encode_sparse: k is required for a {self.arch} model")
+        k = B.index(k, "encode_sparse: k")
         if k < 1:
             raise ValueError(f"encode_sparse: k must be at least 1, not {k}")
         xp, keep, n, lead = B.as_input(x, self.d_in, "encode_sparse: x")
@@ -277,6 +279,12 @@ class Model(Handle):
         out, xp = B.new_output(lead + (self.d_in,))
         lib.sae_decode_sparse(h, ip, vp, cp, k, n, xp)
         return out
+
+    def neighbors(self, feature: int, k: int = 10) -> Tuple[Any, Any]:
+        """The k features whose decoder rows are closest to `feature`'s by cosine similarity,
+        most similar first, itself excluded: (idx uint32 [k], cos float32 [k])."""
+        from ._stats import neighbors
+        return neighbors(self, feature, k)
 
     def reconstruct(self, x: Any, out: Any = None) -> Any:
         """decode(encode(x)) in one call: x_hat [..., d_in]. `out` may be x itself."""

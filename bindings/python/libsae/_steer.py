@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, List, Optional, Tuple
 
 from . import _buffers as B
 from ._handle import Handle
 from ._lib import lib, require
-from ._model import Model
+from ._model import Model, _path
+
+_OP_NAMES = {1: "clamp", 2: "scale", 3: "add"}
 
 
 class Steering(Handle):
@@ -43,7 +45,7 @@ class Steering(Handle):
 
     def clamp(self, feature: int, value: float) -> "Steering":
         """f_feature := value on every token (value 0 ablates the feature)."""
-        lib.sae_steer_clamp(self._ptr(), feature, value)
+        lib.sae_steer_clamp(self._ptr(), _feature(feature), value)
         return self
 
     def ablate(self, feature: int) -> "Steering":
@@ -52,13 +54,72 @@ class Steering(Handle):
 
     def scale(self, feature: int, factor: float) -> "Steering":
         """f_feature := factor * f_feature on every token."""
-        lib.sae_steer_scale(self._ptr(), feature, factor)
+        lib.sae_steer_scale(self._ptr(), _feature(feature), factor)
         return self
 
     def add(self, feature: int, coeff: float) -> "Steering":
         """x += coeff * W_dec[feature] / input_scale on every token."""
-        lib.sae_steer_add(self._ptr(), feature, coeff)
+        lib.sae_steer_add(self._ptr(), _feature(feature), coeff)
         return self
+
+    def clamp_relative(self, feature: int, multiple: float, stats: "Optional[Stats]" = None,
+                       max: Any = None) -> "Steering":
+        """Clamps a feature to `multiple` times its largest observed activation, as "Scaling
+        Monosemanticity" does (10x to amplify, negative multiples to suppress). The maximum
+        comes from `stats` (a Stats of this model's codes) or from `max`, an array of d_sae
+        maxima: exactly one of the two."""
+        h = self._ptr()
+        require("sae_steer_clamp_relative")
+        sp = stats._ptr() if stats is not None else None
+        mp = None
+        keep = None
+        if max is not None:
+            mp, keep = B.as_exact(max, (self.model.d_sae,), "f", "clamp_relative: max")
+        lib.sae_steer_clamp_relative(h, _feature(feature), multiple, sp, mp)
+        del keep
+        return self
+
+    def remove(self, feature: int) -> "Steering":
+        """Removes the op on one feature, if there is one."""
+        lib.sae_steer_remove(self._ptr(), _feature(feature))
+        return self
+
+    def __len__(self) -> int:
+        """The number of features the plan acts on."""
+        return lib.sae_steer_count(self._ptr())
+
+    def ops(self) -> List[Tuple[int, str, float]]:
+        """The plan as (feature, "clamp" | "scale" | "add", value), in increasing feature order."""
+        h = self._ptr()
+        f, op, v = ctypes.c_uint32(), ctypes.c_int(), ctypes.c_float()
+        out = []
+        for i in range(lib.sae_steer_count(h)):
+            lib.sae_steer_get_op(h, i, ctypes.byref(f), ctypes.byref(op), ctypes.byref(v))
+            out.append((f.value, _OP_NAMES.get(op.value, str(op.value)), v.value))
+        return out
+
+    def __repr__(self) -> str:
+        if self._h is None:
+            return "<libsae.Steering closed>"
+        body = ", ".join(f"{op}({f}, {v:g})" for f, op, v in self.ops())
+        return f"<libsae.Steering {body or 'empty'}>"
+
+    def vector(self) -> Any:
+        """A plan of add ops only as the one constant vector [d_in] it adds to every token
+        (LibsaeError ESTATE if it has clamp or scale ops, which depend on the activations)."""
+        h = self._ptr()
+        out, ptr = B.new_output((self.model.d_in,))
+        lib.sae_steer_vector(h, ptr)
+        return out
+
+    def write_cvec(self, path, layer: int, n_layer: int, model_hint: Optional[str] = None) -> None:
+        """Writes the plan's constant vector as a llama.cpp control-vector GGUF file for
+        ``--control-vector``: the vector at `layer` (1 <= layer < n_layer, the engine model's
+        block count), zeros elsewhere. model_hint is the engine's architecture, e.g. "llama"."""
+        h = self._ptr()
+        lib.sae_steer_write_cvec(h, _path(path), B.index(layer, "layer"),
+                                 B.index(n_layer, "n_layer"),
+                                 model_hint.encode() if model_hint is not None else None)
 
     def clear(self) -> "Steering":
         """Removes every op."""
@@ -96,3 +157,25 @@ class Steering(Handle):
         ptr = B.as_inplace(x, count, "Steering.apply")
         lib.sae_steer_apply(h, ptr, count // d_in)
         return x
+
+
+def _feature(feature: int) -> int:
+    # Indices past uint32 saturate, so the C library reports them as out of range (ctypes would
+    # otherwise keep only the low 32 bits and steer some other feature).
+    return min(B.index(feature, "feature"), 0xFFFFFFFF)
+
+
+def write_cvec(path, data: Any, n_embd: int, n_layer: int, model_hint: Optional[str] = None) -> None:
+    """Writes a llama.cpp control-vector GGUF file from data [n_layer - 1, n_embd] (layer 1
+    first, as llama_set_adapter_cvec takes it)."""
+    require("sae_cvec_write")
+    n_embd, n_layer = B.index(n_embd, "n_embd"), B.index(n_layer, "n_layer")
+    if n_layer < 2:
+        raise ValueError(f"write_cvec: n_layer must be at least 2, not {n_layer}")
+    ptr, keep = B.as_exact(data, (n_layer - 1, n_embd), "f", "write_cvec: data")
+    lib.sae_cvec_write(_path(path), ptr, n_embd, n_layer,
+                       model_hint.encode() if model_hint is not None else None)
+    del keep
+
+
+from ._stats import Stats  # noqa: E402  (for the type hint; Stats does not import this module)

@@ -6,23 +6,32 @@ from typing import Any, Callable, Dict, Optional
 
 from . import _buffers as B
 from ._handle import Handle
-from ._lib import ALLREDUCE_FN, lib, require
-from ._model import Model
+from ._lib import ALLREDUCE_FN, LibsaeError, lib, require
+from ._model import Model, _path
 
 #: sae_train_param values by name.
 TRAIN_PARAMS = {"lr": 1, "l1_coeff": 2, "auxk": 3, "auxk_coeff": 4, "dead_tokens": 5,
-                "warmup_steps": 6, "beta1": 7, "beta2": 8, "seed": 9}
+                "warmup_steps": 6, "beta1": 7, "beta2": 8, "seed": 9, "total_steps": 10,
+                "l1_warmup_steps": 11, "lr_decay_steps": 12, "grad_clip": 13,
+                "decoder_init_norm": 14, "threshold_lr": 15, "adam_eps": 16,
+                "normalize_input": 17, "b_dec_init": 18}
 #: sae_train_metric values by name: what Trainer.step returns.
-METRICS = {"loss": 1, "mse": 2, "fvu": 3, "l0": 4, "dead_fraction": 5, "steps": 6}
+METRICS = {"loss": 1, "mse": 2, "fvu": 3, "l0": 4, "dead_fraction": 5, "steps": 6, "tokens": 7,
+           "auxk_loss": 8, "lr": 9, "grad_norm": 10}
+_COUNTS = ("steps", "tokens")
+_ESTATE = -7
 
 
 class Trainer(Handle):
     """Trains a model in place (ReLU with the L1 penalty, TopK with AuxK, BatchTopK).
 
     ``Trainer(m, lr=1e-3, l1_coeff=5.0, seed=0)``: keyword arguments set parameters by name
-    (lr, l1_coeff, auxk, auxk_coeff, dead_tokens, warmup_steps, beta1, beta2, seed). Call
-    :meth:`init` once with a sample of the data, then :meth:`step` per batch. The trainer keeps
-    its model alive; the model's weights change with every step.
+    (the keys of ``libsae.TRAIN_PARAMS``: lr, l1_coeff, auxk, auxk_coeff, dead_tokens,
+    warmup_steps, beta1, beta2, seed, total_steps, l1_warmup_steps, lr_decay_steps, grad_clip,
+    decoder_init_norm, threshold_lr, adam_eps, normalize_input, b_dec_init; docs/training.md
+    gives each one's meaning and default). Call :meth:`init` once with a sample of the data,
+    then :meth:`step` per batch. The trainer keeps its model alive; the model's weights change
+    with every step.
     """
 
     _kind = "Trainer"
@@ -76,15 +85,30 @@ class Trainer(Handle):
         return self.metrics()
 
     def metrics(self) -> Dict[str, float]:
-        """The last step's batch: loss, mse, fvu, l0, dead_fraction, and steps (an int)."""
+        """The last step's batch: loss, mse, fvu, l0, dead_fraction, auxk_loss, lr, grad_norm,
+        and the counts steps and tokens (ints). Before the first step only the counts."""
         h = self._ptr()
         v = ctypes.c_double()
         out: Dict[str, float] = {}
         for name, key in METRICS.items():
-            lib.sae_trainer_get_metric(h, key, ctypes.byref(v))
-            out[name] = v.value
-        out["steps"] = int(out["steps"])
+            try:
+                lib.sae_trainer_get_metric(h, key, ctypes.byref(v))
+            except LibsaeError as e:
+                if e.code == _ESTATE:
+                    continue
+                raise
+            out[name] = int(v.value) if name in _COUNTS else v.value
         return out
+
+    def save(self, path) -> None:
+        """Writes a checkpoint: the model and everything training needs to continue bit for bit
+        (optimizer moments, counters, parameters), atomically. It also loads as a plain Model."""
+        lib.sae_trainer_save(self._ptr(), _path(path))
+
+    def load(self, path) -> None:
+        """Resumes from a checkpoint written by save, into this trainer and its model (same
+        architecture and shape); on failure nothing changes."""
+        lib.sae_trainer_load(self._ptr(), _path(path))
 
     def set_allreduce(self, fn: Optional[Callable[[Any], None]]) -> None:
         """Data-parallel training: fn(buf) is called once per step with this process's gradient
