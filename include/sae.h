@@ -282,9 +282,117 @@ SAE_API int sae_steer_clear(sae_steer *s);
 /* Applies the plan to x [n][d_in] in place. Errors: SAE_EINVAL (NULL, non-finite x), SAE_ENOMEM. */
 SAE_API int sae_steer_apply(const sae_steer *s, float *x, size_t n);
 
+/* The kinds of op a plan holds, as sae_steer_get_op reports them. */
+typedef enum { SAE_STEER_CLAMP = 1, SAE_STEER_SCALE = 2, SAE_STEER_ADD = 3 } sae_steer_op;
+
+/* Number of features the plan acts on (one op each). 0 for NULL. */
+SAE_API size_t sae_steer_count(const sae_steer *s);
+/* The i-th op, in increasing feature order: its feature, kind and value (the clamp value, scale
+ * factor or add coefficient). Any output pointer may be NULL. Errors: SAE_EINVAL (NULL s),
+ * SAE_ERANGE (i >= sae_steer_count). */
+SAE_API int sae_steer_get_op(const sae_steer *s, size_t i, uint32_t *feature, sae_steer_op *op,
+                             float *value);
+/* Removes the op on one feature, if there is one. Errors: SAE_EINVAL, SAE_ERANGE (feature >= d_sae). */
+SAE_API int sae_steer_remove(sae_steer *s, uint32_t feature);
+
+typedef struct sae_stats sae_stats; /* feature statistics: see Analysis below */
+
+/* Clamps a feature to `multiple` times its largest observed activation, as "Scaling
+ * Monosemanticity" does (10x the max to amplify, negative multiples to suppress). The max comes
+ * from stats (an accumulator over the same model's codes, see sae_stats) or, when stats is NULL,
+ * from max, an array of d_sae maxima; exactly one of the two must be given. The plan stores the
+ * resulting clamp value. Errors: SAE_EINVAL (NULL s, both or neither source, stats of another
+ * d_sae, non-finite multiple or max, max <= 0: a feature that never fired has no scale),
+ * SAE_ERANGE (feature >= d_sae), SAE_ENOMEM. */
+SAE_API int sae_steer_clamp_relative(sae_steer *s, uint32_t feature, float multiple,
+                                     const sae_stats *stats, const float *max);
+
+/* A plan of add ops only is one constant vector: v [d_in] = sum_i coeff_i * W_dec[i] /
+ * INPUT_SCALE, what sae_steer_apply adds to every token. This is what engines that take additive
+ * steering vectors want. For llama.cpp's llama_set_adapter_cvec, whose buffer holds
+ * n_embd * (n_layer - 1) floats with layer 1 at offset 0, write the vector for the SAE's layer L
+ * at buf + d_in * (L - 1) and leave the rest zero. An empty plan gives zeros.
+ * Errors: SAE_EINVAL (NULL), SAE_ESTATE (the plan has clamp or scale ops, which depend on the
+ * activations and are no constant vector), SAE_ENOMEM. */
+SAE_API int sae_steer_vector(const sae_steer *s, float *v);
+
+/* Writes a llama.cpp control-vector file (GGUF v3, as llama-cvector-generator writes them, for
+ * llama-cli --control-vector / --control-vector-scaled): metadata general.architecture =
+ * "controlvector", general.alignment = 32, controlvector.model_hint = model_hint (the engine
+ * model's architecture, e.g. "llama"; NULL writes "") and controlvector.layer_count =
+ * n_layer - 1; tensors direction.1 .. direction.<n_layer - 1>, 1-D F32 of n_embd values each.
+ * data is in llama_set_adapter_cvec's layout: [n_layer - 1][n_embd], layer 1 first; n_layer is
+ * the engine model's block count, so layer n_layer - 1 is the last block. Atomic, as
+ * sae_model_save. Errors: SAE_EINVAL (NULL path or data, n_embd 0, n_layer < 2 or too large,
+ * non-finite data), SAE_EIO, SAE_ENOMEM. */
+SAE_API int sae_cvec_write(const char *path, const float *data, size_t n_embd, size_t n_layer,
+                           const char *model_hint);
+/* The plan's constant vector (sae_steer_vector) at `layer` (1 <= layer < n_layer) and zeros at
+ * every other layer, written with sae_cvec_write; n_embd is the model's d_in. Errors: as
+ * sae_steer_vector and sae_cvec_write, SAE_ERANGE (layer out of range). */
+SAE_API int sae_steer_write_cvec(const sae_steer *s, const char *path, size_t layer,
+                                 size_t n_layer, const char *model_hint);
+
 /* ---------------------------------------------------------------------------------------------
  * Analysis: feature statistics and neighbours
  * ------------------------------------------------------------------------------------------- */
+
+/* Feature statistics: an accumulator over batches of codes. Per feature it counts the tokens on
+ * which the feature fired (value > 0), sums and maximises its values there, and keeps its top_n
+ * examples: the (value, example id) pairs of largest value, ties to the smaller id, in a bounded
+ * heap (memory d_sae * top_n * 12 bytes, whatever the number of tokens). Example ids are the
+ * caller's 64-bit numbers (a token's position in a corpus, a document number); they need not be
+ * unique. Values <= 0 are not counted. Two accumulators of the same shape merge, so threads or
+ * processes can split the data and combine the results: counts, maxima and top examples then equal
+ * those of one pass over all the data; sums (kept in double) agree to rounding. Updating one
+ * accumulator from two threads at once is not safe: give each thread its own, then merge.
+ *
+ * sae_stats_new makes an empty accumulator for d_sae features keeping top_n examples of each
+ * (0: none); *out owns it. Errors: SAE_EINVAL (NULL out, d_sae 0 or above UINT32_MAX, top_n above
+ * UINT32_MAX), SAE_ENOMEM. */
+SAE_API int sae_stats_new(sae_stats **out, size_t d_sae, size_t top_n);
+SAE_API void sae_stats_free(sae_stats *st);
+
+/* Adds n tokens of dense codes f [n][d_sae]. ids [n] gives each token's example id; NULL numbers
+ * them by position, starting at sae_stats_tokens(st) (so ids of two accumulators built that way
+ * collide when merged). All-or-nothing: on failure st is unchanged. n may be 0.
+ * Errors: SAE_EINVAL (NULL, non-finite value), SAE_ENOMEM. */
+SAE_API int sae_stats_update(sae_stats *st, const float *f, size_t n, const uint64_t *ids);
+/* The same from sparse codes laid out as sae_encode_sparse writes them (token t owns slots
+ * [t*k, t*k+k), count[t] of them used). A feature may appear at most once per token.
+ * Errors: SAE_EINVAL (NULL, k = 0, count[t] > k, non-finite value, a repeated feature),
+ * SAE_ERANGE (an index >= d_sae), SAE_ENOMEM. */
+SAE_API int sae_stats_update_sparse(sae_stats *st, const uint32_t *idx, const float *val,
+                                    const uint32_t *count, size_t k, size_t n,
+                                    const uint64_t *ids);
+/* Adds everything src has seen to dst. Errors: SAE_EINVAL (NULL, dst == src, different d_sae or
+ * top_n). */
+SAE_API int sae_stats_merge(sae_stats *dst, const sae_stats *src);
+
+/* Shape and the number of tokens seen. 0 for NULL. */
+SAE_API size_t sae_stats_d_sae(const sae_stats *st);
+SAE_API size_t sae_stats_top_n(const sae_stats *st);
+SAE_API uint64_t sae_stats_tokens(const sae_stats *st);
+/* Copy per-feature arrays of d_sae entries out: how many tokens each feature fired on (its firing
+ * frequency is count / sae_stats_tokens), the sum of its values (mean when firing = sum / count)
+ * and its largest value (0 if it never fired). Errors: SAE_EINVAL (NULL). */
+SAE_API int sae_stats_counts(const sae_stats *st, uint64_t *count);
+SAE_API int sae_stats_sums(const sae_stats *st, double *sum);
+SAE_API int sae_stats_max(const sae_stats *st, float *max);
+/* One feature's top examples, largest value first (ties: smaller id first): *count (at most
+ * top_n) entries of val and id are written; val and id must hold top_n entries. Either may be
+ * NULL when not wanted. Errors: SAE_EINVAL (NULL st or count), SAE_ERANGE (feature >= d_sae),
+ * SAE_ENOMEM. */
+SAE_API int sae_stats_top(const sae_stats *st, uint32_t feature, float *val, uint64_t *id,
+                          size_t *count);
+
+/* The k features whose decoder directions (rows of W_dec) are closest to feature's by cosine
+ * similarity, most similar first (ties: lower index first), the feature itself excluded: their
+ * indices in idx [k] and cosines in cos [k] (cos may be NULL). One GEMV against W_dec, using the
+ * decoder row norms the model keeps; a zero row has cosine 0 with everything. Thread safe.
+ * Errors: SAE_EINVAL (NULL), SAE_ERANGE (feature >= d_sae, k > d_sae - 1), SAE_ENOMEM. */
+SAE_API int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k, uint32_t *idx,
+                                  float *cos);
 
 /* ---------------------------------------------------------------------------------------------
  * Dictionary learning (training)

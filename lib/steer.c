@@ -1,0 +1,450 @@
+/* Steering plans: per-feature clamp, scale and add ops, applied to activations in place while
+ * keeping the SAE's error term.
+ *
+ * For a token x and a plan, every op becomes a coefficient delta_i on feature i's decoder row:
+ *   clamp  delta_i = value - f_i(x)        scale  delta_i = (factor - 1) * f_i(x)
+ *   add    delta_i = coeff (the same for every token)
+ * and x' = x + sum_i delta_i * W_dec[i] / INPUT_SCALE. This equals SAELens' "encode, edit the
+ * codes, decode, add back the error" exactly, but touches only the plan's features.
+ *
+ * f_i(x) of a ReLU, JumpReLU or BatchTopK SAE depends on encoder column i alone, so those
+ * features' pre-activations come from one small GEMM against their gathered columns: O(m * d_in)
+ * per token for m features instead of O(d_sae * d_in). A TopK feature survives only if fewer than
+ * K others beat it, which depends on every pre-activation, so TopK runs the full encoder. */
+#include "internal.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    uint32_t feature;
+    sae_steer_op op;
+    float value;
+} steer_entry;
+
+struct sae_steer {
+    const sae_model *m;
+    steer_entry *ops; /* sorted by feature, at most one per feature */
+    size_t n_ops, cap;
+    size_t block;     /* features per gathered block; 0 = automatic */
+};
+
+int sae_steer_new(sae_steer **out, const sae_model *m)
+{
+    SAE_CHECK_NULL(out);
+    *out = NULL;
+    SAE_CHECK_NULL(m);
+    sae_steer *s = sae__zalloc(1, sizeof *s, "steering plan");
+    if (s == NULL)
+        return SAE_ENOMEM;
+    s->m = m;
+    *out = s;
+    return SAE_OK;
+}
+
+void sae_steer_free(sae_steer *s)
+{
+    if (s == NULL)
+        return;
+    free(s->ops);
+    free(s);
+}
+
+void sae__steer_set_block(sae_steer *s, size_t features) { s->block = features; }
+
+size_t sae_steer_count(const sae_steer *s) { return s ? s->n_ops : 0; }
+
+/* Position of feature in the sorted op list, or where it would go. */
+static size_t find(const sae_steer *s, uint32_t feature)
+{
+    size_t lo = 0, hi = s->n_ops;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (s->ops[mid].feature < feature)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static int check_feature(const sae_steer *s, uint32_t feature, const char *fn)
+{
+    if (feature >= s->m->d_sae)
+        return sae__fail(SAE_ERANGE, "%s: feature %u is out of range (the model has d_sae = %zu)",
+                         fn, feature, s->m->d_sae);
+    return SAE_OK;
+}
+
+static int set_op(sae_steer *s, uint32_t feature, sae_steer_op op, float value, const char *fn,
+                  const char *what)
+{
+    SAE_CHECK_NULL(s);
+    int rc = check_feature(s, feature, fn);
+    if (rc != SAE_OK)
+        return rc;
+    if (!isfinite(value))
+        return sae__fail(SAE_EINVAL, "%s: %s for feature %u is %g, not a finite number", fn, what,
+                         feature, (double)value);
+    size_t at = find(s, feature);
+    if (at < s->n_ops && s->ops[at].feature == feature) {
+        s->ops[at] = (steer_entry){feature, op, value}; /* a later op on a feature replaces it */
+        return SAE_OK;
+    }
+    if (s->n_ops == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 8, bytes;
+        if (!sae__mul(cap, sizeof *s->ops, &bytes))
+            return sae__fail(SAE_ENOMEM, "%s: too many ops", fn);
+        steer_entry *grown = realloc(s->ops, bytes);
+        if (grown == NULL)
+            return sae__fail(SAE_ENOMEM, "%s: out of memory growing the plan to %zu ops", fn, cap);
+        s->ops = grown;
+        s->cap = cap;
+    }
+    memmove(s->ops + at + 1, s->ops + at, (s->n_ops - at) * sizeof *s->ops);
+    s->ops[at] = (steer_entry){feature, op, value};
+    s->n_ops++;
+    return SAE_OK;
+}
+
+int sae_steer_clamp(sae_steer *s, uint32_t feature, float value)
+{
+    return set_op(s, feature, SAE_STEER_CLAMP, value, __func__, "the clamp value");
+}
+
+int sae_steer_scale(sae_steer *s, uint32_t feature, float factor)
+{
+    return set_op(s, feature, SAE_STEER_SCALE, factor, __func__, "the scale factor");
+}
+
+int sae_steer_add(sae_steer *s, uint32_t feature, float coeff)
+{
+    return set_op(s, feature, SAE_STEER_ADD, coeff, __func__, "the coefficient");
+}
+
+int sae_steer_clamp_relative(sae_steer *s, uint32_t feature, float multiple,
+                             const sae_stats *stats, const float *max)
+{
+    SAE_CHECK_NULL(s);
+    if ((stats == NULL) == (max == NULL))
+        return sae__fail(SAE_EINVAL, "%s: give exactly one of stats and max (got %s)", __func__,
+                         stats ? "both" : "neither");
+    int rc = check_feature(s, feature, __func__);
+    if (rc != SAE_OK)
+        return rc;
+    if (stats != NULL && sae_stats_d_sae(stats) != s->m->d_sae)
+        return sae__fail(SAE_EINVAL, "%s: the statistics cover %zu features, the model has %zu",
+                         __func__, sae_stats_d_sae(stats), s->m->d_sae);
+    if (!isfinite(multiple))
+        return sae__fail(SAE_EINVAL, "%s: multiple = %g is not a finite number", __func__,
+                         (double)multiple);
+    float fmax = stats ? sae__stats_feature_max(stats, feature) : max[feature];
+    if (!isfinite(fmax) || fmax <= 0.0f)
+        return sae__fail(SAE_EINVAL,
+                         "%s: feature %u has max activation %g; clamping relative to it needs a "
+                         "finite max > 0 (a feature that never fired has no scale)",
+                         __func__, feature, (double)fmax);
+    float value = multiple * fmax;
+    if (!isfinite(value))
+        return sae__fail(SAE_EINVAL, "%s: %g times the max %g overflows", __func__,
+                         (double)multiple, (double)fmax);
+    return set_op(s, feature, SAE_STEER_CLAMP, value, __func__, "the clamp value");
+}
+
+int sae_steer_remove(sae_steer *s, uint32_t feature)
+{
+    SAE_CHECK_NULL(s);
+    int rc = check_feature(s, feature, __func__);
+    if (rc != SAE_OK)
+        return rc;
+    size_t at = find(s, feature);
+    if (at < s->n_ops && s->ops[at].feature == feature) {
+        memmove(s->ops + at, s->ops + at + 1, (s->n_ops - at - 1) * sizeof *s->ops);
+        s->n_ops--;
+    }
+    return SAE_OK;
+}
+
+int sae_steer_clear(sae_steer *s)
+{
+    SAE_CHECK_NULL(s);
+    s->n_ops = 0;
+    return SAE_OK;
+}
+
+int sae_steer_get_op(const sae_steer *s, size_t i, uint32_t *feature, sae_steer_op *op,
+                     float *value)
+{
+    SAE_CHECK_NULL(s);
+    if (i >= s->n_ops)
+        return sae__fail(SAE_ERANGE, "%s: op %zu does not exist (the plan has %zu)", __func__, i,
+                         s->n_ops);
+    if (feature)
+        *feature = s->ops[i].feature;
+    if (op)
+        *op = s->ops[i].op;
+    if (value)
+        *value = s->ops[i].value;
+    return SAE_OK;
+}
+
+/* v = sum over add ops of coeff * W_dec[i], unscaled like a decode. */
+static void add_vector(const sae_steer *s, float *v)
+{
+    const sae_model *m = s->m;
+    memset(v, 0, m->d_in * sizeof *v);
+    for (size_t j = 0; j < s->n_ops; j++)
+        if (s->ops[j].op == SAE_STEER_ADD)
+            cblas_saxpy((int)m->d_in, s->ops[j].value, m->W_dec + (size_t)s->ops[j].feature * m->d_in,
+                        1, v, 1);
+    if (m->input_scale != 1.0f)
+        cblas_sscal((int)m->d_in, 1.0f / m->input_scale, v, 1);
+}
+
+int sae_steer_vector(const sae_steer *s, float *v)
+{
+    SAE_CHECK_NULL(s);
+    SAE_CHECK_NULL(v);
+    for (size_t j = 0; j < s->n_ops; j++)
+        if (s->ops[j].op != SAE_STEER_ADD)
+            return sae__fail(SAE_ESTATE,
+                             "%s: the plan %s feature %u, which depends on the activations; only a "
+                             "plan of add ops is a constant vector",
+                             __func__, s->ops[j].op == SAE_STEER_CLAMP ? "clamps" : "scales",
+                             s->ops[j].feature);
+    add_vector(s, v);
+    return SAE_OK;
+}
+
+int sae_steer_write_cvec(const sae_steer *s, const char *path, size_t layer, size_t n_layer,
+                         const char *model_hint)
+{
+    SAE_CHECK_NULL(s);
+    SAE_CHECK_NULL(path);
+    if (n_layer < 2 || layer < 1 || layer >= n_layer)
+        return sae__fail(SAE_ERANGE,
+                         "%s: layer %zu is not a block llama.cpp can steer with n_layer = %zu "
+                         "(it takes 1 <= layer <= n_layer - 1)",
+                         __func__, layer, n_layer);
+    const size_t d_in = s->m->d_in;
+    float *buf = sae__zalloc(n_layer - 1, d_in * sizeof(float), "control-vector buffer");
+    if (buf == NULL)
+        return SAE_ENOMEM;
+    int rc = sae_steer_vector(s, buf + d_in * (layer - 1));
+    if (rc == SAE_OK)
+        rc = sae_cvec_write(path, buf, d_in, n_layer, model_hint);
+    free(buf);
+    return rc;
+}
+
+/* ---- applying ------------------------------------------------------------------------------ */
+
+/* The encoder-dependent ops (clamp, scale) of a plan, and per-call scratch. */
+typedef struct {
+    size_t me;           /* number of clamp/scale ops */
+    const steer_entry **ops;
+    size_t block;        /* features per gathered block */
+    size_t n_blocks;
+    float *G;            /* [d_in][block] encoder columns of one block of features */
+    float *D;            /* [block][d_in] decoder rows of one block of features */
+} enc_plan;
+
+static inline float activate_one(const sae_model *m, uint32_t i, float p)
+{
+    switch (m->arch) {
+    case SAE_ARCH_JUMPRELU: return (p > m->threshold[i] && p > 0.0f) ? p : 0.0f;
+    case SAE_ARCH_BATCHTOPK: return (p > m->batch_threshold && p > 0.0f) ? p : 0.0f;
+    default: return p > 0.0f ? p : 0.0f;
+    }
+}
+
+static inline float delta_of(const steer_entry *e, float f)
+{
+    return e->op == SAE_STEER_CLAMP ? e->value - f : e->value * f - f;
+}
+
+/* Copies encoder columns of features [first, first + count) into G [d_in][count]: one pass down
+ * W_enc, reading each row at increasing (sorted) offsets. */
+static void gather_enc(const sae_model *m, const enc_plan *p, size_t first, size_t count)
+{
+    for (size_t j = 0; j < m->d_in; j++) {
+        const float *row = m->W_enc + j * m->d_sae;
+        float *g = p->G + j * count;
+        for (size_t c = 0; c < count; c++)
+            g[c] = row[p->ops[first + c]->feature];
+    }
+}
+
+static void gather_dec(const sae_model *m, const enc_plan *p, size_t first, size_t count)
+{
+    for (size_t c = 0; c < count; c++)
+        memcpy(p->D + c * m->d_in, m->W_dec + (size_t)p->ops[first + c]->feature * m->d_in,
+               m->d_in * sizeof(float));
+}
+
+/* x [rows][d_in] += delta [rows][me] @ W_dec[plan features] / INPUT_SCALE. */
+static void add_deltas(const sae_model *m, const enc_plan *p, const float *delta, size_t rows,
+                       float *x)
+{
+    const float alpha = m->input_scale == 1.0f ? 1.0f : 1.0f / m->input_scale;
+    for (size_t b = 0; b < p->n_blocks; b++) {
+        size_t first = b * p->block, count = p->me - first < p->block ? p->me - first : p->block;
+        if (p->n_blocks > 1)
+            gather_dec(m, p, first, count);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)m->d_in,
+                    (int)count, alpha, delta + first, (int)p->me, p->D, (int)m->d_in, 1.0f, x,
+                    (int)m->d_in);
+    }
+}
+
+/* ReLU, JumpReLU, BatchTopK: pre-activations of the plan's features only. */
+static int apply_gathered(const sae_model *m, const enc_plan *p, float *x, size_t n)
+{
+    const size_t d_in = m->d_in, me = p->me;
+    const bool raw = m->input_scale == 1.0f && !m->apply_b_dec;
+    /* Tokens per pass: bounds the [tokens][d_in] input copy and the [tokens][me] deltas. */
+    size_t tokens = ((size_t)1 << 20) / (d_in > me ? d_in : me);
+    tokens = tokens < 1 ? 1 : tokens < n ? tokens : n;
+    float *xs = raw ? NULL : sae__alloc(tokens * d_in, sizeof(float), "steering scratch");
+    float *delta = sae__alloc(tokens * me, sizeof(float), "steering scratch");
+    if (delta == NULL || (!raw && xs == NULL)) {
+        free(xs);
+        free(delta);
+        return SAE_ENOMEM;
+    }
+    if (p->n_blocks == 1) {
+        gather_enc(m, p, 0, me);
+        gather_dec(m, p, 0, me);
+    }
+    for (size_t t0 = 0; t0 < n; t0 += tokens) {
+        const size_t rows = n - t0 < tokens ? n - t0 : tokens;
+        float *xr = x + t0 * d_in;
+        const float *in = xr;
+        if (!raw) {
+            for (size_t r = 0; r < rows; r++)
+                for (size_t j = 0; j < d_in; j++)
+                    xs[r * d_in + j] = m->input_scale * xr[r * d_in + j] -
+                                       (m->apply_b_dec ? m->b_dec[j] : 0.0f);
+            in = xs;
+        }
+        for (size_t b = 0; b < p->n_blocks; b++) {
+            size_t first = b * p->block, count = me - first < p->block ? me - first : p->block;
+            if (p->n_blocks > 1)
+                gather_enc(m, p, first, count);
+            if (rows == 1)
+                cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)count, 1.0f, p->G,
+                            (int)count, in, 1, 0.0f, delta + first, 1);
+            else
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)count,
+                            (int)d_in, 1.0f, in, (int)d_in, p->G, (int)count, 0.0f, delta + first,
+                            (int)me);
+        }
+        for (size_t r = 0; r < rows; r++) {
+            float *d = delta + r * me;
+            for (size_t c = 0; c < me; c++) {
+                const uint32_t i = p->ops[c]->feature;
+                d[c] = delta_of(p->ops[c], activate_one(m, i, d[c] + m->b_enc[i]));
+            }
+        }
+        add_deltas(m, p, delta, rows, xr);
+    }
+    free(xs);
+    free(delta);
+    return SAE_OK;
+}
+
+/* TopK: the full encoder, then the plan's features read from the dense codes. */
+static int apply_full(const sae_model *m, const enc_plan *p, float *x, size_t n)
+{
+    const size_t d_in = m->d_in, d_sae = m->d_sae, me = p->me;
+    const size_t tokens = sae__block_tokens(d_sae, n);
+    float *pre = sae__alloc(tokens * d_sae, sizeof(float), "steering scratch");
+    float *xs = sae__alloc(tokens * d_in, sizeof(float), "steering scratch");
+    float *delta = sae__alloc(tokens * me, sizeof(float), "steering scratch");
+    sae__scored *heap = sae__alloc(m->k < d_sae ? m->k : d_sae, sizeof *heap, "top-k heap");
+    int rc = SAE_OK;
+    if (pre == NULL || xs == NULL || delta == NULL || heap == NULL) {
+        rc = SAE_ENOMEM;
+        goto done;
+    }
+    if (p->n_blocks == 1)
+        gather_dec(m, p, 0, me);
+    for (size_t t0 = 0; t0 < n; t0 += tokens) {
+        const size_t rows = n - t0 < tokens ? n - t0 : tokens;
+        float *xr = x + t0 * d_in;
+        sae__preact(m, xr, rows, xs, pre);
+        for (size_t r = 0; r < rows; r++) {
+            float *f = pre + r * d_sae;
+            sae__topk_dense(f, d_sae, m->k, heap);
+            for (size_t c = 0; c < me; c++)
+                delta[r * me + c] = delta_of(p->ops[c], f[p->ops[c]->feature]);
+        }
+        add_deltas(m, p, delta, rows, xr);
+    }
+done:
+    free(pre);
+    free(xs);
+    free(delta);
+    free(heap);
+    return rc;
+}
+
+int sae_steer_apply(const sae_steer *s, float *x, size_t n)
+{
+    SAE_CHECK_NULL(s);
+    if (n == 0)
+        return SAE_OK;
+    SAE_CHECK_NULL(x);
+    const sae_model *m = s->m;
+    size_t bytes;
+    if (n > INT32_MAX || !sae__mul(n, m->d_in, &bytes) || !sae__mul(bytes, sizeof(float), &bytes))
+        return sae__fail(SAE_EINVAL, "%s: n = %zu tokens is too many", __func__, n);
+    int rc = sae__check_finite(x, n * m->d_in, m->d_in, "x");
+    if (rc != SAE_OK || s->n_ops == 0)
+        return rc;
+
+    enc_plan p = {0};
+    size_t n_add = 0;
+    for (size_t j = 0; j < s->n_ops; j++)
+        n_add += s->ops[j].op == SAE_STEER_ADD;
+    p.me = s->n_ops - n_add;
+    float *cvec = NULL;
+    if (n_add > 0 && (cvec = sae__alloc(m->d_in, sizeof(float), "steering vector")) == NULL)
+        return SAE_ENOMEM;
+    if (p.me > 0) {
+        p.block = s->block ? s->block : (((size_t)2 << 20) / m->d_in);
+        if (p.block < 1)
+            p.block = 1;
+        if (p.block > p.me)
+            p.block = p.me;
+        p.n_blocks = (p.me + p.block - 1) / p.block;
+        p.ops = sae__alloc(p.me, sizeof *p.ops, "steering scratch");
+        p.G = m->arch == SAE_ARCH_TOPK ? NULL
+                                       : sae__alloc(p.block * m->d_in, sizeof(float), "encoder columns");
+        p.D = sae__alloc(p.block * m->d_in, sizeof(float), "decoder rows");
+        if (p.ops == NULL || p.D == NULL || (p.G == NULL && m->arch != SAE_ARCH_TOPK)) {
+            rc = SAE_ENOMEM;
+            goto done;
+        }
+        for (size_t j = 0, c = 0; j < s->n_ops; j++)
+            if (s->ops[j].op != SAE_STEER_ADD)
+                p.ops[c++] = &s->ops[j];
+        /* Every delta is computed from the tokens as given, before any of them changes. */
+        rc = m->arch == SAE_ARCH_TOPK ? apply_full(m, &p, x, n) : apply_gathered(m, &p, x, n);
+        if (rc != SAE_OK)
+            goto done;
+    }
+    if (cvec != NULL) {
+        add_vector(s, cvec);
+        for (size_t t = 0; t < n; t++)
+            cblas_saxpy((int)m->d_in, 1.0f, cvec, 1, x + t * m->d_in, 1);
+    }
+done:
+    free(cvec);
+    free(p.ops);
+    free(p.G);
+    free(p.D);
+    return rc;
+}
