@@ -94,8 +94,10 @@ def as_input(obj: Any, width: int, what: str) -> Tuple[int, Any, int, Tuple[int,
         if not shape or shape[-1] != width:
             raise ValueError(f"{what}: expected shape [..., {width}], got {list(shape)}")
         return a.ctypes.data, a, a.size // width, shape[:-1]
-    if HAVE_NUMPY:
+    if HAVE_NUMPY:  # array.array, memoryview, lists: flat buffers hold whole rows
         a = np.ascontiguousarray(obj, dtype=_F32)
+        if a.ndim == 1 and a.size != width and width and a.size % width == 0:
+            a = a.reshape(-1, width)
         return as_input(a, width, what)
     ptr, keep, shape, count = _plain(obj, "f", what)
     if len(shape) >= 2 and shape[-1] != width:

@@ -283,9 +283,15 @@ for _name, (_res, _args) in _CORE.items():
 for _name, (_res, _args) in _OPTIONAL.items():
     declare(_name, _res, _args, optional=True)
 
+
+def check_version(number: int, string: str, where: str) -> None:
+    """Refuses a library of another major version than EXPECTED_MAJOR (a different ABI)."""
+    if number // 10000 != EXPECTED_MAJOR:
+        raise LibraryNotFound(
+            f"{where} is libsae {string}, but this package is written for major version "
+            f"{EXPECTED_MAJOR} (the ABI differs between major versions)")
+
+
 version_number: int = lib.sae_version_number()
 version_string: str = lib.sae_version_string().decode()
-if version_number // 10000 != EXPECTED_MAJOR:
-    raise LibraryNotFound(
-        f"{path} is libsae {version_string}, but this package is written for major version "
-        f"{EXPECTED_MAJOR} (the ABI differs between major versions)")
+check_version(version_number, version_string, path)
