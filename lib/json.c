@@ -4,6 +4,7 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <string.h>
 
 static const char *type_name(const cJSON *item)
 {
@@ -85,6 +86,10 @@ int sae__json_number(const cJSON *obj, const char *key, const char *path, double
 int sae__json_parse_object(const char *text, size_t len, const char *path, cJSON **out)
 {
     *out = NULL;
+    /* JSON has no NUL, but cJSON would skip one as whitespace. */
+    if (memchr(text, '\0', len) != NULL)
+        return sae__fail(SAE_EFORMAT, "%s: not valid JSON (a NUL byte at %zu)", path,
+                         (size_t)((const char *)memchr(text, '\0', len) - text));
     /* The parse end, not cJSON_GetErrorPtr(): that one is a global, shared between threads. */
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
@@ -92,6 +97,16 @@ int sae__json_parse_object(const char *text, size_t len, const char *path, cJSON
         return sae__fail(SAE_EFORMAT, "%s: not valid JSON (near byte %zu)", path,
                          end != NULL && end >= text && end <= text + len ? (size_t)(end - text)
                                                                           : (size_t)0);
+    /* Only whitespace may follow the value, as in Python's json.load. */
+    size_t used = end != NULL && end >= text && end <= text + len ? (size_t)(end - text) : len;
+    while (used < len && (text[used] == ' ' || text[used] == '\n' || text[used] == '\r' ||
+                          text[used] == '\t'))
+        used++;
+    if (used != len) {
+        cJSON_Delete(root);
+        return sae__fail(SAE_EFORMAT, "%s: not valid JSON (text after the value at byte %zu)",
+                         path, used);
+    }
     if (!cJSON_IsObject(root)) {
         const char *what = type_name(root);
         cJSON_Delete(root);
