@@ -65,7 +65,7 @@ static uint64_t read_all(const void *buf, size_t bytes)
 {
     enum { MAX_THREADS = 64 };
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    size_t threads = cores < 1 ? 1 : cores > MAX_THREADS ? MAX_THREADS : (size_t)cores;
+    size_t threads = cores < 1 ? 1 : cores > MAX_THREADS ? (size_t)MAX_THREADS : (size_t)cores;
     pthread_t tid[MAX_THREADS];
     read_job jobs[MAX_THREADS];
     size_t words = bytes / 8, share = words / threads;
