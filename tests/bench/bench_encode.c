@@ -54,7 +54,7 @@ static void *read_share(void *arg)
     read_job *job = arg;
     uint64_t acc[8] = {0};
     for (size_t i = 0; i + 8 <= job->count; i += 8)
-        for (int j = 0; j < 8; j++)
+        for (size_t j = 0; j < 8; j++)
             acc[j] ^= job->words[i + j];
     for (int j = 0; j < 8; j++)
         job->fold ^= acc[j];
