@@ -18,6 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Up to this many features, GEMV/GER per feature beat a GEMM, whose packing of the tokens
+ * dominates when one of its dimensions is tiny. */
+#define FEW 4
+
 typedef struct {
     uint32_t feature;
     sae_steer_op op;
@@ -293,65 +297,80 @@ static void add_deltas(const sae_model *m, const enc_plan *p, const float *delta
         size_t first = b * p->block, count = p->me - first < p->block ? p->me - first : p->block;
         if (p->n_blocks > 1)
             gather_dec(m, p, first, count);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)m->d_in,
-                    (int)count, alpha, delta + first, (int)p->me, p->D, (int)m->d_in, 1.0f, x,
-                    (int)m->d_in);
+        if (count <= FEW)
+            for (size_t c = 0; c < count; c++)
+                cblas_sger(CblasRowMajor, (int)rows, (int)m->d_in, alpha, delta + first + c,
+                           (int)p->me, p->D + c * m->d_in, 1, x, (int)m->d_in);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)m->d_in,
+                        (int)count, alpha, delta + first, (int)p->me, p->D, (int)m->d_in, 1.0f,
+                        x, (int)m->d_in);
     }
+}
+
+/* The encoder bias of the plan's features [first, first + count), with b_dec folded in:
+ * pre_i = INPUT_SCALE * (x . W_enc[:, i]) + (b_enc[i] - APPLY_B_DEC * (b_dec . W_enc[:, i])), so
+ * the tokens go into the GEMM as they are, with no shifted copy. G must hold those columns. */
+static void gathered_bias(const sae_model *m, const enc_plan *p, size_t first, size_t count,
+                          float *bias)
+{
+    for (size_t c = 0; c < count; c++)
+        bias[first + c] = m->b_enc[p->ops[first + c]->feature];
+    if (m->apply_b_dec)
+        cblas_sgemv(CblasRowMajor, CblasTrans, (int)m->d_in, (int)count, -1.0f, p->G, (int)count,
+                    m->b_dec, 1, 1.0f, bias + first, 1);
 }
 
 /* ReLU, JumpReLU, BatchTopK: pre-activations of the plan's features only. */
 static int apply_gathered(const sae_model *m, const enc_plan *p, float *x, size_t n)
 {
     const size_t d_in = m->d_in, me = p->me;
-    const bool raw = m->input_scale == 1.0f && !m->apply_b_dec;
-    /* Tokens per pass: bounds the [tokens][d_in] input copy and the [tokens][me] deltas. */
-    size_t tokens = ((size_t)1 << 20) / (d_in > me ? d_in : me);
+    /* Tokens per pass: bounds the [tokens][me] deltas. */
+    size_t tokens = ((size_t)1 << 20) / me;
     tokens = tokens < 1 ? 1 : tokens < n ? tokens : n;
-    float *xs = raw ? NULL : sae__alloc(tokens * d_in, sizeof(float), "steering scratch");
     float *delta = sae__alloc(tokens * me, sizeof(float), "steering scratch");
-    if (delta == NULL || (!raw && xs == NULL)) {
-        free(xs);
+    float *bias = sae__alloc(me, sizeof(float), "steering scratch");
+    if (delta == NULL || bias == NULL) {
         free(delta);
+        free(bias);
         return SAE_ENOMEM;
     }
     if (p->n_blocks == 1) {
         gather_enc(m, p, 0, me);
+        gathered_bias(m, p, 0, me, bias);
         gather_dec(m, p, 0, me);
     }
     for (size_t t0 = 0; t0 < n; t0 += tokens) {
         const size_t rows = n - t0 < tokens ? n - t0 : tokens;
         float *xr = x + t0 * d_in;
-        const float *in = xr;
-        if (!raw) {
-            for (size_t r = 0; r < rows; r++)
-                for (size_t j = 0; j < d_in; j++)
-                    xs[r * d_in + j] = m->input_scale * xr[r * d_in + j] -
-                                       (m->apply_b_dec ? m->b_dec[j] : 0.0f);
-            in = xs;
-        }
         for (size_t b = 0; b < p->n_blocks; b++) {
             size_t first = b * p->block, count = me - first < p->block ? me - first : p->block;
-            if (p->n_blocks > 1)
+            if (p->n_blocks > 1) {
                 gather_enc(m, p, first, count);
+                gathered_bias(m, p, first, count, bias);
+            }
             if (rows == 1)
-                cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)count, 1.0f, p->G,
-                            (int)count, in, 1, 0.0f, delta + first, 1);
+                cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)count, m->input_scale, p->G,
+                            (int)count, xr, 1, 0.0f, delta + first, 1);
+            else if (count <= FEW)
+                for (size_t c = 0; c < count; c++)
+                    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)rows, (int)d_in, m->input_scale,
+                                xr, (int)d_in, p->G + c, (int)count, 0.0f, delta + first + c,
+                                (int)me);
             else
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)count,
-                            (int)d_in, 1.0f, in, (int)d_in, p->G, (int)count, 0.0f, delta + first,
-                            (int)me);
+                            (int)d_in, m->input_scale, xr, (int)d_in, p->G, (int)count, 0.0f,
+                            delta + first, (int)me);
         }
         for (size_t r = 0; r < rows; r++) {
             float *d = delta + r * me;
-            for (size_t c = 0; c < me; c++) {
-                const uint32_t i = p->ops[c]->feature;
-                d[c] = delta_of(p->ops[c], activate_one(m, i, d[c] + m->b_enc[i]));
-            }
+            for (size_t c = 0; c < me; c++)
+                d[c] = delta_of(p->ops[c], activate_one(m, p->ops[c]->feature, d[c] + bias[c]));
         }
         add_deltas(m, p, delta, rows, xr);
     }
-    free(xs);
     free(delta);
+    free(bias);
     return SAE_OK;
 }
 
@@ -391,6 +410,26 @@ done:
     return rc;
 }
 
+/* Whether every value is finite: exponent bits all ones marks NaN and infinity. Independent
+ * accumulators keep this at memory speed, which matters when steering runs on every token. */
+static bool all_finite(const float *v, size_t count)
+{
+    uint32_t bad[4] = {0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4)
+        for (size_t k = 0; k < 4; k++) {
+            uint32_t bits;
+            memcpy(&bits, v + i + k, sizeof bits);
+            bad[k] |= (bits & 0x7f800000u) == 0x7f800000u;
+        }
+    for (; i < count; i++) {
+        uint32_t bits;
+        memcpy(&bits, v + i, sizeof bits);
+        bad[0] |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return (bad[0] | bad[1] | bad[2] | bad[3]) == 0;
+}
+
 int sae_steer_apply(const sae_steer *s, float *x, size_t n)
 {
     SAE_CHECK_NULL(s);
@@ -401,7 +440,9 @@ int sae_steer_apply(const sae_steer *s, float *x, size_t n)
     size_t bytes;
     if (n > INT32_MAX || !sae__mul(n, m->d_in, &bytes) || !sae__mul(bytes, sizeof(float), &bytes))
         return sae__fail(SAE_EINVAL, "%s: n = %zu tokens is too many", __func__, n);
-    int rc = sae__check_finite(x, n * m->d_in, m->d_in, "x");
+    int rc = SAE_OK;
+    if (!all_finite(x, n * m->d_in))
+        rc = sae__check_finite(x, n * m->d_in, m->d_in, "x"); /* names the first bad value */
     if (rc != SAE_OK || s->n_ops == 0)
         return rc;
 
