@@ -130,14 +130,16 @@ class TestSteering(TestCase):
         d = tmpdir(self)
         p = os.path.join(d, "steer.gguf")
         libsae.Steering(m).add(4, 2.0).write_cvec(p, layer=2, n_layer=4, model_hint="llama")
-        data = open(p, "rb").read()
+        with open(p, "rb") as f:
+            data = f.read()
         self.assertEqual(data[:4], b"GGUF")
         self.assertEqual(struct.unpack_from("<I", data, 4)[0], 3)
         self.assertIn(b"controlvector", data)
         self.assertIn(b"direction.2", data)
         p2 = os.path.join(d, "raw.gguf")
         libsae.write_cvec(p2, np.ones((3, 16), np.float32), 16, 4, None)
-        self.assertEqual(open(p2, "rb").read()[:4], b"GGUF")
+        with open(p2, "rb") as f:
+            self.assertEqual(f.read(4), b"GGUF")
         with self.assertRaisesRegex(ValueError, "expected shape"):
             libsae.write_cvec(p2, np.ones((4, 16), np.float32), 16, 4)
         self.assertLibsaeError(libsae.ERANGE, "", libsae.Steering(m).add(1, 1.0).write_cvec,
