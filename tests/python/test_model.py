@@ -311,3 +311,45 @@ class TestNpy(TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def read_safetensors(path):
+    """A minimal independent safetensors reader (F32 only): {name: array}."""
+    import json
+    import struct
+    with open(path, "rb") as f:
+        data = f.read()
+    (hlen,) = struct.unpack_from("<Q", data, 0)
+    header = json.loads(data[8:8 + hlen])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        assert t["dtype"] == "F32", t["dtype"]
+        a, b = t["data_offsets"]
+        out[name] = np.frombuffer(data[8 + hlen + a:8 + hlen + b], "<f4").reshape(t["shape"])
+    return out
+
+
+DATA = os.environ.get("SAE_DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   "..", "..", "..", "shared", "data"))
+OTHELLO = os.path.join(DATA, "othello_sae_128")
+
+
+@unittest.skipIf(np is None or not os.path.isdir(OTHELLO), "needs numpy and the othello SAE")
+class TestRealSAE(TestCase):
+    def test_saelens_folder_matches_its_weights(self):
+        try:
+            m = libsae.Model.load(OTHELLO)
+        except libsae.LibsaeError as e:
+            if e.code == libsae.EUNSUPPORTED:
+                self.skipTest(f"this libsae does not read SAELens folders yet: {e.message}")
+            raise
+        w = read_safetensors(os.path.join(OTHELLO, "sae_weights.safetensors"))
+        self.assertEqual((m.format, m.arch, m.d_in, m.d_sae), ("saelens", "relu", 128, 128))
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            np.testing.assert_array_equal(m.get_tensor(name), w[name])
+        x = np.random.default_rng(61).standard_normal((16, 128)).astype(np.float32)
+        w64 = {n: v.astype(np.float64) for n, v in w.items()}
+        self.assertClose(m.encode(x), ref_encode(m, w64, x))
+        self.assertClose(m.reconstruct(x), ref_decode(m, w64, ref_encode(m, w64, x)))
