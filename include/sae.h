@@ -396,41 +396,146 @@ SAE_API int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k
 
 /* ---------------------------------------------------------------------------------------------
  * Dictionary learning (training)
+ *
+ * A trainer learns a ReLU, TopK or BatchTopK model in place, one Adam step per batch:
+ *
+ *     sae_model *m;
+ *     sae_trainer *t;
+ *     sae_model_new(&m, SAE_ARCH_TOPK, d_in, d_sae);
+ *     sae_model_set_param(m, SAE_PARAM_K, 32);
+ *     sae_trainer_new(&t, m);
+ *     sae_trainer_set_param(t, SAE_TRAIN_TOTAL_STEPS, steps);
+ *     sae_trainer_init(t, sample, n_sample);          // b_dec, input scale, decoder directions
+ *     for (size_t s = 0; s < steps; s++)
+ *         sae_trainer_step(t, batch(s), batch_tokens);
+ *     sae_trainer_free(t);
+ *     sae_model_save(m, "sae.safetensors");
+ *
+ * Recipes (docs/training.md gives every knob, its default and where that default comes from):
+ * - ReLU, Anthropic April 2024: loss = sum_d (x_s - x_hat_s)^2 + L1_COEFF * sum_i f_i ||W_dec[i]||,
+ *   averaged over tokens, with an unconstrained decoder (rows start in random directions of norm
+ *   DECODER_INIT_NORM = 0.1), L1 coefficient warm-up over the first 5% of TOTAL_STEPS, learning
+ *   rate decay to zero over the last 20%, gradient clipping to norm 1.
+ * - TopK, OpenAI 2024: loss = sum_d (x_s - x_hat_s)^2 / v, with v the variance of the init sample
+ *   (so the loss is about the FVU), plus AUXK_COEFF * the AuxK loss: the AUXK largest
+ *   pre-activations among dead latents reconstruct the residual, normalized by its variance.
+ *   Decoder rows stay unit norm: the gradient's component along each row is removed before the
+ *   Adam step and the rows are renormalized after it. Only the active latents' rows of W_dec and
+ *   columns of W_enc receive gradients (a sparse backward pass).
+ * - BatchTopK: TopK's losses, but the k * n largest activations of the whole batch are kept; a
+ *   running threshold (EMA of the smallest kept activation, rate THRESHOLD_LR) is stored in the
+ *   model as SAE_PARAM_THRESHOLD after every step, so the model encodes in the inference form.
+ * x_s = INPUT_SCALE * x is the model's scaled input: with NORMALIZE_INPUT (the default),
+ * sae_trainer_init sets INPUT_SCALE so that the sample's mean norm is sqrt(d_in), and losses are
+ * measured in those units.
+ *
+ * A latent is dead once it has not fired (f > 0) in DEAD_TOKENS consecutive tokens.
+ *
+ * Determinism: the same seed, parameters and batches give bit-identical weights for a given CBLAS
+ * build and thread count. libsae's own loops are sequential; OpenBLAS's SGEMM splits work by the
+ * thread count, so changing OPENBLAS_NUM_THREADS (or the library) may change the last bits.
+ *
+ * Data-parallel training: with sae_trainer_set_allreduce, each process steps on its own batch;
+ * the trainer packs its gradient sums, token count, latent firing counts and metric sums into one
+ * float buffer and hands it to the callback, which must replace it with the element-wise sum over
+ * all processes. Every process then takes the same Adam step and keeps the same dead-latent
+ * counters, so the weights stay identical (to float rounding, equal to one process stepping on
+ * the combined batch). Every process must call sae_trainer_init with the same sample. BatchTopK
+ * selects its k * n activations within each process's batch.
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct sae_trainer sae_trainer;
 
+/* Training parameters. Defaults depend on the architecture; see docs/training.md. Parameters
+ * that do not apply to the model's architecture are accepted and ignored. */
 typedef enum {
-    SAE_TRAIN_LR = 1,
-    SAE_TRAIN_L1_COEFF = 2,
-    SAE_TRAIN_AUXK = 3,
-    SAE_TRAIN_AUXK_COEFF = 4,
-    SAE_TRAIN_DEAD_TOKENS = 5,
-    SAE_TRAIN_WARMUP_STEPS = 6,
-    SAE_TRAIN_BETA1 = 7,
-    SAE_TRAIN_BETA2 = 8,
-    SAE_TRAIN_SEED = 9
+    SAE_TRAIN_LR = 1,           /* > 0; ReLU 5e-5, TopK/BatchTopK 2e-4 / sqrt(d_sae / 2^14) */
+    SAE_TRAIN_L1_COEFF = 2,     /* >= 0, ReLU; 5 */
+    SAE_TRAIN_AUXK = 3,         /* whole >= 0, dead latents in the AuxK loss (0: off); 256 */
+    SAE_TRAIN_AUXK_COEFF = 4,   /* >= 0; 1/32 */
+    SAE_TRAIN_DEAD_TOKENS = 5,  /* whole >= 1; 10,000,000 */
+    SAE_TRAIN_WARMUP_STEPS = 6, /* whole >= 0, linear learning-rate warm-up; 0 */
+    SAE_TRAIN_BETA1 = 7,        /* in [0, 1); 0.9 */
+    SAE_TRAIN_BETA2 = 8,        /* in [0, 1); 0.999 */
+    SAE_TRAIN_SEED = 9,         /* whole, 0 to 2^53; 0; seeds the decoder directions */
+    SAE_TRAIN_TOTAL_STEPS = 10, /* whole >= 0, the planned run length for the schedules; 0 = unknown */
+    SAE_TRAIN_L1_WARMUP_STEPS = 11, /* whole >= 0; TOTAL_STEPS / 20 until set */
+    SAE_TRAIN_LR_DECAY_STEPS = 12,  /* whole >= 0; ReLU TOTAL_STEPS / 5, else 0, until set */
+    SAE_TRAIN_GRAD_CLIP = 13,       /* >= 0, max global gradient norm (0: off); ReLU 1, else 0 */
+    SAE_TRAIN_DECODER_INIT_NORM = 14, /* > 0, decoder row norm at init; ReLU 0.1, else 1 */
+    SAE_TRAIN_THRESHOLD_LR = 15,    /* in [0, 1], BatchTopK threshold EMA rate; 0.01 */
+    SAE_TRAIN_ADAM_EPS = 16,        /* >= 0; ReLU 1e-8, TopK/BatchTopK 6.25e-10 */
+    SAE_TRAIN_NORMALIZE_INPUT = 17, /* 0 or 1: init sets INPUT_SCALE (mean norm sqrt(d_in)); 1 */
+    SAE_TRAIN_B_DEC_INIT = 18       /* 0 zero, 1 mean, 2 geometric median of the sample; 2 */
 } sae_train_param;
 
+/* Values describing the last step's batch (the combined batch when data-parallel), and counts. */
 typedef enum {
-    SAE_METRIC_LOSS = 1,
-    SAE_METRIC_MSE = 2,
-    SAE_METRIC_FVU = 3,
-    SAE_METRIC_L0 = 4,
-    SAE_METRIC_DEAD_FRACTION = 5,
-    SAE_METRIC_STEPS = 6
+    SAE_METRIC_LOSS = 1,          /* the loss that was minimized, mean over tokens */
+    SAE_METRIC_MSE = 2,           /* mean over tokens of sum_d (x - x_hat)^2, caller's units */
+    SAE_METRIC_FVU = 3,           /* sum of squared error / sum of squared deviation from the mean */
+    SAE_METRIC_L0 = 4,            /* mean number of nonzero codes per token */
+    SAE_METRIC_DEAD_FRACTION = 5, /* fraction of latents dead after the step */
+    SAE_METRIC_STEPS = 6,         /* steps taken since init */
+    SAE_METRIC_TOKENS = 7,        /* tokens trained on since init */
+    SAE_METRIC_AUXK_LOSS = 8,     /* the normalized AuxK loss (before AUXK_COEFF); 0 if none */
+    SAE_METRIC_LR = 9,            /* learning rate used by the last step, after the schedule */
+    SAE_METRIC_GRAD_NORM = 10     /* global gradient norm of the last step, before clipping */
 } sae_train_metric;
 
+/* A trainer for model m, which it trains in place (m must outlive it and must not be used by
+ * another thread during a step). ReLU, TopK and BatchTopK models train; K comes from the model.
+ * Parameters start at the defaults for m's architecture and size. On success *out owns the
+ * trainer. Errors: SAE_EINVAL (NULL), SAE_EUNSUPPORTED (JumpReLU), SAE_ENOMEM. */
 SAE_API int sae_trainer_new(sae_trainer **out, sae_model *m);
+/* Releases the trainer (not the model). NULL is a no-op. */
 SAE_API void sae_trainer_free(sae_trainer *t);
+
+/* Sets or reads a parameter (ranges in the enum above). May be called at any time; a change
+ * takes effect at the next step (init for SEED, DECODER_INIT_NORM, NORMALIZE_INPUT, B_DEC_INIT).
+ * get returns the value in force, including derived defaults (L1_WARMUP_STEPS, LR_DECAY_STEPS).
+ * Errors: SAE_EINVAL (NULL, unknown parameter, value out of range, naming both). */
 SAE_API int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v);
 SAE_API int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v);
+
+/* Data-aware initialization from a sample x [n][d_in] (n >= 1; OpenAI used 32768 tokens):
+ * INPUT_SCALE (if NORMALIZE_INPUT), b_dec (geometric median of the scaled sample by default,
+ * Weiszfeld's iteration, as OpenAI's init_from_data_), decoder rows in random directions (from
+ * SEED) of norm DECODER_INIT_NORM, W_enc = W_dec transposed, b_enc = 0, the TopK loss
+ * normalization (the sample's variance), and fresh optimizer state, counters and metrics.
+ * Overwrites every weight. Errors: SAE_EINVAL (NULL, n = 0, non-finite x), SAE_ENOMEM. */
 SAE_API int sae_trainer_init(sae_trainer *t, const float *x, size_t n);
+
+/* One Adam step on the batch x [n][d_in], n <= 2^24. With an allreduce callback n may be 0 on
+ * some processes, but not on all. On failure the model and trainer are unchanged. Errors: SAE_EINVAL
+ * (NULL, non-finite x, no tokens), SAE_ESTATE (before init or load), SAE_ECALLBACK (the
+ * allreduce callback returned nonzero), SAE_ERANGE (the gradient is not finite: the learning
+ * rate is too high or the data too large), SAE_ENOMEM. Scratch grows to the largest batch seen,
+ * about (2 * d_sae + 4 * d_in) * n floats. */
 SAE_API int sae_trainer_step(sae_trainer *t, const float *x, size_t n);
+
+/* Reads a metric. Errors: SAE_EINVAL (NULL, unknown metric), SAE_ESTATE (a batch metric before
+ * the first step; STEPS and TOKENS are 0 then). */
 SAE_API int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double *v);
 
+/* Data-parallel training: called once per step with this process's gradient sums and its token
+ * count in one buffer; it must replace the buffer with the element-wise sum over all processes
+ * (for example MPI_Allreduce with MPI_SUM) and return 0. Every process then takes the same step.
+ * count is the same on every process (it depends only on the model's shape); buf is 64-byte
+ * aligned. fn = NULL goes back to a single process. Errors: SAE_EINVAL (NULL t). */
 typedef int (*sae_allreduce_fn)(float *buf, size_t count, void *user);
 SAE_API int sae_trainer_set_allreduce(sae_trainer *t, sae_allreduce_fn fn, void *user);
+
+/* Checkpoints. save writes the model and everything training needs to continue bit for bit
+ * (Adam moments, step and token counts, dead-latent counters, normalizers, BatchTopK threshold,
+ * parameters, last metrics) as one libsae safetensors file, atomically (as sae_model_save); the
+ * file also loads with sae_model_load as a plain model. load reads such a file into a trainer
+ * whose model has the same architecture and shape, overwriting the model's weights and
+ * parameters and the trainer's state and parameters; on failure nothing changes.
+ * Errors: SAE_EINVAL (NULL, shape or architecture mismatch), SAE_ESTATE (save before init),
+ * SAE_EIO, SAE_EFORMAT (not a libsae training checkpoint, or damaged), SAE_ENOMEM. */
+SAE_API int sae_trainer_save(const sae_trainer *t, const char *path);
+SAE_API int sae_trainer_load(sae_trainer *t, const char *path);
 
 #ifdef __cplusplus
 }

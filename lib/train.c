@@ -1,0 +1,1332 @@
+/* Dictionary learning: ReLU (Anthropic, April 2024), TopK (OpenAI, 2024) and BatchTopK training of
+ * a model in place; data-aware initialization; the data-parallel hook; checkpoints.
+ *
+ * A step computes, on this process's tokens, the sums over tokens of the per-token loss's
+ * gradient into one buffer (with the firing counts and metric sums), lets the caller sum that
+ * buffer over processes, then divides by the global token count and takes the Adam step. Every
+ * quantity that must agree across processes therefore travels in that buffer or derives from
+ * state that already agrees (the weights, the counters, the previous step's sums). */
+#include "internal.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define N_PARAMS (SAE_TRAIN_B_DEC_INIT + 1)
+#define N_METRICS (SAE_METRIC_GRAD_NORM + 1)
+#define TRAIN_FORMAT_VERSION "1"
+/* Dead-latent counters saturate here so that they travel exactly as two float halves. */
+#define COUNTER_MAX (((uint64_t)1 << 48) - 1)
+#define WHOLE_MAX 9007199254740992.0 /* 2^53: the largest run of whole numbers a double holds */
+
+typedef enum { K_POS, K_NONNEG, K_WHOLE, K_WHOLE_POS, K_UNIT_OPEN, K_UNIT, K_ENUM } param_kind;
+
+static const struct {
+    const char *name;
+    param_kind kind;
+    double max; /* K_ENUM: the largest value */
+} param_info[N_PARAMS] = {
+    [SAE_TRAIN_LR] = {"lr", K_POS, 0},
+    [SAE_TRAIN_L1_COEFF] = {"l1_coeff", K_NONNEG, 0},
+    [SAE_TRAIN_AUXK] = {"auxk", K_WHOLE, 0},
+    [SAE_TRAIN_AUXK_COEFF] = {"auxk_coeff", K_NONNEG, 0},
+    [SAE_TRAIN_DEAD_TOKENS] = {"dead_tokens", K_WHOLE_POS, 0},
+    [SAE_TRAIN_WARMUP_STEPS] = {"warmup_steps", K_WHOLE, 0},
+    [SAE_TRAIN_BETA1] = {"beta1", K_UNIT_OPEN, 0},
+    [SAE_TRAIN_BETA2] = {"beta2", K_UNIT_OPEN, 0},
+    [SAE_TRAIN_SEED] = {"seed", K_WHOLE, 0},
+    [SAE_TRAIN_TOTAL_STEPS] = {"total_steps", K_WHOLE, 0},
+    [SAE_TRAIN_L1_WARMUP_STEPS] = {"l1_warmup_steps", K_WHOLE, 0},
+    [SAE_TRAIN_LR_DECAY_STEPS] = {"lr_decay_steps", K_WHOLE, 0},
+    [SAE_TRAIN_GRAD_CLIP] = {"grad_clip", K_NONNEG, 0},
+    [SAE_TRAIN_DECODER_INIT_NORM] = {"decoder_init_norm", K_POS, 0},
+    [SAE_TRAIN_THRESHOLD_LR] = {"threshold_lr", K_UNIT, 0},
+    [SAE_TRAIN_ADAM_EPS] = {"adam_eps", K_NONNEG, 0},
+    [SAE_TRAIN_NORMALIZE_INPUT] = {"normalize_input", K_ENUM, 1},
+    [SAE_TRAIN_B_DEC_INIT] = {"b_dec_init", K_ENUM, 2},
+};
+
+static const char *const metric_names[N_METRICS] = {
+    NULL, "loss", "mse", "fvu", "l0", "dead_fraction", "steps", "tokens", "auxk_loss", "lr",
+    "grad_norm"};
+
+struct sae_trainer {
+    sae_model *m;
+    bool sparse; /* TopK and BatchTopK: sparse backward pass, unit-norm decoder, AuxK */
+    double param[N_PARAMS];
+    bool param_set[N_PARAMS]; /* for the defaults derived from TOTAL_STEPS */
+    sae_allreduce_fn allreduce;
+    void *user;
+    sae__train_layout lay;
+
+    /* Training state: everything a checkpoint holds besides the weights. */
+    bool initialized, have_metrics;
+    uint64_t step, tokens;
+    double mse_norm; /* per-token variance of the init sample: TopK's MSE normalizer */
+    double aux_norm; /* per-token variance of the previous step's residual: AuxK's normalizer */
+    double theta;    /* BatchTopK's running threshold */
+    float *adam_m, *adam_v;
+    uint64_t *since_fired; /* tokens since each latent last fired */
+    double metric[N_METRICS];
+
+    /* Per-step buffer and scratch, sized for cap tokens. */
+    float *buf;
+    size_t cap, act_cap, aux_cap;
+    float *xs, *xin, *err, *pre, *dense, *tmp;
+    uint32_t *act_idx, *aux_idx, *dead;
+    float *act_val, *aux_val, *dead_pre;
+    size_t *act_ptr, *aux_ptr;
+    float *gT;               /* [d_sae][d_in] W_enc gradient, transposed so rows are contiguous */
+    unsigned char *touched;  /* rows of gT written this step */
+    double *colsum;          /* ReLU: per-latent sum of codes over the batch */
+    sae__scored *heap;
+};
+
+void sae__train_layout_of(const sae_model *m, sae__train_layout *l)
+{
+    size_t w = m->d_in * m->d_sae; /* checked not to overflow when the model was made */
+    l->W_enc = 0;
+    l->W_dec = w;
+    l->b_enc = 2 * w;
+    l->b_dec = l->b_enc + m->d_sae;
+    l->n_params = l->b_dec + m->d_in;
+    l->fires = l->n_params;
+    l->stats = l->fires + m->d_sae;
+    l->sum_dx = l->stats + SAE__STAT_COUNT;
+    l->sum_err = l->sum_dx + m->d_in;
+    l->count = l->sum_err + m->d_in;
+}
+
+/* ---- parameters ---------------------------------------------------------------------------- */
+
+static bool is_sparse_arch(sae_arch a) { return a == SAE_ARCH_TOPK || a == SAE_ARCH_BATCHTOPK; }
+
+static void set_defaults(sae_trainer *t)
+{
+    const bool relu = !t->sparse;
+    double *p = t->param;
+    /* Sources: docs/training.md. */
+    p[SAE_TRAIN_LR] = relu ? 5e-5 : 2e-4 / sqrt((double)t->m->d_sae / 16384.0);
+    p[SAE_TRAIN_L1_COEFF] = 5.0;
+    p[SAE_TRAIN_AUXK] = 256;
+    p[SAE_TRAIN_AUXK_COEFF] = 1.0 / 32.0;
+    p[SAE_TRAIN_DEAD_TOKENS] = 10e6;
+    p[SAE_TRAIN_WARMUP_STEPS] = 0;
+    p[SAE_TRAIN_BETA1] = 0.9;
+    p[SAE_TRAIN_BETA2] = 0.999;
+    p[SAE_TRAIN_SEED] = 0;
+    p[SAE_TRAIN_TOTAL_STEPS] = 0;
+    p[SAE_TRAIN_L1_WARMUP_STEPS] = 0;
+    p[SAE_TRAIN_LR_DECAY_STEPS] = 0;
+    p[SAE_TRAIN_GRAD_CLIP] = relu ? 1.0 : 0.0;
+    p[SAE_TRAIN_DECODER_INIT_NORM] = relu ? 0.1 : 1.0;
+    p[SAE_TRAIN_THRESHOLD_LR] = 0.01;
+    p[SAE_TRAIN_ADAM_EPS] = relu ? 1e-8 : 6.25e-10;
+    p[SAE_TRAIN_NORMALIZE_INPUT] = 1;
+    p[SAE_TRAIN_B_DEC_INIT] = 2;
+    memset(t->param_set, 0, sizeof t->param_set);
+}
+
+/* The value in force: the schedule lengths follow TOTAL_STEPS until set explicitly. */
+static double param_value(const sae_trainer *t, sae_train_param p)
+{
+    double total = t->param[SAE_TRAIN_TOTAL_STEPS];
+    if (p == SAE_TRAIN_L1_WARMUP_STEPS && !t->param_set[p])
+        return t->sparse ? 0.0 : floor(total / 20.0);
+    if (p == SAE_TRAIN_LR_DECAY_STEPS && !t->param_set[p])
+        return t->sparse ? 0.0 : floor(total / 5.0);
+    return t->param[p];
+}
+
+static int check_param(sae_train_param p, double v)
+{
+    if (p < SAE_TRAIN_LR || p > SAE_TRAIN_B_DEC_INIT)
+        return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
+    const char *name = param_info[p].name;
+    bool whole = v == floor(v) && v >= 0.0 && v <= WHOLE_MAX;
+    switch (param_info[p].kind) {
+    case K_POS:
+        if (!(v > 0.0) || !isfinite(v))
+            return sae__fail(SAE_EINVAL, "training parameter %s must be finite and > 0, not %g",
+                             name, v);
+        break;
+    case K_NONNEG:
+        if (!(v >= 0.0) || !isfinite(v))
+            return sae__fail(SAE_EINVAL, "training parameter %s must be finite and >= 0, not %g",
+                             name, v);
+        break;
+    case K_WHOLE:
+        if (!whole)
+            return sae__fail(SAE_EINVAL,
+                             "training parameter %s must be a whole number from 0 to 2^53, not %g",
+                             name, v);
+        break;
+    case K_WHOLE_POS:
+        if (!whole || v < 1.0)
+            return sae__fail(SAE_EINVAL,
+                             "training parameter %s must be a whole number from 1 to 2^53, not %g",
+                             name, v);
+        break;
+    case K_UNIT_OPEN:
+        if (!(v >= 0.0 && v < 1.0))
+            return sae__fail(SAE_EINVAL, "training parameter %s must be in [0, 1), not %g", name,
+                             v);
+        break;
+    case K_UNIT:
+        if (!(v >= 0.0 && v <= 1.0))
+            return sae__fail(SAE_EINVAL, "training parameter %s must be in [0, 1], not %g", name,
+                             v);
+        break;
+    case K_ENUM:
+        if (!whole || v > param_info[p].max)
+            return sae__fail(SAE_EINVAL, "training parameter %s must be a whole number from 0 to "
+                             "%g, not %g", name, param_info[p].max, v);
+        break;
+    }
+    return SAE_OK;
+}
+
+int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v)
+{
+    SAE_CHECK_NULL(t);
+    int rc = check_param(p, v);
+    if (rc != SAE_OK)
+        return rc;
+    t->param[p] = v;
+    t->param_set[p] = true;
+    return SAE_OK;
+}
+
+int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v)
+{
+    SAE_CHECK_NULL(t);
+    SAE_CHECK_NULL(v);
+    if (p < SAE_TRAIN_LR || p > SAE_TRAIN_B_DEC_INIT)
+        return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
+    *v = param_value(t, p);
+    return SAE_OK;
+}
+
+int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double *v)
+{
+    SAE_CHECK_NULL(t);
+    SAE_CHECK_NULL(v);
+    if (which < SAE_METRIC_LOSS || which > SAE_METRIC_GRAD_NORM)
+        return sae__fail(SAE_EINVAL, "unknown training metric %d", (int)which);
+    if (which == SAE_METRIC_STEPS) {
+        *v = (double)t->step;
+        return SAE_OK;
+    }
+    if (which == SAE_METRIC_TOKENS) {
+        *v = (double)t->tokens;
+        return SAE_OK;
+    }
+    if (!t->have_metrics)
+        return sae__fail(SAE_ESTATE, "metric %s describes the last step's batch, and no step has "
+                         "been taken since init", metric_names[which]);
+    *v = t->metric[which];
+    return SAE_OK;
+}
+
+int sae_trainer_set_allreduce(sae_trainer *t, sae_allreduce_fn fn, void *user)
+{
+    SAE_CHECK_NULL(t);
+    t->allreduce = fn;
+    t->user = fn ? user : NULL;
+    return SAE_OK;
+}
+
+/* ---- life cycle ---------------------------------------------------------------------------- */
+
+static void free_scratch(sae_trainer *t)
+{
+    void *blocks[] = {t->xs,      t->xin,     t->err,     t->pre,     t->dense,
+                      t->act_idx, t->act_val, t->act_ptr, t->aux_idx, t->aux_val,
+                      t->aux_ptr};
+    for (size_t i = 0; i < sizeof blocks / sizeof blocks[0]; i++)
+        free(blocks[i]);
+    t->xs = t->xin = t->err = t->pre = t->dense = t->act_val = t->aux_val = NULL;
+    t->act_idx = t->aux_idx = NULL;
+    t->act_ptr = t->aux_ptr = NULL;
+    t->cap = t->act_cap = t->aux_cap = 0;
+}
+
+void sae_trainer_free(sae_trainer *t)
+{
+    if (t == NULL)
+        return;
+    free_scratch(t);
+    free(t->buf);
+    free(t->adam_m);
+    free(t->adam_v);
+    free(t->since_fired);
+    free(t->gT);
+    free(t->touched);
+    free(t->heap);
+    free(t->dead);
+    free(t->dead_pre);
+    free(t->tmp);
+    free(t->colsum);
+    free(t);
+}
+
+int sae_trainer_new(sae_trainer **out, sae_model *m)
+{
+    SAE_CHECK_NULL(out);
+    *out = NULL;
+    SAE_CHECK_NULL(m);
+    if (m->arch != SAE_ARCH_RELU && !is_sparse_arch(m->arch))
+        return sae__fail(SAE_EUNSUPPORTED,
+                         "training %s models is not supported (ReLU, TopK and BatchTopK train)",
+                         sae_arch_name(m->arch));
+    sae_trainer *t = calloc(1, sizeof *t);
+    if (t == NULL)
+        return sae__fail(SAE_ENOMEM, "cannot allocate a trainer");
+    t->m = m;
+    t->sparse = is_sparse_arch(m->arch);
+    sae__train_layout_of(m, &t->lay);
+    set_defaults(t);
+    const size_t d_sae = m->d_sae, d_in = m->d_in;
+    t->buf = sae__alloc(t->lay.count, sizeof(float), "training buffer");
+    t->adam_m = t->buf ? sae__zalloc(t->lay.n_params, sizeof(float), "Adam moments") : NULL;
+    t->adam_v = t->adam_m ? sae__zalloc(t->lay.n_params, sizeof(float), "Adam moments") : NULL;
+    t->since_fired = t->adam_v ? sae__zalloc(d_sae, sizeof(uint64_t), "dead counters") : NULL;
+    t->tmp = t->since_fired ? sae__alloc(d_in, sizeof(float), "training scratch") : NULL;
+    if (t->tmp && t->sparse) {
+        t->gT = sae__zalloc(d_sae * d_in, sizeof(float), "encoder gradient");
+        t->touched = t->gT ? sae__zalloc(d_sae, 1, "training scratch") : NULL;
+        t->heap = t->touched ? sae__alloc(d_sae, sizeof *t->heap, "top-k heap") : NULL;
+        t->dead = t->heap ? sae__alloc(d_sae, sizeof *t->dead, "dead latents") : NULL;
+        t->dead_pre = t->dead ? sae__alloc(d_sae, sizeof(float), "dead latents") : NULL;
+        if (t->dead_pre == NULL) {
+            sae_trainer_free(t);
+            return SAE_ENOMEM;
+        }
+    }
+    if (t->tmp && !t->sparse)
+        t->colsum = sae__alloc(d_sae, sizeof(double), "training scratch");
+    if (t->tmp == NULL || (!t->sparse && t->colsum == NULL)) {
+        sae_trainer_free(t);
+        return SAE_ENOMEM;
+    }
+    *out = t;
+    return SAE_OK;
+}
+
+/* Scratch for a batch of n tokens (all allocated at once so a failure leaves the old scratch). */
+static int ensure_scratch(sae_trainer *t, size_t n)
+{
+    const sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    size_t k = m->k < d_sae ? m->k : d_sae;
+    size_t auxk = (size_t)t->param[SAE_TRAIN_AUXK];
+    if (auxk > d_sae)
+        auxk = d_sae;
+    size_t act = 0, aux = 0;
+    if (t->sparse) {
+        /* BatchTopK keeps k * n over the batch: no token has more than d_sae. */
+        if (!sae__mul(n, k, &act))
+            return sae__fail(SAE_EINVAL, "n = %zu tokens is too many", n);
+        if (!sae__mul(n, auxk, &aux))
+            return sae__fail(SAE_EINVAL, "n = %zu tokens is too many", n);
+    }
+    if (n <= t->cap && act <= t->act_cap && aux <= t->aux_cap)
+        return SAE_OK;
+    size_t big;
+    if (n > INT32_MAX || !sae__mul(n, d_sae, &big) || !sae__mul(big, 2 * sizeof(float), &big) ||
+        !sae__mul(n, d_in, &big) || !sae__mul(big, 4 * sizeof(float), &big))
+        return sae__fail(SAE_EINVAL, "n = %zu tokens is too many for one step", n);
+    sae_trainer s = {0};
+    s.xs = sae__alloc(n * d_in, sizeof(float), "training scratch");
+    s.xin = sae__alloc(n * d_in, sizeof(float), "training scratch");
+    s.err = sae__alloc(n * d_in, sizeof(float), "training scratch");
+    s.pre = sae__alloc(n * d_sae, sizeof(float), "training scratch");
+    bool ok = s.xs && s.xin && s.err && s.pre;
+    if (ok && (!t->sparse || m->arch == SAE_ARCH_BATCHTOPK))
+        ok = (s.dense = sae__alloc(n * d_sae, sizeof(float), "training scratch")) != NULL;
+    if (ok && t->sparse) {
+        s.act_idx = sae__alloc(act, sizeof(uint32_t), "active latents");
+        s.act_val = sae__alloc(act, sizeof(float), "active latents");
+        s.act_ptr = sae__alloc(n + 1, sizeof(size_t), "active latents");
+        s.aux_idx = sae__alloc(aux, sizeof(uint32_t), "AuxK latents");
+        s.aux_val = sae__alloc(aux, sizeof(float), "AuxK latents");
+        s.aux_ptr = sae__alloc(n + 1, sizeof(size_t), "AuxK latents");
+        ok = s.act_idx && s.act_val && s.act_ptr && s.aux_idx && s.aux_val && s.aux_ptr;
+    }
+    if (!ok) {
+        free_scratch(&s);
+        return SAE_ENOMEM;
+    }
+    free_scratch(t);
+    t->xs = s.xs, t->xin = s.xin, t->err = s.err, t->pre = s.pre, t->dense = s.dense;
+    t->act_idx = s.act_idx, t->act_val = s.act_val, t->act_ptr = s.act_ptr;
+    t->aux_idx = s.aux_idx, t->aux_val = s.aux_val, t->aux_ptr = s.aux_ptr;
+    t->cap = n, t->act_cap = act, t->aux_cap = aux;
+    return SAE_OK;
+}
+
+/* ---- initialization ------------------------------------------------------------------------ */
+
+static uint64_t splitmix64(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* A standard normal by Box-Muller: the same numbers on every machine with IEEE doubles. */
+static double normal(uint64_t *s)
+{
+    double u1 = ((double)(splitmix64(s) >> 11) + 1.0) * 0x1.0p-53;
+    double u2 = (double)(splitmix64(s) >> 11) * 0x1.0p-53;
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+/* The geometric median of n points xs [n][d] (minimizer of the summed distances) by Weiszfeld's
+ * iteration from the mean, as the geom_median package OpenAI's init_from_data_ calls: weights
+ * 1/max(distance, 1e-8), at most 100 iterations, stopping when the objective improves by less
+ * than a relative 1e-7. In double: the objective is a sum of n terms. */
+static int geometric_median(const float *xs, size_t n, size_t d, double *y)
+{
+    double *num = sae__alloc(d, sizeof(double), "geometric median");
+    if (num == NULL)
+        return SAE_ENOMEM;
+    double prev = INFINITY;
+    for (int it = 0; it < 100; it++) {
+        double den = 0.0, obj = 0.0;
+        memset(num, 0, d * sizeof(double));
+        for (size_t t = 0; t < n; t++) {
+            const float *row = xs + t * d;
+            double dist = 0.0;
+            for (size_t j = 0; j < d; j++)
+                dist += ((double)row[j] - y[j]) * ((double)row[j] - y[j]);
+            dist = sqrt(dist);
+            obj += dist;
+            double w = 1.0 / (dist > 1e-8 ? dist : 1e-8);
+            den += w;
+            for (size_t j = 0; j < d; j++)
+                num[j] += w * row[j];
+        }
+        if (prev - obj <= 1e-7 * obj)
+            break;
+        prev = obj;
+        for (size_t j = 0; j < d; j++)
+            y[j] = num[j] / den;
+    }
+    free(num);
+    return SAE_OK;
+}
+
+static void reset_state(sae_trainer *t)
+{
+    t->step = t->tokens = 0;
+    t->theta = 0.0;
+    t->have_metrics = false;
+    memset(t->metric, 0, sizeof t->metric);
+    memset(t->adam_m, 0, t->lay.n_params * sizeof(float));
+    memset(t->adam_v, 0, t->lay.n_params * sizeof(float));
+    memset(t->since_fired, 0, t->m->d_sae * sizeof(uint64_t));
+}
+
+int sae_trainer_init(sae_trainer *t, const float *x, size_t n)
+{
+    SAE_CHECK_NULL(t);
+    if (n == 0)
+        return sae__fail(SAE_EINVAL, "sae_trainer_init: the sample is empty (n = 0)");
+    SAE_CHECK_NULL(x);
+    sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    size_t count;
+    if (!sae__mul(n, d_in, &count) || !sae__mul(count, sizeof(float), &count))
+        return sae__fail(SAE_EINVAL, "sae_trainer_init: n = %zu tokens is too many", n);
+    int rc = sae__check_finite(x, n * d_in, d_in, "x");
+    if (rc != SAE_OK)
+        return rc;
+    float *xs = sae__alloc(n * d_in, sizeof(float), "init sample");
+    double *mean = sae__zalloc(d_in, sizeof(double), "init sample");
+    float *dir = sae__alloc(d_in, sizeof(float), "init scratch");
+    if (xs == NULL || mean == NULL || dir == NULL) {
+        free(xs);
+        free(mean);
+        free(dir);
+        return SAE_ENOMEM;
+    }
+
+    /* Anthropic's (and SAELens' expected_average_only_in) normalization: mean norm sqrt(d_in). */
+    double scale = m->input_scale;
+    if (t->param[SAE_TRAIN_NORMALIZE_INPUT] != 0.0) {
+        double norms = 0.0;
+        for (size_t i = 0; i < n; i++)
+            norms += cblas_snrm2((int)d_in, x + i * d_in, 1);
+        norms /= (double)n;
+        double s = norms > 0.0 ? sqrt((double)d_in) / norms : 1.0;
+        if (isfinite((float)s) && (float)s > 0.0f)
+            scale = s;
+    }
+    float fscale = (float)scale;
+    for (size_t i = 0; i < n * d_in; i++)
+        xs[i] = fscale * x[i];
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < d_in; j++)
+            mean[j] += xs[i * d_in + j];
+    for (size_t j = 0; j < d_in; j++)
+        mean[j] /= (double)n;
+    /* TopK's MSE normalizer: OpenAI's mse_scale = 1 / mean((x - mean x)^2), per token here. */
+    double var = 0.0;
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < d_in; j++)
+            var += ((double)xs[i * d_in + j] - mean[j]) * ((double)xs[i * d_in + j] - mean[j]);
+    var /= (double)n;
+
+    int how = (int)t->param[SAE_TRAIN_B_DEC_INIT];
+    if (how == 2 && (rc = geometric_median(xs, n, d_in, mean)) != SAE_OK) {
+        free(xs);
+        free(mean);
+        free(dir);
+        return rc;
+    }
+    /* Nothing has changed until here; from here on nothing fails. */
+    m->input_scale = fscale;
+    for (size_t j = 0; j < d_in; j++)
+        m->b_dec[j] = how == 0 ? 0.0f : (float)mean[j];
+    uint64_t seed = (uint64_t)t->param[SAE_TRAIN_SEED];
+    const double norm = t->param[SAE_TRAIN_DECODER_INIT_NORM];
+    for (size_t i = 0; i < d_sae; i++) {
+        double ss;
+        do {
+            ss = 0.0;
+            for (size_t j = 0; j < d_in; j++) {
+                double g = normal(&seed);
+                dir[j] = (float)g;
+                ss += g * g;
+            }
+        } while (ss == 0.0);
+        float f = (float)(norm / sqrt(ss));
+        for (size_t j = 0; j < d_in; j++) {
+            m->W_dec[i * d_in + j] = f * dir[j];
+            m->W_enc[j * d_sae + i] = f * dir[j];
+        }
+        m->b_enc[i] = 0.0f;
+    }
+    sae__model_weights_changed(m);
+    if (m->arch == SAE_ARCH_BATCHTOPK)
+        m->batch_threshold = 0.0f;
+    t->mse_norm = var > 0.0 ? var : 1.0;
+    t->aux_norm = t->mse_norm;
+    reset_state(t);
+    t->initialized = true;
+    free(xs);
+    free(mean);
+    free(dir);
+    return SAE_OK;
+}
+
+/* ---- the forward and backward passes ------------------------------------------------------- */
+
+/* xs = scale * x; xin = xs - apply * b_dec (the encoder's input); pre = xin @ W_enc + b_enc. */
+static void encode_batch(sae_trainer *t, const float *x, size_t n)
+{
+    const sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const float s = m->input_scale, a = m->apply_b_dec ? 1.0f : 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < d_in; j++) {
+            float v = s * x[i * d_in + j];
+            t->xs[i * d_in + j] = v;
+            t->xin[i * d_in + j] = v - a * m->b_dec[j];
+        }
+        memcpy(t->pre + i * d_sae, m->b_enc, d_sae * sizeof(float));
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_sae, (int)d_in, 1.0f,
+                t->xin, (int)d_in, m->W_enc, (int)d_sae, 1.0f, t->pre, (int)d_sae);
+}
+
+/* Statistics every architecture reports: sums of (x_s - b_dec) and its square, for the FVU. */
+static void input_stats(sae_trainer *t, size_t n)
+{
+    const sae_model *m = t->m;
+    const size_t d_in = m->d_in;
+    float *sum_dx = t->buf + t->lay.sum_dx;
+    double xx = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < d_in; j++) {
+            float d = t->xs[i * d_in + j] - m->b_dec[j];
+            sum_dx[j] += d;
+            xx += (double)d * d;
+        }
+    }
+    t->buf[t->lay.stats + SAE__STAT_XX] = (float)xx;
+    t->buf[t->lay.stats + SAE__STAT_TOKENS] = (float)n;
+}
+
+/* ReLU: dense, every matrix product one SGEMM. Per token the loss is
+ * ||x_hat_s - x_s||^2 + lambda * sum_i f_i ||W_dec[i]||. */
+static void relu_pass(sae_trainer *t, size_t n, double lambda)
+{
+    sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    float *buf = t->buf, *f = t->pre, *E = t->err, *G = t->dense;
+    const sae__train_layout *L = &t->lay;
+    for (size_t i = 0; i < n * d_sae; i++)
+        f[i] = f[i] > 0.0f ? f[i] : 0.0f;
+    /* E = f @ W_dec + b_dec - x_s */
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < d_in; j++)
+            E[i * d_in + j] = m->b_dec[j] - t->xs[i * d_in + j];
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, (int)d_sae, 1.0f, f,
+                (int)d_sae, m->W_dec, (int)d_in, 1.0f, E, (int)d_in);
+    double sse = 0.0, l1 = 0.0, l0 = 0.0;
+    float *fires = buf + L->fires, *sum_err = buf + L->sum_err;
+    double *colsum = t->colsum;
+    memset(colsum, 0, d_sae * sizeof(double));
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < d_in; j++) {
+            float e = E[i * d_in + j];
+            sse += (double)e * e;
+            sum_err[j] += e;
+        }
+        const float *fr = f + i * d_sae;
+        for (size_t k = 0; k < d_sae; k++) {
+            if (fr[k] > 0.0f) {
+                l1 += (double)fr[k] * m->dec_norm[k];
+                colsum[k] += fr[k];
+                l0 += 1.0;
+                fires[k] += 1.0f;
+            }
+        }
+    }
+    /* dL/dx_hat = 2 E */
+    cblas_sscal((int)(n * d_in), 2.0f, E, 1);
+    /* G = dL/df = 2E @ W_dec^T + lambda * ||W_dec[i]||, masked by f > 0 into dL/dpre */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_sae, (int)d_in, 1.0f, E,
+                (int)d_in, m->W_dec, (int)d_in, 0.0f, G, (int)d_sae);
+    const float lam = (float)lambda;
+    float *g_benc = buf + L->b_enc, *g_bdec = buf + L->b_dec;
+    for (size_t i = 0; i < n; i++) {
+        float *gr = G + i * d_sae;
+        const float *fr = f + i * d_sae;
+        for (size_t k = 0; k < d_sae; k++) {
+            gr[k] = fr[k] > 0.0f ? gr[k] + lam * m->dec_norm[k] : 0.0f;
+            g_benc[k] += gr[k];
+        }
+        for (size_t j = 0; j < d_in; j++)
+            g_bdec[j] += E[i * d_in + j];
+    }
+    /* dW_dec = f^T @ 2E + lambda * (sum_t f_ti) * W_dec[i] / ||W_dec[i]|| */
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_sae, (int)d_in, (int)n, 1.0f, f,
+                (int)d_sae, E, (int)d_in, 0.0f, buf + L->W_dec, (int)d_in);
+    if (lambda != 0.0) {
+        for (size_t k = 0; k < d_sae; k++) {
+            if (colsum[k] == 0.0 || m->dec_norm[k] == 0.0f)
+                continue;
+            cblas_saxpy((int)d_in, (float)(lambda * colsum[k] / m->dec_norm[k]),
+                        m->W_dec + k * d_in, 1, buf + L->W_dec + k * d_in, 1);
+        }
+    }
+    /* dW_enc = xin^T @ G */
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_in, (int)d_sae, (int)n, 1.0f,
+                t->xin, (int)d_in, G, (int)d_sae, 0.0f, buf + L->W_enc, (int)d_sae);
+    float *st = buf + L->stats;
+    st[SAE__STAT_SSE] = (float)sse;
+    st[SAE__STAT_LOSS] = (float)(sse + lambda * l1);
+    st[SAE__STAT_L0] = (float)l0;
+}
+
+/* The index of the k-th largest (1-based) of v[0..len), rearranging v: quickselect with a
+ * median-of-three pivot, deterministic for given data. */
+static float kth_largest(float *v, size_t len, size_t k)
+{
+    size_t lo = 0, hi = len - 1, want = k - 1;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        float a = v[lo], b = v[mid], c = v[hi];
+        float pivot = (a > b) ? ((b > c) ? b : (a > c ? c : a)) : ((a > c) ? a : (b > c ? c : b));
+        size_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot)
+                i++;
+            while (v[j] < pivot)
+                j--;
+            if (i <= j) {
+                float tmp = v[i];
+                v[i] = v[j];
+                v[j] = tmp;
+                i++;
+                if (j == 0)
+                    break;
+                j--;
+            }
+        }
+        if (want <= j)
+            hi = j;
+        else if (want >= i)
+            lo = i;
+        else
+            return v[want];
+    }
+    return v[want];
+}
+
+/* TopK: per token the K largest pre-activations (ties: lower index), kept when positive. */
+static void select_topk(sae_trainer *t, size_t n)
+{
+    const size_t d_sae = t->m->d_sae;
+    const size_t k = t->m->k < d_sae ? t->m->k : d_sae;
+    size_t used = 0;
+    for (size_t i = 0; i < n; i++) {
+        t->act_ptr[i] = used;
+        size_t kept = sae__topk_select(t->pre + i * d_sae, d_sae, k, t->heap);
+        for (size_t j = 0; j < kept && t->heap[j].value > 0.0f; j++) {
+            t->act_idx[used] = t->heap[j].index;
+            t->act_val[used++] = t->heap[j].value;
+        }
+    }
+    t->act_ptr[n] = used;
+}
+
+/* BatchTopK: the k * n largest positive pre-activations of the whole batch (ties: lower flat
+ * index). Returns the smallest kept value, or 0 if none was kept. */
+static float select_batchtopk(sae_trainer *t, size_t n)
+{
+    const size_t d_sae = t->m->d_sae;
+    const size_t k = t->m->k < d_sae ? t->m->k : d_sae;
+    size_t positive = 0;
+    for (size_t i = 0; i < n * d_sae; i++)
+        if (t->pre[i] > 0.0f)
+            t->dense[positive++] = t->pre[i];
+    size_t want = k * n < positive ? k * n : positive;
+    float cut = 0.0f;
+    size_t ties = 0;
+    if (want > 0) {
+        cut = kth_largest(t->dense, positive, want);
+        size_t above = 0;
+        for (size_t i = 0; i < n * d_sae; i++)
+            above += t->pre[i] > cut;
+        ties = want - above;
+    }
+    size_t used = 0;
+    for (size_t i = 0; i < n; i++) {
+        t->act_ptr[i] = used;
+        const float *row = t->pre + i * d_sae;
+        for (size_t j = 0; j < d_sae && want > 0; j++) {
+            bool take = row[j] > cut || (row[j] == cut && ties > 0 && row[j] > 0.0f);
+            if (!take)
+                continue;
+            if (row[j] == cut)
+                ties--;
+            t->act_idx[used] = (uint32_t)j;
+            t->act_val[used++] = row[j];
+        }
+    }
+    t->act_ptr[n] = used;
+    return cut;
+}
+
+/* AuxK: per token the AUXK largest pre-activations among the dead latents, kept when positive
+ * (OpenAI: relu(topk(pre masked to dead latents))). */
+static void select_auxk(sae_trainer *t, size_t n, size_t n_dead, size_t auxk)
+{
+    const size_t d_sae = t->m->d_sae;
+    size_t used = 0;
+    for (size_t i = 0; i < n; i++) {
+        t->aux_ptr[i] = used;
+        const float *row = t->pre + i * d_sae;
+        for (size_t j = 0; j < n_dead; j++)
+            t->dead_pre[j] = row[t->dead[j]];
+        size_t kept = sae__topk_select(t->dead_pre, n_dead, auxk, t->heap);
+        for (size_t j = 0; j < kept && t->heap[j].value > 0.0f; j++) {
+            t->aux_idx[used] = t->dead[t->heap[j].index];
+            t->aux_val[used++] = t->heap[j].value;
+        }
+    }
+    t->aux_ptr[n] = used;
+}
+
+/* Length-d_in vector kernels for the sparse pass. They run once or more per (token, active
+ * latent) pair on short vectors (d_in is often 64 to 4096), where a CBLAS call's fixed cost (tens
+ * of nanoseconds in OpenBLAS) exceeds the arithmetic; plain loops with four accumulators let the
+ * compiler keep them in registers. */
+static inline void vaxpy(size_t n, float a, const float *restrict x, float *restrict y)
+{
+    for (size_t i = 0; i < n; i++)
+        y[i] += a * x[i];
+}
+
+static inline float vdot(size_t n, const float *restrict x, const float *restrict y)
+{
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += x[i] * y[i];
+        s1 += x[i + 1] * y[i + 1];
+        s2 += x[i + 2] * y[i + 2];
+        s3 += x[i + 3] * y[i + 3];
+    }
+    for (; i < n; i++)
+        s0 += x[i] * y[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* Adds one latent's share of a token's gradient: the decoder row gets f * g, and the latent's
+ * pre-activation gets dpre = g . W_dec[j] (the activation is positive, so its ReLU passes it),
+ * which goes to b_enc and, as dpre * xin, to the encoder column (kept transposed in gT). */
+static void backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g, const float *xin)
+{
+    const size_t d_in = t->m->d_in;
+    const float *w = t->m->W_dec + (size_t)j * d_in;
+    vaxpy(d_in, f, g, t->buf + t->lay.W_dec + (size_t)j * d_in);
+    float dpre = vdot(d_in, g, w);
+    t->buf[t->lay.b_enc + j] += dpre;
+    vaxpy(d_in, dpre, xin, t->gT + (size_t)j * d_in);
+    t->touched[j] = 1;
+}
+
+/* TopK and BatchTopK: only the active (and AuxK) latents' rows and columns get gradients. Per
+ * token the loss is ||e||^2 / v + AUXK_COEFF * ||e_aux + e||^2 / v_aux, with e = x_hat_s - x_s
+ * and e_aux the dead latents' reconstruction (their target is the residual -e, held fixed). */
+static void sparse_pass(sae_trainer *t, size_t n)
+{
+    sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const sae__train_layout *L = &t->lay;
+    float *buf = t->buf;
+    float *st = buf + L->stats, *fires = buf + L->fires, *sum_err = buf + L->sum_err;
+
+    if (m->arch == SAE_ARCH_TOPK) {
+        select_topk(t, n);
+    } else {
+        size_t k = m->k < d_sae ? m->k : d_sae;
+        float cut = select_batchtopk(t, n);
+        if (t->act_ptr[n] > 0 && k > 0) {
+            st[SAE__STAT_MIN] = cut;
+            st[SAE__STAT_MIN_COUNT] = 1.0f;
+        }
+    }
+    size_t n_dead = 0;
+    size_t auxk = (size_t)t->param[SAE_TRAIN_AUXK];
+    const double coeff = t->param[SAE_TRAIN_AUXK_COEFF];
+    if (auxk > 0 && coeff > 0.0) {
+        const uint64_t dead_after = (uint64_t)t->param[SAE_TRAIN_DEAD_TOKENS];
+        for (size_t j = 0; j < d_sae; j++)
+            if (t->since_fired[j] >= dead_after)
+                t->dead[n_dead++] = (uint32_t)j;
+    }
+    if (auxk > n_dead)
+        auxk = n_dead;
+    if (auxk > 0)
+        select_auxk(t, n, n_dead, auxk);
+
+    const float g_main = (float)(2.0 / t->mse_norm);
+    const float g_aux = (float)(2.0 * coeff / t->aux_norm);
+    double sse = 0.0, aux = 0.0;
+    float *g_bdec = buf + L->b_dec, *d = t->tmp;
+    for (size_t i = 0; i < n; i++) {
+        float *e = t->err + i * d_in;
+        const float *xin = t->xin + i * d_in;
+        for (size_t j = 0; j < d_in; j++)
+            e[j] = m->b_dec[j] - t->xs[i * d_in + j];
+        for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++) {
+            vaxpy(d_in, t->act_val[a], m->W_dec + (size_t)t->act_idx[a] * d_in, e);
+            fires[t->act_idx[a]] += 1.0f;
+        }
+        sse += vdot(d_in, e, e);
+        vaxpy(d_in, 1.0f, e, sum_err);
+        /* Every token joins the AuxK term once any latent is dead, even with no positive dead
+         * pre-activation (then e_aux = 0), as OpenAI's normalized_mse over the batch does. */
+        bool has_aux = auxk > 0;
+        if (has_aux) {
+            memcpy(d, e, d_in * sizeof(float));
+            for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
+                vaxpy(d_in, t->aux_val[a], m->W_dec + (size_t)t->aux_idx[a] * d_in, d);
+            aux += vdot(d_in, d, d);
+                    for (size_t j = 0; j < d_in; j++)
+                d[j] *= g_aux;
+            /* OpenAI decodes the AuxK latents with pre_bias added, so b_dec gets this too. */
+            vaxpy(d_in, 1.0f, d, g_bdec);
+        }
+        for (size_t j = 0; j < d_in; j++)
+            e[j] *= g_main;
+        vaxpy(d_in, 1.0f, e, g_bdec);
+        for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++)
+            backprop_latent(t, t->act_idx[a], t->act_val[a], e, xin);
+        if (has_aux)
+            for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
+                backprop_latent(t, t->aux_idx[a], t->aux_val[a], d, xin);
+    }
+    /* Encoder columns back into W_enc's [d_in][d_sae] layout; gT is left zeroed for next time. */
+    float *g_enc = buf + L->W_enc;
+    for (size_t j = 0; j < d_sae; j++) {
+        if (!t->touched[j])
+            continue;
+        float *row = t->gT + j * d_in;
+        for (size_t r = 0; r < d_in; r++)
+            g_enc[r * d_sae + j] = row[r];
+        memset(row, 0, d_in * sizeof(float));
+        t->touched[j] = 0;
+    }
+    st[SAE__STAT_SSE] = (float)sse;
+    st[SAE__STAT_LOSS] = (float)(sse / t->mse_norm);
+    st[SAE__STAT_AUX] = (float)aux;
+    st[SAE__STAT_L0] = (float)t->act_ptr[n];
+}
+
+/* ---- the step ------------------------------------------------------------------------------ */
+
+static double schedule_lr(const sae_trainer *t)
+{
+    double s = (double)t->step, lr = t->param[SAE_TRAIN_LR];
+    double warm = param_value(t, SAE_TRAIN_WARMUP_STEPS);
+    double total = t->param[SAE_TRAIN_TOTAL_STEPS];
+    double decay = param_value(t, SAE_TRAIN_LR_DECAY_STEPS);
+    if (warm > 0.0 && s < warm)
+        lr *= (s + 1.0) / warm;
+    if (total > 0.0 && decay > 0.0 && s >= total - decay) {
+        /* Linear to zero at TOTAL_STEPS; steps beyond it keep the last rate. */
+        double left = total - s;
+        lr *= (left >= 1.0 ? left : 1.0) / decay;
+    }
+    return lr;
+}
+
+static double schedule_l1(const sae_trainer *t)
+{
+    double warm = param_value(t, SAE_TRAIN_L1_WARMUP_STEPS), s = (double)t->step;
+    double c = t->param[SAE_TRAIN_L1_COEFF];
+    return warm > 0.0 && s + 1.0 < warm ? c * (s + 1.0) / warm : c;
+}
+
+/* Everything after the gradient sums are global: the same on every process. */
+static void apply_step(sae_trainer *t, double lr)
+{
+    sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const sae__train_layout *L = &t->lay;
+    float *buf = t->buf, *st = buf + L->stats;
+    const double N = round((double)st[SAE__STAT_TOKENS]);
+    float *g = buf; /* the gradient sections are contiguous from 0 to n_params */
+    cblas_sscal((int)L->n_params, (float)(1.0 / N), g, 1);
+    double gnorm = 0.0;
+    for (size_t i = 0; i < L->n_params; i++)
+        gnorm += (double)g[i] * g[i];
+    gnorm = sqrt(gnorm);
+    double clip = t->param[SAE_TRAIN_GRAD_CLIP];
+    if (clip > 0.0 && gnorm > clip) /* torch's clip_grad_norm_ */
+        cblas_sscal((int)L->n_params, (float)(clip / (gnorm + 1e-6)), g, 1);
+    if (t->sparse) {
+        /* Unit-norm rows: remove the gradient's component along each row (OpenAI's
+         * unit_norm_decoder_grad_adjustment_). */
+        for (size_t j = 0; j < d_sae; j++) {
+            const float *w = m->W_dec + j * d_in;
+            float *gj = g + L->W_dec + j * d_in;
+            float ww = cblas_sdot((int)d_in, w, 1, w, 1);
+            if (ww > 0.0f)
+                cblas_saxpy((int)d_in, -cblas_sdot((int)d_in, gj, 1, w, 1) / ww, w, 1, gj, 1);
+        }
+    }
+    sae__adam adam = {lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
+                      t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
+    sae__adam_update(m->W_enc, g + L->W_enc, t->adam_m + L->W_enc, t->adam_v + L->W_enc,
+                     d_in * d_sae, &adam);
+    sae__adam_update(m->W_dec, g + L->W_dec, t->adam_m + L->W_dec, t->adam_v + L->W_dec,
+                     d_in * d_sae, &adam);
+    sae__adam_update(m->b_enc, g + L->b_enc, t->adam_m + L->b_enc, t->adam_v + L->b_enc, d_sae,
+                     &adam);
+    sae__adam_update(m->b_dec, g + L->b_dec, t->adam_m + L->b_dec, t->adam_v + L->b_dec, d_in,
+                     &adam);
+    if (t->sparse) {
+        for (size_t j = 0; j < d_sae; j++) {
+            float *w = m->W_dec + j * d_in;
+            float nrm = cblas_snrm2((int)d_in, w, 1);
+            if (nrm > 0.0f)
+                cblas_sscal((int)d_in, 1.0f / nrm, w, 1);
+        }
+    }
+    sae__model_weights_changed(m);
+
+    /* Dead-latent counters, from the global firing counts. */
+    const uint64_t n_tok = (uint64_t)N;
+    const uint64_t dead_after = (uint64_t)t->param[SAE_TRAIN_DEAD_TOKENS];
+    size_t dead = 0;
+    for (size_t j = 0; j < d_sae; j++) {
+        uint64_t c = buf[L->fires + j] > 0.0f ? 0 : t->since_fired[j] + n_tok;
+        t->since_fired[j] = c < COUNTER_MAX ? c : COUNTER_MAX;
+        dead += t->since_fired[j] >= dead_after;
+    }
+    if (m->arch == SAE_ARCH_BATCHTOPK && st[SAE__STAT_MIN_COUNT] > 0.0f) {
+        /* SAELens: theta <- (1 - r) theta + r * min kept activation (mean over processes). */
+        double r = t->param[SAE_TRAIN_THRESHOLD_LR];
+        double kept_min = (double)st[SAE__STAT_MIN] / round((double)st[SAE__STAT_MIN_COUNT]);
+        t->theta = (1.0 - r) * t->theta + r * kept_min;
+        m->batch_threshold = (float)t->theta;
+    }
+
+    /* Metrics of this batch, then the AuxK normalizer for the next step. */
+    const float *sum_dx = buf + L->sum_dx, *sum_err = buf + L->sum_err;
+    double dx2 = 0.0, de2 = 0.0;
+    for (size_t j = 0; j < d_in; j++) {
+        dx2 += (double)sum_dx[j] * sum_dx[j];
+        de2 += (double)sum_err[j] * sum_err[j];
+    }
+    const double sse = st[SAE__STAT_SSE], s = m->input_scale;
+    const double var_sum = st[SAE__STAT_XX] - dx2 / N;
+    const double aux_loss = t->sparse ? st[SAE__STAT_AUX] / (t->aux_norm * N) : 0.0;
+    t->metric[SAE_METRIC_LOSS] =
+        st[SAE__STAT_LOSS] / N + t->param[SAE_TRAIN_AUXK_COEFF] * aux_loss;
+    t->metric[SAE_METRIC_MSE] = sse / (s * s * N);
+    t->metric[SAE_METRIC_FVU] = var_sum > 0.0 ? sse / var_sum : NAN;
+    t->metric[SAE_METRIC_L0] = st[SAE__STAT_L0] / N;
+    t->metric[SAE_METRIC_DEAD_FRACTION] = (double)dead / (double)d_sae;
+    t->metric[SAE_METRIC_AUXK_LOSS] = aux_loss;
+    t->metric[SAE_METRIC_LR] = lr;
+    t->metric[SAE_METRIC_GRAD_NORM] = gnorm;
+    double residual_var = (sse - de2 / N) / N;
+    if (residual_var > 0.0 && isfinite(residual_var))
+        t->aux_norm = residual_var;
+    t->have_metrics = true;
+    t->step++;
+    t->tokens += n_tok;
+    t->metric[SAE_METRIC_STEPS] = (double)t->step;
+    t->metric[SAE_METRIC_TOKENS] = (double)t->tokens;
+}
+
+int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
+{
+    SAE_CHECK_NULL(t);
+    if (!t->initialized)
+        return sae__fail(SAE_ESTATE,
+                         "sae_trainer_step: call sae_trainer_init (or sae_trainer_load) first");
+    if (n == 0 && t->allreduce == NULL)
+        return sae__fail(SAE_EINVAL, "sae_trainer_step: the batch is empty (n = 0)");
+    const sae_model *m = t->m;
+    int rc;
+    if (n > 0) {
+        SAE_CHECK_NULL(x);
+        size_t count;
+        if (n > INT32_MAX || !sae__mul(n, m->d_in, &count) || n > (1u << 24))
+            return sae__fail(SAE_EINVAL,
+                             "sae_trainer_step: n = %zu tokens is too many (at most 2^24 a step)", n);
+        if ((rc = sae__check_finite(x, n * m->d_in, m->d_in, "x")) != SAE_OK)
+            return rc;
+        if ((rc = ensure_scratch(t, n)) != SAE_OK)
+            return rc;
+    }
+    /* The model has no tokens at stake until here, and is changed only by apply_step. */
+    memset(t->buf, 0, t->lay.count * sizeof(float));
+    const double lr = schedule_lr(t), lambda = t->sparse ? 0.0 : schedule_l1(t);
+    if (n > 0) {
+        encode_batch(t, x, n);
+        input_stats(t, n);
+        if (t->sparse)
+            sparse_pass(t, n);
+        else
+            relu_pass(t, n, lambda);
+        if (m->apply_b_dec) /* b_dec also enters through the encoder input xs - b_dec */
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)m->d_in, (int)m->d_sae, -1.0f, m->W_enc,
+                        (int)m->d_sae, t->buf + t->lay.b_enc, 1, 1.0f, t->buf + t->lay.b_dec, 1);
+    }
+    if (t->allreduce != NULL && (rc = t->allreduce(t->buf, t->lay.count, t->user)) != 0)
+        return sae__fail(SAE_ECALLBACK, "sae_trainer_step: the allreduce callback returned %d",
+                         rc);
+    double tokens = (double)t->buf[t->lay.stats + SAE__STAT_TOKENS];
+    if (!(tokens >= 0.5))
+        return sae__fail(SAE_EINVAL, "sae_trainer_step: no process had any tokens in this step");
+    if ((rc = sae__check_finite(t->buf, t->lay.n_params, 0, "gradient")) != SAE_OK)
+        return sae__fail(SAE_ERANGE,
+                         "sae_trainer_step: the gradient is not finite at step %llu (learning "
+                         "rate too high, or activations too large?)",
+                         (unsigned long long)t->step);
+    apply_step(t, lr);
+    return SAE_OK;
+}
+
+/* ---- checkpoints --------------------------------------------------------------------------- */
+
+static int cmp_out(const void *a, const void *b)
+{
+    return strcmp(((const sae__st_out *)a)->name, ((const sae__st_out *)b)->name);
+}
+
+enum { MAX_META = 64, META_LEN = 40 };
+
+int sae_trainer_save(const sae_trainer *t, const char *path)
+{
+    SAE_CHECK_NULL(t);
+    SAE_CHECK_NULL(path);
+    if (!t->initialized)
+        return sae__fail(SAE_ESTATE, "sae_trainer_save: nothing to save before sae_trainer_init");
+    const sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    float *hi = sae__alloc(d_sae, sizeof(float), "checkpoint"),
+          *lo = sae__alloc(d_sae, sizeof(float), "checkpoint");
+    if (hi == NULL || lo == NULL) {
+        free(hi);
+        free(lo);
+        return SAE_ENOMEM;
+    }
+    for (size_t j = 0; j < d_sae; j++) {
+        hi[j] = (float)(t->since_fired[j] >> 24);
+        lo[j] = (float)(t->since_fired[j] & 0xffffff);
+    }
+    /* The model's own keys, as sae_model_save writes them, so the file also loads as a model. */
+    const char *keys[MAX_META];
+    char values[MAX_META][META_LEN];
+    const char *vals[MAX_META];
+    char names[N_PARAMS + N_METRICS][48];
+    size_t nm = 0, nn = 0;
+#define META(key, ...)                                                                             \
+    do {                                                                                           \
+        keys[nm] = (key);                                                                          \
+        snprintf(values[nm], META_LEN, __VA_ARGS__);                                               \
+        vals[nm] = values[nm];                                                                     \
+        nm++;                                                                                      \
+    } while (0)
+    META("format", "libsae");
+    META("format_version", "1");
+    META("libsae_version", "%s", sae_version_string());
+    META("architecture", "%s", sae_arch_name(m->arch));
+    META("d_in", "%zu", d_in);
+    META("d_sae", "%zu", d_sae);
+    META("apply_b_dec_to_input", "%d", m->apply_b_dec);
+    META("input_scale", "%.9g", (double)m->input_scale);
+    if (t->sparse)
+        META("k", "%zu", m->k);
+    if (m->arch == SAE_ARCH_BATCHTOPK)
+        META("batch_threshold", "%.9g", (double)m->batch_threshold);
+    META("train.format_version", TRAIN_FORMAT_VERSION);
+    META("train.step", "%llu", (unsigned long long)t->step);
+    META("train.tokens", "%llu", (unsigned long long)t->tokens);
+    META("train.mse_norm", "%.17g", t->mse_norm);
+    META("train.aux_norm", "%.17g", t->aux_norm);
+    META("train.theta", "%.17g", t->theta);
+    for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
+        bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
+        if (derived && !t->param_set[p])
+            continue;
+        snprintf(names[nn], sizeof names[nn], "train.param.%s", param_info[p].name);
+        META(names[nn++], "%.17g", t->param[p]);
+    }
+    if (t->have_metrics) {
+        for (int k = SAE_METRIC_LOSS; k < N_METRICS; k++) {
+            snprintf(names[nn], sizeof names[nn], "train.metric.%s", metric_names[k]);
+            META(names[nn++], "%.17g", t->metric[k]);
+        }
+    }
+#undef META
+    sae__st_out tensors[8] = {
+        {"W_dec", 2, {d_sae, d_in}, m->W_dec},
+        {"W_enc", 2, {d_in, d_sae}, m->W_enc},
+        {"b_dec", 1, {d_in, 0}, m->b_dec},
+        {"b_enc", 1, {d_sae, 0}, m->b_enc},
+        {"train.adam_m", 1, {t->lay.n_params, 0}, t->adam_m},
+        {"train.adam_v", 1, {t->lay.n_params, 0}, t->adam_v},
+        {"train.dead_hi", 1, {d_sae, 0}, hi},
+        {"train.dead_lo", 1, {d_sae, 0}, lo},
+    };
+    qsort(tensors, 8, sizeof tensors[0], cmp_out);
+    int rc = sae__st_write(path, tensors, 8, keys, vals, nm);
+    free(hi);
+    free(lo);
+    return rc;
+}
+
+static int meta_double(const sae__safetensors *st, const char *key, double *out)
+{
+    const char *s = sae__st_meta(st, key);
+    if (s == NULL)
+        return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno == ERANGE || isinf(v))
+        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '%.40s' is not a number",
+                         st->path, key, s);
+    *out = v;
+    return SAE_OK;
+}
+
+static int meta_u64(const sae__safetensors *st, const char *key, uint64_t *out)
+{
+    const char *s = sae__st_meta(st, key);
+    if (s == NULL)
+        return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (end == s || *end != '\0' || errno == ERANGE || s[0] == '-')
+        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '%.40s' is not a count", st->path,
+                         key, s);
+    *out = v;
+    return SAE_OK;
+}
+
+/* Reads a tensor of exactly the given shape, converted to float, into dst, checking it is finite. */
+static int read_tensor(const sae__safetensors *st, const char *name, size_t d0, size_t d1,
+                       float *dst)
+{
+    const sae__st_tensor *src;
+    int rc = sae__st_expect(st, name, d0, d1, &src);
+    if (rc != SAE_OK)
+        return rc;
+    sae__to_float(src->dtype, st->data + src->offset, src->count, dst);
+    if ((rc = sae__check_finite(dst, src->count, d1 ? d1 : 1, name)) != SAE_OK)
+        return sae__wrap(SAE_EFORMAT, "%s: ", st->path);
+    return SAE_OK;
+}
+
+/* Everything a checkpoint holds, parsed and checked before any of it is applied. */
+typedef struct {
+    double param[N_PARAMS];
+    bool param_set[N_PARAMS];
+    double metric[N_METRICS];
+    bool have_metrics;
+    uint64_t step, tokens;
+    double mse_norm, aux_norm, theta, apply, scale, k, batch_threshold;
+    float *block; /* model tensors, moments and counters, in one allocation */
+} checkpoint;
+
+static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, checkpoint *c)
+{
+    const sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae, P = t->lay.n_params;
+    const char *format = sae__st_meta(st, "format");
+    if (format == NULL || strcmp(format, "libsae") != 0 ||
+        sae__st_meta(st, "train.format_version") == NULL)
+        return sae__fail(SAE_EFORMAT, "%s: not a libsae training checkpoint (no libsae "
+                         "train.format_version metadata)", st->path);
+    if (strcmp(sae__st_meta(st, "train.format_version"), TRAIN_FORMAT_VERSION) != 0)
+        return sae__fail(SAE_EFORMAT, "%s: training checkpoint version '%.20s' is not %s",
+                         st->path, sae__st_meta(st, "train.format_version"), TRAIN_FORMAT_VERSION);
+    const char *arch = sae__st_meta(st, "architecture");
+    double d_in_f, d_sae_f;
+    int rc;
+    if ((rc = meta_double(st, "d_in", &d_in_f)) != SAE_OK ||
+        (rc = meta_double(st, "d_sae", &d_sae_f)) != SAE_OK)
+        return rc;
+    if (arch == NULL || strcmp(arch, sae_arch_name(m->arch)) != 0 || d_in_f != (double)d_in ||
+        d_sae_f != (double)d_sae)
+        return sae__fail(SAE_EINVAL, "%s: the checkpoint is a %.20s SAE of %g x %g, but the "
+                         "trainer's model is %s %zu x %zu", st->path, arch ? arch : "(unknown)",
+                         d_in_f, d_sae_f, sae_arch_name(m->arch), d_in, d_sae);
+    if ((rc = meta_u64(st, "train.step", &c->step)) != SAE_OK ||
+        (rc = meta_u64(st, "train.tokens", &c->tokens)) != SAE_OK ||
+        (rc = meta_double(st, "train.mse_norm", &c->mse_norm)) != SAE_OK ||
+        (rc = meta_double(st, "train.aux_norm", &c->aux_norm)) != SAE_OK ||
+        (rc = meta_double(st, "train.theta", &c->theta)) != SAE_OK ||
+        (rc = meta_double(st, "apply_b_dec_to_input", &c->apply)) != SAE_OK ||
+        (rc = meta_double(st, "input_scale", &c->scale)) != SAE_OK)
+        return rc;
+    if (!(c->mse_norm > 0.0) || !(c->aux_norm > 0.0) || isnan(c->theta))
+        return sae__fail(SAE_EFORMAT, "%s: training normalizers must be positive", st->path);
+    if ((c->apply != 0.0 && c->apply != 1.0) || !(c->scale > 0.0) || !isfinite((float)c->scale))
+        return sae__fail(SAE_EFORMAT, "%s: apply_b_dec_to_input or input_scale is out of range",
+                         st->path);
+    c->k = (double)m->k;
+    c->batch_threshold = m->batch_threshold;
+    if (t->sparse && ((rc = meta_double(st, "k", &c->k)) != SAE_OK || !(c->k >= 1.0) ||
+                      c->k != floor(c->k) || c->k > 4294967295.0))
+        return rc != SAE_OK ? rc : sae__fail(SAE_EFORMAT, "%s: k is not a count", st->path);
+    if (m->arch == SAE_ARCH_BATCHTOPK &&
+        (rc = meta_double(st, "batch_threshold", &c->batch_threshold)) != SAE_OK)
+        return rc;
+    for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
+        char key[48];
+        snprintf(key, sizeof key, "train.param.%s", param_info[p].name);
+        bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
+        c->param[p] = t->param[p];
+        c->param_set[p] = false;
+        if (derived && sae__st_meta(st, key) == NULL)
+            continue;
+        if ((rc = meta_double(st, key, &c->param[p])) != SAE_OK)
+            return rc;
+        if ((rc = check_param((sae_train_param)p, c->param[p])) != SAE_OK)
+            return sae__wrap(SAE_EFORMAT, "%s: ", st->path);
+        c->param_set[p] = true;
+    }
+    c->have_metrics = sae__st_meta(st, "train.metric.loss") != NULL;
+    for (int k = SAE_METRIC_LOSS; k < N_METRICS && c->have_metrics; k++) {
+        char key[48];
+        snprintf(key, sizeof key, "train.metric.%s", metric_names[k]);
+        if ((rc = meta_double(st, key, &c->metric[k])) != SAE_OK)
+            return rc;
+    }
+    const size_t w = d_in * d_sae;
+    c->block = sae__alloc(P * 3 + 2 * d_sae, sizeof(float), "checkpoint");
+    if (c->block == NULL)
+        return SAE_ENOMEM;
+    float *b = c->block;
+    if ((rc = read_tensor(st, "W_enc", d_in, d_sae, b)) != SAE_OK ||
+        (rc = read_tensor(st, "W_dec", d_sae, d_in, b + w)) != SAE_OK ||
+        (rc = read_tensor(st, "b_enc", d_sae, 0, b + 2 * w)) != SAE_OK ||
+        (rc = read_tensor(st, "b_dec", d_in, 0, b + 2 * w + d_sae)) != SAE_OK ||
+        (rc = read_tensor(st, "train.adam_m", P, 0, b + P)) != SAE_OK ||
+        (rc = read_tensor(st, "train.adam_v", P, 0, b + 2 * P)) != SAE_OK ||
+        (rc = read_tensor(st, "train.dead_hi", d_sae, 0, b + 3 * P)) != SAE_OK ||
+        (rc = read_tensor(st, "train.dead_lo", d_sae, 0, b + 3 * P + d_sae)) != SAE_OK) {
+        free(c->block);
+        return rc;
+    }
+    for (size_t j = 0; j < 2 * d_sae; j++) {
+        float v = b[3 * P + j];
+        if (!(v >= 0.0f && v <= 16777215.0f) || v != floorf(v)) {
+            free(c->block);
+            return sae__fail(SAE_EFORMAT, "%s: dead-latent counter %zu is not a count", st->path,
+                             j % d_sae);
+        }
+    }
+    return SAE_OK;
+}
+
+int sae_trainer_load(sae_trainer *t, const char *path)
+{
+    SAE_CHECK_NULL(t);
+    SAE_CHECK_NULL(path);
+    sae__map map;
+    int rc = sae__map_file(path, &map);
+    if (rc != SAE_OK)
+        return rc;
+    sae__safetensors st;
+    if ((rc = sae__st_parse(&st, map.data, map.size, path)) != SAE_OK) {
+        sae__unmap(&map);
+        return rc;
+    }
+    checkpoint c = {0};
+    rc = parse_checkpoint(t, &st, &c);
+    sae__st_close(&st);
+    sae__unmap(&map);
+    if (rc != SAE_OK)
+        return rc;
+
+    sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae, P = t->lay.n_params, w = d_in * d_sae;
+    const float *b = c.block;
+    memcpy(m->W_enc, b, w * sizeof(float));
+    memcpy(m->W_dec, b + w, w * sizeof(float));
+    memcpy(m->b_enc, b + 2 * w, d_sae * sizeof(float));
+    memcpy(m->b_dec, b + 2 * w + d_sae, d_in * sizeof(float));
+    memcpy(t->adam_m, b + P, P * sizeof(float));
+    memcpy(t->adam_v, b + 2 * P, P * sizeof(float));
+    for (size_t j = 0; j < d_sae; j++)
+        t->since_fired[j] = ((uint64_t)b[3 * P + j] << 24) | (uint64_t)b[3 * P + d_sae + j];
+    free(c.block);
+    m->apply_b_dec = c.apply == 1.0;
+    m->input_scale = (float)c.scale;
+    if (t->sparse)
+        m->k = (size_t)c.k;
+    m->batch_threshold = (float)c.batch_threshold;
+    sae__model_weights_changed(m);
+    memcpy(t->param, c.param, sizeof t->param);
+    memcpy(t->param_set, c.param_set, sizeof t->param_set);
+    memcpy(t->metric, c.metric, sizeof t->metric);
+    t->have_metrics = c.have_metrics;
+    t->step = c.step;
+    t->tokens = c.tokens;
+    t->mse_norm = c.mse_norm;
+    t->aux_norm = c.aux_norm;
+    t->theta = c.theta;
+    t->initialized = true;
+    return SAE_OK;
+}
