@@ -59,39 +59,56 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
     return SAE_OK;
 }
 
+/* Finds every tensor the model needs with its expected shape (transposed where asked), before
+ * anything is allocated: sizes from a config are believed only once the file holds that much. */
+static int expect_all(const sae__safetensors *st, sae_arch arch, size_t d_in, size_t d_sae,
+                      const char *const names[6], unsigned transpose,
+                      const sae__st_tensor *srcs[6])
+{
+    for (int t = SAE_W_ENC; t <= SAE_THRESHOLD; t++) {
+        srcs[t] = NULL;
+        if (t == SAE_THRESHOLD && arch != SAE_ARCH_JUMPRELU)
+            continue;
+        size_t d0 = t == SAE_W_ENC || t == SAE_B_DEC ? d_in : d_sae;
+        size_t d1 = t == SAE_W_ENC ? d_sae : t == SAE_W_DEC ? d_in : 0;
+        if (((transpose >> t) & 1u) && d1 != 0) {
+            size_t tmp = d0;
+            d0 = d1;
+            d1 = tmp;
+        }
+        if (names[t] == NULL)
+            return sae__fail(SAE_EFORMAT, "%s: no tensor for %s", st->path,
+                             t == SAE_THRESHOLD ? "threshold" : "a required weight");
+        int rc = sae__st_expect(st, names[t], d0, d1, &srcs[t]);
+        if (rc != SAE_OK)
+            return rc;
+    }
+    return SAE_OK;
+}
+
 int sae__model_from_st(const sae__safetensors *st, sae__map *map, sae_arch arch, size_t d_in,
                        size_t d_sae, const char *const names[6], unsigned transpose,
                        const char *format, sae_model **out)
 {
     *out = NULL;
-    sae_model *m;
-    int rc = sae__model_alloc(&m, arch, d_in, d_sae);
+    const sae__st_tensor *srcs[6];
+    int rc = expect_all(st, arch, d_in, d_sae, names, transpose, srcs);
     if (rc != SAE_OK)
+        return rc;
+    sae_model *m;
+    if ((rc = sae__model_alloc(&m, arch, d_in, d_sae)) != SAE_OK)
         return sae__wrap(rc, "%s: ", st->path);
     bool take = map != NULL && map->data != NULL && map->data == st->data;
     if (take)
         m->map = *map;
     m->format = format;
     for (int t = SAE_W_ENC; t <= SAE_THRESHOLD && rc == SAE_OK; t++) {
-        if (sae__model_tensor_count(m, (sae_tensor)t) == 0)
+        if (srcs[t] == NULL)
             continue;
-        bool flip = (transpose >> t) & 1u;
-        size_t d0 = t == SAE_W_ENC || t == SAE_B_DEC ? d_in : d_sae;
-        size_t d1 = t == SAE_W_ENC ? d_sae : t == SAE_W_DEC ? d_in : 0;
-        if (flip && d1 != 0) {
-            size_t tmp = d0;
-            d0 = d1;
-            d1 = tmp;
-        }
-        const sae__st_tensor *src;
-        if (names[t] == NULL)
-            rc = sae__fail(SAE_EFORMAT, "%s: no tensor for %s", st->path,
-                           t == SAE_THRESHOLD ? "threshold" : "a required weight");
-        else if ((rc = sae__st_expect(st, names[t], d0, d1, &src)) == SAE_OK &&
-                 (rc = sae__model_load_tensor(m, (sae_tensor)t, st, src, flip && d1 != 0)) ==
-                     SAE_OK &&
-                 src->dtype != SAE__F32)
-            m->dtype = src->dtype;
+        bool flip = ((transpose >> t) & 1u) && srcs[t]->ndim == 2;
+        rc = sae__model_load_tensor(m, (sae_tensor)t, st, srcs[t], flip);
+        if (srcs[t]->dtype != SAE__F32)
+            m->dtype = srcs[t]->dtype;
     }
     if (rc != SAE_OK) {
         if (take)
@@ -149,6 +166,10 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
     int rc;
     if ((rc = meta_size(st, "d_in", &d_in)) != SAE_OK ||
         (rc = meta_size(st, "d_sae", &d_sae)) != SAE_OK)
+        return rc;
+    static const char *const names[6] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec", "threshold"};
+    const sae__st_tensor *srcs[6];
+    if ((rc = expect_all(st, arch, d_in, d_sae, names, 0, srcs)) != SAE_OK)
         return rc;
     sae_model *m;
     if ((rc = sae__model_alloc(&m, arch, d_in, d_sae)) != SAE_OK)

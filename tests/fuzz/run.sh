@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets (clang, -fsanitize=fuzzer,address,undefined) for the safetensors
+# reader, the cfg.json readers and the npz reader, replays every saved regression input, then
+# fuzzes each target for a bounded time from the seeds tests/fuzz/seeds.c writes. Fails on any
+# crash, leak, sanitizer report, timeout or out-of-memory; the input that caused it is left in
+# the build folder's artifacts/ (copy it to tests/fuzz/regressions/<target>/ and add a case to
+# tests/test_corrupt.c).
+#   tests/fuzz/run.sh [SECONDS-PER-TARGET [BUILD-DIR]]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+secs=${1:-50}
+out=${2:-$root/build/fuzz}
+mkdir -p "$out/obj" "$out/artifacts"
+cd "$out"
+
+cc=${CC_FUZZ:-clang}
+common=(-g -O1 -std=c11 -D_GNU_SOURCE -fno-omit-frame-pointer -fno-sanitize-recover=all
+        -I"$root/include" -I"$root/lib" -I"$root/tests" $(pkg-config --cflags libcjson libzip openblas))
+libs=($(pkg-config --libs libcjson libzip openblas) -lz -lm -lpthread)
+
+# The library's own source list, so the fuzzers build exactly what libsae.so is made of.
+sources=$(sed -n '/add_library(sae_objects OBJECT/,/)/p' "$root/lib/CMakeLists.txt" |
+          grep -oE '[a-z_0-9]+\.c')
+objs=()
+for s in $sources; do
+    o="obj/${s%.c}.o"
+    "$cc" "${common[@]}" -fsanitize=fuzzer-no-link,address,undefined -c "$root/lib/$s" -o "$o"
+    objs+=("$o")
+done
+"$cc" "${common[@]}" -fsanitize=address,undefined "$root/tests/fuzz/seeds.c" \
+    "$root/tests/writers.c" "${objs[@]}" "${libs[@]}" -o seeds
+rm -rf seeds.d && ./seeds seeds.d
+
+status=0
+for target in safetensors cfg npz; do
+    "$cc" "${common[@]}" -fsanitize=fuzzer,address,undefined "$root/tests/fuzz/fuzz_$target.c" \
+        "${objs[@]}" "${libs[@]}" -o "fuzz_$target"
+    opts=(-timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -max_len=65536
+          -artifact_prefix="$out/artifacts/$target-" -dict="$root/tests/fuzz/json.dict")
+    regress="$root/tests/fuzz/regressions/$target"
+    if [ -d "$regress" ] && [ -n "$(ls -A "$regress")" ]; then
+        echo "--- $target: replaying $(ls "$regress" | wc -l) regression inputs"
+        ./"fuzz_$target" "${opts[@]}" "$regress"/* || status=1
+    fi
+    mkdir -p "corpus/$target"
+    echo "--- $target: fuzzing for $secs s"
+    if ! ./"fuzz_$target" "${opts[@]}" -max_total_time="$secs" -print_final_stats=1 \
+            "corpus/$target" "seeds.d/$target" > "$target.log" 2>&1; then
+        status=1
+        tail -60 "$target.log"
+    else
+        grep -E "stat::number_of_executed_units|cov:" "$target.log" | tail -2
+    fi
+done
+exit $status

@@ -1,0 +1,173 @@
+/* Writes the fuzzers' seed corpora: valid files of every layout the readers accept, built by
+ * the same writers the Check suites use. Usage: seeds OUTDIR (creates OUTDIR/safetensors,
+ * OUTDIR/cfg and OUTDIR/npz). */
+#include "sae.h"
+#include "writers.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static const char *out_dir;
+
+static void seed(const char *corpus, const char *name, const void *data, size_t size)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", out_dir, corpus);
+    mkdir(path, 0755);
+    snprintf(path, sizeof path, "%s/%s/%s", out_dir, corpus, name);
+    tw_write(path, data, size);
+}
+
+/* The safetensors target's framing: flags, cfg length, cfg, weights. */
+static void st_seed(const char *name, unsigned flags, const char *cfg, const tw_buf *weights)
+{
+    tw_buf b = {0};
+    size_t len = cfg ? strlen(cfg) : 0;
+    unsigned char head[3] = {(unsigned char)flags, (unsigned char)len, (unsigned char)(len >> 8)};
+    tw_put(&b, head, 3);
+    if (cfg)
+        tw_put(&b, cfg, len);
+    tw_put(&b, weights->data, weights->size);
+    seed("safetensors", name, b.data, b.size);
+    tw_free(&b);
+    if (cfg)
+        seed("cfg", name, cfg, len);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s OUTDIR\n", argv[0]);
+        return 2;
+    }
+    out_dir = argv[1];
+    mkdir(out_dir, 0755);
+    enum { DI = 3, DS = 5 };
+    float w_enc[DI * DS], w_enc_t[DS * DI], w_dec[DS * DI], b_enc[DS], b_dec[DI], th[DS];
+    tw_fill(1, w_enc, DI * DS, 1.0f);
+    tw_fill(2, w_dec, DS * DI, 1.0f);
+    tw_fill(3, b_enc, DS, 0.5f);
+    tw_fill(4, b_dec, DI, 0.5f);
+    tw_fill(5, th, DS, 0.25f);
+    for (int i = 0; i < DS; i++)
+        for (int j = 0; j < DI; j++)
+            w_enc_t[i * DI + j] = w_enc[j * DS + i];
+    static const char *const dtypes[] = {"F32", "BF16", "F16", "F64"};
+    for (int d = 0; d < 4; d++) {
+        tw_tensor t[5] = {{"W_dec", dtypes[d], 2, {DS, DI}, w_dec},
+                          {"W_enc", dtypes[d], 2, {DI, DS}, w_enc},
+                          {"b_dec", dtypes[d], 1, {DI, 0}, b_dec},
+                          {"b_enc", dtypes[d], 1, {DS, 0}, b_enc},
+                          {"threshold", dtypes[d], 1, {DS, 0}, th}};
+        tw_buf b = {0};
+        tw_safetensors(&b, t, 5, NULL);
+        char name[64];
+        snprintf(name, sizeof name, "saelens-jumprelu-%s", dtypes[d]);
+        st_seed(name, 1,
+                "{\"d_in\": 3, \"d_sae\": 5, \"dtype\": \"float32\", \"architecture\": "
+                "\"jumprelu\", \"apply_b_dec_to_input\": false, \"normalize_activations\": "
+                "\"none\", \"metadata\": {\"sae_lens_version\": \"6.18.0\"}}",
+                &b);
+        snprintf(name, sizeof name, "saelens-nocfg-%s", dtypes[d]);
+        st_seed(name, 0, NULL, &b);
+        tw_free(&b);
+        tw_safetensors(&b, t, 4, NULL);
+        snprintf(name, sizeof name, "saelens-topk-%s", dtypes[d]);
+        st_seed(name, 1,
+                "{\"d_in\": 3, \"d_sae\": 5, \"architecture\": \"topk\", \"k\": 2, "
+                "\"rescale_acts_by_decoder_norm\": false, \"meta\": {\"sae_lens_version\": "
+                "\"6.0.0\"}}",
+                &b);
+        snprintf(name, sizeof name, "saelens-flat-%s", dtypes[d]);
+        st_seed(name, 1,
+                "{\"d_in\": 3, \"d_sae\": 5, \"dtype\": \"float32\", \"hook_point\": "
+                "\"blocks.0.hook_mlp_out\", \"activation_fn_str\": \"topk\", "
+                "\"activation_fn_kwargs\": {\"k\": 3}, \"apply_b_dec_to_input\": true, "
+                "\"normalize_activations\": true, \"sae_lens_training_version\": \"3.4.0\"}",
+                &b);
+        snprintf(name, sizeof name, "saelens-scaled-%s", dtypes[d]);
+        st_seed(name, 3,
+                "{\"d_in\": 3, \"d_sae\": 5, \"architecture\": \"standard\", "
+                "\"normalize_activations\": \"expected_average_only_in\"}",
+                &b);
+        tw_free(&b);
+        tw_tensor s[4] = {{"W_dec", dtypes[d], 2, {DS, DI}, w_dec},
+                          {"b_dec", dtypes[d], 1, {DI, 0}, b_dec},
+                          {"encoder.bias", dtypes[d], 1, {DS, 0}, b_enc},
+                          {"encoder.weight", dtypes[d], 2, {DS, DI}, w_enc_t}};
+        tw_safetensors(&b, s, 4, "{\"format\":\"pt\"}");
+        snprintf(name, sizeof name, "sparsify-%s", dtypes[d]);
+        st_seed(name, 1,
+                "{\"activation\": \"topk\", \"expansion_factor\": 32, \"normalize_decoder\": "
+                "true, \"num_latents\": 5, \"k\": 2, \"multi_topk\": false, \"skip_connection\": "
+                "false, \"transcode\": false, \"d_in\": 3}",
+                &b);
+        tw_free(&b);
+    }
+    float theta = 0.125f;
+    tw_tensor bt[5] = {{"W_dec", "F32", 2, {DS, DI}, w_dec},
+                       {"W_enc", "F32", 2, {DI, DS}, w_enc},
+                       {"b_dec", "F32", 1, {DI, 0}, b_dec},
+                       {"b_enc", "F32", 1, {DS, 0}, b_enc},
+                       {"topk_threshold", "F64", 0, {0, 0}, &theta}};
+    tw_buf b = {0};
+    tw_safetensors(&b, bt, 5, NULL);
+    st_seed("saelens-batchtopk-checkpoint", 1,
+            "{\"d_in\": 3, \"d_sae\": 5, \"architecture\": \"batchtopk\", \"k\": 1.5, "
+            "\"metadata\": {\"sae_lens_version\": \"6.5.0\"}}",
+            &b);
+    tw_free(&b);
+    /* libsae's own files, from the library's writer. */
+    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++) {
+        sae_model *m;
+        char path[4096], name[64];
+        snprintf(path, sizeof path, "%s/own.tmp", out_dir);
+        if (sae_model_new(&m, (sae_arch)a, DI, DS) != SAE_OK || sae_model_save(m, path) != SAE_OK)
+            return 1;
+        sae_model_free(m);
+        FILE *fp = fopen(path, "rb");
+        if (fp == NULL)
+            return 1;
+        unsigned char buf[8192];
+        size_t n = fread(buf, 1, sizeof buf, fp);
+        fclose(fp);
+        remove(path);
+        tw_buf own = {0};
+        tw_put(&own, buf, n);
+        snprintf(name, sizeof name, "libsae-%s", sae_arch_name((sae_arch)a));
+        st_seed(name, 0, NULL, &own);
+        tw_free(&own);
+    }
+    seed("cfg", "scaler", "{\"scaling_factor\": 0.2138}", 26);
+    seed("cfg", "scaler-null", "{\"scaling_factor\": null}", 24);
+    /* Gemma Scope archives: stored, deflated, ZIP64; F32, F16, F64; W_ and w_ names. */
+    static const char *const descrs[] = {"<f4", "<f2", "<f8"};
+    for (int layout = 0; layout < 3; layout++) {
+        for (int d = 0; d < 3; d++) {
+            const char *names[5] = {d == 1 ? "w_enc.npy" : "W_enc.npy",
+                                    d == 1 ? "w_dec.npy" : "W_dec.npy", "b_enc.npy", "b_dec.npy",
+                                    "threshold.npy"};
+            tw_buf m[5] = {{0}};
+            size_t s_enc[2] = {DI, DS}, s_dec[2] = {DS, DI}, s_sae[1] = {DS}, s_in[1] = {DI};
+            tw_npy(&m[0], descrs[d], 2, s_enc, w_enc);
+            tw_npy(&m[1], descrs[d], 2, s_dec, w_dec);
+            tw_npy(&m[2], descrs[d], 1, s_sae, b_enc);
+            tw_npy(&m[3], descrs[d], 1, s_in, b_dec);
+            tw_npy(&m[4], descrs[d], 1, s_sae, th);
+            tw_buf z = {0};
+            if (layout == 2)
+                tw_zip64(&z, names, m, 5);
+            else
+                tw_zip(&z, names, m, 5, layout == 1);
+            char name[64];
+            snprintf(name, sizeof name, "gemma-%d-%d", layout, d);
+            seed("npz", name, z.data, z.size);
+            tw_free(&z);
+            for (int i = 0; i < 5; i++)
+                tw_free(&m[i]);
+        }
+    }
+    return 0;
+}
