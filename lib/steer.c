@@ -410,26 +410,6 @@ done:
     return rc;
 }
 
-/* Whether every value is finite: exponent bits all ones marks NaN and infinity. Independent
- * accumulators keep this at memory speed, which matters when steering runs on every token. */
-static bool all_finite(const float *v, size_t count)
-{
-    uint32_t bad[4] = {0, 0, 0, 0};
-    size_t i = 0;
-    for (; i + 4 <= count; i += 4)
-        for (size_t k = 0; k < 4; k++) {
-            uint32_t bits;
-            memcpy(&bits, v + i + k, sizeof bits);
-            bad[k] |= (bits & 0x7f800000u) == 0x7f800000u;
-        }
-    for (; i < count; i++) {
-        uint32_t bits;
-        memcpy(&bits, v + i, sizeof bits);
-        bad[0] |= (bits & 0x7f800000u) == 0x7f800000u;
-    }
-    return (bad[0] | bad[1] | bad[2] | bad[3]) == 0;
-}
-
 int sae_steer_apply(const sae_steer *s, float *x, size_t n)
 {
     SAE_CHECK_NULL(s);
@@ -440,9 +420,7 @@ int sae_steer_apply(const sae_steer *s, float *x, size_t n)
     size_t bytes;
     if (n > INT32_MAX || !sae__mul(n, m->d_in, &bytes) || !sae__mul(bytes, sizeof(float), &bytes))
         return sae__fail(SAE_EINVAL, "%s: n = %zu tokens is too many", __func__, n);
-    int rc = SAE_OK;
-    if (!all_finite(x, n * m->d_in))
-        rc = sae__check_finite(x, n * m->d_in, m->d_in, "x"); /* names the first bad value */
+    int rc = sae__check_finite(x, n * m->d_in, m->d_in, "x");
     if (rc != SAE_OK || s->n_ops == 0)
         return rc;
 

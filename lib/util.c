@@ -36,13 +36,29 @@ void *sae__zalloc(size_t count, size_t size, const char *what)
     return p;
 }
 
+/* Exponent bits all ones marks NaN and infinity. Independent accumulators keep the common
+ * all-finite case at memory speed: it runs on every steered token. */
+static bool all_finite(const float *v, size_t count)
+{
+    uint32_t bad[4] = {0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4)
+        for (size_t k = 0; k < 4; k++) {
+            uint32_t bits;
+            memcpy(&bits, v + i + k, sizeof bits);
+            bad[k] |= (bits & 0x7f800000u) == 0x7f800000u;
+        }
+    for (; i < count; i++) {
+        uint32_t bits;
+        memcpy(&bits, v + i, sizeof bits);
+        bad[0] |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return (bad[0] | bad[1] | bad[2] | bad[3]) == 0;
+}
+
 int sae__check_finite(const float *v, size_t count, size_t cols, const char *what)
 {
-    /* Summing first keeps the common all-finite case one branch-free pass. */
-    float sum = 0.0f;
-    for (size_t i = 0; i < count; i++)
-        sum += v[i] * 0.0f;
-    if (sum == 0.0f)
+    if (all_finite(v, count))
         return SAE_OK;
     for (size_t i = 0; i < count; i++) {
         if (!isfinite(v[i])) {
