@@ -227,6 +227,10 @@ int sae__json_parse_object(const char *text, size_t len, const char *path, struc
 
 /* ---- published formats (load.c, saelens.c, sparsify.c, npz.c) ------------------------------- */
 
+/* Like sae__model_own_tensor, for a tensor about to be filled whole from a file: the memory is
+ * not zeroed, and large tensors are advised onto huge pages. */
+int sae__model_own_tensor_uninit(sae_model *m, sae_tensor t);
+
 /* Makes a model of the given shape from tensors of st, named names[t] for each sae_tensor t
  * (NULL: the model has no such tensor), each with the model's shape or, when bit t of
  * transpose is set, the transposed shape. *map, when not NULL and holding st's data, is taken

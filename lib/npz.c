@@ -280,7 +280,7 @@ static int load_members(const npz *z, sae_model **out)
                                             "expected (%zu,)",
                                z->path, name, mb.h.ndim, mb.h.rows, d0);
         }
-        if (rc == SAE_OK && (rc = sae__model_own_tensor(m, t)) == SAE_OK) {
+        if (rc == SAE_OK && (rc = sae__model_own_tensor_uninit(m, t)) == SAE_OK) {
             rc = member_read(z, &mb, *sae__model_tensor_slot(m, t));
             if (mb.h.dtype != SAE__F32)
                 m->dtype = mb.h.dtype;
