@@ -148,11 +148,16 @@ SAE_API int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_
  *   - a SAELens folder (cfg.json + sae_weights.safetensors), or that weights file alone;
  *   - a sparsify folder (cfg.json + sae.safetensors);
  *   - a Gemma Scope params.npz (JumpReLU), or a folder holding one.
- * Tensors stored as F32, F16, BF16 or F64 are converted to float. Little-endian F32 tensors of
- * libsae's own files are memory-mapped (copy-on-write) rather than read. On success *out owns
- * the model. Errors: SAE_EINVAL (NULL argument), SAE_EIO (cannot open or map), SAE_EFORMAT
+ * Tensors stored as F32, F16, BF16 or F64 are converted to float as numpy's astype(float32).
+ * F32 tensors of safetensors files (libsae's own, SAELens, sparsify) are memory-mapped
+ * (copy-on-write) rather than read. cfg.json and activation_scaler.json are read from beside a
+ * weights file. SAELens' "expected_average_only_in" becomes SAE_PARAM_INPUT_SCALE from
+ * activation_scaler.json. docs/formats.md lists every field read. On success *out owns the
+ * model. Errors: SAE_EINVAL (NULL argument), SAE_EIO (cannot open or map), SAE_EFORMAT
  * (malformed, truncated, inconsistent or oversized; the message names file, tensor or key and
- * what was expected), SAE_EUNSUPPORTED (valid but not supported, e.g. a gated SAE), SAE_ENOMEM. */
+ * what was expected), SAE_EUNSUPPORTED (valid but not supported, e.g. a gated SAE, a TopK
+ * checkpoint with rescale_acts_by_decoder_norm, a per-token normalization; the message names
+ * the setting), SAE_ENOMEM. Thread safe (distinct models). */
 SAE_API int sae_model_load(sae_model **out, const char *path);
 
 /* Writes the model as libsae's own safetensors file: tensors W_enc, W_dec, b_enc, b_dec (and
