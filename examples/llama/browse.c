@@ -246,7 +246,7 @@ static int write_feature_page(const char *dir, const browser *b, uint32_t feat, 
     float cos[NEIGHBORS];
     if (n_nb > 0 && sae_feature_neighbors(b->m, feat, n_nb, nb, cos) == SAE_OK) {
         fputs("<h2>Nearest features by decoder cosine</h2>\n<table>\n"
-              "<tr><th>feature</th><th>cosine</th><th>top tokens</th></tr>\n",
+              "<tr><th>feature</th><th>cosine</th><th>words of its top contexts</th></tr>\n",
               f);
         for (size_t i = 0; i < n_nb; i++) {
             char other[64];

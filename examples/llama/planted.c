@@ -15,7 +15,7 @@ static const char usage[] =
     "  --active A     planted features per sample on average (default 3)\n"
     "  --width N      SAE features (default 512)\n"
     "  --k K          TopK's k (default 4)\n"
-    "  --steps S      Adam steps of 1024 samples (default 2000)\n"
+    "  --steps S      Adam steps of 1024 samples (default 1000)\n"
     "  --seed S       seeds the data and the SAE (default 0)\n";
 
 enum { BATCH = 1024 };
@@ -42,7 +42,7 @@ static void make_samples(float *x, size_t n, const float *dirs, size_t n_dirs, s
 
 int cmd_planted(int argc, char **argv)
 {
-    double dim = 64, n_dirs = 256, active = 3, width = 512, k = 4, steps = 2000, seed = 0;
+    double dim = 64, n_dirs = 256, active = 3, width = 512, k = 4, steps = 1000, seed = 0;
     const option opts[] = {
         {"dim", &dim, NULL, 1, 1 << 16, 1},
         {"features", &n_dirs, NULL, 1, 1 << 20, 1},

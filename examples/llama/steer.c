@@ -18,7 +18,7 @@ static const char usage[] =
     "  --seed S         story i uses seed S + i in both arms (default 1000)\n"
     "  --prompt P       how every story starts (default \"Once upon a time\")\n"
     "The automatic choice: the candidates are the features for a character's name (all their\n"
-    "top contexts on one capitalised word, at least once in mid-sentence), or if there are none\n"
+    "top contexts on one capitalised word, twice in mid-sentence), or if there are none\n"
     "the features for one word (3 in 4 of their top contexts); of the 12 that fire most often,\n"
     "the one whose clamp raises its word the most in 8 calibration stories (seeds 1..8, apart\n"
     "from the measured ones).\n";
@@ -127,8 +127,8 @@ static double per_1000(const tally *t)
 
 /* ---- choosing the feature ------------------------------------------------------------------ */
 
-/* A character's name: every top context on the same capitalised word, and at least one in
- * mid-sentence (after a letter or a comma), where English capitalises only names. */
+/* A character's name: every top context on the same capitalised word, and at least two of them
+ * in mid-sentence (after a letter or a comma), where English capitalises only names. */
 static int is_name_feature(const feature_codes *fc, const corpus *c, const llama_tokenizer *t,
                            uint32_t f)
 {
@@ -156,9 +156,9 @@ static int is_name_feature(const feature_codes *fc, const corpus *c, const llama
             prev_len--;
         if (prev_len > 0 && (isalpha((unsigned char)prev[prev_len - 1]) ||
                              prev[prev_len - 1] == ','))
-            mid_sentence = 1;
+            mid_sentence++;
     }
-    return mid_sentence;
+    return mid_sentence >= 2;
 }
 
 static int is_word_feature(const feature_codes *fc, const corpus *c, const llama_tokenizer *t,
