@@ -157,7 +157,7 @@ SAE_API int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_
  * (malformed, truncated, inconsistent or oversized; the message names file, tensor or key and
  * what was expected), SAE_EUNSUPPORTED (valid but not supported, e.g. a gated SAE, a TopK
  * checkpoint with rescale_acts_by_decoder_norm, a per-token normalization; the message names
- * the setting), SAE_ENOMEM. Thread safe (distinct models). */
+ * the setting), SAE_ENOMEM. */
 SAE_API int sae_model_load(sae_model **out, const char *path);
 
 /* Writes the model as libsae's own safetensors file: tensors W_enc, W_dec, b_enc, b_dec (and
