@@ -11,7 +11,7 @@ static const char usage[] =
     "  --arch A      topk, batchtopk or relu (default topk)\n"
     "  --width N     number of features (default 512)\n"
     "  --k K         features per token, TopK and BatchTopK (default 8)\n"
-    "  --steps S     Adam steps (default 3000)\n"
+    "  --steps S     Adam steps (default 1500)\n"
     "  --batch B     tokens per step (default 1024)\n"
     "  --lr LR       learning rate (default: libsae's for the architecture and width)\n"
     "  --seed S      seeds the initial directions and the shuffling (default 0)\n";
@@ -55,7 +55,7 @@ static int held_out_fvu(const sae_model *m, const float *x, size_t n, size_t dim
 
 int cmd_train(int argc, char **argv)
 {
-    double width = 512, k = 8, steps = 3000, batch = 1024, lr = 0, seed = 0;
+    double width = 512, k = 8, steps = 1500, batch = 1024, lr = 0, seed = 0;
     const char *arch_name = "topk", *pos[1];
     const option opts[] = {
         {"arch", NULL, &arch_name, 0, 0, 0},
