@@ -4,6 +4,7 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 
 static const char *type_name(const cJSON *item)
@@ -90,9 +91,14 @@ int sae__json_parse_object(const char *text, size_t len, const char *path, cJSON
     if (memchr(text, '\0', len) != NULL)
         return sae__fail(SAE_EFORMAT, "%s: not valid JSON (a NUL byte at %zu)", path,
                          (size_t)((const char *)memchr(text, '\0', len) - text));
-    /* The parse end, not cJSON_GetErrorPtr(): that one is a global, shared between threads. */
+    /* cJSON records every failure in a process-wide variable (what cJSON_GetErrorPtr reads);
+     * one lock keeps concurrent loads from racing on it. The parse end comes back through
+     * `end` instead. */
+    static pthread_mutex_t cjson_lock = PTHREAD_MUTEX_INITIALIZER;
     const char *end = NULL;
+    pthread_mutex_lock(&cjson_lock);
     cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
+    pthread_mutex_unlock(&cjson_lock);
     if (root == NULL)
         return sae__fail(SAE_EFORMAT, "%s: not valid JSON (near byte %zu)", path,
                          end != NULL && end >= text && end <= text + len ? (size_t)(end - text)

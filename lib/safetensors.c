@@ -144,23 +144,10 @@ int sae__st_parse(sae__safetensors *st, const unsigned char *data, size_t size, 
     if (header_len < 2 || data[8] != '{')
         return sae__fail(SAE_EFORMAT, "%s: the header is not a JSON object", path);
     size_t data_start = 8 + (size_t)header_len;
-    /* Strict where cJSON is lenient: no NUL (it skips one as whitespace) and nothing but
-     * whitespace after the object (the reference reader's serde_json refuses the rest). */
-    const char *text = (const char *)data + 8, *end = NULL;
-    size_t used = 0;
-    if (memchr(text, '\0', (size_t)header_len) == NULL)
-        st->header = cJSON_ParseWithLengthOpts(text, (size_t)header_len, &end, 0);
-    if (st->header != NULL) {
-        used = end >= text && end <= text + header_len ? (size_t)(end - text) : 0;
-        while (used < header_len && (text[used] == ' ' || text[used] == '\n' ||
-                                     text[used] == '\r' || text[used] == '\t'))
-            used++;
-    }
-    if (st->header == NULL || !cJSON_IsObject(st->header) || used != header_len) {
-        cJSON_Delete(st->header);
-        st->header = NULL;
-        return sae__fail(SAE_EFORMAT, "%s: the header is not valid JSON", path);
-    }
+    int rc = sae__json_parse_object((const char *)data + 8, (size_t)header_len, path,
+                                    &st->header);
+    if (rc != SAE_OK)
+        return rc;
 
     size_t n = 0;
     const cJSON *entry;
@@ -173,7 +160,6 @@ int sae__st_parse(sae__safetensors *st, const unsigned char *data, size_t size, 
         sae__st_close(st);
         return sae__fail(SAE_ENOMEM, "%s: cannot allocate %zu tensor entries", path, n);
     }
-    int rc = SAE_OK;
     cJSON_ArrayForEach(entry, st->header) {
         if (strcmp(entry->string, "__metadata__") == 0) {
             if (st->metadata != NULL) {
