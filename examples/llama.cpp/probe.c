@@ -21,6 +21,7 @@
  * Output is plain text, or one JSON object with --json (for the checks).
  * Only llama.h / ggml.h / ggml-backend.h public API is used.
  */
+#define _POSIX_C_SOURCE 200809L
 #include "llama.h"
 #include "ggml.h"
 #include "ggml-backend.h"

