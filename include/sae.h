@@ -134,8 +134,18 @@ typedef enum {
     SAE_PARAM_K = 1,                    /* TopK and BatchTopK: features kept per token; default 32 */
     SAE_PARAM_APPLY_B_DEC_TO_INPUT = 2, /* 0 or 1; default 1 */
     SAE_PARAM_INPUT_SCALE = 3,          /* finite, > 0; default 1 */
-    SAE_PARAM_THRESHOLD = 4             /* BatchTopK's single global threshold; default 0 */
+    SAE_PARAM_THRESHOLD = 4,            /* BatchTopK's single global threshold; default 0 */
+    SAE_PARAM_THREADS = 5               /* threads per call, 0 = all cores; default 0 (below) */
 } sae_model_param;
+
+/* SAE_PARAM_THREADS: how many threads one call on the model may use for the work BLAS does not
+ * thread itself (top-k selection, the activation pass, sparse decoding, steering). 0 (the default)
+ * means every core the process may run on; 1 keeps each call on the calling thread, which is what
+ * a program already calling libsae from many threads at once wants. The matrix products run in
+ * the BLAS library, threaded as it is configured (e.g. OPENBLAS_NUM_THREADS); libsae's threads
+ * never run during them. Results do not depend on this setting: each token is computed whole by
+ * one thread, in the same order, whatever the thread count. It is a property of the process, not
+ * of the SAE, so sae_model_save does not store it. */
 
 /* Creates a model with every tensor zero and default parameters. d_in and d_sae must be at least
  * 1 and the weights must fit in memory (SAE_ENOMEM otherwise). On success *out owns the model;
@@ -183,8 +193,9 @@ SAE_API int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src);
 SAE_API int sae_model_get_tensor(const sae_model *m, sae_tensor t, float *dst);
 
 /* Sets or reads a parameter. K must be a whole number >= 1; APPLY_B_DEC_TO_INPUT 0 or 1;
- * INPUT_SCALE finite and > 0; THRESHOLD finite. Errors: SAE_EINVAL (NULL, unknown parameter,
- * bad value), SAE_EUNSUPPORTED (K on ReLU/JumpReLU, THRESHOLD on anything but BatchTopK). */
+ * INPUT_SCALE finite and > 0; THRESHOLD finite; THREADS a whole number from 0 to 1024.
+ * Errors: SAE_EINVAL (NULL, unknown parameter, bad value), SAE_EUNSUPPORTED (K on ReLU/JumpReLU,
+ * THRESHOLD on anything but BatchTopK). */
 SAE_API int sae_model_set_param(sae_model *m, sae_model_param p, double value);
 SAE_API int sae_model_get_param(const sae_model *m, sae_model_param p, double *value);
 

@@ -1,13 +1,13 @@
-/* Activations to codes: the pre-activation GEMM, each architecture's activation, dense and
- * sparse output. */
+/* Activations to codes: the encoder GEMM, then one pass per token (bias, activation and, for
+ * sparse output or TopK, the selection, fused) spread across threads. */
 #include "internal.h"
 
 #include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Scratch for [block][d_sae] pre-activations: about 64 MiB, but never fewer than 32 tokens,
- * below which the GEMM would reread W_enc too often. */
+/* Scratch for [block][d_sae] products: about 64 MiB, but never fewer than 32 tokens, below
+ * which the GEMM would reread W_enc too often. */
 size_t sae__block_tokens(size_t d_sae, size_t n)
 {
     size_t block = ((size_t)16 << 20) / d_sae;
@@ -16,14 +16,13 @@ size_t sae__block_tokens(size_t d_sae, size_t n)
     return block < n ? block : n;
 }
 
-/* Whether the encoder can read x as it is, with no scaled or shifted copy. */
-static bool input_is_raw(const sae_model *m) { return m->input_scale == 1.0f && !m->apply_b_dec; }
+bool sae__encoder_reads_x(const sae_model *m) { return m->input_scale == 1.0f && !m->apply_b_dec; }
 
-void sae__preact(const sae_model *m, const float *x, size_t n, float *xs, float *pre)
+void sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw)
 {
     const size_t d_in = m->d_in, d_sae = m->d_sae;
     const float *in = x;
-    if (!input_is_raw(m)) {
+    if (!sae__encoder_reads_x(m)) {
         for (size_t t = 0; t < n; t++) {
             const float *row = x + t * d_in;
             float *out = xs + t * d_in;
@@ -32,39 +31,51 @@ void sae__preact(const sae_model *m, const float *x, size_t n, float *xs, float 
         }
         in = xs;
     }
-    for (size_t t = 0; t < n; t++)
-        memcpy(pre + t * d_sae, m->b_enc, d_sae * sizeof(float));
     if (n == 1)
         cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)d_sae, 1.0f, m->W_enc, (int)d_sae,
-                    in, 1, 1.0f, pre, 1);
+                    in, 1, 0.0f, raw, 1);
     else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_sae, (int)d_in,
-                    1.0f, in, (int)d_in, m->W_enc, (int)d_sae, 1.0f, pre, (int)d_sae);
+                    1.0f, in, (int)d_in, m->W_enc, (int)d_sae, 0.0f, raw, (int)d_sae);
 }
 
-void sae__activate_inplace(const sae_model *m, float *pre, size_t n)
+/* Per-worker heaps of `entries` each, for `chunks` workers. */
+static sae__scored *worker_heaps(size_t chunks, size_t entries)
 {
-    const size_t d_sae = m->d_sae;
-    switch (m->arch) {
-    case SAE_ARCH_RELU:
-    case SAE_ARCH_TOPK: /* TopK's selection happens after, on the rectified values */
-        for (size_t i = 0; i < n * d_sae; i++)
-            pre[i] = pre[i] > 0.0f ? pre[i] : 0.0f;
-        break;
-    case SAE_ARCH_JUMPRELU:
-        for (size_t t = 0; t < n; t++) {
-            float *row = pre + t * d_sae;
-            for (size_t i = 0; i < d_sae; i++)
-                row[i] = (row[i] > m->threshold[i] && row[i] > 0.0f) ? row[i] : 0.0f;
-        }
-        break;
-    case SAE_ARCH_BATCHTOPK: {
-        const float theta = m->batch_threshold;
-        for (size_t i = 0; i < n * d_sae; i++)
-            pre[i] = (pre[i] > theta && pre[i] > 0.0f) ? pre[i] : 0.0f;
-        break;
+    size_t total;
+    if (!sae__mul(chunks, entries ? entries : 1, &total)) {
+        sae__fail(SAE_ENOMEM, "%zu top-k heaps of %zu entries overflow", chunks, entries);
+        return NULL;
     }
-    }
+    return sae__alloc(total, sizeof(sae__scored), "top-k heaps");
+}
+
+typedef struct {
+    const sae_model *m;
+    float *raw;
+    sae__scored *heaps;
+    size_t heap_entries;
+} activate_job;
+
+static void activate_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    const activate_job *job = arg;
+    sae__scored *heap = job->heaps ? job->heaps + worker * job->heap_entries : NULL;
+    for (size_t t = begin; t < end; t++)
+        sae__activate_row(job->m, job->raw + t * job->m->d_sae, heap);
+}
+
+int sae__activate_rows(const sae_model *m, float *raw, size_t n)
+{
+    const size_t threads = n > 1 ? sae__model_threads(m) : 1;
+    const size_t grain = sae__grain(m->d_sae);
+    const size_t chunks = sae__parallel_chunks(threads, n, grain);
+    activate_job job = {m, raw, NULL, m->k < m->d_sae ? m->k : m->d_sae};
+    if (m->arch == SAE_ARCH_TOPK && (job.heaps = worker_heaps(chunks, job.heap_entries)) == NULL)
+        return SAE_ENOMEM;
+    sae__parallel_for(threads, n, grain, activate_range, &job);
+    free(job.heaps);
+    return SAE_OK;
 }
 
 static int check_encode_args(const char *fn, const sae_model *m, const float *x, size_t n,
@@ -88,24 +99,42 @@ int sae_encode(const sae_model *m, const float *x, size_t n, float *f)
     if (rc != SAE_OK || n == 0)
         return rc;
     float *xs = NULL;
-    sae__scored *heap = NULL;
-    if (!input_is_raw(m) && (xs = sae__alloc(n * m->d_in, sizeof(float), "encode scratch")) == NULL)
+    if (!sae__encoder_reads_x(m) &&
+        (xs = sae__alloc(n * m->d_in, sizeof(float), "encode scratch")) == NULL)
         return SAE_ENOMEM;
-    if (m->arch == SAE_ARCH_TOPK &&
-        (heap = sae__alloc(m->k < m->d_sae ? m->k : m->d_sae, sizeof *heap, "top-k heap")) == NULL) {
-        free(xs);
-        return SAE_ENOMEM;
-    }
-    sae__preact(m, x, n, xs, f);
-    if (m->arch == SAE_ARCH_TOPK) {
-        for (size_t t = 0; t < n; t++)
-            sae__topk_dense(f + t * m->d_sae, m->d_sae, m->k, heap);
-    } else {
-        sae__activate_inplace(m, f, n);
-    }
+    sae__encoder_product(m, x, n, xs, f);
     free(xs);
-    free(heap);
-    return SAE_OK;
+    return sae__activate_rows(m, f, n);
+}
+
+typedef struct {
+    const sae_model *m;
+    const float *raw; /* the block's products */
+    size_t first;     /* the block's first token */
+    size_t k, select;
+    uint32_t *idx, *count;
+    float *val;
+    sae__scored *heaps;
+} sparse_job;
+
+static void select_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    const sparse_job *job = arg;
+    sae__scored *heap = job->heaps + worker * job->select;
+    const size_t k = job->k;
+    for (size_t r = begin; r < end; r++) {
+        const size_t t = job->first + r;
+        size_t kept = sae__select_codes(job->m, job->raw + r * job->m->d_sae, job->select, heap);
+        for (size_t j = 0; j < kept; j++) {
+            job->idx[t * k + j] = heap[j].index;
+            job->val[t * k + j] = heap[j].value;
+        }
+        for (size_t j = kept; j < k; j++) {
+            job->idx[t * k + j] = 0;
+            job->val[t * k + j] = 0.0f;
+        }
+        job->count[t] = (uint32_t)kept;
+    }
 }
 
 int sae_encode_sparse(const sae_model *m, const float *x, size_t n, size_t k, uint32_t *idx,
@@ -131,38 +160,27 @@ int sae_encode_sparse(const sae_model *m, const float *x, size_t n, size_t k, ui
     if (select > m->d_sae)
         select = m->d_sae;
     const size_t block = sae__block_tokens(m->d_sae, n);
-    float *pre = sae__alloc(block * m->d_sae, sizeof(float), "encode scratch");
-    float *xs = input_is_raw(m) ? NULL : sae__alloc(block * m->d_in, sizeof(float), "encode scratch");
-    sae__scored *heap = sae__alloc(select, sizeof *heap, "top-k heap");
-    if (pre == NULL || heap == NULL || (xs == NULL && !input_is_raw(m))) {
-        free(pre);
+    const size_t threads = n > 1 ? sae__model_threads(m) : 1, grain = sae__grain(m->d_sae);
+    const size_t chunks = sae__parallel_chunks(threads, block, grain);
+    float *raw = sae__alloc(block * m->d_sae, sizeof(float), "encode scratch");
+    float *xs = sae__encoder_reads_x(m) ? NULL
+                                        : sae__alloc(block * m->d_in, sizeof(float), "encode scratch");
+    sae__scored *heaps = worker_heaps(chunks, select);
+    if (raw == NULL || heaps == NULL || (xs == NULL && !sae__encoder_reads_x(m))) {
+        free(raw);
         free(xs);
-        free(heap);
+        free(heaps);
         return SAE_ENOMEM;
     }
+    sparse_job job = {m, raw, 0, k, select, idx, count, val, heaps};
     for (size_t first = 0; first < n; first += block) {
         size_t rows = n - first < block ? n - first : block;
-        sae__preact(m, x + first * m->d_in, rows, xs, pre);
-        if (m->arch != SAE_ARCH_TOPK)
-            sae__activate_inplace(m, pre, rows);
-        for (size_t r = 0; r < rows; r++) {
-            size_t t = first + r;
-            size_t kept = sae__topk_select(pre + r * m->d_sae, m->d_sae, select, heap);
-            uint32_t nonzero = 0;
-            for (size_t j = 0; j < kept && heap[j].value > 0.0f; j++) {
-                idx[t * k + j] = heap[j].index;
-                val[t * k + j] = heap[j].value;
-                nonzero++;
-            }
-            for (size_t j = nonzero; j < k; j++) {
-                idx[t * k + j] = 0;
-                val[t * k + j] = 0.0f;
-            }
-            count[t] = nonzero;
-        }
+        sae__encoder_product(m, x + first * m->d_in, rows, xs, raw);
+        job.first = first;
+        sae__parallel_for(threads, rows, grain, select_range, &job);
     }
-    free(pre);
+    free(raw);
     free(xs);
-    free(heap);
+    free(heaps);
     return SAE_OK;
 }

@@ -139,6 +139,7 @@ struct sae_model {
     int apply_b_dec;      /* 0 or 1 */
     float input_scale;    /* > 0 */
     float batch_threshold;/* BatchTopK */
+    size_t threads;       /* SAE_PARAM_THREADS: 0 = every core this process may use */
     const char *format;   /* "new", "libsae", ... */
     sae__dtype dtype;     /* storage dtype of the source */
     unsigned owned;       /* bit t set: tensor t (sae_tensor) was malloc'd, else it is in map */
@@ -162,11 +163,12 @@ void sae__model_weights_changed(sae_model *m);
 
 /* ---- encoding (encode.c, topk.c) ----------------------------------------------------------- */
 
-/* pre [n][d_sae] = (scale*x - apply*b_dec) @ W_enc + b_enc, with xs [n][d_in] as scratch. */
-void sae__preact(const sae_model *m, const float *x, size_t n, float *xs, float *pre);
-/* Turns pre-activations into codes in place (all architectures except TopK's selection, which
- * needs heap scratch of K entries: sae__topk_inplace). */
-void sae__activate_inplace(const sae_model *m, float *pre, size_t n);
+/* raw [n][d_sae] = (scale*x - apply*b_dec) @ W_enc, one BLAS call; xs [n][d_in] is scratch,
+ * unused (may be NULL) when sae__encoder_reads_x. b_enc is left to the pass over each row that
+ * follows (sae__activate_row, sae__select_codes), which adds it as the GEMM would have. */
+void sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw);
+/* Whether the encoder reads x as it is (INPUT_SCALE 1, b_dec not applied): no xs needed. */
+bool sae__encoder_reads_x(const sae_model *m);
 
 typedef struct {
     float value;
@@ -177,16 +179,49 @@ typedef struct {
  * min(k, len), sorted largest first. Linear in len (a k-element min-heap rejects most entries
  * with one comparison). Returns k'. */
 size_t sae__topk_select(const float *v, size_t len, size_t k, sae__scored *heap);
-/* Keeps the selected positions of the nonzero ... helper for dense TopK: zeroes all but the K
- * largest of v and applies ReLU; heap is scratch of K entries. */
-void sae__topk_dense(float *v, size_t len, size_t k, sae__scored *heap);
 
-/* Tokens per block when a call needs [block][d_sae] scratch: keeps scratch near 16 MiB while
+/* One token's codes from its raw encoder product (one row of sae__encoder_product), in place:
+ * adds b_enc and applies the activation; TopK keeps the K largest (ties: lower index first) and
+ * zeroes the rest, using heap as scratch of min(K, d_sae) entries (unused otherwise). */
+void sae__activate_row(const sae_model *m, float *row, sae__scored *heap);
+/* One token's k strongest nonzero codes from its raw encoder product, fused into one pass (the
+ * codes are never written out): into heap[0..k'), largest first, ties lower index first, every
+ * value > 0; returns k'. A TopK caller passes k <= K. */
+size_t sae__select_codes(const sae_model *m, const float *raw, size_t k, sae__scored *heap);
+/* sae__activate_row on n rows across the model's threads. Errors: SAE_ENOMEM (scratch). */
+int sae__activate_rows(const sae_model *m, float *raw, size_t n);
+
+/* Tokens per block when a call needs [block][d_sae] scratch: keeps scratch near 64 MiB while
  * leaving GEMMs large enough to run at full speed. */
 size_t sae__block_tokens(size_t d_sae, size_t n);
 
-/* x_hat rows from codes: x_hat = (f @ W_dec + b_dec) / scale. */
-void sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat);
+/* x_hat = (b_dec + sum_j val[j] * W_dec[idx[j]]) / scale for one token of count pairs, indices
+ * already checked. */
+void sae__decode_token(const sae_model *m, const uint32_t *idx, const float *val, size_t count,
+                       float *x_hat);
+/* x_hat rows from dense codes, (f @ W_dec + b_dec) / scale: a GEMM, or for sparse codes only the
+ * rows of W_dec in use, across the model's threads. Errors: SAE_ENOMEM. */
+int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat);
+
+/* ---- threads across tokens (parallel.c) ---------------------------------------------------- */
+
+/* The threads a call on m may use: SAE_PARAM_THREADS, with 0 resolved to the cores this process
+ * may run on; at least 1. */
+size_t sae__model_threads(const sae_model *m);
+/* fn(ctx, begin, end, worker) over a part [begin, end) of [0, count); worker < the number of
+ * chunks, which sae__parallel_chunks gives (so callers can size per-worker scratch). */
+typedef void (*sae__range_fn)(void *ctx, size_t begin, size_t end, size_t worker);
+/* Items per chunk worth a thread when each item costs about `work` element operations: enough
+ * that a chunk outlasts creating its thread many times over. */
+size_t sae__grain(size_t work);
+/* How many contiguous chunks sae__parallel_for splits count items into: at most threads, each of
+ * at least grain items, at least 1. */
+size_t sae__parallel_chunks(size_t threads, size_t count, size_t grain);
+/* Runs fn over [0, count) in sae__parallel_chunks(threads, count, grain) chunks, the first on the
+ * calling thread, and returns when all are done. Never call it while a BLAS call is running: the
+ * two would fight over the cores. fn may call level-1 BLAS (OpenBLAS runs those short vectors on
+ * the calling thread). */
+void sae__parallel_for(size_t threads, size_t count, size_t grain, sae__range_fn fn, void *ctx);
 
 /* ---- .npy headers (npy.c; shared with the npz reader) -------------------------------------- */
 

@@ -209,7 +209,8 @@ static int param_applies(const sae_model *m, sae_model_param p)
                              sae_arch_name(m->arch));
         return SAE_OK;
     case SAE_PARAM_APPLY_B_DEC_TO_INPUT:
-    case SAE_PARAM_INPUT_SCALE: return SAE_OK;
+    case SAE_PARAM_INPUT_SCALE:
+    case SAE_PARAM_THREADS: return SAE_OK;
     default: return sae__fail(SAE_EINVAL, "unknown model parameter %d", (int)p);
     }
 }
@@ -241,6 +242,12 @@ int sae_model_set_param(sae_model *m, sae_model_param p, double value)
             return sae__fail(SAE_EINVAL, "THRESHOLD must be finite, not %g", value);
         m->batch_threshold = (float)value;
         break;
+    case SAE_PARAM_THREADS:
+        if (!(value >= 0.0 && value <= 1024.0) || value != floor(value))
+            return sae__fail(SAE_EINVAL, "THREADS must be a whole number from 0 to 1024, not %g",
+                             value);
+        m->threads = (size_t)value;
+        break;
     }
     return SAE_OK;
 }
@@ -257,6 +264,7 @@ int sae_model_get_param(const sae_model *m, sae_model_param p, double *value)
     case SAE_PARAM_APPLY_B_DEC_TO_INPUT: *value = m->apply_b_dec; break;
     case SAE_PARAM_INPUT_SCALE: *value = m->input_scale; break;
     case SAE_PARAM_THRESHOLD: *value = m->batch_threshold; break;
+    case SAE_PARAM_THREADS: *value = (double)m->threads; break;
     }
     return SAE_OK;
 }

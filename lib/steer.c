@@ -374,39 +374,79 @@ static int apply_gathered(const sae_model *m, const enc_plan *p, float *x, size_
     return SAE_OK;
 }
 
-/* TopK: the full encoder, then the plan's features read from the dense codes. */
+typedef struct {
+    const sae_model *m;
+    const enc_plan *p;
+    const float *raw;
+    float *delta;
+    sae__scored *heaps;
+    size_t kept_max;
+} topk_delta_job;
+
+/* Each token's K strongest codes, then each plan feature's code: its value if selected, else 0.
+ * The kept entries come strongest first, so each is looked up in the plan (sorted by feature). */
+static void topk_delta_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    const topk_delta_job *job = arg;
+    const enc_plan *p = job->p;
+    sae__scored *heap = job->heaps + worker * job->kept_max;
+    for (size_t r = begin; r < end; r++) {
+        size_t kept = sae__select_codes(job->m, job->raw + r * job->m->d_sae, job->kept_max, heap);
+        float *d = job->delta + r * p->me;
+        for (size_t c = 0; c < p->me; c++)
+            d[c] = 0.0f;
+        for (size_t j = 0; j < kept; j++) {
+            size_t lo = 0, hi = p->me;
+            while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+                if (p->ops[mid]->feature < heap[j].index)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            if (lo < p->me && p->ops[lo]->feature == heap[j].index)
+                d[lo] = heap[j].value;
+        }
+        for (size_t c = 0; c < p->me; c++)
+            d[c] = delta_of(p->ops[c], d[c]);
+    }
+}
+
+/* TopK: the full encoder product, then each token's selection across threads. */
 static int apply_full(const sae_model *m, const enc_plan *p, float *x, size_t n)
 {
     const size_t d_in = m->d_in, d_sae = m->d_sae, me = p->me;
     const size_t tokens = sae__block_tokens(d_sae, n);
-    float *pre = sae__alloc(tokens * d_sae, sizeof(float), "steering scratch");
-    float *xs = sae__alloc(tokens * d_in, sizeof(float), "steering scratch");
+    const size_t threads = n > 1 ? sae__model_threads(m) : 1, grain = sae__grain(d_sae);
+    const size_t chunks = sae__parallel_chunks(threads, tokens, grain);
+    topk_delta_job job = {m, p, NULL, NULL, NULL, m->k < d_sae ? m->k : d_sae};
+    float *raw = sae__alloc(tokens * d_sae, sizeof(float), "steering scratch");
+    float *xs = sae__encoder_reads_x(m) ? NULL
+                                        : sae__alloc(tokens * d_in, sizeof(float), "steering scratch");
     float *delta = sae__alloc(tokens * me, sizeof(float), "steering scratch");
-    sae__scored *heap = sae__alloc(m->k < d_sae ? m->k : d_sae, sizeof *heap, "top-k heap");
+    sae__scored *heaps = sae__alloc(chunks * job.kept_max, sizeof *heaps, "top-k heaps");
     int rc = SAE_OK;
-    if (pre == NULL || xs == NULL || delta == NULL || heap == NULL) {
+    if (raw == NULL || (xs == NULL && !sae__encoder_reads_x(m)) || delta == NULL || heaps == NULL) {
         rc = SAE_ENOMEM;
         goto done;
     }
+    job.raw = raw;
+    job.delta = delta;
+    job.heaps = heaps;
     if (p->n_blocks == 1)
         gather_dec(m, p, 0, me);
     for (size_t t0 = 0; t0 < n; t0 += tokens) {
         const size_t rows = n - t0 < tokens ? n - t0 : tokens;
         float *xr = x + t0 * d_in;
-        sae__preact(m, xr, rows, xs, pre);
-        for (size_t r = 0; r < rows; r++) {
-            float *f = pre + r * d_sae;
-            sae__topk_dense(f, d_sae, m->k, heap);
-            for (size_t c = 0; c < me; c++)
-                delta[r * me + c] = delta_of(p->ops[c], f[p->ops[c]->feature]);
-        }
+        sae__encoder_product(m, xr, rows, xs, raw);
+        sae__parallel_for(threads, rows, grain, topk_delta_range, &job);
         add_deltas(m, p, delta, rows, xr);
     }
 done:
-    free(pre);
+    free(raw);
     free(xs);
     free(delta);
-    free(heap);
+    free(heaps);
     return rc;
 }
 
