@@ -1,0 +1,257 @@
+/* Data-parallel training with Open MPI through sae_trainer_set_allreduce: every process steps on
+ * its own share of each global batch, the trainer's gradient buffer is summed with MPI_Allreduce,
+ * and every process takes the same step, so all hold the same weights.
+ *
+ *   mpirun -np P train_mpi [options] ACTS.npy
+ *     --arch topk|batchtopk|relu  (topk)    --latents N  (8 * d_in)   --k K (32)
+ *     --batch N     tokens per process per step (1024)     --steps N (200)   --seed N (0)
+ *     --lr X        --out PATH  (rank 0 saves the model there)
+ *     --selftest    rank 0 also trains a second model alone on each combined batch and checks,
+ *                   step by step, that the data-parallel weights equal it to float tolerance;
+ *                   then every process checks that all processes hold bit-identical weights.
+ *
+ * Global step s uses rows [s * P * N, (s + 1) * P * N) of the file (wrapping around), and process
+ * r takes the r-th slice of N rows. Every process initializes from the same first rows. */
+#include <limits.h>
+#include <math.h>
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sae.h"
+
+/* The hook: one MPI_Allreduce (in pieces if the buffer is longer than an int can count). */
+static int mpi_allreduce(float *buf, size_t count, void *user)
+{
+    MPI_Comm comm = *(MPI_Comm *)user;
+    while (count > 0) {
+        int piece = count > (size_t)INT_MAX ? INT_MAX : (int)count;
+        if (MPI_Allreduce(MPI_IN_PLACE, buf, piece, MPI_FLOAT, MPI_SUM, comm) != MPI_SUCCESS)
+            return -1;
+        buf += piece;
+        count -= (size_t)piece;
+    }
+    return 0;
+}
+
+/* Rows [first, first + n) of the file, wrapping around its end. */
+static int read_wrapped(sae_npy *a, size_t first, size_t n, float *dst)
+{
+    size_t rows = sae_npy_rows(a), cols = sae_npy_cols(a);
+    first %= rows;
+    while (n > 0) {
+        size_t take = rows - first < n ? rows - first : n;
+        if (sae_npy_read(a, first, take, dst) != SAE_OK)
+            return -1;
+        dst += take * cols;
+        n -= take;
+        first = 0;
+    }
+    return 0;
+}
+
+static void die(int rank, const char *what)
+{
+    fprintf(stderr, "rank %d: %s: %s\n", rank, what, sae_last_error());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+static float *all_weights(const sae_model *m, size_t *count)
+{
+    size_t d = sae_model_d_in(m), s = sae_model_d_sae(m), w = d * s;
+    *count = 2 * w + s + d;
+    float *v = malloc(*count * sizeof(float));
+    if (v == NULL || sae_model_get_tensor(m, SAE_W_ENC, v) != SAE_OK ||
+        sae_model_get_tensor(m, SAE_W_DEC, v + w) != SAE_OK ||
+        sae_model_get_tensor(m, SAE_B_ENC, v + 2 * w) != SAE_OK ||
+        sae_model_get_tensor(m, SAE_B_DEC, v + 2 * w + s) != SAE_OK) {
+        free(v);
+        return NULL;
+    }
+    return v;
+}
+
+static sae_trainer *make(sae_model **m, sae_arch arch, size_t d_in, size_t latents, size_t k,
+                         double lr, size_t steps, size_t seed, int rank)
+{
+    sae_trainer *t;
+    if (sae_model_new(m, arch, d_in, latents) != SAE_OK ||
+        (arch != SAE_ARCH_RELU && sae_model_set_param(*m, SAE_PARAM_K, (double)k) != SAE_OK) ||
+        sae_trainer_new(&t, *m) != SAE_OK ||
+        sae_trainer_set_param(t, SAE_TRAIN_TOTAL_STEPS, (double)steps) != SAE_OK ||
+        sae_trainer_set_param(t, SAE_TRAIN_SEED, (double)seed) != SAE_OK ||
+        /* a short run: let latents die (and AuxK act) within it */
+        sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 20000) != SAE_OK ||
+        (lr > 0 && sae_trainer_set_param(t, SAE_TRAIN_LR, lr) != SAE_OK))
+        die(rank, "creating the trainer");
+    return t;
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm comm = MPI_COMM_WORLD;
+    int rank, procs;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &procs);
+
+    sae_arch arch = SAE_ARCH_TOPK;
+    size_t latents = 0, k = 32, batch = 1024, steps = 200, seed = 0;
+    double lr = 0;
+    int selftest = 0, i = 1;
+    const char *out = NULL;
+    for (; i < argc && strncmp(argv[i], "--", 2) == 0; i++) {
+        if (strcmp(argv[i], "--selftest") == 0) {
+            selftest = 1;
+            continue;
+        }
+        if (i + 1 >= argc)
+            break;
+        const char *opt = argv[i], *val = argv[++i];
+        if (strcmp(opt, "--arch") == 0 && sae_arch_from_name(val, &arch) == SAE_OK)
+            continue;
+        if (strcmp(opt, "--latents") == 0)
+            latents = (size_t)atol(val);
+        else if (strcmp(opt, "--k") == 0)
+            k = (size_t)atol(val);
+        else if (strcmp(opt, "--batch") == 0)
+            batch = (size_t)atol(val);
+        else if (strcmp(opt, "--steps") == 0)
+            steps = (size_t)atol(val);
+        else if (strcmp(opt, "--seed") == 0)
+            seed = (size_t)atol(val);
+        else if (strcmp(opt, "--lr") == 0)
+            lr = atof(val);
+        else if (strcmp(opt, "--out") == 0)
+            out = val;
+        else {
+            if (rank == 0)
+                fprintf(stderr, "bad option %s %s\n", opt, val);
+            MPI_Finalize();
+            return 2;
+        }
+    }
+    if (i != argc - 1 || batch == 0 || k == 0) {
+        if (rank == 0)
+            fprintf(stderr, "usage: mpirun -np P train_mpi [--arch A] [--latents N] [--k K] "
+                            "[--batch N] [--steps N] [--seed N] [--lr X] [--out PATH] "
+                            "[--selftest] ACTS.npy\n");
+        MPI_Finalize();
+        return 2;
+    }
+    sae_npy *a;
+    if (sae_npy_open(&a, argv[i]) != SAE_OK)
+        die(rank, argv[i]);
+    const size_t d_in = sae_npy_cols(a), P = (size_t)procs;
+    if (latents == 0)
+        latents = 8 * d_in;
+
+    sae_model *m, *ref_m = NULL;
+    sae_trainer *t = make(&m, arch, d_in, latents, k, lr, steps, seed, rank), *ref = NULL;
+    size_t init_rows = sae_npy_rows(a) < 8192 ? sae_npy_rows(a) : 8192;
+    float *x = malloc(P * batch * d_in * sizeof(float));
+    float *init = malloc(init_rows * d_in * sizeof(float));
+    if (x == NULL || init == NULL || read_wrapped(a, 0, init_rows, init) != 0)
+        die(rank, "reading the init sample");
+    if (sae_trainer_init(t, init, init_rows) != SAE_OK)
+        die(rank, "init");
+    if (sae_trainer_set_allreduce(t, mpi_allreduce, &comm) != SAE_OK)
+        die(rank, "set_allreduce");
+    if (selftest && rank == 0) {
+        ref = make(&ref_m, arch, d_in, latents, k, lr, steps, seed, rank);
+        if (sae_trainer_init(ref, init, init_rows) != SAE_OK)
+            die(rank, "init");
+    }
+
+    double worst = 0.0, start = MPI_Wtime();
+    int failed = 0;
+    for (size_t s = 0; s < steps && !failed; s++) {
+        size_t global_first = s * P * batch;
+        /* Rank 0 in a selftest reads the whole global batch; the others only their slice. */
+        if (ref != NULL) {
+            if (read_wrapped(a, global_first, P * batch, x) != 0)
+                die(rank, "reading");
+        } else if (read_wrapped(a, global_first + (size_t)rank * batch, batch,
+                                x + (size_t)rank * batch * d_in) != 0) {
+            die(rank, "reading");
+        }
+        if (sae_trainer_step(t, x + (size_t)rank * batch * d_in, batch) != SAE_OK)
+            die(rank, "step");
+        if (ref != NULL) {
+            if (sae_trainer_step(ref, x, P * batch) != SAE_OK)
+                die(rank, "reference step");
+            size_t n;
+            float *w = all_weights(m, &n), *wr = all_weights(ref_m, &n);
+            if (w == NULL || wr == NULL)
+                die(rank, "reading weights");
+            double diff = 0.0;
+            for (size_t j = 0; j < n; j++) {
+                double d = fabs((double)w[j] - wr[j]) / (1.0 + fabs((double)wr[j]));
+                diff = d > diff ? d : diff;
+            }
+            double fvu, fvu_ref;
+            sae_trainer_get_metric(t, SAE_METRIC_FVU, &fvu);
+            sae_trainer_get_metric(ref, SAE_METRIC_FVU, &fvu_ref);
+            worst = diff > worst ? diff : worst;
+            /* Sums in a different order differ by float rounding; Adam can turn that into a
+             * learning-rate-sized difference for a weight whose gradient is near zero. */
+            if (diff > 1e-3 || fabs(fvu - fvu_ref) > 1e-4 * (1.0 + fvu_ref)) {
+                fprintf(stderr, "step %zu: data-parallel weights differ from one process by %g "
+                                "(FVU %g vs %g)\n", s + 1, diff, fvu, fvu_ref);
+                failed = 1;
+            }
+            free(w);
+            free(wr);
+        }
+        if (selftest) /* everyone stops together rather than waiting in the next allreduce */
+            MPI_Bcast(&failed, 1, MPI_INT, 0, comm);
+        if (rank == 0 && ((s + 1) % 50 == 0 || s + 1 == steps)) {
+            double loss, fvu, l0, dead;
+            sae_trainer_get_metric(t, SAE_METRIC_LOSS, &loss);
+            sae_trainer_get_metric(t, SAE_METRIC_FVU, &fvu);
+            sae_trainer_get_metric(t, SAE_METRIC_L0, &l0);
+            sae_trainer_get_metric(t, SAE_METRIC_DEAD_FRACTION, &dead);
+            printf("step %zu/%zu  %d processes  %.0f tok/s  loss %.4f  fvu %.4f  l0 %.1f  "
+                   "dead %.1f%%\n", s + 1, steps, procs,
+                   (double)((s + 1) * P * batch) / (MPI_Wtime() - start), loss, fvu, l0,
+                   100 * dead);
+            fflush(stdout);
+        }
+    }
+    MPI_Bcast(&failed, 1, MPI_INT, 0, comm);
+    if (selftest && !failed) {
+        /* Every process must hold exactly the same weights: compare each with rank 0's. */
+        size_t n;
+        float *w = all_weights(m, &n), *w0 = malloc(n * sizeof(float));
+        if (w == NULL || w0 == NULL)
+            die(rank, "reading weights");
+        memcpy(w0, w, n * sizeof(float));
+        MPI_Bcast(w0, (int)n, MPI_FLOAT, 0, comm);
+        int same = memcmp(w, w0, n * sizeof(float)) == 0, all_same;
+        MPI_Allreduce(&same, &all_same, 1, MPI_INT, MPI_MIN, comm);
+        if (!all_same) {
+            if (rank == 0)
+                fprintf(stderr, "the processes' weights are not identical\n");
+            failed = 1;
+        }
+        free(w);
+        free(w0);
+        if (rank == 0 && !failed)
+            printf("selftest passed: %zu %s steps on %d processes equal one process on the "
+                   "combined batches (largest relative weight difference %.3g)\n",
+                   steps, sae_arch_name(arch), procs, worst);
+    }
+    if (out != NULL && rank == 0 && !failed && sae_model_save(m, out) != SAE_OK)
+        die(rank, "saving");
+    free(x);
+    free(init);
+    sae_npy_close(a);
+    sae_trainer_free(t);
+    sae_trainer_free(ref);
+    sae_model_free(m);
+    sae_model_free(ref_m);
+    MPI_Finalize();
+    return failed;
+}
