@@ -345,7 +345,7 @@ static int ensure_scratch(sae_trainer *t, size_t n)
     s.err = sae__alloc(n * d_in, sizeof(float), "training scratch");
     s.pre = sae__alloc(n * d_sae, sizeof(float), "training scratch");
     bool ok = s.xs && s.xin && s.err && s.pre;
-    if (ok && (!t->sparse || m->arch == SAE_ARCH_BATCHTOPK))
+    if (ok) /* ReLU's dL/dpre, BatchTopK's selection, the dense AuxK codes */
         ok = (s.dense = sae__alloc(n * d_sae, sizeof(float), "training scratch")) != NULL;
     if (ok && t->sparse) {
         s.act_idx = sae__alloc(act, sizeof(uint32_t), "active latents");
@@ -735,6 +735,15 @@ static void select_auxk(sae_trainer *t, size_t n, size_t n_dead, size_t auxk)
     for (size_t i = 0; i < n; i++) {
         t->aux_ptr[i] = used;
         const float *row = t->pre + i * d_sae;
+        if (auxk >= n_dead) { /* every dead latent is in: no selection, no sort */
+            for (size_t j = 0; j < n_dead; j++) {
+                if (row[t->dead[j]] > 0.0f) {
+                    t->aux_idx[used] = t->dead[j];
+                    t->aux_val[used++] = row[t->dead[j]];
+                }
+            }
+            continue;
+        }
         for (size_t j = 0; j < n_dead; j++)
             t->dead_pre[j] = row[t->dead[j]];
         size_t kept = sae__topk_select(t->dead_pre, n_dead, auxk, t->heap);
@@ -822,11 +831,13 @@ static void sparse_pass(sae_trainer *t, size_t n)
 
     const float g_main = (float)(2.0 / t->mse_norm);
     const float g_aux = (float)(2.0 * coeff / t->aux_norm);
+    /* Many AuxK latents per token (OpenAI's 256 against a few thousand latents) are cheaper as
+     * dense GEMMs over a [n][d_sae] code matrix than as per-latent vector operations. */
+    const bool aux_dense = auxk > 0 && 16 * auxk >= d_sae;
     double sse = 0.0, aux = 0.0;
     float *g_bdec = buf + L->b_dec, *d = t->tmp;
     for (size_t i = 0; i < n; i++) {
         float *e = t->err + i * d_in;
-        const float *xin = t->xin + i * d_in;
         for (size_t j = 0; j < d_in; j++)
             e[j] = m->b_dec[j] - t->xs[i * d_in + j];
         for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++) {
@@ -835,17 +846,49 @@ static void sparse_pass(sae_trainer *t, size_t n)
         }
         sse += vdot(d_in, e, e);
         vaxpy(d_in, 1.0f, e, sum_err);
-        /* Every token joins the AuxK term once any latent is dead, even with no positive dead
-         * pre-activation (then e_aux = 0), as OpenAI's normalized_mse over the batch does. */
-        bool has_aux = auxk > 0;
-        if (has_aux) {
+    }
+    /* Every token joins the AuxK term once any latent is dead, even with no positive dead
+     * pre-activation (then e_aux = 0), as OpenAI's normalized_mse over the batch does. OpenAI
+     * decodes the AuxK latents with pre_bias added, so b_dec gets this gradient too. */
+    float *FA = t->dense, *D = t->xs, *GA = t->pre; /* xs and pre are not needed any more */
+    if (aux_dense) {
+        memset(FA, 0, n * d_sae * sizeof(float));
+        for (size_t i = 0; i < n; i++)
+            for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
+                FA[i * d_sae + t->aux_idx[a]] = t->aux_val[a];
+        memcpy(D, t->err, n * d_in * sizeof(float));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, (int)d_sae, 1.0f,
+                    FA, (int)d_sae, m->W_dec, (int)d_in, 1.0f, D, (int)d_in);
+        for (size_t i = 0; i < n; i++) {
+            float *di = D + i * d_in;
+            aux += vdot(d_in, di, di);
+            for (size_t j = 0; j < d_in; j++)
+                di[j] *= g_aux;
+            vaxpy(d_in, 1.0f, di, g_bdec);
+        }
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_sae, (int)d_in, (int)n, 1.0f,
+                    FA, (int)d_sae, D, (int)d_in, 1.0f, buf + L->W_dec, (int)d_in);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_sae, (int)d_in, 1.0f,
+                    D, (int)d_in, m->W_dec, (int)d_in, 0.0f, GA, (int)d_sae);
+        float *g_benc = buf + L->b_enc;
+        for (size_t i = 0; i < n; i++)
+            for (size_t j = 0; j < d_sae; j++) {
+                float g = FA[i * d_sae + j] > 0.0f ? GA[i * d_sae + j] : 0.0f;
+                GA[i * d_sae + j] = g;
+                g_benc[j] += g;
+            }
+    }
+    for (size_t i = 0; i < n; i++) {
+        float *e = t->err + i * d_in;
+        const float *xin = t->xin + i * d_in;
+        const bool aux_sparse = auxk > 0 && !aux_dense;
+        if (aux_sparse) {
             memcpy(d, e, d_in * sizeof(float));
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
                 vaxpy(d_in, t->aux_val[a], m->W_dec + (size_t)t->aux_idx[a] * d_in, d);
             aux += vdot(d_in, d, d);
-                    for (size_t j = 0; j < d_in; j++)
+            for (size_t j = 0; j < d_in; j++)
                 d[j] *= g_aux;
-            /* OpenAI decodes the AuxK latents with pre_bias added, so b_dec gets this too. */
             vaxpy(d_in, 1.0f, d, g_bdec);
         }
         for (size_t j = 0; j < d_in; j++)
@@ -853,7 +896,7 @@ static void sparse_pass(sae_trainer *t, size_t n)
         vaxpy(d_in, 1.0f, e, g_bdec);
         for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++)
             backprop_latent(t, t->act_idx[a], t->act_val[a], e, xin);
-        if (has_aux)
+        if (aux_sparse)
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
                 backprop_latent(t, t->aux_idx[a], t->aux_val[a], d, xin);
     }
@@ -868,6 +911,9 @@ static void sparse_pass(sae_trainer *t, size_t n)
         memset(row, 0, d_in * sizeof(float));
         t->touched[j] = 0;
     }
+    if (aux_dense)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_in, (int)d_sae, (int)n, 1.0f,
+                    t->xin, (int)d_in, GA, (int)d_sae, 1.0f, g_enc, (int)d_sae);
     st[SAE__STAT_SSE] = (float)sse;
     st[SAE__STAT_LOSS] = (float)(sse / t->mse_norm);
     st[SAE__STAT_AUX] = (float)aux;

@@ -254,7 +254,7 @@ static double metric(const sae_trainer *t, sae_train_metric which)
 
 /* Takes a first step (so some latents die with DEAD_TOKENS = 1 and the AuxK normalizer is set),
  * then checks the second step's gradient buffer against central differences of ref_loss. */
-static void check_gradient(sae_arch arch, int apply_b_dec)
+static void check_gradient(sae_arch arch, int apply_b_dec, size_t auxk)
 {
     const size_t d = 6, s = 20, n = 9;
     sae_model *m;
@@ -266,7 +266,7 @@ static void check_gradient(sae_arch arch, int apply_b_dec)
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 1));
-    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_AUXK, 4));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_AUXK, (double)auxk));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_AUXK_COEFF, 0.5));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_L1_COEFF, 0.7));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 0.05));
@@ -316,7 +316,7 @@ static void check_gradient(sae_arch arch, int apply_b_dec)
     ref_get(m, &r);
     ref_forward(&r, b2, n, xs, pre, f);
     ref_error(&r, xs, f, n, e);
-    ref_ctx c = {svar, var, 0.7, 0.5, 4, arch == SAE_ARCH_RELU ? NULL : dead, e, NULL};
+    ref_ctx c = {svar, var, 0.7, 0.5, auxk, arch == SAE_ARCH_RELU ? NULL : dead, e, NULL};
     double *bd0 = tu_malloc(d * sizeof(double));
     memcpy(bd0, r.bd, d * sizeof(double));
     c.bd0 = bd0;
@@ -376,15 +376,20 @@ static void check_gradient(sae_arch arch, int apply_b_dec)
     sae_model_free(m);
 }
 
-START_TEST(gradient_relu) { check_gradient(SAE_ARCH_RELU, 1); }
+/* AUXK 4 of 20 latents takes the dense AuxK path (16 * AUXK >= d_sae), AUXK 1 the sparse one. */
+START_TEST(gradient_relu) { check_gradient(SAE_ARCH_RELU, 1, 4); }
 END_TEST
-START_TEST(gradient_relu_raw_input) { check_gradient(SAE_ARCH_RELU, 0); }
+START_TEST(gradient_relu_raw_input) { check_gradient(SAE_ARCH_RELU, 0, 4); }
 END_TEST
-START_TEST(gradient_topk_with_auxk) { check_gradient(SAE_ARCH_TOPK, 1); }
+START_TEST(gradient_topk_with_auxk) { check_gradient(SAE_ARCH_TOPK, 1, 4); }
 END_TEST
-START_TEST(gradient_topk_raw_input) { check_gradient(SAE_ARCH_TOPK, 0); }
+START_TEST(gradient_topk_with_sparse_auxk) { check_gradient(SAE_ARCH_TOPK, 1, 1); }
 END_TEST
-START_TEST(gradient_batchtopk_with_auxk) { check_gradient(SAE_ARCH_BATCHTOPK, 1); }
+START_TEST(gradient_topk_raw_input) { check_gradient(SAE_ARCH_TOPK, 0, 4); }
+END_TEST
+START_TEST(gradient_batchtopk_with_auxk) { check_gradient(SAE_ARCH_BATCHTOPK, 1, 4); }
+END_TEST
+START_TEST(gradient_batchtopk_with_sparse_auxk) { check_gradient(SAE_ARCH_BATCHTOPK, 0, 1); }
 END_TEST
 
 /* ---- metrics ------------------------------------------------------------------------------- */
@@ -1120,7 +1125,9 @@ static Suite *train_suite(void)
     tcase_add_test(tc, gradient_relu);
     tcase_add_test(tc, gradient_relu_raw_input);
     tcase_add_test(tc, gradient_topk_with_auxk);
+    tcase_add_test(tc, gradient_topk_with_sparse_auxk);
     tcase_add_test(tc, gradient_topk_raw_input);
+    tcase_add_test(tc, gradient_batchtopk_with_sparse_auxk);
     tcase_add_test(tc, gradient_batchtopk_with_auxk);
     tcase_add_test(tc, metrics_match_float64_loops);
     tcase_add_test(tc, dead_fraction_counts_silent_latents);
