@@ -404,7 +404,7 @@ static void check_metrics(sae_arch arch, size_t d, size_t s, size_t k)
     float *sample = make_data(50, d, 11), *x = make_data(n, d, 12);
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
-    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 2 * n));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, (double)(2 * n)));
     ck_assert_ok(sae_trainer_init(t, sample, 50));
     double v;
     ck_assert_sae(sae_trainer_get_metric(t, SAE_METRIC_FVU, &v), SAE_ESTATE);
