@@ -430,7 +430,7 @@ SAE_API int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k
  * Recipes (docs/training.md gives every knob, its default and where that default comes from):
  * - ReLU, Anthropic April 2024: loss = sum_d (x_s - x_hat_s)^2 + L1_COEFF * sum_i f_i ||W_dec[i]||,
  *   averaged over tokens, with an unconstrained decoder (rows start in random directions of norm
- *   DECODER_INIT_NORM = 0.1), L1 coefficient warm-up over the first 5% of TOTAL_STEPS, learning
+ *   DECODER_INIT_NORM, 1 by default; Anthropic and SAELens start at 0.1), L1 coefficient warm-up over the first 5% of TOTAL_STEPS, learning
  *   rate decay to zero over the last 20%, gradient clipping to norm 1.
  * - TopK, OpenAI 2024: loss = sum_d (x_s - x_hat_s)^2 / v, with v the variance of the init sample
  *   (so the loss is about the FVU), plus AUXK_COEFF * the AuxK loss: the AUXK largest
@@ -478,7 +478,7 @@ typedef enum {
     SAE_TRAIN_L1_WARMUP_STEPS = 11, /* whole >= 0; TOTAL_STEPS / 20 until set */
     SAE_TRAIN_LR_DECAY_STEPS = 12,  /* whole >= 0; ReLU TOTAL_STEPS / 5, else 0, until set */
     SAE_TRAIN_GRAD_CLIP = 13,       /* >= 0, max global gradient norm (0: off); ReLU 1, else 0 */
-    SAE_TRAIN_DECODER_INIT_NORM = 14, /* > 0, decoder row norm at init; ReLU 0.1, else 1 */
+    SAE_TRAIN_DECODER_INIT_NORM = 14, /* > 0, decoder row norm at init; default 1 */
     SAE_TRAIN_THRESHOLD_LR = 15,    /* in [0, 1], BatchTopK threshold EMA rate; 0.01 */
     SAE_TRAIN_ADAM_EPS = 16,        /* >= 0; ReLU 1e-8, TopK/BatchTopK 6.25e-10 */
     SAE_TRAIN_NORMALIZE_INPUT = 17, /* 0 or 1: init sets INPUT_SCALE (mean norm sqrt(d_in)); 1 */

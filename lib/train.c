@@ -122,7 +122,7 @@ static void set_defaults(sae_trainer *t)
     p[SAE_TRAIN_L1_WARMUP_STEPS] = 0;
     p[SAE_TRAIN_LR_DECAY_STEPS] = 0;
     p[SAE_TRAIN_GRAD_CLIP] = relu ? 1.0 : 0.0;
-    p[SAE_TRAIN_DECODER_INIT_NORM] = relu ? 0.1 : 1.0;
+    p[SAE_TRAIN_DECODER_INIT_NORM] = 1.0; /* the contract: unit-norm rows after init */
     p[SAE_TRAIN_THRESHOLD_LR] = 0.01;
     p[SAE_TRAIN_ADAM_EPS] = relu ? 1e-8 : 6.25e-10;
     p[SAE_TRAIN_NORMALIZE_INPUT] = 1;
