@@ -146,26 +146,10 @@ int sae__model_from_st(const sae__safetensors *st, sae__map *map, sae_arch arch,
     return SAE_OK;
 }
 
-/* Parses a decimal metadata value that must be present. */
-static int meta_number(const sae__safetensors *st, const char *key, double *out)
-{
-    const char *s = sae__st_meta(st, key);
-    if (s == NULL)
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno == ERANGE || !isfinite(v))
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '%.40s' is not a number",
-                         st->path, key, s);
-    *out = v;
-    return SAE_OK;
-}
-
 static int meta_size(const sae__safetensors *st, const char *key, size_t *out)
 {
     double v;
-    int rc = meta_number(st, key, &v);
+    int rc = sae__st_meta_number(st, key, false, &v);
     if (rc != SAE_OK)
         return rc;
     if (!(v >= 1.0 && v <= 4294967295.0) || v != floor(v))
@@ -191,64 +175,32 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
         (rc = meta_size(st, "d_sae", &d_sae)) != SAE_OK)
         return rc;
     static const char *const names[6] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec", "threshold"};
-    const sae__st_tensor *srcs[6];
-    if ((rc = expect_all(st, arch, d_in, d_sae, names, 0, srcs)) != SAE_OK)
-        return rc;
     sae_model *m;
-    if ((rc = sae__model_alloc(&m, arch, d_in, d_sae)) != SAE_OK)
+    if ((rc = sae__model_from_st(st, map, arch, d_in, d_sae, names, 0, "libsae", &m)) != SAE_OK)
         return rc;
-    bool take = map != NULL && map->data != NULL && map->data == st->data;
-    if (take)
-        m->map = *map;
-    m->format = "libsae";
-
     static const struct {
         const char *key;
         sae_model_param param;
-        bool required_for_topk, batchtopk_only;
     } params[] = {
-        {"apply_b_dec_to_input", SAE_PARAM_APPLY_B_DEC_TO_INPUT, false, false},
-        {"input_scale", SAE_PARAM_INPUT_SCALE, false, false},
-        {"k", SAE_PARAM_K, true, false},
-        {"batch_threshold", SAE_PARAM_THRESHOLD, false, true},
+        {"apply_b_dec_to_input", SAE_PARAM_APPLY_B_DEC_TO_INPUT},
+        {"input_scale", SAE_PARAM_INPUT_SCALE},
+        {"k", SAE_PARAM_K},
+        {"batch_threshold", SAE_PARAM_THRESHOLD},
     };
     for (size_t i = 0; i < sizeof params / sizeof params[0] && rc == SAE_OK; i++) {
-        if (params[i].param == SAE_PARAM_K && arch != SAE_ARCH_TOPK && arch != SAE_ARCH_BATCHTOPK)
-            continue;
-        if (params[i].batchtopk_only && arch != SAE_ARCH_BATCHTOPK)
+        bool topk_like = arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK;
+        if ((params[i].param == SAE_PARAM_K && !topk_like) ||
+            (params[i].param == SAE_PARAM_THRESHOLD && arch != SAE_ARCH_BATCHTOPK))
             continue;
         double v;
-        if ((rc = meta_number(st, params[i].key, &v)) == SAE_OK &&
-            (rc = sae_model_set_param(m, params[i].param, v)) != SAE_OK)
+        if ((rc = sae__st_meta_number(st, params[i].key, false, &v)) == SAE_OK &&
+            sae_model_set_param(m, params[i].param, v) != SAE_OK)
             rc = sae__wrap(SAE_EFORMAT, "%s: __metadata__['%s']: ", st->path, params[i].key);
     }
-    static const struct {
-        sae_tensor t;
-        const char *name;
-    } tensors[] = {{SAE_W_ENC, "W_enc"}, {SAE_W_DEC, "W_dec"}, {SAE_B_ENC, "b_enc"},
-                   {SAE_B_DEC, "b_dec"}, {SAE_THRESHOLD, "threshold"}};
-    for (size_t i = 0; i < sizeof tensors / sizeof tensors[0] && rc == SAE_OK; i++) {
-        sae_tensor t = tensors[i].t;
-        if (sae__model_tensor_count(m, t) == 0)
-            continue;
-        size_t d0 = t == SAE_W_ENC ? d_in : t == SAE_B_DEC ? d_in : d_sae;
-        size_t d1 = t == SAE_W_ENC ? d_sae : t == SAE_W_DEC ? d_in : 0;
-        const sae__st_tensor *src;
-        if ((rc = sae__st_expect(st, tensors[i].name, d0, d1, &src)) == SAE_OK) {
-            rc = sae__model_load_tensor(m, t, st, src, false);
-            if (src->dtype != SAE__F32)
-                m->dtype = src->dtype;
-        }
-    }
     if (rc != SAE_OK) {
-        if (take)
-            m->map = (sae__map){0}; /* the caller still owns the mapping */
-        sae_model_free(m);
+        sae_model_free(m); /* it owns the mapping now; the caller's copy was zeroed */
         return rc;
     }
-    sae__model_weights_changed(m);
-    if (take)
-        *map = (sae__map){0};
     *out = m;
     return SAE_OK;
 }

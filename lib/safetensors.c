@@ -4,6 +4,7 @@
 #include "internal.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -236,6 +237,21 @@ const char *sae__st_meta(const sae__safetensors *st, const char *key)
         return NULL;
     const cJSON *item = cJSON_GetObjectItemCaseSensitive(st->metadata, key);
     return cJSON_IsString(item) ? item->valuestring : NULL;
+}
+
+int sae__st_meta_number(const sae__safetensors *st, const char *key, bool allow_nan, double *out)
+{
+    const char *s = sae__st_meta(st, key);
+    if (s == NULL)
+        return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno == ERANGE || isinf(v) || (isnan(v) && !allow_nan))
+        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '%.40s' is not a finite number",
+                         st->path, key, s);
+    *out = v;
+    return SAE_OK;
 }
 
 static void format_shape(char *buf, size_t size, const size_t *shape, size_t ndim)

@@ -1179,21 +1179,6 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
     return rc;
 }
 
-static int meta_double(const sae__safetensors *st, const char *key, double *out)
-{
-    const char *s = sae__st_meta(st, key);
-    if (s == NULL)
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno == ERANGE || isinf(v))
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '%.40s' is not a number",
-                         st->path, key, s);
-    *out = v;
-    return SAE_OK;
-}
-
 static int meta_u64(const sae__safetensors *st, const char *key, uint64_t *out)
 {
     const char *s = sae__st_meta(st, key);
@@ -1249,8 +1234,8 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
     const char *arch = sae__st_meta(st, "architecture");
     double d_in_f, d_sae_f;
     int rc;
-    if ((rc = meta_double(st, "d_in", &d_in_f)) != SAE_OK ||
-        (rc = meta_double(st, "d_sae", &d_sae_f)) != SAE_OK)
+    if ((rc = sae__st_meta_number(st, "d_in", false, &d_in_f)) != SAE_OK ||
+        (rc = sae__st_meta_number(st, "d_sae", false, &d_sae_f)) != SAE_OK)
         return rc;
     if (arch == NULL || strcmp(arch, sae_arch_name(m->arch)) != 0 || d_in_f != (double)d_in ||
         d_sae_f != (double)d_sae)
@@ -1259,11 +1244,11 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
                          d_in_f, d_sae_f, sae_arch_name(m->arch), d_in, d_sae);
     if ((rc = meta_u64(st, "train.step", &c->step)) != SAE_OK ||
         (rc = meta_u64(st, "train.tokens", &c->tokens)) != SAE_OK ||
-        (rc = meta_double(st, "train.mse_norm", &c->mse_norm)) != SAE_OK ||
-        (rc = meta_double(st, "train.aux_norm", &c->aux_norm)) != SAE_OK ||
-        (rc = meta_double(st, "train.theta", &c->theta)) != SAE_OK ||
-        (rc = meta_double(st, "apply_b_dec_to_input", &c->apply)) != SAE_OK ||
-        (rc = meta_double(st, "input_scale", &c->scale)) != SAE_OK)
+        (rc = sae__st_meta_number(st, "train.mse_norm", false, &c->mse_norm)) != SAE_OK ||
+        (rc = sae__st_meta_number(st, "train.aux_norm", false, &c->aux_norm)) != SAE_OK ||
+        (rc = sae__st_meta_number(st, "train.theta", false, &c->theta)) != SAE_OK ||
+        (rc = sae__st_meta_number(st, "apply_b_dec_to_input", false, &c->apply)) != SAE_OK ||
+        (rc = sae__st_meta_number(st, "input_scale", false, &c->scale)) != SAE_OK)
         return rc;
     if (!(c->mse_norm > 0.0) || !(c->aux_norm > 0.0) || isnan(c->theta))
         return sae__fail(SAE_EFORMAT, "%s: training normalizers must be positive", st->path);
@@ -1272,11 +1257,12 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
                          st->path);
     c->k = (double)m->k;
     c->batch_threshold = m->batch_threshold;
-    if (t->sparse && ((rc = meta_double(st, "k", &c->k)) != SAE_OK || !(c->k >= 1.0) ||
-                      c->k != floor(c->k) || c->k > 4294967295.0))
+    if (t->sparse &&
+        ((rc = sae__st_meta_number(st, "k", false, &c->k)) != SAE_OK || !(c->k >= 1.0) ||
+         c->k != floor(c->k) || c->k > 4294967295.0))
         return rc != SAE_OK ? rc : sae__fail(SAE_EFORMAT, "%s: k is not a count", st->path);
     if (m->arch == SAE_ARCH_BATCHTOPK &&
-        (rc = meta_double(st, "batch_threshold", &c->batch_threshold)) != SAE_OK)
+        (rc = sae__st_meta_number(st, "batch_threshold", false, &c->batch_threshold)) != SAE_OK)
         return rc;
     for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
         char key[48];
@@ -1286,7 +1272,7 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
         c->param_set[p] = false;
         if (derived && sae__st_meta(st, key) == NULL)
             continue;
-        if ((rc = meta_double(st, key, &c->param[p])) != SAE_OK)
+        if ((rc = sae__st_meta_number(st, key, false, &c->param[p])) != SAE_OK)
             return rc;
         if ((rc = check_param((sae_train_param)p, c->param[p])) != SAE_OK)
             return sae__wrap(SAE_EFORMAT, "%s: ", st->path);
@@ -1296,7 +1282,7 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
     for (int k = SAE_METRIC_LOSS; k < N_METRICS && c->have_metrics; k++) {
         char key[48];
         snprintf(key, sizeof key, "train.metric.%s", metric_names[k]);
-        if ((rc = meta_double(st, key, &c->metric[k])) != SAE_OK)
+        if ((rc = sae__st_meta_number(st, key, true, &c->metric[k])) != SAE_OK)
             return rc;
     }
     const size_t w = d_in * d_sae;
