@@ -130,17 +130,19 @@ if [ ! -f "$DIR/.built" ]; then
         -DGGML_BACKEND_DL=OFF \
         >"$DIR/cmake-configure.log" 2>&1 \
         || { tail -40 "$DIR/cmake-configure.log" >&2; die "cmake configure failed (log: $DIR/cmake-configure.log)"; }
-    say "building llama, ggml and llama-convert-llama2c-to-ggml with -j$JOBS (takes minutes; log: $DIR/build.log)"
+    # llama-common (common_control_vector_load, for sae-llama-cpp --via cvec-file) is also a
+    # dependency of the converter; it is named so that the build says what it needs.
+    say "building llama, ggml, llama-common and llama-convert-llama2c-to-ggml with -j$JOBS (takes minutes; log: $DIR/build.log)"
     t0=$(date +%s)
     cmake --build "$DIR/build" --config Release -j "$JOBS" \
-        --target llama llama-convert-llama2c-to-ggml >"$DIR/build.log" 2>&1 \
+        --target llama llama-common llama-convert-llama2c-to-ggml >"$DIR/build.log" 2>&1 \
         || { tail -40 "$DIR/build.log" >&2; die "build failed (log: $DIR/build.log)"; }
     t1=$(date +%s)
     cat >"$DIR/BUILD_INFO" <<EOF
 source: npm $NPM_PKG@$NPM_VERSION, llama/gitRelease.bundle
 commit: $COMMIT
 commit_date: $COMMIT_DATE
-build: CMake Release, BUILD_SHARED_LIBS=ON, CPU only, -j$JOBS, targets llama llama-convert-llama2c-to-ggml
+build: CMake Release, BUILD_SHARED_LIBS=ON, CPU only, -j$JOBS, targets llama llama-common llama-convert-llama2c-to-ggml
 build_seconds: $((t1 - t0))
 built_at: $(date -u +%Y-%m-%dT%H:%M:%SZ)
 host: $(uname -m), $(nproc 2>/dev/null || echo '?') cpus

@@ -178,6 +178,7 @@ typedef struct {
     llama_token *toks;
     int n_prompt, n_tok;
     double t_prompt, t_gen;   /* llama_decode time of the prompt and of the generation steps */
+    double cb_gen, sae_gen;   /* time in the callback and in libsae during the generation steps */
     int n_steps;
     sae_hook h;               /* the callback's record (rows, features, times) */
 } run_t;
@@ -292,6 +293,7 @@ static int run_once(const opts_t *o, struct llama_model *model, const sae_model 
         if (llama_decode(ctx, llama_batch_get_one(r->toks, n_prompt)) != 0 || h->error)
             rc = -1;
         r->t_prompt = now_s() - t0;
+        const double cb0 = h->t_cb, sae0 = h->t_sae;
         /* greedy, no early stop at BOS/EOS (as reference.json and the engine check) */
         for (int g = 0; rc == 0 && g < n_gen; g++) {
             r->toks[n++] = llama_sampler_sample(smpl, ctx, -1);
@@ -304,6 +306,8 @@ static int run_once(const opts_t *o, struct llama_model *model, const sae_model 
             r->t_gen += now_s() - t0;
             r->n_steps++;
         }
+        r->cb_gen = h->t_cb - cb0;
+        r->sae_gen = h->t_sae - sae0;
         if (rc)
             fprintf(stderr, "sae-llama-cpp: llama_decode failed\n");
     }
@@ -642,30 +646,37 @@ int main(int argc, char **argv)
                o.model_path, sae_arch_name(sae_model_arch(sae)), sae_model_d_in(sae), d_sae,
                o.layer - 1, o.layer, o.n_threads, n_prompt, o.n_gen, o.bench,
                plan ? "; plan: " : "", plan_desc);
-        printf("%-40s %12s %12s %12s %10s\n", "mode", "step us/tok", "callback us", "libsae us",
-               "libsae %");
-        double base = 0;
-        for (int m = 0; m < n_modes; m++) {
-            double *st = malloc(sizeof *st * (size_t)o.bench), *cb = malloc(sizeof *cb * (size_t)o.bench),
-                   *sa = malloc(sizeof *sa * (size_t)o.bench);
-            for (int rep = 0; rep < o.bench; rep++) {
+        printf("%-40s %12s %12s %12s %10s   %7s\n", "mode (per generated token)", "llama_decode",
+               "in callback", "in libsae", "libsae %", "vs alone");
+        /* modes interleaved run by run, so that a change in the machine's load hits them all */
+        const int R = o.bench;
+        double *st = calloc((size_t)(4 * R), sizeof *st), *cb = calloc((size_t)(4 * R), sizeof *cb),
+               *sa = calloc((size_t)(4 * R), sizeof *sa);
+        if (!st || !cb || !sa)
+            return 1;
+        for (int rep = 0; rep < R; rep++) {
+            for (int m = 0; m < n_modes; m++) {
                 run_t r;
                 if (run_once(&o, model, sae, prompt, n_prompt, o.n_gen, modes[m].cb, modes[m].p,
                              VIA_CALLBACK, modes[m].no_sae, modes[m].k, false, &r) != 0)
                     return 1;
-                /* the callback's share of the generation steps only: calls - 1 (the prompt) */
+                /* generation steps only (one token each), not the prompt */
                 const double steps = r.n_steps ? r.n_steps : 1;
-                st[rep] = 1e6 * r.t_gen / steps;
-                cb[rep] = 1e6 * r.h.t_cb / (double)(r.h.n_calls ? r.h.n_calls : 1);
-                sa[rep] = 1e6 * r.h.t_sae / (double)(r.h.n_calls ? r.h.n_calls : 1);
+                st[m * R + rep] = 1e6 * r.t_gen / steps;
+                cb[m * R + rep] = 1e6 * r.cb_gen / steps;
+                sa[m * R + rep] = 1e6 * r.sae_gen / steps;
                 run_free(&r);
             }
-            const double s = median(st, o.bench), c = median(cb, o.bench), a = median(sa, o.bench);
-            if (m == 0) base = s;
-            printf("%-40s %12.1f %12.1f %12.1f %9.1f%%   (+%.1f us over llama.cpp alone)\n",
-                   modes[m].name, s, modes[m].cb ? c : 0.0, a, 100.0 * a / s, s - base);
-            free(st); free(cb); free(sa);
         }
+        double base = 0;
+        for (int m = 0; m < n_modes; m++) {
+            const double s = median(st + m * R, R), c = median(cb + m * R, R),
+                         a = median(sa + m * R, R);
+            if (m == 0) base = s;
+            printf("%-40s %12.1f %12.1f %12.1f %9.1f%%   %+7.1f\n", modes[m].name, s, c, a,
+                   100.0 * a / s, s - base);
+        }
+        free(st); free(cb); free(sa);
         return 0;
     }
 
