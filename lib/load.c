@@ -169,7 +169,7 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
     if (sae_arch_from_name(arch_name, &arch) != SAE_OK)
         return sae__fail(SAE_EUNSUPPORTED, "%s: architecture '%.40s' is not supported", st->path,
                          arch_name);
-    size_t d_in, d_sae;
+    size_t d_in = 0, d_sae = 0;
     int rc;
     if ((rc = meta_size(st, "d_in", &d_in)) != SAE_OK ||
         (rc = meta_size(st, "d_sae", &d_sae)) != SAE_OK)
