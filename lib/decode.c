@@ -52,14 +52,15 @@ typedef struct {
     const sae_model *m;
     const float *f;
     float *x_hat;
-    size_t *nonzeros; /* per worker */
+    size_t *nonzeros;   /* per worker */
+    uint32_t *count;    /* per token, or NULL */
+    uint32_t *idx;      /* extracted pairs, stride per token */
+    float *val;
+    size_t stride;
 } dense_job;
 
-static void count_range(void *arg, size_t begin, size_t end, size_t worker)
+static size_t count_row(const float *f, size_t len)
 {
-    const dense_job *job = arg;
-    const float *f = job->f + begin * job->m->d_sae;
-    const size_t len = (end - begin) * job->m->d_sae;
     size_t nonzeros = 0, i = 0;
     for (; i + SCREEN <= len; i += SCREEN) {
         unsigned block = 0;
@@ -69,6 +70,20 @@ static void count_range(void *arg, size_t begin, size_t end, size_t worker)
     }
     for (; i < len; i++)
         nonzeros += f[i] != 0.0f;
+    return nonzeros;
+}
+
+static void count_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    const dense_job *job = arg;
+    const size_t d_sae = job->m->d_sae;
+    size_t nonzeros = 0;
+    for (size_t t = begin; t < end; t++) {
+        size_t c = count_row(job->f + t * d_sae, d_sae);
+        if (job->count)
+            job->count[t] = (uint32_t)c;
+        nonzeros += c;
+    }
     job->nonzeros[worker] = nonzeros;
 }
 
@@ -80,12 +95,35 @@ static void sparse_rows_range(void *arg, size_t begin, size_t end, size_t worker
         decode_row_sparse(job->m, job->f + t * job->m->d_sae, job->x_hat + t * job->m->d_in);
 }
 
+static void extract_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    (void)worker;
+    const dense_job *job = arg;
+    const size_t d_sae = job->m->d_sae;
+    for (size_t t = begin; t < end; t++) {
+        const float *f = job->f + t * d_sae;
+        uint32_t *idx = job->idx + t * job->stride;
+        float *val = job->val + t * job->stride;
+        for (size_t i = 0, j = 0; i < d_sae; i++)
+            if (f[i] != 0.0f) {
+                idx[j] = (uint32_t)i;
+                val[j++] = f[i];
+            }
+    }
+}
+
+static void decode_pairs(const sae_model *m, const uint32_t *idx, const float *val,
+                         const uint32_t *count, size_t stride, size_t n, float *x_hat);
+
 int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat)
 {
     const size_t d_in = m->d_in, d_sae = m->d_sae;
     const size_t threads = n > 1 ? sae__model_threads(m) : 1;
     size_t nonzeros[64] = {0};
-    dense_job job = {m, f, x_hat, nonzeros};
+    /* Per-token counts let many sparse tokens share rows of W_dec (decode_pairs); without the
+     * memory they decode token by token. Plain malloc: its failure is no error. */
+    dense_job job = {m, f, x_hat, nonzeros, n > 1 ? malloc(n * sizeof(uint32_t)) : NULL, NULL,
+                     NULL, 0};
     sae__parallel_for(threads, n, sae__grain(d_sae), count_range, &job);
     size_t total = 0;
     for (size_t w = 0; w < 64; w++)
@@ -94,9 +132,26 @@ int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat
      * GEMM does 2 d_in flops per code at compute speed, some 16 times faster once n is large;
      * for a few tokens the GEMM is bound by reading W_dec whole instead. */
     if (total <= n * d_sae / 16 || total <= d_sae / 2) {
-        sae__parallel_for(threads, n, sae__grain(total / n * d_in + d_sae), sparse_rows_range, &job);
+        if (job.count != NULL && total >= d_sae) {
+            for (size_t t = 0; t < n; t++)
+                job.stride = job.count[t] > job.stride ? job.count[t] : job.stride;
+            size_t slots = n * job.stride; /* <= total * n / ... fits: at most n * d_sae */
+            job.idx = malloc(slots * sizeof(uint32_t));
+            job.val = malloc(slots * sizeof(float));
+        }
+        if (job.idx != NULL && job.val != NULL) {
+            sae__parallel_for(threads, n, sae__grain(d_sae), extract_range, &job);
+            decode_pairs(m, job.idx, job.val, job.count, job.stride, n, x_hat);
+        } else {
+            sae__parallel_for(threads, n, sae__grain(total / n * d_in + d_sae), sparse_rows_range,
+                              &job);
+        }
+        free(job.count);
+        free(job.idx);
+        free(job.val);
         return SAE_OK;
     }
+    free(job.count);
     for (size_t t = 0; t < n; t++)
         memcpy(x_hat + t * d_in, m->b_dec, d_in * sizeof(float));
     if (n == 1)
@@ -133,22 +188,116 @@ int sae_decode(const sae_model *m, const float *f, size_t n, float *x_hat)
     return sae__decode_dense(m, f, n, x_hat);
 }
 
+/* ---- the sparse engine: token pairs (feature, value) to rows ---------------------------------- */
+
+/* Token t's pairs are idx/val[t * stride .. + count[t]]. */
 typedef struct {
     const sae_model *m;
     const uint32_t *idx, *count;
     const float *val;
-    size_t k;
+    size_t stride, n;
     float *x_hat;
-} sparse_job;
+    const uint32_t *start; /* feature-major: [d_sae + 1] offsets into tok/tval */
+    const uint32_t *tok;
+    const float *tval;
+} pairs_job;
 
-static void sparse_range(void *arg, size_t begin, size_t end, size_t worker)
+static void token_major_range(void *arg, size_t begin, size_t end, size_t worker)
 {
     (void)worker;
-    const sparse_job *job = arg;
-    const size_t k = job->k, d_in = job->m->d_in;
+    const pairs_job *job = arg;
+    const size_t stride = job->stride, d_in = job->m->d_in;
     for (size_t t = begin; t < end; t++)
-        sae__decode_token(job->m, job->idx + t * k, job->val + t * k, job->count[t],
+        sae__decode_token(job->m, job->idx + t * stride, job->val + t * stride, job->count[t],
                           job->x_hat + t * d_in);
+}
+
+/* Columns [16 begin, 16 end) of every token: each feature's row slice is read once and added to
+ * every token using the feature, while the tokens' slices stay in cache. */
+static void feature_major_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    (void)worker;
+    const pairs_job *job = arg;
+    const sae_model *m = job->m;
+    const size_t d_in = m->d_in, c0 = begin * SCREEN, c1 = end * SCREEN < d_in ? end * SCREEN : d_in;
+    const int width = (int)(c1 - c0);
+    for (size_t t = 0; t < job->n; t++)
+        memcpy(job->x_hat + t * d_in + c0, m->b_dec + c0, (c1 - c0) * sizeof(float));
+    for (size_t f = 0; f < m->d_sae; f++) {
+        const float *row = m->W_dec + f * d_in + c0;
+        for (uint32_t e = job->start[f]; e < job->start[f + 1]; e++)
+            cblas_saxpy(width, job->tval[e], row, 1, job->x_hat + (size_t)job->tok[e] * d_in + c0, 1);
+    }
+    if (m->input_scale != 1.0f)
+        for (size_t t = 0; t < job->n; t++)
+            cblas_sscal(width, 1.0f / m->input_scale, job->x_hat + t * d_in + c0, 1);
+}
+
+/* Sorts the pairs by feature (a counting sort: stable, so a token's repeated feature keeps its
+ * slot order) and runs the columns across threads. False when the scratch cannot be had. */
+static bool feature_major(pairs_job *job, size_t pairs, size_t threads)
+{
+    const size_t d_sae = job->m->d_sae;
+    /* Plain malloc: failing here is no error (the token-major path needs no scratch), and must
+     * not leave a message behind a successful call. */
+    uint32_t *start = calloc(d_sae + 1, sizeof *start);
+    uint32_t *tok = malloc(pairs * sizeof *tok);
+    float *tval = malloc(pairs * sizeof *tval);
+    bool ok = start != NULL && tok != NULL && tval != NULL;
+    if (ok) {
+        for (size_t t = 0; t < job->n; t++)
+            for (size_t j = 0; j < job->count[t]; j++)
+                start[job->idx[t * job->stride + j] + 1]++;
+        for (size_t f = 0; f < d_sae; f++)
+            start[f + 1] += start[f];
+        for (size_t t = 0; t < job->n; t++)
+            for (size_t j = 0; j < job->count[t]; j++) {
+                uint32_t at = start[job->idx[t * job->stride + j]]++;
+                tok[at] = (uint32_t)t;
+                tval[at] = job->val[t * job->stride + j];
+            }
+        /* Each feature's start moved to the next one's: shift back. */
+        memmove(start + 1, start, d_sae * sizeof *start);
+        start[0] = 0;
+        job->start = start;
+        job->tok = tok;
+        job->tval = tval;
+        const size_t groups = (job->m->d_in + SCREEN - 1) / SCREEN;
+        sae__parallel_for(threads, groups, sae__grain(pairs * SCREEN), feature_major_range, job);
+    }
+    free(start);
+    free(tok);
+    free(tval);
+    return ok;
+}
+
+/* Tokens per feature-major pass: their x_hat rows (16 MiB) stay in the last-level cache. */
+static size_t pass_tokens(size_t d_in)
+{
+    size_t tokens = ((size_t)16 << 20) / (d_in * sizeof(float));
+    return tokens < 64 ? 64 : tokens;
+}
+
+/* x_hat [n][d_in] from the pairs of n tokens, indices already checked. Few pairs per feature:
+ * token by token across threads. Many (each row of W_dec used by several tokens): feature by
+ * feature, reading each row once per pass instead of once per token, columns across threads.
+ * Either way each output element is summed by one thread in an order fixed by the data alone. */
+static void decode_pairs(const sae_model *m, const uint32_t *idx, const float *val,
+                         const uint32_t *count, size_t stride, size_t n, float *x_hat)
+{
+    const size_t threads = sae__model_threads(m), d_in = m->d_in, pass = pass_tokens(d_in);
+    for (size_t first = 0; first < n; first += pass) {
+        const size_t rows = n - first < pass ? n - first : pass;
+        pairs_job job = {m, idx + first * stride, count + first, val + first * stride, stride,
+                         rows, x_hat + first * d_in, NULL, NULL, NULL};
+        size_t pairs = 0;
+        for (size_t t = 0; t < rows; t++)
+            pairs += job.count[t];
+        if (pairs >= m->d_sae && pairs <= UINT32_MAX && feature_major(&job, pairs, threads))
+            continue;
+        sae__parallel_for(rows > 1 ? threads : 1, rows, sae__grain((pairs / rows + 1) * d_in),
+                          token_major_range, &job);
+    }
 }
 
 int sae_decode_sparse(const sae_model *m, const uint32_t *idx, const float *val,
@@ -167,7 +316,6 @@ int sae_decode_sparse(const sae_model *m, const uint32_t *idx, const float *val,
     if (rc != SAE_OK)
         return rc;
     /* Validate everything before writing anything, so a bad token leaves x_hat untouched. */
-    size_t pairs = 0;
     for (size_t t = 0; t < n; t++) {
         if (count[t] > k)
             return sae__fail(SAE_EINVAL, "count[%zu] = %u is more than k = %zu", t, count[t], k);
@@ -178,11 +326,8 @@ int sae_decode_sparse(const sae_model *m, const uint32_t *idx, const float *val,
         }
         if ((rc = sae__check_finite(val + t * k, count[t], 1, "val")) != SAE_OK)
             return sae__wrap(rc, "token %zu: ", t);
-        pairs += count[t];
     }
-    sparse_job job = {m, idx, count, val, k, x_hat};
-    const size_t threads = n > 1 ? sae__model_threads(m) : 1;
-    sae__parallel_for(threads, n, sae__grain((pairs / n + 1) * m->d_in), sparse_range, &job);
+    decode_pairs(m, idx, val, count, k, n, x_hat);
     return SAE_OK;
 }
 
@@ -191,26 +336,31 @@ typedef struct {
     const float *raw;
     float *x_hat;
     sae__scored *heaps;
-    uint32_t *idx;
+    uint32_t *idx, *count; /* count: select only, into [rows][kept_max] for decode_pairs */
     float *val;
     size_t kept_max;
 } topk_job;
 
-/* TopK: K rows of W_dec per token instead of a dense GEMM over mostly zeros. */
+/* TopK: K rows of W_dec per token instead of a dense GEMM over mostly zeros; each token decoded
+ * as soon as selected, or (count set) only selected, for decode_pairs to share rows. */
 static void topk_range(void *arg, size_t begin, size_t end, size_t worker)
 {
     const topk_job *job = arg;
     const size_t K = job->kept_max;
     sae__scored *heap = job->heaps + worker * K;
-    uint32_t *idx = job->idx + worker * K;
-    float *val = job->val + worker * K;
     for (size_t r = begin; r < end; r++) {
         size_t kept = sae__select_codes(job->m, job->raw + r * job->m->d_sae, K, heap);
+        size_t slot = job->count ? r : worker;
+        uint32_t *idx = job->idx + slot * K;
+        float *val = job->val + slot * K;
         for (size_t j = 0; j < kept; j++) {
             idx[j] = heap[j].index;
             val[j] = heap[j].value;
         }
-        sae__decode_token(job->m, idx, val, kept, job->x_hat + r * job->m->d_in);
+        if (job->count)
+            job->count[r] = (uint32_t)kept;
+        else
+            sae__decode_token(job->m, idx, val, kept, job->x_hat + r * job->m->d_in);
     }
 }
 
@@ -236,14 +386,20 @@ int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat)
     float *xs = sae__encoder_reads_x(m)
                     ? NULL
                     : sae__alloc(block * m->d_in, sizeof(float), "reconstruct scratch");
-    topk_job job = {m, raw, NULL, NULL, NULL, NULL, kept_max};
+    topk_job job = {m, raw, NULL, NULL, NULL, NULL, NULL, kept_max};
+    /* Enough tokens that rows of W_dec are shared: select all, then decode_pairs. */
+    const bool share = topk && block * kept_max >= m->d_sae;
+    const size_t slots = share ? block : chunks;
     if (topk) {
         job.heaps = sae__alloc(chunks * kept_max, sizeof *job.heaps, "top-k heaps");
-        job.idx = sae__alloc(chunks * kept_max, sizeof *job.idx, "top-k indices");
-        job.val = sae__alloc(chunks * kept_max, sizeof *job.val, "top-k values");
+        job.idx = sae__alloc(slots * kept_max, sizeof *job.idx, "top-k indices");
+        job.val = sae__alloc(slots * kept_max, sizeof *job.val, "top-k values");
+        if (share)
+            job.count = sae__alloc(block, sizeof *job.count, "top-k counts");
     }
     if (raw == NULL || (xs == NULL && !sae__encoder_reads_x(m)) ||
-        (topk && (job.heaps == NULL || job.idx == NULL || job.val == NULL))) {
+        (topk && (job.heaps == NULL || job.idx == NULL || job.val == NULL)) ||
+        (share && job.count == NULL)) {
         rc = SAE_ENOMEM;
         goto done;
     }
@@ -255,6 +411,8 @@ int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat)
         if (topk) {
             job.x_hat = x_hat + first * m->d_in;
             sae__parallel_for(threads, rows, grain, topk_range, &job);
+            if (share)
+                decode_pairs(m, job.idx, job.val, job.count, kept_max, rows, job.x_hat);
         } else if ((rc = sae__activate_rows(m, raw, rows)) == SAE_OK) {
             rc = sae__decode_dense(m, raw, rows, x_hat + first * m->d_in);
         }
@@ -265,5 +423,6 @@ done:
     free(job.heaps);
     free(job.idx);
     free(job.val);
+    free(job.count);
     return rc;
 }

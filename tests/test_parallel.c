@@ -306,6 +306,60 @@ START_TEST(screen_admits_the_last_value_of_a_block)
 }
 END_TEST
 
+/* Few pairs per feature: token by token across threads (the feature-major pass is for many).
+ * d_in = 512 makes a token's work large enough that 200 tokens split into chunks. */
+START_TEST(token_major_decoding_splits_across_threads)
+{
+    enum { DI = 512, DS = 4100, NT = 200, KK = 4 };
+    sae_model *m = tu_random_model(SAE_ARCH_RELU, DI, DS, 5);
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_INPUT_SCALE, 0.75));
+    uint32_t *idx = tu_malloc(NT * KK * sizeof(uint32_t)), *count = tu_malloc(NT * sizeof(uint32_t));
+    float *val = tu_malloc(NT * KK * sizeof(float)), *f = calloc(NT * DS, sizeof(float));
+    tu_rng r = {3};
+    for (size_t t = 0; t < NT; t++) {
+        count[t] = (uint32_t)(t % (KK + 1));
+        for (size_t j = 0; j < KK; j++) {
+            idx[t * KK + j] = (uint32_t)(tu_next(&r) % DS);
+            val[t * KK + j] = tu_uniform(&r, 0.1f, 2.0f);
+        }
+        for (size_t j = 0; j < count[t]; j++)
+            f[t * DS + idx[t * KK + j]] += val[t * KK + j];
+    }
+    float *one_s = tu_malloc(NT * DI * sizeof(float)), *many_s = tu_malloc(NT * DI * sizeof(float));
+    float *one_d = tu_malloc(NT * DI * sizeof(float)), *many_d = tu_malloc(NT * DI * sizeof(float));
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 1));
+    ck_assert_ok(sae_decode_sparse(m, idx, val, count, KK, NT, one_s));
+    ck_assert_ok(sae_decode(m, f, NT, one_d));
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 3));
+    ck_assert_ok(sae_decode_sparse(m, idx, val, count, KK, NT, many_s));
+    ck_assert_ok(sae_decode(m, f, NT, many_d));
+    ck_assert_mem_eq(one_s, many_s, NT * DI * sizeof(float));
+    ck_assert_mem_eq(one_d, many_d, NT * DI * sizeof(float));
+    tu_weights w;
+    tu_weights_get(m, &w);
+    double *fd = tu_malloc(DS * sizeof(double)), *want = tu_malloc(DI * sizeof(double));
+    for (size_t t = 0; t < NT; t++) {
+        for (size_t i = 0; i < DS; i++)
+            fd[i] = f[t * DS + i];
+        tu_ref_decode(&w, fd, want);
+        tu_assert_close(many_s + t * DI, want, DI, 1e-5, "token-major sparse decode");
+        tu_assert_close(many_d + t * DI, want, DI, 1e-5, "token-major dense decode");
+    }
+    tu_weights_free(&w);
+    free(fd);
+    free(want);
+    free(idx);
+    free(count);
+    free(val);
+    free(f);
+    free(one_s);
+    free(many_s);
+    free(one_d);
+    free(many_d);
+    sae_model_free(m);
+}
+END_TEST
+
 static Suite *parallel_suite(void)
 {
     Suite *s = suite_create("parallel");
@@ -317,6 +371,7 @@ static Suite *parallel_suite(void)
     tcase_add_loop_test(tc, threaded_results_match_float64_loops, 0, (int)N_ARCHS);
     tcase_add_loop_test(tc, ties_across_screen_blocks_go_to_the_lower_index, 0, (int)N_ARCHS);
     tcase_add_test(tc, screen_admits_the_last_value_of_a_block);
+    tcase_add_test(tc, token_major_decoding_splits_across_threads);
     suite_add_tcase(s, tc);
     return s;
 }
