@@ -410,6 +410,25 @@ SAE_API int sae_stats_top(const sae_stats *st, uint32_t feature, float *val, uin
 SAE_API int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k, uint32_t *idx,
                                   float *cos);
 
+/* How well a model reconstructs activations, as SAELens' evals and sparsify measure it. */
+typedef enum {
+    SAE_EVAL_MSE = 1,                /* mean over tokens of sum_d (x - x_hat)^2 (SAELens "mse") */
+    SAE_EVAL_FVU = 2,                /* sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (sparsify) */
+    SAE_EVAL_EXPLAINED_VARIANCE = 3, /* 1 - FVU (SAELens "explained_variance") */
+    SAE_EVAL_L0 = 4,                 /* mean number of active features per token */
+    SAE_EVAL_L1 = 5,                 /* mean sum of feature values per token */
+    SAE_EVAL_COSINE = 6,             /* mean cos(x, x_hat); 0 for a zero x or x_hat */
+    SAE_EVAL_L2_RATIO = 7,           /* mean ||x_hat|| / ||x|| over tokens with x != 0 */
+    SAE_EVAL_DEAD_FRACTION = 8       /* fraction of features active on none of the n tokens */
+} sae_eval_metric;
+
+/* Evaluates the model on x [n][d_in] (n >= 1) and writes values[i] for each which[i] (count
+ * metrics, any order, repeats allowed). Sums are kept in double; x is processed in blocks, so
+ * memory does not grow with n. FVU is NaN when every token is the same vector. Thread safe.
+ * Errors: SAE_EINVAL (NULL, n = 0, non-finite x, unknown metric), SAE_ENOMEM. */
+SAE_API int sae_evaluate(const sae_model *m, const float *x, size_t n,
+                         const sae_eval_metric *which, size_t count, double *values);
+
 /* ---------------------------------------------------------------------------------------------
  * Dictionary learning (training)
  *

@@ -115,6 +115,34 @@ class TestModel(TestCase):
                 self.assertClose(m.decode(f), ref_decode(m, w, f))
                 self.assertClose(m.reconstruct(x), ref_decode(m, w, ref_encode(m, w, x)))
 
+    def test_evaluate_matches_numpy(self):
+        rng = np.random.default_rng(11)
+        for arch in ARCHS:
+            m, w = random_model(arch, 16, 48, seed=6, k=5 if arch in ("topk", "batchtopk") else None)
+            x = (rng.standard_normal((300, 16)) + 0.5).astype(np.float32)
+            f = ref_encode(m, w, x)
+            x_hat = ref_decode(m, w, f)
+            xd = x.astype(np.float64)
+            err = ((xd - x_hat) ** 2).sum(1)
+            fvu = err.sum() / ((xd - xd.mean(0)) ** 2).sum()
+            nx, nh = np.linalg.norm(xd, axis=1), np.linalg.norm(x_hat, axis=1)
+            want = {"mse": err.mean(), "fvu": fvu, "explained_variance": 1 - fvu,
+                    "l0": (f != 0).sum(1).mean(), "l1": f.sum(1).mean(),
+                    "cosine": ((xd * x_hat).sum(1) / (nx * nh)).mean(),
+                    "l2_ratio": (nh / nx).mean(), "dead_fraction": ((f != 0).sum(0) == 0).mean()}
+            with self.subTest(arch=arch):
+                got = m.evaluate(x)
+                self.assertEqual(set(got), set(want))
+                for name, value in want.items():
+                    self.assertAlmostEqual(got[name], value, delta=1e-4 * max(1, abs(value)),
+                                           msg=name)
+                self.assertEqual(list(m.evaluate(x, ("l0", "mse"))), ["l0", "mse"])
+        with self.assertRaises(ValueError):
+            m.evaluate(x, ("accuracy",))
+        with self.assertRaises(libsae.LibsaeError) as e:
+            m.evaluate(x[:0])
+        self.assertEqual(e.exception.code, libsae.EINVAL)
+
     def test_encode_sparse_matches_reference(self):
         rng = np.random.default_rng(5)
         for arch in ARCHS:

@@ -181,6 +181,7 @@ _CORE = {
     "sae_decode": (_STATUS, [_h, _buf, c_size_t, _buf]),
     "sae_decode_sparse": (_STATUS, [_h, _buf, _buf, _buf, c_size_t, c_size_t, _buf]),
     "sae_reconstruct": (_STATUS, [_h, _buf, c_size_t, _buf]),
+    "sae_evaluate": (_STATUS, [_h, _buf, c_size_t, _buf, c_size_t, _buf]),
     "sae_npy_open": (_STATUS, [_hp, c_char_p]),
     "sae_npy_close": (None, [_h]),
     "sae_npy_rows": (c_size_t, [_h]),

@@ -286,6 +286,27 @@ class Model(Handle):
         from ._stats import neighbors
         return neighbors(self, feature, k)
 
+    #: sae_evaluate's metrics, by the names evaluate() returns, in the C enum's order.
+    EVAL_METRICS = ("mse", "fvu", "explained_variance", "l0", "l1", "cosine", "l2_ratio",
+                    "dead_fraction")
+
+    def evaluate(self, x: Any, metrics: Optional[Tuple[str, ...]] = None) -> Dict[str, float]:
+        """Reconstruction quality on activations x [..., d_in], as SAELens' evals measure it:
+        {"mse", "fvu", "explained_variance", "l0", "l1", "cosine", "l2_ratio",
+        "dead_fraction"} (or only the named `metrics`). See sae_evaluate in sae.h."""
+        h = self._ptr()
+        names = self.EVAL_METRICS if metrics is None else tuple(metrics)
+        for name in names:
+            if name not in self.EVAL_METRICS:
+                raise ValueError(f"evaluate: unknown metric {name!r} "
+                                 f"(one of {', '.join(self.EVAL_METRICS)})")
+        xp, keep, n, lead = B.as_input(x, self.d_in, "evaluate: x")
+        which = (ctypes.c_int * len(names))(*(self.EVAL_METRICS.index(m) + 1 for m in names))
+        values = (ctypes.c_double * len(names))()
+        lib.sae_evaluate(h, xp, n, ctypes.addressof(which), len(names), ctypes.addressof(values))
+        del keep
+        return dict(zip(names, values))
+
     def reconstruct(self, x: Any, out: Any = None) -> Any:
         """decode(encode(x)) in one call: x_hat [..., d_in]. `out` may be x itself."""
         h = self._ptr()
