@@ -31,7 +31,8 @@
  *   sae_last_error(). Output buffers are unspecified after a failure.
  * - Functions taking a const handle may be called from many threads at once on the same handle.
  *   A non-const handle must not be used by two threads at once. The library has no global
- *   mutable state besides the per-thread error message.
+ *   mutable state besides the per-thread error message (cJSON's one process-wide error slot is
+ *   behind a lock, so loads on many threads at once are safe).
  * - Every *_new / *_load has a *_free, and every *_free accepts NULL.
  */
 #ifndef SAE_H
@@ -167,7 +168,7 @@ SAE_API int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_
  * (malformed, truncated, inconsistent or oversized; the message names file, tensor or key and
  * what was expected), SAE_EUNSUPPORTED (valid but not supported, e.g. a gated SAE, a TopK
  * checkpoint with rescale_acts_by_decoder_norm, a per-token normalization; the message names
- * the setting), SAE_ENOMEM. */
+ * the setting), SAE_ENOMEM. Thread safe: many threads may load at once. */
 SAE_API int sae_model_load(sae_model **out, const char *path);
 
 /* Writes the model as libsae's own safetensors file: tensors W_enc, W_dec, b_enc, b_dec (and
