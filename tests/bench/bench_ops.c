@@ -57,14 +57,14 @@ static void *xmalloc(size_t bytes)
     return p;
 }
 
-/* The best seconds per call: calls are repeated until at least `min_reps` have run and 0.5 s has
- * passed (at most 200), and the fastest one is kept, the least disturbed by other processes. A
- * call over a second is repeated twice only, to keep the whole run within minutes. */
+/* The best seconds per call: calls are repeated until at least 3 have run and 0.5 s has passed (at
+ * most 200), and the fastest one is kept, the least disturbed by other processes. */
 typedef int (*op_fn)(void *ctx);
 static double best_time(op_fn fn, void *ctx)
 {
     double best = 1e300, total = 0;
-    int reps = 0, min_reps = 3;
+    int reps = 0;
+    const int min_reps = 3;
     while (reps < 200 && (reps < min_reps || total < 0.5)) {
         double start = now();
         if (fn(ctx) != SAE_OK)
@@ -74,8 +74,6 @@ static double best_time(op_fn fn, void *ctx)
         reps++;
         if (t < best)
             best = t;
-        if (t > 1.0)
-            min_reps = 2;
     }
     return best;
 }
@@ -643,7 +641,7 @@ static int cmd_mem(const char *dir, const char *op, const char *arch_name, size_
 static int cmd_info(void)
 {
 #ifdef OPENBLAS_VERSION
-    printf("blas OpenBLAS%s\n", OPENBLAS_VERSION);
+    printf("blas %s\n", OPENBLAS_VERSION);
     printf("blas_config %s\n", openblas_get_config());
     printf("blas_core %s\n", openblas_get_corename());
     printf("blas_threads %d\n", openblas_get_num_threads());
@@ -657,7 +655,7 @@ static int cmd_info(void)
     CHECK(sae_model_new(&m, SAE_ARCH_RELU, 1, 1));
     double threads;
     CHECK(sae_model_get_param(m, SAE_PARAM_THREADS, &threads));
-    printf("libsae_threads %g (0 = all %ld cores)\n", threads, cores);
+    printf("libsae_threads %g (0: all %ld cores)\n", threads, cores);
     sae_model_free(m);
     return 0;
 }
