@@ -35,7 +35,8 @@ class TestModel(TestCase):
     def test_new_with_params(self):
         m = libsae.Model.new("topk", 4, 9, k=3, input_scale=2.5, apply_b_dec_to_input=False)
         self.assertEqual((m.k, m.input_scale, m.apply_b_dec_to_input), (3, 2.5, False))
-        self.assertEqual(m.params(), {"k": 3.0, "apply_b_dec_to_input": 0.0, "input_scale": 2.5})
+        self.assertEqual(m.params(), {"k": 3.0, "apply_b_dec_to_input": 0.0, "input_scale": 2.5,
+                                      "threads": 0.0})
         m.k = 5
         self.assertEqual(m.get_param("k"), 5.0)
         b = libsae.Model.new("batchtopk", 4, 9, threshold=0.25)
@@ -114,6 +115,18 @@ class TestModel(TestCase):
             with self.subTest(arch=arch):
                 self.assertClose(m.decode(f), ref_decode(m, w, f))
                 self.assertClose(m.reconstruct(x), ref_decode(m, w, ref_encode(m, w, x)))
+
+    def test_threads_param_gives_the_same_codes(self):
+        m, w = random_model("topk", 16, 200, seed=8, k=7)
+        x = np.random.default_rng(2).standard_normal((50, 16)).astype(np.float32)
+        self.assertEqual(m.get_param("threads"), 0)
+        many = m.encode(x)
+        m.set_param("threads", 1)
+        self.assertEqual(m.params()["threads"], 1)
+        np.testing.assert_array_equal(m.encode(x), many)
+        with self.assertRaises(libsae.LibsaeError):
+            m.set_param("threads", -1)
+        self.assertEqual(libsae.Model.new("relu", 2, 3, threads=3).get_param("threads"), 3)
 
     def test_evaluate_matches_numpy(self):
         rng = np.random.default_rng(11)

@@ -14,7 +14,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: sae_tensor values by name, and each tensor's shape as (rows of d_in/d_sae, ...).
 TENSORS = {"W_enc": 1, "W_dec": 2, "b_enc": 3, "b_dec": 4, "threshold": 5}
 #: sae_model_param values by name.
-MODEL_PARAMS = {"k": 1, "apply_b_dec_to_input": 2, "input_scale": 3, "threshold": 4}
+MODEL_PARAMS = {"k": 1, "apply_b_dec_to_input": 2, "input_scale": 3, "threshold": 4, "threads": 5}
 _EUNSUPPORTED = -5
 
 
@@ -55,15 +55,17 @@ class Model(Handle):
     @classmethod
     def new(cls, arch: Union[str, int], d_in: int, d_sae: int, *, k: Optional[int] = None,
             input_scale: Optional[float] = None, apply_b_dec_to_input: Optional[bool] = None,
-            threshold: Optional[float] = None) -> "Model":
+            threshold: Optional[float] = None, threads: Optional[int] = None) -> "Model":
         """A model with every tensor zero. `arch` is "relu", "topk", "batchtopk" or "jumprelu"
-        (or SAELens' "standard"). Keyword arguments set the parameters of the same name."""
+        (or SAELens' "standard"). Keyword arguments set the parameters of the same name
+        (threads: how many threads a call may use outside BLAS, 0 = all cores)."""
         out = ctypes.c_void_p()
         lib.sae_model_new(ctypes.byref(out), _arch_value(arch), B.index(d_in, "d_in"),
                           B.index(d_sae, "d_sae"))
         m = cls(out.value)
         for name, v in (("k", k), ("input_scale", input_scale),
-                        ("apply_b_dec_to_input", apply_b_dec_to_input), ("threshold", threshold)):
+                        ("apply_b_dec_to_input", apply_b_dec_to_input), ("threshold", threshold),
+                        ("threads", threads)):
             if v is not None:
                 m.set_param(name, v)
         return m
@@ -105,7 +107,8 @@ class Model(Handle):
 
     def get_param(self, name: str) -> float:
         """One parameter by name: "k", "apply_b_dec_to_input", "input_scale", "threshold"
-        (BatchTopK's global threshold). LibsaeError (EUNSUPPORTED) if the architecture has none."""
+        (BatchTopK's global threshold), "threads". LibsaeError (EUNSUPPORTED) if the
+        architecture has none."""
         v = ctypes.c_double()
         lib.sae_model_get_param(self._ptr(), _param(name), ctypes.byref(v))
         return v.value
