@@ -68,6 +68,13 @@ class Handle:
     def _closed_error(self) -> ValueError:
         return ValueError(f"this {self._kind} is closed")
 
+    def _ptr(self) -> int:
+        """The C handle, or ValueError once closed."""
+        h = self._h
+        if h is None:
+            raise self._closed_error()
+        return h
+
     def __enter__(self):
         return self
 

@@ -82,12 +82,6 @@ class Model(Handle):
         """Writes libsae's safetensors file, atomically (path is untouched on failure)."""
         lib.sae_model_save(self._ptr(), _path(path))
 
-    def _ptr(self) -> int:
-        h = self._h
-        if h is None:
-            raise self._closed_error()
-        return h
-
     # -- description ----------------------------------------------------------------------
 
     @property
@@ -210,9 +204,7 @@ class Model(Handle):
     def encode(self, x: Any, out: Any = None) -> Any:
         """Dense codes f [..., d_sae] of activations x [..., d_in]. `out`, if given, is a
         C-contiguous float32 array of that shape that receives them (and is returned)."""
-        h = self._h
-        if h is None:
-            raise self._closed_error()
+        h = self._ptr()
         xp, keep, n, lead = B.as_input(x, self.d_in, "encode: x")
         if out is None:
             out, fp = B.new_output(lead + (self.d_sae,))

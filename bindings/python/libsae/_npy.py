@@ -36,9 +36,7 @@ class NpyFile(Handle):
 
     def read(self, first: int = 0, count: Optional[int] = None) -> Any:
         """Rows [first, first + count) as float32 [count, cols]; count defaults to the rest."""
-        h = self._h
-        if h is None:
-            raise self._closed_error()
+        h = self._ptr()
         if count is None:
             count = max(self.rows - first, 0)
         out, ptr = B.new_output((count, self.cols))

@@ -27,12 +27,6 @@ class Stats(Handle):
         self.d_sae: int = lib.sae_stats_d_sae(out.value)
         self.top_n: int = lib.sae_stats_top_n(out.value)
 
-    def _ptr(self) -> int:
-        h = self._h
-        if h is None:
-            raise self._closed_error()
-        return h
-
     @property
     def tokens(self) -> int:
         """Tokens seen so far."""

@@ -37,12 +37,6 @@ class Steering(Handle):
         self.model = model
         self._own(out.value, lib.sae_steer_free, parent=model)
 
-    def _ptr(self) -> int:
-        h = self._h
-        if h is None:
-            raise self._closed_error()
-        return h
-
     def clamp(self, feature: int, value: float) -> "Steering":
         """f_feature := value on every token (value 0 ablates the feature)."""
         lib.sae_steer_clamp(self._ptr(), _feature(feature), value)

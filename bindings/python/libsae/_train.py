@@ -50,12 +50,6 @@ class Trainer(Handle):
         for name, v in params.items():
             self.set_param(name, v)
 
-    def _ptr(self) -> int:
-        h = self._h
-        if h is None:
-            raise self._closed_error()
-        return h
-
     def set_param(self, name: str, value: float) -> None:
         """Sets a training parameter by name; the C library checks the value."""
         lib.sae_trainer_set_param(self._ptr(), _param(name), float(value))
