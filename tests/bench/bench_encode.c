@@ -9,20 +9,13 @@
 #define _POSIX_C_SOURCE 200809L
 #include <sae.h>
 
+#include "bench_common.h"
+
 #include <cblas.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* Best of 5 runs, each repeating the call until 0.2 s have passed. */
 #define TIME_BEST(result, call)                                                                    \
@@ -30,56 +23,16 @@ static double now(void)
         double best_ = 1e30;                                                                       \
         for (int run_ = 0; run_ < 5; run_++) {                                                     \
             int reps_ = 0;                                                                         \
-            double start_ = now(), elapsed_;                                                       \
+            double start_ = bench_now(), elapsed_;                                                       \
             do {                                                                                   \
                 call;                                                                              \
                 reps_++;                                                                           \
-            } while ((elapsed_ = now() - start_) < 0.2);                                           \
+            } while ((elapsed_ = bench_now() - start_) < 0.2);                                           \
             if (elapsed_ / reps_ < best_)                                                          \
                 best_ = elapsed_ / reps_;                                                          \
         }                                                                                          \
         (result) = best_;                                                                          \
     } while (0)
-
-/* The memory bound: every core streaming its share of a buffer, XOR-folding 64-bit words (a
- * reduction the compiler vectorizes, unlike a float sum). */
-typedef struct {
-    const uint64_t *words;
-    size_t count;
-    uint64_t fold;
-} read_job;
-
-static void *read_share(void *arg)
-{
-    read_job *job = arg;
-    uint64_t acc[8] = {0};
-    for (size_t i = 0; i + 8 <= job->count; i += 8)
-        for (size_t j = 0; j < 8; j++)
-            acc[j] ^= job->words[i + j];
-    for (int j = 0; j < 8; j++)
-        job->fold ^= acc[j];
-    return NULL;
-}
-
-static uint64_t read_all(const void *buf, size_t bytes)
-{
-    enum { MAX_THREADS = 64 };
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    size_t threads = cores < 1 ? 1 : cores > MAX_THREADS ? (size_t)MAX_THREADS : (size_t)cores;
-    pthread_t tid[MAX_THREADS];
-    read_job jobs[MAX_THREADS];
-    size_t words = bytes / 8, share = words / threads;
-    for (size_t t = 0; t < threads; t++) {
-        jobs[t] = (read_job){(const uint64_t *)buf + t * share, share, 0};
-        pthread_create(&tid[t], NULL, read_share, &jobs[t]);
-    }
-    uint64_t fold = 0;
-    for (size_t t = 0; t < threads; t++) {
-        pthread_join(tid[t], NULL);
-        fold ^= jobs[t].fold;
-    }
-    return fold;
-}
 
 static void fill(float *v, size_t n, unsigned seed, float scale)
 {
@@ -135,7 +88,8 @@ int main(int argc, char **argv)
                              (int)d_in, 1.0f, x, (int)d_in, w, (int)d_sae, 0.0f, f, (int)d_sae));
     printf("sgemm %zu %.9g\n", batch, t);
     uint64_t sink = 0;
-    TIME_BEST(t, sink ^= read_all(w, d_in * d_sae * sizeof(float)));
+    TIME_BEST(t, sink ^= bench_read(w, d_in * d_sae * sizeof(float),
+                                     (size_t)sysconf(_SC_NPROCESSORS_ONLN)));
     printf("read_w_enc 1 %.9g\n", t);
     const size_t ns[] = {1, batch};
     for (size_t i = 0; i < 2; i++) {

@@ -4,18 +4,13 @@
  *     PATH load_ms load_and_first_encode_ms format dtype
  * tests/bench/load writes the files, times numpy reading the same arrays, and prints both. */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime */
-#include "sae.h"
+#include <sae.h>
+
+#include "bench_common.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 int main(int argc, char **argv)
 {
@@ -25,19 +20,19 @@ int main(int argc, char **argv)
         const char *format = "?", *dtype = "?";
         for (int r = 0; r < reps; r++) {
             sae_model *m;
-            double t0 = now();
+            double t0 = bench_now();
             if (sae_model_load(&m, argv[a]) != SAE_OK) {
                 fprintf(stderr, "%s: %s\n", argv[a], sae_last_error());
                 return 1;
             }
-            double t1 = now();
+            double t1 = bench_now();
             size_t d_in = sae_model_d_in(m), d_sae = sae_model_d_sae(m);
             float *x = calloc(d_in, sizeof(float)), *f = malloc(d_sae * sizeof(float));
             if (x == NULL || f == NULL || sae_encode(m, x, 1, f) != SAE_OK) {
                 fprintf(stderr, "%s: encode failed: %s\n", argv[a], sae_last_error());
                 return 1;
             }
-            double t2 = now();
+            double t2 = bench_now();
             format = sae_model_format(m);
             dtype = sae_model_dtype(m);
             free(x);

@@ -16,8 +16,9 @@
 #define _GNU_SOURCE
 #include <sae.h>
 
+#include "bench_common.h"
+
 #include <cblas.h>
-#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -27,13 +28,6 @@
 #include <unistd.h>
 
 enum { K = 32, STEER_MANY = 16, TOP_N = 16, BATCH = 1024 };
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static void die(const char *what)
 {
@@ -66,10 +60,10 @@ static double best_time(op_fn fn, void *ctx)
     int reps = 0;
     const int min_reps = 3;
     while (reps < 200 && (reps < min_reps || total < 0.5)) {
-        double start = now();
+        double start = bench_now();
         if (fn(ctx) != SAE_OK)
             die("timed call");
-        double t = now() - start;
+        double t = bench_now() - start;
         total += t;
         reps++;
         if (t < best)
@@ -395,51 +389,6 @@ static int op_sgemv(void *p)
     return SAE_OK;
 }
 
-/* Memory read speed: every core streaming its share of a buffer, XOR-folding 64-bit words in
- * eight independent lanes (a loop the compiler vectorizes, with no floating-point latency). */
-typedef struct {
-    const uint64_t *words;
-    size_t count;
-    uint64_t fold;
-} read_job;
-
-#if defined(__GNUC__) && defined(__x86_64__)
-/* The portable loop below is compiled for baseline x86-64 and, at -O2, tops out near 8 GB/s
- * per core, under what the memory delivers; with AVX2 the loads are 32 bytes wide. */
-__attribute__((target("avx2"))) static void read_share_avx2(read_job *job)
-{
-    typedef long long v4 __attribute__((vector_size(32)));
-    const v4 *v = (const v4 *)job->words;
-    v4 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (size_t i = 0; i + 4 <= job->count / 4; i += 4) {
-        a0 ^= v[i];
-        a1 ^= v[i + 1];
-        a2 ^= v[i + 2];
-        a3 ^= v[i + 3];
-    }
-    v4 a = a0 ^ a1 ^ a2 ^ a3;
-    job->fold ^= (uint64_t)(a[0] ^ a[1] ^ a[2] ^ a[3]);
-}
-#endif
-
-static void *read_share(void *arg)
-{
-    read_job *job = arg;
-#if defined(__GNUC__) && defined(__x86_64__)
-    if (__builtin_cpu_supports("avx2") && ((uintptr_t)job->words & 31) == 0) {
-        read_share_avx2(job);
-        return NULL;
-    }
-#endif
-    uint64_t acc[8] = {0};
-    for (size_t i = 0; i + 8 <= job->count; i += 8)
-        for (size_t j = 0; j < 8; j++)
-            acc[j] ^= job->words[i + j];
-    for (int j = 0; j < 8; j++)
-        job->fold ^= acc[j];
-    return NULL;
-}
-
 typedef struct {
     const void *buf;
     size_t bytes, threads;
@@ -449,21 +398,7 @@ typedef struct {
 static int op_read(void *p)
 {
     read_ctx *r = p;
-    enum { MAX = 64 };
-    pthread_t tid[MAX];
-    read_job jobs[MAX];
-    size_t words = r->bytes / 8, share = words / r->threads;
-    for (size_t t = 0; t < r->threads; t++) {
-        jobs[t] = (read_job){(const uint64_t *)r->buf + t * share, share, 0};
-        if (t > 0)
-            pthread_create(&tid[t], NULL, read_share, &jobs[t]);
-    }
-    read_share(&jobs[0]);
-    r->sink ^= jobs[0].fold;
-    for (size_t t = 1; t < r->threads; t++) {
-        pthread_join(tid[t], NULL);
-        r->sink ^= jobs[t].fold;
-    }
+    r->sink ^= bench_read(r->buf, r->bytes, r->threads);
     return SAE_OK;
 }
 

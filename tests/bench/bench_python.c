@@ -9,18 +9,12 @@
 #define _POSIX_C_SOURCE 200809L
 #include <sae.h>
 
+#include "bench_common.h"
+
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
 #define RUNS 21
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -83,11 +77,11 @@ int main(int argc, char **argv)
             return fail("sae_encode");
     for (int run = 0; run < RUNS; run++) {
         long reps = 0;
-        double start = now(), elapsed;
+        double start = bench_now(), elapsed;
         do {
             sae_encode(m, x, 1, f);
             reps++;
-        } while ((elapsed = now() - start) < 0.05);
+        } while ((elapsed = bench_now() - start) < 0.05);
         per_call[run] = elapsed / (double)reps;
     }
     qsort(per_call, RUNS, sizeof per_call[0], cmp_double);

@@ -9,18 +9,13 @@
 #define _POSIX_C_SOURCE 200809L
 #include <sae.h>
 
+#include "bench_common.h"
+
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static int fail(const char *what)
 {
@@ -36,14 +31,14 @@ static double best_time(step_fn fn, void *ctx)
     double best = 1e300;
     for (int round = 0; round < 5; round++) {
         long reps = 0;
-        double start = now(), elapsed;
+        double start = bench_now(), elapsed;
         do {
             if (fn(ctx) != SAE_OK) {
                 fail("timed call");
                 exit(1);
             }
             reps++;
-            elapsed = now() - start;
+            elapsed = bench_now() - start;
         } while (elapsed < 0.2);
         if (elapsed / (double)reps < best)
             best = elapsed / (double)reps;
