@@ -178,19 +178,19 @@ typedef struct {
     uint32_t index;
 } sae__scored;
 
-/* Selects the k largest entries of v[0..len) (ties: lower index first) into heap[0..k'), k' =
- * min(k, len), sorted largest first. Linear in len (a k-element min-heap rejects most entries
- * with one comparison). Returns k'. */
-size_t sae__topk_select(const float *v, size_t len, size_t k, sae__scored *heap);
+/* Selects the k largest entries of v[0..len) (ties: lower index first) into out[0..k'), k' =
+ * min(k, len), sorted largest first. One pass over v, which rejects most entries by blocks of
+ * vector compares. Returns k'. */
+size_t sae__topk_select(const float *v, size_t len, size_t k, sae__scored *out);
 
 /* One token's codes from its raw encoder product (one row of sae__encoder_product), in place:
  * adds b_enc and applies the activation; TopK keeps the K largest (ties: lower index first) and
- * zeroes the rest, using heap as scratch of min(K, d_sae) entries (unused otherwise). */
-void sae__activate_row(const sae_model *m, float *row, sae__scored *heap);
+ * zeroes the rest, using out as scratch of min(K, d_sae) entries (unused otherwise). */
+void sae__activate_row(const sae_model *m, float *row, sae__scored *out);
 /* One token's k strongest nonzero codes from its raw encoder product, fused into one pass (the
- * codes are never written out): into heap[0..k'), largest first, ties lower index first, every
+ * codes are never written out): into out[0..k'), largest first, ties lower index first, every
  * value > 0; returns k'. A TopK caller passes k <= K. */
-size_t sae__select_codes(const sae_model *m, const float *raw, size_t k, sae__scored *heap);
+size_t sae__select_codes(const sae_model *m, const float *raw, size_t k, sae__scored *out);
 /* sae__activate_row on n rows across the model's threads. Errors: SAE_ENOMEM (scratch). */
 int sae__activate_rows(const sae_model *m, float *raw, size_t n);
 

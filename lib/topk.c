@@ -1,10 +1,27 @@
-/* Selecting the k largest of d_sae pre-activations: a k-entry min-heap whose root is the weakest
- * entry kept. Scanning in index order, a candidate enters only when strictly larger than the
- * root, which both rejects most candidates with one comparison and makes ties go to the lower
- * index. */
+/* Selecting the k largest of d_sae pre-activations in one pass. The entries kept so far live in
+ * a "kept set" whose weakest value is the floor a candidate must strictly beat; scanning in index
+ * order, strictness makes ties go to the lower index. Most candidates lose, so the scan screens
+ * SCREEN values at a time against the floor with compares the compiler vectorizes, and only a
+ * block holding a winner is looked at value by value.
+ *
+ * Up to SORTED_MAX_K entries are kept as an array sorted strongest first: a winner is put in
+ * place by shifting the weaker ones down one slot. A winner usually lands near the bottom, so
+ * the shift is short and its loop predictable, where a heap's sift branches unpredictably at
+ * every level (it was 40% of a TopK training step at K = 16). Larger k keep a min-heap, whose
+ * O(log k) insertion wins once an average shift of k/2 entries costs more. */
 #include "internal.h"
 
+#include <math.h>
 #include <string.h>
+
+#define SCREEN 16
+enum { SORTED_MAX_K = 64 };
+
+typedef struct {
+    sae__scored *e;
+    size_t size, k;
+    float floor; /* a candidate must be larger: -inf, or 0 for codes, until the set is full */
+} kept_set;
 
 /* a ranks below b: smaller value, or equal value and higher index. */
 static inline bool weaker(sae__scored a, sae__scored b)
@@ -29,31 +46,6 @@ static void sift_down(sae__scored *heap, size_t size, size_t i)
     }
 }
 
-size_t sae__topk_select(const float *v, size_t len, size_t k, sae__scored *heap)
-{
-    size_t size = k < len ? k : len;
-    if (size == 0)
-        return 0;
-    for (size_t i = 0; i < size; i++)
-        heap[i] = (sae__scored){v[i], (uint32_t)i};
-    for (size_t i = size / 2; i-- > 0;)
-        sift_down(heap, size, i);
-    for (size_t i = size; i < len; i++) {
-        if (v[i] > heap[0].value) {
-            heap[0] = (sae__scored){v[i], (uint32_t)i};
-            sift_down(heap, size, 0);
-        }
-    }
-    /* Heap sort in place: repeatedly move the weakest to the end, leaving strongest first. */
-    for (size_t end = size; end-- > 1;) {
-        sae__scored tmp = heap[0];
-        heap[0] = heap[end];
-        heap[end] = tmp;
-        sift_down(heap, end, 0);
-    }
-    return size;
-}
-
 static void sift_up(sae__scored *heap, size_t i)
 {
     while (i > 0) {
@@ -67,15 +59,106 @@ static void sift_up(sae__scored *heap, size_t i)
     }
 }
 
-/* Strongest first, by heap sort: repeatedly move the weakest to the end. */
-static void sort_heap(sae__scored *heap, size_t size)
+/* Offers value (at index, larger than every index offered before) once it beats the floor. */
+static inline void kept_offer(kept_set *s, float value, uint32_t index)
 {
-    for (size_t end = size; end-- > 1;) {
-        sae__scored tmp = heap[0];
-        heap[0] = heap[end];
-        heap[end] = tmp;
-        sift_down(heap, end, 0);
+    sae__scored *e = s->e;
+    if (s->k <= SORTED_MAX_K) {
+        /* Growing: a new slot at the end; full: the weakest entry drops out. Equal values stay
+         * ahead of the newcomer, whose index is higher. */
+        size_t j = s->size < s->k ? s->size++ : s->k - 1;
+        while (j > 0 && e[j - 1].value < value) {
+            e[j] = e[j - 1];
+            j--;
+        }
+        e[j] = (sae__scored){value, index};
+        if (s->size == s->k)
+            s->floor = e[s->k - 1].value;
+        return;
     }
+    if (s->size < s->k) {
+        e[s->size] = (sae__scored){value, index};
+        sift_up(e, s->size++);
+    } else {
+        e[0] = (sae__scored){value, index};
+        sift_down(e, s->size, 0);
+    }
+    if (s->size == s->k)
+        s->floor = e[0].value;
+}
+
+/* Strongest first: a heap is sorted by repeatedly moving its weakest entry to the end. */
+static size_t kept_finish(kept_set *s)
+{
+    if (s->k > SORTED_MAX_K)
+        for (size_t end = s->size; end-- > 1;) {
+            sae__scored tmp = s->e[0];
+            s->e[0] = s->e[end];
+            s->e[end] = tmp;
+            sift_down(s->e, end, 0);
+        }
+    return s->size;
+}
+
+/* Whether any of v[0..SCREEN) beats the floor: a fixed count, so -O2 vectorizes it. */
+static inline bool screen_any(const float *v, float floor)
+{
+    int any = 0;
+    for (size_t j = 0; j < SCREEN; j++)
+        any |= v[j] > floor;
+    return any != 0;
+}
+
+/* The smallest of the maxima of k equal blocks of v: k distinct entries are at least this large,
+ * so nothing smaller is among the k largest. A floor from the start, where filling the set from
+ * the first k entries would let nearly every early entry in. -inf if a block is all -inf or NaN. */
+static float least_block_max(const float *v, size_t len, size_t k)
+{
+    const size_t width = len / k;
+    float least = INFINITY;
+    for (size_t b = 0; b < k; b++) {
+        const float *p = v + b * width;
+        float lane[8];
+        size_t j = 0;
+        for (size_t q = 0; q < 8; q++)
+            lane[q] = -INFINITY;
+        for (; j + 8 <= width; j += 8) /* eight independent maxima: -O2 vectorizes them */
+            for (size_t q = 0; q < 8; q++)
+                lane[q] = p[j + q] > lane[q] ? p[j + q] : lane[q];
+        for (; j < width; j++)
+            lane[0] = p[j] > lane[0] ? p[j] : lane[0];
+        float most = -INFINITY;
+        for (size_t q = 0; q < 8; q++)
+            most = lane[q] > most ? lane[q] : most;
+        least = most < least ? most : least;
+    }
+    return least;
+}
+
+size_t sae__topk_select(const float *v, size_t len, size_t k, sae__scored *out)
+{
+    kept_set s = {out, 0, k < len ? k : len, -INFINITY};
+    if (s.k == 0)
+        return 0;
+    float least = least_block_max(v, len, s.k);
+    if (least > -INFINITY)
+        s.floor = nextafterf(least, -INFINITY); /* v > floor: v >= least */
+    for (size_t i = 0; i < len;) {
+        size_t end = i + SCREEN <= len ? i + SCREEN : len;
+        if (end - i == SCREEN && !screen_any(v + i, s.floor)) {
+            i = end;
+            continue;
+        }
+        for (; i < end; i++)
+            if (v[i] > s.floor)
+                kept_offer(&s, v[i], (uint32_t)i);
+    }
+    /* Short only when fewer than k values beat -inf: -inf entries are the weakest, and rank
+     * among themselves by index. NaN is never kept. */
+    for (size_t i = 0; i < len && s.size < s.k; i++)
+        if (v[i] == -INFINITY)
+            kept_offer(&s, v[i], (uint32_t)i);
+    return kept_finish(&s);
 }
 
 /* A feature's code from its biased pre-activation v = raw + b_enc: the activation of every
@@ -89,73 +172,57 @@ static inline float code_of(sae_arch arch, float v, float threshold, float theta
     }
 }
 
-/* Values are screened SCREEN at a time: a fixed count the compiler turns into vector compares,
- * so the common case (nothing in the block beats the weakest kept) costs a fraction of a cycle
- * per feature. Every activation is at most v, so "no v beats the floor" rules the block out. */
-#define SCREEN 16
-
 static inline size_t select_arch(sae_arch arch, const sae_model *m, const float *raw, size_t k,
-                                 sae__scored *heap)
+                                 sae__scored *out)
 {
     const size_t len = m->d_sae;
     const float *bias = m->b_enc, *thr = m->threshold;
     const float theta = m->batch_threshold;
-    size_t size = 0;
-    float floor = 0.0f; /* a code enters only when larger: 0 until the heap is full */
-    size_t i = 0;
-    for (;;) {
-        size_t end = i + SCREEN <= len ? i + SCREEN : len;
-        if (end - i == SCREEN) {
-            int any = 0;
+    /* Codes enter only when positive: the floor starts at 0, and every code is at most its
+     * biased pre-activation, so a block whose raw + bias all stay under the floor is out. */
+    kept_set s = {out, 0, k, 0.0f};
+    float biased[SCREEN];
+    for (size_t i = 0; i < len; i += SCREEN) {
+        size_t count = len - i < SCREEN ? len - i : SCREEN;
+        if (count == SCREEN) {
             for (size_t j = 0; j < SCREEN; j++)
-                any |= raw[i + j] + bias[i + j] > floor;
-            if (!any) {
-                i = end;
+                biased[j] = raw[i + j] + bias[i + j];
+            if (!screen_any(biased, s.floor))
                 continue;
-            }
+        } else {
+            for (size_t j = 0; j < count; j++)
+                biased[j] = raw[i + j] + bias[i + j];
         }
-        if (i == end)
-            break;
-        for (; i < end; i++) {
-            float f = code_of(arch, raw[i] + bias[i], arch == SAE_ARCH_JUMPRELU ? thr[i] : 0.0f,
+        for (size_t j = 0; j < count; j++) {
+            float f = code_of(arch, biased[j], arch == SAE_ARCH_JUMPRELU ? thr[i + j] : 0.0f,
                               theta);
-            if (!(f > floor))
-                continue;
-            if (size < k) {
-                heap[size] = (sae__scored){f, (uint32_t)i};
-                sift_up(heap, size++);
-            } else {
-                heap[0] = (sae__scored){f, (uint32_t)i};
-                sift_down(heap, size, 0);
-            }
-            if (size == k)
-                floor = heap[0].value;
+            if (f > s.floor)
+                kept_offer(&s, f, (uint32_t)(i + j));
         }
     }
-    sort_heap(heap, size);
-    return size;
+    return kept_finish(&s);
 }
 
-size_t sae__select_codes(const sae_model *m, const float *raw, size_t k, sae__scored *heap)
+size_t sae__select_codes(const sae_model *m, const float *raw, size_t k, sae__scored *out)
 {
     if (k == 0)
         return 0;
     switch (m->arch) {
-    case SAE_ARCH_JUMPRELU: return select_arch(SAE_ARCH_JUMPRELU, m, raw, k, heap);
-    case SAE_ARCH_BATCHTOPK: return select_arch(SAE_ARCH_BATCHTOPK, m, raw, k, heap);
-    default: return select_arch(SAE_ARCH_RELU, m, raw, k, heap);
+    case SAE_ARCH_JUMPRELU: return select_arch(SAE_ARCH_JUMPRELU, m, raw, k, out);
+    case SAE_ARCH_BATCHTOPK: return select_arch(SAE_ARCH_BATCHTOPK, m, raw, k, out);
+    default: return select_arch(SAE_ARCH_RELU, m, raw, k, out);
     }
 }
 
-void sae__activate_row(const sae_model *m, float *row, sae__scored *heap)
+void sae__activate_row(const sae_model *m, float *row, sae__scored *out)
 {
     const size_t len = m->d_sae;
     const float *bias = m->b_enc;
     if (m->arch == SAE_ARCH_TOPK) {
-        size_t kept = sae__select_codes(m, row, m->k < len ? m->k : len, heap);
+        size_t kept = sae__select_codes(m, row, m->k < len ? m->k : len, out);
         memset(row, 0, len * sizeof *row);
         for (size_t j = 0; j < kept; j++)
-            row[heap[j].index] = heap[j].value;
+            row[out[j].index] = out[j].value;
         return;
     }
     /* Fixed-size inner loops, so that -O2 vectorizes them too. */
