@@ -20,8 +20,7 @@ void sae__decode_token(const sae_model *m, const uint32_t *idx, const float *val
                        float *x_hat)
 {
     memcpy(x_hat, m->b_dec, m->d_in * sizeof(float));
-    for (size_t j = 0; j < count; j++)
-        cblas_saxpy((int)m->d_in, val[j], m->W_dec + (size_t)idx[j] * m->d_in, 1, x_hat, 1);
+    sae__dec_rows_add(m, idx, val, count, x_hat);
     unscale(m, x_hat, 1);
 }
 
@@ -43,7 +42,7 @@ static void decode_row_sparse(const sae_model *m, const float *f, float *x_hat)
         }
         for (; i < end; i++)
             if (f[i] != 0.0f)
-                cblas_saxpy((int)d_in, f[i], m->W_dec + i * d_in, 1, x_hat, 1);
+                sae__dec_row_axpy(m, i, 0, d_in, f[i], x_hat);
     }
     unscale(m, x_hat, 1);
 }
@@ -154,14 +153,9 @@ int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat
     free(job.count);
     for (size_t t = 0; t < n; t++)
         memcpy(x_hat + t * d_in, m->b_dec, d_in * sizeof(float));
-    if (n == 1)
-        cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_sae, (int)d_in, 1.0f, m->W_dec, (int)d_in,
-                    f, 1, 1.0f, x_hat, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, (int)d_sae,
-                    1.0f, f, (int)d_sae, m->W_dec, (int)d_in, 1.0f, x_hat, (int)d_in);
+    int rc = sae__weights_product(m, SAE_W_DEC, f, n, x_hat, 1.0f);
     unscale(m, x_hat, n);
-    return SAE_OK;
+    return rc;
 }
 
 static int check_sizes(const sae_model *m, size_t n, size_t width)
@@ -220,17 +214,16 @@ static void feature_major_range(void *arg, size_t begin, size_t end, size_t work
     const pairs_job *job = arg;
     const sae_model *m = job->m;
     const size_t d_in = m->d_in, c0 = begin * SCREEN, c1 = end * SCREEN < d_in ? end * SCREEN : d_in;
-    const int width = (int)(c1 - c0);
+    const size_t width = c1 - c0;
     for (size_t t = 0; t < job->n; t++)
         memcpy(job->x_hat + t * d_in + c0, m->b_dec + c0, (c1 - c0) * sizeof(float));
-    for (size_t f = 0; f < m->d_sae; f++) {
-        const float *row = m->W_dec + f * d_in + c0;
+    for (size_t f = 0; f < m->d_sae; f++)
         for (uint32_t e = job->start[f]; e < job->start[f + 1]; e++)
-            cblas_saxpy(width, job->tval[e], row, 1, job->x_hat + (size_t)job->tok[e] * d_in + c0, 1);
-    }
+            sae__dec_row_axpy(m, f, c0, width, job->tval[e],
+                              job->x_hat + (size_t)job->tok[e] * d_in + c0);
     if (m->input_scale != 1.0f)
         for (size_t t = 0; t < job->n; t++)
-            cblas_sscal(width, 1.0f / m->input_scale, job->x_hat + t * d_in + c0, 1);
+            cblas_sscal((int)width, 1.0f / m->input_scale, job->x_hat + t * d_in + c0, 1);
 }
 
 /* Sorts the pairs by feature (a counting sort: stable, so a token's repeated feature keeps its
@@ -407,7 +400,8 @@ int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat)
      * alias x. */
     for (size_t first = 0; first < n && rc == SAE_OK; first += block) {
         size_t rows = n - first < block ? n - first : block;
-        sae__encoder_product(m, x + first * m->d_in, rows, xs, raw);
+        if ((rc = sae__encoder_product(m, x + first * m->d_in, rows, xs, raw)) != SAE_OK)
+            break;
         if (topk) {
             job.x_hat = x_hat + first * m->d_in;
             sae__parallel_for(threads, rows, grain, topk_range, &job);

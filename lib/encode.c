@@ -18,9 +18,9 @@ size_t sae__block_tokens(size_t d_sae, size_t n)
 
 bool sae__encoder_reads_x(const sae_model *m) { return m->input_scale == 1.0f && !m->apply_b_dec; }
 
-void sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw)
+int sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw)
 {
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const size_t d_in = m->d_in;
     const float *in = x;
     if (!sae__encoder_reads_x(m)) {
         for (size_t t = 0; t < n; t++) {
@@ -31,12 +31,7 @@ void sae__encoder_product(const sae_model *m, const float *x, size_t n, float *x
         }
         in = xs;
     }
-    if (n == 1)
-        cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)d_sae, 1.0f, m->W_enc, (int)d_sae,
-                    in, 1, 0.0f, raw, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_sae, (int)d_in,
-                    1.0f, in, (int)d_in, m->W_enc, (int)d_sae, 0.0f, raw, (int)d_sae);
+    return sae__weights_product(m, SAE_W_ENC, in, n, raw, 0.0f);
 }
 
 /* Per-worker heaps of `entries` each, for `chunks` workers. */
@@ -102,9 +97,9 @@ int sae_encode(const sae_model *m, const float *x, size_t n, float *f)
     if (!sae__encoder_reads_x(m) &&
         (xs = sae__alloc(n * m->d_in, sizeof(float), "encode scratch")) == NULL)
         return SAE_ENOMEM;
-    sae__encoder_product(m, x, n, xs, f);
+    rc = sae__encoder_product(m, x, n, xs, f);
     free(xs);
-    return sae__activate_rows(m, f, n);
+    return rc != SAE_OK ? rc : sae__activate_rows(m, f, n);
 }
 
 typedef struct {
@@ -173,14 +168,16 @@ int sae_encode_sparse(const sae_model *m, const float *x, size_t n, size_t k, ui
         return SAE_ENOMEM;
     }
     sparse_job job = {m, raw, 0, k, select, idx, count, val, heaps};
-    for (size_t first = 0; first < n; first += block) {
+    rc = SAE_OK;
+    for (size_t first = 0; first < n && rc == SAE_OK; first += block) {
         size_t rows = n - first < block ? n - first : block;
-        sae__encoder_product(m, x + first * m->d_in, rows, xs, raw);
+        if ((rc = sae__encoder_product(m, x + first * m->d_in, rows, xs, raw)) != SAE_OK)
+            break;
         job.first = first;
         sae__parallel_for(threads, rows, grain, select_range, &job);
     }
     free(raw);
     free(xs);
     free(heaps);
-    return SAE_OK;
+    return rc;
 }

@@ -118,15 +118,16 @@ int sae__st_meta_number(const sae__safetensors *st, const char *key, bool allow_
 int sae__st_expect(const sae__safetensors *st, const char *name, size_t d0, size_t d1,
                    const sae__st_tensor **out);
 
-/* One tensor to write: name, shape and float data. */
+/* One tensor to write: name, shape and float data, or (data NULL) bfloat16 data. */
 typedef struct {
     const char *name;
     size_t ndim;
     size_t shape[2];
     const float *data;
+    const uint16_t *bf16;
 } sae__st_out;
 
-/* Writes an F32 safetensors file atomically; tensors must be sorted by name. meta_keys/values
+/* Writes an F32 (and BF16) safetensors file atomically; tensors must be sorted by name. meta_keys/values
  * (n_meta pairs) become __metadata__. */
 int sae__st_write(const char *path, const sae__st_out *tensors, size_t n_tensors,
                   const char *const *meta_keys, const char *const *meta_values, size_t n_meta);
@@ -137,6 +138,8 @@ struct sae_model {
     sae_arch arch;
     size_t d_in, d_sae;
     float *W_enc, *W_dec, *b_enc, *b_dec, *threshold; /* threshold is NULL unless JumpReLU */
+    uint16_t *W_enc16, *W_dec16; /* SAE_PARAM_BF16_WEIGHTS: the weights as bfloat16, and then
+                                  * W_enc and W_dec are NULL; read them through bf16.c */
     float *dec_norm;      /* [d_sae] ||W_dec[i]||, kept current by sae__model_weights_changed */
     size_t k;             /* TopK, BatchTopK */
     int apply_b_dec;      /* 0 or 1 */
@@ -164,12 +167,44 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
 /* Recomputes derived data (decoder row norms) after W_dec changed. */
 void sae__model_weights_changed(sae_model *m);
 
+/* ---- weight storage (bf16.c): every read of W_enc and W_dec outside training goes here ------ */
+
+/* Switches W_enc and W_dec to bfloat16 (rounded to nearest even) or back to float (exact).
+ * Errors (the model unchanged): SAE_ENOMEM; SAE_ERANGE if a weight is beyond bfloat16's range. */
+int sae__model_set_bf16(sae_model *m, bool on);
+/* dst[i] = bfloat16 of src[i]; SAE_ERANGE (naming what[row][col], cols per row) if one is too
+ * large or not finite, checked before dst is written, so it is then untouched. */
+int sae__bf16_narrow(const float *src, uint16_t *dst, size_t n, size_t cols, const char *what);
+void sae__bf16_widen(const uint16_t *src, float *dst, size_t n);
+/* y[0..width) += a * W_dec[feature][c0 .. c0 + width). */
+void sae__dec_row_axpy(const sae_model *m, size_t feature, size_t c0, size_t width, float a,
+                       float *y);
+/* y[0..d_in) += sum over j < count of val[j] * W_dec[idx[j]]. */
+void sae__dec_rows_add(const sae_model *m, const uint32_t *idx, const float *val, size_t count,
+                       float *y);
+/* dst[0..d_in) = W_dec[feature]. */
+void sae__dec_row(const sae_model *m, size_t feature, float *dst);
+/* ||W_dec[feature]||. */
+float sae__dec_row_norm(const sae_model *m, size_t feature);
+/* out[i] = W_dec[i] . v for every feature i (v has d_in entries). */
+void sae__dec_dots(const sae_model *m, const float *v, float *out);
+/* W_enc[row][feature]. */
+float sae__enc_at(const sae_model *m, size_t row, size_t feature);
+/* C = A @ W + beta * C, W = W_enc ([n][d_in] @ [d_in][d_sae]) or W_dec ([n][d_sae] @
+ * [d_sae][d_in]): BLAS for float weights; for bfloat16 a widening kernel (a few tokens) or SGEMM
+ * on widened column panels. Errors: SAE_ENOMEM (the panel), C then unspecified. */
+int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_t n, float *C,
+                         float beta);
+/* The panel path with a given panel width, for the tests. */
+int sae__bf16_gemm_panels(const sae_model *m, const uint16_t *W, size_t K, size_t N,
+                          const float *A, size_t n, float *C, size_t panel_cols);
+
 /* ---- encoding (encode.c, topk.c) ----------------------------------------------------------- */
 
 /* raw [n][d_sae] = (scale*x - apply*b_dec) @ W_enc, one BLAS call; xs [n][d_in] is scratch,
  * unused (may be NULL) when sae__encoder_reads_x. b_enc is left to the pass over each row that
  * follows (sae__activate_row, sae__select_codes), which adds it as the GEMM would have. */
-void sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw);
+int sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw);
 /* Whether the encoder reads x as it is (INPUT_SCALE 1, b_dec not applied): no xs needed. */
 bool sae__encoder_reads_x(const sae_model *m);
 

@@ -440,11 +440,11 @@ int sae_model_save(const sae_model *m, const char *path)
     }
     /* Sorted by name, as torch writes them. */
     sae__st_out tensors[5] = {
-        {"W_dec", 2, {m->d_sae, m->d_in}, m->W_dec},
-        {"W_enc", 2, {m->d_in, m->d_sae}, m->W_enc},
-        {"b_dec", 1, {m->d_in, 0}, m->b_dec},
-        {"b_enc", 1, {m->d_sae, 0}, m->b_enc},
-        {"threshold", 1, {m->d_sae, 0}, m->threshold},
+        {"W_dec", 2, {m->d_sae, m->d_in}, m->W_dec, m->W_dec16},
+        {"W_enc", 2, {m->d_in, m->d_sae}, m->W_enc, m->W_enc16},
+        {"b_dec", 1, {m->d_in, 0}, m->b_dec, NULL},
+        {"b_enc", 1, {m->d_sae, 0}, m->b_enc, NULL},
+        {"threshold", 1, {m->d_sae, 0}, m->threshold, NULL},
     };
     size_t n_tensors = m->arch == SAE_ARCH_JUMPRELU ? 5 : 4;
     return sae__st_write(path, tensors, n_tensors, all_keys, all_values, n_meta);

@@ -135,6 +135,8 @@ void sae_model_free(sae_model *m)
     for (int t = SAE_W_ENC; t <= SAE_THRESHOLD; t++)
         if (m->owned & (1u << t))
             free(*sae__model_tensor_slot(m, (sae_tensor)t));
+    free(m->W_enc16);
+    free(m->W_dec16);
     free(m->dec_norm);
     sae__unmap(&m->map);
     free(m);
@@ -149,7 +151,7 @@ const char *sae_model_dtype(const sae_model *m) { return m ? sae__dtype_name(m->
 void sae__model_weights_changed(sae_model *m)
 {
     for (size_t i = 0; i < m->d_sae; i++)
-        m->dec_norm[i] = cblas_snrm2((int)m->d_in, m->W_dec + i * m->d_in, 1);
+        m->dec_norm[i] = sae__dec_row_norm(m, i);
 }
 
 static int check_tensor(const sae_model *m, sae_tensor t)
@@ -175,7 +177,13 @@ int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src)
     size_t cols = (t == SAE_W_ENC) ? m->d_sae : (t == SAE_W_DEC) ? m->d_in : 1;
     if ((rc = sae__check_finite(src, count, cols, tensor_names[t])) != SAE_OK)
         return rc;
-    memmove(*sae__model_tensor_slot(m, t), src, count * sizeof(float));
+    uint16_t *narrow = t == SAE_W_ENC ? m->W_enc16 : t == SAE_W_DEC ? m->W_dec16 : NULL;
+    if (narrow != NULL) {
+        if ((rc = sae__bf16_narrow(src, narrow, count, cols, tensor_names[t])) != SAE_OK)
+            return rc;
+    } else {
+        memmove(*sae__model_tensor_slot(m, t), src, count * sizeof(float));
+    }
     if (t == SAE_W_DEC)
         sae__model_weights_changed(m);
     return SAE_OK;
@@ -188,8 +196,12 @@ int sae_model_get_tensor(const sae_model *m, sae_tensor t, float *dst)
     int rc = check_tensor(m, t);
     if (rc != SAE_OK)
         return rc;
+    const uint16_t *narrow = t == SAE_W_ENC ? m->W_enc16 : t == SAE_W_DEC ? m->W_dec16 : NULL;
     float *const *slot = sae__model_tensor_slot((sae_model *)m, t);
-    memmove(dst, *slot, sae__model_tensor_count(m, t) * sizeof(float));
+    if (narrow != NULL)
+        sae__bf16_widen(narrow, dst, sae__model_tensor_count(m, t));
+    else
+        memmove(dst, *slot, sae__model_tensor_count(m, t) * sizeof(float));
     return SAE_OK;
 }
 
@@ -210,7 +222,8 @@ static int param_applies(const sae_model *m, sae_model_param p)
         return SAE_OK;
     case SAE_PARAM_APPLY_B_DEC_TO_INPUT:
     case SAE_PARAM_INPUT_SCALE:
-    case SAE_PARAM_THREADS: return SAE_OK;
+    case SAE_PARAM_THREADS:
+    case SAE_PARAM_BF16_WEIGHTS: return SAE_OK;
     default: return sae__fail(SAE_EINVAL, "unknown model parameter %d", (int)p);
     }
 }
@@ -248,6 +261,10 @@ int sae_model_set_param(sae_model *m, sae_model_param p, double value)
                              value);
         m->threads = (size_t)value;
         break;
+    case SAE_PARAM_BF16_WEIGHTS:
+        if (value != 0.0 && value != 1.0)
+            return sae__fail(SAE_EINVAL, "BF16_WEIGHTS must be 0 or 1, not %g", value);
+        return sae__model_set_bf16(m, value == 1.0);
     }
     return SAE_OK;
 }
@@ -265,6 +282,7 @@ int sae_model_get_param(const sae_model *m, sae_model_param p, double *value)
     case SAE_PARAM_INPUT_SCALE: *value = m->input_scale; break;
     case SAE_PARAM_THRESHOLD: *value = m->batch_threshold; break;
     case SAE_PARAM_THREADS: *value = (double)m->threads; break;
+    case SAE_PARAM_BF16_WEIGHTS: *value = m->W_enc16 != NULL; break;
     }
     return SAE_OK;
 }

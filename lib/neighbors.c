@@ -1,7 +1,7 @@
-/* Nearest features by decoder direction: cosine similarity of W_dec rows, one GEMV. */
+/* Nearest features by decoder direction: cosine similarity of W_dec rows, one GEMV (or its
+ * bfloat16 counterpart). */
 #include "internal.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 
@@ -18,17 +18,18 @@ int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k, uint32
     if (k == 0)
         return SAE_OK;
     SAE_CHECK_NULL(idx);
+    const size_t d_in = m->d_in;
     float *sim = sae__alloc(m->d_sae, sizeof *sim, "neighbour scratch");
+    float *dir = sae__alloc(2 * d_in, sizeof *dir, "neighbour scratch"), *row = dir + d_in;
     sae__scored *heap = sae__alloc(k, sizeof *heap, "neighbour heap");
-    if (sim == NULL || heap == NULL) {
+    if (sim == NULL || dir == NULL || heap == NULL) {
         free(sim);
+        free(dir);
         free(heap);
         return SAE_ENOMEM;
     }
-    const size_t d_in = m->d_in;
-    const float *dir = m->W_dec + (size_t)feature * d_in;
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)m->d_sae, (int)d_in, 1.0f, m->W_dec, (int)d_in,
-                dir, 1, 0.0f, sim, 1);
+    sae__dec_row(m, feature, dir);
+    sae__dec_dots(m, dir, sim);
     const double norm_f = m->dec_norm[feature];
     for (size_t i = 0; i < m->d_sae; i++) {
         const double norm_i = m->dec_norm[i];
@@ -39,8 +40,9 @@ int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k, uint32
         }
         if (!isfinite(dot)) { /* huge weights overflowed the float dot product */
             dot = 0.0;
+            sae__dec_row(m, i, row);
             for (size_t j = 0; j < d_in; j++)
-                dot += (double)m->W_dec[i * d_in + j] * dir[j];
+                dot += (double)row[j] * dir[j];
         }
         sim[i] = (float)(dot / (norm_i * norm_f));
     }
@@ -53,6 +55,7 @@ int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k, uint32
             cos[j] = heap[j].value;
     }
     free(sim);
+    free(dir);
     free(heap);
     return SAE_OK;
 }

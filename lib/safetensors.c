@@ -304,14 +304,16 @@ int sae__st_write(const char *path, const sae__st_out *tensors, size_t n_tensors
         size_t count = 1;
         for (size_t d = 0; d < tensors[i].ndim; d++)
             count *= tensors[i].shape[d];
+        const size_t elem = tensors[i].data != NULL ? sizeof(float) : sizeof(uint16_t);
         cJSON *entry = cJSON_AddObjectToObject(header, tensors[i].name);
         double dims[2] = {(double)tensors[i].shape[0], (double)tensors[i].shape[1]};
-        double range[2] = {(double)offset, (double)(offset + count * sizeof(float))};
-        ok &= entry && cJSON_AddStringToObject(entry, "dtype", "F32") &&
+        double range[2] = {(double)offset, (double)(offset + count * elem)};
+        ok &= entry &&
+              cJSON_AddStringToObject(entry, "dtype", tensors[i].data != NULL ? "F32" : "BF16") &&
               cJSON_AddItemToObject(entry, "shape",
                                     cJSON_CreateDoubleArray(dims, (int)tensors[i].ndim)) &&
               cJSON_AddItemToObject(entry, "data_offsets", cJSON_CreateDoubleArray(range, 2));
-        offset += count * sizeof(float);
+        offset += count * elem;
     }
     char *json = ok ? cJSON_PrintUnformatted(header) : NULL;
     cJSON_Delete(header);
@@ -347,7 +349,10 @@ int sae__st_write(const char *path, const sae__st_out *tensors, size_t n_tensors
         size_t count = 1;
         for (size_t d = 0; d < tensors[i].ndim; d++)
             count *= tensors[i].shape[d];
-        sae__atomic_write(&f, tensors[i].data, count * sizeof(float));
+        if (tensors[i].data != NULL)
+            sae__atomic_write(&f, tensors[i].data, count * sizeof(float));
+        else
+            sae__atomic_write(&f, tensors[i].bf16, count * sizeof(uint16_t));
     }
     return sae__atomic_commit(&f);
 }

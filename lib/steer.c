@@ -201,8 +201,7 @@ static void add_vector(const sae_steer *s, float *v)
     memset(v, 0, m->d_in * sizeof *v);
     for (size_t j = 0; j < s->n_ops; j++)
         if (s->ops[j].op == SAE_STEER_ADD)
-            cblas_saxpy((int)m->d_in, s->ops[j].value, m->W_dec + (size_t)s->ops[j].feature * m->d_in,
-                        1, v, 1);
+            sae__dec_row_axpy(m, s->ops[j].feature, 0, m->d_in, s->ops[j].value, v);
     if (m->input_scale != 1.0f)
         cblas_sscal((int)m->d_in, 1.0f / m->input_scale, v, 1);
 }
@@ -274,18 +273,16 @@ static inline float delta_of(const steer_entry *e, float f)
 static void gather_enc(const sae_model *m, const enc_plan *p, size_t first, size_t count)
 {
     for (size_t j = 0; j < m->d_in; j++) {
-        const float *row = m->W_enc + j * m->d_sae;
         float *g = p->G + j * count;
         for (size_t c = 0; c < count; c++)
-            g[c] = row[p->ops[first + c]->feature];
+            g[c] = sae__enc_at(m, j, p->ops[first + c]->feature);
     }
 }
 
 static void gather_dec(const sae_model *m, const enc_plan *p, size_t first, size_t count)
 {
     for (size_t c = 0; c < count; c++)
-        memcpy(p->D + c * m->d_in, m->W_dec + (size_t)p->ops[first + c]->feature * m->d_in,
-               m->d_in * sizeof(float));
+        sae__dec_row(m, p->ops[first + c]->feature, p->D + c * m->d_in);
 }
 
 /* x [rows][d_in] += delta [rows][me] @ W_dec[plan features] / INPUT_SCALE. */
@@ -438,7 +435,8 @@ static int apply_full(const sae_model *m, const enc_plan *p, float *x, size_t n)
     for (size_t t0 = 0; t0 < n; t0 += tokens) {
         const size_t rows = n - t0 < tokens ? n - t0 : tokens;
         float *xr = x + t0 * d_in;
-        sae__encoder_product(m, xr, rows, xs, raw);
+        if ((rc = sae__encoder_product(m, xr, rows, xs, raw)) != SAE_OK)
+            break;
         sae__parallel_for(threads, rows, grain, topk_delta_range, &job);
         add_deltas(m, p, delta, rows, xr);
     }

@@ -273,6 +273,18 @@ void sae_trainer_free(sae_trainer *t)
     free(t);
 }
 
+/* The trainer writes the model's float weights in place: a model switched to bfloat16 storage
+ * (SAE_PARAM_BF16_WEIGHTS) has none until it is switched back. */
+static int need_float_weights(const sae_trainer *t, const char *fn)
+{
+    if (t->m->W_enc16 != NULL)
+        return sae__fail(SAE_ESTATE,
+                         "%s: the model holds bfloat16 weights (SAE_PARAM_BF16_WEIGHTS = 1); "
+                         "training needs float weights: set it to 0 first",
+                         fn);
+    return SAE_OK;
+}
+
 int sae_trainer_new(sae_trainer **out, sae_model *m)
 {
     SAE_CHECK_NULL(out);
@@ -438,12 +450,15 @@ int sae_trainer_init(sae_trainer *t, const float *x, size_t n)
     if (n == 0)
         return sae__fail(SAE_EINVAL, "sae_trainer_init: the sample is empty (n = 0)");
     SAE_CHECK_NULL(x);
+    int rc = need_float_weights(t, __func__);
+    if (rc != SAE_OK)
+        return rc;
     sae_model *m = t->m;
     const size_t d_in = m->d_in, d_sae = m->d_sae;
     size_t count;
     if (!sae__mul(n, d_in, &count) || !sae__mul(count, sizeof(float), &count))
         return sae__fail(SAE_EINVAL, "sae_trainer_init: n = %zu tokens is too many", n);
-    int rc = sae__check_finite(x, n * d_in, d_in, "x");
+    rc = sae__check_finite(x, n * d_in, d_in, "x");
     if (rc != SAE_OK)
         return rc;
     float *xs = sae__alloc(n * d_in, sizeof(float), "init sample");
@@ -1047,6 +1062,8 @@ int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
     if (!t->initialized)
         return sae__fail(SAE_ESTATE,
                          "sae_trainer_step: call sae_trainer_init (or sae_trainer_load) first");
+    if (need_float_weights(t, __func__) != SAE_OK)
+        return SAE_ESTATE;
     if (n == 0 && t->allreduce == NULL)
         return sae__fail(SAE_EINVAL, "sae_trainer_step: the batch is empty (n = 0)");
     const sae_model *m = t->m;
@@ -1106,6 +1123,8 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
     SAE_CHECK_NULL(path);
     if (!t->initialized)
         return sae__fail(SAE_ESTATE, "sae_trainer_save: nothing to save before sae_trainer_init");
+    if (need_float_weights(t, __func__) != SAE_OK)
+        return SAE_ESTATE;
     const sae_model *m = t->m;
     const size_t d_in = m->d_in, d_sae = m->d_sae;
     float *hi = sae__alloc(d_sae, sizeof(float), "checkpoint"),
@@ -1165,14 +1184,14 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
     }
 #undef META
     sae__st_out tensors[8] = {
-        {"W_dec", 2, {d_sae, d_in}, m->W_dec},
-        {"W_enc", 2, {d_in, d_sae}, m->W_enc},
-        {"b_dec", 1, {d_in, 0}, m->b_dec},
-        {"b_enc", 1, {d_sae, 0}, m->b_enc},
-        {"train.adam_m", 1, {t->lay.n_params, 0}, t->adam_m},
-        {"train.adam_v", 1, {t->lay.n_params, 0}, t->adam_v},
-        {"train.dead_hi", 1, {d_sae, 0}, hi},
-        {"train.dead_lo", 1, {d_sae, 0}, lo},
+        {"W_dec", 2, {d_sae, d_in}, m->W_dec, NULL},
+        {"W_enc", 2, {d_in, d_sae}, m->W_enc, NULL},
+        {"b_dec", 1, {d_in, 0}, m->b_dec, NULL},
+        {"b_enc", 1, {d_sae, 0}, m->b_enc, NULL},
+        {"train.adam_m", 1, {t->lay.n_params, 0}, t->adam_m, NULL},
+        {"train.adam_v", 1, {t->lay.n_params, 0}, t->adam_v, NULL},
+        {"train.dead_hi", 1, {d_sae, 0}, hi, NULL},
+        {"train.dead_lo", 1, {d_sae, 0}, lo, NULL},
     };
     qsort(tensors, 8, sizeof tensors[0], cmp_out);
     int rc = sae__st_write(path, tensors, 8, keys, vals, nm);
@@ -1318,8 +1337,11 @@ int sae_trainer_load(sae_trainer *t, const char *path)
 {
     SAE_CHECK_NULL(t);
     SAE_CHECK_NULL(path);
+    int rc = need_float_weights(t, __func__);
+    if (rc != SAE_OK)
+        return rc;
     sae__map map;
-    int rc = sae__map_file(path, &map);
+    rc = sae__map_file(path, &map);
     if (rc != SAE_OK)
         return rc;
     sae__safetensors st;

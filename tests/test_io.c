@@ -177,8 +177,8 @@ START_TEST(load_refuses_inconsistent_own_files)
 {
     char *path = tu_tmp_path("bad.safetensors");
     float data[12] = {0};
-    sae__st_out t[4] = {{"W_dec", 2, {3, 2}, data}, {"W_enc", 2, {2, 3}, data},
-                        {"b_dec", 1, {2, 0}, data}, {"b_enc", 1, {3, 0}, data}};
+    sae__st_out t[4] = {{"W_dec", 2, {3, 2}, data, NULL}, {"W_enc", 2, {2, 3}, data, NULL},
+                        {"b_dec", 1, {2, 0}, data, NULL}, {"b_enc", 1, {3, 0}, data, NULL}};
     const char *keys[] = {"format", "architecture", "d_in", "d_sae", "apply_b_dec_to_input",
                           "input_scale"};
     const struct {

@@ -344,6 +344,33 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
                 sae_steer_free(c.steer);
                 release(&c);
             }
+        /* SAE_PARAM_BF16_WEIGHTS on fresh copies (switching back would keep the rounding): the
+         * single-token rows it is for, against the same peers in float32. */
+        if (wanted("bf16")) {
+            sae_model *relu = make_model(&d, SAE_ARCH_RELU), *topk = make_model(&d, SAE_ARCH_TOPK);
+            CHECK(sae_model_set_param(relu, SAE_PARAM_BF16_WEIGHTS, 1));
+            CHECK(sae_model_set_param(topk, SAE_PARAM_BF16_WEIGHTS, 1));
+            prepare(&c, relu, &d, n, NULL);
+            print_time("encode_bf16", SAE_ARCH_RELU, n, best_time(op_encode, &c));
+            if (n == 64)
+                write_out(out, "encode_bf16_relu", c.f, n, d.d_sae);
+            release(&c);
+            prepare(&c, topk, &d, n, models[SAE_ARCH_TOPK]); /* the float model's codes */
+            print_time("decode_sparse_bf16", SAE_ARCH_TOPK, n, best_time(op_decode_sparse, &c));
+            release(&c);
+            prepare(&c, topk, &d, n, NULL);
+            c.steer = make_steer(c.m, 1);
+            if (n == 64) {
+                CHECK(sae_steer_apply(c.steer, c.x_work, n));
+                write_out(out, "steer1_bf16_topk", c.x_work, n, d.d_in);
+                memcpy(c.x_work, d.x, n * d.d_in * sizeof(float));
+            }
+            print_time("steer1_bf16", SAE_ARCH_TOPK, n, best_time(op_steer, &c));
+            sae_steer_free(c.steer);
+            release(&c);
+            sae_model_free(relu);
+            sae_model_free(topk);
+        }
         /* One training step on a model initialized from the first 1024 tokens. */
         const sae_arch train_archs[] = {SAE_ARCH_RELU, SAE_ARCH_TOPK};
         for (size_t a = 0; a < 2 && wanted("train"); a++) {

@@ -373,16 +373,28 @@ ROWS = [
     ("steer, 16 features", "steer16", "topk", "as above"),
     ("stats update, dense codes", "stats", "relu", "counts, sums, max, top-16 per feature"),
     ("stats update, sparse codes", "stats_sparse", "topk", "scatter to dense, then as above"),
+    ("encode, bf16 weights", "encode_bf16", "relu",
+     "the float32 encode above (SAE_PARAM_BF16_WEIGHTS is libsae's option; error vs torch below)"),
+    ("sparse decode, k = 32, bf16 weights", "decode_sparse_bf16", "topk",
+     "embedding_bag on float32 W_dec (sparsify)"),
+    ("steer, 1 feature, bf16 weights", "steer1_bf16", "topk", "SAELens's float32 clamp"),
     ("training step", "train", "relu", "SAELens-style ReLU step, Adam (torch only)"),
     ("training step", "train", "topk", "sparsify-style TopK step, Adam (torch only)"),
 ]
+
+
+# libsae with bfloat16 weights against the peers' float32 rows of the same operation.
+BF16_ROWS = {"encode_bf16": "encode", "decode_sparse_bf16": "decode_sparse",
+             "steer1_bf16": "steer1"}
 
 
 def row_bound(op, arch, n, codes, bounds):
     """The roofline bound of the minimal work: max(FLOPs / SGEMM peak, bytes / read bandwidth).
     codes: per-n dict of the ReLU codes' nonzeros and the TopK codes' distinct features."""
     peak, bw = bounds["flops"], bounds["bw"]
-    w = D_IN * D_SAE * 4
+    wb = 2 if op in BF16_ROWS else 4  # bytes per weight
+    op = BF16_ROWS.get(op, op)
+    w = D_IN * D_SAE * wb
     flops = bytes_ = 0.0
     if op in ("encode", "encode_sparse"):
         flops = 2.0 * n * D_IN * D_SAE
@@ -396,7 +408,7 @@ def row_bound(op, arch, n, codes, bounds):
         bytes_ = w + n * D_SAE * 4 + n * D_IN * 4
     elif op in ("decode_sparse", "decode_sparse_saelens"):
         flops = 2.0 * n * K * D_IN
-        bytes_ = codes[n]["topk_rows"] * D_IN * 4 + n * K * 8 + n * D_IN * 4
+        bytes_ = codes[n]["topk_rows"] * D_IN * wb + n * K * 8 + n * D_IN * 4
     elif op == "reconstruct":
         key = "topk" if arch == "topk" else "relu"
         flops = 2.0 * n * D_IN * D_SAE + 2.0 * codes[n][key + "_nnz"] * D_IN
@@ -405,7 +417,7 @@ def row_bound(op, arch, n, codes, bounds):
         m = 1 if op == "steer1" else 16
         if arch == "topk":  # the full encode decides which features survive
             flops = 2.0 * n * D_IN * D_SAE + 4.0 * n * m * D_IN
-            bytes_ = w + m * D_IN * 4 + 2 * n * D_IN * 4
+            bytes_ = w + m * D_IN * wb + 2 * n * D_IN * 4
         else:  # the features' encoder columns (a cache line per element) and decoder rows
             flops = 4.0 * n * m * D_IN
             bytes_ = D_IN * 64 * min(m, 16) + m * D_IN * 4 + 2 * n * D_IN * 4
@@ -441,7 +453,7 @@ def time_peers(peers, t, out_dir, ns, log):
             half = half.astype(np.float32)
             half_t = torch.from_numpy(half)
             for label, op, arch, _ in ROWS:
-                if op == "train":
+                if op == "train" or op in BF16_ROWS:
                     continue
                 fns = {
                     "encode": (lambda: peers.np_encode(arch, x), lambda: peers.t_encode(arch, tx)),
@@ -476,6 +488,13 @@ def time_peers(peers, t, out_dir, ns, log):
                     f"torch {fmt_time(res[(op, arch, n, 'torch')])}")
                 if n == 64:
                     agree += check_agreement(peers, op, arch, x, tx, out_dir)
+        for op, base in BF16_ROWS.items():  # the same float32 peers
+            arch = "relu" if op == "encode_bf16" else "topk"
+            for peer in ("numpy", "torch"):
+                if (base, arch, n, peer) in res:
+                    res[(op, arch, n, peer)] = res[(base, arch, n, peer)]
+            if n == 64:
+                agree += check_agreement(peers, op, arch, x, tx, out_dir)
         # Training, torch only: numpy has no automatic gradients.
         x_init = torch.from_numpy(x_all[:BATCH].copy())
         for arch in ("relu", "topk"):
@@ -489,11 +508,13 @@ def check_agreement(peers, op, arch, x, tx, out_dir):
     """libsae's output at n = 64 (written by bench_ops) against torch's."""
     name = {"encode": f"encode_{arch}", "reconstruct": f"reconstruct_{arch}",
             "decode": "decode_relu", "decode_sparse": "decode_sparse_topk",
-            "steer1": f"steer1_{arch}", "steer16": f"steer16_{arch}"}.get(op)
+            "steer1": f"steer1_{arch}", "steer16": f"steer16_{arch}",
+            "encode_bf16": "encode_bf16_relu", "steer1_bf16": "steer1_bf16_topk"}.get(op)
     path = os.path.join(out_dir, (name or "") + ".npy")
     if name is None or not os.path.exists(path):
         return []
     got = np.load(path)
+    row, op = op, BF16_ROWS.get(op, op)
     if op == "encode":
         want = peers.t_encode(arch, tx).numpy()
     elif op == "reconstruct":
@@ -508,7 +529,7 @@ def check_agreement(peers, op, arch, x, tx, out_dir):
         want = peers.t_steer(arch, tx, steer_features(1 if op == "steer1" else 16)).numpy()
     err = float(np.max(np.abs(got - want)))
     scale = float(np.max(np.abs(want)))
-    return [(op, arch, err, scale)]
+    return [(row, arch, err, scale)]
 
 
 def torch_memory(peers, t, ops):
@@ -673,7 +694,7 @@ def targets(c, p, ns, bounds, codes):
 
     L = ["## Goals", ""]
     below = [(op, arch, n, ratio(op, arch, n)) for _, op, arch, _ in ROWS for n in ns
-             if ratio(op, arch, n) is not None and ratio(op, arch, n) < 1]
+             if op not in BF16_ROWS and ratio(op, arch, n) is not None and ratio(op, arch, n) < 1]
     def why(op, arch, n):
         if op == "decode_sparse" or (op == "reconstruct" and arch == "topk" and n < 1024):
             return ("both read the same K rows of W_dec per token (sparsify's embedding_bag is the "
@@ -701,6 +722,16 @@ def targets(c, p, ns, bounds, codes):
              "moving those rows: at n = 1, 32 rows of 9 KB from cache (a few µs; torch's floor is "
              "its per-call dispatch); at large n, the rows from memory, where 10× would be faster "
              "than the bound column allows.")
+    gains = []
+    for op, base in BF16_ROWS.items():
+        arch = "relu" if op == "encode_bf16" else "topk"
+        gains += [f"{base} n = {n}: {c[(base, arch, n)] / c[(op, arch, n)]:.2f}×" for n in ns
+                  if (op, arch, n) in c and (base, arch, n) in c]
+    if gains:
+        L.append("- Optional bfloat16 weights, libsae's float32 time over its bfloat16 time: " +
+                 ", ".join(gains) + ". They halve the bytes a memory-bound call reads (single "
+                 "tokens; sparse decoding from memory); where the call is compute-bound the "
+                 "weights are widened to float for SGEMM, which costs a pass over them.")
     n = max(ns)
     enc = c.get(("encode", "relu", n))
     if enc:

@@ -36,7 +36,7 @@ class TestModel(TestCase):
         m = libsae.Model.new("topk", 4, 9, k=3, input_scale=2.5, apply_b_dec_to_input=False)
         self.assertEqual((m.k, m.input_scale, m.apply_b_dec_to_input), (3, 2.5, False))
         self.assertEqual(m.params(), {"k": 3.0, "apply_b_dec_to_input": 0.0, "input_scale": 2.5,
-                                      "threads": 0.0})
+                                      "threads": 0.0, "bf16_weights": 0.0})
         m.k = 5
         self.assertEqual(m.get_param("k"), 5.0)
         b = libsae.Model.new("batchtopk", 4, 9, threshold=0.25)
@@ -127,6 +127,20 @@ class TestModel(TestCase):
         with self.assertRaises(libsae.LibsaeError):
             m.set_param("threads", -1)
         self.assertEqual(libsae.Model.new("relu", 2, 3, threads=3).get_param("threads"), 3)
+
+    def test_bf16_weights_are_the_rounded_weights(self):
+        m, w = random_model("relu", 16, 200, seed=9)
+        x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
+        m.set_param("bf16_weights", 1)
+        self.assertEqual(m.get_param("bf16_weights"), 1)
+        W_enc = m.get_tensor("W_enc")
+        # bfloat16: the low 16 bits of every float are zero, the value within 2^-8 relative
+        self.assertFalse((W_enc.view(np.uint32) & 0xFFFF).any())
+        np.testing.assert_allclose(W_enc, w["W_enc"], rtol=1.001 * 2 ** -8)
+        rounded = dict(w, W_enc=W_enc, W_dec=m.get_tensor("W_dec"))
+        self.assertClose(m.encode(x), ref_encode(m, rounded, x))
+        with self.assertRaises(libsae.LibsaeError):
+            m.set_param("bf16_weights", 2)
 
     def test_evaluate_matches_numpy(self):
         rng = np.random.default_rng(11)

@@ -14,7 +14,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: sae_tensor values by name, and each tensor's shape as (rows of d_in/d_sae, ...).
 TENSORS = {"W_enc": 1, "W_dec": 2, "b_enc": 3, "b_dec": 4, "threshold": 5}
 #: sae_model_param values by name.
-MODEL_PARAMS = {"k": 1, "apply_b_dec_to_input": 2, "input_scale": 3, "threshold": 4, "threads": 5}
+MODEL_PARAMS = {"k": 1, "apply_b_dec_to_input": 2, "input_scale": 3, "threshold": 4, "threads": 5,
+                "bf16_weights": 6}
 _EUNSUPPORTED = -5
 
 
@@ -101,8 +102,8 @@ class Model(Handle):
 
     def get_param(self, name: str) -> float:
         """One parameter by name: "k", "apply_b_dec_to_input", "input_scale", "threshold"
-        (BatchTopK's global threshold), "threads". LibsaeError (EUNSUPPORTED) if the
-        architecture has none."""
+        (BatchTopK's global threshold), "threads", "bf16_weights" (1: W_enc and W_dec held as
+        bfloat16). LibsaeError (EUNSUPPORTED) if the architecture has none."""
         v = ctypes.c_double()
         lib.sae_model_get_param(self._ptr(), _param(name), ctypes.byref(v))
         return v.value

@@ -1,0 +1,346 @@
+/* Weights stored as bfloat16 (SAE_PARAM_BF16_WEIGHTS): the conversion both ways, and the reads of
+ * W_enc and W_dec every operation makes, for either storage.
+ *
+ * bfloat16 is the top half of a float: widening is a 16-bit shift and exact, narrowing rounds to
+ * nearest even. A single token's encode or decode is bound by reading the weights from memory, so
+ * half the bytes is close to half the time; there the weights are widened in registers as they
+ * stream past (direct_range). Many tokens make the product compute-bound, and a column panel of
+ * the weights is widened into scratch and handed to SGEMM, so the conversion is paid once per
+ * panel for every token. */
+#include "internal.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Up to DIRECT_MAX_TOKENS tokens, the product widens the weights in registers as it streams
+ * them; BLOCK is the stack buffer of the row-at-a-time reductions (norms, dot products). */
+enum { BLOCK = 512, DIRECT_MAX_TOKENS = 6 };
+/* Scratch for one widened panel of the many-token product. */
+#define PANEL_BYTES ((size_t)1 << 20)
+
+typedef union {
+    uint32_t u;
+    float f;
+} bits;
+
+static inline float widen1(uint16_t h)
+{
+    bits b = {(uint32_t)h << 16};
+    return b.f;
+}
+
+/* Fixed counts of 8, so that -O2 turns the loops into vector instructions. */
+static void widen(const uint16_t *restrict src, float *restrict dst, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (size_t q = 0; q < 8; q++)
+            dst[i + q] = widen1(src[i + q]);
+    for (; i < n; i++)
+        dst[i] = widen1(src[i]);
+}
+
+/* y[0..n) += sum over r < 4 of a[r] * rows[r][0..n): four rows per pass over y, which halves the
+ * loads and stores of y against one row at a time, the limit once the rows stream from memory. */
+static void add_rows4(size_t n, const float a[4], const uint16_t *restrict r0,
+                      const uint16_t *restrict r1, const uint16_t *restrict r2,
+                      const uint16_t *restrict r3, float *restrict y)
+{
+    const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (size_t q = 0; q < 8; q++)
+            y[i + q] += (a0 * widen1(r0[i + q]) + a1 * widen1(r1[i + q])) +
+                        (a2 * widen1(r2[i + q]) + a3 * widen1(r3[i + q]));
+    for (; i < n; i++)
+        y[i] += (a0 * widen1(r0[i]) + a1 * widen1(r1[i])) + (a2 * widen1(r2[i]) + a3 * widen1(r3[i]));
+}
+
+static void add_row(size_t n, float a, const uint16_t *restrict r, float *restrict y)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (size_t q = 0; q < 8; q++)
+            y[i + q] += a * widen1(r[i + q]);
+    for (; i < n; i++)
+        y[i] += a * widen1(r[i]);
+}
+
+/* Round to nearest, ties to even; the caller has checked that v is finite and in range. */
+static inline uint16_t narrow1(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Largest float that does not round up to infinity: 0x7f7f7fff. */
+static bool fits_bf16(const float *v, size_t n, size_t *bad)
+{
+    const float limit = 3.3961514e38f;
+    for (size_t i = 0; i < n; i++)
+        if (!(v[i] <= limit && v[i] >= -limit)) {
+            *bad = i;
+            return false;
+        }
+    return true;
+}
+
+int sae__bf16_narrow(const float *src, uint16_t *dst, size_t n, size_t cols, const char *what)
+{
+    size_t bad;
+    if (!fits_bf16(src, n, &bad))
+        return sae__fail(SAE_ERANGE,
+                         "%s[%zu][%zu] = %g does not fit in bfloat16 (largest finite: 3.39e38)",
+                         what, bad / cols, bad % cols, (double)src[bad]);
+    for (size_t i = 0; i < n; i++)
+        dst[i] = narrow1(src[i]);
+    return SAE_OK;
+}
+
+void sae__bf16_widen(const uint16_t *src, float *dst, size_t n) { widen(src, dst, n); }
+
+float sae__dec_row_norm(const sae_model *m, size_t feature)
+{
+    const size_t d_in = m->d_in;
+    if (m->W_dec16 == NULL)
+        return cblas_snrm2((int)d_in, m->W_dec + feature * d_in, 1);
+    double sum = 0.0; /* squares of values up to 3.4e38 overflow float, never double */
+    float buf[BLOCK];
+    for (size_t c = 0; c < d_in; c += BLOCK) {
+        size_t w = d_in - c < BLOCK ? d_in - c : BLOCK;
+        widen(m->W_dec16 + feature * d_in + c, buf, w);
+        for (size_t j = 0; j < w; j++)
+            sum += (double)buf[j] * buf[j];
+    }
+    return (float)sqrt(sum);
+}
+
+/* ---- reads of single rows and elements --------------------------------------------------- */
+
+void sae__dec_row_axpy(const sae_model *m, size_t feature, size_t c0, size_t width, float a,
+                       float *y)
+{
+    if (m->W_dec16 == NULL)
+        cblas_saxpy((int)width, a, m->W_dec + feature * m->d_in + c0, 1, y, 1);
+    else
+        add_row(width, a, m->W_dec16 + feature * m->d_in + c0, y);
+}
+
+void sae__dec_rows_add(const sae_model *m, const uint32_t *idx, const float *val, size_t count,
+                       float *y)
+{
+    const size_t d_in = m->d_in;
+    size_t j = 0;
+    if (m->W_dec16 != NULL)
+        for (; j + 4 <= count; j += 4) {
+            const uint16_t *W = m->W_dec16;
+            add_rows4(d_in, val + j, W + idx[j] * d_in, W + idx[j + 1] * d_in,
+                      W + idx[j + 2] * d_in, W + idx[j + 3] * d_in, y);
+        }
+    for (; j < count; j++)
+        sae__dec_row_axpy(m, idx[j], 0, d_in, val[j], y);
+}
+
+void sae__dec_row(const sae_model *m, size_t feature, float *dst)
+{
+    if (m->W_dec16 == NULL)
+        memcpy(dst, m->W_dec + feature * m->d_in, m->d_in * sizeof *dst);
+    else
+        widen(m->W_dec16 + feature * m->d_in, dst, m->d_in);
+}
+
+void sae__dec_dots(const sae_model *m, const float *v, float *out)
+{
+    const size_t d_in = m->d_in;
+    if (m->W_dec16 == NULL) {
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)m->d_sae, (int)d_in, 1.0f, m->W_dec,
+                    (int)d_in, v, 1, 0.0f, out, 1);
+        return;
+    }
+    float buf[BLOCK];
+    for (size_t i = 0; i < m->d_sae; i++) {
+        float lane[8] = {0};
+        for (size_t c = 0; c < d_in; c += BLOCK) {
+            size_t w = d_in - c < BLOCK ? d_in - c : BLOCK, j = 0;
+            widen(m->W_dec16 + i * d_in + c, buf, w);
+            for (; j + 8 <= w; j += 8)
+                for (size_t q = 0; q < 8; q++)
+                    lane[q] += buf[j + q] * v[c + j + q];
+            for (; j < w; j++)
+                lane[0] += buf[j] * v[c + j];
+        }
+        out[i] = ((lane[0] + lane[4]) + (lane[1] + lane[5])) +
+                 ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    }
+}
+
+float sae__enc_at(const sae_model *m, size_t row, size_t feature)
+{
+    size_t at = row * m->d_sae + feature;
+    return m->W_enc16 == NULL ? m->W_enc[at] : widen1(m->W_enc16[at]);
+}
+
+/* ---- products with a whole weight matrix -------------------------------------------------- */
+
+typedef struct {
+    const uint16_t *W;
+    size_t K, N, n;
+    const float *A;
+    float *C;
+    const uint32_t *rows; /* the rows of W some token's coefficient is nonzero for */
+    size_t n_rows;
+} product_job;
+
+/* Columns [COLUMNS begin, COLUMNS end) of C += A @ W for a few tokens. Each thread streams whole
+ * stretches of the rows it needs (rows no token uses, as with sparse codes, are never read), four
+ * rows at a time; the tokens' columns stay in cache meanwhile. */
+enum { COLUMNS = 64 };
+
+static void direct_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    (void)worker;
+    const product_job *job = arg;
+    const size_t K = job->K, N = job->N, n = job->n;
+    const size_t c0 = begin * COLUMNS, width = (end * COLUMNS < N ? end * COLUMNS : N) - c0;
+    size_t r = 0;
+    for (; r + 4 <= job->n_rows; r += 4) {
+        const uint32_t *k = job->rows + r;
+        for (size_t t = 0; t < n; t++) {
+            const float *a = job->A + t * K;
+            const float coeff[4] = {a[k[0]], a[k[1]], a[k[2]], a[k[3]]};
+            add_rows4(width, coeff, job->W + k[0] * N + c0, job->W + k[1] * N + c0,
+                      job->W + k[2] * N + c0, job->W + k[3] * N + c0, job->C + t * N + c0);
+        }
+    }
+    for (; r < job->n_rows; r++)
+        for (size_t t = 0; t < n; t++)
+            add_row(width, job->A[t * K + job->rows[r]], job->W + job->rows[r] * N + c0,
+                    job->C + t * N + c0);
+}
+
+typedef struct {
+    const uint16_t *W;
+    size_t K, N, c0, width;
+    float *panel;
+} widen_job;
+
+static void widen_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    (void)worker;
+    const widen_job *job = arg;
+    for (size_t k = begin; k < end; k++)
+        widen(job->W + k * job->N + job->c0, job->panel + k * job->width, job->width);
+}
+
+int sae__bf16_gemm_panels(const sae_model *m, const uint16_t *W, size_t K, size_t N,
+                          const float *A, size_t n, float *C, size_t panel_cols)
+{
+    size_t cols = panel_cols < N ? panel_cols : N;
+    float *panel = sae__alloc(K * cols, sizeof *panel, "bfloat16 panel");
+    if (panel == NULL)
+        return SAE_ENOMEM;
+    const size_t threads = sae__model_threads(m);
+    for (size_t c0 = 0; c0 < N; c0 += cols) {
+        const size_t width = N - c0 < cols ? N - c0 : cols;
+        widen_job wj = {W, K, N, c0, width, panel};
+        sae__parallel_for(threads, K, sae__grain(width), widen_range, &wj);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)width, (int)K, 1.0f,
+                    A, (int)K, panel, (int)width, 1.0f, C + c0, (int)N);
+    }
+    free(panel);
+    return SAE_OK;
+}
+
+int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_t n, float *C,
+                         float beta)
+{
+    const bool enc = t == SAE_W_ENC;
+    const size_t K = enc ? m->d_in : m->d_sae, N = enc ? m->d_sae : m->d_in;
+    const float *W = enc ? m->W_enc : m->W_dec;
+    const uint16_t *W16 = enc ? m->W_enc16 : m->W_dec16;
+    if (W16 == NULL) {
+        if (n == 1)
+            cblas_sgemv(CblasRowMajor, CblasTrans, (int)K, (int)N, 1.0f, W, (int)N, A, 1, beta,
+                        C, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)N, (int)K, 1.0f,
+                        A, (int)K, W, (int)N, beta, C, (int)N);
+        return SAE_OK;
+    }
+    if (beta == 0.0f)
+        memset(C, 0, n * N * sizeof *C);
+    if (n <= DIRECT_MAX_TOKENS) {
+        uint32_t *rows = sae__alloc(K, sizeof *rows, "bfloat16 product");
+        if (rows == NULL)
+            return SAE_ENOMEM;
+        size_t n_rows = 0;
+        for (size_t k = 0; k < K; k++) {
+            bool used = false;
+            for (size_t t = 0; t < n; t++)
+                used |= A[t * K + k] != 0.0f;
+            rows[n_rows] = (uint32_t)k;
+            n_rows += used;
+        }
+        product_job job = {W16, K, N, n, A, C, rows, n_rows};
+        sae__parallel_for(sae__model_threads(m), (N + COLUMNS - 1) / COLUMNS,
+                          sae__grain(n_rows * COLUMNS * n), direct_range, &job);
+        free(rows);
+        return SAE_OK;
+    }
+    size_t cols = PANEL_BYTES / sizeof(float) / K;
+    cols = cols < 64 ? 64 : cols / 64 * 64;
+    return sae__bf16_gemm_panels(m, W16, K, N, A, n, C, cols);
+}
+
+/* ---- switching the storage ----------------------------------------------------------------- */
+
+int sae__model_set_bf16(sae_model *m, bool on)
+{
+    if (on == (m->W_enc16 != NULL))
+        return SAE_OK;
+    const size_t count = m->d_in * m->d_sae;
+    if (on) {
+        uint16_t *enc = sae__alloc(count, sizeof *enc, "bfloat16 W_enc");
+        uint16_t *dec = enc ? sae__alloc(count, sizeof *dec, "bfloat16 W_dec") : NULL;
+        int rc = dec == NULL ? SAE_ENOMEM : SAE_OK;
+        if (rc == SAE_OK)
+            rc = sae__bf16_narrow(m->W_enc, enc, count, m->d_sae, "W_enc");
+        if (rc == SAE_OK)
+            rc = sae__bf16_narrow(m->W_dec, dec, count, m->d_in, "W_dec");
+        if (rc != SAE_OK) {
+            free(enc);
+            free(dec);
+            return rc;
+        }
+        for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+            float **slot = sae__model_tensor_slot(m, (sae_tensor)t);
+            if (m->owned & (1u << t))
+                free(*slot);
+            *slot = NULL; /* a mapped file's pages are dropped by the kernel once unused */
+            m->owned &= ~(1u << t);
+        }
+        m->W_enc16 = enc;
+        m->W_dec16 = dec;
+    } else {
+        float *enc = sae__alloc(count, sizeof *enc, "W_enc");
+        float *dec = enc ? sae__alloc(count, sizeof *dec, "W_dec") : NULL;
+        if (dec == NULL) {
+            free(enc);
+            return SAE_ENOMEM;
+        }
+        widen(m->W_enc16, enc, count);
+        widen(m->W_dec16, dec, count);
+        free(m->W_enc16);
+        free(m->W_dec16);
+        m->W_enc16 = m->W_dec16 = NULL;
+        m->W_enc = enc;
+        m->W_dec = dec;
+        m->owned |= (1u << SAE_W_ENC) | (1u << SAE_W_DEC);
+    }
+    sae__model_weights_changed(m);
+    return SAE_OK;
+}

@@ -1,0 +1,368 @@
+/* SAE_PARAM_BF16_WEIGHTS: rounding to bfloat16 against an independent rounding (frexp and rint),
+ * and every operation on a bfloat16 model against the same operation on a float model holding
+ * the same (rounded) weights, for every architecture and for token counts on both sides of the
+ * few-token kernel / widened-panel switch. Also the panel path with several panels, the
+ * round trips (param back to 0, save and load, get and set), and what is refused. */
+#include "internal.h"
+#include "testutil.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const sae_arch archs[] = {SAE_ARCH_RELU, SAE_ARCH_TOPK, SAE_ARCH_BATCHTOPK,
+                                 SAE_ARCH_JUMPRELU};
+#define N_ARCHS (sizeof archs / sizeof archs[0])
+
+/* Shapes: columns beyond one 512-wide block of the few-token kernel on the encoder side (d_sae)
+ * and on the decoder side (d_in). */
+static const size_t shapes[][2] = {{7, 37}, {24, 700}, {600, 64}};
+#define N_SHAPES (sizeof shapes / sizeof shapes[0])
+/* 1 to 8 tokens take the few-token kernel, more the panels. */
+static const size_t token_counts[] = {1, 3, 8, 9, 40};
+
+/* The nearest value with 8 significant bits, ties to even (rint in the default rounding mode). */
+static float reference_round(float v)
+{
+    if (v == 0.0f || !isfinite(v))
+        return v;
+    int e;
+    float m = frexpf(v, &e); /* v = m 2^e, 0.5 <= |m| < 1 */
+    if (e < -125)            /* subnormal floats: bfloat16 keeps the same 2^-133 spacing */
+        return ldexpf(rintf(ldexpf(v, 133)), -133);
+    return ldexpf(rintf(ldexpf(m, 8)), e - 8);
+}
+
+static void assert_close(const float *got, const float *want, size_t n, const char *what)
+{
+    double scale = 0.0;
+    for (size_t i = 0; i < n; i++)
+        scale = fmax(scale, fabs(want[i]));
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(fabs((double)got[i] - want[i]) <= 2e-5 * (1.0 + scale),
+                      "%s[%zu]: bfloat16 model %.9g, float model %.9g", what, i, (double)got[i],
+                      (double)want[i]);
+}
+
+START_TEST(narrowing_rounds_to_nearest_even)
+{
+    const struct {
+        float in;
+        uint16_t out;
+    } cases[] = {
+        {1.0f, 0x3f80},                       {-2.0f, 0xc000},
+        {1.00390625f, 0x3f80},                /* 1 + 2^-8: a tie, to the even 1 */
+        {1.01171875f, 0x3f82},                /* 1 + 3 2^-8: a tie, to the even 1 + 2^-6 */
+        {0x1.010002p+0f, 0x3f81},             /* one float above the tie: up */
+        {3.3961514e38f, 0x7f7f},              /* the largest that stays finite */
+        {0.0f, 0x0000},                       {-0.0f, 0x8000},
+        {1e-40f, 0x0001},                     /* subnormal */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        uint16_t got = 0xffff;
+        ck_assert_ok(sae__bf16_narrow(&cases[i].in, &got, 1, 1, "case"));
+        ck_assert_msg(got == cases[i].out, "%.9g: got %#06x, want %#06x", (double)cases[i].in,
+                      got, cases[i].out);
+    }
+    tu_rng r = {42};
+    enum { N = 20000 };
+    float *v = tu_malloc(N * sizeof *v), *back = tu_malloc(N * sizeof *back);
+    uint16_t *h = tu_malloc(N * sizeof *h);
+    for (size_t i = 0; i < N; i++)
+        v[i] = tu_normal(&r) * ldexpf(1.0f, (int)(tu_next(&r) % 200) - 100);
+    ck_assert_ok(sae__bf16_narrow(v, h, N, 100, "v"));
+    sae__bf16_widen(h, back, N);
+    for (size_t i = 0; i < N; i++)
+        ck_assert_msg(back[i] == reference_round(v[i]), "%.9g -> %.9g, want %.9g", (double)v[i],
+                      (double)back[i], (double)reference_round(v[i]));
+    free(v);
+    free(back);
+    free(h);
+}
+END_TEST
+
+START_TEST(narrowing_refuses_what_bf16_cannot_hold)
+{
+    const float bad[] = {3.3961517e38f, -3.4e38f, INFINITY, NAN};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        float v[3] = {1.0f, 2.0f, bad[i]};
+        uint16_t h[3] = {7, 7, 7};
+        ck_assert_sae(sae__bf16_narrow(v, h, 3, 3, "W"), SAE_ERANGE);
+        ck_assert_ptr_nonnull(strstr(sae_last_error(), "W[0][2]"));
+        ck_assert(h[0] == 7 && h[1] == 7 && h[2] == 7); /* nothing written */
+    }
+}
+END_TEST
+
+/* A bfloat16 model and a float model with the same rounded weights and parameters. */
+static void model_pair(sae_arch arch, size_t d_in, size_t d_sae, sae_model **half,
+                       sae_model **full)
+{
+    *half = tu_random_model(arch, d_in, d_sae, d_in * 1000 + d_sae);
+    *full = tu_random_model(arch, d_in, d_sae, d_in * 1000 + d_sae);
+    for (int i = 0; i < 2; i++) {
+        sae_model *m = i ? *full : *half;
+        ck_assert_ok(sae_model_set_param(m, SAE_PARAM_INPUT_SCALE, 1.5));
+        if (arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK)
+            ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, d_sae < 20 ? 3 : 12));
+        if (arch == SAE_ARCH_BATCHTOPK)
+            ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THRESHOLD, 0.05));
+    }
+    ck_assert_ok(sae_model_set_param(*half, SAE_PARAM_BF16_WEIGHTS, 1));
+    float *w = tu_malloc(d_in * d_sae * sizeof *w);
+    for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+        ck_assert_ok(sae_model_get_tensor(*half, (sae_tensor)t, w));
+        ck_assert_ok(sae_model_set_tensor(*full, (sae_tensor)t, w));
+    }
+    free(w);
+}
+
+START_TEST(every_operation_matches_the_float_model_with_rounded_weights)
+{
+    const sae_arch arch = archs[_i / (int)N_SHAPES];
+    const size_t d_in = shapes[_i % (int)N_SHAPES][0], d_sae = shapes[_i % (int)N_SHAPES][1];
+    sae_model *half, *full;
+    model_pair(arch, d_in, d_sae, &half, &full);
+    tu_rng r = {7};
+    const size_t n_max = 40, k = 5;
+    float *x = tu_malloc(n_max * d_in * sizeof *x), *f = tu_malloc(n_max * d_sae * sizeof *f);
+    float *a = tu_malloc(n_max * (d_in + d_sae) * sizeof *a);
+    float *b = tu_malloc(n_max * (d_in + d_sae) * sizeof *b);
+    uint32_t *idx = tu_malloc(n_max * k * sizeof *idx), *cnt = tu_malloc(n_max * sizeof *cnt);
+    float *val = tu_malloc(n_max * k * sizeof *val);
+    for (size_t c = 0; c < sizeof token_counts / sizeof token_counts[0]; c++) {
+        const size_t n = token_counts[c];
+        for (size_t i = 0; i < n * d_in; i++)
+            x[i] = 2.0f * tu_normal(&r);
+        ck_assert_ok(sae_encode(half, x, n, a));
+        ck_assert_ok(sae_encode(full, x, n, b));
+        assert_close(a, b, n * d_sae, "encode");
+
+        ck_assert_ok(sae_encode_sparse(half, x, n, k, idx, val, cnt));
+        ck_assert_ok(sae_decode_sparse(half, idx, val, cnt, k, n, a));
+        ck_assert_ok(sae_decode_sparse(full, idx, val, cnt, k, n, b));
+        assert_close(a, b, n * d_in, "decode_sparse");
+
+        /* Codes half nonzero: the dense product, not the row-by-row path. */
+        for (size_t i = 0; i < n * d_sae; i++)
+            f[i] = tu_next(&r) % 2 ? tu_uniform(&r, 0.0f, 1.0f) : 0.0f;
+        ck_assert_ok(sae_decode(half, f, n, a));
+        ck_assert_ok(sae_decode(full, f, n, b));
+        assert_close(a, b, n * d_in, "decode (dense)");
+        /* The model's own codes: sparse, decoded row by row. */
+        ck_assert_ok(sae_encode(full, x, n, f));
+        ck_assert_ok(sae_decode(half, f, n, a));
+        ck_assert_ok(sae_decode(full, f, n, b));
+        assert_close(a, b, n * d_in, "decode (codes)");
+
+        ck_assert_ok(sae_reconstruct(half, x, n, a));
+        ck_assert_ok(sae_reconstruct(full, x, n, b));
+        assert_close(a, b, n * d_in, "reconstruct");
+
+        sae_steer *sh, *sf;
+        ck_assert_ok(sae_steer_new(&sh, half));
+        ck_assert_ok(sae_steer_new(&sf, full));
+        for (int i = 0; i < 2; i++) {
+            sae_steer *s = i ? sf : sh;
+            ck_assert_ok(sae_steer_clamp(s, 1, 3.0f));
+            ck_assert_ok(sae_steer_scale(s, (uint32_t)d_sae - 1, 0.5f));
+        }
+        memcpy(a, x, n * d_in * sizeof *a);
+        memcpy(b, x, n * d_in * sizeof *b);
+        ck_assert_ok(sae_steer_apply(sh, a, n));
+        ck_assert_ok(sae_steer_apply(sf, b, n));
+        assert_close(a, b, n * d_in, "steer");
+        sae_steer_free(sh);
+        sae_steer_free(sf);
+    }
+    sae_steer *sh, *sf;
+    ck_assert_ok(sae_steer_new(&sh, half));
+    ck_assert_ok(sae_steer_new(&sf, full));
+    ck_assert_ok(sae_steer_add(sh, 2, 4.0f));
+    ck_assert_ok(sae_steer_add(sf, 2, 4.0f));
+    ck_assert_ok(sae_steer_vector(sh, a));
+    ck_assert_ok(sae_steer_vector(sf, b));
+    assert_close(a, b, d_in, "steer_vector");
+    sae_steer_free(sh);
+    sae_steer_free(sf);
+
+    float cos_a[4], cos_b[4];
+    ck_assert_ok(sae_feature_neighbors(half, 0, 4, idx, cos_a));
+    ck_assert_ok(sae_feature_neighbors(full, 0, 4, idx + 4, cos_b));
+    assert_close(cos_a, cos_b, 4, "neighbour cosines");
+    for (size_t j = 0; j < 4; j++)
+        ck_assert_uint_eq(idx[j], idx[4 + j]);
+
+    free(x);
+    free(f);
+    free(a);
+    free(b);
+    free(idx);
+    free(cnt);
+    free(val);
+    sae_model_free(half);
+    sae_model_free(full);
+}
+END_TEST
+
+START_TEST(panels_of_any_width_give_the_product)
+{
+    const size_t K = 30, N = 200, n = 12;
+    sae_model *m = tu_random_model(SAE_ARCH_RELU, 3, 5, 1);
+    tu_rng r = {3};
+    float *wf = tu_malloc(K * N * sizeof *wf), *A = tu_malloc(n * K * sizeof *A);
+    float *C = tu_malloc(n * N * sizeof *C);
+    uint16_t *W = tu_malloc(K * N * sizeof *W);
+    tu_fill(&r, wf, K * N, -1.0f, 1.0f);
+    tu_fill(&r, A, n * K, -1.0f, 1.0f);
+    ck_assert_ok(sae__bf16_narrow(wf, W, K * N, N, "W"));
+    sae__bf16_widen(W, wf, K * N);
+    const size_t widths[] = {64, 72, 199, 200, 1000};
+    for (size_t p = 0; p < sizeof widths / sizeof widths[0]; p++) {
+        for (size_t i = 0; i < n * N; i++)
+            C[i] = 1.0f; /* the product is added to C */
+        ck_assert_ok(sae__bf16_gemm_panels(m, W, K, N, A, n, C, widths[p]));
+        for (size_t t = 0; t < n; t++)
+            for (size_t j = 0; j < N; j++) {
+                double want = 1.0;
+                for (size_t q = 0; q < K; q++)
+                    want += (double)A[t * K + q] * wf[q * N + j];
+                ck_assert_msg(fabs(C[t * N + j] - want) < 1e-4, "width %zu: C[%zu][%zu] %g, want %g",
+                              widths[p], t, j, (double)C[t * N + j], want);
+            }
+    }
+    free(wf);
+    free(A);
+    free(C);
+    free(W);
+    sae_model_free(m);
+}
+END_TEST
+
+START_TEST(round_trips_keep_the_rounded_weights)
+{
+    const size_t d_in = 24, d_sae = 70, count = d_in * d_sae;
+    sae_model *half, *full;
+    model_pair(archs[_i], d_in, d_sae, &half, &full);
+    double v = -1;
+    ck_assert_ok(sae_model_get_param(half, SAE_PARAM_BF16_WEIGHTS, &v));
+    ck_assert(v == 1.0);
+    ck_assert_ok(sae_model_get_param(full, SAE_PARAM_BF16_WEIGHTS, &v));
+    ck_assert(v == 0.0);
+    ck_assert_ok(sae_model_set_param(half, SAE_PARAM_BF16_WEIGHTS, 1)); /* again: no change */
+    float *a = tu_malloc(count * sizeof *a), *b = tu_malloc(count * sizeof *b);
+
+    /* Saved as BF16 tensors, loaded as float weights with the same values. */
+    char *path = tu_tmp_path("bf16.safetensors");
+    ck_assert_ok(sae_model_save(half, path));
+    sae_model *loaded;
+    ck_assert_ok(sae_model_load(&loaded, path));
+    ck_assert_str_eq(sae_model_dtype(loaded), "BF16");
+    for (int t = SAE_W_ENC; t <= SAE_B_DEC; t++) {
+        size_t len = t <= SAE_W_DEC ? count : t == SAE_B_ENC ? d_sae : d_in;
+        ck_assert_ok(sae_model_get_tensor(loaded, (sae_tensor)t, a));
+        ck_assert_ok(sae_model_get_tensor(full, (sae_tensor)t, b));
+        ck_assert_mem_eq(a, b, len * sizeof *a);
+    }
+    sae_model_free(loaded);
+    free(path);
+
+    /* Back to float: exactly the rounded values. */
+    ck_assert_ok(sae_model_set_param(half, SAE_PARAM_BF16_WEIGHTS, 0));
+    for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+        ck_assert_ok(sae_model_get_tensor(half, (sae_tensor)t, a));
+        ck_assert_ok(sae_model_get_tensor(full, (sae_tensor)t, b));
+        ck_assert_mem_eq(a, b, count * sizeof *a);
+    }
+
+    /* set_tensor on a bfloat16 model rounds; a value beyond bfloat16 is refused, nothing changed. */
+    ck_assert_ok(sae_model_set_param(half, SAE_PARAM_BF16_WEIGHTS, 1));
+    for (size_t i = 0; i < count; i++)
+        a[i] = 1.00390625f; /* a tie: rounds to 1 */
+    ck_assert_ok(sae_model_set_tensor(half, SAE_W_DEC, a));
+    ck_assert_ok(sae_model_get_tensor(half, SAE_W_DEC, b));
+    for (size_t i = 0; i < count; i++)
+        ck_assert(b[i] == 1.0f);
+    a[count - 1] = 3.4e38f;
+    ck_assert_sae(sae_model_set_tensor(half, SAE_W_DEC, a), SAE_ERANGE);
+    ck_assert_ok(sae_model_get_tensor(half, SAE_W_DEC, b));
+    for (size_t i = 0; i < count; i++)
+        ck_assert(b[i] == 1.0f);
+    /* ... and the decoder norms follow the rounded rows. */
+    uint32_t idx[1];
+    float cos[1];
+    ck_assert_ok(sae_feature_neighbors(half, 0, 1, idx, cos));
+    ck_assert_float_eq_tol(cos[0], 1.0f, 1e-6f);
+    free(a);
+    free(b);
+    sae_model_free(half);
+    sae_model_free(full);
+}
+END_TEST
+
+START_TEST(switching_refuses_bad_values_and_out_of_range_weights)
+{
+    sae_model *m = tu_random_model(SAE_ARCH_RELU, 4, 6, 9);
+    const double bad[] = {0.5, 2.0, -1.0, NAN};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ck_assert_sae(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, bad[i]), SAE_EINVAL);
+        ck_assert_ptr_nonnull(strstr(sae_last_error(), "BF16_WEIGHTS"));
+    }
+    float w[24];
+    ck_assert_ok(sae_model_get_tensor(m, SAE_W_ENC, w));
+    w[5] = 3.4e38f;
+    ck_assert_ok(sae_model_set_tensor(m, SAE_W_ENC, w));
+    ck_assert_sae(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, 1), SAE_ERANGE);
+    ck_assert_ptr_nonnull(strstr(sae_last_error(), "W_enc[0][5]"));
+    double v = -1;
+    ck_assert_ok(sae_model_get_param(m, SAE_PARAM_BF16_WEIGHTS, &v));
+    ck_assert(v == 0.0);
+    float back[24];
+    ck_assert_ok(sae_model_get_tensor(m, SAE_W_ENC, back));
+    ck_assert_mem_eq(back, w, sizeof w);
+    sae_model_free(m);
+}
+END_TEST
+
+START_TEST(training_needs_float_weights)
+{
+    sae_model *m = tu_random_model(SAE_ARCH_TOPK, 8, 16, 2);
+    sae_trainer *t;
+    ck_assert_ok(sae_trainer_new(&t, m));
+    float x[8 * 32];
+    tu_rng r = {5};
+    tu_fill(&r, x, 8 * 32, -1.0f, 1.0f);
+    ck_assert_ok(sae_trainer_init(t, x, 32));
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, 1));
+    ck_assert_sae(sae_trainer_step(t, x, 32), SAE_ESTATE);
+    ck_assert_ptr_nonnull(strstr(sae_last_error(), "BF16_WEIGHTS"));
+    ck_assert_sae(sae_trainer_init(t, x, 32), SAE_ESTATE);
+    char *path = tu_tmp_path("bf16-trainer.safetensors");
+    ck_assert_sae(sae_trainer_save(t, path), SAE_ESTATE);
+    ck_assert_sae(sae_trainer_load(t, path), SAE_ESTATE);
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, 0));
+    ck_assert_ok(sae_trainer_step(t, x, 32));
+    free(path);
+    sae_trainer_free(t);
+    sae_model_free(m);
+}
+END_TEST
+
+static Suite *bf16_suite(void)
+{
+    Suite *s = suite_create("bf16");
+    TCase *tc = tcase_create("bf16");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, narrowing_rounds_to_nearest_even);
+    tcase_add_test(tc, narrowing_refuses_what_bf16_cannot_hold);
+    tcase_add_loop_test(tc, every_operation_matches_the_float_model_with_rounded_weights, 0,
+                        (int)(N_ARCHS * N_SHAPES));
+    tcase_add_test(tc, panels_of_any_width_give_the_product);
+    tcase_add_loop_test(tc, round_trips_keep_the_rounded_weights, 0, (int)N_ARCHS);
+    tcase_add_test(tc, switching_refuses_bad_values_and_out_of_range_weights);
+    tcase_add_test(tc, training_needs_float_weights);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+TU_MAIN(bf16_suite)
