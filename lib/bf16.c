@@ -18,7 +18,7 @@
  * them; BLOCK is the stack buffer of the row-at-a-time reductions (norms, dot products). */
 enum { BLOCK = 512, DIRECT_MAX_TOKENS = 6 };
 /* Scratch for one widened panel of the many-token product. */
-#define PANEL_BYTES ((size_t)1 << 20)
+#define PANEL_BYTES ((size_t)16 << 20)
 
 typedef union {
     uint32_t u;
@@ -55,7 +55,8 @@ static void add_rows4(size_t n, const float a[4], const uint16_t *restrict r0,
             y[i + q] += (a0 * widen1(r0[i + q]) + a1 * widen1(r1[i + q])) +
                         (a2 * widen1(r2[i + q]) + a3 * widen1(r3[i + q]));
     for (; i < n; i++)
-        y[i] += (a0 * widen1(r0[i]) + a1 * widen1(r1[i])) + (a2 * widen1(r2[i]) + a3 * widen1(r3[i]));
+        y[i] += (a0 * widen1(r0[i]) + a1 * widen1(r1[i])) +
+                (a2 * widen1(r2[i]) + a3 * widen1(r3[i]));
 }
 
 static void add_row(size_t n, float a, const uint16_t *restrict r, float *restrict y)
@@ -77,15 +78,17 @@ static inline uint16_t narrow1(float v)
     return (uint16_t)(u >> 16);
 }
 
-/* Largest float that does not round up to infinity: 0x7f7f7fff. */
+/* Whether every value rounds to a finite bfloat16: magnitude bits up to 0x7f7f7fff, the largest
+ * float below the tie that rounds to infinity (NaN and infinity lie above). */
 static bool fits_bf16(const float *v, size_t n, size_t *bad)
 {
-    const float limit = 3.3961514e38f;
-    for (size_t i = 0; i < n; i++)
-        if (!(v[i] <= limit && v[i] >= -limit)) {
+    for (size_t i = 0; i < n; i++) {
+        bits b = {.f = v[i]};
+        if ((b.u & 0x7fffffffu) > 0x7f7f7fffu) {
             *bad = i;
             return false;
         }
+    }
     return true;
 }
 

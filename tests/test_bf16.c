@@ -54,7 +54,7 @@ START_TEST(narrowing_rounds_to_nearest_even)
         {1.00390625f, 0x3f80},                /* 1 + 2^-8: a tie, to the even 1 */
         {1.01171875f, 0x3f82},                /* 1 + 3 2^-8: a tie, to the even 1 + 2^-6 */
         {0x1.010002p+0f, 0x3f81},             /* one float above the tie: up */
-        {3.3961514e38f, 0x7f7f},              /* the largest that stays finite */
+        {0x1.fefffep+127f, 0x7f7f},           /* the largest that stays finite */
         {0.0f, 0x0000},                       {-0.0f, 0x8000},
         {1e-40f, 0x0001},                     /* subnormal */
     };
@@ -83,7 +83,8 @@ END_TEST
 
 START_TEST(narrowing_refuses_what_bf16_cannot_hold)
 {
-    const float bad[] = {3.3961517e38f, -3.4e38f, INFINITY, NAN};
+    /* 0x1.ffp+127 is the tie between bfloat16's largest finite value and infinity. */
+    const float bad[] = {0x1.ffp+127f, -0x1.ffp+127f, -3.4e38f, INFINITY, NAN};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         float v[3] = {1.0f, 2.0f, bad[i]};
         uint16_t h[3] = {7, 7, 7};
