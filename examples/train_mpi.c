@@ -6,12 +6,15 @@
  *     --arch topk|batchtopk|relu  (topk)    --latents N  (8 * d_in)   --k K (32)
  *     --batch N     tokens per process per step (1024)     --steps N (200)   --seed N (0)
  *     --lr X        --out PATH  (rank 0 saves the model there)
- *     --selftest    rank 0 also trains a second model alone on each combined batch and checks,
- *                   step by step, that the data-parallel weights equal it to float tolerance;
- *                   then every process checks that all processes hold bit-identical weights.
+ *     --selftest    rank 0 also steps a second trainer alone on each combined batch, from the
+ *                   data-parallel trainer's state (weights, Adam moments, dead counters, copied
+ *                   through a checkpoint before every step), and checks that the step gives the
+ *                   same weights to float tolerance; then every process checks that all
+ *                   processes hold bit-identical weights.
  *
  * Global step s uses rows [s * P * N, (s + 1) * P * N) of the file (wrapping around), and process
  * r takes the r-th slice of N rows. Every process initializes from the same first rows. */
+#define _POSIX_C_SOURCE 200809L /* mkstemp */
 #include <limits.h>
 #include <math.h>
 #include <mpi.h>
@@ -19,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "sae.h"
 
@@ -159,10 +163,16 @@ int main(int argc, char **argv)
         die(rank, "init");
     if (sae_trainer_set_allreduce(t, mpi_allreduce, &comm) != SAE_OK)
         die(rank, "set_allreduce");
+    /* Each step is checked from the same state on both sides: over hundreds of steps, sums in
+     * another order (the allreduce's) drift apart by rounding until a near-tie among TopK's
+     * pre-activations goes the other way and a latent learns in one run only. */
+    char state[] = "/tmp/train_mpi-state-XXXXXX";
     if (selftest && rank == 0) {
         ref = make(&ref_m, arch, d_in, latents, k, lr, steps, seed, rank);
-        if (sae_trainer_init(ref, init, init_rows) != SAE_OK)
-            die(rank, "init");
+        int fd = mkstemp(state);
+        if (fd < 0)
+            die(rank, "creating the state file");
+        close(fd);
     }
 
     double worst = 0.0, start = MPI_Wtime();
@@ -177,6 +187,9 @@ int main(int argc, char **argv)
                                 x + (size_t)rank * batch * d_in) != 0) {
             die(rank, "reading");
         }
+        if (ref != NULL &&
+            (sae_trainer_save(t, state) != SAE_OK || sae_trainer_load(ref, state) != SAE_OK))
+            die(rank, "copying the trainer's state");
         if (sae_trainer_step(t, x + (size_t)rank * batch * d_in, batch) != SAE_OK)
             die(rank, "step");
         if (ref != NULL) {
@@ -195,9 +208,9 @@ int main(int argc, char **argv)
             sae_trainer_get_metric(t, SAE_METRIC_FVU, &fvu);
             sae_trainer_get_metric(ref, SAE_METRIC_FVU, &fvu_ref);
             worst = diff > worst ? diff : worst;
-            /* Sums in a different order differ by float rounding; Adam can turn that into a
-             * learning-rate-sized difference for a weight whose gradient is near zero. */
-            if (diff > 1e-3 || fabs(fvu - fvu_ref) > 1e-4 * (1.0 + fvu_ref)) {
+            /* One step's sums in another order: float rounding, amplified at most by Adam's
+             * division by the root of the second moment. */
+            if (diff > 1e-5 || fabs(fvu - fvu_ref) > 1e-5 * (1.0 + fvu_ref)) {
                 fprintf(stderr, "step %zu: data-parallel weights differ from one process by %g "
                                 "(FVU %g vs %g)\n", s + 1, diff, fvu, fvu_ref);
                 failed = 1;
@@ -245,6 +258,8 @@ int main(int argc, char **argv)
     }
     if (out != NULL && rank == 0 && !failed && sae_model_save(m, out) != SAE_OK)
         die(rank, "saving");
+    if (ref != NULL)
+        unlink(state);
     free(x);
     free(init);
     sae_npy_close(a);
