@@ -151,11 +151,13 @@ typedef enum {
 
 /* SAE_PARAM_BF16_WEIGHTS: 1 rounds W_enc and W_dec to bfloat16 (to nearest, ties to even) and
  * keeps only those: half the memory, and half the bytes a single token's encode or decode reads,
- * where those bytes are the time (about 2x faster at n = 1 on a 2304 x 16384 SAE, see
- * docs/performance.md). Arithmetic stays float32; only the weights lose precision (8 significant
- * bits: a relative error up to 2^-8 per weight, about 3e-3 relative on pre-activations of a
- * trained SAE). 0 widens them back to float exactly (the rounding is not undone). Every
- * operation works on either storage; sae_model_get_tensor widens, sae_model_set_tensor rounds,
+ * where those bytes are the time: a single token's encode of a 2304 x 16384 SAE takes 3.0-3.7 ms
+ * instead of 4.9-6.5 ms; batches of 7 tokens or more take 1.5-2x longer than with float weights
+ * (the weights are widened for SGEMM on every call; see docs/performance.md). Arithmetic stays
+ * float32; only the weights lose precision (8 significant bits: a relative error up to 2^-8 per
+ * weight; codes off by about 3e-3 of the largest code in docs/performance.md's run). 0 widens
+ * them back to float exactly (the rounding is not undone). Every operation works on either
+ * storage; sae_model_get_tensor widens, sae_model_set_tensor rounds,
  * sae_model_save writes BF16 tensors (the file loads as float weights holding the same values).
  * Training needs float weights: sae_trainer_init and sae_trainer_step return SAE_ESTATE on such a
  * model. Switching allocates the new copy before freeing the old (SAE_ENOMEM leaves the model as
