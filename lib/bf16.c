@@ -166,18 +166,13 @@ void sae__dec_dots(const sae_model *m, const float *v, float *out)
     }
     float buf[BLOCK];
     for (size_t i = 0; i < m->d_sae; i++) {
-        float lane[8] = {0};
+        float dot = 0.0f;
         for (size_t c = 0; c < d_in; c += BLOCK) {
-            size_t w = d_in - c < BLOCK ? d_in - c : BLOCK, j = 0;
+            size_t w = d_in - c < BLOCK ? d_in - c : BLOCK;
             widen(m->W_dec16 + i * d_in + c, buf, w);
-            for (; j + 8 <= w; j += 8)
-                for (size_t q = 0; q < 8; q++)
-                    lane[q] += buf[j + q] * v[c + j + q];
-            for (; j < w; j++)
-                lane[0] += buf[j] * v[c + j];
+            dot += sae__dot(w, buf, v + c);
         }
-        out[i] = ((lane[0] + lane[4]) + (lane[1] + lane[5])) +
-                 ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+        out[i] = dot;
     }
 }
 

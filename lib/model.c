@@ -166,6 +166,12 @@ static int check_tensor(const sae_model *m, sae_tensor t)
     return SAE_OK;
 }
 
+/* Tensor t's bfloat16 storage, or NULL when it is held as float. */
+static uint16_t *bf16_slot(const sae_model *m, sae_tensor t)
+{
+    return t == SAE_W_ENC ? m->W_enc16 : t == SAE_W_DEC ? m->W_dec16 : NULL;
+}
+
 int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src)
 {
     SAE_CHECK_NULL(m);
@@ -177,7 +183,7 @@ int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src)
     size_t cols = (t == SAE_W_ENC) ? m->d_sae : (t == SAE_W_DEC) ? m->d_in : 1;
     if ((rc = sae__check_finite(src, count, cols, tensor_names[t])) != SAE_OK)
         return rc;
-    uint16_t *narrow = t == SAE_W_ENC ? m->W_enc16 : t == SAE_W_DEC ? m->W_dec16 : NULL;
+    uint16_t *narrow = bf16_slot(m, t);
     if (narrow != NULL) {
         if ((rc = sae__bf16_narrow(src, narrow, count, cols, tensor_names[t])) != SAE_OK)
             return rc;
@@ -196,7 +202,7 @@ int sae_model_get_tensor(const sae_model *m, sae_tensor t, float *dst)
     int rc = check_tensor(m, t);
     if (rc != SAE_OK)
         return rc;
-    const uint16_t *narrow = t == SAE_W_ENC ? m->W_enc16 : t == SAE_W_DEC ? m->W_dec16 : NULL;
+    const uint16_t *narrow = bf16_slot(m, t);
     float *const *slot = sae__model_tensor_slot((sae_model *)m, t);
     if (narrow != NULL)
         sae__bf16_widen(narrow, dst, sae__model_tensor_count(m, t));

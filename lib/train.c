@@ -770,33 +770,6 @@ static void select_auxk(sae_trainer *t, size_t n, size_t n_dead, size_t auxk)
     t->aux_ptr[n] = used;
 }
 
-/* Length-d_in vector kernels for the sparse pass. They run once or more per (token, active
- * latent) pair on short vectors (d_in is often 64 to 4096), where a CBLAS call's fixed cost (tens
- * of nanoseconds in OpenBLAS) exceeds the arithmetic. The inner loops have a fixed count of 8 so
- * that -O2 turns them into vector instructions (GCC's default cost model vectorizes no loop of
- * unknown length), with eight partial sums for the dot product. */
-static inline void vaxpy(size_t n, float a, const float *restrict x, float *restrict y)
-{
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (size_t q = 0; q < 8; q++)
-            y[i + q] += a * x[i + q];
-    for (; i < n; i++)
-        y[i] += a * x[i];
-}
-
-static inline float vdot(size_t n, const float *restrict x, const float *restrict y)
-{
-    float lane[8] = {0};
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (size_t q = 0; q < 8; q++)
-            lane[q] += x[i + q] * y[i + q];
-    for (; i < n; i++)
-        lane[0] += x[i] * y[i];
-    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
-}
-
 /* Adds one latent's share of a token's gradient: the decoder row gets f * g, and the latent's
  * pre-activation gets dpre = g . W_dec[j] (the activation is positive, so its ReLU passes it),
  * which goes to b_enc and, as dpre * xin, to the encoder column (kept transposed in gT). */
@@ -804,10 +777,10 @@ static void backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g,
 {
     const size_t d_in = t->m->d_in;
     const float *w = t->m->W_dec + (size_t)j * d_in;
-    vaxpy(d_in, f, g, t->buf + t->lay.W_dec + (size_t)j * d_in);
-    float dpre = vdot(d_in, g, w);
+    sae__axpy(d_in, f, g, t->buf + t->lay.W_dec + (size_t)j * d_in);
+    float dpre = sae__dot(d_in, g, w);
     t->buf[t->lay.b_enc + j] += dpre;
-    vaxpy(d_in, dpre, xin, t->gT + (size_t)j * d_in);
+    sae__axpy(d_in, dpre, xin, t->gT + (size_t)j * d_in);
     t->touched[j] = 1;
 }
 
@@ -858,11 +831,11 @@ static void sparse_pass(sae_trainer *t, size_t n)
         for (size_t j = 0; j < d_in; j++)
             e[j] = m->b_dec[j] - t->xs[i * d_in + j];
         for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++) {
-            vaxpy(d_in, t->act_val[a], m->W_dec + (size_t)t->act_idx[a] * d_in, e);
+            sae__axpy(d_in, t->act_val[a], m->W_dec + (size_t)t->act_idx[a] * d_in, e);
             fires[t->act_idx[a]] += 1.0f;
         }
-        sse += vdot(d_in, e, e);
-        vaxpy(d_in, 1.0f, e, sum_err);
+        sse += sae__dot(d_in, e, e);
+        sae__axpy(d_in, 1.0f, e, sum_err);
     }
     /* Every token joins the AuxK term once any latent is dead, even with no positive dead
      * pre-activation (then e_aux = 0), as OpenAI's normalized_mse over the batch does. OpenAI
@@ -878,10 +851,10 @@ static void sparse_pass(sae_trainer *t, size_t n)
                     FA, (int)d_sae, m->W_dec, (int)d_in, 1.0f, D, (int)d_in);
         for (size_t i = 0; i < n; i++) {
             float *di = D + i * d_in;
-            aux += vdot(d_in, di, di);
+            aux += sae__dot(d_in, di, di);
             for (size_t j = 0; j < d_in; j++)
                 di[j] *= g_aux;
-            vaxpy(d_in, 1.0f, di, g_bdec);
+            sae__axpy(d_in, 1.0f, di, g_bdec);
         }
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_sae, (int)d_in, (int)n, 1.0f,
                     FA, (int)d_sae, D, (int)d_in, 1.0f, buf + L->W_dec, (int)d_in);
@@ -902,15 +875,15 @@ static void sparse_pass(sae_trainer *t, size_t n)
         if (aux_sparse) {
             memcpy(d, e, d_in * sizeof(float));
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
-                vaxpy(d_in, t->aux_val[a], m->W_dec + (size_t)t->aux_idx[a] * d_in, d);
-            aux += vdot(d_in, d, d);
+                sae__axpy(d_in, t->aux_val[a], m->W_dec + (size_t)t->aux_idx[a] * d_in, d);
+            aux += sae__dot(d_in, d, d);
             for (size_t j = 0; j < d_in; j++)
                 d[j] *= g_aux;
-            vaxpy(d_in, 1.0f, d, g_bdec);
+            sae__axpy(d_in, 1.0f, d, g_bdec);
         }
         for (size_t j = 0; j < d_in; j++)
             e[j] *= g_main;
-        vaxpy(d_in, 1.0f, e, g_bdec);
+        sae__axpy(d_in, 1.0f, e, g_bdec);
         for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++)
             backprop_latent(t, t->act_idx[a], t->act_val[a], e, xin);
         if (aux_sparse)

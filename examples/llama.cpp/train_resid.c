@@ -260,27 +260,15 @@ int main(int argc, char **argv)
     sae_stats *st;
     const size_t kk = d_sae < 64 ? d_sae : 64;
     uint32_t *idx = malloc(n * kk * sizeof *idx), *cnt = malloc(n * sizeof *cnt);
-    float *val = malloc(n * kk * sizeof *val), *xh = malloc(n * d_in * sizeof *xh);
-    if (!idx || !cnt || !val || !xh || sae_stats_new(&st, d_sae, TOP_N) != SAE_OK)
+    float *val = malloc(n * kk * sizeof *val);
+    if (!idx || !cnt || !val || sae_stats_new(&st, d_sae, TOP_N) != SAE_OK)
         return fail("out of memory");
+    const sae_eval_metric which[2] = {SAE_EVAL_FVU, SAE_EVAL_L0};
+    double whole[2];
     if (sae_encode_sparse(m, all, n, kk, idx, val, cnt) != SAE_OK ||
         sae_stats_update_sparse(st, idx, val, cnt, kk, n, NULL) != SAE_OK ||
-        sae_reconstruct(m, all, n, xh) != SAE_OK)
+        sae_evaluate(m, all, n, which, 2, whole) != SAE_OK)
         return fail("encode");
-    double sse = 0, ssd = 0, l0_all = 0;
-    for (size_t j = 0; j < d_in; j++) {
-        double mean = 0;
-        for (size_t r = 0; r < n; r++)
-            mean += all[r * d_in + j];
-        mean /= (double)n;
-        for (size_t r = 0; r < n; r++) {
-            double e = (double)all[r * d_in + j] - xh[r * d_in + j], dv = all[r * d_in + j] - mean;
-            sse += e * e;
-            ssd += dv * dv;
-        }
-    }
-    for (size_t r = 0; r < n; r++)
-        l0_all += cnt[r];
     uint64_t *count = malloc(d_sae * sizeof *count);
     size_t alive = 0;
     if (!count || sae_stats_counts(st, count) != SAE_OK)
@@ -292,7 +280,7 @@ int main(int argc, char **argv)
            " %zu features fire -> %s\n",
            sae_arch_name(arch), d_in, d_sae, n, path, steps, batch,
            (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec), fvu, l0,
-           dead, sse / ssd, l0_all / (double)n, alive, d_sae, out);
+           dead, whole[0], whole[1], alive, d_sae, out);
 
     if (features) {
         FILE *f = fopen(features, "w");
@@ -323,7 +311,7 @@ int main(int argc, char **argv)
     }
     sae_stats_free(st);
     sae_model_free(m);
-    free(count); free(idx); free(cnt); free(val); free(xh);
+    free(count); free(idx); free(cnt); free(val);
     free(order); free(x); free(all); free(pos); free(tok);
     return 0;
 }

@@ -260,6 +260,12 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
     const sae_arch encode_archs[] = {SAE_ARCH_RELU, SAE_ARCH_JUMPRELU, SAE_ARCH_BATCHTOPK,
                                      SAE_ARCH_TOPK};
     const sae_arch two_archs[] = {SAE_ARCH_RELU, SAE_ARCH_TOPK};
+    /* SAE_PARAM_BF16_WEIGHTS on copies: switching the float models back would keep the rounding. */
+    sae_model *bf16[5] = {NULL};
+    for (size_t a = 0; a < 2 && wanted("bf16"); a++) {
+        bf16[two_archs[a]] = make_model(&d, two_archs[a]);
+        CHECK(sae_model_set_param(bf16[two_archs[a]], SAE_PARAM_BF16_WEIGHTS, 1));
+    }
     for (size_t in = 0; in < n_ns; in++) {
         const size_t n = ns[in];
         if (n > d.n_x) {
@@ -344,12 +350,9 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
                 sae_steer_free(c.steer);
                 release(&c);
             }
-        /* SAE_PARAM_BF16_WEIGHTS on fresh copies (switching back would keep the rounding): the
-         * single-token rows it is for, against the same peers in float32. */
-        if (wanted("bf16")) {
-            sae_model *relu = make_model(&d, SAE_ARCH_RELU), *topk = make_model(&d, SAE_ARCH_TOPK);
-            CHECK(sae_model_set_param(relu, SAE_PARAM_BF16_WEIGHTS, 1));
-            CHECK(sae_model_set_param(topk, SAE_PARAM_BF16_WEIGHTS, 1));
+        /* bfloat16 weights: the single-token rows they are for, against the float32 peers. */
+        if (bf16[SAE_ARCH_RELU] != NULL) {
+            sae_model *relu = bf16[SAE_ARCH_RELU], *topk = bf16[SAE_ARCH_TOPK];
             prepare(&c, relu, &d, n, NULL);
             print_time("encode_bf16", SAE_ARCH_RELU, n, best_time(op_encode, &c));
             if (n == 64)
@@ -368,8 +371,6 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
             print_time("steer1_bf16", SAE_ARCH_TOPK, n, best_time(op_steer, &c));
             sae_steer_free(c.steer);
             release(&c);
-            sae_model_free(relu);
-            sae_model_free(topk);
         }
         /* One training step on a model initialized from the first 1024 tokens. */
         const sae_arch train_archs[] = {SAE_ARCH_RELU, SAE_ARCH_TOPK};
@@ -388,8 +389,10 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
             sae_model_free(m);
         }
     }
-    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++)
+    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++) {
         sae_model_free(models[a]);
+        sae_model_free(bf16[a]);
+    }
     return 0;
 }
 

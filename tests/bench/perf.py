@@ -386,6 +386,7 @@ ROWS = [
 # libsae with bfloat16 weights against the peers' float32 rows of the same operation.
 BF16_ROWS = {"encode_bf16": "encode", "decode_sparse_bf16": "decode_sparse",
              "steer1_bf16": "steer1"}
+ROW_ARCH = {op: arch for _, op, arch, _ in ROWS}
 
 
 def row_bound(op, arch, n, codes, bounds):
@@ -489,7 +490,7 @@ def time_peers(peers, t, out_dir, ns, log):
                 if n == 64:
                     agree += check_agreement(peers, op, arch, x, tx, out_dir)
         for op, base in BF16_ROWS.items():  # the same float32 peers
-            arch = "relu" if op == "encode_bf16" else "topk"
+            arch = ROW_ARCH[op]
             for peer in ("numpy", "torch"):
                 if (base, arch, n, peer) in res:
                     res[(op, arch, n, peer)] = res[(base, arch, n, peer)]
@@ -732,7 +733,7 @@ def targets(c, p, ns, bounds, codes):
              "than the bound column allows.")
     gains = []
     for op, base in BF16_ROWS.items():
-        arch = "relu" if op == "encode_bf16" else "topk"
+        arch = ROW_ARCH[op]
         gains += [f"{base} n = {n}: {c[(base, arch, n)] / c[(op, arch, n)]:.2f}×" for n in ns
                   if (op, arch, n) in c and (base, arch, n) in c]
     if gains:

@@ -49,36 +49,14 @@ static void gather(const float *all, size_t n_rows, size_t d, size_t first, size
         memcpy(dst + j * d, all + ((first + j) * STRIDE % n_rows) * d, d * sizeof(float));
 }
 
-/* FVU and L0 of the model over the whole file. */
-static int evaluate(const sae_model *m, const float *x, size_t n, size_t d, double *fvu, double *l0)
+/* FVU and L0 of the model over the whole file, as train_numpy.py computes them. */
+static int evaluate(const sae_model *m, const float *x, size_t n, double *fvu, double *l0)
 {
-    float *xh = malloc(n * d * sizeof(float));
-    uint32_t *idx = malloc(n * K * sizeof(uint32_t)), *count = malloc(n * sizeof(uint32_t));
-    float *val = malloc(n * K * sizeof(float));
-    if (!xh || !idx || !count || !val)
-        return 1;
-    CHECK(sae_reconstruct(m, x, n, xh));
-    CHECK(sae_encode_sparse(m, x, n, K, idx, val, count));
-    double sse = 0, var = 0, nnz = 0;
-    for (size_t j = 0; j < d; j++) {
-        double mean = 0;
-        for (size_t t = 0; t < n; t++)
-            mean += x[t * d + j];
-        mean /= (double)n;
-        for (size_t t = 0; t < n; t++) {
-            double e = (double)x[t * d + j] - xh[t * d + j], c = x[t * d + j] - mean;
-            sse += e * e;
-            var += c * c;
-        }
-    }
-    for (size_t t = 0; t < n; t++)
-        nnz += count[t];
-    *fvu = sse / var;
-    *l0 = nnz / (double)n;
-    free(xh);
-    free(idx);
-    free(count);
-    free(val);
+    const sae_eval_metric which[2] = {SAE_EVAL_FVU, SAE_EVAL_L0};
+    double values[2];
+    CHECK(sae_evaluate(m, x, n, which, 2, values));
+    *fvu = values[0];
+    *l0 = values[1];
     return 0;
 }
 
@@ -138,7 +116,7 @@ int main(int argc, char **argv)
     }
     double secs = now() - start;
     double fvu, l0;
-    if (evaluate(m, all, n, d, &fvu, &l0) != 0)
+    if (evaluate(m, all, n, &fvu, &l0) != 0)
         return 1;
 
     char cmd[1024];
