@@ -184,14 +184,35 @@ SAE_API int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_
  * (malformed, truncated, inconsistent or oversized; the message names file, tensor or key and
  * what was expected), SAE_EUNSUPPORTED (valid but not supported, e.g. a gated SAE, a TopK
  * checkpoint with rescale_acts_by_decoder_norm, a per-token normalization; the message names
- * the setting), SAE_ENOMEM. Thread safe: many threads may load at once. */
+ * the setting), SAE_ENOMEM. Only regular files are opened: a FIFO, device or socket is refused
+ * with SAE_EIO at once, never waited on. Every loaded weight must be finite. Thread safe: many
+ * threads may load at once. Same as sae_model_load_with(out, path, 0). */
 SAE_API int sae_model_load(sae_model **out, const char *path);
+
+/* Flags for sae_model_load_with, OR'ed together. */
+typedef enum {
+    SAE_LOAD_COPY = 1 /* read every tensor into the model's own memory; never map the file */
+} sae_load_flag;
+
+/* sae_model_load with flags. Without SAE_LOAD_COPY, F32 tensors may stay memory-mapped: loading
+ * is a header parse and pages come in on first use, but a file truncated or rewritten by another
+ * process while the model lives can change its weights or kill the process with SIGBUS on the
+ * next encode, as with any mapping (llama.cpp's --no-mmap exists for the same reason). With
+ * SAE_LOAD_COPY the file is read whole with read() into memory the model owns (the same memory
+ * a mapping would touch once every page is used; loading takes one pass over the file), after
+ * which the file may change or vanish without effect; a file that shrinks during the read is
+ * SAE_EFORMAT. Errors: as sae_model_load, and SAE_EINVAL for an unknown flag. Thread safe. */
+SAE_API int sae_model_load_with(sae_model **out, const char *path, unsigned flags);
 
 /* Writes the model as libsae's own safetensors file: tensors W_enc, W_dec, b_enc, b_dec (and
  * threshold for JumpReLU) as F32, and __metadata__ with the architecture, sizes and every
  * parameter. Atomic: the data goes to a temporary file in the same folder, which is flushed to
  * disk and renamed over path; on any failure path is untouched and the temporary is removed.
- * Errors: SAE_EINVAL, SAE_EIO (the message names the file and the system error). */
+ * path must be absent or a regular file: a directory, FIFO, device, socket or symbolic link is
+ * refused (SAE_EINVAL) and left alone. A file that is replaced keeps its permissions; a new one
+ * gets 0666 less the umask. No process-wide state is touched (the umask is never changed), so
+ * saves may run on many threads at once. Errors: SAE_EINVAL, SAE_EIO (the message names the
+ * file and the system error), SAE_ENOMEM. */
 SAE_API int sae_model_save(const sae_model *m, const char *path);
 
 /* Releases the model and everything it owns. NULL is a no-op. Objects made from the model

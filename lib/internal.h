@@ -47,9 +47,16 @@ int sae__check_finite(const float *v, size_t count, size_t cols, const char *wha
 typedef struct {
     unsigned char *data;
     size_t size;
+    bool heap; /* read into malloc'd memory (SAE_LOAD_COPY) rather than mapped */
 } sae__map;
 
-int sae__map_file(const char *path, sae__map *map);
+struct stat;
+/* Opens a regular file for reading without ever blocking: a FIFO, device, socket or directory
+ * is refused (SAE_EIO naming what it is) instead of hanging the caller. *st is its fstat. */
+int sae__open_regular(const char *path, int *fd, struct stat *st);
+/* The whole file: mapped copy-on-write, or with copy read into the process's own memory, so
+ * that nothing another process does to the file can reach it (no SIGBUS after a truncation). */
+int sae__map_file(const char *path, sae__map *map, bool copy);
 void sae__unmap(sae__map *map);
 /* Reads a whole (small) file into a NUL-terminated malloc'd buffer; refuses files over max. */
 int sae__read_small_file(const char *path, size_t max, char **out, size_t *size);

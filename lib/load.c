@@ -325,14 +325,14 @@ static void free_side(side_file *f)
     free(f->text);
 }
 
-static int load_dir(const char *dir, sae_model **out);
+static int load_dir(const char *dir, unsigned flags, sae_model **out);
 
 /* follow_cfg: a config file stands for its folder (only when the user named it, so that a
  * weights file that looks like JSON cannot send the folder search round in a loop). */
-static int load_file(const char *path, bool follow_cfg, sae_model **out)
+static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_model **out)
 {
     sae__map map;
-    int rc = sae__map_file(path, &map);
+    int rc = sae__map_file(path, &map, (flags & SAE_LOAD_COPY) != 0);
     if (rc != SAE_OK)
         return rc;
     const unsigned char *d = map.data;
@@ -351,7 +351,7 @@ static int load_file(const char *path, bool follow_cfg, sae_model **out)
         char *dir = folder_of(path);
         if (dir == NULL)
             return SAE_ENOMEM;
-        rc = load_dir(dir, out);
+        rc = load_dir(dir, flags, out);
         free(dir);
         return rc;
     }
@@ -374,7 +374,7 @@ static int load_file(const char *path, bool follow_cfg, sae_model **out)
 }
 
 /* A folder: the weights file each tool writes, found by its name, then read by its content. */
-static int load_dir(const char *dir, sae_model **out)
+static int load_dir(const char *dir, unsigned flags, sae_model **out)
 {
     static const char *const names[] = {"sae_weights.safetensors", "sae.safetensors",
                                         "params.npz"};
@@ -383,7 +383,7 @@ static int load_dir(const char *dir, sae_model **out)
         if (path == NULL)
             return SAE_ENOMEM;
         if (is_file(path)) {
-            int rc = load_file(path, false, out);
+            int rc = load_file(path, false, flags, out);
             free(path);
             return rc;
         }
@@ -395,18 +395,23 @@ static int load_dir(const char *dir, sae_model **out)
                      dir);
 }
 
-int sae_model_load(sae_model **out, const char *path)
+int sae_model_load_with(sae_model **out, const char *path, unsigned flags)
 {
     SAE_CHECK_NULL(out);
     *out = NULL;
     SAE_CHECK_NULL(path);
+    if (flags & ~(unsigned)SAE_LOAD_COPY)
+        return sae__fail(SAE_EINVAL, "%s: unknown load flags 0x%x", __func__,
+                         flags & ~(unsigned)SAE_LOAD_COPY);
     struct stat sb;
     if (stat(path, &sb) != 0)
         return sae__fail(SAE_EIO, "%s: %s", path, strerror(errno));
     if (S_ISDIR(sb.st_mode))
-        return load_dir(path, out);
-    return load_file(path, true, out);
+        return load_dir(path, flags, out);
+    return load_file(path, true, flags, out);
 }
+
+int sae_model_load(sae_model **out, const char *path) { return sae_model_load_with(out, path, 0); }
 
 int sae_model_save(const sae_model *m, const char *path)
 {

@@ -1314,7 +1314,7 @@ int sae_trainer_load(sae_trainer *t, const char *path)
     if (rc != SAE_OK)
         return rc;
     sae__map map;
-    rc = sae__map_file(path, &map);
+    rc = sae__map_file(path, &map, false);
     if (rc != SAE_OK)
         return rc;
     sae__safetensors st;
