@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 struct sae_npy {
     FILE *fp;
@@ -162,9 +163,12 @@ int sae_npy_open(sae_npy **out, const char *path)
     char *dict = NULL;
     struct stat sb;
     unsigned char pre[12];
-    a->fp = fopen(path, "rb");
-    if (a->fp == NULL || fstat(fileno(a->fp), &sb) != 0) {
+    int fd;
+    if ((rc = sae__open_regular(path, &fd, &sb)) != SAE_OK)
+        goto done;
+    if ((a->fp = fdopen(fd, "rb")) == NULL) {
         rc = sae__fail(SAE_EIO, "%s: cannot open: %s", path, strerror(errno));
+        close(fd);
         goto done;
     }
     sae__npy_header h;
