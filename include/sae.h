@@ -231,11 +231,20 @@ SAE_API int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src);
 SAE_API int sae_model_get_tensor(const sae_model *m, sae_tensor t, float *dst);
 
 /* Sets or reads a parameter. K must be a whole number >= 1; APPLY_B_DEC_TO_INPUT 0 or 1;
- * INPUT_SCALE finite and > 0; THRESHOLD finite; THREADS a whole number from 0 to 1024.
+ * INPUT_SCALE and THRESHOLD are stored as float and checked after that conversion: INPUT_SCALE
+ * a normal float > 0 (1e-46 is > 0 as a double but 0 as a float, and is refused), THRESHOLD 0 or
+ * a normal float of either sign; THREADS a whole number from 0 to 1024. Every reader of a file
+ * sets parameters through this function, so a file cannot hold what it refuses.
  * Errors: SAE_EINVAL (NULL, unknown parameter, bad value), SAE_EUNSUPPORTED (K on ReLU/JumpReLU,
  * THRESHOLD on anything but BatchTopK). */
 SAE_API int sae_model_set_param(sae_model *m, sae_model_param p, double value);
 SAE_API int sae_model_get_param(const sae_model *m, sae_model_param p, double *value);
+
+/* The range sae_model_set_param accepts for p, as ZSTD_cParam_getBounds gives it: *lo and *hi
+ * inclusive (K: 1 to 4294967295; INPUT_SCALE: FLT_MIN to FLT_MAX; THRESHOLD: -FLT_MAX to FLT_MAX;
+ * flags 0 to 1; THREADS 0 to 1024). Whole-number parameters also need a whole value.
+ * Errors: SAE_EINVAL (NULL, unknown parameter). Thread safe. */
+SAE_API int sae_model_param_bounds(sae_model_param p, double *lo, double *hi);
 
 /* Names: "relu", "topk", "batchtopk", "jumprelu"; NULL for an unknown value. */
 SAE_API const char *sae_arch_name(sae_arch arch);

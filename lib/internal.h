@@ -35,11 +35,19 @@ static inline bool sae__add(size_t a, size_t b, size_t *out) { return !__builtin
 /* malloc/calloc of count * size bytes with overflow checking; on failure they set the error
  * message (naming what) and return NULL. Blocks are 64-byte aligned; release with free(). */
 void *sae__alloc(size_t count, size_t size, const char *what);
+/* SAE_ENOMEM (naming what) when bytes exceed the machine's physical memory: such a request
+ * would be granted by overcommit and get the host process OOM-killed when touched. Every
+ * sae__alloc checks its own size; callers making several large blocks check their sum. */
+int sae__check_fits_memory(size_t bytes, const char *what);
 void *sae__zalloc(size_t count, size_t size, const char *what);
 
 /* SAE_OK when all count values are finite, else SAE_EINVAL naming `what` and the row/column of
  * the first bad value (row length cols). */
 int sae__check_finite(const float *v, size_t count, size_t cols, const char *what);
+
+/* *out = (float)value when that float is finite, 0 or normal, and within [lo, hi]; else
+ * SAE_EINVAL naming `name` (model.c: the one check every float parameter goes through). */
+int sae__float_in_range(double value, double lo, double hi, const char *name, float *out);
 
 /* ---- files (file.c) ------------------------------------------------------------------------ */
 

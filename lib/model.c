@@ -2,6 +2,7 @@
 #include "internal.h"
 
 #include <cblas.h>
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,6 +117,11 @@ int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae)
     int rc = sae__model_alloc(&m, arch, d_in, d_sae);
     if (rc != SAE_OK)
         return rc;
+    /* Each weight matrix alone may fit while the two together do not (zeroing touches them). */
+    if (sae__check_fits_memory(2 * d_in * d_sae * sizeof(float), "the model's weights") != SAE_OK) {
+        sae_model_free(m);
+        return SAE_ENOMEM;
+    }
     for (int t = SAE_W_ENC; t <= SAE_THRESHOLD; t++) {
         if (sae__model_tensor_count(m, (sae_tensor)t) == 0)
             continue;
@@ -234,43 +240,79 @@ static int param_applies(const sae_model *m, sae_model_param p)
     }
 }
 
+/* Every parameter's range, the one place set_param, param_bounds and the readers (which all go
+ * through set_param) take it from. Float parameters are checked after conversion to float:
+ * 1e-46 is > 0 as a double but 0 as a float, and 1e39 is finite as a double but not as a float.
+ * normal: a float parameter must be 0 or a normal number (a subnormal INPUT_SCALE or THRESHOLD
+ * would turn the arithmetic around it into infinities or flushed zeros). */
+typedef struct {
+    const char *name;
+    double lo, hi;
+    bool whole; /* a whole number (counts and flags) rather than a float */
+} param_range;
+
+static const param_range *range_of(sae_model_param p)
+{
+    static const param_range ranges[] = {
+        [SAE_PARAM_K] = {"K", 1.0, (double)UINT32_MAX, true},
+        [SAE_PARAM_APPLY_B_DEC_TO_INPUT] = {"APPLY_B_DEC_TO_INPUT", 0.0, 1.0, true},
+        [SAE_PARAM_INPUT_SCALE] = {"INPUT_SCALE", FLT_MIN, FLT_MAX, false},
+        [SAE_PARAM_THRESHOLD] = {"THRESHOLD", -FLT_MAX, FLT_MAX, false},
+        [SAE_PARAM_THREADS] = {"THREADS", 0.0, 1024.0, true},
+        [SAE_PARAM_BF16_WEIGHTS] = {"BF16_WEIGHTS", 0.0, 1.0, true},
+    };
+    if ((int)p <= 0 || (size_t)p >= sizeof ranges / sizeof ranges[0])
+        return NULL;
+    return &ranges[p];
+}
+
+int sae_model_param_bounds(sae_model_param p, double *lo, double *hi)
+{
+    SAE_CHECK_NULL(lo);
+    SAE_CHECK_NULL(hi);
+    const param_range *r = range_of(p);
+    if (r == NULL)
+        return sae__fail(SAE_EINVAL, "unknown model parameter %d", (int)p);
+    *lo = r->lo;
+    *hi = r->hi;
+    return SAE_OK;
+}
+
+int sae__float_in_range(double value, double lo, double hi, const char *name, float *out)
+{
+    float f = (float)value;
+    if (!isfinite(value) || !isfinite(f) || (f != 0.0f && !isnormal(f)) || !(f >= lo && f <= hi))
+        return sae__fail(SAE_EINVAL, "%s must be a float from %g to %g, not %g%s", name, lo, hi,
+                         value,
+                         isfinite(value) && (!isfinite(f) || (f != 0.0f && !isnormal(f)))
+                             ? " (out of float's normal range)"
+                             : "");
+    *out = f;
+    return SAE_OK;
+}
+
 int sae_model_set_param(sae_model *m, sae_model_param p, double value)
 {
     SAE_CHECK_NULL(m);
     int rc = param_applies(m, p);
     if (rc != SAE_OK)
         return rc;
+    const param_range *r = range_of(p);
+    float f = 0.0f;
+    if (r->whole) {
+        if (!(value >= r->lo && value <= r->hi) || value != floor(value))
+            return sae__fail(SAE_EINVAL, "%s must be a whole number from %.0f to %.0f, not %g",
+                             r->name, r->lo, r->hi, value);
+    } else if ((rc = sae__float_in_range(value, r->lo, r->hi, r->name, &f)) != SAE_OK) {
+        return rc;
+    }
     switch (p) {
-    case SAE_PARAM_K:
-        if (!(value >= 1.0 && value <= (double)UINT32_MAX) || value != floor(value))
-            return sae__fail(SAE_EINVAL, "K must be a whole number >= 1, not %g", value);
-        m->k = (size_t)value;
-        break;
-    case SAE_PARAM_APPLY_B_DEC_TO_INPUT:
-        if (value != 0.0 && value != 1.0)
-            return sae__fail(SAE_EINVAL, "APPLY_B_DEC_TO_INPUT must be 0 or 1, not %g", value);
-        m->apply_b_dec = value == 1.0;
-        break;
-    case SAE_PARAM_INPUT_SCALE:
-        if (!(value > 0.0) || !isfinite((float)value))
-            return sae__fail(SAE_EINVAL, "INPUT_SCALE must be finite and > 0, not %g", value);
-        m->input_scale = (float)value;
-        break;
-    case SAE_PARAM_THRESHOLD:
-        if (!isfinite((float)value))
-            return sae__fail(SAE_EINVAL, "THRESHOLD must be finite, not %g", value);
-        m->batch_threshold = (float)value;
-        break;
-    case SAE_PARAM_THREADS:
-        if (!(value >= 0.0 && value <= 1024.0) || value != floor(value))
-            return sae__fail(SAE_EINVAL, "THREADS must be a whole number from 0 to 1024, not %g",
-                             value);
-        m->threads = (size_t)value;
-        break;
-    case SAE_PARAM_BF16_WEIGHTS:
-        if (value != 0.0 && value != 1.0)
-            return sae__fail(SAE_EINVAL, "BF16_WEIGHTS must be 0 or 1, not %g", value);
-        return sae__model_set_bf16(m, value == 1.0);
+    case SAE_PARAM_K: m->k = (size_t)value; break;
+    case SAE_PARAM_APPLY_B_DEC_TO_INPUT: m->apply_b_dec = value == 1.0; break;
+    case SAE_PARAM_INPUT_SCALE: m->input_scale = f; break;
+    case SAE_PARAM_THRESHOLD: m->batch_threshold = f; break;
+    case SAE_PARAM_THREADS: m->threads = (size_t)value; break;
+    case SAE_PARAM_BF16_WEIGHTS: return sae__model_set_bf16(m, value == 1.0);
     }
     return SAE_OK;
 }

@@ -33,10 +33,17 @@ int sae_stats_new(sae_stats **out, size_t d_sae, size_t top_n)
                          __func__, d_sae);
     if (top_n > UINT32_MAX)
         return sae__fail(SAE_EINVAL, "%s: top_n = %zu is too many", __func__, top_n);
-    size_t slots;
-    if (!sae__mul(d_sae, top_n, &slots) || !sae__mul(slots, sizeof(uint64_t) + sizeof(float), &slots))
+    /* Every block is counted before any is made: each may fit alone while together they
+     * would not, and zeroing them touches every page. */
+    enum { PER_FEATURE = sizeof(uint64_t) + sizeof(double) + sizeof(float) + sizeof(uint32_t),
+           PER_EXAMPLE = sizeof(float) + sizeof(uint64_t) };
+    size_t bytes, features;
+    if (!sae__mul(d_sae, top_n, &bytes) || !sae__mul(bytes, PER_EXAMPLE, &bytes) ||
+        !sae__mul(d_sae, PER_FEATURE, &features) || !sae__add(bytes, features, &bytes))
         return sae__fail(SAE_ENOMEM, "%s: %zu features x %zu examples do not fit in memory",
                          __func__, d_sae, top_n);
+    if (sae__check_fits_memory(bytes, "feature statistics") != SAE_OK)
+        return SAE_ENOMEM;
     sae_stats *st = sae__zalloc(1, sizeof *st, "feature statistics");
     if (st == NULL)
         return SAE_ENOMEM;

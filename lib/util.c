@@ -4,9 +4,24 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sysinfo.h>
 
 /* 64 bytes: a cache line, and enough for any SIMD load BLAS may do on our scratch. */
 enum { ALIGNMENT = 64 };
+
+int sae__check_fits_memory(size_t bytes, const char *what)
+{
+    /* Linux overcommits: a malloc far beyond the machine succeeds, and the process (the host
+     * application, not just this call) is OOM-killed later, when the pages are touched. */
+    struct sysinfo si;
+    if (sysinfo(&si) != 0 || si.mem_unit == 0)
+        return SAE_OK;
+    uintmax_t physical = (uintmax_t)si.totalram * si.mem_unit;
+    if ((uintmax_t)bytes > physical)
+        return sae__fail(SAE_ENOMEM, "%s: %zu bytes is more than this machine's memory (%ju)",
+                         what, bytes, physical);
+    return SAE_OK;
+}
 
 void *sae__alloc(size_t count, size_t size, const char *what)
 {
@@ -15,6 +30,8 @@ void *sae__alloc(size_t count, size_t size, const char *what)
         sae__fail(SAE_ENOMEM, "%s: %zu x %zu bytes overflows", what, count, size);
         return NULL;
     }
+    if (sae__check_fits_memory(bytes, what) != SAE_OK)
+        return NULL;
     /* aligned_alloc wants a multiple of the alignment, and a nonzero size. */
     size_t rounded = bytes == 0 ? ALIGNMENT : bytes;
     if (!sae__add(rounded, ALIGNMENT - 1, &rounded)) {
