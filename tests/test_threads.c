@@ -88,12 +88,72 @@ START_TEST(one_plan_many_threads)
 }
 END_TEST
 
+/* Saves, loads (mapped and copied) and encodes racing on one model and one path: every load
+ * sees a whole file (the rename is atomic), every encode of every copy agrees bit for bit, and
+ * ThreadSanitizer sees no race in the library (the umask once was one: process-wide state). */
+typedef struct {
+    const sae_model *m;
+    const char *path;
+    const float *x, *want; /* [N][D_IN] input, [N][D_SAE] codes */
+    int role, ok;
+} racer;
+
+static void *race(void *arg)
+{
+    racer *r = arg;
+    float f[N * D_SAE];
+    r->ok = 1;
+    for (int round = 0; round < 12; round++) {
+        if (r->role == 0) {
+            if (sae_model_save(r->m, r->path) != SAE_OK)
+                r->ok = 0;
+        } else if (r->role == 1 || r->role == 2) {
+            sae_model *copy = NULL;
+            if (sae_model_load_with(&copy, r->path, r->role == 2 ? SAE_LOAD_COPY : 0) != SAE_OK ||
+                sae_encode(copy, r->x, N, f) != SAE_OK || memcmp(f, r->want, sizeof f) != 0)
+                r->ok = 0;
+            sae_model_free(copy);
+        } else if (sae_encode(r->m, r->x, N, f) != SAE_OK || memcmp(f, r->want, sizeof f) != 0) {
+            r->ok = 0;
+        }
+    }
+    return NULL;
+}
+
+START_TEST(saves_loads_and_encodes_race)
+{
+    sae_model *m = tu_random_model(SAE_ARCH_JUMPRELU, D_IN, D_SAE, 77);
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 1));
+    char *path = tu_tmp_path("race.safetensors");
+    ck_assert_ok(sae_model_save(m, path));
+    float x[N * D_IN], want[N * D_SAE];
+    tu_rng r = {5};
+    tu_fill(&r, x, N * D_IN, -1, 1);
+    ck_assert_ok(sae_encode(m, x, N, want));
+    enum { RACERS = 8 };
+    racer jobs[RACERS];
+    pthread_t th[RACERS];
+    for (int t = 0; t < RACERS; t++) {
+        jobs[t] = (racer){m, path, x, want, t % 4, 0};
+        ck_assert_int_eq(pthread_create(&th[t], NULL, race, &jobs[t]), 0);
+    }
+    for (int t = 0; t < RACERS; t++) {
+        ck_assert_int_eq(pthread_join(th[t], NULL), 0);
+        ck_assert_msg(jobs[t].ok, "racer %d (role %d) failed: %s", t, jobs[t].role,
+                      sae_last_error());
+    }
+    free(path);
+    sae_model_free(m);
+}
+END_TEST
+
 static Suite *threads_suite(void)
 {
     Suite *s = suite_create("threads");
     TCase *tc = tcase_create("threads");
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, one_plan_many_threads, 0, 4);
+    tcase_add_test(tc, saves_loads_and_encodes_race);
     suite_add_tcase(s, tc);
     return s;
 }
