@@ -98,20 +98,31 @@ SAE_API const char *sae_last_error(void);
 /* ---------------------------------------------------------------------------------------------
  * The model
  *
+ * A model is an SAE, which reconstructs its input (d_out = d_in), or a transcoder, which reads
+ * activations x [d_in] at one place of a network (an MLP's input) and predicts y [d_out] at
+ * another (that MLP's output), optionally with an affine skip connection.
+ *
  * Tensors, all float, row-major:
- *   W_enc [d_in][d_sae]     b_enc [d_sae]
- *   W_dec [d_sae][d_in]     b_dec [d_in]      (row i of W_dec is feature i's direction)
+ *   W_enc [d_in][d_sae]     b_enc [d_sae]     (gated: b_enc is the gate bias)
+ *   W_dec [d_sae][d_out]    b_dec [d_out]     (row i of W_dec is feature i's direction)
  *   threshold [d_sae]       (JumpReLU only)
+ *   r_mag, b_mag [d_sae]    (gated only)
+ *   W_skip [d_in][d_out]    (a transcoder with a skip connection only)
  *
  * The math, for each token x (to float rounding):
- *   x_s = INPUT_SCALE * x
+ *   x_n = norm(x)                                        SAE_PARAM_NORMALIZE (default: x_n = x)
+ *   x_s = INPUT_SCALE * x_n
  *   pre = (x_s - APPLY_B_DEC_TO_INPUT * b_dec) @ W_enc + b_enc
  *   ReLU:      f = max(pre, 0)
  *   JumpReLU:  f = max(pre, 0) * (pre > threshold)      per feature
  *   BatchTopK: f = pre * (pre > THRESHOLD), pre > 0      one global threshold (inference form)
  *   TopK:      f = max(pre, 0) on the K largest entries of pre (ties: lower index first), else 0
- *   x_hat = (f @ W_dec + b_dec) / INPUT_SCALE
- *   error = x - x_hat
+ *   Gated:     f = (pre > 0) * max((x_s - APPLY_B_DEC_TO_INPUT * b_dec) @ (W_enc * exp(r_mag))
+ *                                  + b_mag, 0)           (exp(r_mag) scales column i of W_enc)
+ *   GroupMax:  f = max(pre, 0), then of each of K groups of d_sae / K consecutive features only
+ *              the largest stays (ties: lower index), the rest are 0 (sparsify's "groupmax")
+ *   SAE:        x_hat = denorm((f @ W_dec + b_dec) / INPUT_SCALE),   error = x - x_hat
+ *   transcoder: y_hat = f @ W_dec + b_dec + x @ W_skip             (raw x; no denormalization)
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct sae_model sae_model;
@@ -120,7 +131,9 @@ typedef enum {
     SAE_ARCH_RELU = 1,
     SAE_ARCH_TOPK = 2,
     SAE_ARCH_BATCHTOPK = 3,
-    SAE_ARCH_JUMPRELU = 4
+    SAE_ARCH_JUMPRELU = 4,
+    SAE_ARCH_GATED = 5,   /* gate and magnitude paths sharing W_enc (b_enc is the gate bias) */
+    SAE_ARCH_GROUPMAX = 6 /* the largest of each of K groups of consecutive features */
 } sae_arch;
 
 typedef enum {
@@ -128,7 +141,10 @@ typedef enum {
     SAE_W_DEC = 2,
     SAE_B_ENC = 3,
     SAE_B_DEC = 4,
-    SAE_THRESHOLD = 5 /* JumpReLU only */
+    SAE_THRESHOLD = 5, /* JumpReLU only */
+    SAE_W_SKIP = 6,    /* [d_in][d_out]: a transcoder's affine skip connection, when it has one */
+    SAE_R_MAG = 7,     /* [d_sae]: gated only, log-scale of each magnitude column */
+    SAE_B_MAG = 8      /* [d_sae]: gated only, magnitude bias */
 } sae_tensor;
 
 typedef enum {
@@ -137,8 +153,26 @@ typedef enum {
     SAE_PARAM_INPUT_SCALE = 3,          /* finite, > 0; default 1 */
     SAE_PARAM_THRESHOLD = 4,            /* BatchTopK's single global threshold; default 0 */
     SAE_PARAM_THREADS = 5,              /* threads per call, 0 = all cores; default 0 (below) */
-    SAE_PARAM_BF16_WEIGHTS = 6          /* 0 or 1: W_enc, W_dec held as bfloat16; default 0 */
+    SAE_PARAM_BF16_WEIGHTS = 6,         /* 0 or 1: W_enc, W_dec held as bfloat16; default 0 */
+    SAE_PARAM_NORMALIZE = 7             /* an sae_normalize: per-token input normalization */
 } sae_model_param;
+
+/* SAE_PARAM_NORMALIZE: how each token is normalized before encoding (SAELens's
+ * normalize_activations), computed per token from the token itself:
+ *   NONE:          x_n = x
+ *   LAYER_NORM:    mu = mean(x), sigma = sqrt(sum((x - mu)^2) / (d_in - 1)) (unbiased, as torch),
+ *                  x_n = (x - mu) / (sigma + 1e-5); an SAE's output is denormalized v*sigma + mu
+ *   CONSTANT_NORM: c = sqrt(d_in) / ||x||, x_n = c * x; an SAE's output is v / c (a token with
+ *                  ||x|| = 0 is refused with SAE_EINVAL naming its row)
+ * sae_encode and friends encode x_n. sae_decode and sae_decode_sparse of such an SAE return the
+ * normalized-space (f @ W_dec + b_dec) / INPUT_SCALE (the token's statistics are not known from
+ * codes alone, as SAELens's hook_sae_recons); sae_reconstruct and steering denormalize with each
+ * token's own statistics. A transcoder's output is never denormalized. LAYER_NORM needs d_in >= 2. */
+typedef enum {
+    SAE_NORMALIZE_NONE = 0,
+    SAE_NORMALIZE_LAYER_NORM = 1,
+    SAE_NORMALIZE_CONSTANT_NORM = 2
+} sae_normalize;
 
 /* SAE_PARAM_THREADS: how many threads one call on the model may use for the work BLAS does not
  * thread itself (top-k selection, the activation pass, sparse decoding, steering). 0 (the default)
@@ -219,14 +253,28 @@ SAE_API int sae_model_save(const sae_model *m, const char *path);
  * (steering plans, trainers) must be freed first. */
 SAE_API void sae_model_free(sae_model *m);
 
-/* Sizes and architecture. Return 0 for a NULL model. */
+/* Creates a transcoder with every tensor zero: d_in inputs, d_sae features, d_out outputs, and
+ * with skip = 1 a skip connection W_skip [d_in][d_out] (zeroed). APPLY_B_DEC_TO_INPUT starts at
+ * 0 (b_dec is the output bias; it may be set to 1 only when d_out = d_in). Errors: as
+ * sae_model_new, and SAE_EINVAL for d_out = 0 or skip other than 0 or 1. */
+SAE_API int sae_model_new_transcoder(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae,
+                                     size_t d_out, int skip);
+
+/* Sizes and architecture. Return 0 for a NULL model. d_out is d_in for an SAE. */
 SAE_API size_t sae_model_d_in(const sae_model *m);
 SAE_API size_t sae_model_d_sae(const sae_model *m);
+SAE_API size_t sae_model_d_out(const sae_model *m);
 SAE_API sae_arch sae_model_arch(const sae_model *m);
+/* 1 for a transcoder (made by sae_model_new_transcoder or loaded as one), 0 for an SAE or NULL. */
+SAE_API int sae_model_is_transcoder(const sae_model *m);
+/* 1 if the model holds tensor t (threshold: JumpReLU; r_mag, b_mag: gated; W_skip: a transcoder
+ * with a skip connection; the other four: always), 0 if not or for NULL / an unknown t. */
+SAE_API int sae_model_has_tensor(const sae_model *m, sae_tensor t);
 
 /* Copies a whole tensor into the model (set) or out of it (get); sizes as in the table above.
  * set refuses NaN and infinity (SAE_EINVAL, naming the first bad element). Errors: SAE_EINVAL
- * (NULL, unknown tensor), SAE_EUNSUPPORTED (threshold of a non-JumpReLU model). */
+ * (NULL, unknown tensor), SAE_EUNSUPPORTED (a tensor the model does not hold: see
+ * sae_model_has_tensor). */
 SAE_API int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src);
 SAE_API int sae_model_get_tensor(const sae_model *m, sae_tensor t, float *dst);
 
@@ -246,7 +294,7 @@ SAE_API int sae_model_get_param(const sae_model *m, sae_model_param p, double *v
  * Errors: SAE_EINVAL (NULL, unknown parameter). Thread safe. */
 SAE_API int sae_model_param_bounds(sae_model_param p, double *lo, double *hi);
 
-/* Names: "relu", "topk", "batchtopk", "jumprelu"; NULL for an unknown value. */
+/* Names: "relu", "topk", "batchtopk", "jumprelu", "gated", "groupmax"; NULL for an unknown value. */
 SAE_API const char *sae_arch_name(sae_arch arch);
 /* Parses those names (and SAELens' "standard" for ReLU). Errors: SAE_EINVAL. */
 SAE_API int sae_arch_from_name(const char *name, sae_arch *arch);
@@ -274,7 +322,9 @@ SAE_API int sae_encode(const sae_model *m, const float *x, size_t n, float *f);
 SAE_API int sae_encode_sparse(const sae_model *m, const float *x, size_t n, size_t k,
                               uint32_t *idx, float *val, uint32_t *count);
 
-/* x_hat [n][d_in] from dense codes f [n][d_sae]. Errors: SAE_EINVAL, SAE_ENOMEM. */
+/* x_hat [n][d_out] from dense codes f [n][d_sae]: (f @ W_dec + b_dec) / INPUT_SCALE for an SAE
+ * (in normalized space when SAE_PARAM_NORMALIZE is set), f @ W_dec + b_dec for a transcoder (the
+ * skip term needs x: see sae_reconstruct). Errors: SAE_EINVAL, SAE_ENOMEM. */
 SAE_API int sae_decode(const sae_model *m, const float *f, size_t n, float *x_hat);
 
 /* x_hat from sparse codes laid out as sae_encode_sparse writes them. Reads only the rows of W_dec
@@ -282,7 +332,10 @@ SAE_API int sae_decode(const sae_model *m, const float *f, size_t n, float *x_ha
 SAE_API int sae_decode_sparse(const sae_model *m, const uint32_t *idx, const float *val,
                               const uint32_t *count, size_t k, size_t n, float *x_hat);
 
-/* x_hat = decode(encode(x)). x_hat may equal x (in place). Errors: SAE_EINVAL, SAE_ENOMEM. */
+/* The model's whole output for x [n][d_in] into x_hat [n][d_out]: an SAE's x_hat (denormalized
+ * with each token's statistics), a transcoder's y_hat including the skip term. x_hat may equal x
+ * (in place) when d_out = d_in. Errors: SAE_EINVAL (NULL, non-finite x, a CONSTANT_NORM token of
+ * norm 0), SAE_ENOMEM. */
 SAE_API int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat);
 
 /* ---------------------------------------------------------------------------------------------
@@ -342,8 +395,17 @@ SAE_API int sae_steer_scale(sae_steer *s, uint32_t feature, float factor);
 SAE_API int sae_steer_add(sae_steer *s, uint32_t feature, float coeff);
 /* Removes every op. Errors: SAE_EINVAL. */
 SAE_API int sae_steer_clear(sae_steer *s);
-/* Applies the plan to x [n][d_in] in place. Errors: SAE_EINVAL (NULL, non-finite x), SAE_ENOMEM. */
+/* Applies the plan to x [n][d_in] in place: sae_steer_apply_to(s, x, x, n). Needs d_out = d_in.
+ * Errors: SAE_EINVAL (NULL, non-finite x, d_out != d_in), SAE_ENOMEM. */
 SAE_API int sae_steer_apply(const sae_steer *s, float *x, size_t n);
+/* Reads the features from x [n][d_in] and applies the plan to y [n][d_out] in place:
+ * y' = y + sum_i (f_i' - f_i(x)) * D_i, with D_i = W_dec[i] for a transcoder and, for an SAE,
+ * W_dec[i] / INPUT_SCALE carried through the token's denormalization (* sigma for LAYER_NORM,
+ * / c for CONSTANT_NORM). add ops add coeff * W_dec[i] (transcoder) or coeff * W_dec[i] /
+ * INPUT_SCALE (SAE) to every token. This is how a transcoder steers: x is the MLP's input, y the
+ * MLP's output about to be written back. x and y may be the same buffer (then d_out = d_in).
+ * Errors: SAE_EINVAL (NULL, non-finite x or y, a CONSTANT_NORM token of norm 0), SAE_ENOMEM. */
+SAE_API int sae_steer_apply_to(const sae_steer *s, const float *x, float *y, size_t n);
 
 /* The kinds of op a plan holds, as sae_steer_get_op reports them. */
 typedef enum { SAE_STEER_CLAMP = 1, SAE_STEER_SCALE = 2, SAE_STEER_ADD = 3 } sae_steer_op;
@@ -475,6 +537,13 @@ typedef enum {
  * Errors: SAE_EINVAL (NULL, n = 0, non-finite x, unknown metric), SAE_ENOMEM. */
 SAE_API int sae_evaluate(const sae_model *m, const float *x, size_t n,
                          const sae_eval_metric *which, size_t count, double *values);
+/* sae_evaluate for a model scored against a target: y [n][d_out] is what the model should
+ * predict from x [n][d_in] (a transcoder's MLP output); the metrics compare y with the model's
+ * whole prediction (sae_reconstruct, skip included), FVU against y's own mean. sae_evaluate(m, x,
+ * ...) is sae_evaluate_to(m, x, x, ...) and needs d_out = d_in. Errors: as sae_evaluate, and
+ * non-finite y. Thread safe. */
+SAE_API int sae_evaluate_to(const sae_model *m, const float *x, const float *y, size_t n,
+                            const sae_eval_metric *which, size_t count, double *values);
 
 /* ---------------------------------------------------------------------------------------------
  * Dictionary learning (training)

@@ -108,14 +108,14 @@ void sae__bf16_widen(const uint16_t *src, float *dst, size_t n) { widen(src, dst
 
 float sae__dec_row_norm(const sae_model *m, size_t feature)
 {
-    const size_t d_in = m->d_in;
+    const size_t d_out = m->d_out;
     if (m->W_dec16 == NULL)
-        return cblas_snrm2((int)d_in, m->W_dec + feature * d_in, 1);
+        return cblas_snrm2((int)d_out, m->W_dec + feature * d_out, 1);
     double sum = 0.0; /* squares of values up to 3.4e38 overflow float, never double */
     float buf[BLOCK];
-    for (size_t c = 0; c < d_in; c += BLOCK) {
-        size_t w = d_in - c < BLOCK ? d_in - c : BLOCK;
-        widen(m->W_dec16 + feature * d_in + c, buf, w);
+    for (size_t c = 0; c < d_out; c += BLOCK) {
+        size_t w = d_out - c < BLOCK ? d_out - c : BLOCK;
+        widen(m->W_dec16 + feature * d_out + c, buf, w);
         for (size_t j = 0; j < w; j++)
             sum += (double)buf[j] * buf[j];
     }
@@ -128,48 +128,48 @@ void sae__dec_row_axpy(const sae_model *m, size_t feature, size_t c0, size_t wid
                        float *y)
 {
     if (m->W_dec16 == NULL)
-        cblas_saxpy((int)width, a, m->W_dec + feature * m->d_in + c0, 1, y, 1);
+        cblas_saxpy((int)width, a, m->W_dec + feature * m->d_out + c0, 1, y, 1);
     else
-        add_row(width, a, m->W_dec16 + feature * m->d_in + c0, y);
+        add_row(width, a, m->W_dec16 + feature * m->d_out + c0, y);
 }
 
 void sae__dec_rows_add(const sae_model *m, const uint32_t *idx, const float *val, size_t count,
                        float *y)
 {
-    const size_t d_in = m->d_in;
+    const size_t d_out = m->d_out;
     size_t j = 0;
     if (m->W_dec16 != NULL)
         for (; j + 4 <= count; j += 4) {
             const uint16_t *W = m->W_dec16;
-            add_rows4(d_in, val + j, W + idx[j] * d_in, W + idx[j + 1] * d_in,
-                      W + idx[j + 2] * d_in, W + idx[j + 3] * d_in, y);
+            add_rows4(d_out, val + j, W + idx[j] * d_out, W + idx[j + 1] * d_out,
+                      W + idx[j + 2] * d_out, W + idx[j + 3] * d_out, y);
         }
     for (; j < count; j++)
-        sae__dec_row_axpy(m, idx[j], 0, d_in, val[j], y);
+        sae__dec_row_axpy(m, idx[j], 0, d_out, val[j], y);
 }
 
 void sae__dec_row(const sae_model *m, size_t feature, float *dst)
 {
     if (m->W_dec16 == NULL)
-        memcpy(dst, m->W_dec + feature * m->d_in, m->d_in * sizeof *dst);
+        memcpy(dst, m->W_dec + feature * m->d_out, m->d_out * sizeof *dst);
     else
-        widen(m->W_dec16 + feature * m->d_in, dst, m->d_in);
+        widen(m->W_dec16 + feature * m->d_out, dst, m->d_out);
 }
 
 void sae__dec_dots(const sae_model *m, const float *v, float *out)
 {
-    const size_t d_in = m->d_in;
+    const size_t d_out = m->d_out;
     if (m->W_dec16 == NULL) {
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)m->d_sae, (int)d_in, 1.0f, m->W_dec,
-                    (int)d_in, v, 1, 0.0f, out, 1);
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)m->d_sae, (int)d_out, 1.0f, m->W_dec,
+                    (int)d_out, v, 1, 0.0f, out, 1);
         return;
     }
     float buf[BLOCK];
     for (size_t i = 0; i < m->d_sae; i++) {
         float dot = 0.0f;
-        for (size_t c = 0; c < d_in; c += BLOCK) {
-            size_t w = d_in - c < BLOCK ? d_in - c : BLOCK;
-            widen(m->W_dec16 + i * d_in + c, buf, w);
+        for (size_t c = 0; c < d_out; c += BLOCK) {
+            size_t w = d_out - c < BLOCK ? d_out - c : BLOCK;
+            widen(m->W_dec16 + i * d_out + c, buf, w);
             dot += sae__dot(w, buf, v + c);
         }
         out[i] = dot;
@@ -257,7 +257,7 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
                          float beta)
 {
     const bool enc = t == SAE_W_ENC;
-    const size_t K = enc ? m->d_in : m->d_sae, N = enc ? m->d_sae : m->d_in;
+    const size_t K = enc ? m->d_in : m->d_sae, N = enc ? m->d_sae : m->d_out;
     const float *W = enc ? m->W_enc : m->W_dec;
     const uint16_t *W16 = enc ? m->W_enc16 : m->W_dec16;
     if (W16 == NULL) {
@@ -300,15 +300,15 @@ int sae__model_set_bf16(sae_model *m, bool on)
 {
     if (on == (m->W_enc16 != NULL))
         return SAE_OK;
-    const size_t count = m->d_in * m->d_sae;
+    const size_t n_enc = m->d_in * m->d_sae, n_dec = m->d_sae * m->d_out;
     if (on) {
-        uint16_t *enc = sae__alloc(count, sizeof *enc, "bfloat16 W_enc");
-        uint16_t *dec = enc ? sae__alloc(count, sizeof *dec, "bfloat16 W_dec") : NULL;
+        uint16_t *enc = sae__alloc(n_enc, sizeof *enc, "bfloat16 W_enc");
+        uint16_t *dec = enc ? sae__alloc(n_dec, sizeof *dec, "bfloat16 W_dec") : NULL;
         int rc = dec == NULL ? SAE_ENOMEM : SAE_OK;
         if (rc == SAE_OK)
-            rc = sae__bf16_narrow(m->W_enc, enc, count, m->d_sae, "W_enc");
+            rc = sae__bf16_narrow(m->W_enc, enc, n_enc, m->d_sae, "W_enc");
         if (rc == SAE_OK)
-            rc = sae__bf16_narrow(m->W_dec, dec, count, m->d_in, "W_dec");
+            rc = sae__bf16_narrow(m->W_dec, dec, n_dec, m->d_out, "W_dec");
         if (rc != SAE_OK) {
             free(enc);
             free(dec);
@@ -324,14 +324,14 @@ int sae__model_set_bf16(sae_model *m, bool on)
         m->W_enc16 = enc;
         m->W_dec16 = dec;
     } else {
-        float *enc = sae__alloc(count, sizeof *enc, "W_enc");
-        float *dec = enc ? sae__alloc(count, sizeof *dec, "W_dec") : NULL;
+        float *enc = sae__alloc(n_enc, sizeof *enc, "W_enc");
+        float *dec = enc ? sae__alloc(n_dec, sizeof *dec, "W_dec") : NULL;
         if (dec == NULL) {
             free(enc);
             return SAE_ENOMEM;
         }
-        widen(m->W_enc16, enc, count);
-        widen(m->W_dec16, dec, count);
+        widen(m->W_enc16, enc, n_enc);
+        widen(m->W_dec16, dec, n_dec);
         free(m->W_enc16);
         free(m->W_dec16);
         m->W_enc16 = m->W_dec16 = NULL;

@@ -12,14 +12,14 @@
 
 static void unscale(const sae_model *m, float *x_hat, size_t n)
 {
-    if (m->input_scale != 1.0f)
-        cblas_sscal((int)(n * m->d_in), 1.0f / m->input_scale, x_hat, 1);
+    if (sae__output_scale(m) != 1.0f)
+        cblas_sscal((int)(n * m->d_out), 1.0f / sae__output_scale(m), x_hat, 1);
 }
 
 void sae__decode_token(const sae_model *m, const uint32_t *idx, const float *val, size_t count,
                        float *x_hat)
 {
-    memcpy(x_hat, m->b_dec, m->d_in * sizeof(float));
+    memcpy(x_hat, m->b_dec, m->d_out * sizeof(float));
     sae__dec_rows_add(m, idx, val, count, x_hat);
     unscale(m, x_hat, 1);
 }
@@ -27,8 +27,8 @@ void sae__decode_token(const sae_model *m, const uint32_t *idx, const float *val
 /* One token of dense codes, adding the rows of its nonzero codes in index order. */
 static void decode_row_sparse(const sae_model *m, const float *f, float *x_hat)
 {
-    const size_t d_sae = m->d_sae, d_in = m->d_in;
-    memcpy(x_hat, m->b_dec, d_in * sizeof(float));
+    const size_t d_sae = m->d_sae, d_out = m->d_out;
+    memcpy(x_hat, m->b_dec, d_out * sizeof(float));
     for (size_t i = 0; i < d_sae;) {
         size_t end = i + SCREEN <= d_sae ? i + SCREEN : d_sae;
         if (end - i == SCREEN) {
@@ -42,7 +42,7 @@ static void decode_row_sparse(const sae_model *m, const float *f, float *x_hat)
         }
         for (; i < end; i++)
             if (f[i] != 0.0f)
-                sae__dec_row_axpy(m, i, 0, d_in, f[i], x_hat);
+                sae__dec_row_axpy(m, i, 0, d_out, f[i], x_hat);
     }
     unscale(m, x_hat, 1);
 }
@@ -91,7 +91,7 @@ static void sparse_rows_range(void *arg, size_t begin, size_t end, size_t worker
     (void)worker;
     const dense_job *job = arg;
     for (size_t t = begin; t < end; t++)
-        decode_row_sparse(job->m, job->f + t * job->m->d_sae, job->x_hat + t * job->m->d_in);
+        decode_row_sparse(job->m, job->f + t * job->m->d_sae, job->x_hat + t * job->m->d_out);
 }
 
 static void extract_range(void *arg, size_t begin, size_t end, size_t worker)
@@ -116,7 +116,7 @@ static void decode_pairs(const sae_model *m, const uint32_t *idx, const float *v
 
 int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat)
 {
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const size_t d_out = m->d_out, d_sae = m->d_sae;
     const size_t threads = n > 1 ? sae__model_threads(m) : 1;
     size_t nonzeros[64] = {0};
     /* Per-token counts let many sparse tokens share rows of W_dec (decode_pairs); without the
@@ -127,8 +127,8 @@ int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat
     size_t total = 0;
     for (size_t w = 0; w < 64; w++)
         total += nonzeros[w];
-    /* Adding a row of W_dec per nonzero moves d_in floats from memory for 2 d_in flops, where the
-     * GEMM does 2 d_in flops per code at compute speed, some 16 times faster once n is large;
+    /* Adding a row of W_dec per nonzero moves d_out floats from memory for 2 d_out flops, where the
+     * GEMM does 2 d_out flops per code at compute speed, some 16 times faster once n is large;
      * for a few tokens the GEMM is bound by reading W_dec whole instead. */
     if (total <= n * d_sae / 16 || total <= d_sae / 2) {
         if (job.count != NULL && total >= d_sae) {
@@ -142,7 +142,7 @@ int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat
             sae__parallel_for(threads, n, sae__grain(d_sae), extract_range, &job);
             decode_pairs(m, job.idx, job.val, job.count, job.stride, n, x_hat);
         } else {
-            sae__parallel_for(threads, n, sae__grain(total / n * d_in + d_sae), sparse_rows_range,
+            sae__parallel_for(threads, n, sae__grain(total / n * d_out + d_sae), sparse_rows_range,
                               &job);
         }
         free(job.count);
@@ -152,7 +152,7 @@ int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat
     }
     free(job.count);
     for (size_t t = 0; t < n; t++)
-        memcpy(x_hat + t * d_in, m->b_dec, d_in * sizeof(float));
+        memcpy(x_hat + t * d_out, m->b_dec, d_out * sizeof(float));
     int rc = sae__weights_product(m, SAE_W_DEC, f, n, x_hat, 1.0f);
     unscale(m, x_hat, n);
     return rc;
@@ -160,11 +160,8 @@ int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat
 
 static int check_sizes(const sae_model *m, size_t n, size_t width)
 {
-    size_t bytes;
-    if (n > INT32_MAX || !sae__mul(n, width, &bytes) || !sae__mul(bytes, sizeof(float), &bytes) ||
-        !sae__mul(n, m->d_in, &bytes) || !sae__mul(bytes, sizeof(float), &bytes))
-        return sae__fail(SAE_EINVAL, "n = %zu tokens is too many", n);
-    return SAE_OK;
+    size_t widest = sae__model_width(m);
+    return sae__check_tokens(n, width > widest ? width : widest, "sae_decode");
 }
 
 int sae_decode(const sae_model *m, const float *f, size_t n, float *x_hat)
@@ -200,10 +197,10 @@ static void token_major_range(void *arg, size_t begin, size_t end, size_t worker
 {
     (void)worker;
     const pairs_job *job = arg;
-    const size_t stride = job->stride, d_in = job->m->d_in;
+    const size_t stride = job->stride, d_out = job->m->d_out;
     for (size_t t = begin; t < end; t++)
         sae__decode_token(job->m, job->idx + t * stride, job->val + t * stride, job->count[t],
-                          job->x_hat + t * d_in);
+                          job->x_hat + t * d_out);
 }
 
 /* Columns [16 begin, 16 end) of every token: each feature's row slice is read once and added to
@@ -213,17 +210,17 @@ static void feature_major_range(void *arg, size_t begin, size_t end, size_t work
     (void)worker;
     const pairs_job *job = arg;
     const sae_model *m = job->m;
-    const size_t d_in = m->d_in, c0 = begin * SCREEN, c1 = end * SCREEN < d_in ? end * SCREEN : d_in;
+    const size_t d_out = m->d_out, c0 = begin * SCREEN, c1 = end * SCREEN < d_out ? end * SCREEN : d_out;
     const size_t width = c1 - c0;
     for (size_t t = 0; t < job->n; t++)
-        memcpy(job->x_hat + t * d_in + c0, m->b_dec + c0, (c1 - c0) * sizeof(float));
+        memcpy(job->x_hat + t * d_out + c0, m->b_dec + c0, (c1 - c0) * sizeof(float));
     for (size_t f = 0; f < m->d_sae; f++)
         for (uint32_t e = job->start[f]; e < job->start[f + 1]; e++)
             sae__dec_row_axpy(m, f, c0, width, job->tval[e],
-                              job->x_hat + (size_t)job->tok[e] * d_in + c0);
-    if (m->input_scale != 1.0f)
+                              job->x_hat + (size_t)job->tok[e] * d_out + c0);
+    if (sae__output_scale(m) != 1.0f)
         for (size_t t = 0; t < job->n; t++)
-            cblas_sscal((int)width, 1.0f / m->input_scale, job->x_hat + t * d_in + c0, 1);
+            cblas_sscal((int)width, 1.0f / sae__output_scale(m), job->x_hat + t * d_out + c0, 1);
 }
 
 /* Sorts the pairs by feature (a counting sort: stable, so a token's repeated feature keeps its
@@ -255,7 +252,7 @@ static bool feature_major(pairs_job *job, size_t pairs, size_t threads)
         job->start = start;
         job->tok = tok;
         job->tval = tval;
-        const size_t groups = (job->m->d_in + SCREEN - 1) / SCREEN;
+        const size_t groups = (job->m->d_out + SCREEN - 1) / SCREEN;
         sae__parallel_for(threads, groups, sae__grain(pairs * SCREEN), feature_major_range, job);
     }
     free(start);
@@ -265,30 +262,30 @@ static bool feature_major(pairs_job *job, size_t pairs, size_t threads)
 }
 
 /* Tokens per feature-major pass: their x_hat rows (16 MiB) stay in the last-level cache. */
-static size_t pass_tokens(size_t d_in)
+static size_t pass_tokens(size_t d_out)
 {
-    size_t tokens = ((size_t)16 << 20) / (d_in * sizeof(float));
+    size_t tokens = ((size_t)16 << 20) / (d_out * sizeof(float));
     return tokens < 64 ? 64 : tokens;
 }
 
-/* x_hat [n][d_in] from the pairs of n tokens, indices already checked. Few pairs per feature:
+/* x_hat [n][d_out] from the pairs of n tokens, indices already checked. Few pairs per feature:
  * token by token across threads. Many (each row of W_dec used by several tokens): feature by
  * feature, reading each row once per pass instead of once per token, columns across threads.
  * Either way each output element is summed by one thread in an order fixed by the data alone. */
 static void decode_pairs(const sae_model *m, const uint32_t *idx, const float *val,
                          const uint32_t *count, size_t stride, size_t n, float *x_hat)
 {
-    const size_t threads = sae__model_threads(m), d_in = m->d_in, pass = pass_tokens(d_in);
+    const size_t threads = sae__model_threads(m), d_out = m->d_out, pass = pass_tokens(d_out);
     for (size_t first = 0; first < n; first += pass) {
         const size_t rows = n - first < pass ? n - first : pass;
         pairs_job job = {m, idx + first * stride, count + first, val + first * stride, stride,
-                         rows, x_hat + first * d_in, NULL, NULL, NULL};
+                         rows, x_hat + first * d_out, NULL, NULL, NULL};
         size_t pairs = 0;
         for (size_t t = 0; t < rows; t++)
             pairs += job.count[t];
         if (pairs >= m->d_sae && pairs <= UINT32_MAX && feature_major(&job, pairs, threads))
             continue;
-        sae__parallel_for(rows > 1 ? threads : 1, rows, sae__grain((pairs / rows + 1) * d_in),
+        sae__parallel_for(rows > 1 ? threads : 1, rows, sae__grain((pairs / rows + 1) * d_out),
                           token_major_range, &job);
     }
 }
@@ -353,8 +350,53 @@ static void topk_range(void *arg, size_t begin, size_t end, size_t worker)
         if (job->count)
             job->count[r] = (uint32_t)kept;
         else
-            sae__decode_token(job->m, idx, val, kept, job->x_hat + r * job->m->d_in);
+            sae__decode_token(job->m, idx, val, kept, job->x_hat + r * job->m->d_out);
     }
+}
+
+/* ---- from decoded codes to the model's output -------------------------------------------------- */
+
+int sae__finish_alloc(const sae_model *m, size_t rows, sae__finish *fin)
+{
+    *fin = (sae__finish){0};
+    if (m->normalize != SAE_NORMALIZE_NONE &&
+        (fin->norms = sae__alloc(rows, sizeof *fin->norms, "token normalizations")) == NULL)
+        return SAE_ENOMEM;
+    if (m->skip && (fin->skip = sae__alloc(rows * m->d_out, sizeof(float), "skip scratch")) == NULL)
+        return SAE_ENOMEM;
+    return SAE_OK;
+}
+
+void sae__finish_free(sae__finish *fin)
+{
+    free(fin->norms);
+    free(fin->skip);
+    *fin = (sae__finish){0};
+}
+
+int sae__finish_prepare(const sae_model *m, const float *x, size_t rows, sae__finish *fin)
+{
+    if (m->skip) /* y_hat's skip term reads the raw x, before normalization */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)m->d_out,
+                    (int)m->d_in, 1.0f, x, (int)m->d_in, m->W_skip, (int)m->d_out, 0.0f, fin->skip,
+                    (int)m->d_out);
+    return SAE_OK;
+}
+
+void sae__finish_apply(const sae_model *m, const sae__finish *fin, size_t rows, float *out)
+{
+    const size_t d_out = m->d_out;
+    if (fin->skip != NULL)
+        for (size_t t = 0; t < rows; t++)
+            sae__axpy(d_out, 1.0f, fin->skip + t * d_out, out + t * d_out);
+    /* An SAE's output goes back to the token's own scale: a transcoder's never does. */
+    if (fin->norms != NULL && !m->transcoder)
+        for (size_t t = 0; t < rows; t++) {
+            const sae__token_norm tn = fin->norms[t];
+            float *o = out + t * d_out;
+            for (size_t j = 0; j < d_out; j++)
+                o[j] = o[j] * tn.b + tn.mu;
+        }
 }
 
 int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat)
@@ -370,7 +412,7 @@ int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat)
     if (rc != SAE_OK)
         return rc;
 
-    const bool topk = m->arch == SAE_ARCH_TOPK;
+    const bool topk = !sae__codes_independent(m);
     const size_t block = sae__block_tokens(m->d_sae, n);
     const size_t kept_max = m->k < m->d_sae ? m->k : m->d_sae;
     const size_t threads = n > 1 ? sae__model_threads(m) : 1, grain = sae__grain(m->d_sae);
@@ -380,6 +422,7 @@ int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat)
                     ? NULL
                     : sae__alloc(block * m->d_in, sizeof(float), "reconstruct scratch");
     topk_job job = {m, raw, NULL, NULL, NULL, NULL, NULL, kept_max};
+    sae__finish fin = {0};
     /* Enough tokens that rows of W_dec are shared: select all, then decode_pairs. */
     const bool share = topk && block * kept_max >= m->d_sae;
     const size_t slots = share ? block : chunks;
@@ -390,28 +433,35 @@ int sae_reconstruct(const sae_model *m, const float *x, size_t n, float *x_hat)
         if (share)
             job.count = sae__alloc(block, sizeof *job.count, "top-k counts");
     }
-    if (raw == NULL || (xs == NULL && !sae__encoder_reads_x(m)) ||
+    if (sae__finish_alloc(m, block, &fin) != SAE_OK || raw == NULL ||
+        (xs == NULL && !sae__encoder_reads_x(m)) ||
         (topk && (job.heaps == NULL || job.idx == NULL || job.val == NULL)) ||
         (share && job.count == NULL)) {
         rc = SAE_ENOMEM;
         goto done;
     }
-    /* Each block's x is fully read by the GEMM before its x_hat rows are written, so x_hat may
-     * alias x. */
+    /* Each block's x is fully read (by the GEMM, the skip product and the normalization) before
+     * its x_hat rows are written, so x_hat may alias x. */
     for (size_t first = 0; first < n && rc == SAE_OK; first += block) {
         size_t rows = n - first < block ? n - first : block;
-        if ((rc = sae__encoder_product(m, x + first * m->d_in, rows, xs, raw)) != SAE_OK)
+        const float *xb = x + first * m->d_in;
+        float *out = x_hat + first * m->d_out;
+        if ((rc = sae__encoder_product(m, xb, rows, xs, raw, fin.norms)) != SAE_OK ||
+            (rc = sae__finish_prepare(m, xb, rows, &fin)) != SAE_OK)
             break;
         if (topk) {
-            job.x_hat = x_hat + first * m->d_in;
+            job.x_hat = out;
             sae__parallel_for(threads, rows, grain, topk_range, &job);
             if (share)
                 decode_pairs(m, job.idx, job.val, job.count, kept_max, rows, job.x_hat);
         } else if ((rc = sae__activate_rows(m, raw, rows)) == SAE_OK) {
-            rc = sae__decode_dense(m, raw, rows, x_hat + first * m->d_in);
+            rc = sae__decode_dense(m, raw, rows, out);
         }
+        if (rc == SAE_OK)
+            sae__finish_apply(m, &fin, rows, out);
     }
 done:
+    sae__finish_free(&fin);
     free(raw);
     free(xs);
     free(job.heaps);

@@ -3,6 +3,7 @@
 #include "internal.h"
 
 #include <cblas.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,20 +17,78 @@ size_t sae__block_tokens(size_t d_sae, size_t n)
     return block < n ? block : n;
 }
 
-bool sae__encoder_reads_x(const sae_model *m) { return m->input_scale == 1.0f && !m->apply_b_dec; }
+bool sae__encoder_reads_x(const sae_model *m)
+{
+    return m->input_scale == 1.0f && !m->apply_b_dec && m->normalize == SAE_NORMALIZE_NONE;
+}
 
-int sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw)
+int sae__token_norm_of(const sae_model *m, const float *x, size_t row, sae__token_norm *out)
 {
     const size_t d_in = m->d_in;
+    /* In double: the statistics of a few thousand floats, rounded once. */
+    switch (m->normalize) {
+    case SAE_NORMALIZE_LAYER_NORM: {
+        double sum = 0, sq = 0;
+        for (size_t j = 0; j < d_in; j++)
+            sum += x[j];
+        double mu = sum / (double)d_in;
+        for (size_t j = 0; j < d_in; j++)
+            sq += ((double)x[j] - mu) * ((double)x[j] - mu);
+        double sigma = sqrt(sq / (double)(d_in - 1)); /* torch's std: unbiased */
+        *out = (sae__token_norm){(float)mu, (float)(1.0 / (sigma + 1e-5)), (float)sigma};
+        return SAE_OK;
+    }
+    case SAE_NORMALIZE_CONSTANT_NORM: {
+        double sq = 0;
+        for (size_t j = 0; j < d_in; j++)
+            sq += (double)x[j] * x[j];
+        if (!(sq > 0))
+            return sae__fail(SAE_EINVAL, "x[%zu] has norm 0: CONSTANT_NORM divides by it", row);
+        double c = sqrt((double)d_in) / sqrt(sq);
+        *out = (sae__token_norm){0.0f, (float)c, (float)(1.0 / c)};
+        return SAE_OK;
+    }
+    default: *out = (sae__token_norm){0.0f, 1.0f, 1.0f}; return SAE_OK;
+    }
+}
+
+int sae__encoder_input(const sae_model *m, const float *x, size_t n, float *xs,
+                       sae__token_norm *norms)
+{
+    const size_t d_in = m->d_in;
+    const float scale = m->input_scale;
+    for (size_t t = 0; t < n; t++) {
+        const float *row = x + t * d_in;
+        float *out = xs + t * d_in;
+        sae__token_norm tn = {0.0f, 1.0f, 1.0f};
+        int rc = sae__token_norm_of(m, row, t, &tn);
+        if (rc != SAE_OK)
+            return rc;
+        if (norms != NULL)
+            norms[t] = tn;
+        const float a = scale * tn.a;
+        if (m->normalize == SAE_NORMALIZE_NONE) /* the common case: one multiply-subtract */
+            for (size_t j = 0; j < d_in; j++)
+                out[j] = scale * row[j] - (m->apply_b_dec ? m->b_dec[j] : 0.0f);
+        else
+            for (size_t j = 0; j < d_in; j++)
+                out[j] = (row[j] - tn.mu) * a - (m->apply_b_dec ? m->b_dec[j] : 0.0f);
+    }
+    return SAE_OK;
+}
+
+int sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw,
+                         sae__token_norm *norms)
+{
     const float *in = x;
     if (!sae__encoder_reads_x(m)) {
-        for (size_t t = 0; t < n; t++) {
-            const float *row = x + t * d_in;
-            float *out = xs + t * d_in;
-            for (size_t j = 0; j < d_in; j++)
-                out[j] = m->input_scale * row[j] - (m->apply_b_dec ? m->b_dec[j] : 0.0f);
-        }
+        int rc = sae__encoder_input(m, x, n, xs, norms);
+        if (rc != SAE_OK)
+            return rc;
         in = xs;
+    } else if (norms != NULL) {
+        for (size_t t = 0; t < n; t++)
+            norms[t] = (sae__token_norm){0.0f, 1.0f, 1.0f};
     }
     return sae__weights_product(m, SAE_W_ENC, in, n, raw, 0.0f);
 }
@@ -66,7 +125,7 @@ int sae__activate_rows(const sae_model *m, float *raw, size_t n)
     const size_t grain = sae__grain(m->d_sae);
     const size_t chunks = sae__parallel_chunks(threads, n, grain);
     activate_job job = {m, raw, NULL, m->k < m->d_sae ? m->k : m->d_sae};
-    if (m->arch == SAE_ARCH_TOPK && (job.heaps = worker_heaps(chunks, job.heap_entries)) == NULL)
+    if (!sae__codes_independent(m) && (job.heaps = worker_heaps(chunks, job.heap_entries)) == NULL)
         return SAE_ENOMEM;
     sae__parallel_for(threads, n, grain, activate_range, &job);
     free(job.heaps);
@@ -81,10 +140,9 @@ static int check_encode_args(const char *fn, const sae_model *m, const float *x,
         return SAE_OK;
     SAE_CHECK_NULL_IN(fn, x);
     SAE_CHECK_NULL_IN(fn, out);
-    size_t count;
-    if (!sae__mul(n, m->d_in, &count) || !sae__mul(n, m->d_sae, &count) ||
-        !sae__mul(count, sizeof(float), &count) || n > INT32_MAX)
-        return sae__fail(SAE_EINVAL, "n = %zu tokens is too many", n);
+    int rc = sae__check_tokens(n, sae__model_width(m), fn);
+    if (rc != SAE_OK)
+        return rc;
     return sae__check_finite(x, n * m->d_in, m->d_in, "x");
 }
 
@@ -97,7 +155,7 @@ int sae_encode(const sae_model *m, const float *x, size_t n, float *f)
     if (!sae__encoder_reads_x(m) &&
         (xs = sae__alloc(n * m->d_in, sizeof(float), "encode scratch")) == NULL)
         return SAE_ENOMEM;
-    rc = sae__encoder_product(m, x, n, xs, f);
+    rc = sae__encoder_product(m, x, n, xs, f, NULL);
     free(xs);
     return rc != SAE_OK ? rc : sae__activate_rows(m, f, n);
 }
@@ -148,9 +206,9 @@ int sae_encode_sparse(const sae_model *m, const float *x, size_t n, size_t k, ui
     if (!sae__mul(n, k, &slots) || !sae__mul(slots, sizeof(float), &slots))
         return sae__fail(SAE_EINVAL, "n * k = %zu * %zu overflows", n, k);
 
-    /* A TopK token has at most K nonzeros, so selecting more than K is wasted work. */
+    /* A TopK or GroupMax token has at most K nonzeros: selecting more is wasted work. */
     size_t select = k;
-    if (m->arch == SAE_ARCH_TOPK && m->k < select)
+    if (!sae__codes_independent(m) && m->k < select)
         select = m->k;
     if (select > m->d_sae)
         select = m->d_sae;
@@ -171,7 +229,7 @@ int sae_encode_sparse(const sae_model *m, const float *x, size_t n, size_t k, ui
     rc = SAE_OK;
     for (size_t first = 0; first < n && rc == SAE_OK; first += block) {
         size_t rows = n - first < block ? n - first : block;
-        if ((rc = sae__encoder_product(m, x + first * m->d_in, rows, xs, raw)) != SAE_OK)
+        if ((rc = sae__encoder_product(m, x + first * m->d_in, rows, xs, raw, NULL)) != SAE_OK)
             break;
         job.first = first;
         sae__parallel_for(threads, rows, grain, select_range, &job);

@@ -70,7 +70,18 @@ int sae_evaluate(const sae_model *m, const float *x, size_t n, const sae_eval_me
                  size_t count, double *values)
 {
     SAE_CHECK_NULL(m);
+    if (m->d_out != m->d_in)
+        return sae__fail(SAE_EINVAL, "sae_evaluate: this transcoder predicts %zu values from %zu; "
+                         "score it against its target with sae_evaluate_to", m->d_out, m->d_in);
+    return sae_evaluate_to(m, x, x, n, which, count, values);
+}
+
+int sae_evaluate_to(const sae_model *m, const float *x, const float *y, size_t n,
+                    const sae_eval_metric *which, size_t count, double *values)
+{
+    SAE_CHECK_NULL(m);
     SAE_CHECK_NULL(x);
+    SAE_CHECK_NULL(y);
     SAE_CHECK_NULL(which);
     SAE_CHECK_NULL(values);
     if (n == 0)
@@ -78,27 +89,29 @@ int sae_evaluate(const sae_model *m, const float *x, size_t n, const sae_eval_me
     int rc = check_metrics(which, count);
     if (rc != SAE_OK)
         return rc;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
-    size_t bytes;
-    if (!sae__mul(n, d_in, &bytes) || !sae__mul(bytes, sizeof(float), &bytes))
-        return sae__fail(SAE_EINVAL, "sae_evaluate: n = %zu tokens is too many", n);
-    if ((rc = sae__check_finite(x, n * d_in, d_in, "x")) != SAE_OK)
+    const size_t d_in = m->d_in, d_out = m->d_out, d_sae = m->d_sae;
+    if ((rc = sae__check_tokens(n, sae__model_width(m), "sae_evaluate")) != SAE_OK)
+        return rc;
+    if ((rc = sae__check_finite(x, n * d_in, d_in, "x")) != SAE_OK ||
+        (rc = sae__check_finite(y, n * d_out, d_out, "y")) != SAE_OK)
         return rc;
 
-    /* TopK codes are at most K wide, so sparse codes and K decoder rows per token beat a dense
-     * decode; the other architectures go through dense codes and two GEMMs. */
-    const bool sparse = m->arch == SAE_ARCH_TOPK;
+    /* TopK and GroupMax codes are at most K wide, so sparse codes and K decoder rows per token
+     * beat a dense decode; the other architectures go through dense codes and two GEMMs. */
+    const bool sparse = !sae__codes_independent(m);
     const size_t k = m->k < d_sae ? m->k : d_sae;
     const size_t block = n < EVAL_BLOCK ? n : EVAL_BLOCK;
     const size_t code_floats = sparse ? block * k : block * d_sae;
     totals acc = {0};
-    acc.sum_x = sae__zalloc(d_in, sizeof(double), "evaluation sums");
+    sae__finish fin = {0};
+    acc.sum_x = sae__zalloc(d_out, sizeof(double), "evaluation sums");
     acc.fired = sae__zalloc(d_sae, 1, "evaluation firing marks");
-    float *x_hat = sae__alloc(block * d_in, sizeof(float), "evaluation scratch");
+    float *x_hat = sae__alloc(block * d_out, sizeof(float), "evaluation scratch");
     float *codes = sae__alloc(code_floats, sizeof(float), "evaluation scratch");
     uint32_t *idx = sparse ? sae__alloc(block * k, sizeof(uint32_t), "evaluation scratch") : NULL;
     uint32_t *nnz = sparse ? sae__alloc(block, sizeof(uint32_t), "evaluation scratch") : NULL;
-    if (acc.sum_x == NULL || acc.fired == NULL || x_hat == NULL || codes == NULL ||
+    if (sae__finish_alloc(m, block, &fin) != SAE_OK || acc.sum_x == NULL || acc.fired == NULL ||
+        x_hat == NULL || codes == NULL ||
         (sparse && (idx == NULL || nnz == NULL))) {
         rc = SAE_ENOMEM;
         goto done;
@@ -113,14 +126,20 @@ int sae_evaluate(const sae_model *m, const float *x, size_t n, const sae_eval_me
         if (rc == SAE_OK)
             rc = sparse ? sae_decode_sparse(m, idx, codes, nnz, k, rows, x_hat)
                         : sae_decode(m, codes, rows, x_hat);
+        for (size_t r = 0; fin.norms != NULL && r < rows && rc == SAE_OK; r++)
+            rc = sae__token_norm_of(m, xb + r * d_in, first + r, &fin.norms[r]);
+        if (rc == SAE_OK)
+            rc = sae__finish_prepare(m, xb, rows, &fin);
         if (rc != SAE_OK)
             break;
+        sae__finish_apply(m, &fin, rows, x_hat);
+        const float *yb = y + first * d_out;
         for (size_t r = 0; r < rows; r++) {
             if (sparse)
                 add_sparse_codes(&acc, idx + r * k, codes + r * k, nnz[r]);
             else
                 add_dense_codes(&acc, codes + r * d_sae, d_sae);
-            add_token(&acc, xb + r * d_in, x_hat + r * d_in, d_in);
+            add_token(&acc, yb + r * d_out, x_hat + r * d_out, d_out);
         }
     }
     if (rc != SAE_OK)
@@ -128,7 +147,7 @@ int sae_evaluate(const sae_model *m, const float *x, size_t n, const sae_eval_me
 
     /* sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2 */
     double mean_sq = 0;
-    for (size_t j = 0; j < d_in; j++)
+    for (size_t j = 0; j < d_out; j++)
         mean_sq += acc.sum_x[j] * acc.sum_x[j];
     double deviation = acc.sum_x_sq - mean_sq / (double)n;
     double fvu = deviation > 0 ? acc.sq_err / deviation : NAN;
@@ -150,6 +169,7 @@ int sae_evaluate(const sae_model *m, const float *x, size_t n, const sae_eval_me
         }
     }
 done:
+    sae__finish_free(&fin);
     free(acc.sum_x);
     free(acc.fired);
     free(x_hat);

@@ -41,6 +41,10 @@ void *sae__alloc(size_t count, size_t size, const char *what);
 int sae__check_fits_memory(size_t bytes, const char *what);
 void *sae__zalloc(size_t count, size_t size, const char *what);
 
+/* SAE_EINVAL (naming fn) unless n tokens of width floats can be addressed and counted in an int,
+ * the one "too many tokens" check of every entry point. */
+int sae__check_tokens(size_t n, size_t width, const char *fn);
+
 /* SAE_OK when all count values are finite, else SAE_EINVAL naming `what` and the row/column of
  * the first bad value (row length cols). */
 int sae__check_finite(const float *v, size_t count, size_t cols, const char *what);
@@ -149,10 +153,22 @@ int sae__st_write(const char *path, const sae__st_out *tensors, size_t n_tensors
 
 /* ---- the model (model.c) ------------------------------------------------------------------- */
 
+/* The last architecture and one past the last tensor, for loops over them. */
+#define SAE__ARCH_LAST SAE_ARCH_GROUPMAX
+#define SAE__TENSOR_END (SAE_B_MAG + 1)
+/* "W_enc", ... indexed by sae_tensor (0: NULL). */
+extern const char *const sae__tensor_names[SAE__TENSOR_END];
+
 struct sae_model {
     sae_arch arch;
-    size_t d_in, d_sae;
+    size_t d_in, d_sae, d_out; /* d_out = d_in for an SAE */
+    bool transcoder;           /* predicts y [d_out] from x; never denormalizes its output */
+    bool skip;                 /* W_skip exists */
     float *W_enc, *W_dec, *b_enc, *b_dec, *threshold; /* threshold is NULL unless JumpReLU */
+    float *W_skip;             /* [d_in][d_out] or NULL */
+    float *r_mag, *b_mag;      /* gated only, else NULL */
+    float *mag_scale;          /* gated: exp(r_mag), kept current by sae__model_weights_changed */
+    sae_normalize normalize;   /* SAE_PARAM_NORMALIZE */
     uint16_t *W_enc16, *W_dec16; /* SAE_PARAM_BF16_WEIGHTS: the weights as bfloat16, and then
                                   * W_enc and W_dec are NULL; read them through bf16.c */
     float *dec_norm;      /* [d_sae] ||W_dec[i]||, kept current by sae__model_weights_changed */
@@ -167,8 +183,22 @@ struct sae_model {
     sae__map map;         /* the mapped file tensors may point into; data NULL if none */
 };
 
+/* What a model is made of before its tensors exist. */
+typedef struct {
+    sae_arch arch;
+    size_t d_in, d_sae, d_out;
+    bool transcoder, skip;
+} sae__shape;
+
 /* A model with the given shape and no tensors yet (all pointers NULL, defaults set). */
-int sae__model_alloc(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae);
+int sae__model_alloc(sae_model **out, const sae__shape *shape);
+/* Bytes of the weight matrices (W_enc, W_dec, W_skip) a model of this shape holds. */
+size_t sae__model_weight_bytes(const sae__shape *shape);
+/* "none", "layer_norm", "constant_norm" and back (SAE_EINVAL for another name; no message). */
+const char *sae__normalize_name(sae_normalize n);
+int sae__normalize_from_name(const char *name, sae_normalize *out);
+/* Floats per row of tensor t as the model lays it out (1 for vectors). */
+size_t sae__model_tensor_cols(const sae_model *m, sae_tensor t);
 /* Gives tensor t malloc'd, zeroed storage of the right size. */
 int sae__model_own_tensor(sae_model *m, sae_tensor t);
 /* Number of floats in tensor t for this model (0 for threshold when absent). */
@@ -245,17 +275,69 @@ int sae__bf16_gemm_panels(const sae_model *m, const uint16_t *W, size_t K, size_
 
 /* ---- encoding (encode.c, topk.c) ----------------------------------------------------------- */
 
-/* raw [n][d_sae] = (scale*x - apply*b_dec) @ W_enc, one BLAS call; xs [n][d_in] is scratch,
- * unused (may be NULL) when sae__encoder_reads_x. b_enc is left to the pass over each row that
- * follows (sae__activate_row, sae__select_codes), which adds it as the GEMM would have. */
-int sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw);
-/* Whether the encoder reads x as it is (INPUT_SCALE 1, b_dec not applied): no xs needed. */
+/* A token's normalization (SAE_PARAM_NORMALIZE): x_n = (x - mu) * a, and an SAE's output is
+ * denormalized v * b + mu ({0, 1, 1} without normalization). */
+typedef struct {
+    float mu, a, b;
+} sae__token_norm;
+/* The normalization of the token x [d_in] (row names it in messages). Errors: SAE_EINVAL (a
+ * CONSTANT_NORM token of norm 0). */
+int sae__token_norm_of(const sae_model *m, const float *x, size_t row, sae__token_norm *out);
+/* xs [n][d_in] = scale * norm(x) - apply * b_dec, with each token's normalization in norms[t]
+ * (norms may be NULL). Errors: as sae__token_norm_of. */
+int sae__encoder_input(const sae_model *m, const float *x, size_t n, float *xs,
+                       sae__token_norm *norms);
+/* raw [n][d_sae] = (scale*norm(x) - apply*b_dec) @ W_enc, one BLAS call; xs [n][d_in] is scratch,
+ * unused (may be NULL) when sae__encoder_reads_x; norms [n] as in sae__encoder_input (may be
+ * NULL). b_enc is left to the pass over each row that follows (sae__activate_row,
+ * sae__select_codes), which adds it as the GEMM would have. Errors: SAE_EINVAL (a zero token
+ * under CONSTANT_NORM), SAE_ENOMEM. */
+int sae__encoder_product(const sae_model *m, const float *x, size_t n, float *xs, float *raw,
+                         sae__token_norm *norms);
+/* Whether the encoder reads x as it is (INPUT_SCALE 1, b_dec not applied, no normalization): no
+ * xs needed. */
 bool sae__encoder_reads_x(const sae_model *m);
 
 typedef struct {
     float value;
     uint32_t index;
 } sae__scored;
+
+/* The one definition of each architecture's activation, for one feature: raw is its product
+ * (x_s - apply * b_dec) . W_enc[:, i] without the bias, bias is b_enc[i] (gated: b_gate). TopK
+ * and GroupMax rectify here (as RELU) and select in sae__select_codes. threshold: JumpReLU's for
+ * this feature; theta: BatchTopK's; mag_scale = exp(r_mag[i]) and b_mag: gated. Called with a
+ * constant arch, the unused arguments cost nothing. */
+static inline float sae__code_of(sae_arch arch, float raw, float bias, float threshold,
+                                 float theta, float mag_scale, float b_mag)
+{
+    const float pre = raw + bias;
+    switch (arch) {
+    case SAE_ARCH_JUMPRELU: return (pre > threshold && pre > 0.0f) ? pre : 0.0f;
+    case SAE_ARCH_BATCHTOPK: return (pre > theta && pre > 0.0f) ? pre : 0.0f;
+    case SAE_ARCH_GATED: {
+        const float mag = raw * mag_scale + b_mag;
+        return (pre > 0.0f && mag > 0.0f) ? mag : 0.0f;
+    }
+    default: return pre > 0.0f ? pre : 0.0f;
+    }
+}
+
+/* sae__code_of for feature i of m, whatever its architecture. */
+static inline float sae__feature_code(const sae_model *m, size_t i, float raw)
+{
+    return sae__code_of(m->arch, raw, m->b_enc[i],
+                        m->arch == SAE_ARCH_JUMPRELU ? m->threshold[i] : 0.0f,
+                        m->batch_threshold, m->arch == SAE_ARCH_GATED ? m->mag_scale[i] : 0.0f,
+                        m->arch == SAE_ARCH_GATED ? m->b_mag[i] : 0.0f);
+}
+
+/* Whether a feature's code depends on its own encoder column alone (so steering can gather just
+ * the plan's columns), or on every feature's (TopK, GroupMax: a selection). */
+static inline bool sae__codes_independent(const sae_model *m)
+{
+    return m->arch != SAE_ARCH_TOPK && m->arch != SAE_ARCH_GROUPMAX;
+}
 
 /* Selects the k largest entries of v[0..len) (ties: lower index first) into out[0..k'), k' =
  * min(k, len), sorted largest first. One pass over v, which rejects most entries by blocks of
@@ -284,6 +366,33 @@ void sae__decode_token(const sae_model *m, const uint32_t *idx, const float *val
 /* x_hat rows from dense codes, (f @ W_dec + b_dec) / scale: a GEMM, or for sparse codes only the
  * rows of W_dec in use, across the model's threads. Errors: SAE_ENOMEM. */
 int sae__decode_dense(const sae_model *m, const float *f, size_t n, float *x_hat);
+
+/* From decoded codes (f @ W_dec + b_dec, unscaled) to the model's whole output: a transcoder's
+ * skip term x @ W_skip, an SAE's denormalization with each token's statistics. alloc makes
+ * scratch for `rows` tokens (nothing when the model needs none); prepare reads the block's raw
+ * x before the output (which may alias it) is written, the norms having been filled by
+ * sae__encoder_product; apply finishes the output rows. */
+typedef struct {
+    sae__token_norm *norms; /* [rows] or NULL */
+    float *skip;            /* [rows][d_out] or NULL */
+} sae__finish;
+int sae__finish_alloc(const sae_model *m, size_t rows, sae__finish *fin);
+void sae__finish_free(sae__finish *fin);
+int sae__finish_prepare(const sae_model *m, const float *x, size_t rows, sae__finish *fin);
+void sae__finish_apply(const sae_model *m, const sae__finish *fin, size_t rows, float *out);
+
+/* The widest row a call on m handles: max(d_in, d_sae, d_out). */
+static inline size_t sae__model_width(const sae_model *m)
+{
+    size_t w = m->d_in > m->d_sae ? m->d_in : m->d_sae;
+    return w > m->d_out ? w : m->d_out;
+}
+
+/* What an SAE's decoder output is divided by: INPUT_SCALE; 1 for a transcoder. */
+static inline float sae__output_scale(const sae_model *m)
+{
+    return m->transcoder ? 1.0f : m->input_scale;
+}
 
 /* ---- threads across tokens (parallel.c) ---------------------------------------------------- */
 
@@ -348,12 +457,12 @@ int sae__json_parse_object(const char *text, size_t len, const char *path, struc
  * not zeroed, and large tensors are advised onto huge pages. */
 int sae__model_own_tensor_uninit(sae_model *m, sae_tensor t);
 
-/* Makes a model of the given shape from tensors of st, named names[t] for each sae_tensor t
- * (NULL: the model has no such tensor), each with the model's shape or, when bit t of
+/* Makes a model of the given shape from tensors of st, named names[t] for each sae_tensor t the
+ * shape holds (NULL there: SAE_EFORMAT), each with the model's shape or, when bit t of
  * transpose is set, the transposed shape. *map, when not NULL and holding st's data, is taken
  * over by the model so F32 tensors can be used in place; it is zeroed once taken. */
-int sae__model_from_st(const sae__safetensors *st, sae__map *map, sae_arch arch, size_t d_in,
-                       size_t d_sae, const char *const names[6], unsigned transpose,
+int sae__model_from_st(const sae__safetensors *st, sae__map *map, const sae__shape *shape,
+                       const char *const names[SAE__TENSOR_END], unsigned transpose,
                        const char *format, sae_model **out);
 
 typedef enum {

@@ -84,24 +84,32 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
 
 /* Finds every tensor the model needs with its expected shape (transposed where asked), before
  * anything is allocated: sizes from a config are believed only once the file holds that much. */
-static int expect_all(const sae__safetensors *st, sae_arch arch, size_t d_in, size_t d_sae,
-                      const char *const names[6], unsigned transpose,
-                      const sae__st_tensor *srcs[6])
+static int expect_all(const sae__safetensors *st, const sae__shape *shape,
+                      const char *const names[SAE__TENSOR_END], unsigned transpose,
+                      const sae__st_tensor *srcs[SAE__TENSOR_END])
 {
-    for (int t = SAE_W_ENC; t <= SAE_THRESHOLD; t++) {
+    for (int t = SAE_W_ENC; t < SAE__TENSOR_END; t++) {
         srcs[t] = NULL;
-        if (t == SAE_THRESHOLD && arch != SAE_ARCH_JUMPRELU)
+        size_t d0, d1 = 0;
+        switch (t) {
+        case SAE_W_ENC: d0 = shape->d_in, d1 = shape->d_sae; break;
+        case SAE_W_DEC: d0 = shape->d_sae, d1 = shape->d_out; break;
+        case SAE_B_DEC: d0 = shape->d_out; break;
+        case SAE_W_SKIP: d0 = shape->d_in, d1 = shape->d_out; break;
+        default: d0 = shape->d_sae; break;
+        }
+        bool wanted = t <= SAE_B_DEC || (t == SAE_THRESHOLD && shape->arch == SAE_ARCH_JUMPRELU) ||
+                      (t == SAE_W_SKIP && shape->skip) ||
+                      ((t == SAE_R_MAG || t == SAE_B_MAG) && shape->arch == SAE_ARCH_GATED);
+        if (!wanted)
             continue;
-        size_t d0 = t == SAE_W_ENC || t == SAE_B_DEC ? d_in : d_sae;
-        size_t d1 = t == SAE_W_ENC ? d_sae : t == SAE_W_DEC ? d_in : 0;
         if (((transpose >> t) & 1u) && d1 != 0) {
             size_t tmp = d0;
             d0 = d1;
             d1 = tmp;
         }
         if (names[t] == NULL)
-            return sae__fail(SAE_EFORMAT, "%s: no tensor for %s", st->path,
-                             t == SAE_THRESHOLD ? "threshold" : "a required weight");
+            return sae__fail(SAE_EFORMAT, "%s: no tensor for %s", st->path, sae__tensor_names[t]);
         int rc = sae__st_expect(st, names[t], d0, d1, &srcs[t]);
         if (rc != SAE_OK)
             return rc;
@@ -109,23 +117,23 @@ static int expect_all(const sae__safetensors *st, sae_arch arch, size_t d_in, si
     return SAE_OK;
 }
 
-int sae__model_from_st(const sae__safetensors *st, sae__map *map, sae_arch arch, size_t d_in,
-                       size_t d_sae, const char *const names[6], unsigned transpose,
+int sae__model_from_st(const sae__safetensors *st, sae__map *map, const sae__shape *shape,
+                       const char *const names[SAE__TENSOR_END], unsigned transpose,
                        const char *format, sae_model **out)
 {
     *out = NULL;
-    const sae__st_tensor *srcs[6];
-    int rc = expect_all(st, arch, d_in, d_sae, names, transpose, srcs);
+    const sae__st_tensor *srcs[SAE__TENSOR_END];
+    int rc = expect_all(st, shape, names, transpose, srcs);
     if (rc != SAE_OK)
         return rc;
     sae_model *m;
-    if ((rc = sae__model_alloc(&m, arch, d_in, d_sae)) != SAE_OK)
+    if ((rc = sae__model_alloc(&m, shape)) != SAE_OK)
         return sae__wrap(rc, "%s: ", st->path);
     bool take = map != NULL && map->data != NULL && map->data == st->data;
     if (take)
         m->map = *map;
     m->format = format;
-    for (int t = SAE_W_ENC; t <= SAE_THRESHOLD && rc == SAE_OK; t++) {
+    for (int t = SAE_W_ENC; t < SAE__TENSOR_END && rc == SAE_OK; t++) {
         if (srcs[t] == NULL)
             continue;
         bool flip = ((transpose >> t) & 1u) && srcs[t]->ndim == 2;
@@ -169,14 +177,30 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
     if (sae_arch_from_name(arch_name, &arch) != SAE_OK)
         return sae__fail(SAE_EUNSUPPORTED, "%s: architecture '%.40s' is not supported", st->path,
                          arch_name);
-    size_t d_in = 0, d_sae = 0;
+    sae__shape shape = {arch, 0, 0, 0, false, false};
     int rc;
-    if ((rc = meta_size(st, "d_in", &d_in)) != SAE_OK ||
-        (rc = meta_size(st, "d_sae", &d_sae)) != SAE_OK)
+    if ((rc = meta_size(st, "d_in", &shape.d_in)) != SAE_OK ||
+        (rc = meta_size(st, "d_sae", &shape.d_sae)) != SAE_OK)
         return rc;
-    static const char *const names[6] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec", "threshold"};
+    /* Version 2's additions; a version 1 file has none of these keys. */
+    const char *kind = sae__st_meta(st, "kind");
+    shape.d_out = shape.d_in;
+    if (kind != NULL && strcmp(kind, "sae") != 0) {
+        if (strcmp(kind, "transcoder") != 0 && strcmp(kind, "skip_transcoder") != 0)
+            return sae__fail(SAE_EUNSUPPORTED, "%s: __metadata__['kind'] = '%.40s' is not a kind "
+                             "libsae runs (sae, transcoder, skip_transcoder)", st->path, kind);
+        shape.transcoder = true;
+        shape.skip = strcmp(kind, "skip_transcoder") == 0;
+        if ((rc = meta_size(st, "d_out", &shape.d_out)) != SAE_OK)
+            return rc;
+    }
+    sae_normalize normalize = SAE_NORMALIZE_NONE;
+    const char *norm = sae__st_meta(st, "normalize");
+    if (norm != NULL && sae__normalize_from_name(norm, &normalize) != SAE_OK)
+        return sae__fail(SAE_EUNSUPPORTED, "%s: __metadata__['normalize'] = '%.40s' is not one "
+                         "libsae runs (none, layer_norm, constant_norm)", st->path, norm);
     sae_model *m;
-    if ((rc = sae__model_from_st(st, map, arch, d_in, d_sae, names, 0, "libsae", &m)) != SAE_OK)
+    if ((rc = sae__model_from_st(st, map, &shape, sae__tensor_names, 0, "libsae", &m)) != SAE_OK)
         return rc;
     static const struct {
         const char *key;
@@ -188,8 +212,9 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
         {"batch_threshold", SAE_PARAM_THRESHOLD},
     };
     for (size_t i = 0; i < sizeof params / sizeof params[0] && rc == SAE_OK; i++) {
-        bool topk_like = arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK;
-        if ((params[i].param == SAE_PARAM_K && !topk_like) ||
+        bool has_k = arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK ||
+                     arch == SAE_ARCH_GROUPMAX;
+        if ((params[i].param == SAE_PARAM_K && !has_k) ||
             (params[i].param == SAE_PARAM_THRESHOLD && arch != SAE_ARCH_BATCHTOPK))
             continue;
         double v;
@@ -197,6 +222,8 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
             sae_model_set_param(m, params[i].param, v) != SAE_OK)
             rc = sae__wrap(SAE_EFORMAT, "%s: __metadata__['%s']: ", st->path, params[i].key);
     }
+    if (rc == SAE_OK && sae_model_set_param(m, SAE_PARAM_NORMALIZE, normalize) != SAE_OK)
+        rc = sae__wrap(SAE_EFORMAT, "%s: __metadata__['normalize']: ", st->path);
     if (rc != SAE_OK) {
         sae_model_free(m); /* it owns the mapping now; the caller's copy was zeroed */
         return rc;
@@ -417,40 +444,55 @@ int sae_model_save(const sae_model *m, const char *path)
 {
     SAE_CHECK_NULL(m);
     SAE_CHECK_NULL(path);
-    char d_in[24], d_sae[24], k[24], apply[4], scale[32], theta[32];
+    char d_in[24], d_sae[24], d_out[24], k[24], apply[4], scale[32], theta[32];
     snprintf(d_in, sizeof d_in, "%zu", m->d_in);
     snprintf(d_sae, sizeof d_sae, "%zu", m->d_sae);
+    snprintf(d_out, sizeof d_out, "%zu", m->d_out);
     snprintf(k, sizeof k, "%zu", m->k);
     snprintf(apply, sizeof apply, "%d", m->apply_b_dec);
     /* %.9g round-trips every float exactly. */
     snprintf(scale, sizeof scale, "%.9g", (double)m->input_scale);
     snprintf(theta, sizeof theta, "%.9g", (double)m->batch_threshold);
-    const char *keys[8] = {"format", "format_version", "libsae_version", "architecture",
-                           "d_in", "d_sae", "apply_b_dec_to_input", "input_scale"};
-    const char *values[8] = {"libsae", OWN_FORMAT_VERSION, sae_version_string(),
-                             sae_arch_name(m->arch), d_in, d_sae, apply, scale};
-    const char *all_keys[10], *all_values[10];
+    /* A model libsae 0.1 could run is written as version 1, which 0.1 reads; anything it added
+     * since (a transcoder, gated, GroupMax, a normalization) as version 2. */
+    bool v1 = !m->transcoder && m->normalize == SAE_NORMALIZE_NONE && m->arch <= SAE_ARCH_JUMPRELU;
+    const char *keys[16], *values[16];
     size_t n_meta = 0;
-    for (; n_meta < 8; n_meta++) {
-        all_keys[n_meta] = keys[n_meta];
-        all_values[n_meta] = values[n_meta];
+#define META(key, value) (keys[n_meta] = (key), values[n_meta++] = (value))
+    META("format", "libsae");
+    META("format_version", v1 ? "1" : "2");
+    META("libsae_version", sae_version_string());
+    META("architecture", sae_arch_name(m->arch));
+    META("d_in", d_in);
+    META("d_sae", d_sae);
+    META("apply_b_dec_to_input", apply);
+    META("input_scale", scale);
+    if (m->arch == SAE_ARCH_TOPK || m->arch == SAE_ARCH_BATCHTOPK || m->arch == SAE_ARCH_GROUPMAX)
+        META("k", k);
+    if (m->arch == SAE_ARCH_BATCHTOPK)
+        META("batch_threshold", theta);
+    if (m->transcoder) {
+        META("kind", m->skip ? "skip_transcoder" : "transcoder");
+        META("d_out", d_out);
     }
-    if (m->arch == SAE_ARCH_TOPK || m->arch == SAE_ARCH_BATCHTOPK) {
-        all_keys[n_meta] = "k";
-        all_values[n_meta++] = k;
-    }
-    if (m->arch == SAE_ARCH_BATCHTOPK) {
-        all_keys[n_meta] = "batch_threshold";
-        all_values[n_meta++] = theta;
-    }
+    if (m->normalize != SAE_NORMALIZE_NONE)
+        META("normalize", sae__normalize_name(m->normalize));
+#undef META
     /* Sorted by name, as torch writes them. */
-    sae__st_out tensors[5] = {
-        {"W_dec", 2, {m->d_sae, m->d_in}, m->W_dec, m->W_dec16},
+    const sae__st_out all[] = {
+        {"W_dec", 2, {m->d_sae, m->d_out}, m->W_dec, m->W_dec16},
         {"W_enc", 2, {m->d_in, m->d_sae}, m->W_enc, m->W_enc16},
-        {"b_dec", 1, {m->d_in, 0}, m->b_dec, NULL},
+        {"W_skip", 2, {m->d_in, m->d_out}, m->W_skip, NULL},
+        {"b_dec", 1, {m->d_out, 0}, m->b_dec, NULL},
         {"b_enc", 1, {m->d_sae, 0}, m->b_enc, NULL},
+        {"b_mag", 1, {m->d_sae, 0}, m->b_mag, NULL},
+        {"r_mag", 1, {m->d_sae, 0}, m->r_mag, NULL},
         {"threshold", 1, {m->d_sae, 0}, m->threshold, NULL},
     };
-    size_t n_tensors = m->arch == SAE_ARCH_JUMPRELU ? 5 : 4;
-    return sae__st_write(path, tensors, n_tensors, all_keys, all_values, n_meta);
+    sae__st_out tensors[sizeof all / sizeof all[0]];
+    size_t n_tensors = 0;
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (all[i].data != NULL || all[i].bf16 != NULL)
+            tensors[n_tensors++] = all[i];
+    return sae__st_write(path, tensors, n_tensors, keys, values, n_meta);
 }

@@ -7,18 +7,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const arch_names[] = {NULL, "relu", "topk", "batchtopk", "jumprelu"};
+static const char *const arch_names[] = {NULL,       "relu",  "topk",    "batchtopk",
+                                         "jumprelu", "gated", "groupmax"};
 
 const char *sae_arch_name(sae_arch arch)
 {
-    return arch >= SAE_ARCH_RELU && arch <= SAE_ARCH_JUMPRELU ? arch_names[arch] : NULL;
+    return arch >= SAE_ARCH_RELU && arch <= SAE__ARCH_LAST ? arch_names[arch] : NULL;
 }
 
 int sae_arch_from_name(const char *name, sae_arch *arch)
 {
     SAE_CHECK_NULL(name);
     SAE_CHECK_NULL(arch);
-    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++) {
+    for (int a = SAE_ARCH_RELU; a <= SAE__ARCH_LAST; a++) {
         if (strcmp(name, arch_names[a]) == 0) {
             *arch = (sae_arch)a;
             return SAE_OK;
@@ -29,22 +30,44 @@ int sae_arch_from_name(const char *name, sae_arch *arch)
         return SAE_OK;
     }
     return sae__fail(SAE_EINVAL,
-                     "unknown architecture '%.64s' (expected relu, topk, batchtopk or jumprelu)",
+                     "unknown architecture '%.64s' (expected relu, topk, batchtopk, jumprelu, "
+                     "gated or groupmax)",
                      name);
 }
 
-static const char *const tensor_names[] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec", "threshold"};
+static const char *const normalize_names[] = {"none", "layer_norm", "constant_norm"};
 
-static bool valid_arch(sae_arch arch) { return arch >= SAE_ARCH_RELU && arch <= SAE_ARCH_JUMPRELU; }
+const char *sae__normalize_name(sae_normalize n)
+{
+    return (unsigned)n < 3 ? normalize_names[n] : NULL;
+}
+
+int sae__normalize_from_name(const char *name, sae_normalize *out)
+{
+    for (int i = 0; i < 3; i++)
+        if (strcmp(name, normalize_names[i]) == 0) {
+            *out = (sae_normalize)i;
+            return SAE_OK;
+        }
+    return SAE_EINVAL;
+}
+
+const char *const sae__tensor_names[SAE__TENSOR_END] = {
+    NULL, "W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip", "r_mag", "b_mag"};
+
+static bool valid_arch(sae_arch arch) { return arch >= SAE_ARCH_RELU && arch <= SAE__ARCH_LAST; }
 
 size_t sae__model_tensor_count(const sae_model *m, sae_tensor t)
 {
     switch (t) {
-    case SAE_W_ENC:
-    case SAE_W_DEC: return m->d_in * m->d_sae; /* checked not to overflow at creation */
+    case SAE_W_ENC: return m->d_in * m->d_sae; /* checked not to overflow at creation */
+    case SAE_W_DEC: return m->d_sae * m->d_out;
     case SAE_B_ENC: return m->d_sae;
-    case SAE_B_DEC: return m->d_in;
+    case SAE_B_DEC: return m->d_out;
     case SAE_THRESHOLD: return m->arch == SAE_ARCH_JUMPRELU ? m->d_sae : 0;
+    case SAE_W_SKIP: return m->skip ? m->d_in * m->d_out : 0;
+    case SAE_R_MAG:
+    case SAE_B_MAG: return m->arch == SAE_ARCH_GATED ? m->d_sae : 0;
     default: return 0;
     }
 }
@@ -57,39 +80,82 @@ float **sae__model_tensor_slot(sae_model *m, sae_tensor t)
     case SAE_B_ENC: return &m->b_enc;
     case SAE_B_DEC: return &m->b_dec;
     case SAE_THRESHOLD: return &m->threshold;
+    case SAE_W_SKIP: return &m->W_skip;
+    case SAE_R_MAG: return &m->r_mag;
+    case SAE_B_MAG: return &m->b_mag;
     default: return NULL;
     }
 }
 
-int sae__model_alloc(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae)
+size_t sae__model_tensor_cols(const sae_model *m, sae_tensor t)
+{
+    switch (t) {
+    case SAE_W_ENC: return m->d_sae;
+    case SAE_W_DEC:
+    case SAE_W_SKIP: return m->d_out;
+    default: return 1;
+    }
+}
+
+size_t sae__model_weight_bytes(const sae__shape *shape)
+{
+    /* Checked not to overflow by sae__model_alloc before anyone asks. */
+    size_t floats = shape->d_in * shape->d_sae + shape->d_sae * shape->d_out;
+    if (shape->skip)
+        floats += shape->d_in * shape->d_out;
+    return floats * sizeof(float);
+}
+
+int sae__model_alloc(sae_model **out, const sae__shape *shape)
 {
     SAE_CHECK_NULL(out);
     *out = NULL;
-    if (!valid_arch(arch))
-        return sae__fail(SAE_EINVAL, "unknown architecture %d", (int)arch);
-    if (d_in == 0 || d_sae == 0)
-        return sae__fail(SAE_EINVAL, "d_in (%zu) and d_sae (%zu) must be at least 1", d_in, d_sae);
-    /* Indices travel as uint32_t, and every matrix must be addressable in bytes. */
-    size_t weights;
-    if (d_sae > UINT32_MAX || d_in > INT32_MAX || d_sae > INT32_MAX ||
-        !sae__mul(d_in, d_sae, &weights) || !sae__mul(weights, 2 * sizeof(float), &weights))
-        return sae__fail(SAE_ENOMEM, "an SAE of %zu x %zu is too large", d_in, d_sae);
+    const size_t d_in = shape->d_in, d_sae = shape->d_sae, d_out = shape->d_out;
+    if (!valid_arch(shape->arch))
+        return sae__fail(SAE_EINVAL, "unknown architecture %d", (int)shape->arch);
+    if (d_in == 0 || d_sae == 0 || d_out == 0)
+        return sae__fail(SAE_EINVAL, "d_in (%zu), d_sae (%zu) and d_out (%zu) must be at least 1",
+                         d_in, d_sae, d_out);
+    if (!shape->transcoder && (d_out != d_in || shape->skip))
+        return sae__fail(SAE_EINVAL, "an SAE has d_out = d_in and no skip connection");
+    /* Indices travel as uint32_t, every size reaches BLAS as an int (leading dimensions are
+     * widths), and every matrix must be addressable in bytes. */
+    size_t enc, dec, skip = 0, all;
+    if (d_sae > UINT32_MAX || d_in > INT32_MAX || d_sae > INT32_MAX || d_out > INT32_MAX ||
+        !sae__mul(d_in, d_sae, &enc) || !sae__mul(d_sae, d_out, &dec) ||
+        (shape->skip && !sae__mul(d_in, d_out, &skip)) || !sae__add(enc, dec, &all) ||
+        !sae__add(all, skip, &all) || !sae__mul(all, sizeof(float), &all))
+        return sae__fail(SAE_ENOMEM, "a model of %zu x %zu x %zu is too large", d_in, d_sae,
+                         d_out);
     sae_model *m = calloc(1, sizeof *m);
     if (m == NULL)
         return sae__fail(SAE_ENOMEM, "cannot allocate a model");
-    m->arch = arch;
+    m->arch = shape->arch;
     m->d_in = d_in;
     m->d_sae = d_sae;
+    m->d_out = d_out;
+    m->transcoder = shape->transcoder;
+    m->skip = shape->skip;
     m->k = 32;
-    m->apply_b_dec = 1;
+    if (shape->arch == SAE_ARCH_GROUPMAX) /* the most groups up to 32 that divide d_sae evenly */
+        while (d_sae % m->k != 0)
+            m->k--;
+    /* A transcoder's b_dec is its output bias: subtracting it from the input is sparsify's
+     * skip-connection SAE only, which asks for it. */
+    m->apply_b_dec = !shape->transcoder;
     m->input_scale = 1.0f;
     m->format = "new";
     m->dtype = SAE__F32;
     m->dec_norm = sae__zalloc(d_sae, sizeof(float), "decoder norms");
-    if (m->dec_norm == NULL) {
+    if (shape->arch == SAE_ARCH_GATED)
+        m->mag_scale = sae__alloc(d_sae, sizeof(float), "gated magnitude scales");
+    if (m->dec_norm == NULL || (shape->arch == SAE_ARCH_GATED && m->mag_scale == NULL)) {
+        free(m->dec_norm);
         free(m);
         return SAE_ENOMEM;
     }
+    for (size_t i = 0; m->mag_scale != NULL && i < d_sae; i++)
+        m->mag_scale[i] = 1.0f; /* exp(0): r_mag starts at zero */
     *out = m;
     return SAE_OK;
 }
@@ -100,7 +166,7 @@ int sae__model_own_tensor(sae_model *m, sae_tensor t)
     size_t count = sae__model_tensor_count(m, t);
     if (m->owned & (1u << t))
         free(*slot);
-    *slot = sae__zalloc(count, sizeof(float), tensor_names[t]);
+    *slot = sae__zalloc(count, sizeof(float), sae__tensor_names[t]);
     if (*slot == NULL) {
         m->owned &= ~(1u << t);
         return SAE_ENOMEM;
@@ -109,20 +175,20 @@ int sae__model_own_tensor(sae_model *m, sae_tensor t)
     return SAE_OK;
 }
 
-int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae)
+static int new_model(sae_model **out, const sae__shape *shape)
 {
     SAE_CHECK_NULL(out);
     *out = NULL;
     sae_model *m;
-    int rc = sae__model_alloc(&m, arch, d_in, d_sae);
+    int rc = sae__model_alloc(&m, shape);
     if (rc != SAE_OK)
         return rc;
-    /* Each weight matrix alone may fit while the two together do not (zeroing touches them). */
-    if (sae__check_fits_memory(2 * d_in * d_sae * sizeof(float), "the model's weights") != SAE_OK) {
+    /* Each weight matrix alone may fit while they together do not (zeroing touches them). */
+    if (sae__check_fits_memory(sae__model_weight_bytes(shape), "the model's weights") != SAE_OK) {
         sae_model_free(m);
         return SAE_ENOMEM;
     }
-    for (int t = SAE_W_ENC; t <= SAE_THRESHOLD; t++) {
+    for (int t = SAE_W_ENC; t < SAE__TENSOR_END; t++) {
         if (sae__model_tensor_count(m, (sae_tensor)t) == 0)
             continue;
         if ((rc = sae__model_own_tensor(m, (sae_tensor)t)) != SAE_OK) {
@@ -134,22 +200,47 @@ int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae)
     return SAE_OK;
 }
 
+int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae)
+{
+    return new_model(out, &(sae__shape){arch, d_in, d_sae, d_in, false, false});
+}
+
+int sae_model_new_transcoder(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae,
+                             size_t d_out, int skip)
+{
+    if (skip != 0 && skip != 1) {
+        if (out != NULL)
+            *out = NULL;
+        return sae__fail(SAE_EINVAL, "%s: skip must be 0 or 1, not %d", __func__, skip);
+    }
+    return new_model(out, &(sae__shape){arch, d_in, d_sae, d_out, true, skip == 1});
+}
+
 void sae_model_free(sae_model *m)
 {
     if (m == NULL)
         return;
-    for (int t = SAE_W_ENC; t <= SAE_THRESHOLD; t++)
+    for (int t = SAE_W_ENC; t < SAE__TENSOR_END; t++)
         if (m->owned & (1u << t))
             free(*sae__model_tensor_slot(m, (sae_tensor)t));
     free(m->W_enc16);
     free(m->W_dec16);
     free(m->dec_norm);
+    free(m->mag_scale);
     sae__unmap(&m->map);
     free(m);
 }
 
 size_t sae_model_d_in(const sae_model *m) { return m ? m->d_in : 0; }
 size_t sae_model_d_sae(const sae_model *m) { return m ? m->d_sae : 0; }
+size_t sae_model_d_out(const sae_model *m) { return m ? m->d_out : 0; }
+int sae_model_is_transcoder(const sae_model *m) { return m != NULL && m->transcoder; }
+
+int sae_model_has_tensor(const sae_model *m, sae_tensor t)
+{
+    return m != NULL && t >= SAE_W_ENC && t < SAE__TENSOR_END &&
+           sae__model_tensor_count(m, t) > 0;
+}
 sae_arch sae_model_arch(const sae_model *m) { return m ? m->arch : (sae_arch)0; }
 const char *sae_model_format(const sae_model *m) { return m ? m->format : NULL; }
 const char *sae_model_dtype(const sae_model *m) { return m ? sae__dtype_name(m->dtype) : NULL; }
@@ -158,17 +249,27 @@ void sae__model_weights_changed(sae_model *m)
 {
     for (size_t i = 0; i < m->d_sae; i++)
         m->dec_norm[i] = sae__dec_row_norm(m, i);
+    /* Gated: the magnitude path's product is the gate's times exp(r_mag), column by column
+     * ((x @ W_enc) * exp(r) = x @ (W_enc * exp(r))), so one GEMM serves both paths. */
+    for (size_t i = 0; m->mag_scale != NULL && i < m->d_sae; i++)
+        m->mag_scale[i] = expf(m->r_mag[i]);
 }
 
 static int check_tensor(const sae_model *m, sae_tensor t)
 {
-    if (t < SAE_W_ENC || t > SAE_THRESHOLD)
+    if (t < SAE_W_ENC || t >= SAE__TENSOR_END)
         return sae__fail(SAE_EINVAL, "unknown tensor %d", (int)t);
-    if (t == SAE_THRESHOLD && m->arch != SAE_ARCH_JUMPRELU)
-        return sae__fail(SAE_EUNSUPPORTED,
-                         "only JumpReLU models have a threshold tensor (this one is %s; "
-                         "BatchTopK's is the parameter SAE_PARAM_THRESHOLD)",
-                         sae_arch_name(m->arch));
+    if (sae__model_tensor_count(m, t) == 0) {
+        if (t == SAE_THRESHOLD)
+            return sae__fail(SAE_EUNSUPPORTED,
+                             "only JumpReLU models have a threshold tensor (this one is %s; "
+                             "BatchTopK's is the parameter SAE_PARAM_THRESHOLD)",
+                             sae_arch_name(m->arch));
+        if (t == SAE_W_SKIP)
+            return sae__fail(SAE_EUNSUPPORTED, "this model has no skip connection (W_skip)");
+        return sae__fail(SAE_EUNSUPPORTED, "only gated models have %s (this one is %s)",
+                         sae__tensor_names[t], sae_arch_name(m->arch));
+    }
     return SAE_OK;
 }
 
@@ -186,17 +287,22 @@ int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src)
     if (rc != SAE_OK)
         return rc;
     size_t count = sae__model_tensor_count(m, t);
-    size_t cols = (t == SAE_W_ENC) ? m->d_sae : (t == SAE_W_DEC) ? m->d_in : 1;
-    if ((rc = sae__check_finite(src, count, cols, tensor_names[t])) != SAE_OK)
+    size_t cols = sae__model_tensor_cols(m, t);
+    if ((rc = sae__check_finite(src, count, cols, sae__tensor_names[t])) != SAE_OK)
         return rc;
+    /* exp(r_mag) must stay a finite, nonzero float for the magnitude path. */
+    for (size_t i = 0; t == SAE_R_MAG && i < count; i++)
+        if (!(src[i] > -87.0f && src[i] < 88.0f))
+            return sae__fail(SAE_ERANGE, "r_mag[%zu] = %g: exp(r_mag) must be a normal float "
+                             "(|r_mag| < 87)", i, (double)src[i]);
     uint16_t *narrow = bf16_slot(m, t);
     if (narrow != NULL) {
-        if ((rc = sae__bf16_narrow(src, narrow, count, cols, tensor_names[t])) != SAE_OK)
+        if ((rc = sae__bf16_narrow(src, narrow, count, cols, sae__tensor_names[t])) != SAE_OK)
             return rc;
     } else {
         memmove(*sae__model_tensor_slot(m, t), src, count * sizeof(float));
     }
-    if (t == SAE_W_DEC)
+    if (t == SAE_W_DEC || t == SAE_R_MAG)
         sae__model_weights_changed(m);
     return SAE_OK;
 }
@@ -221,8 +327,10 @@ static int param_applies(const sae_model *m, sae_model_param p)
 {
     switch (p) {
     case SAE_PARAM_K:
-        if (m->arch != SAE_ARCH_TOPK && m->arch != SAE_ARCH_BATCHTOPK)
-            return sae__fail(SAE_EUNSUPPORTED, "K applies to TopK and BatchTopK, not %s",
+        if (m->arch != SAE_ARCH_TOPK && m->arch != SAE_ARCH_BATCHTOPK &&
+            m->arch != SAE_ARCH_GROUPMAX)
+            return sae__fail(SAE_EUNSUPPORTED,
+                             "K applies to TopK, BatchTopK and GroupMax, not %s",
                              sae_arch_name(m->arch));
         return SAE_OK;
     case SAE_PARAM_THRESHOLD:
@@ -235,7 +343,8 @@ static int param_applies(const sae_model *m, sae_model_param p)
     case SAE_PARAM_APPLY_B_DEC_TO_INPUT:
     case SAE_PARAM_INPUT_SCALE:
     case SAE_PARAM_THREADS:
-    case SAE_PARAM_BF16_WEIGHTS: return SAE_OK;
+    case SAE_PARAM_BF16_WEIGHTS:
+    case SAE_PARAM_NORMALIZE: return SAE_OK;
     default: return sae__fail(SAE_EINVAL, "unknown model parameter %d", (int)p);
     }
 }
@@ -260,6 +369,7 @@ static const param_range *range_of(sae_model_param p)
         [SAE_PARAM_THRESHOLD] = {"THRESHOLD", -FLT_MAX, FLT_MAX, false},
         [SAE_PARAM_THREADS] = {"THREADS", 0.0, 1024.0, true},
         [SAE_PARAM_BF16_WEIGHTS] = {"BF16_WEIGHTS", 0.0, 1.0, true},
+        [SAE_PARAM_NORMALIZE] = {"NORMALIZE", 0.0, 2.0, true},
     };
     if ((int)p <= 0 || (size_t)p >= sizeof ranges / sizeof ranges[0])
         return NULL;
@@ -307,8 +417,26 @@ int sae_model_set_param(sae_model *m, sae_model_param p, double value)
         return rc;
     }
     switch (p) {
-    case SAE_PARAM_K: m->k = (size_t)value; break;
-    case SAE_PARAM_APPLY_B_DEC_TO_INPUT: m->apply_b_dec = value == 1.0; break;
+    case SAE_PARAM_K:
+        if (m->arch == SAE_ARCH_GROUPMAX && m->d_sae % (size_t)value != 0)
+            return sae__fail(SAE_EINVAL,
+                             "K = %g groups must divide d_sae = %zu (GroupMax groups are equal)",
+                             value, m->d_sae);
+        m->k = (size_t)value;
+        break;
+    case SAE_PARAM_APPLY_B_DEC_TO_INPUT:
+        if (value == 1.0 && m->d_out != m->d_in)
+            return sae__fail(SAE_EINVAL,
+                             "APPLY_B_DEC_TO_INPUT = 1 subtracts b_dec [d_out] from the input "
+                             "[d_in]: only possible when d_out = d_in (here %zu and %zu)",
+                             m->d_out, m->d_in);
+        m->apply_b_dec = value == 1.0;
+        break;
+    case SAE_PARAM_NORMALIZE:
+        if (value == SAE_NORMALIZE_LAYER_NORM && m->d_in < 2)
+            return sae__fail(SAE_EINVAL, "LAYER_NORM needs d_in >= 2 (its std divides by d_in - 1)");
+        m->normalize = (sae_normalize)value;
+        break;
     case SAE_PARAM_INPUT_SCALE: m->input_scale = f; break;
     case SAE_PARAM_THRESHOLD: m->batch_threshold = f; break;
     case SAE_PARAM_THREADS: m->threads = (size_t)value; break;
@@ -331,6 +459,7 @@ int sae_model_get_param(const sae_model *m, sae_model_param p, double *value)
     case SAE_PARAM_THRESHOLD: *value = m->batch_threshold; break;
     case SAE_PARAM_THREADS: *value = (double)m->threads; break;
     case SAE_PARAM_BF16_WEIGHTS: *value = m->W_enc16 != NULL; break;
+    case SAE_PARAM_NORMALIZE: *value = m->normalize; break;
     }
     return SAE_OK;
 }

@@ -18,9 +18,9 @@ int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k, uint32
     if (k == 0)
         return SAE_OK;
     SAE_CHECK_NULL(idx);
-    const size_t d_in = m->d_in;
+    const size_t d_out = m->d_out;
     float *sim = sae__alloc(m->d_sae, sizeof *sim, "neighbour scratch");
-    float *dir = sae__alloc(2 * d_in, sizeof *dir, "neighbour scratch"), *row = dir + d_in;
+    float *dir = sae__alloc(2 * d_out, sizeof *dir, "neighbour scratch"), *row = dir + d_out;
     sae__scored *heap = sae__alloc(k, sizeof *heap, "neighbour heap");
     if (sim == NULL || dir == NULL || heap == NULL) {
         free(sim);
@@ -41,7 +41,7 @@ int sae_feature_neighbors(const sae_model *m, uint32_t feature, size_t k, uint32
         if (!isfinite(dot)) { /* huge weights overflowed the float dot product */
             dot = 0.0;
             sae__dec_row(m, i, row);
-            for (size_t j = 0; j < d_in; j++)
+            for (size_t j = 0; j < d_out; j++)
                 dot += (double)row[j] * dir[j];
         }
         sim[i] = (float)(dot / (norm_i * norm_f));

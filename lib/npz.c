@@ -241,7 +241,7 @@ static int load_members(const npz *z, sae_model **out)
     if (rc == SAE_OK)
         rc = check_extras(z, d_sae);
     sae_model *m = NULL;
-    if (rc == SAE_OK && (rc = sae__model_alloc(&m, SAE_ARCH_JUMPRELU, d_in, d_sae)) != SAE_OK)
+    if (rc == SAE_OK && (rc = sae__model_alloc(&m, &(sae__shape){SAE_ARCH_JUMPRELU, d_in, d_sae, d_in, false, false})) != SAE_OK)
         rc = sae__wrap(rc, "%s: ", z->path);
     if (rc == SAE_OK) {
         m->format = "gemma-scope";

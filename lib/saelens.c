@@ -317,9 +317,11 @@ int sae__saelens_load(const sae__safetensors *st, sae__map *map, const sae__sael
     }
     if ((rc = check_scaling_factor(st, d_sae)) != SAE_OK)
         return rc;
-    const char *const names[6] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec", "threshold"};
+    const char *const names[SAE__TENSOR_END] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec",
+                                                "threshold"};
     sae_model *m;
-    if ((rc = sae__model_from_st(st, map, arch, d_in, d_sae, names, 0, "saelens", &m)) != SAE_OK)
+    const sae__shape shape = {arch, d_in, d_sae, d_in, false, false};
+    if ((rc = sae__model_from_st(st, map, &shape, names, 0, "saelens", &m)) != SAE_OK)
         return rc;
     if (cfg != NULL) {
         rc = sae_model_set_param(m, SAE_PARAM_APPLY_B_DEC_TO_INPUT, cfg->apply_b_dec ? 1 : 0);

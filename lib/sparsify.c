@@ -81,10 +81,11 @@ int sae__sparsify_load(const sae__safetensors *st, sae__map *map, const sae__spa
     if (d_sae == 0)
         return sae__fail(SAE_EFORMAT, "%s: num_latents and expansion_factor are both 0", path);
     /* encoder.weight is nn.Linear's [d_sae][d_in]: the transpose of W_enc. */
-    const char *const names[6] = {NULL, "encoder.weight", "W_dec", "encoder.bias", "b_dec", NULL};
+    const char *const names[SAE__TENSOR_END] = {NULL, "encoder.weight", "W_dec", "encoder.bias",
+                                                "b_dec"};
     sae_model *m;
-    int rc = sae__model_from_st(st, map, SAE_ARCH_TOPK, d_in, d_sae, names, 1u << SAE_W_ENC,
-                                "sparsify", &m);
+    const sae__shape shape = {SAE_ARCH_TOPK, d_in, d_sae, d_in, false, false};
+    int rc = sae__model_from_st(st, map, &shape, names, 1u << SAE_W_ENC, "sparsify", &m);
     if (rc != SAE_OK)
         return rc;
     if ((rc = sae_model_set_param(m, SAE_PARAM_K, (double)cfg->k)) != SAE_OK) {

@@ -198,12 +198,12 @@ int sae_steer_get_op(const sae_steer *s, size_t i, uint32_t *feature, sae_steer_
 static void add_vector(const sae_steer *s, float *v)
 {
     const sae_model *m = s->m;
-    memset(v, 0, m->d_in * sizeof *v);
+    memset(v, 0, m->d_out * sizeof *v);
     for (size_t j = 0; j < s->n_ops; j++)
         if (s->ops[j].op == SAE_STEER_ADD)
-            sae__dec_row_axpy(m, s->ops[j].feature, 0, m->d_in, s->ops[j].value, v);
-    if (m->input_scale != 1.0f)
-        cblas_sscal((int)m->d_in, 1.0f / m->input_scale, v, 1);
+            sae__dec_row_axpy(m, s->ops[j].feature, 0, m->d_out, s->ops[j].value, v);
+    if (sae__output_scale(m) != 1.0f)
+        cblas_sscal((int)m->d_out, 1.0f / sae__output_scale(m), v, 1);
 }
 
 int sae_steer_vector(const sae_steer *s, float *v)
@@ -231,13 +231,13 @@ int sae_steer_write_cvec(const sae_steer *s, const char *path, size_t layer, siz
                          "%s: layer %zu is not a block llama.cpp can steer with n_layer = %zu "
                          "(it takes 1 <= layer <= n_layer - 1)",
                          __func__, layer, n_layer);
-    const size_t d_in = s->m->d_in;
-    float *buf = sae__zalloc(n_layer - 1, d_in * sizeof(float), "control-vector buffer");
+    const size_t d_out = s->m->d_out;
+    float *buf = sae__zalloc(n_layer - 1, d_out * sizeof(float), "control-vector buffer");
     if (buf == NULL)
         return SAE_ENOMEM;
-    int rc = sae_steer_vector(s, buf + d_in * (layer - 1));
+    int rc = sae_steer_vector(s, buf + d_out * (layer - 1));
     if (rc == SAE_OK)
-        rc = sae_cvec_write(path, buf, d_in, n_layer, model_hint);
+        rc = sae_cvec_write(path, buf, d_out, n_layer, model_hint);
     free(buf);
     return rc;
 }
@@ -251,17 +251,8 @@ typedef struct {
     size_t block;        /* features per gathered block */
     size_t n_blocks;
     float *G;            /* [d_in][block] encoder columns of one block of features */
-    float *D;            /* [block][d_in] decoder rows of one block of features */
+    float *D;            /* [block][d_out] decoder rows of one block of features */
 } enc_plan;
-
-static inline float activate_one(const sae_model *m, uint32_t i, float p)
-{
-    switch (m->arch) {
-    case SAE_ARCH_JUMPRELU: return (p > m->threshold[i] && p > 0.0f) ? p : 0.0f;
-    case SAE_ARCH_BATCHTOPK: return (p > m->batch_threshold && p > 0.0f) ? p : 0.0f;
-    default: return p > 0.0f ? p : 0.0f;
-    }
-}
 
 static inline float delta_of(const steer_entry *e, float f)
 {
@@ -282,93 +273,130 @@ static void gather_enc(const sae_model *m, const enc_plan *p, size_t first, size
 static void gather_dec(const sae_model *m, const enc_plan *p, size_t first, size_t count)
 {
     for (size_t c = 0; c < count; c++)
-        sae__dec_row(m, p->ops[first + c]->feature, p->D + c * m->d_in);
+        sae__dec_row(m, p->ops[first + c]->feature, p->D + c * m->d_out);
 }
 
-/* x [rows][d_in] += delta [rows][me] @ W_dec[plan features] / INPUT_SCALE. */
-static void add_deltas(const sae_model *m, const enc_plan *p, const float *delta, size_t rows,
-                       float *x)
+/* An SAE with a normalization adds each token's deltas at that token's scale (denorm_delta:
+ * * sigma for LAYER_NORM, / c for CONSTANT_NORM); a transcoder's output has no such scale. */
+static void denorm_deltas(const sae_model *m, const sae__token_norm *norms, float *delta,
+                          size_t rows, size_t me)
 {
-    const float alpha = m->input_scale == 1.0f ? 1.0f : 1.0f / m->input_scale;
+    if (norms == NULL || m->transcoder)
+        return;
+    for (size_t r = 0; r < rows; r++)
+        for (size_t c = 0; c < me; c++)
+            delta[r * me + c] *= norms[r].b;
+}
+
+/* y [rows][d_out] += delta [rows][me] @ W_dec[plan features] / output scale. */
+static void add_deltas(const sae_model *m, const enc_plan *p, const float *delta, size_t rows,
+                       float *y)
+{
+    const size_t d_out = m->d_out;
+    const float alpha = 1.0f / sae__output_scale(m);
     for (size_t b = 0; b < p->n_blocks; b++) {
         size_t first = b * p->block, count = p->me - first < p->block ? p->me - first : p->block;
         if (p->n_blocks > 1)
             gather_dec(m, p, first, count);
         if (count <= FEW)
             for (size_t c = 0; c < count; c++)
-                cblas_sger(CblasRowMajor, (int)rows, (int)m->d_in, alpha, delta + first + c,
-                           (int)p->me, p->D + c * m->d_in, 1, x, (int)m->d_in);
+                cblas_sger(CblasRowMajor, (int)rows, (int)d_out, alpha, delta + first + c,
+                           (int)p->me, p->D + c * d_out, 1, y, (int)d_out);
         else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)m->d_in,
-                        (int)count, alpha, delta + first, (int)p->me, p->D, (int)m->d_in, 1.0f,
-                        x, (int)m->d_in);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)d_out,
+                        (int)count, alpha, delta + first, (int)p->me, p->D, (int)d_out, 1.0f,
+                        y, (int)d_out);
     }
 }
 
-/* The encoder bias of the plan's features [first, first + count), with b_dec folded in:
- * pre_i = INPUT_SCALE * (x . W_enc[:, i]) + (b_enc[i] - APPLY_B_DEC * (b_dec . W_enc[:, i])), so
- * the tokens go into the GEMM as they are, with no shifted copy. G must hold those columns. */
-static void gathered_bias(const sae_model *m, const enc_plan *p, size_t first, size_t count,
-                          float *bias)
+/* The b_dec part of the plan's features' products, -APPLY_B_DEC * (b_dec . W_enc[:, i]), so the
+ * tokens go into the GEMM as they are, with no shifted copy. G must hold those columns. */
+static void gathered_shift(const sae_model *m, const enc_plan *p, size_t first, size_t count,
+                           float *shift)
 {
-    for (size_t c = 0; c < count; c++)
-        bias[first + c] = m->b_enc[p->ops[first + c]->feature];
+    memset(shift + first, 0, count * sizeof *shift);
     if (m->apply_b_dec)
         cblas_sgemv(CblasRowMajor, CblasTrans, (int)m->d_in, (int)count, -1.0f, p->G, (int)count,
-                    m->b_dec, 1, 1.0f, bias + first, 1);
+                    m->b_dec, 1, 0.0f, shift + first, 1);
 }
 
-/* ReLU, JumpReLU, BatchTopK: pre-activations of the plan's features only. */
-static int apply_gathered(const sae_model *m, const enc_plan *p, float *x, size_t n)
+/* Features whose code depends on their own encoder column only (ReLU, JumpReLU, BatchTopK,
+ * gated): products with the plan's columns alone. Without a normalization the raw tokens go
+ * into the GEMM with INPUT_SCALE as its alpha and b_dec's part folded into a per-feature shift;
+ * with one, each block of tokens is normalized into scratch first (O(d_in) per token). */
+static int apply_gathered(const sae_model *m, const enc_plan *p, const float *x, float *y,
+                          size_t n)
 {
-    const size_t d_in = m->d_in, me = p->me;
-    /* Tokens per pass: bounds the [tokens][me] deltas. */
+    const size_t d_in = m->d_in, d_out = m->d_out, me = p->me;
+    const bool normalized = m->normalize != SAE_NORMALIZE_NONE;
+    /* Tokens per pass: bounds the [tokens][me] deltas and the normalized tokens. */
     size_t tokens = ((size_t)1 << 20) / me;
+    if (normalized && tokens > ((size_t)1 << 22) / d_in)
+        tokens = ((size_t)1 << 22) / d_in;
     tokens = tokens < 1 ? 1 : tokens < n ? tokens : n;
     float *delta = sae__alloc(tokens * me, sizeof(float), "steering scratch");
-    float *bias = sae__alloc(me, sizeof(float), "steering scratch");
-    if (delta == NULL || bias == NULL) {
-        free(delta);
-        free(bias);
-        return SAE_ENOMEM;
+    float *shift = sae__zalloc(me, sizeof(float), "steering scratch");
+    float *xs = normalized ? sae__alloc(tokens * d_in, sizeof(float), "steering scratch") : NULL;
+    sae__token_norm *norms = normalized ? sae__alloc(tokens, sizeof *norms, "steering scratch")
+                                        : NULL;
+    int rc = SAE_OK;
+    if (delta == NULL || shift == NULL || (normalized && (xs == NULL || norms == NULL))) {
+        rc = SAE_ENOMEM;
+        goto done;
     }
     if (p->n_blocks == 1) {
         gather_enc(m, p, 0, me);
-        gathered_bias(m, p, 0, me, bias);
+        if (!normalized)
+            gathered_shift(m, p, 0, me, shift);
         gather_dec(m, p, 0, me);
     }
     for (size_t t0 = 0; t0 < n; t0 += tokens) {
         const size_t rows = n - t0 < tokens ? n - t0 : tokens;
-        float *xr = x + t0 * d_in;
+        const float *in = x + t0 * d_in;
+        float alpha = m->input_scale;
+        if (normalized) {
+            if ((rc = sae__encoder_input(m, in, rows, xs, norms)) != SAE_OK) {
+                sae__wrap(rc, "token block at %zu: ", t0);
+                goto done;
+            }
+            in = xs;
+            alpha = 1.0f;
+        }
         for (size_t b = 0; b < p->n_blocks; b++) {
             size_t first = b * p->block, count = me - first < p->block ? me - first : p->block;
             if (p->n_blocks > 1) {
                 gather_enc(m, p, first, count);
-                gathered_bias(m, p, first, count, bias);
+                if (!normalized)
+                    gathered_shift(m, p, first, count, shift);
             }
             if (rows == 1)
-                cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)count, m->input_scale, p->G,
-                            (int)count, xr, 1, 0.0f, delta + first, 1);
+                cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)count, alpha, p->G,
+                            (int)count, in, 1, 0.0f, delta + first, 1);
             else if (count <= FEW)
                 for (size_t c = 0; c < count; c++)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)rows, (int)d_in, m->input_scale,
-                                xr, (int)d_in, p->G + c, (int)count, 0.0f, delta + first + c,
+                    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)rows, (int)d_in, alpha, in,
+                                (int)d_in, p->G + c, (int)count, 0.0f, delta + first + c,
                                 (int)me);
             else
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)count,
-                            (int)d_in, m->input_scale, xr, (int)d_in, p->G, (int)count, 0.0f,
+                            (int)d_in, alpha, in, (int)d_in, p->G, (int)count, 0.0f,
                             delta + first, (int)me);
         }
         for (size_t r = 0; r < rows; r++) {
             float *d = delta + r * me;
             for (size_t c = 0; c < me; c++)
-                d[c] = delta_of(p->ops[c], activate_one(m, p->ops[c]->feature, d[c] + bias[c]));
+                d[c] = delta_of(p->ops[c],
+                                sae__feature_code(m, p->ops[c]->feature, d[c] + shift[c]));
         }
-        add_deltas(m, p, delta, rows, xr);
+        denorm_deltas(m, norms, delta, rows, me);
+        add_deltas(m, p, delta, rows, y + t0 * d_out);
     }
+done:
     free(delta);
-    free(bias);
-    return SAE_OK;
+    free(shift);
+    free(xs);
+    free(norms);
+    return rc;
 }
 
 typedef struct {
@@ -378,13 +406,14 @@ typedef struct {
     float *delta;
     sae__scored *heaps;
     size_t kept_max;
-} topk_delta_job;
+} select_delta_job;
 
-/* Each token's K strongest codes, then each plan feature's code: its value if selected, else 0.
- * The kept entries come strongest first, so each is looked up in the plan (sorted by feature). */
-static void topk_delta_range(void *arg, size_t begin, size_t end, size_t worker)
+/* Each token's selected codes (TopK's K strongest, GroupMax's group winners), then each plan
+ * feature's code: its value if selected, else 0. The kept entries are looked up in the plan
+ * (sorted by feature). */
+static void select_delta_range(void *arg, size_t begin, size_t end, size_t worker)
 {
-    const topk_delta_job *job = arg;
+    const select_delta_job *job = arg;
     const enc_plan *p = job->p;
     sae__scored *heap = job->heaps + worker * job->kept_max;
     for (size_t r = begin; r < end; r++) {
@@ -409,21 +438,25 @@ static void topk_delta_range(void *arg, size_t begin, size_t end, size_t worker)
     }
 }
 
-/* TopK: the full encoder product, then each token's selection across threads. */
-static int apply_full(const sae_model *m, const enc_plan *p, float *x, size_t n)
+/* TopK, GroupMax: the full encoder product, then each token's selection across threads. */
+static int apply_full(const sae_model *m, const enc_plan *p, const float *x, float *y, size_t n)
 {
     const size_t d_in = m->d_in, d_sae = m->d_sae, me = p->me;
     const size_t tokens = sae__block_tokens(d_sae, n);
     const size_t threads = n > 1 ? sae__model_threads(m) : 1, grain = sae__grain(d_sae);
     const size_t chunks = sae__parallel_chunks(threads, tokens, grain);
-    topk_delta_job job = {m, p, NULL, NULL, NULL, m->k < d_sae ? m->k : d_sae};
+    const bool normalized = m->normalize != SAE_NORMALIZE_NONE;
+    select_delta_job job = {m, p, NULL, NULL, NULL, m->k < d_sae ? m->k : d_sae};
     float *raw = sae__alloc(tokens * d_sae, sizeof(float), "steering scratch");
     float *xs = sae__encoder_reads_x(m) ? NULL
                                         : sae__alloc(tokens * d_in, sizeof(float), "steering scratch");
     float *delta = sae__alloc(tokens * me, sizeof(float), "steering scratch");
     sae__scored *heaps = sae__alloc(chunks * job.kept_max, sizeof *heaps, "top-k heaps");
+    sae__token_norm *norms = normalized ? sae__alloc(tokens, sizeof *norms, "steering scratch")
+                                        : NULL;
     int rc = SAE_OK;
-    if (raw == NULL || (xs == NULL && !sae__encoder_reads_x(m)) || delta == NULL || heaps == NULL) {
+    if (raw == NULL || (xs == NULL && !sae__encoder_reads_x(m)) || delta == NULL ||
+        heaps == NULL || (normalized && norms == NULL)) {
         rc = SAE_ENOMEM;
         goto done;
     }
@@ -434,32 +467,37 @@ static int apply_full(const sae_model *m, const enc_plan *p, float *x, size_t n)
         gather_dec(m, p, 0, me);
     for (size_t t0 = 0; t0 < n; t0 += tokens) {
         const size_t rows = n - t0 < tokens ? n - t0 : tokens;
-        float *xr = x + t0 * d_in;
-        if ((rc = sae__encoder_product(m, xr, rows, xs, raw)) != SAE_OK)
+        if ((rc = sae__encoder_product(m, x + t0 * d_in, rows, xs, raw, norms)) != SAE_OK)
             break;
-        sae__parallel_for(threads, rows, grain, topk_delta_range, &job);
-        add_deltas(m, p, delta, rows, xr);
+        sae__parallel_for(threads, rows, grain, select_delta_range, &job);
+        denorm_deltas(m, norms, delta, rows, me);
+        add_deltas(m, p, delta, rows, y + t0 * m->d_out);
     }
 done:
     free(raw);
     free(xs);
     free(delta);
     free(heaps);
+    free(norms);
     return rc;
 }
 
-int sae_steer_apply(const sae_steer *s, float *x, size_t n)
+int sae_steer_apply_to(const sae_steer *s, const float *x, float *y, size_t n)
 {
     SAE_CHECK_NULL(s);
     if (n == 0)
         return SAE_OK;
     SAE_CHECK_NULL(x);
+    SAE_CHECK_NULL(y);
     const sae_model *m = s->m;
-    size_t bytes;
-    if (n > INT32_MAX || !sae__mul(n, m->d_in, &bytes) || !sae__mul(bytes, sizeof(float), &bytes))
-        return sae__fail(SAE_EINVAL, "%s: n = %zu tokens is too many", __func__, n);
-    int rc = sae__check_finite(x, n * m->d_in, m->d_in, "x");
-    if (rc != SAE_OK || s->n_ops == 0)
+    if ((const void *)x == (void *)y && m->d_in != m->d_out)
+        return sae__fail(SAE_EINVAL, "%s: x and y are one buffer, but d_in = %zu and d_out = %zu "
+                         "differ", __func__, m->d_in, m->d_out);
+    int rc = sae__check_tokens(n, m->d_in > m->d_out ? m->d_in : m->d_out, __func__);
+    if (rc != SAE_OK)
+        return rc;
+    if ((rc = sae__check_finite(x, n * m->d_in, m->d_in, "x")) != SAE_OK ||
+        (rc = sae__check_finite(y, n * m->d_out, m->d_out, "y")) != SAE_OK || s->n_ops == 0)
         return rc;
 
     enc_plan p = {0};
@@ -467,36 +505,37 @@ int sae_steer_apply(const sae_steer *s, float *x, size_t n)
     for (size_t j = 0; j < s->n_ops; j++)
         n_add += s->ops[j].op == SAE_STEER_ADD;
     p.me = s->n_ops - n_add;
+    const bool gathered = sae__codes_independent(m);
     float *cvec = NULL;
-    if (n_add > 0 && (cvec = sae__alloc(m->d_in, sizeof(float), "steering vector")) == NULL)
+    if (n_add > 0 && (cvec = sae__alloc(m->d_out, sizeof(float), "steering vector")) == NULL)
         return SAE_ENOMEM;
     if (p.me > 0) {
-        p.block = s->block ? s->block : (((size_t)2 << 20) / m->d_in);
+        const size_t width = m->d_in > m->d_out ? m->d_in : m->d_out;
+        p.block = s->block ? s->block : (((size_t)2 << 20) / width);
         if (p.block < 1)
             p.block = 1;
         if (p.block > p.me)
             p.block = p.me;
         p.n_blocks = (p.me + p.block - 1) / p.block;
         p.ops = sae__alloc(p.me, sizeof *p.ops, "steering scratch");
-        p.G = m->arch == SAE_ARCH_TOPK ? NULL
-                                       : sae__alloc(p.block * m->d_in, sizeof(float), "encoder columns");
-        p.D = sae__alloc(p.block * m->d_in, sizeof(float), "decoder rows");
-        if (p.ops == NULL || p.D == NULL || (p.G == NULL && m->arch != SAE_ARCH_TOPK)) {
+        p.G = gathered ? sae__alloc(p.block * m->d_in, sizeof(float), "encoder columns") : NULL;
+        p.D = sae__alloc(p.block * m->d_out, sizeof(float), "decoder rows");
+        if (p.ops == NULL || p.D == NULL || (p.G == NULL && gathered)) {
             rc = SAE_ENOMEM;
             goto done;
         }
         for (size_t j = 0, c = 0; j < s->n_ops; j++)
             if (s->ops[j].op != SAE_STEER_ADD)
                 p.ops[c++] = &s->ops[j];
-        /* Every delta is computed from the tokens as given, before any of them changes. */
-        rc = m->arch == SAE_ARCH_TOPK ? apply_full(m, &p, x, n) : apply_gathered(m, &p, x, n);
+        /* Every delta of a block of tokens is computed from x before y (which may be x) changes. */
+        rc = gathered ? apply_gathered(m, &p, x, y, n) : apply_full(m, &p, x, y, n);
         if (rc != SAE_OK)
             goto done;
     }
     if (cvec != NULL) {
         add_vector(s, cvec);
         for (size_t t = 0; t < n; t++)
-            cblas_saxpy((int)m->d_in, 1.0f, cvec, 1, x + t * m->d_in, 1);
+            sae__axpy(m->d_out, 1.0f, cvec, y + t * m->d_out);
     }
 done:
     free(cvec);
@@ -504,4 +543,13 @@ done:
     free(p.G);
     free(p.D);
     return rc;
+}
+
+int sae_steer_apply(const sae_steer *s, float *x, size_t n)
+{
+    SAE_CHECK_NULL(s);
+    if (s->m->d_out != s->m->d_in)
+        return sae__fail(SAE_EINVAL, "%s: this transcoder reads %zu values and writes %zu: use "
+                         "sae_steer_apply_to(s, x, y, n)", __func__, s->m->d_in, s->m->d_out);
+    return sae_steer_apply_to(s, x, x, n);
 }

@@ -161,15 +161,55 @@ size_t sae__topk_select(const float *v, size_t len, size_t k, sae__scored *out)
     return kept_finish(&s);
 }
 
-/* A feature's code from its biased pre-activation v = raw + b_enc: the activation of every
- * architecture but TopK, whose selection is the caller's and whose activation is a ReLU. */
-static inline float code_of(sae_arch arch, float v, float threshold, float theta)
+/* sae__code_of for feature i of m, the architecture known when the caller is compiled. */
+static inline float code_at(sae_arch arch, const sae_model *m, const float *raw, size_t i)
 {
-    switch (arch) {
-    case SAE_ARCH_JUMPRELU: return (v > threshold && v > 0.0f) ? v : 0.0f;
-    case SAE_ARCH_BATCHTOPK: return (v > theta && v > 0.0f) ? v : 0.0f;
-    default: return v > 0.0f ? v : 0.0f;
+    return sae__code_of(arch, raw[i], m->b_enc[i], arch == SAE_ARCH_JUMPRELU ? m->threshold[i] : 0,
+                        m->batch_threshold, arch == SAE_ARCH_GATED ? m->mag_scale[i] : 0,
+                        arch == SAE_ARCH_GATED ? m->b_mag[i] : 0);
+}
+
+/* Gated: a code is no function of raw + b_gate alone, so each block's codes are made first and
+ * screened against the floor. */
+static size_t select_gated(const sae_model *m, const float *raw, size_t k, sae__scored *out)
+{
+    const size_t len = m->d_sae;
+    kept_set s = {out, 0, k, 0.0f};
+    float code[SCREEN];
+    for (size_t i = 0; i < len; i += SCREEN) {
+        size_t count = len - i < SCREEN ? len - i : SCREEN;
+        for (size_t j = 0; j < count; j++)
+            code[j] = code_at(SAE_ARCH_GATED, m, raw, i + j);
+        if (count == SCREEN && !screen_any(code, s.floor))
+            continue;
+        for (size_t j = 0; j < count; j++)
+            if (code[j] > s.floor)
+                kept_offer(&s, code[j], (uint32_t)(i + j));
     }
+    return kept_finish(&s);
+}
+
+/* GroupMax: each group's winner, the largest rectified pre-activation (the first of equals, as
+ * torch.max), competes for the k slots; winners come in index order, as kept_offer needs. */
+static size_t select_groupmax(const sae_model *m, const float *raw, size_t k, sae__scored *out)
+{
+    const size_t groups = m->k, width = m->d_sae / groups;
+    kept_set s = {out, 0, k < groups ? k : groups, 0.0f};
+    for (size_t g = 0; g < groups; g++) {
+        const size_t first = g * width;
+        size_t best = first;
+        float most = code_at(SAE_ARCH_RELU, m, raw, first);
+        for (size_t i = first + 1; i < first + width; i++) {
+            float v = code_at(SAE_ARCH_RELU, m, raw, i);
+            if (v > most) {
+                most = v;
+                best = i;
+            }
+        }
+        if (most > s.floor)
+            kept_offer(&s, most, (uint32_t)best);
+    }
+    return kept_finish(&s);
 }
 
 static inline size_t select_arch(sae_arch arch, const sae_model *m, const float *raw, size_t k,
@@ -194,8 +234,8 @@ static inline size_t select_arch(sae_arch arch, const sae_model *m, const float 
                 biased[j] = raw[i + j] + bias[i + j];
         }
         for (size_t j = 0; j < count; j++) {
-            float f = code_of(arch, biased[j], arch == SAE_ARCH_JUMPRELU ? thr[i + j] : 0.0f,
-                              theta);
+            float f = sae__code_of(arch, biased[j], 0.0f,
+                                   arch == SAE_ARCH_JUMPRELU ? thr[i + j] : 0.0f, theta, 0, 0);
             if (f > s.floor)
                 kept_offer(&s, f, (uint32_t)(i + j));
         }
@@ -210,6 +250,8 @@ size_t sae__select_codes(const sae_model *m, const float *raw, size_t k, sae__sc
     switch (m->arch) {
     case SAE_ARCH_JUMPRELU: return select_arch(SAE_ARCH_JUMPRELU, m, raw, k, out);
     case SAE_ARCH_BATCHTOPK: return select_arch(SAE_ARCH_BATCHTOPK, m, raw, k, out);
+    case SAE_ARCH_GATED: return select_gated(m, raw, k, out);
+    case SAE_ARCH_GROUPMAX: return select_groupmax(m, raw, k, out);
     default: return select_arch(SAE_ARCH_RELU, m, raw, k, out);
     }
 }
@@ -217,8 +259,7 @@ size_t sae__select_codes(const sae_model *m, const float *raw, size_t k, sae__sc
 void sae__activate_row(const sae_model *m, float *row, sae__scored *out)
 {
     const size_t len = m->d_sae;
-    const float *bias = m->b_enc;
-    if (m->arch == SAE_ARCH_TOPK) {
+    if (m->arch == SAE_ARCH_TOPK || m->arch == SAE_ARCH_GROUPMAX) {
         size_t kept = sae__select_codes(m, row, m->k < len ? m->k : len, out);
         memset(row, 0, len * sizeof *row);
         for (size_t j = 0; j < kept; j++)
@@ -226,28 +267,20 @@ void sae__activate_row(const sae_model *m, float *row, sae__scored *out)
         return;
     }
     /* Fixed-size inner loops, so that -O2 vectorizes them too. */
-    size_t i = 0;
+#define ACTIVATE(arch)                                                                             \
+    do {                                                                                           \
+        size_t i = 0;                                                                              \
+        for (; i + SCREEN <= len; i += SCREEN)                                                     \
+            for (size_t j = i; j < i + SCREEN; j++)                                                \
+                row[j] = code_at(arch, m, row, j);                                                 \
+        for (; i < len; i++)                                                                       \
+            row[i] = code_at(arch, m, row, i);                                                     \
+    } while (0)
     switch (m->arch) {
-    case SAE_ARCH_JUMPRELU:
-        for (; i + SCREEN <= len; i += SCREEN)
-            for (size_t j = i; j < i + SCREEN; j++)
-                row[j] = code_of(SAE_ARCH_JUMPRELU, row[j] + bias[j], m->threshold[j], 0.0f);
-        for (; i < len; i++)
-            row[i] = code_of(SAE_ARCH_JUMPRELU, row[i] + bias[i], m->threshold[i], 0.0f);
-        break;
-    case SAE_ARCH_BATCHTOPK:
-        for (; i + SCREEN <= len; i += SCREEN)
-            for (size_t j = i; j < i + SCREEN; j++)
-                row[j] = code_of(SAE_ARCH_BATCHTOPK, row[j] + bias[j], 0.0f, m->batch_threshold);
-        for (; i < len; i++)
-            row[i] = code_of(SAE_ARCH_BATCHTOPK, row[i] + bias[i], 0.0f, m->batch_threshold);
-        break;
-    default:
-        for (; i + SCREEN <= len; i += SCREEN)
-            for (size_t j = i; j < i + SCREEN; j++)
-                row[j] = code_of(SAE_ARCH_RELU, row[j] + bias[j], 0.0f, 0.0f);
-        for (; i < len; i++)
-            row[i] = code_of(SAE_ARCH_RELU, row[i] + bias[i], 0.0f, 0.0f);
-        break;
+    case SAE_ARCH_JUMPRELU: ACTIVATE(SAE_ARCH_JUMPRELU); break;
+    case SAE_ARCH_BATCHTOPK: ACTIVATE(SAE_ARCH_BATCHTOPK); break;
+    case SAE_ARCH_GATED: ACTIVATE(SAE_ARCH_GATED); break;
+    default: ACTIVATE(SAE_ARCH_RELU); break;
     }
+#undef ACTIVATE
 }

@@ -294,6 +294,10 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
         return sae__fail(SAE_EUNSUPPORTED,
                          "training %s models is not supported (ReLU, TopK and BatchTopK train)",
                          sae_arch_name(m->arch));
+    if (m->transcoder || m->normalize != SAE_NORMALIZE_NONE)
+        return sae__fail(SAE_EUNSUPPORTED, "training a %s is not supported yet (SAEs without "
+                         "SAE_PARAM_NORMALIZE train)",
+                         m->transcoder ? "transcoder" : "normalized SAE");
     sae_trainer *t = calloc(1, sizeof *t);
     if (t == NULL)
         return sae__fail(SAE_ENOMEM, "cannot allocate a trainer");

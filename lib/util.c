@@ -88,3 +88,12 @@ int sae__check_finite(const float *v, size_t count, size_t cols, const char *wha
     }
     return SAE_OK;
 }
+
+int sae__check_tokens(size_t n, size_t width, const char *fn)
+{
+    /* Token counts reach BLAS as ints, and every [n][width] buffer must be addressable. */
+    size_t bytes;
+    if (n > INT32_MAX || !sae__mul(n, width, &bytes) || !sae__mul(bytes, sizeof(float), &bytes))
+        return sae__fail(SAE_EINVAL, "%s: n = %zu tokens of %zu values is too many", fn, n, width);
+    return SAE_OK;
+}

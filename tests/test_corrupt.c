@@ -254,7 +254,7 @@ START_TEST(safetensors_headers)
         {"{\"__metadata__\":[1]," E_WDEC REST, "__metadata__", 68},
         {"{\"__metadata__\":{\"format\":7}," E_WDEC REST, "__metadata__", 68},
         {"{\"__metadata__\":{\"format\":\"libsae\"}," E_WDEC REST, "architecture", 68},
-        {"{\"__metadata__\":{\"format\":\"libsae\",\"architecture\":\"gated\"}," E_WDEC REST, "gated", 68},
+        {"{\"__metadata__\":{\"format\":\"libsae\",\"architecture\":\"crosscoder\"}," E_WDEC REST, "crosscoder", 68},
         {"{\"__metadata__\":{\"format\":\"libsae\",\"architecture\":\"relu\",\"d_in\":\"two\",\"d_sae\":\"3\"}," E_WDEC REST, "d_in", 68},
         {"{\"__metadata__\":{\"format\":\"libsae\",\"architecture\":\"relu\",\"d_in\":\"2\",\"d_sae\":\"0\"}," E_WDEC REST, "d_sae", 68},
         {"{" E_WDEC ",", "JSON", 68},

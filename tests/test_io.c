@@ -187,7 +187,8 @@ START_TEST(load_refuses_inconsistent_own_files)
         const char *message;
     } cases[] = {
         {{"libsae", "relu", "2", "3", "1", "1"}, SAE_OK, NULL},
-        {{"libsae", "gated", "2", "3", "1", "1"}, SAE_EUNSUPPORTED, "gated"},
+        {{"libsae", "crosscoder", "2", "3", "1", "1"}, SAE_EUNSUPPORTED, "crosscoder"},
+        {{"libsae", "gated", "2", "3", "1", "1"}, SAE_EFORMAT, "r_mag"},
         {{"libsae", "relu", "3", "2", "1", "1"}, SAE_EFORMAT, "shape [2, 3], expected [3, 2]"},
         {{"libsae", "relu", "2", "x", "1", "1"}, SAE_EFORMAT, "d_sae"},
         {{"libsae", "relu", "2", "3", "2", "1"}, SAE_EFORMAT, "apply_b_dec_to_input"},

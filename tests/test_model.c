@@ -66,7 +66,7 @@ START_TEST(new_refuses_bad_arguments)
     ck_assert_msg(strstr(sae_last_error(), "d_in") != NULL, "message: %s", sae_last_error());
     ck_assert_sae(sae_model_new(&m, SAE_ARCH_RELU, 2, 0), SAE_EINVAL);
     ck_assert_sae(sae_model_new(&m, (sae_arch)0, 2, 2), SAE_EINVAL);
-    ck_assert_sae(sae_model_new(&m, (sae_arch)5, 2, 2), SAE_EINVAL);
+    ck_assert_sae(sae_model_new(&m, (sae_arch)7, 2, 2), SAE_EINVAL);
     ck_assert_sae(sae_model_new(&m, SAE_ARCH_RELU, SIZE_MAX / 2, 4), SAE_ENOMEM);
     ck_assert_sae(sae_model_new(&m, SAE_ARCH_RELU, 2, (size_t)UINT32_MAX + 1), SAE_ENOMEM);
 }
@@ -83,7 +83,7 @@ END_TEST
 
 START_TEST(tensors_round_trip_for_every_arch)
 {
-    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++) {
+    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_GROUPMAX; a++) {
         sae_model *m = tu_random_model((sae_arch)a, 4, 6, 7);
         tu_rng r = {99};
         float src[24], dst[24];
@@ -120,7 +120,9 @@ START_TEST(set_tensor_refuses_nan_and_bad_ids)
     ck_assert_ok(sae_model_get_tensor(m, SAE_W_ENC, got));
     ck_assert_float_eq(got[0], 0.0f); /* nothing was copied */
     ck_assert_sae(sae_model_set_tensor(m, (sae_tensor)0, w), SAE_EINVAL);
-    ck_assert_sae(sae_model_set_tensor(m, (sae_tensor)6, w), SAE_EINVAL);
+    ck_assert_sae(sae_model_set_tensor(m, (sae_tensor)9, w), SAE_EINVAL);
+    ck_assert_sae(sae_model_set_tensor(m, SAE_W_SKIP, w), SAE_EUNSUPPORTED); /* an SAE has none */
+    ck_assert_sae(sae_model_set_tensor(m, SAE_R_MAG, w), SAE_EUNSUPPORTED);  /* not gated */
     ck_assert_sae(sae_model_set_tensor(NULL, SAE_W_ENC, w), SAE_EINVAL);
     ck_assert_sae(sae_model_set_tensor(m, SAE_W_ENC, NULL), SAE_EINVAL);
     ck_assert_sae(sae_model_get_tensor(m, SAE_W_ENC, NULL), SAE_EINVAL);
@@ -172,7 +174,7 @@ END_TEST
 
 START_TEST(arch_names_round_trip)
 {
-    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++) {
+    for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_GROUPMAX; a++) {
         sae_arch back;
         ck_assert_ok(sae_arch_from_name(sae_arch_name((sae_arch)a), &back));
         ck_assert_int_eq(back, a);
@@ -180,7 +182,7 @@ START_TEST(arch_names_round_trip)
     sae_arch a;
     ck_assert_ok(sae_arch_from_name("standard", &a));
     ck_assert_int_eq(a, SAE_ARCH_RELU);
-    ck_assert_sae(sae_arch_from_name("gated", &a), SAE_EINVAL);
+    ck_assert_sae(sae_arch_from_name("gated_sae", &a), SAE_EINVAL);
     ck_assert_sae(sae_arch_from_name(NULL, &a), SAE_EINVAL);
     ck_assert_ptr_null(sae_arch_name((sae_arch)0));
     ck_assert_ptr_null(sae_arch_name((sae_arch)9));

@@ -32,13 +32,18 @@ void *tu_malloc(size_t bytes);
 /* A model with random weights; JumpReLU thresholds in [0, 0.5). */
 sae_model *tu_random_model(sae_arch arch, size_t d_in, size_t d_sae, uint64_t seed);
 
-/* A model's tensors and parameters copied out, for the reference loops. */
+/* A transcoder (with or without a skip connection) or an SAE with random weights. */
+typedef enum { TU_SAE = 0, TU_TRANSCODER = 1, TU_SKIP = 2 } tu_kind;
+sae_model *tu_random_kind(sae_arch arch, tu_kind kind, size_t d_in, size_t d_sae, size_t d_out,
+                          uint64_t seed);
+
+/* A model's tensors and parameters copied out, for the reference loops (absent tensors NULL). */
 typedef struct {
     sae_arch arch;
-    size_t d_in, d_sae, k;
-    int apply_b_dec;
+    size_t d_in, d_sae, d_out, k;
+    int apply_b_dec, normalize, transcoder;
     double scale, batch_threshold;
-    float *W_enc, *W_dec, *b_enc, *b_dec, *threshold;
+    float *W_enc, *W_dec, *b_enc, *b_dec, *threshold, *r_mag, *b_mag, *W_skip;
 } tu_weights;
 void tu_weights_get(const sae_model *m, tu_weights *w);
 void tu_weights_free(tu_weights *w);
@@ -47,6 +52,11 @@ void tu_weights_free(tu_weights *w);
 void tu_ref_preact(const tu_weights *w, const float *x, double *pre);
 void tu_ref_encode(const tu_weights *w, const float *x, double *f);
 void tu_ref_decode(const tu_weights *w, const double *f, double *x_hat);
+/* A token's normalization: x_n = (x - mu) * a, an SAE's output denormalized v * b + mu. */
+void tu_ref_norm(const tu_weights *w, const float *x, double *mu, double *a, double *b);
+/* The model's whole output for one token: an SAE's denormalized x_hat, a transcoder's y_hat with
+ * its skip term. */
+void tu_ref_output(const tu_weights *w, const float *x, double *out);
 
 /* |got - want| <= tol * max(1, max|want|) for every element, else fails naming the element. */
 void tu_assert_close(const float *got, const double *want, size_t n, double tol, const char *what);
