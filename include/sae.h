@@ -41,10 +41,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* libsae is a POSIX library (it maps files, uses pthreads): GCC and clang on Linux and the BSDs. */
 #if defined(SAE_STATIC_DEFINE)
 #define SAE_API
-#elif defined(_WIN32)
-#define SAE_API __declspec(dllimport)
 #elif defined(__GNUC__)
 #define SAE_API __attribute__((visibility("default")))
 #else
@@ -185,14 +184,13 @@ typedef enum {
 
 /* SAE_PARAM_BF16_WEIGHTS: 1 rounds W_enc and W_dec to bfloat16 (to nearest, ties to even) and
  * keeps only those: half the memory, and half the bytes a single token's encode or decode reads,
- * where those bytes are the time: a single token's encode of a 2304 x 16384 SAE takes 3.0-3.7 ms
- * instead of 4.9-6.5 ms; batches of 7 tokens or more take 1.5-2x longer than with float weights
- * (the weights are widened for SGEMM on every call; see docs/performance.md). Arithmetic stays
+ * where those bytes are the time (a single token is faster; batches are slower, the weights
+ * being widened for SGEMM on every call: docs/performance.md has the figures). Arithmetic stays
  * float32; only the weights lose precision (8 significant bits: a relative error up to 2^-8 per
- * weight; codes off by about 3e-3 of the largest code in docs/performance.md's run). 0 widens
- * them back to float exactly (the rounding is not undone). Every operation works on either
- * storage; sae_model_get_tensor widens, sae_model_set_tensor rounds,
- * sae_model_save writes BF16 tensors (the file loads as float weights holding the same values).
+ * weight). W_skip, the biases and the other vectors stay float. 0 widens them back to float
+ * exactly (the rounding is not undone). Every operation works on either storage;
+ * sae_model_get_tensor widens, sae_model_set_tensor rounds, sae_model_save writes W_enc and
+ * W_dec as BF16 tensors (the file loads as float weights holding the same values).
  * Training needs float weights: sae_trainer_init and sae_trainer_step return SAE_ESTATE on such a
  * model. Switching allocates the new copy before freeing the old (SAE_ENOMEM leaves the model as
  * it was), and SAE_ERANGE if a weight is beyond bfloat16's range (|w| > 3.39e38). Like every
@@ -238,9 +236,10 @@ typedef enum {
  * SAE_EFORMAT. Errors: as sae_model_load, and SAE_EINVAL for an unknown flag. Thread safe. */
 SAE_API int sae_model_load_with(sae_model **out, const char *path, unsigned flags);
 
-/* Writes the model as libsae's own safetensors file: tensors W_enc, W_dec, b_enc, b_dec (and
- * threshold for JumpReLU) as F32, and __metadata__ with the architecture, sizes and every
- * parameter. Atomic: the data goes to a temporary file in the same folder, which is flushed to
+/* Writes the model as libsae's own safetensors file: every tensor the model holds (W_enc, W_dec,
+ * b_enc, b_dec; threshold, r_mag, b_mag, W_skip where it has them) as F32 (W_enc and W_dec as
+ * BF16 while SAE_PARAM_BF16_WEIGHTS is 1), and __metadata__ with the architecture, sizes and
+ * every parameter (docs/formats.md lists the keys). Atomic: the data goes to a temporary file in the same folder, which is flushed to
  * disk and renamed over path; on any failure path is untouched and the temporary is removed.
  * path must be absent or a regular file: a directory, FIFO, device, socket or symbolic link is
  * refused (SAE_EINVAL) and left alone. A file that is replaced keeps its permissions; a new one
@@ -259,6 +258,11 @@ SAE_API void sae_model_free(sae_model *m);
  * sae_model_new, and SAE_EINVAL for d_out = 0 or skip other than 0 or 1. */
 SAE_API int sae_model_new_transcoder(sae_model **out, sae_arch arch, size_t d_in, size_t d_sae,
                                      size_t d_out, int skip);
+
+/* Copies ||W_dec[i]|| for every feature into norms [d_sae]: the norms the model keeps current
+ * for steering and neighbours (what SAELens calls the decoder norms). Errors: SAE_EINVAL (NULL).
+ * Thread safe. */
+SAE_API int sae_model_decoder_norms(const sae_model *m, float *norms);
 
 /* Sizes and architecture. Return 0 for a NULL model. d_out is d_in for an SAE. */
 SAE_API size_t sae_model_d_in(const sae_model *m);

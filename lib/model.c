@@ -236,6 +236,14 @@ size_t sae_model_d_sae(const sae_model *m) { return m ? m->d_sae : 0; }
 size_t sae_model_d_out(const sae_model *m) { return m ? m->d_out : 0; }
 int sae_model_is_transcoder(const sae_model *m) { return m != NULL && m->transcoder; }
 
+int sae_model_decoder_norms(const sae_model *m, float *norms)
+{
+    SAE_CHECK_NULL(m);
+    SAE_CHECK_NULL(norms);
+    memcpy(norms, m->dec_norm, m->d_sae * sizeof *norms);
+    return SAE_OK;
+}
+
 int sae_model_has_tensor(const sae_model *m, sae_tensor t)
 {
     return m != NULL && t >= SAE_W_ENC && t < SAE__TENSOR_END &&

@@ -238,6 +238,32 @@ START_TEST(has_tensor_names_what_each_kind_holds)
 }
 END_TEST
 
+START_TEST(decoder_norms_are_the_rows_norms)
+{
+    sae_model *m = tu_random_kind(SAE_ARCH_TOPK, TU_TRANSCODER, 5, 9, 7, 11);
+    float W[9 * 7], norms[9];
+    ck_assert_ok(sae_model_get_tensor(m, SAE_W_DEC, W));
+    ck_assert_ok(sae_model_decoder_norms(m, norms));
+    for (size_t i = 0; i < 9; i++) {
+        double sq = 0;
+        for (size_t j = 0; j < 7; j++)
+            sq += (double)W[i * 7 + j] * W[i * 7 + j];
+        ck_assert_msg(fabs(norms[i] - sqrt(sq)) <= 1e-6 * sqrt(sq), "norm %zu", i);
+    }
+    /* They follow set_tensor. */
+    for (size_t i = 0; i < 9 * 7; i++)
+        W[i] *= 2.0f;
+    ck_assert_ok(sae_model_set_tensor(m, SAE_W_DEC, W));
+    float twice[9];
+    ck_assert_ok(sae_model_decoder_norms(m, twice));
+    for (size_t i = 0; i < 9; i++)
+        ck_assert_float_eq_tol(twice[i], 2.0f * norms[i], 1e-6f * norms[i]);
+    ck_assert_sae(sae_model_decoder_norms(NULL, norms), SAE_EINVAL);
+    ck_assert_sae(sae_model_decoder_norms(m, NULL), SAE_EINVAL);
+    sae_model_free(m);
+}
+END_TEST
+
 START_TEST(transcoders_refuse_what_they_cannot_do)
 {
     sae_model *m = (sae_model *)&m;
@@ -358,6 +384,7 @@ static Suite *kinds_suite(void)
     tcase_add_loop_test(tc, every_operation_matches_the_loops, 0,
                         N_ARCHS * N_KINDS * N_NORMS * N_STORAGE);
     tcase_add_test(tc, has_tensor_names_what_each_kind_holds);
+    tcase_add_test(tc, decoder_norms_are_the_rows_norms);
     tcase_add_test(tc, transcoders_refuse_what_they_cannot_do);
     tcase_add_test(tc, normalizations_refuse_what_they_cannot_compute);
     tcase_add_test(tc, groupmax_and_gated_edges);
