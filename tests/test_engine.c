@@ -444,6 +444,107 @@ START_TEST(hook_sees_every_layer_and_can_steer)
 }
 END_TEST
 
+/* Every hook point of every layer, recorded for one token at a time. */
+enum { MAX_DIM = 64, MAX_LAYERS = 8 };
+typedef struct {
+    float v[MAX_LAYERS][LLAMA_HOOK_POINTS][MAX_DIM];
+    int calls;
+    int zero_mlp_out_at; /* a layer whose MLP output the hook replaces with zeros; -1: none */
+} points;
+
+static void record_points(llama_hook_point point, int layer, int pos, float *v, int dim, void *user)
+{
+    (void)pos;
+    points *p = user;
+    ck_assert(layer >= 0 && layer < MAX_LAYERS && dim <= MAX_DIM);
+    memcpy(p->v[layer][point], v, (size_t)dim * sizeof *v);
+    if (point == LLAMA_HOOK_MLP_OUT && layer == p->zero_mlp_out_at)
+        memset(v, 0, (size_t)dim * sizeof *v);
+    p->calls++;
+}
+
+static void record_resid(int layer, int pos, float *x, int dim, void *user)
+{
+    (void)pos;
+    float(*pre)[MAX_DIM] = user;
+    memcpy(pre[layer], x, (size_t)dim * sizeof *x);
+}
+
+START_TEST(hook_points_compose_as_the_block_does)
+{
+    fixture fx;
+    open_model(_i, &fx);
+    const llama_config *c = llama_model_config(fx.m);
+    const int L = c->n_layers, dim = c->dim;
+    ck_assert(L <= MAX_LAYERS && dim <= MAX_DIM);
+    static points p;
+    memset(&p, 0, sizeof p);
+    p.zero_mlp_out_at = -1;
+    float pre[MAX_LAYERS + 1][MAX_DIM];
+    ck_assert_int_eq(llama_state_set_point_hook(fx.s, record_points, &p), LLAMA_OK);
+    ck_assert_int_eq(llama_state_set_hook(fx.s, LLAMA_HOOK_ALL_LAYERS, record_resid, pre),
+                     LLAMA_OK);
+    int toks[3] = {LLAMA_TOKEN_BOS, 300, 301};
+    for (int pos = 0; pos < 3; pos++)
+        ck_assert_int_eq(llama_forward(fx.s, toks[pos], pos), LLAMA_OK);
+    ck_assert_int_eq(p.calls, 3 * L * LLAMA_HOOK_POINTS);
+    /* After the last token: pre = resid_pre, mid = pre + attn_out, post = mid + mlp_out = the
+     * next layer's pre; mlp_in = rmsnorm(mid) * rms_ffn, up to that weight: the direction of mid. */
+    for (int l = 0; l < L; l++) {
+        const float *P = p.v[l][LLAMA_HOOK_RESID_PRE], *A = p.v[l][LLAMA_HOOK_ATTN_OUT];
+        const float *M = p.v[l][LLAMA_HOOK_RESID_MID], *O = p.v[l][LLAMA_HOOK_MLP_OUT];
+        const float *Q = p.v[l][LLAMA_HOOK_RESID_POST];
+        for (int j = 0; j < dim; j++) {
+            ck_assert_float_eq(P[j], pre[l][j]);
+            ck_assert_float_eq_tol(M[j], P[j] + A[j], 1e-6f);
+            ck_assert_float_eq_tol(Q[j], M[j] + O[j], 1e-6f);
+            ck_assert_float_eq(Q[j], pre[l + 1][j]);
+        }
+        double ms = 0;
+        for (int j = 0; j < dim; j++)
+            ms += (double)M[j] * M[j];
+        ms = sqrt(ms / dim + 1e-5);
+        int differs = 0;
+        for (int j = 0; j < dim; j++)
+            differs |= fabs(p.v[l][LLAMA_HOOK_MLP_IN][j] - M[j] / ms) > 1e-3 * fabs(M[j] / ms);
+        ck_assert_msg(differs, "mlp_in should carry the rms_ffn weight");
+    }
+    /* A hook that replaces layer 1's MLP output with zeros: the stream after it is resid_mid. */
+    p.zero_mlp_out_at = 1;
+    ck_assert_int_eq(llama_forward(fx.s, LLAMA_TOKEN_BOS, 0), LLAMA_OK);
+    for (int j = 0; j < dim; j++)
+        ck_assert_float_eq(p.v[1][LLAMA_HOOK_RESID_POST][j], p.v[1][LLAMA_HOOK_RESID_MID][j]);
+    ck_assert_int_eq(llama_state_set_point_hook(fx.s, NULL, NULL), LLAMA_OK);
+    ck_assert_int_eq(llama_state_set_hook(fx.s, 0, NULL, NULL), LLAMA_OK);
+    close_model(&fx);
+}
+END_TEST
+
+START_TEST(hook_point_names_parse)
+{
+    llama_hook_point pt;
+    int layer = -1;
+    ck_assert_int_eq(llama_hook_point_parse("blocks.3.hook_mlp_out", &pt, &layer), LLAMA_OK);
+    ck_assert_int_eq(pt, LLAMA_HOOK_MLP_OUT);
+    ck_assert_int_eq(layer, 3);
+    ck_assert_int_eq(llama_hook_point_parse("hook_resid_mid", &pt, &layer), LLAMA_OK);
+    ck_assert_int_eq(pt, LLAMA_HOOK_RESID_MID);
+    ck_assert_int_eq(layer, 3);
+    for (int q = 0; q < LLAMA_HOOK_POINTS; q++) {
+        ck_assert_int_eq(llama_hook_point_parse(llama_hook_point_name((llama_hook_point)q), &pt,
+                                                NULL),
+                         LLAMA_OK);
+        ck_assert_int_eq(pt, q);
+    }
+    ck_assert_ptr_null(llama_hook_point_name(LLAMA_HOOK_POINTS));
+    ck_assert_int_eq(llama_hook_point_parse("blocks.x.hook_mlp_out", &pt, &layer), LLAMA_EINVAL);
+    ck_assert_int_eq(llama_hook_point_parse("blocks.2hook_mlp_out", &pt, &layer), LLAMA_EINVAL);
+    ck_assert_int_eq(llama_hook_point_parse("hook_mlp", &pt, &layer), LLAMA_EINVAL);
+    ck_assert_int_eq(llama_hook_point_parse(NULL, &pt, &layer), LLAMA_EINVAL);
+    ck_assert_int_eq(llama_state_set_point_hook(NULL, record_points, NULL), LLAMA_EINVAL);
+}
+END_TEST
+
 /* ---- sampling ----------------------------------------------------------------------------- */
 
 /* The story llama2.c's run.c prints for `-t 1.0 -p 0.9 -s 133742 -n 256`. */
@@ -686,6 +787,8 @@ static Suite *engine_suite(void)
     tcase_add_test(tc, resid_entering_layer2_matches_reference);
     tcase_add_loop_test(tc, resid_matches_dataset_rows, 0, N_MODELS);
     tcase_add_test(tc, hook_sees_every_layer_and_can_steer);
+    tcase_add_loop_test(tc, hook_points_compose_as_the_block_does, 0, N_MODELS);
+    tcase_add_test(tc, hook_point_names_parse);
     tcase_add_test(tc, sampling_reproduces_runc);
     suite_add_tcase(s, tc);
 

@@ -10,6 +10,7 @@
 
 #include <cblas.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -340,6 +341,8 @@ struct llama_state {
     llama_resid_hook hook;
     int hook_layer;
     void *hook_user;
+    llama_point_hook point_hook;
+    void *point_user;
 };
 
 void llama_state_free(llama_state *s)
@@ -409,6 +412,49 @@ int llama_state_set_hook(llama_state *s, int layer, llama_resid_hook hook, void 
     s->hook_layer = layer;
     s->hook_user = hook ? user : NULL;
     return LLAMA_OK;
+}
+
+int llama_state_set_point_hook(llama_state *s, llama_point_hook hook, void *user)
+{
+    if (!s)
+        return llama_fail(LLAMA_EINVAL, "llama_state_set_point_hook: state is NULL");
+    s->point_hook = hook;
+    s->point_user = hook ? user : NULL;
+    return LLAMA_OK;
+}
+
+static const char *const point_names[LLAMA_HOOK_POINTS] = {
+    "hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_mlp_out",
+    "hook_resid_post"};
+
+const char *llama_hook_point_name(llama_hook_point point)
+{
+    return (unsigned)point < LLAMA_HOOK_POINTS ? point_names[point] : NULL;
+}
+
+int llama_hook_point_parse(const char *name, llama_hook_point *point, int *layer)
+{
+    if (!name || !point)
+        return llama_fail(LLAMA_EINVAL, "llama_hook_point_parse: NULL argument");
+    const char *rest = name;
+    if (strncmp(name, "blocks.", 7) == 0) {
+        char *end;
+        long l = strtol(name + 7, &end, 10);
+        if (end == name + 7 || *end != '.' || l < 0 || l > INT_MAX)
+            return llama_fail(LLAMA_EINVAL, "'%s': expected blocks.<layer>.hook_<point>", name);
+        if (layer)
+            *layer = (int)l;
+        rest = end + 1;
+    }
+    for (int p = 0; p < LLAMA_HOOK_POINTS; p++)
+        if (strcmp(rest, point_names[p]) == 0) {
+            *point = (llama_hook_point)p;
+            return LLAMA_OK;
+        }
+    return llama_fail(LLAMA_EINVAL,
+                      "'%s': not a hook point (hook_resid_pre, hook_attn_out, hook_resid_mid, "
+                      "hook_mlp_in, hook_mlp_out, hook_resid_post)",
+                      name);
 }
 
 float *llama_logits(llama_state *s) { return s ? s->logits : NULL; }
@@ -481,9 +527,16 @@ static void forward_one(llama_state *s, int token, int pos, int want_logits, int
 
     memcpy(x, m->tok_emb + (size_t)token * udim, udim * sizeof(float));
 
+#define POINT(point, v)                                                                            \
+    do {                                                                                           \
+        if (s->point_hook)                                                                         \
+            s->point_hook((point), l, pos, (v), dim, s->point_user);                               \
+    } while (0)
     for (int l = 0; l <= c->n_layers; l++) {
         if (hooked(s, l))
             s->hook(l, pos, x, dim, s->hook_user);
+        if (l < c->n_layers)
+            POINT(LLAMA_HOOK_RESID_PRE, x);
         if (cap && l == cap_layer)
             memcpy(cap, x, udim * sizeof(float));
         if (l == c->n_layers)
@@ -514,11 +567,14 @@ static void forward_one(llama_state *s, int token, int pos, int want_logits, int
                         1, 0.0f, s->xb + h * hs, 1);
         }
         matvec(s->xb2, m->wo + ul * udim * udim, s->xb, dim, dim);
+        POINT(LLAMA_HOOK_ATTN_OUT, s->xb2);
         for (int i = 0; i < dim; i++)
             x[i] += s->xb2[i];
+        POINT(LLAMA_HOOK_RESID_MID, x);
 
         /* SwiGLU feed-forward: w2 (silu(w1 xn) * (w3 xn)) */
         rmsnorm(s->xb, x, m->rms_ffn + ul * udim, dim);
+        POINT(LLAMA_HOOK_MLP_IN, s->xb);
         matvec(s->hb, m->w1 + ul * uhid * udim, s->xb, hid, dim);
         matvec(s->hb2, m->w3 + ul * uhid * udim, s->xb, hid, dim);
         for (int i = 0; i < hid; i++) {
@@ -526,9 +582,12 @@ static void forward_one(llama_state *s, int token, int pos, int want_logits, int
             s->hb[i] = a / (1.0f + expf(-a)) * s->hb2[i];
         }
         matvec(s->xb, m->w2 + ul * udim * uhid, s->hb, dim, hid);
+        POINT(LLAMA_HOOK_MLP_OUT, s->xb);
         for (int i = 0; i < dim; i++)
             x[i] += s->xb[i];
+        POINT(LLAMA_HOOK_RESID_POST, x);
     }
+#undef POINT
 
     if (want_logits) {
         rmsnorm(s->xb, x, m->rms_final, dim);

@@ -105,6 +105,41 @@ typedef void (*llama_resid_hook)(int layer, int pos, float *x, int dim, void *us
  * One hook per state: a new call replaces the previous one. */
 int llama_state_set_hook(llama_state *s, int layer, llama_resid_hook hook, void *user);
 
+/* Hook points inside a layer, by the names TransformerLens and SAELens give them
+ * (blocks.L.hook_*), in the order a forward pass meets them:
+ *   RESID_PRE   the stream entering layer L (what llama_state_set_hook sees)
+ *   ATTN_OUT    the attention block's output (after wo), before it is added to the stream
+ *   RESID_MID   the stream after attention was added, before the feed-forward RMSNorm
+ *   MLP_IN      the feed-forward block's normalized input, rmsnorm(x) * rms_ffn
+ *   MLP_OUT     the feed-forward block's output (after w2), before it is added
+ *   RESID_POST  the stream after the feed-forward block (the next layer's RESID_PRE)
+ * A transcoder reads MLP_IN and replaces or steers MLP_OUT. */
+typedef enum {
+    LLAMA_HOOK_RESID_PRE = 0,
+    LLAMA_HOOK_ATTN_OUT = 1,
+    LLAMA_HOOK_RESID_MID = 2,
+    LLAMA_HOOK_MLP_IN = 3,
+    LLAMA_HOOK_MLP_OUT = 4,
+    LLAMA_HOOK_RESID_POST = 5,
+    LLAMA_HOOK_POINTS = 6
+} llama_hook_point;
+
+/* "hook_resid_pre", ... ("hook_mlp_out"); NULL for a value out of range. */
+const char *llama_hook_point_name(llama_hook_point point);
+/* Parses those names, with or without the "blocks.L." prefix of TransformerLens (then *layer
+ * gets L; else it is left alone). Returns LLAMA_OK or LLAMA_EINVAL. */
+int llama_hook_point_parse(const char *name, llama_hook_point *point, int *layer);
+
+/* Called at every hook point of every layer (layers 0..n_layers-1) of every forward pass, with v
+ * the live vector of length dim (the model width for every point): the hook may read it, and
+ * may change it in place (later computation sees the change: a changed MLP_IN feeds the MLP, a
+ * changed MLP_OUT is what is added to the stream). It must not keep v after returning. It runs
+ * besides the residual hook of llama_state_set_hook, after it at RESID_PRE. A NULL hook removes
+ * it. One point hook per state. */
+typedef void (*llama_point_hook)(llama_hook_point point, int layer, int pos, float *v, int dim,
+                                 void *user);
+int llama_state_set_point_hook(llama_state *s, llama_point_hook hook, void *user);
+
 /* Runs token `token` at position `pos` (0 <= pos < seq_len; positions 0..pos-1 must have been
  * run before in this sequence) and computes the next-token logits, read with llama_logits. */
 int llama_forward(llama_state *s, int token, int pos);
