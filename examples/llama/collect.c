@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,14 +19,36 @@ static const char usage[] =
     "  --tokens T         positions per story, BOS included (default 256)\n"
     "  --temperature T    sampling temperature (default 1)\n"
     "  --seed S           story i is sampled with seed S + i (default 0)\n"
-    "  --text FILE        read stories from FILE (one a line, \\n for a newline) instead\n";
+    "  --text FILE        read stories from FILE (one a line, \\n for a newline) instead\n"
+    "  --mlp              block L's MLP instead: its normalized input (blocks.L.hook_mlp_in) to\n"
+    "                     acts.npy and its output (blocks.L.hook_mlp_out) to targets.npy, the\n"
+    "                     pairs (x, y) a transcoder trains on\n";
 
-/* Growing arrays of rows. */
+/* Growing arrays of rows (targets: --mlp only). */
 typedef struct {
-    float *acts;
+    float *acts, *targets;
     int32_t *tokens;
     size_t n, cap, dim;
+    bool pairs;
 } rows;
+
+/* --mlp: the hook copies block `layer`'s MLP input and output of the story being run into the
+ * rows that follow r->n, by position. */
+typedef struct {
+    rows *r;
+    int layer;
+    bool active; /* only while a story's rows are being written, not while it is sampled */
+} mlp_capture;
+
+static void capture_mlp(llama_hook_point point, int layer, int pos, float *v, int dim, void *user)
+{
+    const mlp_capture *c = user;
+    if (!c->active || layer != c->layer ||
+        (point != LLAMA_HOOK_MLP_IN && point != LLAMA_HOOK_MLP_OUT))
+        return;
+    float *dst = point == LLAMA_HOOK_MLP_IN ? c->r->acts : c->r->targets;
+    memcpy(dst + (c->r->n + (size_t)pos) * c->r->dim, v, (size_t)dim * sizeof *v);
+}
 
 static int rows_reserve(rows *r, size_t more)
 {
@@ -37,10 +60,13 @@ static int rows_reserve(rows *r, size_t more)
     float *a = realloc(r->acts, cap * r->dim * sizeof *a);
     if (a)
         r->acts = a;
+    float *y = r->pairs ? realloc(r->targets, cap * r->dim * sizeof *y) : NULL;
+    if (y)
+        r->targets = y;
     int32_t *t = realloc(r->tokens, cap * sizeof *t);
     if (t)
         r->tokens = t;
-    if (!a || !t)
+    if (!a || !t || (r->pairs && !y))
         return -1;
     r->cap = cap;
     return 0;
@@ -80,7 +106,7 @@ static void unescape_line(char *s)
 
 int cmd_collect(int argc, char **argv)
 {
-    double layer = 2, n_stories = 400, n_tokens = 256, temperature = 1, seed = 0;
+    double layer = 2, n_stories = 400, n_tokens = 256, temperature = 1, seed = 0, mlp = 0;
     const char *text_path = NULL, *pos[2];
     const option opts[] = {
         {"layer", &layer, NULL, 0, 1000, 1},
@@ -89,6 +115,7 @@ int cmd_collect(int argc, char **argv)
         {"temperature", &temperature, NULL, 0, 100, 0},
         {"seed", &seed, NULL, 0, 1e15, 1},
         {"text", NULL, &text_path, 0, 0, 0},
+        {"mlp", &mlp, NULL, 0, 1, OPTION_FLAG},
         {NULL, NULL, NULL, 0, 0, 0},
     };
     if (parse_options(argc, argv, opts, pos, 2, 2) < 0) {
@@ -111,6 +138,13 @@ int cmd_collect(int argc, char **argv)
     if (open_llama("collect", model_dir, &model, &tok))
         return 1;
     const llama_config *cfg = llama_model_config(model);
+    r.pairs = mlp != 0;
+    mlp_capture capture = {&r, (int)layer, false};
+    if (r.pairs && (int)layer >= cfg->n_layers) {
+        fail_msg("collect", "--layer %d --mlp: the model has blocks 0..%d", (int)layer,
+                 cfg->n_layers - 1);
+        goto done;
+    }
     if ((int)layer > cfg->n_layers) {
         fail_msg("collect", "--layer %d: the model has layers 0..%d (%d = after the last)",
                  (int)layer, cfg->n_layers - 1, cfg->n_layers);
@@ -119,7 +153,8 @@ int cmd_collect(int argc, char **argv)
     int max_pos = (int)n_tokens < cfg->seq_len ? (int)n_tokens : cfg->seq_len;
     r.dim = (size_t)cfg->dim;
     ids = malloc((size_t)cfg->seq_len * sizeof *ids);
-    if (!ids || llama_state_create(model, &state)) {
+    if (!ids || llama_state_create(model, &state) ||
+        (r.pairs && llama_state_set_point_hook(state, capture_mlp, &capture))) {
         fail_llama("collect", "creating the inference state");
         goto done;
     }
@@ -173,7 +208,11 @@ int cmd_collect(int argc, char **argv)
             goto done;
         }
         /* the residual stream of the whole story, as the model used it */
-        if (llama_forward_tokens(state, ids, n, 0, (int)layer, r.acts + r.n * r.dim)) {
+        capture.active = true;
+        int forward_rc = llama_forward_tokens(state, ids, n, 0, (int)layer,
+                                              r.pairs ? NULL : r.acts + r.n * r.dim);
+        capture.active = false;
+        if (forward_rc) {
             fail_llama("collect", "running a story");
             goto done;
         }
@@ -202,6 +241,8 @@ int cmd_collect(int argc, char **argv)
     }
 
     int sae_rc = sae_npy_write(path_in(run, "acts.npy"), r.acts, r.n, r.dim);
+    if (sae_rc == SAE_OK && r.pairs)
+        sae_rc = sae_npy_write(path_in(run, "targets.npy"), r.targets, r.n, r.dim);
     if (sae_rc != SAE_OK) {
         fail_sae("collect", "writing acts.npy", sae_rc);
         goto done;
@@ -218,10 +259,12 @@ int cmd_collect(int argc, char **argv)
         goto done;
     }
     stories_out = NULL;
-    printf("collect: %zu stories, %zu tokens (%zu without BOS), residual stream entering layer "
-           "%d (width %zu), %.1f s\n",
-           done_stories, r.n, r.n - done_stories, (int)layer, r.dim, secs);
-    printf("collect: wrote %s/acts.npy, tokens.npy, stories.txt\n", run);
+    printf("collect: %zu stories, %zu tokens (%zu without BOS), %s %d (width %zu), %.1f s\n",
+           done_stories, r.n, r.n - done_stories,
+           r.pairs ? "MLP input and output of block" : "residual stream entering layer",
+           (int)layer, r.dim, secs);
+    printf("collect: wrote %s/acts.npy, %stokens.npy, stories.txt\n", run,
+           r.pairs ? "targets.npy, " : "");
     rc = 0;
 done:
     if (stories_out)
@@ -232,6 +275,7 @@ done:
     free(text);
     free(ids);
     free(r.acts);
+    free(r.targets);
     free(r.tokens);
     llama_sampler_free(smp);
     llama_state_free(state);

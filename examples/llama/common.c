@@ -38,6 +38,10 @@ int parse_options(int argc, char **argv, const option *opts, const char **pos, i
             fprintf(stderr, "sae-llama %s: unknown option %s\n", argv[0], a);
             return -1;
         }
+        if (o->whole == OPTION_FLAG) {
+            *o->num = 1;
+            continue;
+        }
         if (i + 1 >= argc) {
             fprintf(stderr, "sae-llama %s: %s needs a value\n", argv[0], a);
             return -1;

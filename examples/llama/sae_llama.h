@@ -31,7 +31,8 @@ int cmd_planted(int argc, char **argv);
 /* ---- options ------------------------------------------------------------------------------- */
 
 /* One --name VALUE option: a number in [lo, hi] (whole if `whole`) into *num, or a string into
- * *str (num NULL). */
+ * *str (num NULL); whole = OPTION_FLAG makes it a --name flag without a value that sets *num = 1. */
+#define OPTION_FLAG (-1)
 typedef struct {
     const char *name;
     double *num;
