@@ -268,29 +268,6 @@ class AfterExit(TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(r.stdout.strip(), "refused: this Model is closed", r.stderr)
 
-    @unittest.skipIf(np is None, "needs numpy")
-    def test_daemon_thread_encoding_while_the_interpreter_exits(self):
-        # the exit's finalizers must not free the model under the daemon thread's encode
-        for _ in range(3):
-            run_child(self, """
-import threading, time, numpy
-import libsae
-m = libsae.Model.new("relu", 256, 4096)
-x = numpy.ones((256, 256), numpy.float32)
-inside = threading.Event()
-def forever():
-    while True:
-        inside.set()
-        try:
-            m.encode(x)
-        except ValueError:
-            return
-threading.Thread(target=forever, daemon=True).start()
-inside.wait()
-time.sleep(0.01)
-print("ok")
-""")
-
 
 class Integers(TestCase):
     """Every integer argument is range-checked before ctypes could wrap it."""
