@@ -17,7 +17,7 @@ from ._buffers import HAVE_NUMPY
 from ._lib import EXPECTED_MAJOR, LibraryNotFound, LibsaeError, has
 from ._lib import path as library_path
 from ._lib import version_number, version_string
-from ._model import MODEL_PARAMS, TENSORS, Model
+from ._model import LOAD_FLAGS, MODEL_PARAMS, TENSORS, Model
 from ._npy import NpyFile, load_npy, save_npy
 from ._stats import Stats, neighbors
 from ._steer import Steering, write_cvec
@@ -25,16 +25,9 @@ from ._train import METRICS, TRAIN_PARAMS, Trainer
 
 __version__ = "0.1.0"
 
-# The C library's error codes (LibsaeError.code).
-OK = 0
-EINVAL = -1
-ENOMEM = -2
-EIO = -3
-EFORMAT = -4
-EUNSUPPORTED = -5
-ERANGE = -6
-ESTATE = -7
-ECALLBACK = -8
+# The C library's error codes (LibsaeError.code), from _lib where they are defined.
+from ._lib import (ECALLBACK, EFORMAT, EINVAL, EIO, ENOMEM, ERANGE, ESTATE,  # noqa: E402
+                   EUNSUPPORTED, OK)
 
 #: The architectures, as Model.arch names them.
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -42,6 +35,6 @@ ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 __all__ = [
     "Model", "Steering", "Trainer", "Stats", "neighbors", "write_cvec", "NpyFile", "load_npy", "save_npy", "LibsaeError",
     "LibraryNotFound", "HAVE_NUMPY", "library_path", "version_string", "version_number",
-    "has", "TENSORS", "MODEL_PARAMS", "TRAIN_PARAMS", "METRICS", "ARCHITECTURES",
+    "has", "TENSORS", "MODEL_PARAMS", "LOAD_FLAGS", "TRAIN_PARAMS", "METRICS", "ARCHITECTURES",
     "OK", "EINVAL", "ENOMEM", "EIO", "EFORMAT", "EUNSUPPORTED", "ERANGE", "ESTATE", "ECALLBACK",
 ]

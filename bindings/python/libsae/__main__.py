@@ -380,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.exit(2, f"{PROG} steer: error: give at least one --clamp, --scale or --add\n")
     try:
         return args.run(args)
-    except (LibsaeError, CliError) as e:
+    except (LibsaeError, CliError, ValueError) as e:  # ValueError: an argument refused
         print(f"libsae: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat does

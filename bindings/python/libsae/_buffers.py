@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import operator
 from typing import Any, Tuple
 
 try:
@@ -89,13 +88,16 @@ def as_input(obj: Any, width: int, what: str) -> Tuple[int, Any, int, Tuple[int,
     if HAVE_NUMPY and isinstance(obj, _ndarray):
         a = obj
         if a.dtype != _F32 or not a.flags.c_contiguous:
+            _numeric(a, what)
             a = np.ascontiguousarray(a, dtype=_F32)
         shape = a.shape
         if not shape or shape[-1] != width:
             raise ValueError(f"{what}: expected shape [..., {width}], got {list(shape)}")
         return a.ctypes.data, a, a.size // width, shape[:-1]
     if HAVE_NUMPY:  # array.array, memoryview, lists: flat buffers hold whole rows
-        a = np.ascontiguousarray(obj, dtype=_F32)
+        a = np.asarray(obj)
+        _numeric(a, what)
+        a = np.ascontiguousarray(a, dtype=_F32)
         if a.ndim == 1 and a.size != width and width and a.size % width == 0:
             a = a.reshape(-1, width)
         return as_input(a, width, what)
@@ -118,8 +120,10 @@ def as_exact(obj: Any, shape: Tuple[int, ...], typecode: str, what: str) -> Tupl
         if a.shape != shape and not flat_ok:
             raise ValueError(f"{what}: expected shape {list(shape)}, got {list(a.shape)}")
         if a.dtype != dt or not a.flags.c_contiguous:
-            if dt.kind == "u" and a.dtype.kind not in "ui":
-                raise TypeError(f"{what}: expected integers, got {a.dtype}")
+            if dt.kind == "u":
+                _fits_unsigned(a, dt, what)
+            else:
+                _numeric(a, what)
             a = np.ascontiguousarray(a, dtype=dt)
         return a.ctypes.data, a
     ptr, keep, _, count = _plain(obj, typecode, what)
@@ -127,6 +131,27 @@ def as_exact(obj: Any, shape: Tuple[int, ...], typecode: str, what: str) -> Tupl
         raise ValueError(f"{what}: expected {_prod(shape)} values ({' x '.join(map(str, shape))}), "
                          f"got {count}")
     return ptr, keep
+
+
+def _numeric(a: Any, what: str) -> None:
+    """Refuses arrays numpy would convert to float32 by reinterpreting them: strings, objects,
+    bools, complex numbers (whose imaginary part would be dropped)."""
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{what}: expected numbers (float32), got an array of {a.dtype}")
+
+
+def _fits_unsigned(a: Any, dt: Any, what: str) -> None:
+    """Refuses integer arrays with values outside an unsigned type (a uint32 index of 2**32 + 5
+    or -1 would otherwise be cast to 5 or 2**32 - 1 without a word)."""
+    if a.dtype.kind not in "ui":
+        raise TypeError(f"{what}: expected integers, got {a.dtype}")
+    if a.size == 0 or np.can_cast(a.dtype, dt):
+        return
+    lo, hi = int(a.min()), int(a.max())
+    top = int(np.iinfo(dt).max)
+    if lo < 0 or hi > top:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what}: {bad} is outside {dt} (0 to {top})")
 
 
 def _prod(shape: Tuple[int, ...]) -> int:
@@ -146,15 +171,26 @@ def new_output(shape: Tuple[int, ...], typecode: str = "f") -> Tuple[Any, int]:
 
 
 def as_output(out: Any, shape: Tuple[int, ...], what: str) -> int:
-    """The address of a caller's float32 result buffer of `shape`, written in place."""
+    """The address of a caller's float32 result buffer of exactly `shape`, written in place.
+
+    A numpy array must have that shape (not only that size: an array of another shape would be
+    filled in an order its reader does not expect), dtype float32, and be C-contiguous and
+    writable. Other buffers must be writable C-contiguous float32 with that many values and,
+    when they have more than one dimension, that shape."""
     if HAVE_NUMPY and isinstance(out, _ndarray):
         if out.dtype != _F32 or not out.flags.c_contiguous or not out.flags.writeable:
             raise TypeError(f"{what}: must be a writable C-contiguous float32 array "
                             f"(got {out.dtype}, contiguous={out.flags.c_contiguous}, "
                             f"writable={out.flags.writeable})")
-        if out.size != _prod(shape):
+        if out.shape != tuple(shape):
             raise ValueError(f"{what}: expected shape {list(shape)}, got {list(out.shape)}")
         return out.ctypes.data
+    try:
+        dims = memoryview(out).shape
+    except TypeError:
+        dims = None
+    if dims is not None and len(dims) > 1 and tuple(dims) != tuple(shape):
+        raise ValueError(f"{what}: expected shape {list(shape)}, got {list(dims)}")
     return as_inplace(out, _prod(shape), what)
 
 
@@ -173,14 +209,3 @@ def as_inplace(obj: Any, count: int, what: str) -> int:
     if mv.nbytes != 4 * count:
         raise ValueError(f"{what}: expected {count} float32 values, got {mv.nbytes // 4}")
     return _address(mv)
-
-
-def index(value: Any, what: str) -> int:
-    """A whole number >= 0 for a size_t or uint32 argument (ctypes would wrap a negative one)."""
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be a whole number, not {type(value).__name__}") from None
-    if v < 0:
-        raise ValueError(f"{what} must be >= 0, not {v}")
-    return v

@@ -23,6 +23,8 @@ from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_float, c_int, c_si
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from . import _args
+
 #: The major version of the C library this package is written for. The C library changes its
 #: major version (and SONAME) only with an incompatible ABI.
 EXPECTED_MAJOR = 0
@@ -32,6 +34,19 @@ _SONAMES = {"linux": ["libsae.so.0"], "darwin": ["libsae.0.dylib"]}
 
 class LibraryNotFound(ImportError):
     """libsae.so could not be loaded; the message lists where it was looked for."""
+
+
+#: The C library's status codes (sae.h's SAE_OK, SAE_E*), defined here once: LibsaeError.code is
+#: one of the negative ones.
+OK = 0
+EINVAL = -1
+ENOMEM = -2
+EIO = -3
+EFORMAT = -4
+EUNSUPPORTED = -5
+ERANGE = -6
+ESTATE = -7
+ECALLBACK = -8
 
 
 class LibsaeError(Exception):
@@ -193,6 +208,7 @@ _CORE = {
 # Parts of the library that are growing (steering, analysis, training): bound when present, so
 # the package works with a library that does not have them yet and says so when asked for them.
 _OPTIONAL = {
+    "sae_model_load_with": (_STATUS, [_hp, c_char_p, c_uint]),
     "sae_steer_new": (_STATUS, [_hp, _h]),
     "sae_steer_free": (None, [_h]),
     "sae_steer_clamp": (_STATUS, [_h, c_uint32, c_float]),
@@ -245,8 +261,16 @@ def _errcheck(result, func, args):
     return result
 
 
+#: Argument types that ctypes would convert silently (wrapping, rounding, cutting a string at a
+#: NUL byte), replaced by types that check the value at every call (see _args).
+_CHECKED = {c_size_t: _args.size_t, c_uint32: _args.uint32_t, c_int: _args.c_int,
+            c_uint: _args.c_uint, c_float: _args.c_float, c_double: _args.c_double,
+            c_char_p: _args.c_char_p}
+
+
 def declare(name: str, restype, argtypes, optional: bool = False) -> bool:
-    """Declares one C function's signature; returns False if an optional one is absent."""
+    """Declares one C function's signature; returns False if an optional one is absent. Every
+    integer, float and string argument is range-checked by ctypes (_CHECKED)."""
     try:
         fn = getattr(lib, name)
     except AttributeError:
@@ -258,7 +282,7 @@ def declare(name: str, restype, argtypes, optional: bool = False) -> bool:
         fn.errcheck = _errcheck
     else:
         fn.restype = restype
-    fn.argtypes = argtypes
+    fn.argtypes = [_CHECKED.get(t, t) for t in argtypes]
     _present.add(name)
     return True
 

@@ -2,33 +2,37 @@
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Any, Dict, Optional, Tuple, Union
 
+from . import _args as A
 from . import _buffers as B
+from ._args import PathLike
 from ._handle import Handle
-from ._lib import LibsaeError, lib
-
-PathLike = Union[str, "os.PathLike[str]"]
+from ._lib import EUNSUPPORTED, LibsaeError, lib, require
 
 #: sae_tensor values by name, and each tensor's shape as (rows of d_in/d_sae, ...).
 TENSORS = {"W_enc": 1, "W_dec": 2, "b_enc": 3, "b_dec": 4, "threshold": 5}
 #: sae_model_param values by name.
 MODEL_PARAMS = {"k": 1, "apply_b_dec_to_input": 2, "input_scale": 3, "threshold": 4, "threads": 5,
                 "bf16_weights": 6}
-_EUNSUPPORTED = -5
+#: sae_load_flag values by name.
+LOAD_FLAGS = {"copy": 1}
 
 
-def _path(p: PathLike) -> bytes:
-    return os.fsencode(p)
+def _path(p: PathLike, what: str = "path") -> bytes:
+    return A.path(p, what)
 
 
 def _arch_value(arch: Union[str, int]) -> int:
-    if isinstance(arch, int):
-        return arch
-    v = ctypes.c_int()
-    lib.sae_arch_from_name(str(arch).encode(), ctypes.byref(v))
-    return v.value
+    if isinstance(arch, str):
+        v = ctypes.c_int()
+        lib.sae_arch_from_name(A.text(arch, "arch"), ctypes.byref(v))
+        return v.value
+    try:
+        return A.cint(arch, "arch")
+    except TypeError:
+        raise TypeError(f"arch must be a name such as \"topk\" or an sae_arch value, "
+                        f"not {type(arch).__name__}") from None
 
 
 class Model(Handle):
@@ -40,7 +44,9 @@ class Model(Handle):
     numpy arrays, or ``array.array`` when numpy is not installed.
 
     Methods taking only reads (encode, decode, ...) may be called from many threads at once:
-    the C call releases the GIL.
+    the C call releases the GIL. Methods that change the model (set_tensor, set_param, a
+    Trainer's step) wait until no other thread is inside a call on it, and make others wait.
+    ``close()`` refuses new calls and waits for those in flight; see docs/python.md.
     """
 
     _kind = "Model"
@@ -61,8 +67,8 @@ class Model(Handle):
         (or SAELens' "standard"). Keyword arguments set the parameters of the same name
         (threads: how many threads a call may use outside BLAS, 0 = all cores)."""
         out = ctypes.c_void_p()
-        lib.sae_model_new(ctypes.byref(out), _arch_value(arch), B.index(d_in, "d_in"),
-                          B.index(d_sae, "d_sae"))
+        lib.sae_model_new(ctypes.byref(out), _arch_value(arch), A.size(d_in, "d_in"),
+                          A.size(d_sae, "d_sae"))
         m = cls(out.value)
         for name, v in (("k", k), ("input_scale", input_scale),
                         ("apply_b_dec_to_input", apply_b_dec_to_input), ("threshold", threshold),
@@ -72,45 +78,66 @@ class Model(Handle):
         return m
 
     @classmethod
-    def load(cls, path: PathLike) -> "Model":
+    def load(cls, path: PathLike, *, copy: bool = False) -> "Model":
         """Loads libsae's own file, a SAELens or sparsify folder (or its weights file), or a
-        Gemma Scope params.npz; the format is detected from the content."""
+        Gemma Scope params.npz; the format is detected from the content.
+
+        By default F32 weights may stay memory-mapped from the file: loading is quick, but a
+        file truncated or rewritten by another process while the model lives can change its
+        weights or kill the process with SIGBUS. ``copy=True`` (sae_model_load_with with
+        SAE_LOAD_COPY) reads every tensor into the model's own memory instead, after which the
+        file may change or vanish without effect."""
+        p = _path(path)
         out = ctypes.c_void_p()
-        lib.sae_model_load(ctypes.byref(out), _path(path))
+        if A.flag(copy, "copy"):
+            require("sae_model_load_with")
+            lib.sae_model_load_with(ctypes.byref(out), p, LOAD_FLAGS["copy"])
+        else:
+            lib.sae_model_load(ctypes.byref(out), p)
         return cls(out.value)
 
     def save(self, path: PathLike) -> None:
         """Writes libsae's safetensors file, atomically (path is untouched on failure)."""
-        lib.sae_model_save(self._ptr(), _path(path))
+        p = _path(path)
+        with self._use() as h:
+            lib.sae_model_save(h, p)
 
     # -- description ----------------------------------------------------------------------
 
     @property
     def arch(self) -> str:
         """"relu", "topk", "batchtopk" or "jumprelu"."""
-        return lib.sae_arch_name(lib.sae_model_arch(self._ptr())).decode()
+        with self._use() as h:
+            return lib.sae_arch_name(lib.sae_model_arch(h)).decode()
 
     @property
     def format(self) -> str:
         """Where the model came from: "libsae", "saelens", "sparsify", "gemma-scope" or "new"."""
-        return lib.sae_model_format(self._ptr()).decode()
+        with self._use() as h:
+            return lib.sae_model_format(h).decode()
 
     @property
     def dtype(self) -> str:
         """The dtype the weights were stored in: "F32", "F16", "BF16" or "F64"."""
-        return lib.sae_model_dtype(self._ptr()).decode()
+        with self._use() as h:
+            return lib.sae_model_dtype(h).decode()
 
     def get_param(self, name: str) -> float:
         """One parameter by name: "k", "apply_b_dec_to_input", "input_scale", "threshold"
         (BatchTopK's global threshold), "threads", "bf16_weights" (1: W_enc and W_dec held as
         bfloat16). LibsaeError (EUNSUPPORTED) if the architecture has none."""
+        p = _param(name)
         v = ctypes.c_double()
-        lib.sae_model_get_param(self._ptr(), _param(name), ctypes.byref(v))
+        with self._use() as h:
+            lib.sae_model_get_param(h, p, ctypes.byref(v))
         return v.value
 
     def set_param(self, name: str, value: float) -> None:
-        """Sets a parameter by name (see get_param); the C library checks the value."""
-        lib.sae_model_set_param(self._ptr(), _param(name), float(value))
+        """Sets a parameter by name (see get_param) to a number; the C library checks the
+        value."""
+        p, v = _param(name), A.real(value, name)
+        with self._use(write=True) as h:
+            lib.sae_model_set_param(h, p, v)
 
     def params(self) -> Dict[str, float]:
         """Every parameter this architecture has, by name."""
@@ -119,7 +146,7 @@ class Model(Handle):
             try:
                 out[name] = self.get_param(name)
             except LibsaeError as e:
-                if e.code != _EUNSUPPORTED:
+                if e.code != EUNSUPPORTED:
                     raise
         return out
 
@@ -127,7 +154,7 @@ class Model(Handle):
         try:
             return self.get_param(name)
         except LibsaeError as e:
-            if e.code == _EUNSUPPORTED:
+            if e.code == EUNSUPPORTED:
                 return None
             raise
 
@@ -155,7 +182,7 @@ class Model(Handle):
 
     @apply_b_dec_to_input.setter
     def apply_b_dec_to_input(self, value: bool) -> None:
-        self.set_param("apply_b_dec_to_input", 1.0 if value else 0.0)
+        self.set_param("apply_b_dec_to_input", A.flag(value, "apply_b_dec_to_input"))
 
     @property
     def threshold(self) -> Optional[float]:
@@ -167,9 +194,12 @@ class Model(Handle):
         self.set_param("threshold", value)
 
     def __repr__(self) -> str:
-        if self._h is None:
+        if self.closed:
             return "<libsae.Model closed>"
-        k = self.k
+        try:
+            k = self.k
+        except ValueError:  # closed by another thread meanwhile
+            return "<libsae.Model closed>"
         return (f"<libsae.Model {self.arch} d_in={self.d_in} d_sae={self.d_sae}"
                 + (f" k={k}" if k is not None else "") + f" from {self.format}>")
 
@@ -187,69 +217,68 @@ class Model(Handle):
         shape (a transposed W_enc is refused); other buffers must hold that many floats.
         NaN and infinity are refused (LibsaeError EINVAL)."""
         t = _tensor(name)
-        h = self._ptr()
         ptr, keep = B.as_exact(value, self.tensor_shape(name), "f", f"set_tensor({name!r})")
-        lib.sae_model_set_tensor(h, t, ptr)
+        with self._use(write=True) as h:
+            lib.sae_model_set_tensor(h, t, ptr)
         del keep
 
     def get_tensor(self, name: str) -> Any:
         """A copy of a tensor, as a new array of its shape."""
         t = _tensor(name)
-        h = self._ptr()
         out, ptr = B.new_output(self.tensor_shape(name))
-        lib.sae_model_get_tensor(h, t, ptr)
+        with self._use() as h:
+            lib.sae_model_get_tensor(h, t, ptr)
         return out
 
     # -- encoding and decoding ------------------------------------------------------------
 
     def encode(self, x: Any, out: Any = None) -> Any:
         """Dense codes f [..., d_sae] of activations x [..., d_in]. `out`, if given, is a
-        C-contiguous float32 array of that shape that receives them (and is returned)."""
-        h = self._ptr()
+        writable C-contiguous float32 array of exactly that shape that receives them (and is
+        returned)."""
         xp, keep, n, lead = B.as_input(x, self.d_in, "encode: x")
         if out is None:
             out, fp = B.new_output(lead + (self.d_sae,))
         else:
             fp = B.as_output(out, lead + (self.d_sae,), "encode: out")
-        lib.sae_encode(h, xp, n, fp)
+        with self._use() as h:
+            lib.sae_encode(h, xp, n, fp)
         return out
 
     def encode_sparse(self, x: Any, k: Optional[int] = None) -> Tuple[Any, Any, Any]:
         """Each token's at most k nonzero features, largest first: (idx [..., k] uint32,
         val [..., k] float32, count [...] uint32). Unused slots hold index 0, value 0.
         k defaults to the model's K for TopK and BatchTopK."""
-        h = self._ptr()
         if k is None:
             k = self.k
             if k is None:
                 raise TypeError(f"encode_sparse: k is required for a {self.arch} model")
-        k = B.index(k, "encode_sparse: k")
-        if k < 1:
-            raise ValueError(f"encode_sparse: k must be at least 1, not {k}")
+        k = A.size(k, "encode_sparse: k", lo=1)
         xp, keep, n, lead = B.as_input(x, self.d_in, "encode_sparse: x")
         idx, ip = B.new_output(lead + (k,), B.U32)
         val, vp = B.new_output(lead + (k,))
         count, cp = B.new_output(lead if lead else (1,), B.U32)
         if B.HAVE_NUMPY and not lead:
             count = count.reshape(())
-        lib.sae_encode_sparse(h, xp, n, k, ip, vp, cp)
+        with self._use() as h:
+            lib.sae_encode_sparse(h, xp, n, k, ip, vp, cp)
         return idx, val, count
 
     def decode(self, f: Any, out: Any = None) -> Any:
-        """x_hat [..., d_in] from dense codes f [..., d_sae]."""
-        h = self._ptr()
+        """x_hat [..., d_in] from dense codes f [..., d_sae]. `out`: as for encode."""
         fp, keep, n, lead = B.as_input(f, self.d_sae, "decode: f")
         if out is None:
             out, xp = B.new_output(lead + (self.d_in,))
         else:
             xp = B.as_output(out, lead + (self.d_in,), "decode: out")
-        lib.sae_decode(h, fp, n, xp)
+        with self._use() as h:
+            lib.sae_decode(h, fp, n, xp)
         return out
 
     def decode_sparse(self, idx: Any, val: Any, count: Any, k: Optional[int] = None) -> Any:
         """x_hat [..., d_in] from sparse codes laid out as encode_sparse returns them. k is read
-        from idx's last axis (numpy) or must be given for flat buffers."""
-        h = self._ptr()
+        from idx's last axis (numpy) or must be given for flat buffers. Indices must fit
+        uint32: an index array of another integer type is checked, never wrapped."""
         if B.HAVE_NUMPY:
             count = B.np.asarray(count)
             lead = count.shape
@@ -267,13 +296,13 @@ class Model(Handle):
                     raise ValueError("decode_sparse: pass k: it cannot be told from the buffers")
                 k = total // n
         n = B._prod(lead)
-        if k < 1:
-            raise ValueError(f"decode_sparse: k must be at least 1, not {k}")
+        k = A.size(k, "decode_sparse: k", lo=1)
         ip, k1 = B.as_exact(idx, lead + (k,), B.U32, "decode_sparse: idx")
         vp, k2 = B.as_exact(val, lead + (k,), "f", "decode_sparse: val")
         cp, k3 = B.as_exact(count, (n,), B.U32, "decode_sparse: count")
         out, xp = B.new_output(lead + (self.d_in,))
-        lib.sae_decode_sparse(h, ip, vp, cp, k, n, xp)
+        with self._use() as h:
+            lib.sae_decode_sparse(h, ip, vp, cp, k, n, xp)
         return out
 
     def neighbors(self, feature: int, k: int = 10) -> Tuple[Any, Any]:
@@ -290,7 +319,6 @@ class Model(Handle):
         """Reconstruction quality on activations x [..., d_in], as SAELens' evals measure it:
         {"mse", "fvu", "explained_variance", "l0", "l1", "cosine", "l2_ratio",
         "dead_fraction"} (or only the named `metrics`). See sae_evaluate in sae.h."""
-        h = self._ptr()
         names = self.EVAL_METRICS if metrics is None else tuple(metrics)
         for name in names:
             if name not in self.EVAL_METRICS:
@@ -299,19 +327,21 @@ class Model(Handle):
         xp, keep, n, lead = B.as_input(x, self.d_in, "evaluate: x")
         which = (ctypes.c_int * len(names))(*(self.EVAL_METRICS.index(m) + 1 for m in names))
         values = (ctypes.c_double * len(names))()
-        lib.sae_evaluate(h, xp, n, ctypes.addressof(which), len(names), ctypes.addressof(values))
+        with self._use() as h:
+            lib.sae_evaluate(h, xp, n, ctypes.addressof(which), len(names),
+                             ctypes.addressof(values))
         del keep
         return dict(zip(names, values))
 
     def reconstruct(self, x: Any, out: Any = None) -> Any:
         """decode(encode(x)) in one call: x_hat [..., d_in]. `out` may be x itself."""
-        h = self._ptr()
         xp, keep, n, lead = B.as_input(x, self.d_in, "reconstruct: x")
         if out is None:
             out, op = B.new_output(lead + (self.d_in,))
         else:
             op = B.as_output(out, lead + (self.d_in,), "reconstruct: out")
-        lib.sae_reconstruct(h, xp, n, op)
+        with self._use() as h:
+            lib.sae_reconstruct(h, xp, n, op)
         return out
 
 

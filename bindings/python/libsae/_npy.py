@@ -4,10 +4,12 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Optional
 
+from . import _args as A
 from . import _buffers as B
+from ._args import PathLike
 from ._handle import Handle
 from ._lib import lib
-from ._model import PathLike, _path
+from ._model import _path
 
 
 class NpyFile(Handle):
@@ -20,8 +22,9 @@ class NpyFile(Handle):
     _kind = "NpyFile"
 
     def __init__(self, path: PathLike):
+        p = _path(path)
         out = ctypes.c_void_p()
-        lib.sae_npy_open(ctypes.byref(out), _path(path))
+        lib.sae_npy_open(ctypes.byref(out), p)
         self._own(out.value, lib.sae_npy_close)
         self.path = path
         self.rows: int = lib.sae_npy_rows(out.value)
@@ -35,12 +38,13 @@ class NpyFile(Handle):
         return self.rows
 
     def read(self, first: int = 0, count: Optional[int] = None) -> Any:
-        """Rows [first, first + count) as float32 [count, cols]; count defaults to the rest."""
-        h = self._ptr()
-        if count is None:
-            count = max(self.rows - first, 0)
+        """Rows [first, first + count) as float32 [count, cols]; count defaults to the rest.
+        Reads of one file are serialized (the C reader keeps a file position)."""
+        first = A.size(first, "first")
+        count = max(self.rows - first, 0) if count is None else A.size(count, "count")
         out, ptr = B.new_output((count, self.cols))
-        lib.sae_npy_read(h, first, count, ptr)
+        with self._use(write=True) as h:
+            lib.sae_npy_read(h, first, count, ptr)
         return out
 
 
@@ -59,7 +63,7 @@ def save_npy(path: PathLike, data: Any, cols: Optional[int] = None) -> None:
         cols = data.shape[-1] if cols is None else cols
     elif cols is None:
         raise TypeError("save_npy: cols is required for a flat buffer")
-    if cols < 1:
-        raise ValueError(f"save_npy: cols must be at least 1, not {cols}")
+    cols = A.size(cols, "save_npy: cols", lo=1)
+    p = _path(path)
     ptr, keep, rows, _ = B.as_input(data, cols, "save_npy: data")
-    lib.sae_npy_write(_path(path), ptr, rows, cols)
+    lib.sae_npy_write(p, ptr, rows, cols)

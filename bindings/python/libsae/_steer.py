@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, List, Optional, Tuple
 
+from . import _args as A
 from . import _buffers as B
 from ._handle import Handle
 from ._lib import lib, require
@@ -23,7 +24,8 @@ class Steering(Handle):
         s = libsae.Steering(m).clamp(12, 10.0).scale(40, 2.0).add(7, -1.0)
         s.apply(x)          # x is now steered
 
-    The plan keeps its model alive; closing the model closes the plan.
+    The plan keeps its model alive; closing the model closes the plan. Building the plan
+    (clamp, scale, ...) waits for applies of it on other threads, and the other way round.
     """
 
     _kind = "Steering"
@@ -33,14 +35,14 @@ class Steering(Handle):
         if not isinstance(model, Model):
             raise TypeError(f"Steering needs a libsae.Model, not {type(model).__name__}")
         out = ctypes.c_void_p()
-        lib.sae_steer_new(ctypes.byref(out), model._ptr())
-        self.model = model
-        self._own(out.value, lib.sae_steer_free, parent=model)
+        with model._use() as mh:  # the model cannot be freed before the plan holds it
+            lib.sae_steer_new(ctypes.byref(out), mh)
+            self.model = model
+            self._own(out.value, lib.sae_steer_free, parent=model)
 
     def clamp(self, feature: int, value: float) -> "Steering":
         """f_feature := value on every token (value 0 ablates the feature)."""
-        lib.sae_steer_clamp(self._ptr(), _feature(feature), value)
-        return self
+        return self._op(lib.sae_steer_clamp, feature, value, "value")
 
     def ablate(self, feature: int) -> "Steering":
         """The same as clamp(feature, 0.0)."""
@@ -48,12 +50,16 @@ class Steering(Handle):
 
     def scale(self, feature: int, factor: float) -> "Steering":
         """f_feature := factor * f_feature on every token."""
-        lib.sae_steer_scale(self._ptr(), _feature(feature), factor)
-        return self
+        return self._op(lib.sae_steer_scale, feature, factor, "factor")
 
     def add(self, feature: int, coeff: float) -> "Steering":
         """x += coeff * W_dec[feature] / input_scale on every token."""
-        lib.sae_steer_add(self._ptr(), _feature(feature), coeff)
+        return self._op(lib.sae_steer_add, feature, coeff, "coeff")
+
+    def _op(self, fn, feature: int, value: float, what: str) -> "Steering":
+        f, v = _feature(feature), A.f32(value, what)
+        with self._use(write=True) as h:
+            fn(h, f, v)
         return self
 
     def clamp_relative(self, feature: int, multiple: float, stats: "Optional[Stats]" = None,
@@ -62,62 +68,72 @@ class Steering(Handle):
         Monosemanticity" does (10x to amplify, negative multiples to suppress). The maximum
         comes from `stats` (a Stats of this model's codes) or from `max`, an array of d_sae
         maxima: exactly one of the two."""
-        h = self._ptr()
         require("sae_steer_clamp_relative")
-        sp = stats._ptr() if stats is not None else None
+        if stats is not None and not isinstance(stats, Stats):
+            raise TypeError(f"clamp_relative: stats must be a libsae.Stats, not "
+                            f"{type(stats).__name__}")
+        f, mult = _feature(feature), A.f32(multiple, "multiple")
         mp = None
         keep = None
         if max is not None:
             mp, keep = B.as_exact(max, (self.model.d_sae,), "f", "clamp_relative: max")
-        lib.sae_steer_clamp_relative(h, _feature(feature), multiple, sp, mp)
+        with self._use(write=True, reads=(stats,)) as (h, sp):
+            lib.sae_steer_clamp_relative(h, f, mult, sp, mp)
         del keep
         return self
 
     def remove(self, feature: int) -> "Steering":
         """Removes the op on one feature, if there is one."""
-        lib.sae_steer_remove(self._ptr(), _feature(feature))
+        f = _feature(feature)
+        with self._use(write=True) as h:
+            lib.sae_steer_remove(h, f)
         return self
 
     def __len__(self) -> int:
         """The number of features the plan acts on."""
-        return lib.sae_steer_count(self._ptr())
+        with self._use() as h:
+            return lib.sae_steer_count(h)
 
     def ops(self) -> List[Tuple[int, str, float]]:
         """The plan as (feature, "clamp" | "scale" | "add", value), in increasing feature order."""
-        h = self._ptr()
         f, op, v = ctypes.c_uint32(), ctypes.c_int(), ctypes.c_float()
         out = []
-        for i in range(lib.sae_steer_count(h)):
-            lib.sae_steer_get_op(h, i, ctypes.byref(f), ctypes.byref(op), ctypes.byref(v))
-            out.append((f.value, _OP_NAMES.get(op.value, str(op.value)), v.value))
+        with self._use() as h:  # one hold: the plan cannot change between count and get_op
+            for i in range(lib.sae_steer_count(h)):
+                lib.sae_steer_get_op(h, i, ctypes.byref(f), ctypes.byref(op), ctypes.byref(v))
+                out.append((f.value, _OP_NAMES.get(op.value, str(op.value)), v.value))
         return out
 
     def __repr__(self) -> str:
-        if self._h is None:
+        try:
+            ops = self.ops()
+        except ValueError:
             return "<libsae.Steering closed>"
-        body = ", ".join(f"{op}({f}, {v:g})" for f, op, v in self.ops())
+        body = ", ".join(f"{op}({f}, {v:g})" for f, op, v in ops)
         return f"<libsae.Steering {body or 'empty'}>"
 
     def vector(self) -> Any:
         """A plan of add ops only as the one constant vector [d_in] it adds to every token
         (LibsaeError ESTATE if it has clamp or scale ops, which depend on the activations)."""
-        h = self._ptr()
         out, ptr = B.new_output((self.model.d_in,))
-        lib.sae_steer_vector(h, ptr)
+        with self._use() as h:
+            lib.sae_steer_vector(h, ptr)
         return out
 
     def write_cvec(self, path, layer: int, n_layer: int, model_hint: Optional[str] = None) -> None:
         """Writes the plan's constant vector as a llama.cpp control-vector GGUF file for
         ``--control-vector``: the vector at `layer` (1 <= layer < n_layer, the engine model's
         block count), zeros elsewhere. model_hint is the engine's architecture, e.g. "llama"."""
-        h = self._ptr()
-        lib.sae_steer_write_cvec(h, _path(path), B.index(layer, "layer"),
-                                 B.index(n_layer, "n_layer"),
-                                 model_hint.encode() if model_hint is not None else None)
+        p = _path(path)
+        layer, n_layer = A.size(layer, "layer"), A.size(n_layer, "n_layer")
+        hint = A.text(model_hint, "model_hint") if model_hint is not None else None
+        with self._use() as h:
+            lib.sae_steer_write_cvec(h, p, layer, n_layer, hint)
 
     def clear(self) -> "Steering":
         """Removes every op."""
-        lib.sae_steer_clear(self._ptr())
+        with self._use(write=True) as h:
+            lib.sae_steer_clear(h)
         return self
 
     def apply(self, x: Any) -> Any:
@@ -126,7 +142,6 @@ class Steering(Handle):
         Because it works in place, x must be a writable C-contiguous float32 array (numpy) or
         buffer (array.array('f'), a writable memoryview); anything else is refused with a
         TypeError rather than silently steering a copy."""
-        h = self._ptr()
         d_in = self.model.d_in
         if B.HAVE_NUMPY and isinstance(x, B.np.ndarray):
             if x.dtype != B.np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
@@ -138,7 +153,8 @@ class Steering(Handle):
             if x.ndim == 0 or x.shape[-1] != d_in:
                 raise ValueError(f"Steering.apply: expected shape [..., {d_in}], "
                                  f"got {list(x.shape)}")
-            lib.sae_steer_apply(h, x.ctypes.data, x.size // d_in)
+            with self._use() as h:
+                lib.sae_steer_apply(h, x.ctypes.data, x.size // d_in)
             return x
         try:
             count = memoryview(x).nbytes // 4
@@ -149,26 +165,25 @@ class Steering(Handle):
             raise ValueError(f"Steering.apply: {count} values are not a whole number of rows "
                              f"of {d_in}")
         ptr = B.as_inplace(x, count, "Steering.apply")
-        lib.sae_steer_apply(h, ptr, count // d_in)
+        with self._use() as h:
+            lib.sae_steer_apply(h, ptr, count // d_in)
         return x
 
 
 def _feature(feature: int) -> int:
-    # Indices past uint32 saturate, so the C library reports them as out of range (ctypes would
-    # otherwise keep only the low 32 bits and steer some other feature).
-    return min(B.index(feature, "feature"), 0xFFFFFFFF)
+    # A uint32 in C: ctypes would keep only the low 32 bits and steer some other feature.
+    return A.u32(feature, "feature")
 
 
 def write_cvec(path, data: Any, n_embd: int, n_layer: int, model_hint: Optional[str] = None) -> None:
     """Writes a llama.cpp control-vector GGUF file from data [n_layer - 1, n_embd] (layer 1
     first, as llama_set_adapter_cvec takes it)."""
     require("sae_cvec_write")
-    n_embd, n_layer = B.index(n_embd, "n_embd"), B.index(n_layer, "n_layer")
-    if n_layer < 2:
-        raise ValueError(f"write_cvec: n_layer must be at least 2, not {n_layer}")
+    n_embd, n_layer = A.size(n_embd, "n_embd"), A.size(n_layer, "n_layer", lo=2)
+    p = _path(path)
+    hint = A.text(model_hint, "model_hint") if model_hint is not None else None
     ptr, keep = B.as_exact(data, (n_layer - 1, n_embd), "f", "write_cvec: data")
-    lib.sae_cvec_write(_path(path), ptr, n_embd, n_layer,
-                       model_hint.encode() if model_hint is not None else None)
+    lib.sae_cvec_write(p, ptr, n_embd, n_layer, hint)
     del keep
 
 

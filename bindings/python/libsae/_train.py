@@ -4,9 +4,10 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable, Dict, Optional
 
+from . import _args as A
 from . import _buffers as B
 from ._handle import Handle
-from ._lib import ALLREDUCE_FN, LibsaeError, lib, require
+from ._lib import ALLREDUCE_FN, ESTATE, LibsaeError, lib, require
 from ._model import Model, _path
 
 #: sae_train_param values by name.
@@ -19,7 +20,6 @@ TRAIN_PARAMS = {"lr": 1, "l1_coeff": 2, "auxk": 3, "auxk_coeff": 4, "dead_tokens
 METRICS = {"loss": 1, "mse": 2, "fvu": 3, "l0": 4, "dead_fraction": 5, "steps": 6, "tokens": 7,
            "auxk_loss": 8, "lr": 9, "grad_norm": 10}
 _COUNTS = ("steps", "tokens")
-_ESTATE = -7
 
 
 class Trainer(Handle):
@@ -31,7 +31,8 @@ class Trainer(Handle):
     decoder_init_norm, threshold_lr, adam_eps, normalize_input, b_dec_init; docs/training.md
     gives each one's meaning and default). Call :meth:`init` once with a sample of the data,
     then :meth:`step` per batch. The trainer keeps its model alive; the model's weights change
-    with every step.
+    with every step, and a step waits until no other thread is inside a call on the model
+    (and makes encodes of it wait).
     """
 
     _kind = "Trainer"
@@ -43,21 +44,26 @@ class Trainer(Handle):
         for name in params:
             _param(name)
         out = ctypes.c_void_p()
-        lib.sae_trainer_new(ctypes.byref(out), model._ptr())
-        self.model = model
-        self._own(out.value, lib.sae_trainer_free, parent=model)
+        with model._use(write=True) as mh:  # the model cannot be freed before the trainer holds it
+            lib.sae_trainer_new(ctypes.byref(out), mh)
+            self.model = model
+            self._own(out.value, lib.sae_trainer_free, parent=model)
         self._allreduce = None
         for name, v in params.items():
             self.set_param(name, v)
 
     def set_param(self, name: str, value: float) -> None:
         """Sets a training parameter by name; the C library checks the value."""
-        lib.sae_trainer_set_param(self._ptr(), _param(name), float(value))
+        p, v = _param(name), A.real(value, name)
+        with self._use(write=True) as h:
+            lib.sae_trainer_set_param(h, p, v)
 
     def get_param(self, name: str) -> float:
         require("sae_trainer_get_param")
+        p = _param(name)
         v = ctypes.c_double()
-        lib.sae_trainer_get_param(self._ptr(), _param(name), ctypes.byref(v))
+        with self._use() as h:
+            lib.sae_trainer_get_param(h, p, ctypes.byref(v))
         return v.value
 
     def params(self) -> Dict[str, float]:
@@ -67,42 +73,46 @@ class Trainer(Handle):
     def init(self, x: Any) -> None:
         """Data-aware initialization from activations x [..., d_in]: b_dec from the data, the
         encoder as the decoder's transpose with unit-norm decoder rows."""
-        h = self._ptr()
         xp, keep, n, _ = B.as_input(x, self.model.d_in, "Trainer.init: x")
-        lib.sae_trainer_init(h, xp, n)
+        with self._use(write=True, parent_write=True) as h:
+            lib.sae_trainer_init(h, xp, n)
 
     def step(self, x: Any) -> Dict[str, float]:
         """One Adam step on the batch x [..., d_in]; returns :meth:`metrics`."""
-        h = self._ptr()
         xp, keep, n, _ = B.as_input(x, self.model.d_in, "Trainer.step: x")
-        lib.sae_trainer_step(h, xp, n)
+        with self._use(write=True, parent_write=True) as h:
+            lib.sae_trainer_step(h, xp, n)
         return self.metrics()
 
     def metrics(self) -> Dict[str, float]:
         """The last step's batch: loss, mse, fvu, l0, dead_fraction, auxk_loss, lr, grad_norm,
         and the counts steps and tokens (ints). Before the first step only the counts."""
-        h = self._ptr()
         v = ctypes.c_double()
         out: Dict[str, float] = {}
-        for name, key in METRICS.items():
-            try:
-                lib.sae_trainer_get_metric(h, key, ctypes.byref(v))
-            except LibsaeError as e:
-                if e.code == _ESTATE:
-                    continue
-                raise
-            out[name] = int(v.value) if name in _COUNTS else v.value
+        with self._use() as h:
+            for name, key in METRICS.items():
+                try:
+                    lib.sae_trainer_get_metric(h, key, ctypes.byref(v))
+                except LibsaeError as e:
+                    if e.code == ESTATE:
+                        continue
+                    raise
+                out[name] = int(v.value) if name in _COUNTS else v.value
         return out
 
     def save(self, path) -> None:
         """Writes a checkpoint: the model and everything training needs to continue bit for bit
         (optimizer moments, counters, parameters), atomically. It also loads as a plain Model."""
-        lib.sae_trainer_save(self._ptr(), _path(path))
+        p = _path(path)
+        with self._use() as h:
+            lib.sae_trainer_save(h, p)
 
     def load(self, path) -> None:
         """Resumes from a checkpoint written by save, into this trainer and its model (same
         architecture and shape); on failure nothing changes."""
-        lib.sae_trainer_load(self._ptr(), _path(path))
+        p = _path(path)
+        with self._use(write=True, parent_write=True) as h:
+            lib.sae_trainer_load(h, p)
 
     def set_allreduce(self, fn: Optional[Callable[[Any], None]]) -> None:
         """Data-parallel training: fn(buf) is called once per step with this process's gradient
@@ -110,10 +120,10 @@ class Trainer(Handle):
         place with the sum over all processes (e.g. mpi4py's ``comm.Allreduce(MPI.IN_PLACE,
         buf)``). An exception from fn makes the step fail (LibsaeError ECALLBACK). None removes
         the hook."""
-        h = self._ptr()
         if fn is None:
-            lib.sae_trainer_set_allreduce(h, ALLREDUCE_FN(), None)
-            self._allreduce = None
+            with self._use(write=True) as h:
+                lib.sae_trainer_set_allreduce(h, ALLREDUCE_FN(), None)
+                self._allreduce = None
             return
 
         def trampoline(buf: int, count: int, user: int) -> int:
@@ -126,8 +136,9 @@ class Trainer(Handle):
                 return 1
 
         cb = ALLREDUCE_FN(trampoline)
-        lib.sae_trainer_set_allreduce(h, cb, None)
-        self._allreduce = cb  # the C library keeps the pointer: keep the thunk alive
+        with self._use(write=True) as h:
+            lib.sae_trainer_set_allreduce(h, cb, None)
+            self._allreduce = cb  # the C library keeps the pointer: keep the thunk alive
 
 
 def _param(name: str) -> int:
