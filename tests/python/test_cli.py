@@ -64,7 +64,7 @@ class TestCli(TestCase):
         self.assertIn("wrote", err)
         back = libsae.Model.load(out)
         self.assertEqual(back.arch, "jumprelu")
-        for name in libsae.TENSORS:
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
             np.testing.assert_array_equal(back.get_tensor(name), j.get_tensor(name))
 
     def test_top(self):

@@ -24,7 +24,10 @@ class TestModel(TestCase):
                 self.assertEqual(m.k, 32 if arch in ("topk", "batchtopk") else None)
                 self.assertEqual(m.threshold, 0.0 if arch == "batchtopk" else None)
                 for name in libsae.TENSORS:
-                    if name == "threshold" and arch != "jumprelu":
+                    held = name in ("W_enc", "W_dec", "b_enc", "b_dec") or \
+                        (name == "threshold" and arch == "jumprelu")
+                    self.assertEqual(m.has_tensor(name), held, name)
+                    if not held:
                         continue
                     t = m.get_tensor(name)
                     self.assertEqual(t.shape, m.tensor_shape(name))
@@ -36,7 +39,7 @@ class TestModel(TestCase):
         m = libsae.Model.new("topk", 4, 9, k=3, input_scale=2.5, apply_b_dec_to_input=False)
         self.assertEqual((m.k, m.input_scale, m.apply_b_dec_to_input), (3, 2.5, False))
         self.assertEqual(m.params(), {"k": 3.0, "apply_b_dec_to_input": 0.0, "input_scale": 2.5,
-                                      "threads": 0.0, "bf16_weights": 0.0})
+                                      "threads": 0.0, "bf16_weights": 0.0, "normalize": "none"})
         m.k = 5
         self.assertEqual(m.get_param("k"), 5.0)
         b = libsae.Model.new("batchtopk", 4, 9, threshold=0.25)
@@ -45,7 +48,7 @@ class TestModel(TestCase):
 
     def test_new_and_param_errors(self):
         self.assertLibsaeError(libsae.EINVAL, "must be at least 1", libsae.Model.new, "relu", 0, 4)
-        self.assertLibsaeError(libsae.EINVAL, "gated", libsae.Model.new, "gated", 4, 4)
+        self.assertLibsaeError(libsae.EINVAL, "maxout", libsae.Model.new, "maxout", 4, 4)
         m = libsae.Model.new("relu", 4, 4)
         self.assertLibsaeError(libsae.EUNSUPPORTED, "K", m.set_param, "k", 3)
         t = libsae.Model.new("topk", 4, 4)
@@ -163,9 +166,9 @@ class TestModel(TestCase):
                 for name, value in want.items():
                     self.assertAlmostEqual(got[name], value, delta=1e-4 * max(1, abs(value)),
                                            msg=name)
-                self.assertEqual(list(m.evaluate(x, ("l0", "mse"))), ["l0", "mse"])
+                self.assertEqual(list(m.evaluate(x, metrics=("l0", "mse"))), ["l0", "mse"])
         with self.assertRaises(ValueError):
-            m.evaluate(x, ("accuracy",))
+            m.evaluate(x, metrics=("accuracy",))
         with self.assertRaises(libsae.LibsaeError) as e:
             m.evaluate(x[:0])
         self.assertEqual(e.exception.code, libsae.EINVAL)

@@ -17,7 +17,9 @@ from ._buffers import HAVE_NUMPY
 from ._lib import EXPECTED_MAJOR, LibraryNotFound, LibsaeError, has
 from ._lib import path as library_path
 from ._lib import version_number, version_string
-from ._model import LOAD_FLAGS, MODEL_PARAMS, TENSORS, Model
+from ._enums import (ARCHITECTURES, EVAL_METRICS, LOAD_FLAGS, MODEL_PARAMS,  # noqa: F401
+                     NORMALIZATIONS, TENSORS)
+from ._model import Model, param_bounds
 from ._npy import NpyFile, load_npy, save_npy
 from ._stats import Stats, neighbors
 from ._steer import Steering, write_cvec
@@ -29,12 +31,13 @@ __version__ = "0.1.0"
 from ._lib import (ECALLBACK, EFORMAT, EINVAL, EIO, ENOMEM, ERANGE, ESTATE,  # noqa: E402
                    EUNSUPPORTED, OK)
 
-#: The architectures, as Model.arch names them.
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+# The C library's enums by name (ARCHITECTURES, TENSORS, MODEL_PARAMS, NORMALIZATIONS,
+# LOAD_FLAGS, EVAL_METRICS, TRAIN_PARAMS, METRICS) are dicts {name: value}, defined in _enums.
 
 __all__ = [
-    "Model", "Steering", "Trainer", "Stats", "neighbors", "write_cvec", "NpyFile", "load_npy", "save_npy", "LibsaeError",
-    "LibraryNotFound", "HAVE_NUMPY", "library_path", "version_string", "version_number",
-    "has", "TENSORS", "MODEL_PARAMS", "LOAD_FLAGS", "TRAIN_PARAMS", "METRICS", "ARCHITECTURES",
+    "Model", "Steering", "Trainer", "Stats", "neighbors", "write_cvec", "NpyFile", "load_npy",
+    "save_npy", "param_bounds", "LibsaeError", "LibraryNotFound", "HAVE_NUMPY", "library_path",
+    "version_string", "version_number", "has", "TENSORS", "MODEL_PARAMS", "NORMALIZATIONS",
+    "LOAD_FLAGS", "EVAL_METRICS", "TRAIN_PARAMS", "METRICS", "ARCHITECTURES",
     "OK", "EINVAL", "ENOMEM", "EIO", "EFORMAT", "EUNSUPPORTED", "ERANGE", "ESTATE", "ECALLBACK",
 ]

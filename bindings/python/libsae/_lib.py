@@ -209,6 +209,15 @@ _CORE = {
 # the package works with a library that does not have them yet and says so when asked for them.
 _OPTIONAL = {
     "sae_model_load_with": (_STATUS, [_hp, c_char_p, c_uint]),
+    # 0.2: transcoders, gated, GroupMax, per-token normalization
+    "sae_model_new_transcoder": (_STATUS, [_hp, c_int, c_size_t, c_size_t, c_size_t, c_int]),
+    "sae_model_d_out": (c_size_t, [_h]),
+    "sae_model_is_transcoder": (c_int, [_h]),
+    "sae_model_has_tensor": (c_int, [_h, c_int]),
+    "sae_model_decoder_norms": (_STATUS, [_h, _buf]),
+    "sae_model_param_bounds": (_STATUS, [c_int, POINTER(c_double), POINTER(c_double)]),
+    "sae_evaluate_to": (_STATUS, [_h, _buf, _buf, c_size_t, _buf, c_size_t, _buf]),
+    "sae_steer_apply_to": (_STATUS, [_h, _buf, _buf, c_size_t]),
     "sae_steer_new": (_STATUS, [_hp, _h]),
     "sae_steer_free": (None, [_h]),
     "sae_steer_clamp": (_STATUS, [_h, c_uint32, c_float]),

@@ -7,16 +7,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 from . import _args as A
 from . import _buffers as B
 from ._args import PathLike
+from ._enums import EVAL_METRICS, LOAD_FLAGS, MODEL_PARAMS, NORMALIZATIONS, TENSORS, name_of
 from ._handle import Handle
-from ._lib import EUNSUPPORTED, LibsaeError, lib, require
+from ._lib import EUNSUPPORTED, LibsaeError, has, lib, require
 
-#: sae_tensor values by name, and each tensor's shape as (rows of d_in/d_sae, ...).
-TENSORS = {"W_enc": 1, "W_dec": 2, "b_enc": 3, "b_dec": 4, "threshold": 5}
-#: sae_model_param values by name.
-MODEL_PARAMS = {"k": 1, "apply_b_dec_to_input": 2, "input_scale": 3, "threshold": 4, "threads": 5,
-                "bf16_weights": 6}
-#: sae_load_flag values by name.
-LOAD_FLAGS = {"copy": 1}
+#: The keyword arguments of Model.new and Model.new_transcoder that set parameters.
+_NEW_PARAMS = ("k", "input_scale", "apply_b_dec_to_input", "threshold", "threads", "normalize")
 
 
 def _path(p: PathLike, what: str = "path") -> bytes:
@@ -35,9 +31,23 @@ def _arch_value(arch: Union[str, int]) -> int:
                         f"not {type(arch).__name__}") from None
 
 
+def param_bounds(name: str) -> Tuple[float, float]:
+    """The range (lo, hi), both inclusive, that set_param accepts for a model parameter, from
+    the C library (sae_model_param_bounds). Whole-number parameters (k, threads, the flags,
+    normalize: 0 "none" to 2 "constant_norm") also need a whole value."""
+    require("sae_model_param_bounds")
+    p = _param(name)
+    lo, hi = ctypes.c_double(), ctypes.c_double()
+    lib.sae_model_param_bounds(p, ctypes.byref(lo), ctypes.byref(hi))
+    return lo.value, hi.value
+
+
 class Model(Handle):
-    """A sparse autoencoder: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``,
-    ``b_dec`` (and ``threshold`` for JumpReLU), with the architecture's parameters.
+    """A sparse autoencoder or a transcoder: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``,
+    ``b_enc [d_sae]``, ``b_dec [d_out]``, and where the model has them ``threshold [d_sae]``
+    (JumpReLU), ``r_mag``, ``b_mag [d_sae]`` (gated), ``W_skip [d_in, d_out]`` (a transcoder
+    with a skip connection), with the architecture's parameters. An SAE has d_out = d_in; a
+    transcoder reads x [..., d_in] (an MLP's input) and predicts y [..., d_out] (its output).
 
     Make one with :meth:`new` or :meth:`load`. Every method takes activations as float32
     ``[..., d_in]`` (numpy arrays pass without a copy when C-contiguous float32) and returns
@@ -56,26 +66,65 @@ class Model(Handle):
         self._own(_handle, lib.sae_model_free)
         self.d_in: int = lib.sae_model_d_in(_handle)
         self.d_sae: int = lib.sae_model_d_sae(_handle)
+        #: Width of the output: decode and reconstruct return [..., d_out]; d_in for an SAE.
+        self.d_out: int = (lib.sae_model_d_out(_handle) if has("sae_model_d_out")
+                           else self.d_in)
+        #: True for a transcoder (new_transcoder, or a file holding one), False for an SAE.
+        self.is_transcoder: bool = (bool(lib.sae_model_is_transcoder(_handle))
+                                    if has("sae_model_is_transcoder") else False)
 
     # -- making, loading, saving ----------------------------------------------------------
 
     @classmethod
     def new(cls, arch: Union[str, int], d_in: int, d_sae: int, *, k: Optional[int] = None,
             input_scale: Optional[float] = None, apply_b_dec_to_input: Optional[bool] = None,
-            threshold: Optional[float] = None, threads: Optional[int] = None) -> "Model":
-        """A model with every tensor zero. `arch` is "relu", "topk", "batchtopk" or "jumprelu"
-        (or SAELens' "standard"). Keyword arguments set the parameters of the same name
-        (threads: how many threads a call may use outside BLAS, 0 = all cores)."""
+            threshold: Optional[float] = None, threads: Optional[int] = None,
+            normalize: Union[str, int, None] = None) -> "Model":
+        """An SAE with every tensor zero. `arch` is one of libsae.ARCHITECTURES ("relu", "topk",
+        "batchtopk", "jumprelu", "gated", "groupmax"; SAELens' "standard" is "relu").
+        Keyword arguments set the parameters of the same name (threads: how many threads a call
+        may use outside BLAS, 0 = all cores; normalize: "none", "layer_norm" or
+        "constant_norm")."""
+        arch_v, d_in, d_sae = _arch_value(arch), A.size(d_in, "d_in"), A.size(d_sae, "d_sae")
         out = ctypes.c_void_p()
-        lib.sae_model_new(ctypes.byref(out), _arch_value(arch), A.size(d_in, "d_in"),
-                          A.size(d_sae, "d_sae"))
+        lib.sae_model_new(ctypes.byref(out), arch_v, d_in, d_sae)
         m = cls(out.value)
-        for name, v in (("k", k), ("input_scale", input_scale),
-                        ("apply_b_dec_to_input", apply_b_dec_to_input), ("threshold", threshold),
-                        ("threads", threads)):
-            if v is not None:
-                m.set_param(name, v)
+        m._set_new_params(dict(k=k, input_scale=input_scale, threshold=threshold,
+                               apply_b_dec_to_input=apply_b_dec_to_input, threads=threads,
+                               normalize=normalize))
         return m
+
+    @classmethod
+    def new_transcoder(cls, arch: Union[str, int], d_in: int, d_sae: int, d_out: int,
+                       skip: bool = False, *, k: Optional[int] = None,
+                       input_scale: Optional[float] = None,
+                       apply_b_dec_to_input: Optional[bool] = None,
+                       threshold: Optional[float] = None, threads: Optional[int] = None,
+                       normalize: Union[str, int, None] = None) -> "Model":
+        """A transcoder with every tensor zero: it reads x [..., d_in] and predicts
+        y [..., d_out] = f @ W_dec + b_dec (+ x @ W_skip with ``skip=True``, which gives it a
+        W_skip [d_in, d_out]). apply_b_dec_to_input starts False (b_dec is the output bias; it
+        may be True only when d_out = d_in). Keyword arguments: as for :meth:`new`."""
+        require("sae_model_new_transcoder")
+        arch_v, d_in, d_sae = _arch_value(arch), A.size(d_in, "d_in"), A.size(d_sae, "d_sae")
+        d_out, skip = A.size(d_out, "d_out"), A.flag(skip, "skip")
+        out = ctypes.c_void_p()
+        lib.sae_model_new_transcoder(ctypes.byref(out), arch_v, d_in, d_sae, d_out, int(skip))
+        m = cls(out.value)
+        m._set_new_params(dict(k=k, input_scale=input_scale, threshold=threshold,
+                               apply_b_dec_to_input=apply_b_dec_to_input, threads=threads,
+                               normalize=normalize))
+        return m
+
+    def _set_new_params(self, params: Dict[str, Any]) -> None:
+        """The keyword arguments of new and new_transcoder; the model is closed if one fails."""
+        try:
+            for name in _NEW_PARAMS:
+                if params[name] is not None:
+                    self.set_param(name, params[name])
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def load(cls, path: PathLike, *, copy: bool = False) -> "Model":
@@ -106,7 +155,8 @@ class Model(Handle):
 
     @property
     def arch(self) -> str:
-        """"relu", "topk", "batchtopk" or "jumprelu"."""
+        """One of libsae.ARCHITECTURES: "relu", "topk", "batchtopk", "jumprelu", "gated",
+        "groupmax"."""
         with self._use() as h:
             return lib.sae_arch_name(lib.sae_model_arch(h)).decode()
 
@@ -122,20 +172,26 @@ class Model(Handle):
         with self._use() as h:
             return lib.sae_model_dtype(h).decode()
 
-    def get_param(self, name: str) -> float:
-        """One parameter by name: "k", "apply_b_dec_to_input", "input_scale", "threshold"
+    def get_param(self, name: str) -> Union[float, str]:
+        """One parameter by name (the keys of libsae.MODEL_PARAMS): "k" (TopK, BatchTopK:
+        features kept; GroupMax: groups), "apply_b_dec_to_input", "input_scale", "threshold"
         (BatchTopK's global threshold), "threads", "bf16_weights" (1: W_enc and W_dec held as
-        bfloat16). LibsaeError (EUNSUPPORTED) if the architecture has none."""
+        bfloat16), "normalize" (returned as its name: "none", "layer_norm", "constant_norm").
+        Numbers come back as floats. LibsaeError (EUNSUPPORTED) if the architecture has none."""
         p = _param(name)
         v = ctypes.c_double()
         with self._use() as h:
             lib.sae_model_get_param(h, p, ctypes.byref(v))
+        if name == "normalize":
+            return name_of(NORMALIZATIONS, int(v.value))
         return v.value
 
-    def set_param(self, name: str, value: float) -> None:
-        """Sets a parameter by name (see get_param) to a number; the C library checks the
-        value."""
-        p, v = _param(name), A.real(value, name)
+    def set_param(self, name: str, value: Union[float, str]) -> None:
+        """Sets a parameter by name (see get_param) to a number, or "normalize" to a name of
+        libsae.NORMALIZATIONS or its value; the C library checks the value (param_bounds gives
+        the range)."""
+        p = _param(name)
+        v = _normalize_value(value) if name == "normalize" else A.real(value, name)
         with self._use(write=True) as h:
             lib.sae_model_set_param(h, p, v)
 
@@ -185,6 +241,15 @@ class Model(Handle):
         self.set_param("apply_b_dec_to_input", A.flag(value, "apply_b_dec_to_input"))
 
     @property
+    def normalize(self) -> str:
+        """Per-token input normalization: "none", "layer_norm" or "constant_norm"."""
+        return self.get_param("normalize")
+
+    @normalize.setter
+    def normalize(self, value: Union[str, int]) -> None:
+        self.set_param("normalize", value)
+
+    @property
     def threshold(self) -> Optional[float]:
         """BatchTopK's global threshold; None for other architectures."""
         return self._optional_param("threshold")
@@ -200,17 +265,42 @@ class Model(Handle):
             k = self.k
         except ValueError:  # closed by another thread meanwhile
             return "<libsae.Model closed>"
-        return (f"<libsae.Model {self.arch} d_in={self.d_in} d_sae={self.d_sae}"
+        kind = ""
+        if self.is_transcoder:
+            kind = "transcoder" + (" with skip" if self.has_tensor("W_skip") else "") + " "
+        return (f"<libsae.Model {kind}{self.arch} d_in={self.d_in} d_sae={self.d_sae}"
+                + (f" d_out={self.d_out}" if self.is_transcoder else "")
                 + (f" k={k}" if k is not None else "") + f" from {self.format}>")
 
     # -- weights --------------------------------------------------------------------------
 
     def tensor_shape(self, name: str) -> Tuple[int, ...]:
-        """The shape of a tensor: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
-        b_dec [d_in], threshold [d_sae]."""
+        """The shape of a tensor: W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc [d_sae],
+        b_dec [d_out], threshold, r_mag, b_mag [d_sae], W_skip [d_in, d_out] (whether or not
+        this model holds it: see has_tensor)."""
         _tensor(name)
-        return {"W_enc": (self.d_in, self.d_sae), "W_dec": (self.d_sae, self.d_in),
-                "b_enc": (self.d_sae,), "b_dec": (self.d_in,), "threshold": (self.d_sae,)}[name]
+        return {"W_enc": (self.d_in, self.d_sae), "W_dec": (self.d_sae, self.d_out),
+                "b_enc": (self.d_sae,), "b_dec": (self.d_out,), "threshold": (self.d_sae,),
+                "W_skip": (self.d_in, self.d_out), "r_mag": (self.d_sae,),
+                "b_mag": (self.d_sae,)}[name]
+
+    def has_tensor(self, name: str) -> bool:
+        """Whether the model holds a tensor: threshold (JumpReLU), r_mag and b_mag (gated),
+        W_skip (a transcoder with a skip connection); W_enc, W_dec, b_enc, b_dec always.
+        get_tensor and set_tensor of one it does not hold raise LibsaeError (EUNSUPPORTED)."""
+        require("sae_model_has_tensor")
+        t = _tensor(name)
+        with self._use() as h:
+            return lib.sae_model_has_tensor(h, t) == 1
+
+    def decoder_norms(self) -> Any:
+        """||W_dec[i]|| of every feature, float32 [d_sae]: the norms the C library keeps
+        current for steering and neighbours (SAELens's decoder norms)."""
+        require("sae_model_decoder_norms")
+        out, ptr = B.new_output((self.d_sae,))
+        with self._use() as h:
+            lib.sae_model_decoder_norms(h, ptr)
+        return out
 
     def set_tensor(self, name: str, value: Any) -> None:
         """Copies a whole tensor into the model. A numpy array must have the tensor's exact
@@ -265,18 +355,21 @@ class Model(Handle):
         return idx, val, count
 
     def decode(self, f: Any, out: Any = None) -> Any:
-        """x_hat [..., d_in] from dense codes f [..., d_sae]. `out`: as for encode."""
+        """[..., d_out] from dense codes f [..., d_sae]: an SAE's x_hat, (f @ W_dec + b_dec) /
+        input_scale (in normalized space when "normalize" is set: a token's statistics are not
+        known from its codes); a transcoder's f @ W_dec + b_dec (without the skip term, which
+        needs x: see reconstruct). `out`: as for encode."""
         fp, keep, n, lead = B.as_input(f, self.d_sae, "decode: f")
         if out is None:
-            out, xp = B.new_output(lead + (self.d_in,))
+            out, xp = B.new_output(lead + (self.d_out,))
         else:
-            xp = B.as_output(out, lead + (self.d_in,), "decode: out")
+            xp = B.as_output(out, lead + (self.d_out,), "decode: out")
         with self._use() as h:
             lib.sae_decode(h, fp, n, xp)
         return out
 
     def decode_sparse(self, idx: Any, val: Any, count: Any, k: Optional[int] = None) -> Any:
-        """x_hat [..., d_in] from sparse codes laid out as encode_sparse returns them. k is read
+        """[..., d_out] (as decode) from sparse codes laid out as encode_sparse returns them. k is read
         from idx's last axis (numpy) or must be given for flat buffers. Indices must fit
         uint32: an index array of another integer type is checked, never wrapped."""
         if B.HAVE_NUMPY:
@@ -300,7 +393,7 @@ class Model(Handle):
         ip, k1 = B.as_exact(idx, lead + (k,), B.U32, "decode_sparse: idx")
         vp, k2 = B.as_exact(val, lead + (k,), "f", "decode_sparse: val")
         cp, k3 = B.as_exact(count, (n,), B.U32, "decode_sparse: count")
-        out, xp = B.new_output(lead + (self.d_in,))
+        out, xp = B.new_output(lead + (self.d_out,))
         with self._use() as h:
             lib.sae_decode_sparse(h, ip, vp, cp, k, n, xp)
         return out
@@ -312,34 +405,55 @@ class Model(Handle):
         return neighbors(self, feature, k)
 
     #: sae_evaluate's metrics, by the names evaluate() returns, in the C enum's order.
-    EVAL_METRICS = ("mse", "fvu", "explained_variance", "l0", "l1", "cosine", "l2_ratio",
-                    "dead_fraction")
+    EVAL_METRICS = tuple(EVAL_METRICS)
 
-    def evaluate(self, x: Any, metrics: Optional[Tuple[str, ...]] = None) -> Dict[str, float]:
-        """Reconstruction quality on activations x [..., d_in], as SAELens' evals measure it:
+    def evaluate(self, x: Any, y: Any = None, *,
+                 metrics: Optional[Tuple[str, ...]] = None) -> Dict[str, float]:
+        """How well the model's output matches activations, as SAELens' evals measure it:
         {"mse", "fvu", "explained_variance", "l0", "l1", "cosine", "l2_ratio",
-        "dead_fraction"} (or only the named `metrics`). See sae_evaluate in sae.h."""
+        "dead_fraction"} (or only the named `metrics`), over the tokens x [..., d_in].
+
+        Without y an SAE is scored against x itself (sae_evaluate; a transcoder refuses it,
+        LibsaeError EINVAL, unless d_out = d_in). With y [..., d_out], the target the model
+        should predict from x (a transcoder's MLP output), the model's whole output
+        (reconstruct, skip included) is scored against y, FVU against y's own mean
+        (sae_evaluate_to). x and y must have the same number of tokens."""
+        if isinstance(y, (tuple, list)) and y and all(isinstance(v, str) for v in y):
+            raise TypeError("evaluate: the second argument is the target y; pass the metrics "
+                            "by keyword: evaluate(x, metrics=(...))")
         names = self.EVAL_METRICS if metrics is None else tuple(metrics)
         for name in names:
             if name not in self.EVAL_METRICS:
                 raise ValueError(f"evaluate: unknown metric {name!r} "
                                  f"(one of {', '.join(self.EVAL_METRICS)})")
         xp, keep, n, lead = B.as_input(x, self.d_in, "evaluate: x")
-        which = (ctypes.c_int * len(names))(*(self.EVAL_METRICS.index(m) + 1 for m in names))
+        yp, keep_y = None, None
+        if y is not None:
+            require("sae_evaluate_to")
+            yp, keep_y, ny, _ = B.as_input(y, self.d_out, "evaluate: y")
+            if ny != n:
+                raise ValueError(f"evaluate: x has {n} tokens but y has {ny}")
+        which = (ctypes.c_int * len(names))(*(EVAL_METRICS[m] for m in names))
         values = (ctypes.c_double * len(names))()
         with self._use() as h:
-            lib.sae_evaluate(h, xp, n, ctypes.addressof(which), len(names),
-                             ctypes.addressof(values))
-        del keep
+            if y is None:
+                lib.sae_evaluate(h, xp, n, ctypes.addressof(which), len(names),
+                                 ctypes.addressof(values))
+            else:
+                lib.sae_evaluate_to(h, xp, yp, n, ctypes.addressof(which), len(names),
+                                    ctypes.addressof(values))
+        del keep, keep_y
         return dict(zip(names, values))
 
     def reconstruct(self, x: Any, out: Any = None) -> Any:
-        """decode(encode(x)) in one call: x_hat [..., d_in]. `out` may be x itself."""
+        """The model's whole output for x [..., d_in], as [..., d_out]: an SAE's x_hat
+        (denormalized with each token's own statistics), a transcoder's y_hat including the
+        skip term. `out` may be x itself when d_out = d_in."""
         xp, keep, n, lead = B.as_input(x, self.d_in, "reconstruct: x")
         if out is None:
-            out, op = B.new_output(lead + (self.d_in,))
+            out, op = B.new_output(lead + (self.d_out,))
         else:
-            op = B.as_output(out, lead + (self.d_in,), "reconstruct: out")
+            op = B.as_output(out, lead + (self.d_out,), "reconstruct: out")
         with self._use() as h:
             lib.sae_reconstruct(h, xp, n, op)
         return out
@@ -358,3 +472,20 @@ def _param(name: str) -> int:
     except KeyError:
         raise KeyError(f"unknown model parameter {name!r}; parameters are "
                        f"{', '.join(MODEL_PARAMS)}") from None
+
+
+def _normalize_value(value: Union[str, int]) -> int:
+    """A "normalize" value: a name of NORMALIZATIONS or a whole number (the C library judges
+    its range)."""
+    if isinstance(value, str):
+        try:
+            return NORMALIZATIONS[value]
+        except KeyError:
+            raise ValueError(f"unknown normalize {value!r}; one of "
+                             f"{', '.join(NORMALIZATIONS)} (or their values "
+                             f"{', '.join(map(str, NORMALIZATIONS.values()))})") from None
+    try:
+        return A.cint(value, "normalize")
+    except TypeError:
+        raise TypeError(f"normalize must be one of {', '.join(NORMALIZATIONS)} or a whole "
+                        f"number, not {type(value).__name__}") from None

@@ -6,23 +6,29 @@ from typing import Any, List, Optional, Tuple
 
 from . import _args as A
 from . import _buffers as B
+from ._enums import STEER_OPS
 from ._handle import Handle
 from ._lib import lib, require
 from ._model import Model, _path
 
-_OP_NAMES = {1: "clamp", 2: "scale", 3: "add"}
+_OP_NAMES = {v: k for k, v in STEER_OPS.items()}
 
 
 class Steering(Handle):
     """A plan of feature operations for one model, applied to activations in place.
 
     ``clamp`` and ``scale`` keep the SAE's error term: for each token,
-    ``x' = x + sum_i (f_i' - f_i(x)) * W_dec[i] / input_scale``. ``add`` adds
+    ``x' = x + sum_i (f_i' - f_i(x)) * W_dec[i] / input_scale`` (carried through the token's
+    denormalization when the model normalizes its input). ``add`` adds
     ``coeff * W_dec[i] / input_scale`` whatever x is. A later op on a feature replaces the
     earlier one. Every op returns the plan, so they chain::
 
         s = libsae.Steering(m).clamp(12, 10.0).scale(40, 2.0).add(7, -1.0)
         s.apply(x)          # x is now steered
+
+    A transcoder steers its target instead: ``s.apply_to(x, y)`` reads the features from the
+    MLP's input x and changes the MLP's output y in place, ``y' = y + sum_i (f_i' - f_i(x)) *
+    W_dec[i]`` (``add``: ``y += coeff * W_dec[i]``).
 
     The plan keeps its model alive; closing the model closes the plan. Building the plan
     (clamp, scale, ...) waits for applies of it on other threads, and the other way round.
@@ -113,9 +119,10 @@ class Steering(Handle):
         return f"<libsae.Steering {body or 'empty'}>"
 
     def vector(self) -> Any:
-        """A plan of add ops only as the one constant vector [d_in] it adds to every token
-        (LibsaeError ESTATE if it has clamp or scale ops, which depend on the activations)."""
-        out, ptr = B.new_output((self.model.d_in,))
+        """A plan of add ops only as the one constant vector [d_out] (d_in for an SAE) it adds
+        to every token (LibsaeError ESTATE if it has clamp or scale ops, which depend on the
+        activations)."""
+        out, ptr = B.new_output((self.model.d_out,))
         with self._use() as h:
             lib.sae_steer_vector(h, ptr)
         return out
@@ -141,33 +148,55 @@ class Steering(Handle):
 
         Because it works in place, x must be a writable C-contiguous float32 array (numpy) or
         buffer (array.array('f'), a writable memoryview); anything else is refused with a
-        TypeError rather than silently steering a copy."""
-        d_in = self.model.d_in
-        if B.HAVE_NUMPY and isinstance(x, B.np.ndarray):
-            if x.dtype != B.np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
-                raise TypeError(
-                    "Steering.apply works in place, so x must be a writable C-contiguous "
-                    f"float32 array (got {x.dtype}, contiguous={x.flags.c_contiguous}, "
-                    f"writable={x.flags.writeable}); convert it once with "
-                    "x = np.ascontiguousarray(x, dtype=np.float32) and apply to that")
-            if x.ndim == 0 or x.shape[-1] != d_in:
-                raise ValueError(f"Steering.apply: expected shape [..., {d_in}], "
-                                 f"got {list(x.shape)}")
-            with self._use() as h:
-                lib.sae_steer_apply(h, x.ctypes.data, x.size // d_in)
-            return x
-        try:
-            count = memoryview(x).nbytes // 4
-        except TypeError:
-            raise TypeError("Steering.apply works in place, so x must be a writable float32 "
-                            f"array or buffer, not {type(x).__name__}") from None
-        if count % d_in:
-            raise ValueError(f"Steering.apply: {count} values are not a whole number of rows "
-                             f"of {d_in}")
-        ptr = B.as_inplace(x, count, "Steering.apply")
+        TypeError rather than silently steering a copy. A transcoder whose d_out differs from
+        d_in has nothing to steer in x: use apply_to (the C library refuses it, EINVAL)."""
+        ptr, n = _in_place(x, self.model.d_in, "Steering.apply", "x")
         with self._use() as h:
-            lib.sae_steer_apply(h, ptr, count // d_in)
+            lib.sae_steer_apply(h, ptr, n)
         return x
+
+    def apply_to(self, x: Any, y: Any) -> Any:
+        """Reads the features from x [..., d_in] and steers y [..., d_out] in place; returns y.
+
+        For a transcoder x is the MLP's input and y its output (about to be written back):
+        ``y' = y + sum_i (f_i' - f_i(x)) * W_dec[i]``, and add ops ``y += coeff * W_dec[i]``.
+        For an SAE it is apply's change, computed from x and added to y. x and y may be the
+        same array (then d_out = d_in). y must be a writable C-contiguous float32 array or
+        buffer, as for apply; x is read only (converted to float32 if it is not), and must
+        have as many tokens as y."""
+        require("sae_steer_apply_to")
+        xp, keep, n, _ = B.as_input(x, self.model.d_in, "Steering.apply_to: x")
+        yp, ny = _in_place(y, self.model.d_out, "Steering.apply_to", "y")
+        if ny != n:
+            raise ValueError(f"Steering.apply_to: x has {n} tokens but y has {ny}")
+        with self._use() as h:
+            lib.sae_steer_apply_to(h, xp, yp, n)
+        del keep
+        return y
+
+
+def _in_place(x: Any, width: int, fn: str, what: str) -> Tuple[int, int]:
+    """(address, rows) of an array changed in place: writable C-contiguous float32 [..., width]
+    (numpy) or a writable float32 buffer holding whole rows of width."""
+    if B.HAVE_NUMPY and isinstance(x, B.np.ndarray):
+        if x.dtype != B.np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
+            raise TypeError(
+                f"{fn} works in place, so {what} must be a writable C-contiguous "
+                f"float32 array (got {x.dtype}, contiguous={x.flags.c_contiguous}, "
+                f"writable={x.flags.writeable}); convert it once with "
+                f"{what} = np.ascontiguousarray({what}, dtype=np.float32) and apply to that")
+        if x.ndim == 0 or x.shape[-1] != width:
+            raise ValueError(f"{fn}: expected {what} of shape [..., {width}], "
+                             f"got {list(x.shape)}")
+        return x.ctypes.data, x.size // width
+    try:
+        count = memoryview(x).nbytes // 4
+    except TypeError:
+        raise TypeError(f"{fn} works in place, so {what} must be a writable float32 "
+                        f"array or buffer, not {type(x).__name__}") from None
+    if count % width:
+        raise ValueError(f"{fn}: {count} values are not a whole number of rows of {width}")
+    return B.as_inplace(x, count, fn), count // width
 
 
 def _feature(feature: int) -> int:

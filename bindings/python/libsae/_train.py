@@ -8,17 +8,11 @@ from . import _args as A
 from . import _buffers as B
 from ._handle import Handle
 from ._lib import ALLREDUCE_FN, ESTATE, LibsaeError, lib, require
+from ._enums import TRAIN_METRICS, TRAIN_PARAMS
 from ._model import Model, _path
 
-#: sae_train_param values by name.
-TRAIN_PARAMS = {"lr": 1, "l1_coeff": 2, "auxk": 3, "auxk_coeff": 4, "dead_tokens": 5,
-                "warmup_steps": 6, "beta1": 7, "beta2": 8, "seed": 9, "total_steps": 10,
-                "l1_warmup_steps": 11, "lr_decay_steps": 12, "grad_clip": 13,
-                "decoder_init_norm": 14, "threshold_lr": 15, "adam_eps": 16,
-                "normalize_input": 17, "b_dec_init": 18}
-#: sae_train_metric values by name: what Trainer.step returns.
-METRICS = {"loss": 1, "mse": 2, "fvu": 3, "l0": 4, "dead_fraction": 5, "steps": 6, "tokens": 7,
-           "auxk_loss": 8, "lr": 9, "grad_norm": 10}
+#: sae_train_param and sae_train_metric values by name (defined in _enums).
+METRICS = TRAIN_METRICS
 _COUNTS = ("steps", "tokens")
 
 
