@@ -1,10 +1,15 @@
 """python3 -m libsae: what people do with SAE files every day, without writing code.
 
-    python3 -m libsae info FILE                       describe a model
+    python3 -m libsae info FILE                       describe a model (SAE or transcoder)
     python3 -m libsae convert IN OUT                  any loadable format -> libsae's file
     python3 -m libsae top FILE ACTS.npy [-k 8]        each token's strongest features
+    python3 -m libsae evaluate FILE ACTS.npy [--target Y.npy]   reconstruction quality
     python3 -m libsae train ACTS.npy OUT [options]    train an SAE, with a progress bar
-    python3 -m libsae steer FILE ACTS.npy --clamp F=V ... -o OUT.npy
+    python3 -m libsae steer FILE ACTS.npy [--target Y.npy] --clamp F=V ... -o OUT.npy
+
+A transcoder reads ACTS.npy (an MLP's input, [tokens, d_in]) and predicts the MLP's output:
+evaluate scores it against --target Y.npy ([tokens, d_out]), and steer changes Y.npy (the
+features read from ACTS.npy) and writes it; both refuse a transcoder without --target.
 
 Exit status: 0 on success, 2 for a wrong command line, 1 when the library or a file refuses
 (the message goes to stderr).
@@ -19,7 +24,7 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from . import HAVE_NUMPY, LibsaeError, Model, NpyFile, Steering, Trainer, has, save_npy
+from . import HAVE_NUMPY, TENSORS, LibsaeError, Model, NpyFile, Steering, Trainer, has, save_npy
 from . import _buffers as B
 from ._lib import version_string
 
@@ -43,47 +48,56 @@ def _summary(values) -> Tuple[float, float, float]:
     return min(vals), math.fsum(vals) / len(vals), max(vals)
 
 
-def _row_norms(m: Model):
-    w = m.get_tensor("W_dec")
-    if HAVE_NUMPY:
-        return B.np.sqrt(B.np.einsum("ij,ij->i", w.astype(B.np.float64), w.astype(B.np.float64)))
-    d = m.d_in
-    return [math.sqrt(math.fsum(v * v for v in w[i * d:(i + 1) * d])) for i in range(m.d_sae)]
+def _kind(m: Model) -> str:
+    if not m.is_transcoder:
+        return "SAE"
+    skip = "with" if m.has_tensor("W_skip") else "without"
+    return f"transcoder {skip} skip connection"
 
 
 def cmd_info(args) -> int:
     m = Model.load(args.file)
-    norms = _row_norms(m)
+    norms = m.decoder_norms()  # the norms the library keeps, not recomputed here
     lo, mean, hi = _summary(norms)
     off_unit = sum(1 for v in norms if abs(v - 1.0) > 1e-3)
     params = m.params()
+    held = [name for name in TENSORS if m.has_tensor(name)]
+    per_feature = [name for name in ("threshold", "r_mag", "b_mag") if name in held]
     if args.json:
         import json
         out = {"file": str(args.file), "format": m.format, "architecture": m.arch,
-               "d_in": m.d_in, "d_sae": m.d_sae, "dtype": m.dtype, "parameters": params,
+               "kind": "transcoder" if m.is_transcoder else "sae",
+               "skip": m.has_tensor("W_skip"), "d_in": m.d_in, "d_sae": m.d_sae,
+               "d_out": m.d_out, "dtype": m.dtype, "normalize": params.get("normalize"),
+               "parameters": params, "tensors": {n: list(m.tensor_shape(n)) for n in held},
                "decoder_row_norms": {"min": lo, "mean": mean, "max": hi,
                                      "not_unit": off_unit}}
-        if m.arch == "jumprelu":
-            tlo, tmean, thi = _summary(m.get_tensor("threshold"))
-            out["threshold"] = {"min": tlo, "mean": tmean, "max": thi}
+        for name in per_feature:
+            tlo, tmean, thi = _summary(m.get_tensor(name))
+            out[name] = {"min": tlo, "mean": tmean, "max": thi}
         print(json.dumps(out, indent=2))
         return 0
+    shapes = ", ".join(f"{n} [{', '.join(map(str, m.tensor_shape(n)))}]" for n in held
+                       if n in ("W_enc", "W_dec", "W_skip"))
     print(f"file          {args.file}")
     print(f"format        {m.format}")
+    print(f"kind          {_kind(m)}")
     print(f"architecture  {m.arch}")
-    print(f"shape         d_in {m.d_in}, d_sae {m.d_sae} "
-          f"(W_enc [{m.d_in}, {m.d_sae}], W_dec [{m.d_sae}, {m.d_in}])")
+    print(f"shape         d_in {m.d_in}, d_sae {m.d_sae}, d_out {m.d_out} ({shapes})")
     print(f"dtype         {m.dtype}")
+    print(f"normalize     {params.get('normalize', 'none')}")
     print("parameters    " + ", ".join(f"{k} {_num(v)}" for k, v in params.items()))
     print(f"W_dec rows    norm min {lo:.6g}, mean {mean:.6g}, max {hi:.6g}; "
           f"{off_unit} of {m.d_sae} differ from 1 by more than 1e-3")
-    if m.arch == "jumprelu":
-        tlo, tmean, thi = _summary(m.get_tensor("threshold"))
-        print(f"threshold     min {tlo:.6g}, mean {tmean:.6g}, max {thi:.6g}")
+    for name in per_feature:
+        tlo, tmean, thi = _summary(m.get_tensor(name))
+        print(f"{name:<14}min {tlo:.6g}, mean {tmean:.6g}, max {thi:.6g}")
     return 0
 
 
-def _num(v: float) -> str:
+def _num(v) -> str:
+    if isinstance(v, str):  # normalize's name
+        return v
     return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
 
 
@@ -95,7 +109,8 @@ def cmd_convert(args) -> int:
     m = Model.load(args.input)
     m.save(args.output)
     if not args.quiet:
-        print(f"wrote {args.output}: {m.arch}, d_in {m.d_in}, d_sae {m.d_sae} "
+        out = f", d_out {m.d_out}" if m.is_transcoder else ""
+        print(f"wrote {args.output}: {_kind(m)}, {m.arch}, d_in {m.d_in}, d_sae {m.d_sae}{out} "
               f"(from {m.format}, {m.dtype})", file=sys.stderr)
     return 0
 
@@ -104,12 +119,53 @@ def cmd_convert(args) -> int:
 # top
 # ------------------------------------------------------------------------------------------
 
-def _open_acts(path: str, d_in: int) -> NpyFile:
+def _open_acts(path: str, d_in: int, what: str = "d_in") -> NpyFile:
     f = NpyFile(path)
     if f.cols != d_in:
         f.close()
-        raise CliError(f"{path}: rows of {f.cols} values, but the model's d_in is {d_in}")
+        raise CliError(f"{path}: rows of {f.cols} values, but the model's {what} is {d_in}")
     return f
+
+
+def _read_target(path: str, m: Model, rows: int):
+    """The --target file: [rows, d_out], paired row by row with the activations."""
+    with _open_acts(path, m.d_out, "d_out") as f:
+        if f.rows != rows:
+            raise CliError(f"{path} has {f.rows} rows, but the activations have {rows}: "
+                           "the target pairs each activation row with the row to predict")
+        return f.read()
+
+
+def _needs_target(m: Model, path: str, command: str, what: str) -> None:
+    if m.is_transcoder and path is None:
+        raise CliError(f"{command}: this model is a transcoder (d_in {m.d_in} -> d_out "
+                       f"{m.d_out}): ACTS.npy is its input (an MLP's input); {what} give "
+                       f"--target Y.npy, the matching outputs [tokens, {m.d_out}]")
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate
+# ------------------------------------------------------------------------------------------
+
+def cmd_evaluate(args) -> int:
+    m = Model.load(args.file)
+    _needs_target(m, args.target, "evaluate", "it is scored against what it should predict:")
+    with _open_acts(args.acts, m.d_in) as acts:
+        if acts.rows == 0:
+            raise CliError(f"{args.acts} has no rows")
+        x = acts.read()
+        rows = acts.rows
+    y = None if args.target is None else _read_target(args.target, m, rows)
+    values = m.evaluate(x, y)
+    if args.json:
+        import json
+        print(json.dumps({"file": str(args.file), "tokens": rows,
+                          "target": None if args.target is None else str(args.target),
+                          "metrics": values}, indent=2))
+        return 0
+    for name, v in values.items():
+        print(f"{name:<20}{v:.6g}")
+    return 0
 
 
 def cmd_top(args) -> int:
@@ -247,15 +303,22 @@ def cmd_steer(args) -> int:
     ops = [("clamp", o) for o in args.clamp] + [("scale", o) for o in args.scale] + \
           [("add", o) for o in args.add]
     m = Model.load(args.file)
+    _needs_target(m, args.target, "steer", "steering changes the outputs it predicts:")
     with _open_acts(args.acts, m.d_in) as acts:
         x = acts.read()
+        rows = acts.rows
+    y = None if args.target is None else _read_target(args.target, m, rows)
     with Steering(m) as s:
         for op, (feature, value) in ops:
             getattr(s, op)(feature, value)
-        s.apply(x)
-    save_npy(args.output, x, m.d_in)
+        if y is None:
+            s.apply(x)
+        else:
+            s.apply_to(x, y)
+    save_npy(args.output, x if y is None else y, m.d_in if y is None else m.d_out)
     if not args.quiet:
-        print(f"wrote {args.output}: {acts.rows} tokens steered by {len(ops)} op(s)",
+        print(f"wrote {args.output}: {rows} tokens steered by {len(ops)} op(s)"
+              + (f" (features read from {args.acts})" if y is not None else ""),
               file=sys.stderr)
     return 0
 
@@ -300,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("info", help="describe a model file or folder",
-                       description="Describe a model: format, architecture, shapes, dtype, "
-                       "parameters and a summary of the decoder rows' norms.")
+                       description="Describe a model: format, kind (SAE, or transcoder with "
+                       "or without a skip connection), architecture, shapes (d_in, d_sae, "
+                       "d_out), dtype, normalization, every parameter, and a summary of the "
+                       "decoder rows' norms as the library keeps them.")
     s.add_argument("file", metavar="FILE", help="libsae file, SAELens/sparsify folder, "
                    "Gemma Scope params.npz")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -325,6 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=_nonneg, default=None, help="number of tokens (default all)")
     s.add_argument("--batch", type=_positive, default=1024, help=argparse.SUPPRESS)
     s.set_defaults(run=cmd_top)
+
+    s = sub.add_parser("evaluate", help="how well a model reconstructs (or predicts) activations",
+                       description="Score a model on activations, as SAELens' evals do: mse, "
+                       "fvu, explained_variance, l0, l1, cosine, l2_ratio, dead_fraction. An "
+                       "SAE is scored against ACTS.npy itself; a transcoder against --target.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("acts", metavar="ACTS.npy", help="float activations [tokens, d_in]")
+    s.add_argument("--target", metavar="Y.npy", default=None,
+                   help="what the model should predict from each row of ACTS.npy "
+                   "[tokens, d_out] (required for a transcoder: the MLP's output)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.set_defaults(run=cmd_evaluate)
 
     s = sub.add_parser("train", help="train an SAE on activations",
                        description="Train an SAE on activations read from a .npy file in "
@@ -360,7 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "the feature's decoder direction. A later op on a feature replaces an "
                        "earlier one.")
     s.add_argument("file", metavar="FILE")
-    s.add_argument("acts", metavar="ACTS.npy")
+    s.add_argument("acts", metavar="ACTS.npy", help="activations the features are read from "
+                   "[tokens, d_in]; steered and written unless --target is given")
+    s.add_argument("--target", metavar="Y.npy", default=None,
+                   help="steer these activations [tokens, d_out] instead, row by row with "
+                   "ACTS.npy, and write them (required for a transcoder: the MLP's output)")
     s.add_argument("--clamp", type=_feature_op, action="append", default=[], metavar="F=V",
                    help="set feature F to V (0 ablates it); repeatable")
     s.add_argument("--scale", type=_feature_op, action="append", default=[], metavar="F=X",
