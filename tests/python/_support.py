@@ -125,3 +125,138 @@ class TestCase(unittest.TestCase):
         self.assertIn(fragment, e.message)
         self.assertIn(fragment, str(e))
         return e
+
+
+# --------------------------------------------------------------------------------------------
+# Version 0.2: transcoders, gated, GroupMax, per-token normalization (API.md's math, float64)
+# --------------------------------------------------------------------------------------------
+
+ALL_ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "groupmax")
+
+
+def random_any(arch, d_in, d_sae, d_out=None, skip=False, seed=0, **params):
+    """An SAE (d_out None) or a transcoder with random weights in every tensor it holds, and the
+    same weights as float64 arrays. params: Model.new's keywords."""
+    rng = np.random.default_rng(seed)
+    if d_out is None:
+        m = libsae.Model.new(arch, d_in, d_sae, **params)
+    else:
+        m = libsae.Model.new_transcoder(arch, d_in, d_sae, d_out, skip, **params)
+    w = {"W_enc": rng.standard_normal((d_in, d_sae)) / np.sqrt(d_in),
+         "W_dec": rng.standard_normal((d_sae, m.d_out)) / np.sqrt(d_in),
+         "b_enc": rng.standard_normal(d_sae) * 0.1,
+         "b_dec": rng.standard_normal(m.d_out) * 0.1}
+    if arch == "jumprelu":
+        w["threshold"] = np.abs(rng.standard_normal(d_sae)) * 0.3
+    if arch == "gated":
+        w["r_mag"] = rng.standard_normal(d_sae) * 0.3
+        w["b_mag"] = rng.standard_normal(d_sae) * 0.1
+    if skip:
+        w["W_skip"] = rng.standard_normal((d_in, m.d_out)) / np.sqrt(d_in)
+    for name, v in w.items():
+        w[name] = v.astype(np.float32)
+        m.set_tensor(name, w[name])
+    return m, {n: v.astype(np.float64) for n, v in w.items()}
+
+
+def ref_norm(m, x):
+    """(x_n, denorm, dscale): the model's per-token normalization of x [n, d_in], the function
+    taking an SAE's normalized-space output back, and the per-token factor [n, 1] a direction
+    is multiplied by when denormalized (sigma, 1 / c or 1)."""
+    x = np.asarray(x, np.float64)
+    mode = m.normalize
+    if mode == "none":
+        one = np.ones(x.shape[:-1] + (1,))
+        return x, (lambda v: v), one
+    if mode == "layer_norm":
+        mu = x.mean(-1, keepdims=True)
+        sigma = np.sqrt(((x - mu) ** 2).sum(-1, keepdims=True) / (x.shape[-1] - 1))
+        return (x - mu) / (sigma + 1e-5), (lambda v: v * sigma + mu), sigma
+    assert mode == "constant_norm", mode
+    c = np.sqrt(x.shape[-1]) / np.linalg.norm(x, axis=-1, keepdims=True)
+    return c * x, (lambda v: v / c), 1 / c
+
+
+def ref_encode_any(m, w, x):
+    """f for any architecture, normalization and kind, as API.md's math writes it."""
+    x_n, _, _ = ref_norm(m, x)
+    xin = m.input_scale * x_n
+    if m.apply_b_dec_to_input:  # only possible when d_out = d_in
+        xin = xin - w["b_dec"]
+    pre = xin @ w["W_enc"] + w["b_enc"]
+    arch = m.arch
+    if arch == "gated":
+        mag = xin @ (w["W_enc"] * np.exp(w["r_mag"])) + w["b_mag"]
+        return np.where(pre > 0, np.maximum(mag, 0), 0.0)
+    if arch == "groupmax":
+        f = np.maximum(pre, 0)
+        groups = m.k
+        size = m.d_sae // groups
+        flat = f.reshape(-1, groups, size)
+        keep = np.zeros_like(flat)
+        best = np.argmax(flat, axis=-1)  # the first of equal maxima: the lower index
+        np.put_along_axis(keep, best[..., None], np.take_along_axis(flat, best[..., None], -1), -1)
+        return keep.reshape(f.shape)
+    if arch == "relu":
+        return np.maximum(pre, 0)
+    if arch == "jumprelu":
+        return np.where((pre > w["threshold"]) & (pre > 0), pre, 0.0)
+    if arch == "batchtopk":
+        return np.where((pre > m.threshold) & (pre > 0), pre, 0.0)
+    f = np.zeros_like(pre)
+    flat, fflat = pre.reshape(-1, pre.shape[-1]), f.reshape(-1, pre.shape[-1])
+    for t in range(flat.shape[0]):
+        keep = np.argsort(-flat[t], kind="stable")[:m.k]
+        fflat[t, keep] = np.maximum(flat[t, keep], 0)
+    return f
+
+
+def ref_decode_any(m, w, f):
+    """sae_decode: (f @ W_dec + b_dec) / INPUT_SCALE for an SAE (normalized space), f @ W_dec +
+    b_dec for a transcoder."""
+    v = np.asarray(f, np.float64) @ w["W_dec"] + w["b_dec"]
+    return v if m.is_transcoder else v / m.input_scale
+
+
+def ref_reconstruct_any(m, w, x):
+    """sae_reconstruct: an SAE's denormalized x_hat, a transcoder's y_hat with the skip term."""
+    f = ref_encode_any(m, w, x)
+    if m.is_transcoder:
+        y = f @ w["W_dec"] + w["b_dec"]
+        if "W_skip" in w:
+            y = y + np.asarray(x, np.float64) @ w["W_skip"]
+        return y
+    _, denorm, _ = ref_norm(m, x)
+    return denorm(ref_decode_any(m, w, f))
+
+
+def ref_steer_to(m, w, x, y, ops):
+    """sae_steer_apply_to: y' = y + sum_i (f_i' - f_i(x)) D_i, D_i = W_dec[i] (transcoder) or
+    W_dec[i] / INPUT_SCALE times the token's denormalization factor (SAE); add ops add
+    coeff * W_dec[i] (transcoder) or coeff * W_dec[i] / INPUT_SCALE (SAE)."""
+    f = ref_encode_any(m, w, x)
+    _, _, factor = ref_norm(m, x)
+    scale = 1.0 if m.is_transcoder else m.input_scale
+    if m.is_transcoder:
+        factor = np.ones_like(factor)
+    out = np.array(y, np.float64)
+    for i, (kind, v) in ops.items():
+        if kind == "clamp":
+            out += np.outer(v - f[:, i], w["W_dec"][i]) * factor / scale
+        elif kind == "scale":
+            out += np.outer(v * f[:, i] - f[:, i], w["W_dec"][i]) * factor / scale
+        else:
+            out += v * w["W_dec"][i] / scale
+    return out
+
+
+def ref_metrics(f, y, y_hat):
+    """sae_evaluate_to's metrics of predictions y_hat against targets y, codes f."""
+    y, y_hat = np.asarray(y, np.float64), np.asarray(y_hat, np.float64)
+    err = ((y - y_hat) ** 2).sum(1)
+    fvu = err.sum() / ((y - y.mean(0)) ** 2).sum()
+    ny, nh = np.linalg.norm(y, axis=1), np.linalg.norm(y_hat, axis=1)
+    return {"mse": err.mean(), "fvu": fvu, "explained_variance": 1 - fvu,
+            "l0": (f != 0).sum(1).mean(), "l1": f.sum(1).mean(),
+            "cosine": ((y * y_hat).sum(1) / (ny * nh)).mean(),
+            "l2_ratio": (nh / ny).mean(), "dead_fraction": ((f != 0).sum(0) == 0).mean()}
