@@ -5,7 +5,8 @@ import subprocess
 import sys
 import unittest
 
-from _support import TestCase, libsae, np, random_model, subprocess_env, tmpdir
+from _support import (TestCase, libsae, np, random_any, random_model, ref_encode_any,
+                      ref_metrics, ref_reconstruct_any, ref_steer_to, subprocess_env, tmpdir)
 from test_steer import ref_steer
 
 
@@ -29,7 +30,7 @@ class TestCli(TestCase):
     def test_help_on_every_command(self):
         rc, out, _ = run("--help")
         self.assertEqual(rc, 0)
-        for cmd in ("info", "convert", "top", "train", "steer"):
+        for cmd in ("info", "convert", "top", "evaluate", "train", "steer"):
             self.assertIn(cmd, out)
             rc, sub, _ = run(cmd, "--help")
             self.assertEqual(rc, 0, cmd)
@@ -136,6 +137,147 @@ class TestCli(TestCase):
                 self.assertNotIn("Traceback", err)
                 if code == 1:
                     self.assertTrue(err.startswith("libsae: error: "), err)
+
+
+@unittest.skipIf(np is None, "needs numpy to write the inputs")
+class TestCliTranscoder(TestCase):
+    """The CLI on a transcoder file made with the bindings (new_transcoder, set_tensor, save)."""
+
+    def setUp(self):
+        self.d = tmpdir(self)
+        self.m, self.w = random_any("topk", 12, 30, 5, True, seed=51, k=4,
+                                    normalize="layer_norm")
+        self.model = os.path.join(self.d, "t.safetensors")
+        self.m.save(self.model)
+        rng = np.random.default_rng(52)
+        self.x = (rng.standard_normal((40, 12)) * 2).astype(np.float32)
+        self.y = (rng.standard_normal((40, 5)) + 0.5).astype(np.float32)
+        self.acts, self.target = (os.path.join(self.d, n) for n in ("x.npy", "y.npy"))
+        np.save(self.acts, self.x)
+        np.save(self.target, self.y)
+
+    def test_info(self):
+        rc, out, err = run("info", self.model)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("kind          transcoder with skip connection", out)
+        self.assertIn("shape         d_in 12, d_sae 30, d_out 5 "
+                      "(W_enc [12, 30], W_dec [30, 5], W_skip [12, 5])", out)
+        self.assertIn("normalize     layer_norm", out)
+        self.assertIn("parameters    k 4, apply_b_dec_to_input 0, input_scale 1, threads 0, "
+                      "bf16_weights 0, normalize layer_norm", out)
+        rc, out, err = run("info", "--json", self.model)
+        self.assertEqual(rc, 0, err)
+        info = json.loads(out)
+        self.assertEqual((info["kind"], info["skip"], info["d_in"], info["d_sae"], info["d_out"],
+                          info["normalize"], info["architecture"]),
+                         ("transcoder", True, 12, 30, 5, "layer_norm", "topk"))
+        self.assertEqual(info["parameters"], self.m.params())
+        self.assertEqual(info["tensors"], {"W_enc": [12, 30], "W_dec": [30, 5], "b_enc": [30],
+                                           "b_dec": [5], "W_skip": [12, 5]})
+        norms = np.linalg.norm(self.w["W_dec"], axis=1)
+        self.assertAlmostEqual(info["decoder_row_norms"]["min"], norms.min(), places=5)
+        self.assertAlmostEqual(info["decoder_row_norms"]["mean"], norms.mean(), places=5)
+        self.assertAlmostEqual(info["decoder_row_norms"]["max"], norms.max(), places=5)
+        # an SAE says so, without a skip
+        sae, _ = random_any("gated", 6, 8, seed=53)
+        path = os.path.join(self.d, "g.safetensors")
+        sae.save(path)
+        rc, out, err = run("info", path)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("kind          SAE\n", out)
+        self.assertIn("r_mag         min", out)
+        info = json.loads(run("info", "--json", path)[1])
+        self.assertEqual((info["kind"], info["skip"], info["d_out"], info["normalize"]),
+                         ("sae", False, 6, "none"))
+        self.assertLessEqual({"r_mag", "b_mag"}, set(info))
+
+    def test_info_reads_the_norms_from_the_library(self):
+        # in this process, with Model.decoder_norms answering something no W_dec gives
+        import contextlib
+        import io
+        from unittest import mock
+        from libsae.__main__ import main
+        fake = np.full(30, 7.0, np.float32)
+        out = io.StringIO()
+        with mock.patch.object(libsae.Model, "decoder_norms", return_value=fake) as called, \
+                mock.patch.object(libsae.Model, "get_tensor",
+                                  side_effect=AssertionError("W_dec read")), \
+                contextlib.redirect_stdout(out):
+            self.assertEqual(main(["info", "--json", self.model]), 0)
+        called.assert_called_once_with()
+        self.assertEqual(json.loads(out.getvalue())["decoder_row_norms"],
+                         {"min": 7.0, "mean": 7.0, "max": 7.0, "not_unit": 30})
+
+    def test_evaluate(self):
+        rc, out, err = run("evaluate", self.model, self.acts, "--target", self.target, "--json")
+        self.assertEqual(rc, 0, err)
+        got = json.loads(out)
+        self.assertEqual(got["tokens"], 40)
+        want = ref_metrics(ref_encode_any(self.m, self.w, self.x), self.y,
+                           ref_reconstruct_any(self.m, self.w, self.x))
+        for name, value in want.items():
+            self.assertAlmostEqual(got["metrics"][name], value, delta=1e-4 * max(1, abs(value)),
+                                   msg=name)
+        rc, out, err = run("evaluate", self.model, self.acts, "--target", self.target)
+        self.assertEqual(rc, 0, err)
+        lines = dict(line.split() for line in out.splitlines())
+        self.assertEqual(list(lines), list(libsae.EVAL_METRICS))
+        self.assertAlmostEqual(float(lines["fvu"]), want["fvu"], places=4)
+        # an SAE is scored against its input
+        sae, _ = random_model("relu", 12, 20, seed=54)
+        path = os.path.join(self.d, "s.safetensors")
+        sae.save(path)
+        rc, out, err = run("evaluate", path, self.acts, "--json")
+        self.assertEqual(rc, 0, err)
+        for name, value in sae.evaluate(self.x).items():
+            self.assertAlmostEqual(json.loads(out)["metrics"][name], value, places=5)
+
+    @unittest.skipIf(not libsae.has("sae_steer_apply_to"), "needs apply_to")
+    def test_steer(self):
+        out = os.path.join(self.d, "steered.npy")
+        active = int(np.argmax(self.m.encode(self.x).sum(0)))
+        rc, _, err = run("steer", self.model, self.acts, "--target", self.target,
+                         "--clamp", f"{active}=3", "--add", "2=-1.5", "-o", out)
+        self.assertEqual(rc, 0, err)
+        got = np.load(out)
+        self.assertEqual((got.shape, got.dtype), ((40, 5), np.float32))
+        want = ref_steer_to(self.m, self.w, self.x, self.y,
+                            {active: ("clamp", 3.0), 2: ("add", -1.5)})
+        self.assertClose(got, want, atol=2e-4)
+        np.testing.assert_array_equal(np.load(self.acts), self.x)  # the inputs are untouched
+
+    def test_top_works(self):
+        rc, out, err = run("top", self.model, self.acts, "-k", 3)
+        self.assertEqual(rc, 0, err)
+        idx, _, count = self.m.encode_sparse(self.x, 3)
+        first = out.splitlines()[0].split("\t")
+        self.assertEqual([int(p.split(":")[0]) for p in first[1].split()],
+                         list(idx[0, :count[0]]))
+
+    def test_refusals(self):
+        short = os.path.join(self.d, "short.npy")
+        np.save(short, self.y[:39])
+        wide = os.path.join(self.d, "wide.npy")
+        np.save(wide, self.x)
+        o = os.path.join(self.d, "o.npy")
+        cases = [
+            (("evaluate", self.model, self.acts), "transcoder (d_in 12 -> d_out 5)"),
+            (("evaluate", self.model, self.acts), "--target Y.npy"),
+            (("steer", self.model, self.acts, "--clamp", "1=2", "-o", o), "--target Y.npy"),
+            (("evaluate", self.model, self.acts, "--target", short), "39 rows"),
+            (("steer", self.model, self.acts, "--target", short, "--clamp", "1=2", "-o", o),
+             "39 rows"),
+            (("evaluate", self.model, self.acts, "--target", wide), "d_out is 5"),
+            (("evaluate", self.model, self.target, "--target", self.target), "d_in is 12"),
+        ]
+        for args, fragment in cases:
+            with self.subTest(args=args):
+                rc, _, err = run(*args)
+                self.assertEqual(rc, 1, err)
+                self.assertTrue(err.startswith("libsae: error: "), err)
+                self.assertIn(fragment, err)
+                self.assertNotIn("Traceback", err)
+        self.assertFalse(os.path.exists(o))
 
 
 if __name__ == "__main__":
