@@ -196,6 +196,82 @@ class NoNumpy(TestCase):
         self.assertIn("topk", r.stdout)
 
 
+    def test_transcoder_with_skip_and_layer_norm(self):
+        # x [n][4] -> f [n][6] -> y [n][3] = f @ W_dec + b_dec + x @ W_skip, raw x in the skip
+        d_in, d_sae, d_out, n = 4, 6, 3, 5
+        m = libsae.Model.new_transcoder("relu", d_in, d_sae, d_out, skip=True,
+                                        normalize="layer_norm")
+        self.assertEqual((m.d_out, m.is_transcoder, m.normalize), (3, True, "layer_norm"))
+        self.assertEqual([t for t in libsae.TENSORS if m.has_tensor(t)],
+                         ["W_enc", "W_dec", "b_enc", "b_dec", "W_skip"])
+        g = lcg(21)
+        w = {}
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip"):
+            vals = array.array("f", (next(g) for _ in range(math.prod(m.tensor_shape(name)))))
+            m.set_tensor(name, vals)
+            w[name] = list(vals)
+        x = array.array("f", (next(g) * 3 + 0.5 for _ in range(n * d_in)))
+        f_ref, y_ref = [], []
+        for t in range(n):
+            row = x[t * d_in:(t + 1) * d_in]
+            mu = math.fsum(row) / d_in
+            sigma = math.sqrt(math.fsum((v - mu) ** 2 for v in row) / (d_in - 1))
+            xn = [(v - mu) / (sigma + 1e-5) for v in row]
+            f = [max(math.fsum(xn[j] * w["W_enc"][j * d_sae + i] for j in range(d_in))
+                     + w["b_enc"][i], 0.0) for i in range(d_sae)]
+            f_ref.extend(f)
+            y_ref.extend(math.fsum(f[i] * w["W_dec"][i * d_out + o] for i in range(d_sae))
+                         + w["b_dec"][o]
+                         + math.fsum(row[j] * w["W_skip"][j * d_out + o] for j in range(d_in))
+                         for o in range(d_out))
+        f = m.encode(x)
+        self.assertAllClose(f, f_ref)
+        y_hat = m.reconstruct(x)
+        self.assertIsInstance(y_hat, array.array)
+        self.assertEqual(len(y_hat), n * d_out)
+        self.assertAllClose(y_hat, y_ref)
+        dec = m.decode(f)
+        self.assertEqual(len(dec), n * d_out)
+        self.assertAllClose(dec, [y_ref[t * d_out + o] - math.fsum(
+            x[t * d_in + j] * w["W_skip"][j * d_out + o] for j in range(d_in))
+            for t in range(n) for o in range(d_out)])
+        with self.assertRaisesRegex(ValueError, "expected 15 float32 values, got 20"):
+            m.reconstruct(x, out=array.array("f", bytes(4 * n * d_in)))  # d_in, not d_out
+        out = array.array("f", bytes(4 * n * d_out))
+        self.assertIs(m.reconstruct(x, out=out), out)
+        norms = m.decoder_norms()
+        self.assertAllClose(norms, [math.sqrt(math.fsum(v * v for v in
+                                                        w["W_dec"][i * d_out:(i + 1) * d_out]))
+                                    for i in range(d_sae)])
+        # evaluate against a target, and apply_to steering that target
+        y = array.array("f", (next(g) for _ in range(n * d_out)))
+        mse = math.fsum((y[k] - y_ref[k]) ** 2 for k in range(n * d_out)) / n
+        self.assertAlmostEqual(m.evaluate(x, y, metrics=("mse",))["mse"], mse,
+                               delta=1e-4 * max(1, mse))
+        if libsae.has("sae_steer_apply_to"):
+            y2 = array.array("f", y)
+            s = libsae.Steering(m).clamp(2, 1.5)
+            self.assertIs(s.apply_to(x, y2), y2)
+            want = [y[t * d_out + o] + (1.5 - f_ref[t * d_sae + 2]) * w["W_dec"][2 * d_out + o]
+                    for t in range(n) for o in range(d_out)]
+            self.assertAllClose(y2, want)
+            with self.assertRaisesRegex(TypeError, "in place"):
+                s.apply_to(x, list(y))
+            with self.assertRaisesRegex(ValueError, "x has 5 tokens but y has 4"):
+                s.apply_to(x, array.array("f", y[:12]))
+        # and the CLI describes it without numpy, its norms from the library
+        d = tmpdir(self)
+        mp = os.path.join(d, "t.safetensors")
+        m.save(mp)
+        r = subprocess.run([sys.executable, "-m", "libsae", "info", mp], capture_output=True,
+                           text=True, env=subprocess_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("kind          transcoder with skip connection", r.stdout)
+        self.assertIn("d_out 3", r.stdout)
+        self.assertIn(f"norm min {min(norms):.6g}, mean {math.fsum(norms) / d_sae:.6g}, "
+                      f"max {max(norms):.6g}", r.stdout)
+
+
 def _dense(idx, val, count, k, d_sae):
     f = array.array("f", bytes(4 * d_sae * len(count)))
     for t in range(len(count)):
