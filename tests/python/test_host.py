@@ -123,6 +123,33 @@ race(make_trainer, lambda t: t.step(x), lambda mt: mt["steps"] >= 1,
 print("ok")
 """)
 
+    @unittest.skipIf(not libsae.has("sae_steer_apply_to"), "needs 0.2 (transcoders)")
+    def test_transcoder_calls(self):
+        # a transcoder saved and loaded back (mapped): reconstruct, evaluate against a target,
+        # decoder_norms and a steering plan's apply_to, each closed under a call in flight
+        run_child(self, CHILD_SETUP + """
+tpath = os.path.join(tmp, "t.safetensors")
+t0 = libsae.Model.new_transcoder("relu", D_IN, D_SAE, 96, skip=True)
+t0.set_tensor("W_enc", (rng.standard_normal((D_IN, D_SAE)) / 16).astype(np.float32))
+t0.set_tensor("W_dec", (rng.standard_normal((D_SAE, 96)) / 16).astype(np.float32))
+t0.set_tensor("W_skip", (rng.standard_normal((D_IN, 96)) / 16).astype(np.float32))
+t0.save(tpath)
+y = rng.standard_normal((N, 96)).astype(np.float32)
+want_y, want_eval, want_norms = t0.reconstruct(x), t0.evaluate(x, y), t0.decoder_norms()
+t0.close()
+load = lambda: libsae.Model.load(tpath)
+race(load, lambda m: m.reconstruct(x), lambda got: np.array_equal(got, want_y))
+race(load, lambda m: m.evaluate(x, y), lambda got: got == want_eval)
+race(load, lambda m: m.decoder_norms(), lambda got: np.array_equal(got, want_norms))
+def apply_to(s):
+    out = y.copy()
+    return s.apply_to(x, out)
+race(lambda: libsae.Steering(load()).clamp(3, 2.0), apply_to,
+     lambda got: got.shape == y.shape and np.isfinite(got).all(),
+     close_of=lambda s: s.model.close())
+print("ok")
+""")
+
     def test_npy_file_read(self):
         run_child(self, CHILD_SETUP + """
 acts = os.path.join(tmp, "acts.npy")
@@ -293,6 +320,17 @@ class Integers(TestCase):
         m = libsae.Model.new("topk", 4, 8, k=2)
         with self.assertRaisesRegex(ValueError, "encode_sparse: k must be at most"):
             m.encode_sparse([[0.0] * 4], 2 ** 64 + 1)
+        if libsae.has("sae_model_new_transcoder"):
+            for bad in (2 ** 64 + 4, 2 ** 64):  # would be 4 and 0
+                with self.assertRaisesRegex(ValueError, "d_out must be at most"):
+                    libsae.Model.new_transcoder("relu", 4, 8, bad)
+            with self.assertRaisesRegex(ValueError, "d_in must be at most"):
+                libsae.Model.new_transcoder("relu", 2 ** 64 + 4, 8, 4)
+            with self.assertRaisesRegex(TypeError, "skip must be True or False"):
+                libsae.Model.new_transcoder("relu", 4, 8, 4, skip=2)  # a C int: would be refused
+            with self.assertRaisesRegex(ValueError, "normalize must be at most 2147483647"):
+                m.set_param("normalize", 2 ** 32 + 1)  # as a C int: 1, layer_norm
+            self.assertEqual(m.normalize, "none")
         # sizes of 0 are the C library's to judge, and it does
         self.assertLibsaeError(libsae.EINVAL, "at least 1", libsae.Model.new, "relu", 0, 8)
 
@@ -518,6 +556,17 @@ class OutArrays(TestCase):
                 self.assertTrue(np.array_equal(out, fn(arg)))
         y = x.copy()
         self.assertIs(m.reconstruct(y, out=y), y)  # in place still works
+        if libsae.has("sae_model_new_transcoder"):
+            t = libsae.Model.new_transcoder("relu", 4, 6, 3, skip=True)
+            for fn, arg in ((t.decode, np.ones((3, 6), np.float32)), (t.reconstruct, x)):
+                with self.subTest("transcoder " + fn.__name__):
+                    for wrong in ((3, 4), (1, 3, 3), (9,)):  # [n, d_in] is wrong: d_out is 3
+                        with self.assertRaisesRegex(ValueError, r"expected shape \[3, 3\]"):
+                            fn(arg, out=np.zeros(wrong, np.float32))
+                    out = np.zeros((3, 3), np.float32)
+                    self.assertIs(fn(arg, out=out), out)
+            with self.assertRaisesRegex(ValueError, "expected shape"):
+                t.reconstruct(x.copy(), out=x)  # in place needs d_out = d_in
 
     def test_buffers(self):
         m = libsae.Model.new("relu", 4, 6)
