@@ -129,9 +129,14 @@ void sae__st_close(sae__safetensors *st);
 const sae__st_tensor *sae__st_find(const sae__safetensors *st, const char *name);
 /* A __metadata__ string value, or NULL. */
 const char *sae__st_meta(const sae__safetensors *st, const char *key);
-/* A __metadata__ value that must be present and a finite decimal number (or "nan", where
- * allow_nan says a value may be unknown), else SAE_EFORMAT. */
+/* A __metadata__ value that must be present and a finite number spelled as a JSON number (what
+ * printf's %g writes: no hex, "inf", spaces or '+' sign), or "nan" / "-nan" where allow_nan says
+ * a value may be unknown; else SAE_EFORMAT naming file and key. Every float read from metadata
+ * goes through it. */
 int sae__st_meta_number(const sae__safetensors *st, const char *key, bool allow_nan, double *out);
+/* The same for a whole number: plain decimal digits ("%zu": no sign, no leading zero, no
+ * exponent or fraction) not above max. Every count and size read from metadata goes through it. */
+int sae__st_meta_size(const sae__safetensors *st, const char *key, size_t max, size_t *out);
 /* The tensor `name`, which must exist with exactly the shape (d0) or (d0, d1) (d1 = 0 for 1-D),
  * else SAE_EFORMAT naming what was expected and found. */
 int sae__st_expect(const sae__safetensors *st, const char *name, size_t d0, size_t d1,

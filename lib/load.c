@@ -15,7 +15,10 @@
 /* cfg.json and activation_scaler.json are a few kB; anything near this is not one. */
 #define MAX_CFG_BYTES (1u << 20)
 
-#define OWN_FORMAT_VERSION "1"
+/* The newest version this library writes and reads; it reads every older one too. Version 2
+ * added transcoders, gated, GroupMax and the normalizations; a model without them is still
+ * written as version 1, which libsae 0.1 reads. */
+#define OWN_FORMAT_VERSION 2u
 
 int sae__model_own_tensor_uninit(sae_model *m, sae_tensor t)
 {
@@ -39,6 +42,29 @@ int sae__model_own_tensor_uninit(sae_model *m, sae_tensor t)
     return SAE_OK;
 }
 
+/* Every weight read from a file must be finite, as sae_model_set_tensor demands of the
+ * caller's: a NaN or infinity would reach every code computed from it. v holds count values of
+ * src starting at element first (in the file's order); sae__check_finite keeps the common case
+ * at memory speed, and only a refusal looks for the first bad value again, to name it in the
+ * file's own [row][col]. */
+static int check_finite_part(const sae__safetensors *st, const sae__st_tensor *src,
+                             const float *v, size_t count, size_t first)
+{
+    size_t cols = src->ndim == 2 ? src->shape[1] : 1;
+    if (sae__check_finite(v, count, cols, src->name) == SAE_OK)
+        return SAE_OK;
+    size_t i = 0;
+    while (i < count && isfinite(v[i]))
+        i++;
+    size_t at = first + (i < count ? i : 0);
+    double bad = i < count ? (double)v[i] : 0.0;
+    if (src->ndim == 2)
+        return sae__fail(SAE_EFORMAT, "%s: tensor '%s'[%zu][%zu] is %g: weights must be finite",
+                         st->path, src->name, at / cols, at % cols, bad);
+    return sae__fail(SAE_EFORMAT, "%s: tensor '%s'[%zu] is %g: weights must be finite", st->path,
+                     src->name, at, bad);
+}
+
 int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *st,
                            const sae__st_tensor *src, bool transpose)
 {
@@ -47,6 +73,10 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
     /* Used in place when the mapping can serve as the tensor's storage directly. */
     if (!transpose && src->dtype == SAE__F32 && st->data == m->map.data &&
         src->offset % sizeof(float) == 0) {
+        const float *in_place = (const float *)(const void *)(m->map.data + src->offset);
+        int rc = check_finite_part(st, src, in_place, src->count, 0);
+        if (rc != SAE_OK)
+            return rc;
         if (m->owned & (1u << t))
             free(*slot);
         m->owned &= ~(1u << t);
@@ -56,21 +86,30 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
     int rc = sae__model_own_tensor_uninit(m, t);
     if (rc != SAE_OK)
         return rc;
+    size_t esize = sae__dtype_size(src->dtype);
     if (!transpose) {
-        sae__to_float(src->dtype, bytes, src->count, *slot);
-        return SAE_OK;
+        /* Converted and checked a cache-sized part at a time: one pass over the memory. */
+        enum { PART = 1 << 14 };
+        for (size_t i = 0; i < src->count && rc == SAE_OK; i += PART) {
+            size_t n = src->count - i < PART ? src->count - i : PART;
+            sae__to_float(src->dtype, bytes + i * esize, n, *slot + i);
+            rc = check_finite_part(st, src, *slot + i, n, i);
+        }
+        return rc;
     }
     /* src is [rows][cols]; the model wants [cols][rows]. A band of rows is converted at a time,
      * then written out in square tiles so both the reads and the writes stay in cache. */
     enum { BAND = 64 };
-    size_t rows = src->shape[0], cols = src->shape[1], esize = sae__dtype_size(src->dtype);
+    size_t rows = src->shape[0], cols = src->shape[1];
     float *band = sae__alloc(BAND * cols, sizeof(float), "transpose scratch");
     if (band == NULL)
         return SAE_ENOMEM;
     float *dst = *slot;
-    for (size_t r0 = 0; r0 < rows; r0 += BAND) {
+    for (size_t r0 = 0; r0 < rows && rc == SAE_OK; r0 += BAND) {
         size_t nr = rows - r0 < BAND ? rows - r0 : BAND;
         sae__to_float(src->dtype, bytes + r0 * cols * esize, nr * cols, band);
+        if ((rc = check_finite_part(st, src, band, nr * cols, r0 * cols)) != SAE_OK)
+            break;
         for (size_t c0 = 0; c0 < cols; c0 += BAND) {
             size_t nc = cols - c0 < BAND ? cols - c0 : BAND;
             for (size_t c = c0; c < c0 + nc; c++)
@@ -79,7 +118,7 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
         }
     }
     free(band);
-    return SAE_OK;
+    return rc;
 }
 
 /* Finds every tensor the model needs with its expected shape (transposed where asked), before
@@ -141,6 +180,12 @@ int sae__model_from_st(const sae__safetensors *st, sae__map *map, const sae__sha
         if (srcs[t]->dtype != SAE__F32)
             m->dtype = srcs[t]->dtype;
     }
+    /* exp(r_mag) must stay a normal float, as sae_model_set_tensor demands. */
+    for (size_t i = 0; rc == SAE_OK && m->r_mag != NULL && i < m->d_sae; i++)
+        if (!(m->r_mag[i] > -87.0f && m->r_mag[i] < 88.0f))
+            rc = sae__fail(SAE_EFORMAT, "%s: tensor '%s'[%zu] = %g: exp(r_mag) must be a normal "
+                           "float (|r_mag| < 87)", st->path, names[SAE_R_MAG], i,
+                           (double)m->r_mag[i]);
     if (rc != SAE_OK) {
         if (take)
             m->map = (sae__map){0}; /* the caller still owns the mapping */
@@ -154,16 +199,33 @@ int sae__model_from_st(const sae__safetensors *st, sae__map *map, const sae__sha
     return SAE_OK;
 }
 
+/* d_in and d_sae: at least 1, and at most what a uint32 index (and the model) can hold. */
 static int meta_size(const sae__safetensors *st, const char *key, size_t *out)
 {
-    double v;
-    int rc = sae__st_meta_number(st, key, false, &v);
+    int rc = sae__st_meta_size(st, key, UINT32_MAX, out);
+    if (rc == SAE_OK && *out == 0)
+        rc = sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '0' is not a size (at least 1)",
+                       st->path, key);
+    return rc;
+}
+
+/* format_version says how to read the rest; a file of a later version may mean something else
+ * by the same keys, so it is refused rather than guessed at. Absent is read as "1": every libsae
+ * has written it, so its absence cannot mean a newer format (other tools building libsae files
+ * by hand tend to leave it out). */
+static int check_format_version(const sae__safetensors *st, size_t *version)
+{
+    *version = 1;
+    if (sae__st_meta(st, "format_version") == NULL)
+        return SAE_OK;
+    int rc = sae__st_meta_size(st, "format_version", SIZE_MAX, version);
     if (rc != SAE_OK)
         return rc;
-    if (!(v >= 1.0 && v <= 4294967295.0) || v != floor(v))
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = %g is not a size", st->path, key,
-                         v);
-    *out = (size_t)v;
+    if (*version < 1 || *version > OWN_FORMAT_VERSION)
+        return sae__fail(SAE_EUNSUPPORTED,
+                         "%s: libsae file format_version %zu is not supported: this library "
+                         "reads format_version 1 to %u (a newer libsae wrote the file?)",
+                         st->path, *version, OWN_FORMAT_VERSION);
     return SAE_OK;
 }
 
@@ -172,18 +234,26 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
 {
     const char *arch_name = sae__st_meta(st, "architecture");
     sae_arch arch;
+    size_t version;
+    int rc = check_format_version(st, &version);
+    if (rc != SAE_OK)
+        return rc;
     if (arch_name == NULL)
         return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no 'architecture'", st->path);
     if (sae_arch_from_name(arch_name, &arch) != SAE_OK)
         return sae__fail(SAE_EUNSUPPORTED, "%s: architecture '%.40s' is not supported", st->path,
                          arch_name);
     sae__shape shape = {arch, 0, 0, 0, false, false};
-    int rc;
     if ((rc = meta_size(st, "d_in", &shape.d_in)) != SAE_OK ||
         (rc = meta_size(st, "d_sae", &shape.d_sae)) != SAE_OK)
         return rc;
-    /* Version 2's additions; a version 1 file has none of these keys. */
+    /* Version 2's additions; a version 1 file has none of them. */
     const char *kind = sae__st_meta(st, "kind");
+    if (version < 2 && (kind != NULL || sae__st_meta(st, "normalize") != NULL ||
+                        arch > SAE_ARCH_JUMPRELU))
+        return sae__fail(SAE_EFORMAT, "%s: a format_version 1 file has no %s", st->path,
+                         kind != NULL ? "'kind'" : arch > SAE_ARCH_JUMPRELU ? "such architecture"
+                                                                            : "'normalize'");
     shape.d_out = shape.d_in;
     if (kind != NULL && strcmp(kind, "sae") != 0) {
         if (strcmp(kind, "transcoder") != 0 && strcmp(kind, "skip_transcoder") != 0)
@@ -202,14 +272,17 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
     sae_model *m;
     if ((rc = sae__model_from_st(st, map, &shape, sae__tensor_names, 0, "libsae", &m)) != SAE_OK)
         return rc;
+    /* Counts and flags are whole numbers, floats are %.9g: each read with its strict spelling,
+     * then set through sae_model_set_param, whose ranges (checked as floats) are the model's. */
     static const struct {
         const char *key;
         sae_model_param param;
+        bool whole;
     } params[] = {
-        {"apply_b_dec_to_input", SAE_PARAM_APPLY_B_DEC_TO_INPUT},
-        {"input_scale", SAE_PARAM_INPUT_SCALE},
-        {"k", SAE_PARAM_K},
-        {"batch_threshold", SAE_PARAM_THRESHOLD},
+        {"apply_b_dec_to_input", SAE_PARAM_APPLY_B_DEC_TO_INPUT, true},
+        {"input_scale", SAE_PARAM_INPUT_SCALE, false},
+        {"k", SAE_PARAM_K, true},
+        {"batch_threshold", SAE_PARAM_THRESHOLD, false},
     };
     for (size_t i = 0; i < sizeof params / sizeof params[0] && rc == SAE_OK; i++) {
         bool has_k = arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK ||
@@ -217,9 +290,15 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
         if ((params[i].param == SAE_PARAM_K && !has_k) ||
             (params[i].param == SAE_PARAM_THRESHOLD && arch != SAE_ARCH_BATCHTOPK))
             continue;
-        double v;
-        if ((rc = sae__st_meta_number(st, params[i].key, false, &v)) == SAE_OK &&
-            sae_model_set_param(m, params[i].param, v) != SAE_OK)
+        double v = 0;
+        size_t count = 0;
+        if (params[i].whole) {
+            rc = sae__st_meta_size(st, params[i].key, UINT32_MAX, &count);
+            v = (double)count;
+        } else {
+            rc = sae__st_meta_number(st, params[i].key, false, &v);
+        }
+        if (rc == SAE_OK && sae_model_set_param(m, params[i].param, v) != SAE_OK)
             rc = sae__wrap(SAE_EFORMAT, "%s: __metadata__['%s']: ", st->path, params[i].key);
     }
     if (rc == SAE_OK && sae_model_set_param(m, SAE_PARAM_NORMALIZE, normalize) != SAE_OK)

@@ -219,8 +219,13 @@ int sae__saelens_scaler_parse(const char *text, size_t len, const char *path, do
     bool found;
     double v = 0;
     rc = sae__json_number(root, "scaling_factor", path, &v, &found);
-    if (rc == SAE_OK && found && !(v > 0))
-        rc = sae__fail(SAE_EFORMAT, "%s: scaling_factor %g is not > 0", path, v);
+    /* It becomes INPUT_SCALE: the model's own range, checked as a float (1e-46 is > 0 as a
+     * double but 0 as a float), is the one check, here naming this file and key. */
+    double lo = 0, hi = 0;
+    float f;
+    if (rc == SAE_OK && found && sae_model_param_bounds(SAE_PARAM_INPUT_SCALE, &lo, &hi) == SAE_OK &&
+        sae__float_in_range(v, lo, hi, "scaling_factor", &f) != SAE_OK)
+        rc = sae__wrap(SAE_EFORMAT, "%s: ", path);
     if (rc == SAE_OK && found)
         *s = v;
     cJSON_Delete(root);
@@ -327,8 +332,11 @@ int sae__saelens_load(const sae__safetensors *st, sae__map *map, const sae__sael
         rc = sae_model_set_param(m, SAE_PARAM_APPLY_B_DEC_TO_INPUT, cfg->apply_b_dec ? 1 : 0);
         if (rc == SAE_OK && (arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK))
             rc = sae_model_set_param(m, SAE_PARAM_K, (double)cfg->k);
-        if (rc == SAE_OK && arch == SAE_ARCH_BATCHTOPK)
-            rc = sae_model_set_param(m, SAE_PARAM_THRESHOLD, batch_threshold);
+        if (rc == SAE_OK && arch == SAE_ARCH_BATCHTOPK &&
+            (rc = sae_model_set_param(m, SAE_PARAM_THRESHOLD, batch_threshold)) != SAE_OK) {
+            sae_model_free(m);
+            return sae__wrap(SAE_EFORMAT, "%s: tensor 'topk_threshold': ", path);
+        }
         /* The scaler multiplies the input by s before the SAE and divides its output by s
          * after (ActivationScaler.scale/unscale): INPUT_SCALE is that, to the rounding. */
         if (rc == SAE_OK && cfg->norm == SAE__NORM_EXPECTED_AVERAGE)
