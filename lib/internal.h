@@ -480,12 +480,14 @@ typedef enum {
 /* A SAELens cfg.json, v6 or the pre-6.0 flat layout, reduced to what the math needs. */
 typedef struct {
     size_t d_in, d_sae;
+    size_t d_out;             /* transcoders: cfg d_out (TranscoderConfig's default 768); else d_in */
     const char *architecture; /* SAELens' name after pre-6.0 defaulting; static storage */
     sae_arch arch;            /* 0 when the architecture is not one libsae runs */
+    bool transcoder, skip;    /* transcoder, jumprelu_transcoder; skip_transcoder */
     size_t k;                 /* topk; 0 when absent */
     bool apply_b_dec;
     sae__norm norm;
-    bool rescale_by_decoder_norm;
+    bool rescale_by_decoder_norm; /* topk, batchtopk, matryoshka_batchtopk only (their field) */
     bool finetuning_scaling_factor;
     bool v6;                  /* the 6.x layout (else the flat pre-6.0 one) */
 } sae__saelens_cfg;
@@ -506,7 +508,7 @@ typedef struct {
     size_t k;            /* default 32 */
     size_t num_latents;  /* 0: d_in * expansion_factor */
     size_t expansion_factor;
-    bool topk;           /* activation "topk" (else "groupmax") */
+    bool topk;           /* activation "topk" (else "groupmax": k groups) */
     bool transcode, skip_connection;
 } sae__sparsify_cfg;
 

@@ -183,9 +183,8 @@ int sae__model_from_st(const sae__safetensors *st, sae__map *map, const sae__sha
     /* exp(r_mag) must stay a normal float, as sae_model_set_tensor demands. */
     for (size_t i = 0; rc == SAE_OK && m->r_mag != NULL && i < m->d_sae; i++)
         if (!(m->r_mag[i] > -87.0f && m->r_mag[i] < 88.0f))
-            rc = sae__fail(SAE_EFORMAT, "%s: tensor '%s'[%zu] = %g: exp(r_mag) must be a normal "
-                           "float (|r_mag| < 87)", st->path, names[SAE_R_MAG], i,
-                           (double)m->r_mag[i]);
+            rc = sae__fail(SAE_EFORMAT, "%s: %s[%zu] = %g: exp(r_mag) must be a normal float "
+                           "(|r_mag| < 87)", st->path, names[SAE_R_MAG], i, (double)m->r_mag[i]);
     if (rc != SAE_OK) {
         if (take)
             m->map = (sae__map){0}; /* the caller still owns the mapping */

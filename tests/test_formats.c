@@ -355,13 +355,10 @@ START_TEST(saelens_unsupported_settings_are_named)
         const char *arch, *extra, *needle;
         int code;
     } cases[] = {
-        {"standard", "\"normalize_activations\": \"constant_norm_rescale\"",
-         "constant_norm_rescale", SAE_EUNSUPPORTED},
-        {"standard", "\"normalize_activations\": \"layer_norm\"", "layer_norm", SAE_EUNSUPPORTED},
-        {"topk", "\"k\": 3, \"rescale_acts_by_decoder_norm\": true",
-         "rescale_acts_by_decoder_norm", SAE_EUNSUPPORTED},
-        {"gated", NULL, "gated", SAE_EUNSUPPORTED},
-        {"transcoder", NULL, "transcoder", SAE_EUNSUPPORTED},
+        /* Kinds tests/test_peers.c loads, here over weights that are not theirs. */
+        {"gated", NULL, "b_enc", SAE_EUNSUPPORTED}, /* GatedSAE has b_gate, no b_enc */
+        {"transcoder", NULL, "W_dec", SAE_EFORMAT}, /* d_out defaults to 768 */
+        {"crosscoder", NULL, "crosscoder", SAE_EUNSUPPORTED},
         {"standard", "\"reshape_activations\": \"sideways\"", "sideways", SAE_EUNSUPPORTED},
         {"standard", "\"normalize_activations\": \"sometimes\"", "sometimes", SAE_EFORMAT},
         {"standard", "\"dtype\": \"float8\"", "float8", SAE_EFORMAT},
@@ -550,12 +547,15 @@ START_TEST(sparsify_refusals)
         const char *cfg, *needle;
         int code;
     } cases[] = {
-        {"{\"activation\": \"groupmax\", \"k\": 4, \"num_latents\": 12, \"d_in\": 7}", "groupmax",
-         SAE_EUNSUPPORTED},
-        {"{\"transcode\": true, \"k\": 4, \"num_latents\": 12, \"d_in\": 7}", "transcode",
+        /* groupmax, transcode and skip_connection load: tests/test_peers.c. */
+        {"{\"activation\": \"groupmax\", \"k\": 5, \"num_latents\": 12, \"d_in\": 7}",
+         "must divide", SAE_EFORMAT},
+        {"{\"activation\": \"sigmoid\", \"k\": 4, \"num_latents\": 12, \"d_in\": 7}",
+         "sigmoid", SAE_EFORMAT},
+        {"{\"signed\": true, \"k\": 4, \"num_latents\": 12, \"d_in\": 7}", "signed",
          SAE_EUNSUPPORTED},
         {"{\"skip_connection\": true, \"k\": 4, \"num_latents\": 12, \"d_in\": 7}",
-         "skip_connection", SAE_EUNSUPPORTED},
+         "W_skip", SAE_EFORMAT}, /* the weights have none */
         {"{\"k\": 4, \"num_latents\": 12, \"d_in\": 8}", "encoder.weight", SAE_EFORMAT},
         {"{\"k\": 4, \"num_latents\": 13, \"d_in\": 7}", "expected [13, 7]", SAE_EFORMAT},
         {"{\"k\": 0, \"num_latents\": 12, \"d_in\": 7}", "'k'", SAE_EFORMAT},

@@ -120,6 +120,59 @@ int main(int argc, char **argv)
             "\"metadata\": {\"sae_lens_version\": \"6.5.0\"}}",
             &b);
     tw_free(&b);
+    /* SAELens 6.18's newer classes and sparsify 1.3's transcoders and groupmax (tests/test_peers.c
+     * has their math): gated, transcoders (d_out 2; W_skip [d_out, d_in] float32), per-token
+     * normalization, a TopK checkpoint with rescale_acts_by_decoder_norm. */
+    float w_dec2[DS * 2], b_dec2[2], skip[2 * DI], skip_sq[DI * DI];
+    tw_fill(6, w_dec2, DS * 2, 1.0f);
+    tw_fill(7, b_dec2, 2, 0.5f);
+    tw_fill(8, skip, 2 * DI, 0.5f);
+    tw_fill(9, skip_sq, DI * DI, 0.5f);
+    tw_tensor gt[6] = {{"W_dec", "F32", 2, {DS, DI}, w_dec},
+                       {"W_enc", "F32", 2, {DI, DS}, w_enc},
+                       {"b_dec", "F32", 1, {DI, 0}, b_dec},
+                       {"b_gate", "F32", 1, {DS, 0}, b_enc},
+                       {"b_mag", "F32", 1, {DS, 0}, b_enc},
+                       {"r_mag", "F32", 1, {DS, 0}, th}};
+    tw_safetensors(&b, gt, 6, NULL);
+    st_seed("saelens-gated", 1,
+            "{\"d_in\": 3, \"d_sae\": 5, \"architecture\": \"gated\", \"normalize_activations\": "
+            "\"layer_norm\", \"metadata\": {\"sae_lens_version\": \"6.18.0\"}}",
+            &b);
+    tw_free(&b);
+    tw_tensor tt[5] = {{"W_dec", "BF16", 2, {DS, 2}, w_dec2},
+                       {"W_enc", "BF16", 2, {DI, DS}, w_enc},
+                       {"W_skip", "F32", 2, {2, DI}, skip},
+                       {"b_dec", "BF16", 1, {2, 0}, b_dec2},
+                       {"b_enc", "BF16", 1, {DS, 0}, b_enc}};
+    tw_safetensors(&b, tt, 5, NULL);
+    st_seed("saelens-skip-transcoder", 1,
+            "{\"d_in\": 3, \"d_sae\": 5, \"d_out\": 2, \"dtype\": \"bfloat16\", "
+            "\"apply_b_dec_to_input\": false, \"normalize_activations\": \"constant_norm_rescale\", "
+            "\"architecture\": \"skip_transcoder\", \"metadata\": {\"sae_lens_version\": "
+            "\"6.18.0\"}}",
+            &b);
+    tw_free(&b);
+    tw_safetensors(&b, bt, 4, NULL);
+    st_seed("saelens-topk-checkpoint", 1,
+            "{\"d_in\": 3, \"d_sae\": 5, \"architecture\": \"topk\", \"k\": 2, "
+            "\"decoder_init_norm\": 0.1, \"use_sparse_activations\": false, "
+            "\"aux_loss_coefficient\": 1.0, \"rescale_acts_by_decoder_norm\": true, "
+            "\"metadata\": {\"sae_lens_version\": \"6.18.0\"}}",
+            &b);
+    tw_free(&b);
+    tw_tensor sk[5] = {{"W_dec", "BF16", 2, {DS, DI}, w_dec},
+                       {"W_skip", "BF16", 2, {DI, DI}, skip_sq},
+                       {"b_dec", "BF16", 1, {DI, 0}, b_dec},
+                       {"encoder.bias", "BF16", 1, {DS, 0}, b_enc},
+                       {"encoder.weight", "BF16", 2, {DS, DI}, w_enc_t}};
+    tw_safetensors(&b, sk, 5, "{\"format\":\"pt\"}");
+    st_seed("sparsify-transcoder-skip-groupmax", 1,
+            "{\"activation\": \"groupmax\", \"expansion_factor\": 32, \"normalize_decoder\": "
+            "true, \"num_latents\": 5, \"k\": 5, \"multi_topk\": false, \"skip_connection\": "
+            "true, \"transcode\": true, \"d_in\": 3}",
+            &b);
+    tw_free(&b);
     /* libsae's own files, from the library's writer. */
     for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++) {
         sae_model *m;
