@@ -356,11 +356,11 @@ static int exp_threshold(sae_model *m, const char *path)
 static int check_unused(const sae__safetensors *st, const char *const names[SAE__TENSOR_END],
                         const char *what)
 {
-    /* Not "threshold": a cfg that says standard over weights holding one has long loaded as
-     * the cfg says (tests/test_corrupt.c relies on it), though SAELens' strict
-     * load_state_dict would refuse the file. */
-    static const char *const terms[] = {"W_skip", "b_gate", "r_mag", "b_mag", "log_threshold",
-                                        "topk_threshold", "b_enc"};
+    /* SAELens's load_state_dict is strict: a tensor its class has no parameter for is an
+     * error there, and here, rather than a term silently dropped. */
+    static const char *const terms[] = {"W_skip",         "b_gate",         "r_mag",
+                                        "b_mag",          "log_threshold",  "topk_threshold",
+                                        "b_enc",          "threshold"};
     for (size_t i = 0; i < sizeof terms / sizeof terms[0]; i++) {
         if (sae__st_find(st, terms[i]) == NULL)
             continue;
@@ -416,29 +416,13 @@ int sae__saelens_load(const sae__safetensors *st, sae__map *map, const sae__sael
                              "scale is unknown",
                              path);
     } else {
-        /* No cfg.json: the shapes say the sizes, a threshold says JumpReLU, and the rest are
-         * SAELens' defaults (apply_b_dec_to_input true, no normalization). Weights whose
-         * meaning only the config gives are refused: a gated SAE, a skip transcoder (d_out
-         * and the architecture are in cfg.json; without them W_skip would be dropped), a
-         * BatchTopK checkpoint (k). */
-        static const char *const need_cfg[] = {"W_skip", "b_gate", "r_mag", "b_mag",
-                                                "topk_threshold"};
-        for (size_t i = 0; i < sizeof need_cfg / sizeof need_cfg[0]; i++)
-            if (sae__st_find(st, need_cfg[i]) != NULL)
-                return sae__fail(SAE_EUNSUPPORTED,
-                                 "%s: tensor '%s' without the cfg.json SAELens writes beside "
-                                 "it: %s; refused rather than loaded without that term",
-                                 path, need_cfg[i],
-                                 i == 0 ? "a skip transcoder, whose d_out and architecture only "
-                                          "the config gives"
-                                 : i < 4 ? "a gated SAE"
-                                         : "a BatchTopK checkpoint, whose k only the config gives");
-        const sae__st_tensor *w = sae__st_find(st, "W_enc");
-        if (w->ndim != 2 || w->shape[0] == 0 || w->shape[1] == 0)
-            return sae__fail(SAE_EFORMAT, "%s: tensor 'W_enc' is not a non-empty matrix", path);
-        shape.d_in = shape.d_out = w->shape[0];
-        shape.d_sae = w->shape[1];
-        shape.arch = has_threshold || has_log_threshold ? SAE_ARCH_JUMPRELU : SAE_ARCH_RELU;
+        /* Without cfg.json the weights do not say what they compute: a TopK SAE would run as
+         * ReLU, a skip transcoder without its skip term, a normalized SAE unnormalized. */
+        return sae__fail(SAE_EFORMAT,
+                         "%s: SAELens weights need the cfg.json SAELens writes beside them "
+                         "(the architecture, k, d_out, normalization and apply_b_dec_to_input "
+                         "are only there), and there is none",
+                         path);
     }
     if ((rc = check_scaling_factor(st, shape.d_sae)) != SAE_OK)
         return rc;

@@ -37,6 +37,10 @@ static place make_place(const char *weights_name)
     p.cfg = tu_malloc(len);
     snprintf(p.weights, len, "%s/%s", p.dir, weights_name);
     snprintf(p.cfg, len, "%s/cfg.json", p.dir);
+    /* SAELens weights load only with their cfg.json: the one the corpus's files (d_in 2,
+     * d_sae 3) would have. A case that needs another writes its own over it. */
+    if (strcmp(weights_name, "sae_weights.safetensors") == 0)
+        tw_write_text(p.cfg, "{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"standard\"}");
     return p;
 }
 
@@ -131,6 +135,22 @@ static void saelens_file(tw_buf *out)
     tw_safetensors(out, t, 5, NULL);
 }
 
+/* saelens_file without its threshold: a standard SAE. */
+static void saelens_plain_file(tw_buf *out)
+{
+    tw_tensor t[4] = {{"W_dec", "F32", 2, {3, 2}, W},
+                      {"W_enc", "F32", 2, {2, 3}, W},
+                      {"b_dec", "F32", 1, {2, 0}, W},
+                      {"b_enc", "F32", 1, {3, 0}, W}};
+    tw_safetensors(out, t, 4, NULL);
+}
+
+/* The cfg.json SAELens writes beside saelens_file's JumpReLU weights. */
+static void jumprelu_cfg(const place *p)
+{
+    tw_write_text(p->cfg, "{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\"}");
+}
+
 static void sparsify_file(tw_buf *out)
 {
     tw_tensor t[4] = {{"W_dec", "BF16", 2, {3, 2}, W},
@@ -178,6 +198,7 @@ START_TEST(truncated_and_flipped_safetensors)
 {
     tw_buf b = {0};
     place p = make_place("sae_weights.safetensors");
+    jumprelu_cfg(&p);
     saelens_file(&b);
     truncations(&p, &b, "SAELens");
     byte_flips(&p, &b, "SAELens", 1);
@@ -306,6 +327,7 @@ END_TEST
 START_TEST(safetensors_header_lengths)
 {
     place p = make_place("sae_weights.safetensors");
+    jumprelu_cfg(&p);
     tw_buf valid = {0};
     saelens_file(&valid);
     static const uint64_t lengths[] = {0,
@@ -372,7 +394,8 @@ START_TEST(saelens_cfg_wrong_types)
         {"{\"d_in\": 2, \"d_sae\": 3, \"reshape_activations\": false}", "reshape_activations"},
         {"{\"d_in\": 2, \"d_sae\": 3, \"rescale_acts_by_decoder_norm\": \"no\"}", "rescale_acts_by_decoder_norm"},
         {"{\"d_in\": 3, \"d_sae\": 3}", "W_enc"}, /* disagrees with the weights */
-        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\"}", NULL}, /* loads */
+        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"standard\"}", NULL}, /* loads */
+        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\"}", "threshold"}, /* none */
         {"[2, 3]", "object"},
         {"\"cfg\"", "object"},
         {"{\"d_in\": 2, \"d_sae\": 3", "JSON"},
@@ -385,7 +408,7 @@ START_TEST(saelens_cfg_wrong_types)
         /* \u0000 would end cJSON's C string early: "jumprelu\u0000x" read as "jumprelu". */
         {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\\u0000x\"}", "\\u0000"},
         {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\", \"x\\u0000\": 1}", "\\u0000"},
-        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\", \"x\": \"\\\\u0000\"}", NULL}, /* an escaped backslash, then text */
+        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"standard\", \"x\": \"\\\\u0000\"}", NULL}, /* an escaped backslash, then text */
         /* Numbers Python's json refuses, which cJSON takes. */
         {"{\"d_in\": 02, \"d_sae\": 3}", "'02'"},
         {"{\"d_in\": 2., \"d_sae\": 3}", "'2.'"},
@@ -395,7 +418,7 @@ START_TEST(saelens_cfg_wrong_types)
     };
     place p = make_place("sae_weights.safetensors");
     tw_buf b = {0};
-    saelens_file(&b);
+    saelens_plain_file(&b);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         tw_write_text(p.cfg, cases[i].cfg);
         char what[48];
@@ -981,6 +1004,7 @@ START_TEST(nonfinite_weights_are_refused_by_every_reader)
     }
     /* A JumpReLU threshold of +inf (a feature that can never fire) is refused as well. */
     place p = make_place("sae_weights.safetensors");
+    jumprelu_cfg(&p);
     float th[3] = {0.5f, INFINITY, 0.25f};
     tw_tensor jt[5] = {{"W_dec", "F32", 2, {3, 2}, W},
                        {"W_enc", "F32", 2, {2, 3}, W},

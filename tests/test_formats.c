@@ -240,21 +240,20 @@ START_TEST(saelens_pre_6_flat_layout)
 }
 END_TEST
 
-START_TEST(saelens_without_cfg_uses_defaults)
+/* The contract: a SAELens weights file loads only with its cfg.json beside it. Without it, a TopK
+ * SAE's weights would run as ReLU, a normalized SAE unnormalized: nothing in the tensors says. */
+START_TEST(saelens_without_cfg_is_refused)
 {
     weights w;
     make_weights(&w, 30);
     char *dir = saelens_dir("nocfg", NULL, &w, "F16", false);
     char *file = in_dir(dir, "sae_weights.safetensors");
-    sae_model *m = load_ok(file);
-    check_encode(m, &w, SAE_ARCH_RELU, 0, 1, 1.0);
-    sae_model_free(m);
+    load_fails(file, SAE_EFORMAT, "need the cfg.json");
+    load_fails(dir, SAE_EFORMAT, "need the cfg.json");
     free(file);
     remove_dir(dir);
     dir = saelens_dir("nocfg-jump", NULL, &w, "F32", true);
-    m = load_ok(dir);
-    check_encode(m, &w, SAE_ARCH_JUMPRELU, 0, 1, 1.0);
-    sae_model_free(m);
+    load_fails(dir, SAE_EFORMAT, "need the cfg.json");
     remove_dir(dir);
 }
 END_TEST
@@ -392,7 +391,7 @@ START_TEST(saelens_unsupported_settings_are_named)
     tw_safetensors(&b, t, 3, NULL);
     write_in(dir, "sae_weights.safetensors", b.data, b.size);
     tw_free(&b);
-    load_fails(dir, SAE_EUNSUPPORTED, "b_gate");
+    load_fails(dir, SAE_EFORMAT, "need the cfg.json");
     remove_dir(dir);
 }
 END_TEST
@@ -417,6 +416,10 @@ START_TEST(saelens_scaling_factor_of_ones_is_dropped)
         tw_safetensors(&b, t, 5, NULL);
         write_in(dir, "sae_weights.safetensors", b.data, b.size);
         tw_free(&b);
+        char cfg[256];
+        snprintf(cfg, sizeof cfg, "{\"d_in\": %d, \"d_sae\": %d, \"architecture\": \"standard\"}",
+                 D_IN, D_SAE);
+        write_text_in(dir, "cfg.json", cfg);
         if (variant == 0) {
             sae_model *m = load_ok(dir);
             check_encode(m, &w, SAE_ARCH_RELU, 0, 1, 1.0);
@@ -726,7 +729,7 @@ static Suite *formats_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, saelens_v6_every_architecture_and_dtype);
     tcase_add_test(tc, saelens_pre_6_flat_layout);
-    tcase_add_test(tc, saelens_without_cfg_uses_defaults);
+    tcase_add_test(tc, saelens_without_cfg_is_refused);
     tcase_add_test(tc, saelens_expected_average_only_in);
     tcase_add_test(tc, saelens_batchtopk);
     tcase_add_test(tc, saelens_unsupported_settings_are_named);

@@ -371,13 +371,11 @@ START_TEST(saelens_log_threshold)
                       {"b_dec", "F32", 1, {D_IN, 0}, w.b_dec},
                       {"b_enc", "F32", 1, {D_SAE, 0}, w.b_enc},
                       {"log_threshold", "F32", 1, {D_SAE, 0}, logt}};
-    for (int with_cfg = 0; with_cfg < 2; with_cfg++) {
-        char *dir = folder("sae_weights.safetensors", t, 5, NULL, with_cfg ? cfg : NULL);
-        peer p = {.W_enc = w.W_enc, .b_enc = w.b_enc, .W_dec = w.W_dec, .b_dec = w.b_dec,
-                  .thr = exact, .d_out = D_IN, .sub_b_dec = 1, .act = 2};
-        check_peer(dir, &p, SAE_ARCH_JUMPRELU, 0);
-        remove_dir(dir);
-    }
+    char *with = folder("sae_weights.safetensors", t, 5, NULL, cfg);
+    peer p = {.W_enc = w.W_enc, .b_enc = w.b_enc, .W_dec = w.W_dec, .b_dec = w.b_dec,
+              .thr = exact, .d_out = D_IN, .sub_b_dec = 1, .act = 2};
+    check_peer(with, &p, SAE_ARCH_JUMPRELU, 0);
+    remove_dir(with);
     logt[3] = 100.0f; /* exp overflows float */
     char *dir = folder("sae_weights.safetensors", t, 5, NULL, cfg);
     load_fails(dir, SAE_EFORMAT, "log_threshold[3]");
@@ -406,10 +404,11 @@ START_TEST(saelens_refusals)
         const char *arch, *cfg_extra, *needle;
         int code;
     } cases[] = {
-        /* Weights alone whose meaning only cfg.json gives. */
-        {1, "W_skip", NULL, NULL, "W_skip", SAE_EUNSUPPORTED},
-        {0, "topk_threshold", NULL, NULL, "topk_threshold", SAE_EUNSUPPORTED},
-        {0, "r_mag", NULL, NULL, "r_mag", SAE_EUNSUPPORTED},
+        /* Weights alone: only cfg.json says what they compute (the skip term, k, the gate). */
+        {1, "W_skip", NULL, NULL, "need the cfg.json", SAE_EFORMAT},
+        {0, "topk_threshold", NULL, NULL, "need the cfg.json", SAE_EFORMAT},
+        {0, "r_mag", NULL, NULL, "need the cfg.json", SAE_EFORMAT},
+        {0, NULL, NULL, NULL, "need the cfg.json", SAE_EFORMAT},
         /* A tensor carrying a term the config's class does not have. */
         {1, "W_skip", "transcoder", "\"d_out\": 5", "W_skip", SAE_EUNSUPPORTED},
         {0, "log_threshold", "standard", NULL, "log_threshold", SAE_EUNSUPPORTED},

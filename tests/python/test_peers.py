@@ -45,6 +45,7 @@ C.sae_reconstruct.argtypes = [ctypes.c_void_p, _FP, ctypes.c_size_t, _FP]
 
 ARCH = {"relu": 1, "topk": 2, "batchtopk": 3, "jumprelu": 4, "gated": 5, "groupmax": 6}
 SAE_EUNSUPPORTED = -5
+SAE_EFORMAT = -4
 
 
 class Loaded:
@@ -446,8 +447,8 @@ class SAELensLayouts(PeerCase):
         os.makedirs(d)
         save_file(os.path.join(d, "sae_weights.safetensors"), tensors)
         rc, msg = load_error(d)
-        self.assertEqual(rc, SAE_EUNSUPPORTED)
-        self.assertIn("W_skip", msg)
+        self.assertEqual(rc, SAE_EFORMAT)
+        self.assertIn("need the cfg.json", msg)
         # A cfg that says transcoder over weights with W_skip: the skip term would be dropped.
         write_saelens(d, saelens_cfg("transcoder", d_in, d_sae, apply_b_dec=False, d_out=d_out),
                       tensors)
