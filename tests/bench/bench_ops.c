@@ -10,7 +10,9 @@
  *   bench_ops mem DIR OP ARCH N         the peak memory one call adds, in a fresh process
  *
  * DIR holds the model and tokens perf.py wrote as .npy files: W_enc [d_in][d_sae], W_dec, b_enc,
- * b_dec, threshold, x [>= 1024][d_in]. Times are the best of several calls (see best_time);
+ * b_dec, threshold, x [>= 1024][d_in], and for the 0.2 kinds W_skip [d_in][d_in] (a transcoder's
+ * skip connection; its W_dec and b_dec are the SAE's, d_out = d_in) and r_mag, b_mag (gated; b_enc
+ * is the gate bias). Times are the best of several calls (see best_time);
  * output lines are "time OP ARCH N SECONDS", "bound NAME SECONDS BYTES_OR_FLOPS",
  * "mem OP ARCH N RSS_BEFORE_KB PEAK_RSS_DURING_KB". */
 #define _GNU_SOURCE
@@ -91,7 +93,18 @@ static float *read_npy(const char *dir, const char *name, size_t *rows, size_t *
 typedef struct {
     size_t d_in, d_sae, n_x;
     float *W_enc, *W_dec, *b_enc, *b_dec, *threshold, *x;
+    float *W_skip, *r_mag, *b_mag; /* NULL when DIR lacks them (the 0.2 rows are then skipped) */
 } data;
+
+static float *read_npy_if(const char *dir, const char *name)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s.npy", dir, name);
+    if (access(path, R_OK) != 0)
+        return NULL;
+    size_t r, c;
+    return read_npy(dir, name, &r, &c);
+}
 
 static void load_data(const char *dir, data *d)
 {
@@ -102,12 +115,17 @@ static void load_data(const char *dir, data *d)
     d->b_dec = read_npy(dir, "b_dec", &r, &c);
     d->threshold = read_npy(dir, "threshold", &r, &c);
     d->x = read_npy(dir, "x", &d->n_x, &c);
+    d->W_skip = read_npy_if(dir, "W_skip");
+    d->r_mag = read_npy_if(dir, "r_mag");
+    d->b_mag = read_npy_if(dir, "b_mag");
 }
 
-static const char *const arch_names[] = {NULL, "relu", "topk", "batchtopk", "jumprelu"};
+static const char *const arch_names[] = {NULL,       "relu",   "topk",    "batchtopk",
+                                         "jumprelu", "gated", "groupmax"};
 
 /* The benchmark's models: the same weights for every architecture; TopK and BatchTopK keep
- * K = 32, BatchTopK's threshold is JumpReLU's mean threshold. */
+ * K = 32, BatchTopK's threshold is JumpReLU's mean threshold; GroupMax has K = 32 groups of 512;
+ * gated takes b_enc as its gate bias and r_mag, b_mag from DIR. */
 static sae_model *make_model(const data *d, sae_arch arch)
 {
     sae_model *m;
@@ -118,14 +136,34 @@ static sae_model *make_model(const data *d, sae_arch arch)
     CHECK(sae_model_set_tensor(m, SAE_B_DEC, d->b_dec));
     if (arch == SAE_ARCH_JUMPRELU)
         CHECK(sae_model_set_tensor(m, SAE_THRESHOLD, d->threshold));
-    if (arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK)
+    if (arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK || arch == SAE_ARCH_GROUPMAX)
         CHECK(sae_model_set_param(m, SAE_PARAM_K, K));
+    if (arch == SAE_ARCH_GATED) {
+        CHECK(sae_model_set_tensor(m, SAE_R_MAG, d->r_mag));
+        CHECK(sae_model_set_tensor(m, SAE_B_MAG, d->b_mag));
+    }
     if (arch == SAE_ARCH_BATCHTOPK) {
         double mean = 0;
         for (size_t i = 0; i < d->d_sae; i++)
             mean += d->threshold[i];
         CHECK(sae_model_set_param(m, SAE_PARAM_THRESHOLD, mean / (double)d->d_sae));
     }
+    return m;
+}
+
+/* A ReLU transcoder of the SAE's size (d_out = d_in, Gemma-2-2B's MLP: 2304 -> 16384 -> 2304) on
+ * the same W_enc, b_enc, W_dec, b_dec (b_dec is its output bias, not subtracted from x), with
+ * W_skip when skip = 1. */
+static sae_model *make_transcoder(const data *d, int skip)
+{
+    sae_model *m;
+    CHECK(sae_model_new_transcoder(&m, SAE_ARCH_RELU, d->d_in, d->d_sae, d->d_in, skip));
+    CHECK(sae_model_set_tensor(m, SAE_W_ENC, d->W_enc));
+    CHECK(sae_model_set_tensor(m, SAE_W_DEC, d->W_dec));
+    CHECK(sae_model_set_tensor(m, SAE_B_ENC, d->b_enc));
+    CHECK(sae_model_set_tensor(m, SAE_B_DEC, d->b_dec));
+    if (skip)
+        CHECK(sae_model_set_tensor(m, SAE_W_SKIP, d->W_skip));
     return m;
 }
 
@@ -266,6 +304,17 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
         bf16[two_archs[a]] = make_model(&d, two_archs[a]);
         CHECK(sae_model_set_param(bf16[two_archs[a]], SAE_PARAM_BF16_WEIGHTS, 1));
     }
+    /* The 0.2 kinds (issue 14): a transcoder without and with its skip connection, gated and
+     * GroupMax SAEs, and the ReLU SAE with per-token LAYER_NORM normalization. */
+    sae_model *tc = NULL, *tc_skip = NULL, *gated = NULL, *groupmax = NULL, *layer_norm = NULL;
+    if (d.W_skip != NULL && d.r_mag != NULL && d.b_mag != NULL) {
+        tc = make_transcoder(&d, 0);
+        tc_skip = make_transcoder(&d, 1);
+        gated = make_model(&d, SAE_ARCH_GATED);
+        groupmax = make_model(&d, SAE_ARCH_GROUPMAX);
+        layer_norm = make_model(&d, SAE_ARCH_RELU);
+        CHECK(sae_model_set_param(layer_norm, SAE_PARAM_NORMALIZE, SAE_NORMALIZE_LAYER_NORM));
+    }
     for (size_t in = 0; in < n_ns; in++) {
         const size_t n = ns[in];
         if (n > d.n_x) {
@@ -350,6 +399,49 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
                 sae_steer_free(c.steer);
                 release(&c);
             }
+        if (tc != NULL) {
+            /* Encoding and the whole prediction: (op, model, writes the output at n = 64 as). */
+            const struct {
+                const char *op;
+                sae_model *m;
+                sae_arch arch;
+                op_fn fn;
+                const char *out;
+            } rows[] = {
+                {"encode_transcoder", tc, SAE_ARCH_RELU, op_encode, "encode_transcoder_relu"},
+                {"encode_transcoder_skip", tc_skip, SAE_ARCH_RELU, op_encode, NULL},
+                {"reconstruct_transcoder", tc, SAE_ARCH_RELU, op_reconstruct,
+                 "reconstruct_transcoder_relu"},
+                {"reconstruct_transcoder_skip", tc_skip, SAE_ARCH_RELU, op_reconstruct,
+                 "reconstruct_transcoder_skip_relu"},
+                {"encode", gated, SAE_ARCH_GATED, op_encode, "encode_gated"},
+                {"encode", groupmax, SAE_ARCH_GROUPMAX, op_encode, "encode_groupmax"},
+                {"encode_layernorm", layer_norm, SAE_ARCH_RELU, op_encode, "encode_layernorm_relu"},
+            };
+            for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
+                prepare(&c, rows[r].m, &d, n, NULL);
+                if (wanted(rows[r].op))
+                    print_time(rows[r].op, rows[r].arch, n, best_time(rows[r].fn, &c));
+                if (n == 64 && rows[r].out != NULL) {
+                    CHECK(rows[r].fn(&c));
+                    bool codes = rows[r].fn == op_encode;
+                    write_out(out, rows[r].out, codes ? c.f : c.x_hat, n, codes ? d.d_sae : d.d_in);
+                }
+                release(&c);
+            }
+            /* A one-feature clamp of the gated SAE. */
+            prepare(&c, gated, &d, n, NULL);
+            c.steer = make_steer(c.m, 1);
+            if (n == 64) {
+                CHECK(sae_steer_apply(c.steer, c.x_work, n));
+                write_out(out, "steer1_gated", c.x_work, n, d.d_in);
+                memcpy(c.x_work, d.x, n * d.d_in * sizeof(float));
+            }
+            if (wanted("steer1"))
+                print_time("steer1", SAE_ARCH_GATED, n, best_time(op_steer, &c));
+            sae_steer_free(c.steer);
+            release(&c);
+        }
         /* bfloat16 weights: the single-token rows they are for, against the float32 peers. */
         if (bf16[SAE_ARCH_RELU] != NULL) {
             sae_model *relu = bf16[SAE_ARCH_RELU], *topk = bf16[SAE_ARCH_TOPK];
@@ -393,6 +485,11 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
         sae_model_free(models[a]);
         sae_model_free(bf16[a]);
     }
+    sae_model_free(tc);
+    sae_model_free(tc_skip);
+    sae_model_free(gated);
+    sae_model_free(groupmax);
+    sae_model_free(layer_norm);
     return 0;
 }
 
@@ -482,7 +579,7 @@ static int cmd_scale(size_t d_sae, const size_t *ns, size_t n_ns)
     size_t n_max = 1;
     for (size_t i = 0; i < n_ns; i++)
         n_max = ns[i] > n_max ? ns[i] : n_max;
-    data d = {d_in, d_sae, n_max, NULL, NULL, NULL, NULL, NULL, NULL};
+    data d = {d_in, d_sae, n_max, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     const float w = 1.7320508f / 48.0f; /* uniform with variance 1 / d_in */
     d.W_enc = xmalloc(d_in * d_sae * sizeof(float));
     d.W_dec = d.W_enc; /* only encoding is timed here */
