@@ -3,7 +3,6 @@
  * Token loops run across the model's threads, one token per thread. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,7 +12,7 @@
 static void unscale(const sae_model *m, float *x_hat, size_t n)
 {
     if (m->input_scale != 1.0f)
-        cblas_sscal((int)(n * m->d_in), 1.0f / m->input_scale, x_hat, 1);
+        sae__sscal(n * m->d_in, 1.0f / m->input_scale, x_hat);
 }
 
 void sae__decode_token(const sae_model *m, const uint32_t *idx, const float *val, size_t count,
@@ -223,7 +222,7 @@ static void feature_major_range(void *arg, size_t begin, size_t end, size_t work
                               job->x_hat + (size_t)job->tok[e] * d_in + c0);
     if (m->input_scale != 1.0f)
         for (size_t t = 0; t < job->n; t++)
-            cblas_sscal((int)width, 1.0f / m->input_scale, job->x_hat + t * d_in + c0, 1);
+            sae__sscal(width, 1.0f / m->input_scale, job->x_hat + t * d_in + c0);
 }
 
 /* Sorts the pairs by feature (a counting sort: stable, so a token's repeated feature keeps its

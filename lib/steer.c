@@ -13,7 +13,6 @@
  * K others beat it, which depends on every pre-activation, so TopK runs the full encoder. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -203,7 +202,7 @@ static void add_vector(const sae_steer *s, float *v)
         if (s->ops[j].op == SAE_STEER_ADD)
             sae__dec_row_axpy(m, s->ops[j].feature, 0, m->d_in, s->ops[j].value, v);
     if (m->input_scale != 1.0f)
-        cblas_sscal((int)m->d_in, 1.0f / m->input_scale, v, 1);
+        sae__sscal(m->d_in, 1.0f / m->input_scale, v);
 }
 
 int sae_steer_vector(const sae_steer *s, float *v)
@@ -296,12 +295,11 @@ static void add_deltas(const sae_model *m, const enc_plan *p, const float *delta
             gather_dec(m, p, first, count);
         if (count <= FEW)
             for (size_t c = 0; c < count; c++)
-                cblas_sger(CblasRowMajor, (int)rows, (int)m->d_in, alpha, delta + first + c,
-                           (int)p->me, p->D + c * m->d_in, 1, x, (int)m->d_in);
+                sae__sger(rows, m->d_in, alpha, delta + first + c, p->me, p->D + c * m->d_in, 1,
+                          x, m->d_in);
         else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)m->d_in,
-                        (int)count, alpha, delta + first, (int)p->me, p->D, (int)m->d_in, 1.0f,
-                        x, (int)m->d_in);
+            sae__sgemm(false, false, rows, m->d_in, count, alpha, delta + first, p->me, p->D,
+                       m->d_in, 1.0f, x, m->d_in);
     }
 }
 
@@ -314,8 +312,7 @@ static void gathered_bias(const sae_model *m, const enc_plan *p, size_t first, s
     for (size_t c = 0; c < count; c++)
         bias[first + c] = m->b_enc[p->ops[first + c]->feature];
     if (m->apply_b_dec)
-        cblas_sgemv(CblasRowMajor, CblasTrans, (int)m->d_in, (int)count, -1.0f, p->G, (int)count,
-                    m->b_dec, 1, 1.0f, bias + first, 1);
+        sae__sgemv(true, m->d_in, count, -1.0f, p->G, count, m->b_dec, 1, 1.0f, bias + first, 1);
 }
 
 /* ReLU, JumpReLU, BatchTopK: pre-activations of the plan's features only. */
@@ -347,17 +344,15 @@ static int apply_gathered(const sae_model *m, const enc_plan *p, float *x, size_
                 gathered_bias(m, p, first, count, bias);
             }
             if (rows == 1)
-                cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)count, m->input_scale, p->G,
-                            (int)count, xr, 1, 0.0f, delta + first, 1);
+                sae__sgemv(true, d_in, count, m->input_scale, p->G, count, xr, 1, 0.0f,
+                           delta + first, 1);
             else if (count <= FEW)
                 for (size_t c = 0; c < count; c++)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)rows, (int)d_in, m->input_scale,
-                                xr, (int)d_in, p->G + c, (int)count, 0.0f, delta + first + c,
-                                (int)me);
+                    sae__sgemv(false, rows, d_in, m->input_scale, xr, d_in, p->G + c, count,
+                               0.0f, delta + first + c, me);
             else
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)count,
-                            (int)d_in, m->input_scale, xr, (int)d_in, p->G, (int)count, 0.0f,
-                            delta + first, (int)me);
+                sae__sgemm(false, false, rows, count, d_in, m->input_scale, xr, d_in, p->G, count,
+                           0.0f, delta + first, me);
         }
         for (size_t r = 0; r < rows; r++) {
             float *d = delta + r * me;
@@ -496,7 +491,7 @@ int sae_steer_apply(const sae_steer *s, float *x, size_t n)
     if (cvec != NULL) {
         add_vector(s, cvec);
         for (size_t t = 0; t < n; t++)
-            cblas_saxpy((int)m->d_in, 1.0f, cvec, 1, x + t * m->d_in, 1);
+            sae__saxpy(m->d_in, 1.0f, cvec, x + t * m->d_in);
     }
 done:
     free(cvec);

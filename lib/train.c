@@ -8,7 +8,6 @@
  * state that already agrees (the weights, the counters, the previous step's sums). */
 #include "internal.h"
 
-#include <cblas.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -476,7 +475,7 @@ int sae_trainer_init(sae_trainer *t, const float *x, size_t n)
     if (t->param[SAE_TRAIN_NORMALIZE_INPUT] != 0.0) {
         double norms = 0.0;
         for (size_t i = 0; i < n; i++)
-            norms += cblas_snrm2((int)d_in, x + i * d_in, 1);
+            norms += sae__snrm2(d_in, x + i * d_in);
         norms /= (double)n;
         double s = norms > 0.0 ? sqrt((double)d_in) / norms : 1.0;
         if (isfinite((float)s) && (float)s > 0.0f)
@@ -556,8 +555,8 @@ static void encode_batch(sae_trainer *t, const float *x, size_t n)
         }
         memcpy(t->pre + i * d_sae, m->b_enc, d_sae * sizeof(float));
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_sae, (int)d_in, 1.0f,
-                t->xin, (int)d_in, m->W_enc, (int)d_sae, 1.0f, t->pre, (int)d_sae);
+    sae__sgemm(false, false, n, d_sae, d_in, 1.0f, t->xin, d_in, m->W_enc, d_sae, 1.0f, t->pre,
+               d_sae);
 }
 
 /* Statistics every architecture reports: sums of (x_s - b_dec) and its square, for the FVU. */
@@ -592,8 +591,7 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
     for (size_t i = 0; i < n; i++)
         for (size_t j = 0; j < d_in; j++)
             E[i * d_in + j] = m->b_dec[j] - t->xs[i * d_in + j];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, (int)d_sae, 1.0f, f,
-                (int)d_sae, m->W_dec, (int)d_in, 1.0f, E, (int)d_in);
+    sae__sgemm(false, false, n, d_in, d_sae, 1.0f, f, d_sae, m->W_dec, d_in, 1.0f, E, d_in);
     double sse = 0.0, l1 = 0.0, l0 = 0.0;
     float *fires = buf + L->fires, *sum_err = buf + L->sum_err;
     double *colsum = t->colsum;
@@ -615,10 +613,9 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
         }
     }
     /* dL/dx_hat = 2 E */
-    cblas_sscal((int)(n * d_in), 2.0f, E, 1);
+    sae__sscal(n * d_in, 2.0f, E);
     /* G = dL/df = 2E @ W_dec^T + lambda * ||W_dec[i]||, masked by f > 0 into dL/dpre */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_sae, (int)d_in, 1.0f, E,
-                (int)d_in, m->W_dec, (int)d_in, 0.0f, G, (int)d_sae);
+    sae__sgemm(false, true, n, d_sae, d_in, 1.0f, E, d_in, m->W_dec, d_in, 0.0f, G, d_sae);
     const float lam = (float)lambda;
     float *g_benc = buf + L->b_enc, *g_bdec = buf + L->b_dec;
     for (size_t i = 0; i < n; i++) {
@@ -632,19 +629,18 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
             g_bdec[j] += E[i * d_in + j];
     }
     /* dW_dec = f^T @ 2E + lambda * (sum_t f_ti) * W_dec[i] / ||W_dec[i]|| */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_sae, (int)d_in, (int)n, 1.0f, f,
-                (int)d_sae, E, (int)d_in, 0.0f, buf + L->W_dec, (int)d_in);
+    sae__sgemm(true, false, d_sae, d_in, n, 1.0f, f, d_sae, E, d_in, 0.0f, buf + L->W_dec, d_in);
     if (lambda != 0.0) {
         for (size_t k = 0; k < d_sae; k++) {
             if (colsum[k] == 0.0 || m->dec_norm[k] == 0.0f)
                 continue;
-            cblas_saxpy((int)d_in, (float)(lambda * colsum[k] / m->dec_norm[k]),
-                        m->W_dec + k * d_in, 1, buf + L->W_dec + k * d_in, 1);
+            sae__saxpy(d_in, (float)(lambda * colsum[k] / m->dec_norm[k]), m->W_dec + k * d_in,
+                       buf + L->W_dec + k * d_in);
         }
     }
     /* dW_enc = xin^T @ G */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_in, (int)d_sae, (int)n, 1.0f,
-                t->xin, (int)d_in, G, (int)d_sae, 0.0f, buf + L->W_enc, (int)d_sae);
+    sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, G, d_sae, 0.0f, buf + L->W_enc,
+               d_sae);
     float *st = buf + L->stats;
     st[SAE__STAT_SSE] = (float)sse;
     st[SAE__STAT_LOSS] = (float)(sse + lambda * l1);
@@ -847,8 +843,7 @@ static void sparse_pass(sae_trainer *t, size_t n)
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
                 FA[i * d_sae + t->aux_idx[a]] = t->aux_val[a];
         memcpy(D, t->err, n * d_in * sizeof(float));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, (int)d_sae, 1.0f,
-                    FA, (int)d_sae, m->W_dec, (int)d_in, 1.0f, D, (int)d_in);
+        sae__sgemm(false, false, n, d_in, d_sae, 1.0f, FA, d_sae, m->W_dec, d_in, 1.0f, D, d_in);
         for (size_t i = 0; i < n; i++) {
             float *di = D + i * d_in;
             aux += sae__dot(d_in, di, di);
@@ -856,10 +851,9 @@ static void sparse_pass(sae_trainer *t, size_t n)
                 di[j] *= g_aux;
             sae__axpy(d_in, 1.0f, di, g_bdec);
         }
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_sae, (int)d_in, (int)n, 1.0f,
-                    FA, (int)d_sae, D, (int)d_in, 1.0f, buf + L->W_dec, (int)d_in);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_sae, (int)d_in, 1.0f,
-                    D, (int)d_in, m->W_dec, (int)d_in, 0.0f, GA, (int)d_sae);
+        sae__sgemm(true, false, d_sae, d_in, n, 1.0f, FA, d_sae, D, d_in, 1.0f, buf + L->W_dec,
+                   d_in);
+        sae__sgemm(false, true, n, d_sae, d_in, 1.0f, D, d_in, m->W_dec, d_in, 0.0f, GA, d_sae);
         float *g_benc = buf + L->b_enc;
         for (size_t i = 0; i < n; i++)
             for (size_t j = 0; j < d_sae; j++) {
@@ -902,8 +896,7 @@ static void sparse_pass(sae_trainer *t, size_t n)
         t->touched[j] = 0;
     }
     if (aux_dense)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_in, (int)d_sae, (int)n, 1.0f,
-                    t->xin, (int)d_in, GA, (int)d_sae, 1.0f, g_enc, (int)d_sae);
+        sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, GA, d_sae, 1.0f, g_enc, d_sae);
     st[SAE__STAT_SSE] = (float)sse;
     st[SAE__STAT_LOSS] = (float)(sse / t->mse_norm);
     st[SAE__STAT_AUX] = (float)aux;
@@ -944,23 +937,23 @@ static void apply_step(sae_trainer *t, double lr)
     float *buf = t->buf, *st = buf + L->stats;
     const double N = round((double)st[SAE__STAT_TOKENS]);
     float *g = buf; /* the gradient sections are contiguous from 0 to n_params */
-    cblas_sscal((int)L->n_params, (float)(1.0 / N), g, 1);
+    sae__sscal(L->n_params, (float)(1.0 / N), g);
     double gnorm = 0.0;
     for (size_t i = 0; i < L->n_params; i++)
         gnorm += (double)g[i] * g[i];
     gnorm = sqrt(gnorm);
     double clip = t->param[SAE_TRAIN_GRAD_CLIP];
     if (clip > 0.0 && gnorm > clip) /* torch's clip_grad_norm_ */
-        cblas_sscal((int)L->n_params, (float)(clip / (gnorm + 1e-6)), g, 1);
+        sae__sscal(L->n_params, (float)(clip / (gnorm + 1e-6)), g);
     if (t->sparse) {
         /* Unit-norm rows: remove the gradient's component along each row (OpenAI's
          * unit_norm_decoder_grad_adjustment_). */
         for (size_t j = 0; j < d_sae; j++) {
             const float *w = m->W_dec + j * d_in;
             float *gj = g + L->W_dec + j * d_in;
-            float ww = cblas_sdot((int)d_in, w, 1, w, 1);
+            float ww = sae__sdot(d_in, w, w);
             if (ww > 0.0f)
-                cblas_saxpy((int)d_in, -cblas_sdot((int)d_in, gj, 1, w, 1) / ww, w, 1, gj, 1);
+                sae__saxpy(d_in, -sae__sdot(d_in, gj, w) / ww, w, gj);
         }
     }
     sae__adam adam = {lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
@@ -976,9 +969,9 @@ static void apply_step(sae_trainer *t, double lr)
     if (t->sparse) {
         for (size_t j = 0; j < d_sae; j++) {
             float *w = m->W_dec + j * d_in;
-            float nrm = cblas_snrm2((int)d_in, w, 1);
+            float nrm = sae__snrm2(d_in, w);
             if (nrm > 0.0f)
-                cblas_sscal((int)d_in, 1.0f / nrm, w, 1);
+                sae__sscal(d_in, 1.0f / nrm, w);
         }
     }
     sae__model_weights_changed(m);
@@ -1063,8 +1056,8 @@ int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
         else
             relu_pass(t, n, lambda);
         if (m->apply_b_dec) /* b_dec also enters through the encoder input xs - b_dec */
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)m->d_in, (int)m->d_sae, -1.0f, m->W_enc,
-                        (int)m->d_sae, t->buf + t->lay.b_enc, 1, 1.0f, t->buf + t->lay.b_dec, 1);
+            sae__sgemv(false, m->d_in, m->d_sae, -1.0f, m->W_enc, m->d_sae, t->buf + t->lay.b_enc,
+                       1, 1.0f, t->buf + t->lay.b_dec, 1);
     }
     if (t->allreduce != NULL && (rc = t->allreduce(t->buf, t->lay.count, t->user)) != 0)
         return sae__fail(SAE_ECALLBACK, "sae_trainer_step: the allreduce callback returned %d",
