@@ -462,12 +462,17 @@ float sae__stats_feature_max(const sae_stats *st, uint32_t feature);
 
 /* One Adam step over a flat array, computed as torch.optim.Adam does (no weight decay):
  * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps),
- * with t = step (1 for the first step). */
+ * with t = step (1 for the first step). p, g, m and v are separate arrays (restrict). */
 typedef struct {
     double lr, beta1, beta2, eps;
     uint64_t step;
 } sae__adam;
 void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, const sae__adam *a);
+/* Whether sae__adam_update with the same arguments would leave every p, m and v finite, reading
+ * only: 0 if so; else 1 (first moment), 2 (second moment) or 3 (the parameter) for the first
+ * element i that would not be, with *bad = i. The update computes exactly what this checks. */
+int sae__adam_check(const float *p, const float *g, const float *m, const float *v, size_t n,
+                    const sae__adam *a, size_t *bad);
 
 /* The per-step buffer handed to the allreduce callback: offsets (in floats) of its sections. The
  * gradient sections are sums over the process's tokens of the per-token loss's gradient, in the
