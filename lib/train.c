@@ -1357,9 +1357,10 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
     /* A negative second moment would make Adam's square root NaN at the next step. */
     for (size_t i = 0; i < P; i++)
         if (!(b[2 * P + i] >= 0.0f)) {
+            const double bad = b[2 * P + i];
             free(c->block);
             return sae__fail(SAE_EFORMAT, "%s: train.adam_v[%zu] = %g: Adam's second moment "
-                             "cannot be negative", st->path, i, (double)b[2 * P + i]);
+                             "cannot be negative", st->path, i, bad);
         }
     for (size_t j = 0; j < 2 * d_sae; j++) {
         float v = b[3 * P + j];

@@ -158,7 +158,7 @@ START_TEST(sgemm_split_by_rows_columns_and_inner_slices_equals_loops)
                     for (size_t i = 0; i < M; i++)
                         for (size_t j = 0; j < ldc; j++) {
                             double s = 0.0;
-                            for (size_t k = 0; k < K; k++)
+                            for (size_t k = 0; k < K && j < N; k++)
                                 s += (double)(ta ? A[k * lda + i] : A[i * lda + k]) *
                                      (double)(tb ? B[j * ldb + k] : B[k * ldb + j]);
                             /* Padding columns of C (j >= N) must be left alone. */
@@ -309,9 +309,9 @@ END_TEST
 /* Sizes within the limit go to CBLAS in one call: the wrappers cost nothing for ordinary work. */
 START_TEST(sizes_within_the_limit_make_one_call)
 {
-    float A[6 * 6] = {0}, x[6] = {0}, y[6] = {0};
+    float A[6 * 6] = {0}, C[6 * 6] = {0}, x[6] = {0}, y[6] = {0};
     reset_calls();
-    sae__sgemm_limit(false, true, 6, 6, 6, 1.0f, A, 6, A, 6, 0.0f, y, 6, LIMIT);
+    sae__sgemm_limit(false, true, 6, 6, 6, 1.0f, A, 6, A, 6, 0.0f, C, 6, LIMIT);
     sae__sgemv_limit(true, 6, 6, 1.0f, A, 6, x, 1, 0.0f, y, 1, LIMIT);
     sae__sger_limit(6, 6, 1.0f, x, 1, y, 1, A, 6, LIMIT);
     sae__saxpy_limit(6, 1.0f, x, y, LIMIT);
