@@ -653,6 +653,8 @@ SAE_API void sae_trainer_free(sae_trainer *t);
 /* Sets or reads a parameter (ranges in the enum above). May be called at any time; a change
  * takes effect at the next step (init for SEED, DECODER_INIT_NORM, NORMALIZE_INPUT, B_DEC_INIT).
  * get returns the value in force, including derived defaults (L1_WARMUP_STEPS, LR_DECAY_STEPS).
+ * Real-valued parameters are checked as the floats the step uses: a value that is infinite,
+ * zero, subnormal or out of range once converted (LR 1e300, BETA2 0.99999999) is refused.
  * Errors: SAE_EINVAL (NULL, unknown parameter, value out of range, naming both). */
 SAE_API int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v);
 SAE_API int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v);
@@ -668,8 +670,9 @@ SAE_API int sae_trainer_init(sae_trainer *t, const float *x, size_t n);
 /* One Adam step on the batch x [n][d_in], n <= 2^24. With an allreduce callback n may be 0 on
  * some processes, but not on all. On failure the model and trainer are unchanged. Errors: SAE_EINVAL
  * (NULL, non-finite x, no tokens), SAE_ESTATE (before init or load), SAE_ECALLBACK (the
- * allreduce callback returned nonzero), SAE_ERANGE (the gradient is not finite: the learning
- * rate is too high or the data too large), SAE_ENOMEM. Scratch grows to the largest batch seen,
+ * allreduce callback returned nonzero), SAE_ERANGE (the gradient, or a weight, an Adam moment or
+ * the BatchTopK threshold after the step, would not be finite: the learning rate is too high or
+ * the data too large; the message names the tensor and element, and nothing changed), SAE_ENOMEM. Scratch grows to the largest batch seen,
  * about (2 * d_sae + 4 * d_in) * n floats. */
 SAE_API int sae_trainer_step(sae_trainer *t, const float *x, size_t n);
 
@@ -692,7 +695,9 @@ SAE_API int sae_trainer_set_allreduce(sae_trainer *t, sae_allreduce_fn fn, void 
  * whose model has the same architecture and shape, overwriting the model's weights and
  * parameters and the trainer's state and parameters; on failure nothing changes.
  * Errors: SAE_EINVAL (NULL, shape or architecture mismatch), SAE_ESTATE (save before init),
- * SAE_EIO, SAE_EFORMAT (not a libsae training checkpoint, or damaged), SAE_ENOMEM. */
+ * SAE_EIO, SAE_EFORMAT (not a libsae training checkpoint, or damaged, or holding a value that is
+ * not usable as the float it becomes: non-finite weights or moments, negative Adam second
+ * moments, an input_scale of 1e-46; the message names the file and key), SAE_ENOMEM. */
 SAE_API int sae_trainer_save(const sae_trainer *t, const char *path);
 SAE_API int sae_trainer_load(sae_trainer *t, const char *path);
 

@@ -2,7 +2,6 @@
  * format reader hands its tensors to (sae__model_from_st). */
 #include "internal.h"
 
-#include <cblas.h>
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
