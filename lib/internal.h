@@ -175,7 +175,7 @@ struct sae_model {
     float *mag_scale;          /* gated: exp(r_mag), kept current by sae__model_weights_changed */
     sae_normalize normalize;   /* SAE_PARAM_NORMALIZE */
     uint16_t *W_enc16, *W_dec16; /* SAE_PARAM_BF16_WEIGHTS: the weights as bfloat16, and then
-                                  * W_enc and W_dec are NULL; read them through bf16.c */
+                                  * W_enc and W_dec are NULL; read them through weights.c */
     float *dec_norm;      /* [d_sae] ||W_dec[i]||, kept current by sae__model_weights_changed */
     size_t k;             /* TopK, BatchTopK */
     int apply_b_dec;      /* 0 or 1 */
@@ -214,6 +214,9 @@ float **sae__model_tensor_slot(sae_model *m, sae_tensor t);
  * transpose reads a [rows][cols] source into the model's [cols][rows]. */
 int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *st,
                            const sae__st_tensor *src, bool transpose);
+/* Switches W_enc and W_dec to bfloat16 (rounded to nearest even) or back to float (exact).
+ * Errors (the model unchanged): SAE_ENOMEM; SAE_ERANGE if a weight is beyond bfloat16's range. */
+int sae__model_set_bf16(sae_model *m, bool on);
 /* Recomputes derived data (decoder row norms) after W_dec changed. */
 void sae__model_weights_changed(sae_model *m);
 
@@ -279,11 +282,8 @@ static inline float sae__dot(size_t n, const float *restrict x, const float *res
            ((lane[2] + lane[6]) + (lane[3] + lane[7]));
 }
 
-/* ---- weight storage (bf16.c): every read of W_enc and W_dec outside training goes here ------ */
+/* ---- weight reads (weights.c): every read of W_enc and W_dec outside training goes here ----- */
 
-/* Switches W_enc and W_dec to bfloat16 (rounded to nearest even) or back to float (exact).
- * Errors (the model unchanged): SAE_ENOMEM; SAE_ERANGE if a weight is beyond bfloat16's range. */
-int sae__model_set_bf16(sae_model *m, bool on);
 /* dst[i] = bfloat16 of src[i]; SAE_ERANGE (naming what[row][col], cols per row) if one is too
  * large or not finite, checked before dst is written, so it is then untouched. */
 int sae__bf16_narrow(const float *src, uint16_t *dst, size_t n, size_t cols, const char *what);

@@ -473,6 +473,55 @@ int sae_model_get_param(const sae_model *m, sae_model_param p, double *value)
     return SAE_OK;
 }
 
+/* ---- switching the storage ----------------------------------------------------------------- */
+
+int sae__model_set_bf16(sae_model *m, bool on)
+{
+    if (on == (m->W_enc16 != NULL))
+        return SAE_OK;
+    const size_t n_enc = m->d_in * m->d_sae, n_dec = m->d_sae * m->d_out;
+    if (on) {
+        uint16_t *enc = sae__alloc(n_enc, sizeof *enc, "bfloat16 W_enc");
+        uint16_t *dec = enc ? sae__alloc(n_dec, sizeof *dec, "bfloat16 W_dec") : NULL;
+        int rc = dec == NULL ? SAE_ENOMEM : SAE_OK;
+        if (rc == SAE_OK)
+            rc = sae__bf16_narrow(m->W_enc, enc, n_enc, m->d_sae, "W_enc");
+        if (rc == SAE_OK)
+            rc = sae__bf16_narrow(m->W_dec, dec, n_dec, m->d_out, "W_dec");
+        if (rc != SAE_OK) {
+            free(enc);
+            free(dec);
+            return rc;
+        }
+        for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+            float **slot = sae__model_tensor_slot(m, (sae_tensor)t);
+            if (m->owned & (1u << t))
+                free(*slot);
+            *slot = NULL; /* a mapped file's pages are dropped by the kernel once unused */
+            m->owned &= ~(1u << t);
+        }
+        m->W_enc16 = enc;
+        m->W_dec16 = dec;
+    } else {
+        float *enc = sae__alloc(n_enc, sizeof *enc, "W_enc");
+        float *dec = enc ? sae__alloc(n_dec, sizeof *dec, "W_dec") : NULL;
+        if (dec == NULL) {
+            free(enc);
+            return SAE_ENOMEM;
+        }
+        sae__bf16_widen(m->W_enc16, enc, n_enc);
+        sae__bf16_widen(m->W_dec16, dec, n_dec);
+        free(m->W_enc16);
+        free(m->W_dec16);
+        m->W_enc16 = m->W_dec16 = NULL;
+        m->W_enc = enc;
+        m->W_dec = dec;
+        m->owned |= (1u << SAE_W_ENC) | (1u << SAE_W_DEC);
+    }
+    sae__model_weights_changed(m);
+    return SAE_OK;
+}
+
 /* ---- building a model from a file's tensors (every reader's last step) ------------------- */
 
 int sae__model_own_tensor_uninit(sae_model *m, sae_tensor t)
