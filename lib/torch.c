@@ -1279,7 +1279,8 @@ static int read_exact(const sae__torch_dict *d, zip_file_t *zf, const char *memb
 {
     unsigned char scratch[1 << 14], *p = dst;
     while (n > 0) {
-        size_t want = p ? (n < (1u << 30) ? n : (1u << 30)) : (n < sizeof scratch ? n : sizeof scratch);
+        size_t cap = p ? (size_t)1 << 30 : sizeof scratch;
+        size_t want = n < cap ? n : cap;
         zip_int64_t got = zip_fread(zf, p ? p : scratch, want);
         if (got < 0)
             return sae__fail(SAE_EFORMAT, "%s: member '%s': %s", d->path, member,

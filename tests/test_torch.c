@@ -405,8 +405,8 @@ START_TEST(test_damaged_pickles)
                     tw_put(&cut, pkl, pos); /* truncated */
                 } else {
                     tw_put(&cut, pkl, orig.size);
-                    cut.data[pos] = variant == 1 ? 0 : variant == 2 ? 0xff
-                                                                     : (unsigned char)(pkl[pos] ^ 0x80);
+                    static const unsigned char fixed[] = {0, 0, 0xff};
+                    cut.data[pos] = variant < 3 ? fixed[variant] : (unsigned char)(pkl[pos] ^ 0x80);
                 }
                 ms.bufs[p] = cut;
                 tw_buf z = {0};
