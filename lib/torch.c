@@ -103,9 +103,10 @@ static const struct {
 typedef enum { V_NONE, V_BOOL, V_INT, V_FLOAT, V_STR, V_BYTES, V_TUPLE, V_LIST, V_DICT,
                V_GLOBAL, V_STORAGE, V_TENSOR } vkind;
 
-static const char *const kind_names[] = {"None",  "bool",   "int",     "float",
-                                         "str",   "bytes",  "tuple",   "list",
-                                         "dict",  "global", "storage", "tensor"};
+/* For messages: "is %s" -> "is an int". */
+static const char *const kind_names[] = {"None",     "a bool",   "an int",    "a float",
+                                         "a str",    "bytes",    "a tuple",   "a list",
+                                         "a dict",   "a global", "a storage", "a tensor"};
 
 typedef struct value value;
 struct value {
@@ -428,8 +429,8 @@ static int persistent_load(vm *m, value *pid)
     value *type = pid->items[1], *key = pid->items[2], *loc = pid->items[3],
           *numel = pid->items[4];
     if (type->kind != V_GLOBAL || type->i < G_STORAGE)
-        return unsup(m, "a persistent id whose storage type is a %s, not a torch.*Storage class",
-                     type->kind == V_GLOBAL ? "callable" : kind_names[type->kind]);
+        return unsup(m, "a persistent id whose storage type is %s, not a torch.*Storage class",
+                     type->kind == V_GLOBAL ? "a callable" : kind_names[type->kind]);
     if (key->kind != V_STR || key->len == 0 || key->len > MAX_KEY)
         return fmt_err(m, "a storage key that is not a short string");
     for (size_t i = 0; i < key->len; i++) {
@@ -440,7 +441,7 @@ static int persistent_load(vm *m, value *pid)
                            (int)key->len, key->s);
     }
     if (loc->kind != V_STR)
-        return fmt_err(m, "storage location is a %s, not a string", kind_names[loc->kind]);
+        return fmt_err(m, "storage location is %s, not a string", kind_names[loc->kind]);
     if (numel->kind != V_INT || numel->i < 0)
         return fmt_err(m, "storage numel is not a whole number");
     sae__torch_dtype dt = (sae__torch_dtype)(type->i - G_STORAGE);
@@ -499,13 +500,13 @@ static int persistent_load(vm *m, value *pid)
 static int int_tuple(vm *m, const value *v, const char *what, size_t out[4], size_t *n)
 {
     if (v->kind != V_TUPLE)
-        return fmt_err(m, "tensor %s is a %s, not a tuple", what, kind_names[v->kind]);
+        return fmt_err(m, "tensor %s is %s, not a tuple", what, kind_names[v->kind]);
     if (v->len > 4)
         return unsup(m, "a tensor of %zu dimensions (at most 4)", v->len);
     for (size_t i = 0; i < v->len; i++) {
         const value *e = v->items[i];
         if (e->kind != V_INT)
-            return fmt_err(m, "tensor %s[%zu] is a %s, not an int", what, i, kind_names[e->kind]);
+            return fmt_err(m, "tensor %s[%zu] is %s, not an int", what, i, kind_names[e->kind]);
         if (e->i < 0)
             return fmt_err(m, "tensor %s[%zu] is negative (%" PRId64 ")", what, i, e->i);
         if ((uint64_t)e->i > SIZE_MAX)
@@ -522,13 +523,13 @@ static int rebuild_tensor(vm *m, const value *args)
         return fmt_err(m, "_rebuild_tensor_v2 with %zu arguments (6 or 7)", args->len);
     value *const *a = args->items;
     if (a[0]->kind != V_STORAGE)
-        return fmt_err(m, "_rebuild_tensor_v2 on a %s, not a storage", kind_names[a[0]->kind]);
+        return fmt_err(m, "_rebuild_tensor_v2 on %s, not a storage", kind_names[a[0]->kind]);
     if (a[1]->kind != V_INT || a[1]->i < 0 || (uint64_t)a[1]->i > SIZE_MAX)
         return fmt_err(m, "tensor storage offset is not a whole number");
     if (a[4]->kind != V_BOOL)
-        return fmt_err(m, "tensor requires_grad is a %s, not a bool", kind_names[a[4]->kind]);
+        return fmt_err(m, "tensor requires_grad is %s, not a bool", kind_names[a[4]->kind]);
     if (a[5]->kind != V_DICT)
-        return fmt_err(m, "tensor backward_hooks is a %s, not a dict", kind_names[a[5]->kind]);
+        return fmt_err(m, "tensor backward_hooks is %s, not a dict", kind_names[a[5]->kind]);
     if (args->len == 7 && a[6]->kind != V_NONE && !(a[6]->kind == V_DICT && a[6]->len == 0))
         return unsup(m, "tensor metadata (a conjugate or negative bit, or a subclass's "
                         "state) is not supported");
@@ -592,10 +593,10 @@ static int reduce(vm *m)
     if (rc != SAE_OK)
         return rc;
     if (fn->kind != V_GLOBAL)
-        return unsup(m, "REDUCE of a %s (only whitelisted globals can be rebuilt)",
+        return unsup(m, "REDUCE of %s (only whitelisted globals can be rebuilt)",
                      kind_names[fn->kind]);
     if (args->kind != V_TUPLE)
-        return fmt_err(m, "REDUCE arguments are a %s, not a tuple", kind_names[args->kind]);
+        return fmt_err(m, "REDUCE arguments are %s, not a tuple", kind_names[args->kind]);
     switch (fn->i) {
     case G_ORDERED_DICT:
         if (args->len != 0)
@@ -690,13 +691,14 @@ static int set_items(vm *m, value *dict, size_t first)
 {
     size_t n = m->sp - first;
     if (dict->kind != V_DICT)
-        return unsup(m, "SETITEM(S) on a %s", kind_names[dict->kind]);
+        return unsup(m, "SETITEM(S) on %s", kind_names[dict->kind]);
     if (n % 2)
         return fmt_err(m, "SETITEMS with an odd number of entries");
     int rc = grow(m, dict, n);
     if (rc != SAE_OK)
         return rc;
-    memcpy(dict->items + 2 * dict->len, m->stack + first, n * sizeof(value *));
+    if (n > 0) /* an empty SETITEMS may find items NULL */
+        memcpy(dict->items + 2 * dict->len, m->stack + first, n * sizeof(value *));
     dict->len += n / 2;
     if (!sae__add(m->slots, n / 2, &m->slots))
         return fmt_err(m, "too many entries");
@@ -708,11 +710,12 @@ static int append_items(vm *m, value *list, size_t first)
 {
     size_t n = m->sp - first;
     if (list->kind != V_LIST)
-        return unsup(m, "APPEND(S) on a %s", kind_names[list->kind]);
+        return unsup(m, "APPEND(S) on %s", kind_names[list->kind]);
     int rc = grow(m, list, n);
     if (rc != SAE_OK)
         return rc;
-    memcpy(list->items + list->len, m->stack + first, n * sizeof(value *));
+    if (n > 0)
+        memcpy(list->items + list->len, m->stack + first, n * sizeof(value *));
     list->len += n;
     m->sp = first;
     return SAE_OK;
@@ -850,7 +853,7 @@ static int step(vm *m, value **result)
         if ((rc = pop(m, &w)) != SAE_OK || (rc = pop(m, &v)) != SAE_OK)
             return rc;
         if (v->kind != V_STR || w->kind != V_STR)
-            return fmt_err(m, "STACK_GLOBAL of a %s and a %s, not two strings",
+            return fmt_err(m, "STACK_GLOBAL of %s and %s, not two strings",
                            kind_names[v->kind], kind_names[w->kind]);
         return push_global(m, v->s, v->len, w->s, w->len);
     case 'R': return reduce(m);
@@ -858,7 +861,7 @@ static int step(vm *m, value **result)
         if ((rc = pop(m, &w)) != SAE_OK || (rc = top(m, &v)) != SAE_OK)
             return rc;
         if (v->kind != V_DICT || (w->kind != V_DICT && w->kind != V_NONE))
-            return unsup(m, "BUILD of a %s with a %s (only a dict's attributes are accepted)",
+            return unsup(m, "BUILD of %s with %s (only a dict's attributes are accepted)",
                          kind_names[v->kind], kind_names[w->kind]);
         return SAE_OK; /* the attributes are not entries: ignored */
     case 'Q': /* BINPERSID */
@@ -1121,7 +1124,7 @@ static int run_pickle(sae__torch_dict *d, const unsigned char *pkl, size_t size,
     f.m = &m;
     if (rc == SAE_OK && result->kind != V_DICT)
         rc = sae__fail(SAE_EUNSUPPORTED,
-                       "%s: the pickle holds a %s, not a dict of tensors (a state dict)",
+                       "%s: the pickle holds %s, not a dict of tensors (a state dict)",
                        d->path, kind_names[result->kind]);
     if (rc == SAE_OK)
         rc = flatten(&f, result, "", 0);

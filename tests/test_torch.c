@@ -457,6 +457,65 @@ START_TEST(test_damaged_archives)
 }
 END_TEST
 
+/* Raw pickles wrapped in an archive with storage 0 (ten F32 values 0..9). */
+static int open_pickle(const char *pkl, size_t len, sae__torch_dict **d)
+{
+    const char *names[] = {"archive/data.pkl", "archive/data/0"};
+    tw_buf ms[2] = {{0}, {0}};
+    tw_put(&ms[0], pkl, len);
+    for (int i = 0; i < 10; i++) {
+        float v = (float)i;
+        tw_put(&ms[1], &v, sizeof v);
+    }
+    tw_buf z = {0};
+    tw_zip(&z, names, ms, 2, false);
+    *d = NULL;
+    int rc = sae__torch_open(z.data, z.size, "raw.pt", d);
+    tw_free(&z);
+    tw_free(&ms[0]);
+    tw_free(&ms[1]);
+    return rc;
+}
+#define OPEN_PICKLE(lit, d) open_pickle(lit, sizeof(lit) - 1, d)
+
+/* Pickles torch never writes but the machine must take in its stride: empty SETITEMS and
+ * APPENDS (a fuzzer's find: memcpy from a NULL item array), DICT and LIST from marks, POP,
+ * DUP, BINSTRING, LONG1 of every width, negative BININT. */
+START_TEST(test_pickle_ops)
+{
+    sae__torch_dict *d;
+    ck_assert_ok(OPEN_PICKLE("\x80\x02}(u](e0(d0(l0.", &d));
+    ck_assert_uint_eq(d->n_scalars + d->n_tensors, 0);
+    sae__torch_close(d);
+    ck_assert_ok(OPEN_PICKLE("\x80\x02("
+                             "X\x01\x00\x00\x00" "a" "J\xfe\xff\xff\xff"
+                             "X\x01\x00\x00\x00" "b" "\x8a\x01\xff"
+                             "X\x01\x00\x00\x00" "c" "\x8a\x00"
+                             "X\x01\x00\x00\x00" "d" "\x8a\x08\x00\x00\x00\x00\x00\x00\x00\x80"
+                             "T\x01\x00\x00\x00" "e" "K\x01"
+                             "U\x01" "f" "G?\xf8\x00\x00\x00\x00\x00\x00"
+                             "N0" "K\x05" "2"
+                             "\x8c\x01" "g" "M\x34\x12"
+                             "d.",
+                             &d));
+    /* The DUP'd 5 is a key (int keys are named in decimal) and its value. */
+    const char *names[] = {"a", "b", "c", "d", "e", "f", "5", "g"};
+    const double want[] = {-2, -1, 0, -9223372036854775808.0, 1, 1.5, 5, 0x1234};
+    ck_assert_uint_eq(d->n_scalars, 8);
+    for (int i = 0; i < 8; i++) {
+        double x;
+        ck_assert_ok(sae__torch_number(d, names[i], &x));
+        ck_assert_msg(x == want[i], "%s = %g, expected %g", names[i], x, want[i]);
+    }
+    ck_assert_int_eq(sae__torch_find_scalar(d, "d")->i, INT64_MIN);
+    ck_assert_int_eq(sae__torch_find_scalar(d, "e")->kind, SAE__TORCH_INT);
+    sae__torch_close(d);
+    /* DICT of an odd number of items. */
+    ck_assert_sae(OPEN_PICKLE("\x80\x02(K\x01" "d.", &d), SAE_EFORMAT);
+    ck_assert_ptr_nonnull(strstr(sae_last_error(), "odd number"));
+}
+END_TEST
+
 /* Storage bytes of every dtype, converted: F16/BF16/F64 as sae__to_float, integers exactly. */
 START_TEST(test_dtypes)
 {
@@ -504,6 +563,7 @@ static Suite *torch_suite(void)
     tcase_add_test(tc, test_nothing_runs);
     tcase_add_test(tc, test_crc);
     tcase_add_test(tc, test_dtypes);
+    tcase_add_test(tc, test_pickle_ops);
     tcase_add_test(tc, test_damaged_pickles);
     tcase_add_test(tc, test_damaged_archives);
     suite_add_tcase(s, tc);
