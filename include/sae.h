@@ -204,21 +204,25 @@ SAE_API int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_
 
 /* Loads a model from path, detecting the format from content and folder layout:
  *   - libsae's own file (what sae_model_save writes: safetensors with __metadata__);
- *   - a SAELens folder (cfg.json + sae_weights.safetensors), or that weights file alone;
- *   - a sparsify folder (cfg.json + sae.safetensors);
+ *   - a SAELens folder (cfg.json + sae_weights.safetensors), or that weights file with its
+ *     cfg.json beside it: every architecture SAELens saves (standard, topk, batchtopk,
+ *     matryoshka_batchtopk, jumprelu, gated, transcoder, skip_transcoder, jumprelu_transcoder),
+ *     its normalizations, and rescale_acts_by_decoder_norm folded as SAELens folds it;
+ *   - a sparsify folder (cfg.json + sae.safetensors): topk and groupmax, transcode,
+ *     skip_connection;
  *   - a Gemma Scope params.npz (JumpReLU), or a folder holding one.
  * Tensors stored as F32, F16, BF16 or F64 are converted to float as numpy's astype(float32).
- * F32 tensors of safetensors files (libsae's own, SAELens, sparsify) are memory-mapped
- * (copy-on-write) rather than read. cfg.json and activation_scaler.json are read from beside a
- * weights file. SAELens' "expected_average_only_in" becomes SAE_PARAM_INPUT_SCALE from
- * activation_scaler.json. docs/formats.md lists every field read. On success *out owns the
- * model. Errors: SAE_EINVAL (NULL argument), SAE_EIO (cannot open or map), SAE_EFORMAT
- * (malformed, truncated, inconsistent or oversized; the message names file, tensor or key and
- * what was expected), SAE_EUNSUPPORTED (valid but not supported, e.g. a gated SAE, a TopK
- * checkpoint with rescale_acts_by_decoder_norm, a per-token normalization; the message names
- * the setting), SAE_ENOMEM. Only regular files are opened: a FIFO, device or socket is refused
- * with SAE_EIO at once, never waited on. Every loaded weight must be finite. Thread safe: many
- * threads may load at once. Same as sae_model_load_with(out, path, 0). */
+ * F32 tensors of safetensors files are memory-mapped (copy-on-write) rather than read (see
+ * sae_model_load_with). cfg.json and activation_scaler.json are read from beside a weights
+ * file. docs/formats.md lists every field read. On success *out owns the model.
+ * Errors: SAE_EINVAL (NULL argument), SAE_EIO (cannot open or map), SAE_EFORMAT (malformed,
+ * truncated, inconsistent or oversized, a SAELens file without its cfg.json; the message names
+ * file, tensor or key and what was expected), SAE_EUNSUPPORTED (valid but outside libsae's math,
+ * e.g. sparsify's signed coders, a tensor the configured class has no use for: never loaded
+ * with a term dropped; the message names the setting), SAE_ENOMEM. Only regular files are
+ * opened: a FIFO, device or socket is refused with SAE_EIO at once, never waited on. Every
+ * loaded weight must be finite. Thread safe: many threads may load at once. Same as
+ * sae_model_load_with(out, path, 0). */
 SAE_API int sae_model_load(sae_model **out, const char *path);
 
 /* Flags for sae_model_load_with, OR'ed together. */

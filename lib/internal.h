@@ -129,9 +129,14 @@ void sae__st_close(sae__safetensors *st);
 const sae__st_tensor *sae__st_find(const sae__safetensors *st, const char *name);
 /* A __metadata__ string value, or NULL. */
 const char *sae__st_meta(const sae__safetensors *st, const char *key);
-/* A __metadata__ value that must be present and a finite decimal number (or "nan", where
- * allow_nan says a value may be unknown), else SAE_EFORMAT. */
+/* A __metadata__ value that must be present and a finite number spelled as a JSON number (what
+ * printf's %g writes: no hex, "inf", spaces or '+' sign), or "nan" / "-nan" where allow_nan says
+ * a value may be unknown; else SAE_EFORMAT naming file and key. Every float read from metadata
+ * goes through it. */
 int sae__st_meta_number(const sae__safetensors *st, const char *key, bool allow_nan, double *out);
+/* The same for a whole number: plain decimal digits ("%zu": no sign, no leading zero, no
+ * exponent or fraction) not above max. Every count and size read from metadata goes through it. */
+int sae__st_meta_size(const sae__safetensors *st, const char *key, size_t max, size_t *out);
 /* The tensor `name`, which must exist with exactly the shape (d0) or (d0, d1) (d1 = 0 for 1-D),
  * else SAE_EFORMAT naming what was expected and found. */
 int sae__st_expect(const sae__safetensors *st, const char *name, size_t d0, size_t d1,
@@ -475,12 +480,14 @@ typedef enum {
 /* A SAELens cfg.json, v6 or the pre-6.0 flat layout, reduced to what the math needs. */
 typedef struct {
     size_t d_in, d_sae;
+    size_t d_out;             /* transcoders: cfg d_out (TranscoderConfig's default 768); else d_in */
     const char *architecture; /* SAELens' name after pre-6.0 defaulting; static storage */
     sae_arch arch;            /* 0 when the architecture is not one libsae runs */
+    bool transcoder, skip;    /* transcoder, jumprelu_transcoder; skip_transcoder */
     size_t k;                 /* topk; 0 when absent */
     bool apply_b_dec;
     sae__norm norm;
-    bool rescale_by_decoder_norm;
+    bool rescale_by_decoder_norm; /* topk, batchtopk, matryoshka_batchtopk only (their field) */
     bool finetuning_scaling_factor;
     bool v6;                  /* the 6.x layout (else the flat pre-6.0 one) */
 } sae__saelens_cfg;
@@ -501,7 +508,7 @@ typedef struct {
     size_t k;            /* default 32 */
     size_t num_latents;  /* 0: d_in * expansion_factor */
     size_t expansion_factor;
-    bool topk;           /* activation "topk" (else "groupmax") */
+    bool topk;           /* activation "topk" (else "groupmax": k groups) */
     bool transcode, skip_connection;
 } sae__sparsify_cfg;
 
