@@ -2,7 +2,9 @@
  * torch.save, pickle and zipfile: every tensor and scalar it recorded in expected.json, every
  * refusal (code and message) in refused.json, nothing run by the hostile pickles, and the
  * pickles and archives cut and damaged at every byte. */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* memmem, strdup, usleep */
+#endif
 #include "internal.h"
 #include "testutil.h"
 #include "writers.h"
