@@ -605,4 +605,94 @@ typedef struct {
 } sae__train_layout;
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
 
+/* ---- PyTorch .pt / .pth state dicts (torch.c) ------------------------------------------- */
+
+/* Element types of torch storages: the float ones convert as sae__to_float does; the integer ones
+ * (buffers such as a TopK `k` or BatchNorm's num_batches_tracked) convert exactly up to 2^24. */
+typedef enum {
+    SAE__TORCH_F32 = 0, SAE__TORCH_F16, SAE__TORCH_BF16, SAE__TORCH_F64, /* = sae__dtype */
+    SAE__TORCH_I64, SAE__TORCH_I32, SAE__TORCH_I16, SAE__TORCH_I8, SAE__TORCH_U8,
+    SAE__TORCH_BOOL, SAE__TORCH_DTYPE_COUNT
+} sae__torch_dtype;
+
+size_t sae__torch_dtype_size(sae__torch_dtype t);
+/* "F32", ..., "I64", "BOOL". */
+const char *sae__torch_dtype_name(sae__torch_dtype t);
+
+/* One storage: the archive member "<stem>/data/<key>", holding numel little-endian elements. */
+typedef struct {
+    char *member;
+    sae__torch_dtype dtype;
+    size_t numel, nbytes;
+    uint64_t index; /* the member's index in the archive */
+} sae__torch_storage;
+
+/* One tensor of the state dict: shape[i] elements along dimension i, stride[i] elements apart,
+ * starting offset elements into storage (which tensors may share: views). Every element it
+ * addresses was checked to lie inside the storage. */
+typedef struct {
+    const char *name;   /* the key; nested dicts are flattened as "outer.inner" */
+    sae__torch_dtype dtype;
+    size_t ndim;        /* 0 (a scalar tensor) to 4 */
+    size_t shape[4];
+    size_t stride[4];   /* in elements; >= 0 */
+    size_t offset;      /* storage offset, in elements */
+    size_t count;       /* product of shape (1 for ndim 0) */
+    size_t storage;     /* index into the dict's storages */
+    bool contiguous;    /* row-major with no gaps */
+} sae__torch_tensor;
+
+/* A non-tensor value of the state dict: a Python int, float, bool or str. */
+typedef enum { SAE__TORCH_INT = 0, SAE__TORCH_FLOAT, SAE__TORCH_BOOLEAN, SAE__TORCH_STR } sae__torch_kind;
+typedef struct {
+    const char *name;
+    sae__torch_kind kind;
+    int64_t i;          /* INT, BOOLEAN (0 or 1) */
+    double f;           /* FLOAT; also INT and BOOLEAN as a double */
+    const char *s;      /* STR: NUL-terminated copy (s_len bytes, which may hold NULs) */
+    size_t s_len;
+} sae__torch_scalar;
+
+typedef struct sae__torch_dict {
+    const char *path;             /* for messages */
+    char *stem;                   /* the archive's folder, "archive" or the saved file's stem */
+    sae__torch_tensor *tensors;   /* in the order of the pickle */
+    size_t n_tensors;
+    sae__torch_scalar *scalars;
+    size_t n_scalars;
+    sae__torch_storage *storages;
+    size_t n_storages;
+    struct zip *za;               /* open on data[0..size), which must outlive the dict */
+    size_t file_size;
+    const void **sorted;          /* private: entries sorted by name, for the lookups */
+    size_t n_sorted;
+} sae__torch_dict;
+
+/* Reads the torch.save zip archive in data[0..size) (which must stay valid until
+ * sae__torch_close): finds <stem>/data.pkl, runs it through a restricted unpickler that builds
+ * only dicts, lists, tuples, numbers, strings and tensors (globals collections.OrderedDict,
+ * torch._utils._rebuild_tensor_v2 / _rebuild_parameter and the torch.*Storage classes; anything
+ * else is refused naming it, and nothing is ever called), and checks every tensor against its
+ * storage member. The pickle's result must be a dict; nested dicts are flattened with dotted
+ * names (at most SAE__TORCH_MAX_DEPTH levels); values other than tensors, ints, floats, bools,
+ * strings and dicts (None, lists, tuples, bytes) are skipped, as are keys that are neither str
+ * nor int. Storage bytes are not read here: sae__torch_tensor_to_float reads them.
+ * Errors: SAE_EFORMAT (malformed, truncated, inconsistent), SAE_EUNSUPPORTED (a global or opcode
+ * outside the whitelist, a legacy pre-1.6 file, big-endian, more than 4 dimensions, ...),
+ * SAE_ENOMEM. On failure *out is NULL and nothing needs releasing. */
+#define SAE__TORCH_MAX_DEPTH 16
+int sae__torch_open(const unsigned char *data, size_t size, const char *path,
+                    sae__torch_dict **out);
+void sae__torch_close(sae__torch_dict *d);
+/* The tensor or the scalar called name, or NULL. */
+const sae__torch_tensor *sae__torch_find(const sae__torch_dict *d, const char *name);
+const sae__torch_scalar *sae__torch_find_scalar(const sae__torch_dict *d, const char *name);
+/* dst[0..t->count) = the tensor's elements in row-major order, as float (a strided view is
+ * gathered). Reads (and for a whole member, CRC-checks) the storage member. Errors:
+ * SAE_EFORMAT (the member cannot be read), SAE_ENOMEM. */
+int sae__torch_tensor_to_float(const sae__torch_dict *d, const sae__torch_tensor *t, float *dst);
+/* The number called name: an int, float or bool value, or a tensor of one element. Errors:
+ * SAE_EFORMAT naming it when there is no such entry or it is not a number. */
+int sae__torch_number(const sae__torch_dict *d, const char *name, double *out);
+
 #endif /* SAE_INTERNAL_H */

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (clang, -fsanitize=fuzzer,address,undefined) for the safetensors
-# reader, the cfg.json readers and the npz reader, replays every saved regression input, then
-# fuzzes each target for a bounded time from the seeds tests/fuzz/seeds.c writes. Fails on any
-# crash, leak, sanitizer report, timeout or out-of-memory; the input that caused it is left in
-# the build folder's artifacts/ (copy it to tests/fuzz/regressions/<target>/ and add a case to
-# tests/test_corrupt.c).
+# reader, the cfg.json readers, the npz reader and the .pt reader, replays every saved regression
+# input, then fuzzes each target for a bounded time from the seeds tests/fuzz/seeds.c writes (and
+# the .pt fixtures). Fails on any crash, leak, sanitizer report, timeout or out-of-memory; the
+# input that caused it is left in the build folder's artifacts/ (copy it to
+# tests/fuzz/regressions/<target>/ and add a case to tests/test_corrupt.c, or for the .pt reader
+# to tests/test_torch.c).
 #   tests/fuzz/run.sh [SECONDS-PER-TARGET [BUILD-DIR]]
+# SAE_FUZZ_TARGETS="torch npz" limits the run to some targets.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 secs=${1:-50}
@@ -30,13 +32,33 @@ done
 "$cc" "${common[@]}" -fsanitize=address,undefined "$root/tests/fuzz/seeds.c" \
     "$root/tests/writers.c" "${objs[@]}" "${libs[@]}" -o seeds
 rm -rf seeds.d && ./seeds seeds.d
+# The .pt reader's seeds: the committed fixtures (tests/fixtures/torch/make.py) as archives, and
+# the pickle inside each valid one (fuzz_torch.c wraps an input not starting "PK" as data.pkl).
+mkdir -p seeds.d/torch
+cp "$root"/tests/fixtures/torch/*.pt seeds.d/torch/
+python3 - "$root/tests/fixtures/torch" seeds.d/torch <<'EOF'
+import glob, os, sys, zipfile
+for f in glob.glob(os.path.join(sys.argv[1], "*.pt")):
+    try:
+        with zipfile.ZipFile(f) as z:
+            pkl = [n for n in z.namelist() if n.endswith("/data.pkl")]
+            if pkl:
+                name = os.path.basename(f)[:-3] + ".pkl"
+                open(os.path.join(sys.argv[2], name), "wb").write(z.read(pkl[0]))
+    except Exception:
+        pass  # the broken fixtures are seeds as they are
+EOF
 
 status=0
-for target in safetensors cfg npz; do
+for target in ${SAE_FUZZ_TARGETS:-safetensors cfg npz torch}; do
+    extra=() dict=json.dict
+    if [ "$target" = torch ]; then
+        extra=("$root/tests/writers.c") dict=torch.dict # it wraps pickles in a zip
+    fi
     "$cc" "${common[@]}" -fsanitize=fuzzer,address,undefined "$root/tests/fuzz/fuzz_$target.c" \
-        "${objs[@]}" "${libs[@]}" -o "fuzz_$target"
+        "${extra[@]}" "${objs[@]}" "${libs[@]}" -o "fuzz_$target"
     opts=(-timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -max_len=65536
-          -artifact_prefix="$out/artifacts/$target-" -dict="$root/tests/fuzz/json.dict")
+          -artifact_prefix="$out/artifacts/$target-" -dict="$root/tests/fuzz/$dict")
     regress="$root/tests/fuzz/regressions/$target"
     if [ -d "$regress" ] && [ -n "$(ls -A "$regress")" ]; then
         echo "--- $target: replaying $(ls "$regress" | wc -l) regression inputs"
