@@ -170,7 +170,7 @@ def main():
             keys = ["ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "ce_loss_recovered",
                     "kl_spliced", "kl_zero_ablated", "fvu", "l0", "dead_features", "tokens"]
             diff = max(abs(a[k] - b[k]) / max(1.0, abs(b[k])) for k in keys)
-            check(diff <= EVAL_TOL and a["special"] == b["special"] and a["tokens"] == 3000,
+            check(diff <= EVAL_TOL and a["special"] == b["special"] and a["tokens"] > 2900,
                   f"(4) {m} {hook}: llama.cpp and the engine agree over {a['tokens']} tokens "
                   f"(max diff {diff:.1e}): CE clean {a['ce_loss_clean']:.4f} spliced "
                   f"{a['ce_loss_spliced']:.4f} zero {a['ce_loss_zero_ablated']:.4f}, recovered "
@@ -210,7 +210,7 @@ def main():
                                   "b_enc": ([ds], [0.0] * ds), "b_dec": ([dw], [0.0] * dw)})
         bad("a dictionary of width 32", [ev, "-m", gguf, "--dict", wrong, "--hook",
                                          "blocks.1.hook_resid_pre", "--capture", da], 2, "d_in is 32")
-        lim = 200000
+        lim = 100000
         bad(f"a file-size limit of {lim} bytes (RLIMIT_FSIZE)",
             [cap, "-m", gguf, "--hooks", ",".join(hooks), "--corpus", small, "-o", o + "-fsize",
              "--ctx", 96, "--shard-tokens", 500, "--no-progress"], 1, "File too large",

@@ -106,6 +106,7 @@ struct sae_llama_hooks {
     size_t n_ent;
     watch_t *w;
     size_t n_w;
+    int w_embd;        /* the watch of blocks.0.hook_resid_pre, or -1 */
     size_t d;
     /* per decode */
     struct llama_batch batch;
@@ -151,6 +152,8 @@ static int add_watch(sae_llama_hooks *h, int layer, sae_llama_point p, int n_lay
     x->is_mlp_out = stage == 4;
     if (x->is_mlp_out)
         snprintf(x->ffn_inp, sizeof x->ffn_inp, "ffn_inp-%d", tl);
+    if (tl == -1)
+        h->w_embd = (int)h->n_w;
     return (int)h->n_w++;
 }
 
@@ -169,6 +172,7 @@ int sae_llama_hooks_new(sae_llama_hooks **out, const struct llama_model *model,
         return -1;
     }
     const int n_layer = llama_model_n_layer(model);
+    h->w_embd = -1;
     h->d = (size_t)llama_model_n_embd(model);
     h->n_ent = n;
     for (size_t i = 0; i < n; i++) {
@@ -314,6 +318,11 @@ static bool sae_llama_cb(struct ggml_tensor *t, bool ask, void *user)
             wi = (int)i;
             break;
         }
+    /* "inp_embd" names llama.cpp's input for embeddings given by the caller; the token
+     * embeddings block 0 reads are an unnamed get_rows of token_embd.weight by inp_tokens */
+    if (wi < 0 && h->w_embd >= 0 && t->op == GGML_OP_GET_ROWS && t->src[0] && t->src[1] &&
+        !strcmp(t->src[0]->name, "token_embd.weight") && !strcmp(t->src[1]->name, "inp_tokens"))
+        wi = h->w_embd;
     if (wi >= 0 && h->w[wi].is_mlp_out) {
         /* "ffn_out-L" also names the MLP output + residual sum when a control vector sits at L
          * (then l_out-L is the vector's add): that one adds ffn_inp-L and is not the MLP's */

@@ -8,7 +8,8 @@
  * "hook_resid_mid", "hook_mlp_in" (the MLP's normalized input), "hook_mlp_out",
  * "hook_resid_post", and map to llama.cpp's graph tensors:
  *
- *   blocks.0.hook_resid_pre    inp_embd          blocks.L.hook_resid_pre   l_out-<L-1>
+ *   blocks.0.hook_resid_pre    get_rows(token_embd.weight, inp_tokens)  (unnamed)
+ *   blocks.L.hook_resid_pre    l_out-<L-1>  (L >= 1)
  *   blocks.L.hook_attn_out     attn_out-L        blocks.L.hook_resid_mid   ffn_inp-L
  *   blocks.L.hook_mlp_in       ffn_norm-L        blocks.L.hook_mlp_out     ffn_out-L (the MLP's)
  *   blocks.L.hook_resid_post   l_out-L
