@@ -204,21 +204,25 @@ SAE_API int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_
 
 /* Loads a model from path, detecting the format from content and folder layout:
  *   - libsae's own file (what sae_model_save writes: safetensors with __metadata__);
- *   - a SAELens folder (cfg.json + sae_weights.safetensors), or that weights file alone;
- *   - a sparsify folder (cfg.json + sae.safetensors);
+ *   - a SAELens folder (cfg.json + sae_weights.safetensors), or that weights file with its
+ *     cfg.json beside it: every architecture SAELens saves (standard, topk, batchtopk,
+ *     matryoshka_batchtopk, jumprelu, gated, transcoder, skip_transcoder, jumprelu_transcoder),
+ *     its normalizations, and rescale_acts_by_decoder_norm folded as SAELens folds it;
+ *   - a sparsify folder (cfg.json + sae.safetensors): topk and groupmax, transcode,
+ *     skip_connection;
  *   - a Gemma Scope params.npz (JumpReLU), or a folder holding one.
  * Tensors stored as F32, F16, BF16 or F64 are converted to float as numpy's astype(float32).
- * F32 tensors of safetensors files (libsae's own, SAELens, sparsify) are memory-mapped
- * (copy-on-write) rather than read. cfg.json and activation_scaler.json are read from beside a
- * weights file. SAELens' "expected_average_only_in" becomes SAE_PARAM_INPUT_SCALE from
- * activation_scaler.json. docs/formats.md lists every field read. On success *out owns the
- * model. Errors: SAE_EINVAL (NULL argument), SAE_EIO (cannot open or map), SAE_EFORMAT
- * (malformed, truncated, inconsistent or oversized; the message names file, tensor or key and
- * what was expected), SAE_EUNSUPPORTED (valid but not supported, e.g. a gated SAE, a TopK
- * checkpoint with rescale_acts_by_decoder_norm, a per-token normalization; the message names
- * the setting), SAE_ENOMEM. Only regular files are opened: a FIFO, device or socket is refused
- * with SAE_EIO at once, never waited on. Every loaded weight must be finite. Thread safe: many
- * threads may load at once. Same as sae_model_load_with(out, path, 0). */
+ * F32 tensors of safetensors files are memory-mapped (copy-on-write) rather than read (see
+ * sae_model_load_with). cfg.json and activation_scaler.json are read from beside a weights
+ * file. docs/formats.md lists every field read. On success *out owns the model.
+ * Errors: SAE_EINVAL (NULL argument), SAE_EIO (cannot open or map), SAE_EFORMAT (malformed,
+ * truncated, inconsistent or oversized, a SAELens file without its cfg.json; the message names
+ * file, tensor or key and what was expected), SAE_EUNSUPPORTED (valid but outside libsae's math,
+ * e.g. sparsify's signed coders, a tensor the configured class has no use for: never loaded
+ * with a term dropped; the message names the setting), SAE_ENOMEM. Only regular files are
+ * opened: a FIFO, device or socket is refused with SAE_EIO at once, never waited on. Every
+ * loaded weight must be finite. Thread safe: many threads may load at once. Same as
+ * sae_model_load_with(out, path, 0). */
 SAE_API int sae_model_load(sae_model **out, const char *path);
 
 /* Flags for sae_model_load_with, OR'ed together. */
@@ -649,6 +653,8 @@ SAE_API void sae_trainer_free(sae_trainer *t);
 /* Sets or reads a parameter (ranges in the enum above). May be called at any time; a change
  * takes effect at the next step (init for SEED, DECODER_INIT_NORM, NORMALIZE_INPUT, B_DEC_INIT).
  * get returns the value in force, including derived defaults (L1_WARMUP_STEPS, LR_DECAY_STEPS).
+ * Real-valued parameters are checked as the floats the step uses: a value that is infinite,
+ * zero, subnormal or out of range once converted (LR 1e300, BETA2 0.99999999) is refused.
  * Errors: SAE_EINVAL (NULL, unknown parameter, value out of range, naming both). */
 SAE_API int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v);
 SAE_API int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v);
@@ -664,8 +670,9 @@ SAE_API int sae_trainer_init(sae_trainer *t, const float *x, size_t n);
 /* One Adam step on the batch x [n][d_in], n <= 2^24. With an allreduce callback n may be 0 on
  * some processes, but not on all. On failure the model and trainer are unchanged. Errors: SAE_EINVAL
  * (NULL, non-finite x, no tokens), SAE_ESTATE (before init or load), SAE_ECALLBACK (the
- * allreduce callback returned nonzero), SAE_ERANGE (the gradient is not finite: the learning
- * rate is too high or the data too large), SAE_ENOMEM. Scratch grows to the largest batch seen,
+ * allreduce callback returned nonzero), SAE_ERANGE (the gradient, or a weight, an Adam moment or
+ * the BatchTopK threshold after the step, would not be finite: the learning rate is too high or
+ * the data too large; the message names the tensor and element, and nothing changed), SAE_ENOMEM. Scratch grows to the largest batch seen,
  * about (2 * d_sae + 4 * d_in) * n floats. */
 SAE_API int sae_trainer_step(sae_trainer *t, const float *x, size_t n);
 
@@ -688,7 +695,9 @@ SAE_API int sae_trainer_set_allreduce(sae_trainer *t, sae_allreduce_fn fn, void 
  * whose model has the same architecture and shape, overwriting the model's weights and
  * parameters and the trainer's state and parameters; on failure nothing changes.
  * Errors: SAE_EINVAL (NULL, shape or architecture mismatch), SAE_ESTATE (save before init),
- * SAE_EIO, SAE_EFORMAT (not a libsae training checkpoint, or damaged), SAE_ENOMEM. */
+ * SAE_EIO, SAE_EFORMAT (not a libsae training checkpoint, or damaged, or holding a value that is
+ * not usable as the float it becomes: non-finite weights or moments, negative Adam second
+ * moments, an input_scale of 1e-46; the message names the file and key), SAE_ENOMEM. */
 SAE_API int sae_trainer_save(const sae_trainer *t, const char *path);
 SAE_API int sae_trainer_load(sae_trainer *t, const char *path);
 

@@ -2,24 +2,95 @@
  * compares with the Python trainers (SAELens, sparsify, OpenAI's sparse_autoencoder all use it). */
 #include "internal.h"
 
+#include <float.h>
 #include <math.h>
 
-void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, const sae__adam *a)
+/* The step's constants, in float as the update uses them. */
+typedef struct {
+    float step_size, inv_bc2_sqrt, b1, b2, c1, c2, eps;
+} consts;
+
+static consts consts_of(const sae__adam *a)
 {
     /* The bias corrections in double: 1 - 0.999^t loses most of its digits in float early on. */
     const double bc1 = 1.0 - pow(a->beta1, (double)a->step);
     const double bc2 = 1.0 - pow(a->beta2, (double)a->step);
-    const float step_size = (float)(a->lr / bc1);
-    const float inv_bc2_sqrt = (float)(1.0 / sqrt(bc2));
-    const float b1 = (float)a->beta1, b2 = (float)a->beta2;
-    const float c1 = (float)(1.0 - a->beta1), c2 = (float)(1.0 - a->beta2);
-    const float eps = (float)a->eps;
-    for (size_t i = 0; i < n; i++) {
-        float gi = g[i];
-        float mi = b1 * m[i] + c1 * gi;
-        float vi = b2 * v[i] + c2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= step_size * mi / (sqrtf(vi) * inv_bc2_sqrt + eps);
+    consts c = {(float)(a->lr / bc1),        (float)(1.0 / sqrt(bc2)),  (float)a->beta1,
+                (float)a->beta2,             (float)(1.0 - a->beta1),   (float)(1.0 - a->beta2),
+                (float)a->eps};
+    return c;
+}
+
+/* One element's new moment estimates and parameter. sae__adam_check and sae__adam_update both
+ * compute through this one function, so the values the check approves are the values written. */
+static inline void step1(const consts *c, float p, float g, float m, float v, float *p1, float *m1,
+                         float *v1)
+{
+    float mi = c->b1 * m + c->c1 * g;
+    float vi = c->b2 * v + c->c2 * g * g;
+    *m1 = mi;
+    *v1 = vi;
+    *p1 = p - c->step_size * mi / (sqrtf(vi) * c->inv_bc2_sqrt + c->eps);
+}
+
+/* The loops below work in groups of 8 elements with a fixed inner count, so that -O2 turns them
+ * into vector instructions (sqrtf and division included: adam.c is compiled with
+ * -fno-math-errno, see lib/CMakeLists.txt). */
+enum { LANES = 8 };
+
+void sae__adam_update(float *restrict p, const float *restrict g, float *restrict m,
+                      float *restrict v, size_t n, const sae__adam *a)
+{
+    const consts c = consts_of(a);
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (size_t q = 0; q < LANES; q++)
+            step1(&c, p[i + q], g[i + q], m[i + q], v[i + q], &p[i + q], &m[i + q], &v[i + q]);
+    for (; i < n; i++)
+        step1(&c, p[i], g[i], m[i], v[i], &p[i], &m[i], &v[i]);
+}
+
+/* Whether x is finite, as a compare the compiler can vectorize (false for NaN and infinities). */
+static inline bool finite1(float x) { return fabsf(x) <= FLT_MAX; }
+
+/* Elements checked between tests of the flags: the loop runs without an exit inside. */
+enum { CHECK_BLOCK = 1024 };
+
+int sae__adam_check(const float *p, const float *g, const float *m, const float *v, size_t n,
+                    const sae__adam *a, size_t *bad)
+{
+    const consts c = consts_of(a);
+    for (size_t i0 = 0; i0 < n; i0 += CHECK_BLOCK) {
+        const size_t i1 = n - i0 < CHECK_BLOCK ? n : i0 + CHECK_BLOCK;
+        int ok[LANES] = {1, 1, 1, 1, 1, 1, 1, 1};
+        size_t i = i0;
+        for (; i + LANES <= i1; i += LANES)
+            for (size_t q = 0; q < LANES; q++) {
+                float p1, m1, v1;
+                step1(&c, p[i + q], g[i + q], m[i + q], v[i + q], &p1, &m1, &v1);
+                ok[q] &= finite1(p1) & finite1(m1) & finite1(v1);
+            }
+        int all = 1;
+        for (size_t q = 0; q < LANES; q++)
+            all &= ok[q];
+        for (; i < i1; i++) {
+            float p1, m1, v1;
+            step1(&c, p[i], g[i], m[i], v[i], &p1, &m1, &v1);
+            all &= finite1(p1) & finite1(m1) & finite1(v1);
+        }
+        if (all)
+            continue;
+        for (i = i0; i < i1; i++) {
+            float p1, m1, v1;
+            step1(&c, p[i], g[i], m[i], v[i], &p1, &m1, &v1);
+            *bad = i;
+            if (!finite1(m1))
+                return 1;
+            if (!finite1(v1))
+                return 2;
+            if (!finite1(p1))
+                return 3;
+        }
     }
+    return 0;
 }

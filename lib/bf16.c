@@ -9,7 +9,6 @@
  * panel for every token. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,7 +109,7 @@ float sae__dec_row_norm(const sae_model *m, size_t feature)
 {
     const size_t d_out = m->d_out;
     if (m->W_dec16 == NULL)
-        return cblas_snrm2((int)d_out, m->W_dec + feature * d_out, 1);
+        return sae__snrm2(d_out, m->W_dec + feature * d_out);
     double sum = 0.0; /* squares of values up to 3.4e38 overflow float, never double */
     float buf[BLOCK];
     for (size_t c = 0; c < d_out; c += BLOCK) {
@@ -128,7 +127,7 @@ void sae__dec_row_axpy(const sae_model *m, size_t feature, size_t c0, size_t wid
                        float *y)
 {
     if (m->W_dec16 == NULL)
-        cblas_saxpy((int)width, a, m->W_dec + feature * m->d_out + c0, 1, y, 1);
+        sae__saxpy(width, a, m->W_dec + feature * m->d_out + c0, y);
     else
         add_row(width, a, m->W_dec16 + feature * m->d_out + c0, y);
 }
@@ -160,8 +159,7 @@ void sae__dec_dots(const sae_model *m, const float *v, float *out)
 {
     const size_t d_out = m->d_out;
     if (m->W_dec16 == NULL) {
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)m->d_sae, (int)d_out, 1.0f, m->W_dec,
-                    (int)d_out, v, 1, 0.0f, out, 1);
+        sae__sgemv(false, m->d_sae, d_out, 1.0f, m->W_dec, d_out, v, 1, 0.0f, out, 1);
         return;
     }
     float buf[BLOCK];
@@ -246,8 +244,7 @@ int sae__bf16_gemm_panels(const sae_model *m, const uint16_t *W, size_t K, size_
         const size_t width = N - c0 < cols ? N - c0 : cols;
         widen_job wj = {W, K, N, c0, width, panel};
         sae__parallel_for(threads, K, sae__grain(width), widen_range, &wj);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)width, (int)K, 1.0f,
-                    A, (int)K, panel, (int)width, 1.0f, C + c0, (int)N);
+        sae__sgemm(false, false, n, width, K, 1.0f, A, K, panel, width, 1.0f, C + c0, N);
     }
     free(panel);
     return SAE_OK;
@@ -262,11 +259,9 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
     const uint16_t *W16 = enc ? m->W_enc16 : m->W_dec16;
     if (W16 == NULL) {
         if (n == 1)
-            cblas_sgemv(CblasRowMajor, CblasTrans, (int)K, (int)N, 1.0f, W, (int)N, A, 1, beta,
-                        C, 1);
+            sae__sgemv(true, K, N, 1.0f, W, N, A, 1, beta, C, 1);
         else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)N, (int)K, 1.0f,
-                        A, (int)K, W, (int)N, beta, C, (int)N);
+            sae__sgemm(false, false, n, N, K, 1.0f, A, K, W, N, beta, C, N);
         return SAE_OK;
     }
     if (beta == 0.0f)

@@ -3,7 +3,6 @@
  * Token loops run across the model's threads, one token per thread. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,7 +12,7 @@
 static void unscale(const sae_model *m, float *x_hat, size_t n)
 {
     if (sae__output_scale(m) != 1.0f)
-        cblas_sscal((int)(n * m->d_out), 1.0f / sae__output_scale(m), x_hat, 1);
+        sae__sscal(n * m->d_out, 1.0f / sae__output_scale(m), x_hat);
 }
 
 void sae__decode_token(const sae_model *m, const uint32_t *idx, const float *val, size_t count,
@@ -220,7 +219,7 @@ static void feature_major_range(void *arg, size_t begin, size_t end, size_t work
                               job->x_hat + (size_t)job->tok[e] * d_out + c0);
     if (sae__output_scale(m) != 1.0f)
         for (size_t t = 0; t < job->n; t++)
-            cblas_sscal((int)width, 1.0f / sae__output_scale(m), job->x_hat + t * d_out + c0, 1);
+            sae__sscal(width, 1.0f / sae__output_scale(m), job->x_hat + t * d_out + c0);
 }
 
 /* Sorts the pairs by feature (a counting sort: stable, so a token's repeated feature keeps its
@@ -377,9 +376,8 @@ void sae__finish_free(sae__finish *fin)
 int sae__finish_prepare(const sae_model *m, const float *x, size_t rows, sae__finish *fin)
 {
     if (m->skip) /* y_hat's skip term reads the raw x, before normalization */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)m->d_out,
-                    (int)m->d_in, 1.0f, x, (int)m->d_in, m->W_skip, (int)m->d_out, 0.0f, fin->skip,
-                    (int)m->d_out);
+        sae__sgemm(false, false, rows, m->d_out, m->d_in, 1.0f, x, m->d_in, m->W_skip, m->d_out,
+                   0.0f, fin->skip, m->d_out);
     return SAE_OK;
 }
 

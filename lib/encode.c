@@ -2,7 +2,6 @@
  * sparse output or TopK, the selection, fused) spread across threads. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

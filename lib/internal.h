@@ -129,9 +129,14 @@ void sae__st_close(sae__safetensors *st);
 const sae__st_tensor *sae__st_find(const sae__safetensors *st, const char *name);
 /* A __metadata__ string value, or NULL. */
 const char *sae__st_meta(const sae__safetensors *st, const char *key);
-/* A __metadata__ value that must be present and a finite decimal number (or "nan", where
- * allow_nan says a value may be unknown), else SAE_EFORMAT. */
+/* A __metadata__ value that must be present and a finite number spelled as a JSON number (what
+ * printf's %g writes: no hex, "inf", spaces or '+' sign), or "nan" / "-nan" where allow_nan says
+ * a value may be unknown; else SAE_EFORMAT naming file and key. Every float read from metadata
+ * goes through it. */
 int sae__st_meta_number(const sae__safetensors *st, const char *key, bool allow_nan, double *out);
+/* The same for a whole number: plain decimal digits ("%zu": no sign, no leading zero, no
+ * exponent or fraction) not above max. Every count and size read from metadata goes through it. */
+int sae__st_meta_size(const sae__safetensors *st, const char *key, size_t max, size_t *out);
 /* The tensor `name`, which must exist with exactly the shape (d0) or (d0, d1) (d1 = 0 for 1-D),
  * else SAE_EFORMAT naming what was expected and found. */
 int sae__st_expect(const sae__safetensors *st, const char *name, size_t d0, size_t d1,
@@ -211,6 +216,39 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
                            const sae__st_tensor *src, bool transpose);
 /* Recomputes derived data (decoder row norms) after W_dec changed. */
 void sae__model_weights_changed(sae_model *m);
+
+/* ---- CBLAS with size_t sizes (blas.c): every BLAS call in lib/ goes through these ----------- */
+
+/* Row-major CBLAS with sizes as size_t: work whose sizes exceed INT_MAX is split into calls
+ * whose size arguments fit in CBLAS's int (GEMM/GEMV/GER by blocks of rows and columns, inner
+ * dimensions in slices accumulated with beta = 1; level-1 vectors in chunks, dots and norms
+ * combined without overflow). Precondition, not checked: leading dimensions and increments are at
+ * most INT_MAX (they are model widths, which sae_model_new limits). Vectors of saxpy, sscal,
+ * sdot and snrm2 are contiguous. Calls where everything fits go straight to CBLAS. */
+void sae__sgemm(bool trans_a, bool trans_b, size_t M, size_t N, size_t K, float alpha,
+                const float *A, size_t lda, const float *B, size_t ldb, float beta, float *C,
+                size_t ldc);
+void sae__sgemv(bool trans, size_t M, size_t N, float alpha, const float *A, size_t lda,
+                const float *x, size_t incx, float beta, float *y, size_t incy);
+void sae__sger(size_t M, size_t N, float alpha, const float *x, size_t incx, const float *y,
+               size_t incy, float *A, size_t lda);
+void sae__saxpy(size_t n, float a, const float *x, float *y);
+void sae__sscal(size_t n, float a, float *x);
+float sae__sdot(size_t n, const float *x, const float *y);
+float sae__snrm2(size_t n, const float *x);
+/* The same with the largest size argument passed to CBLAS as a parameter (the wrappers above
+ * use INT_MAX), so that tests can force the splitting on small arrays. limit >= 1. */
+void sae__sgemm_limit(bool trans_a, bool trans_b, size_t M, size_t N, size_t K, float alpha,
+                      const float *A, size_t lda, const float *B, size_t ldb, float beta, float *C,
+                      size_t ldc, size_t limit);
+void sae__sgemv_limit(bool trans, size_t M, size_t N, float alpha, const float *A, size_t lda,
+                      const float *x, size_t incx, float beta, float *y, size_t incy, size_t limit);
+void sae__sger_limit(size_t M, size_t N, float alpha, const float *x, size_t incx, const float *y,
+                     size_t incy, float *A, size_t lda, size_t limit);
+void sae__saxpy_limit(size_t n, float a, const float *x, float *y, size_t limit);
+void sae__sscal_limit(size_t n, float a, float *x, size_t limit);
+float sae__sdot_limit(size_t n, const float *x, const float *y, size_t limit);
+float sae__snrm2_limit(size_t n, const float *x, size_t limit);
 
 /* ---- short vector kernels --------------------------------------------------------------- */
 
@@ -475,12 +513,14 @@ typedef enum {
 /* A SAELens cfg.json, v6 or the pre-6.0 flat layout, reduced to what the math needs. */
 typedef struct {
     size_t d_in, d_sae;
+    size_t d_out;             /* transcoders: cfg d_out (TranscoderConfig's default 768); else d_in */
     const char *architecture; /* SAELens' name after pre-6.0 defaulting; static storage */
     sae_arch arch;            /* 0 when the architecture is not one libsae runs */
+    bool transcoder, skip;    /* transcoder, jumprelu_transcoder; skip_transcoder */
     size_t k;                 /* topk; 0 when absent */
     bool apply_b_dec;
     sae__norm norm;
-    bool rescale_by_decoder_norm;
+    bool rescale_by_decoder_norm; /* topk, batchtopk, matryoshka_batchtopk only (their field) */
     bool finetuning_scaling_factor;
     bool v6;                  /* the 6.x layout (else the flat pre-6.0 one) */
 } sae__saelens_cfg;
@@ -501,7 +541,7 @@ typedef struct {
     size_t k;            /* default 32 */
     size_t num_latents;  /* 0: d_in * expansion_factor */
     size_t expansion_factor;
-    bool topk;           /* activation "topk" (else "groupmax") */
+    bool topk;           /* activation "topk" (else "groupmax": k groups) */
     bool transcode, skip_connection;
 } sae__sparsify_cfg;
 
@@ -533,12 +573,17 @@ float sae__stats_feature_max(const sae_stats *st, uint32_t feature);
 
 /* One Adam step over a flat array, computed as torch.optim.Adam does (no weight decay):
  * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps),
- * with t = step (1 for the first step). */
+ * with t = step (1 for the first step). p, g, m and v are separate arrays (restrict). */
 typedef struct {
     double lr, beta1, beta2, eps;
     uint64_t step;
 } sae__adam;
 void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, const sae__adam *a);
+/* Whether sae__adam_update with the same arguments would leave every p, m and v finite, reading
+ * only: 0 if so; else 1 (first moment), 2 (second moment) or 3 (the parameter) for the first
+ * element i that would not be, with *bad = i. The update computes exactly what this checks. */
+int sae__adam_check(const float *p, const float *g, const float *m, const float *v, size_t n,
+                    const sae__adam *a, size_t *bad);
 
 /* The per-step buffer handed to the allreduce callback: offsets (in floats) of its sections. The
  * gradient sections are sums over the process's tokens of the per-token loss's gradient, in the

@@ -5,6 +5,7 @@
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char *type_name(const cJSON *item)
@@ -84,6 +85,138 @@ int sae__json_number(const cJSON *obj, const char *key, const char *path, double
     return SAE_OK;
 }
 
+/* The one string in text[begin..) that is being reported: its raw spelling, cut to fit. */
+static void quote_raw(const char *text, size_t len, size_t begin, char *buf, size_t size)
+{
+    size_t n = 0;
+    for (size_t i = begin; i < len && n + 1 < size; i++) {
+        if (text[i] == '"' && i > begin)
+            break;
+        buf[n++] = (unsigned char)text[i] >= 0x20 && (unsigned char)text[i] < 0x7f ? text[i] : '?';
+    }
+    buf[n] = '\0';
+}
+
+/* JSON number spelling (RFC 8259): -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?. cJSON also
+ * takes "02", "1." and "+1", which Python's json (and serde_json) refuse. */
+static bool json_number_spelling(const char *s, size_t n)
+{
+    size_t i = 0;
+    if (i < n && s[i] == '-')
+        i++;
+    if (i < n && s[i] == '0')
+        i++;
+    else if (i < n && s[i] >= '1' && s[i] <= '9')
+        while (i < n && s[i] >= '0' && s[i] <= '9')
+            i++;
+    else
+        return false;
+    if (i < n && s[i] == '.') {
+        size_t start = ++i;
+        while (i < n && s[i] >= '0' && s[i] <= '9')
+            i++;
+        if (i == start)
+            return false;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-'))
+            i++;
+        size_t start = i;
+        while (i < n && s[i] >= '0' && s[i] <= '9')
+            i++;
+        if (i == start)
+            return false;
+    }
+    return i == n;
+}
+
+/* What cJSON's parse cannot tell us afterwards, checked on the text it has just accepted (so
+ * the structure is known to be valid JSON and only strings hold backslashes and quotes):
+ * - a \u0000 escape: cJSON decodes it into its NUL-terminated C strings, which then end early,
+ *   so "W_enc\u0000x" would be read as "W_enc" while Python sees another name;
+ * - numbers spelled in ways Python's json refuses (cJSON accepts "02", "1.", "+1"). */
+static int check_spelling(const char *text, size_t len, const char *path)
+{
+    size_t string_start = 0;
+    bool in_string = false;
+    for (size_t i = 0; i < len; i++) {
+        char c = text[i];
+        if (in_string) {
+            if (c == '"') {
+                in_string = false;
+            } else if (c == '\\' && i + 1 < len) {
+                if (text[i + 1] == 'u' && i + 5 < len && memcmp(text + i + 2, "0000", 4) == 0) {
+                    char raw[64];
+                    quote_raw(text, len, string_start, raw, sizeof raw);
+                    return sae__fail(SAE_EFORMAT,
+                                     "%s: the string %s\" at byte %zu holds \\u0000 (a NUL "
+                                     "character), which would cut it short",
+                                     path, raw, string_start);
+                }
+                i += text[i + 1] == 'u' ? 5 : 1;
+            }
+        } else if (c == '"') {
+            in_string = true;
+            string_start = i;
+        } else if (c == '-' || (c >= '0' && c <= '9')) {
+            size_t end = i;
+            while (end < len && strchr("0123456789+-.eE", text[end]) != NULL && text[end] != '\0')
+                end++;
+            if (!json_number_spelling(text + i, end - i))
+                return sae__fail(SAE_EFORMAT,
+                                 "%s: the number '%.*s' at byte %zu is not spelled as JSON allows "
+                                 "(Python's json refuses it)",
+                                 path, (int)(end - i < 40 ? end - i : 40), text + i, i);
+            i = end - 1;
+        }
+    }
+    return SAE_OK;
+}
+
+static int by_key(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Refuses an object (at any depth) that names a key twice: cJSON's lookups return the first
+ * value while Python's json keeps the last, so the two would read different files. Sorting the
+ * keys keeps a header of a million tensors at n log n. */
+static int check_unique_keys(const cJSON *item, const char *path, const char *where)
+{
+    if (!cJSON_IsObject(item) && !cJSON_IsArray(item))
+        return SAE_OK;
+    size_t n = 0;
+    const cJSON *child;
+    cJSON_ArrayForEach(child, item) n++;
+    if (cJSON_IsObject(item) && n > 1) {
+        const char **keys = malloc(n * sizeof *keys);
+        if (keys == NULL)
+            return sae__fail(SAE_ENOMEM, "%s: out of memory checking the JSON keys", path);
+        size_t i = 0;
+        cJSON_ArrayForEach(child, item) keys[i++] = child->string;
+        qsort(keys, n, sizeof *keys, by_key);
+        for (i = 1; i < n && strcmp(keys[i - 1], keys[i]) != 0; i++)
+            ;
+        int rc = SAE_OK;
+        if (i < n)
+            rc = sae__fail(SAE_EFORMAT,
+                           "%s: key '%.80s' appears twice in %s%.80s%s (Python's json would keep "
+                           "the last, cJSON the first: refused)",
+                           path, keys[i], where ? "'" : "the top-level object", where ? where : "",
+                           where ? "'" : "");
+        free(keys);
+        if (rc != SAE_OK)
+            return rc;
+    }
+    cJSON_ArrayForEach(child, item) {
+        int rc = check_unique_keys(child, path, cJSON_IsObject(item) ? child->string : where);
+        if (rc != SAE_OK)
+            return rc;
+    }
+    return SAE_OK;
+}
+
 int sae__json_parse_object(const char *text, size_t len, const char *path, cJSON **out)
 {
     *out = NULL;
@@ -118,6 +251,13 @@ int sae__json_parse_object(const char *text, size_t len, const char *path, cJSON
         cJSON_Delete(root);
         return sae__fail(SAE_EFORMAT, "%s: the top level must be a JSON object, found %s", path,
                          what);
+    }
+    int rc = check_spelling(text, len, path);
+    if (rc == SAE_OK)
+        rc = check_unique_keys(root, path, NULL);
+    if (rc != SAE_OK) {
+        cJSON_Delete(root);
+        return rc;
     }
     *out = root;
     return SAE_OK;

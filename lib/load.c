@@ -9,161 +9,43 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 
 /* cfg.json and activation_scaler.json are a few kB; anything near this is not one. */
 #define MAX_CFG_BYTES (1u << 20)
 
-#define OWN_FORMAT_VERSION "1"
+/* The newest version this library writes and reads; it reads every older one too. Version 2
+ * added transcoders, gated, GroupMax and the normalizations; a model without them is still
+ * written as version 1, which libsae 0.1 reads. */
+#define OWN_FORMAT_VERSION 2u
 
-int sae__model_own_tensor_uninit(sae_model *m, sae_tensor t)
-{
-    float **slot = sae__model_tensor_slot(m, t);
-    size_t count = sae__model_tensor_count(m, t);
-    if (m->owned & (1u << t))
-        free(*slot);
-    m->owned &= ~(1u << t);
-    *slot = sae__alloc(count, sizeof(float), "a converted tensor");
-    if (*slot == NULL)
-        return SAE_ENOMEM;
-    m->owned |= 1u << t;
-    /* Transparent huge pages where the kernel offers them (madvise mode is the common default):
-     * a 150 MB tensor then takes 75 page faults to fill instead of 37 000, which is most of
-     * the time a converted load spends. Advice only: failure changes nothing. */
-    enum { HUGE = 2u << 20 };
-    uintptr_t begin = (uintptr_t)*slot, end = begin + count * sizeof(float);
-    uintptr_t a = (begin + HUGE - 1) & ~(uintptr_t)(HUGE - 1), b = end & ~(uintptr_t)(HUGE - 1);
-    if (b > a)
-        (void)madvise((void *)a, b - a, MADV_HUGEPAGE);
-    return SAE_OK;
-}
-
-int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *st,
-                           const sae__st_tensor *src, bool transpose)
-{
-    float **slot = sae__model_tensor_slot(m, t);
-    const unsigned char *bytes = st->data + src->offset;
-    /* Used in place when the mapping can serve as the tensor's storage directly. */
-    if (!transpose && src->dtype == SAE__F32 && st->data == m->map.data &&
-        src->offset % sizeof(float) == 0) {
-        if (m->owned & (1u << t))
-            free(*slot);
-        m->owned &= ~(1u << t);
-        *slot = (float *)(void *)(m->map.data + src->offset);
-        return SAE_OK;
-    }
-    int rc = sae__model_own_tensor_uninit(m, t);
-    if (rc != SAE_OK)
-        return rc;
-    if (!transpose) {
-        sae__to_float(src->dtype, bytes, src->count, *slot);
-        return SAE_OK;
-    }
-    /* src is [rows][cols]; the model wants [cols][rows]. A band of rows is converted at a time,
-     * then written out in square tiles so both the reads and the writes stay in cache. */
-    enum { BAND = 64 };
-    size_t rows = src->shape[0], cols = src->shape[1], esize = sae__dtype_size(src->dtype);
-    float *band = sae__alloc(BAND * cols, sizeof(float), "transpose scratch");
-    if (band == NULL)
-        return SAE_ENOMEM;
-    float *dst = *slot;
-    for (size_t r0 = 0; r0 < rows; r0 += BAND) {
-        size_t nr = rows - r0 < BAND ? rows - r0 : BAND;
-        sae__to_float(src->dtype, bytes + r0 * cols * esize, nr * cols, band);
-        for (size_t c0 = 0; c0 < cols; c0 += BAND) {
-            size_t nc = cols - c0 < BAND ? cols - c0 : BAND;
-            for (size_t c = c0; c < c0 + nc; c++)
-                for (size_t r = 0; r < nr; r++)
-                    dst[c * rows + r0 + r] = band[r * cols + c];
-        }
-    }
-    free(band);
-    return SAE_OK;
-}
-
-/* Finds every tensor the model needs with its expected shape (transposed where asked), before
- * anything is allocated: sizes from a config are believed only once the file holds that much. */
-static int expect_all(const sae__safetensors *st, const sae__shape *shape,
-                      const char *const names[SAE__TENSOR_END], unsigned transpose,
-                      const sae__st_tensor *srcs[SAE__TENSOR_END])
-{
-    for (int t = SAE_W_ENC; t < SAE__TENSOR_END; t++) {
-        srcs[t] = NULL;
-        size_t d0, d1 = 0;
-        switch (t) {
-        case SAE_W_ENC: d0 = shape->d_in, d1 = shape->d_sae; break;
-        case SAE_W_DEC: d0 = shape->d_sae, d1 = shape->d_out; break;
-        case SAE_B_DEC: d0 = shape->d_out; break;
-        case SAE_W_SKIP: d0 = shape->d_in, d1 = shape->d_out; break;
-        default: d0 = shape->d_sae; break;
-        }
-        bool wanted = t <= SAE_B_DEC || (t == SAE_THRESHOLD && shape->arch == SAE_ARCH_JUMPRELU) ||
-                      (t == SAE_W_SKIP && shape->skip) ||
-                      ((t == SAE_R_MAG || t == SAE_B_MAG) && shape->arch == SAE_ARCH_GATED);
-        if (!wanted)
-            continue;
-        if (((transpose >> t) & 1u) && d1 != 0) {
-            size_t tmp = d0;
-            d0 = d1;
-            d1 = tmp;
-        }
-        if (names[t] == NULL)
-            return sae__fail(SAE_EFORMAT, "%s: no tensor for %s", st->path, sae__tensor_names[t]);
-        int rc = sae__st_expect(st, names[t], d0, d1, &srcs[t]);
-        if (rc != SAE_OK)
-            return rc;
-    }
-    return SAE_OK;
-}
-
-int sae__model_from_st(const sae__safetensors *st, sae__map *map, const sae__shape *shape,
-                       const char *const names[SAE__TENSOR_END], unsigned transpose,
-                       const char *format, sae_model **out)
-{
-    *out = NULL;
-    const sae__st_tensor *srcs[SAE__TENSOR_END];
-    int rc = expect_all(st, shape, names, transpose, srcs);
-    if (rc != SAE_OK)
-        return rc;
-    sae_model *m;
-    if ((rc = sae__model_alloc(&m, shape)) != SAE_OK)
-        return sae__wrap(rc, "%s: ", st->path);
-    bool take = map != NULL && map->data != NULL && map->data == st->data;
-    if (take)
-        m->map = *map;
-    m->format = format;
-    for (int t = SAE_W_ENC; t < SAE__TENSOR_END && rc == SAE_OK; t++) {
-        if (srcs[t] == NULL)
-            continue;
-        bool flip = ((transpose >> t) & 1u) && srcs[t]->ndim == 2;
-        rc = sae__model_load_tensor(m, (sae_tensor)t, st, srcs[t], flip);
-        if (srcs[t]->dtype != SAE__F32)
-            m->dtype = srcs[t]->dtype;
-    }
-    if (rc != SAE_OK) {
-        if (take)
-            m->map = (sae__map){0}; /* the caller still owns the mapping */
-        sae_model_free(m);
-        return rc;
-    }
-    sae__model_weights_changed(m);
-    if (take)
-        *map = (sae__map){0};
-    *out = m;
-    return SAE_OK;
-}
-
+/* d_in and d_sae: at least 1, and at most what a uint32 index (and the model) can hold. */
 static int meta_size(const sae__safetensors *st, const char *key, size_t *out)
 {
-    double v;
-    int rc = sae__st_meta_number(st, key, false, &v);
+    int rc = sae__st_meta_size(st, key, UINT32_MAX, out);
+    if (rc == SAE_OK && *out == 0)
+        rc = sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '0' is not a size (at least 1)",
+                       st->path, key);
+    return rc;
+}
+
+/* format_version says how to read the rest; a file of a later version may mean something else
+ * by the same keys, so it is refused rather than guessed at. Absent is read as "1": every libsae
+ * has written it, so its absence cannot mean a newer format (other tools building libsae files
+ * by hand tend to leave it out). */
+static int check_format_version(const sae__safetensors *st, size_t *version)
+{
+    *version = 1;
+    if (sae__st_meta(st, "format_version") == NULL)
+        return SAE_OK;
+    int rc = sae__st_meta_size(st, "format_version", SIZE_MAX, version);
     if (rc != SAE_OK)
         return rc;
-    if (!(v >= 1.0 && v <= 4294967295.0) || v != floor(v))
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = %g is not a size", st->path, key,
-                         v);
-    *out = (size_t)v;
+    if (*version < 1 || *version > OWN_FORMAT_VERSION)
+        return sae__fail(SAE_EUNSUPPORTED,
+                         "%s: libsae file format_version %zu is not supported: this library "
+                         "reads format_version 1 to %u (a newer libsae wrote the file?)",
+                         st->path, *version, OWN_FORMAT_VERSION);
     return SAE_OK;
 }
 
@@ -172,18 +54,26 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
 {
     const char *arch_name = sae__st_meta(st, "architecture");
     sae_arch arch;
+    size_t version;
+    int rc = check_format_version(st, &version);
+    if (rc != SAE_OK)
+        return rc;
     if (arch_name == NULL)
         return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no 'architecture'", st->path);
     if (sae_arch_from_name(arch_name, &arch) != SAE_OK)
         return sae__fail(SAE_EUNSUPPORTED, "%s: architecture '%.40s' is not supported", st->path,
                          arch_name);
     sae__shape shape = {arch, 0, 0, 0, false, false};
-    int rc;
     if ((rc = meta_size(st, "d_in", &shape.d_in)) != SAE_OK ||
         (rc = meta_size(st, "d_sae", &shape.d_sae)) != SAE_OK)
         return rc;
-    /* Version 2's additions; a version 1 file has none of these keys. */
+    /* Version 2's additions; a version 1 file has none of them. */
     const char *kind = sae__st_meta(st, "kind");
+    if (version < 2 && (kind != NULL || sae__st_meta(st, "normalize") != NULL ||
+                        arch > SAE_ARCH_JUMPRELU))
+        return sae__fail(SAE_EFORMAT, "%s: a format_version 1 file has no %s", st->path,
+                         kind != NULL ? "'kind'" : arch > SAE_ARCH_JUMPRELU ? "such architecture"
+                                                                            : "'normalize'");
     shape.d_out = shape.d_in;
     if (kind != NULL && strcmp(kind, "sae") != 0) {
         if (strcmp(kind, "transcoder") != 0 && strcmp(kind, "skip_transcoder") != 0)
@@ -202,14 +92,17 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
     sae_model *m;
     if ((rc = sae__model_from_st(st, map, &shape, sae__tensor_names, 0, "libsae", &m)) != SAE_OK)
         return rc;
+    /* Counts and flags are whole numbers, floats are %.9g: each read with its strict spelling,
+     * then set through sae_model_set_param, whose ranges (checked as floats) are the model's. */
     static const struct {
         const char *key;
         sae_model_param param;
+        bool whole;
     } params[] = {
-        {"apply_b_dec_to_input", SAE_PARAM_APPLY_B_DEC_TO_INPUT},
-        {"input_scale", SAE_PARAM_INPUT_SCALE},
-        {"k", SAE_PARAM_K},
-        {"batch_threshold", SAE_PARAM_THRESHOLD},
+        {"apply_b_dec_to_input", SAE_PARAM_APPLY_B_DEC_TO_INPUT, true},
+        {"input_scale", SAE_PARAM_INPUT_SCALE, false},
+        {"k", SAE_PARAM_K, true},
+        {"batch_threshold", SAE_PARAM_THRESHOLD, false},
     };
     for (size_t i = 0; i < sizeof params / sizeof params[0] && rc == SAE_OK; i++) {
         bool has_k = arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK ||
@@ -217,9 +110,15 @@ static int load_own(const sae__safetensors *st, sae__map *map, sae_model **out)
         if ((params[i].param == SAE_PARAM_K && !has_k) ||
             (params[i].param == SAE_PARAM_THRESHOLD && arch != SAE_ARCH_BATCHTOPK))
             continue;
-        double v;
-        if ((rc = sae__st_meta_number(st, params[i].key, false, &v)) == SAE_OK &&
-            sae_model_set_param(m, params[i].param, v) != SAE_OK)
+        double v = 0;
+        size_t count = 0;
+        if (params[i].whole) {
+            rc = sae__st_meta_size(st, params[i].key, UINT32_MAX, &count);
+            v = (double)count;
+        } else {
+            rc = sae__st_meta_number(st, params[i].key, false, &v);
+        }
+        if (rc == SAE_OK && sae_model_set_param(m, params[i].param, v) != SAE_OK)
             rc = sae__wrap(SAE_EFORMAT, "%s: __metadata__['%s']: ", st->path, params[i].key);
     }
     if (rc == SAE_OK && sae_model_set_param(m, SAE_PARAM_NORMALIZE, normalize) != SAE_OK)

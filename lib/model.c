@@ -1,11 +1,12 @@
-/* The model object: its shape, tensors, parameters and their validation. */
+/* The model object: its shape, tensors, parameters and their validation, and the builder every
+ * format reader hands its tensors to (sae__model_from_st). */
 #include "internal.h"
 
-#include <cblas.h>
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 static const char *const arch_names[] = {NULL,       "relu",  "topk",    "batchtopk",
                                          "jumprelu", "gated", "groupmax"};
@@ -469,5 +470,185 @@ int sae_model_get_param(const sae_model *m, sae_model_param p, double *value)
     case SAE_PARAM_BF16_WEIGHTS: *value = m->W_enc16 != NULL; break;
     case SAE_PARAM_NORMALIZE: *value = m->normalize; break;
     }
+    return SAE_OK;
+}
+
+/* ---- building a model from a file's tensors (every reader's last step) ------------------- */
+
+int sae__model_own_tensor_uninit(sae_model *m, sae_tensor t)
+{
+    float **slot = sae__model_tensor_slot(m, t);
+    size_t count = sae__model_tensor_count(m, t);
+    if (m->owned & (1u << t))
+        free(*slot);
+    m->owned &= ~(1u << t);
+    *slot = sae__alloc(count, sizeof(float), "a converted tensor");
+    if (*slot == NULL)
+        return SAE_ENOMEM;
+    m->owned |= 1u << t;
+    /* Transparent huge pages where the kernel offers them (madvise mode is the common default):
+     * a 150 MB tensor then takes 75 page faults to fill instead of 37 000, which is most of
+     * the time a converted load spends. Advice only: failure changes nothing. */
+    enum { HUGE = 2u << 20 };
+    uintptr_t begin = (uintptr_t)*slot, end = begin + count * sizeof(float);
+    uintptr_t a = (begin + HUGE - 1) & ~(uintptr_t)(HUGE - 1), b = end & ~(uintptr_t)(HUGE - 1);
+    if (b > a)
+        (void)madvise((void *)a, b - a, MADV_HUGEPAGE);
+    return SAE_OK;
+}
+
+/* Every weight read from a file must be finite, as sae_model_set_tensor demands of the
+ * caller's: a NaN or infinity would reach every code computed from it. v holds count values of
+ * src starting at element first (in the file's order); sae__check_finite keeps the common case
+ * at memory speed, and only a refusal looks for the first bad value again, to name it in the
+ * file's own [row][col]. */
+static int check_finite_part(const sae__safetensors *st, const sae__st_tensor *src,
+                             const float *v, size_t count, size_t first)
+{
+    size_t cols = src->ndim == 2 ? src->shape[1] : 1;
+    if (sae__check_finite(v, count, cols, src->name) == SAE_OK)
+        return SAE_OK;
+    size_t i = 0;
+    while (i < count && isfinite(v[i]))
+        i++;
+    size_t at = first + (i < count ? i : 0);
+    double bad = i < count ? (double)v[i] : 0.0;
+    if (src->ndim == 2)
+        return sae__fail(SAE_EFORMAT, "%s: tensor '%s'[%zu][%zu] is %g: weights must be finite",
+                         st->path, src->name, at / cols, at % cols, bad);
+    return sae__fail(SAE_EFORMAT, "%s: tensor '%s'[%zu] is %g: weights must be finite", st->path,
+                     src->name, at, bad);
+}
+
+int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *st,
+                           const sae__st_tensor *src, bool transpose)
+{
+    float **slot = sae__model_tensor_slot(m, t);
+    const unsigned char *bytes = st->data + src->offset;
+    /* Used in place when the mapping can serve as the tensor's storage directly. */
+    if (!transpose && src->dtype == SAE__F32 && st->data == m->map.data &&
+        src->offset % sizeof(float) == 0) {
+        const float *in_place = (const float *)(const void *)(m->map.data + src->offset);
+        int rc = check_finite_part(st, src, in_place, src->count, 0);
+        if (rc != SAE_OK)
+            return rc;
+        if (m->owned & (1u << t))
+            free(*slot);
+        m->owned &= ~(1u << t);
+        *slot = (float *)(void *)(m->map.data + src->offset);
+        return SAE_OK;
+    }
+    int rc = sae__model_own_tensor_uninit(m, t);
+    if (rc != SAE_OK)
+        return rc;
+    size_t esize = sae__dtype_size(src->dtype);
+    if (!transpose) {
+        /* Converted and checked a cache-sized part at a time: one pass over the memory. */
+        enum { PART = 1 << 14 };
+        for (size_t i = 0; i < src->count && rc == SAE_OK; i += PART) {
+            size_t n = src->count - i < PART ? src->count - i : PART;
+            sae__to_float(src->dtype, bytes + i * esize, n, *slot + i);
+            rc = check_finite_part(st, src, *slot + i, n, i);
+        }
+        return rc;
+    }
+    /* src is [rows][cols]; the model wants [cols][rows]. A band of rows is converted at a time,
+     * then written out in square tiles so both the reads and the writes stay in cache. */
+    enum { BAND = 64 };
+    size_t rows = src->shape[0], cols = src->shape[1];
+    float *band = sae__alloc(BAND * cols, sizeof(float), "transpose scratch");
+    if (band == NULL)
+        return SAE_ENOMEM;
+    float *dst = *slot;
+    for (size_t r0 = 0; r0 < rows && rc == SAE_OK; r0 += BAND) {
+        size_t nr = rows - r0 < BAND ? rows - r0 : BAND;
+        sae__to_float(src->dtype, bytes + r0 * cols * esize, nr * cols, band);
+        if ((rc = check_finite_part(st, src, band, nr * cols, r0 * cols)) != SAE_OK)
+            break;
+        for (size_t c0 = 0; c0 < cols; c0 += BAND) {
+            size_t nc = cols - c0 < BAND ? cols - c0 : BAND;
+            for (size_t c = c0; c < c0 + nc; c++)
+                for (size_t r = 0; r < nr; r++)
+                    dst[c * rows + r0 + r] = band[r * cols + c];
+        }
+    }
+    free(band);
+    return rc;
+}
+
+/* Finds every tensor the model needs with its expected shape (transposed where asked), before
+ * anything is allocated: sizes from a config are believed only once the file holds that much. */
+static int expect_all(const sae__safetensors *st, const sae__shape *shape,
+                      const char *const names[SAE__TENSOR_END], unsigned transpose,
+                      const sae__st_tensor *srcs[SAE__TENSOR_END])
+{
+    for (int t = SAE_W_ENC; t < SAE__TENSOR_END; t++) {
+        srcs[t] = NULL;
+        size_t d0, d1 = 0;
+        switch (t) {
+        case SAE_W_ENC: d0 = shape->d_in, d1 = shape->d_sae; break;
+        case SAE_W_DEC: d0 = shape->d_sae, d1 = shape->d_out; break;
+        case SAE_B_DEC: d0 = shape->d_out; break;
+        case SAE_W_SKIP: d0 = shape->d_in, d1 = shape->d_out; break;
+        default: d0 = shape->d_sae; break;
+        }
+        bool wanted = t <= SAE_B_DEC || (t == SAE_THRESHOLD && shape->arch == SAE_ARCH_JUMPRELU) ||
+                      (t == SAE_W_SKIP && shape->skip) ||
+                      ((t == SAE_R_MAG || t == SAE_B_MAG) && shape->arch == SAE_ARCH_GATED);
+        if (!wanted)
+            continue;
+        if (((transpose >> t) & 1u) && d1 != 0) {
+            size_t tmp = d0;
+            d0 = d1;
+            d1 = tmp;
+        }
+        if (names[t] == NULL)
+            return sae__fail(SAE_EFORMAT, "%s: no tensor for %s", st->path, sae__tensor_names[t]);
+        int rc = sae__st_expect(st, names[t], d0, d1, &srcs[t]);
+        if (rc != SAE_OK)
+            return rc;
+    }
+    return SAE_OK;
+}
+
+int sae__model_from_st(const sae__safetensors *st, sae__map *map, const sae__shape *shape,
+                       const char *const names[SAE__TENSOR_END], unsigned transpose,
+                       const char *format, sae_model **out)
+{
+    *out = NULL;
+    const sae__st_tensor *srcs[SAE__TENSOR_END];
+    int rc = expect_all(st, shape, names, transpose, srcs);
+    if (rc != SAE_OK)
+        return rc;
+    sae_model *m;
+    if ((rc = sae__model_alloc(&m, shape)) != SAE_OK)
+        return sae__wrap(rc, "%s: ", st->path);
+    bool take = map != NULL && map->data != NULL && map->data == st->data;
+    if (take)
+        m->map = *map;
+    m->format = format;
+    for (int t = SAE_W_ENC; t < SAE__TENSOR_END && rc == SAE_OK; t++) {
+        if (srcs[t] == NULL)
+            continue;
+        bool flip = ((transpose >> t) & 1u) && srcs[t]->ndim == 2;
+        rc = sae__model_load_tensor(m, (sae_tensor)t, st, srcs[t], flip);
+        if (srcs[t]->dtype != SAE__F32)
+            m->dtype = srcs[t]->dtype;
+    }
+    /* exp(r_mag) must stay a normal float, as sae_model_set_tensor demands. */
+    for (size_t i = 0; rc == SAE_OK && m->r_mag != NULL && i < m->d_sae; i++)
+        if (!(m->r_mag[i] > -87.0f && m->r_mag[i] < 88.0f))
+            rc = sae__fail(SAE_EFORMAT, "%s: %s[%zu] = %g: exp(r_mag) must be a normal float "
+                           "(|r_mag| < 87)", st->path, names[SAE_R_MAG], i, (double)m->r_mag[i]);
+    if (rc != SAE_OK) {
+        if (take)
+            m->map = (sae__map){0}; /* the caller still owns the mapping */
+        sae_model_free(m);
+        return rc;
+    }
+    sae__model_weights_changed(m);
+    if (take)
+        *map = (sae__map){0};
+    *out = m;
     return SAE_OK;
 }

@@ -26,72 +26,156 @@ static const char *skip_space(const char *p)
     return p;
 }
 
-/* Finds 'key': in the dict and returns the text after the colon. */
-static const char *find_key(const char *dict, const char *key)
+/* A quoted Python string without escapes (numpy writes keys and descr so): on success *body and
+ * *len give its content and the text after it is returned; NULL if p holds no such string. */
+static const char *quoted(const char *p, const char **body, size_t *len)
 {
-    char quoted[32];
-    for (int q = 0; q < 2; q++) {
-        snprintf(quoted, sizeof quoted, q ? "\"%s\"" : "'%s'", key);
-        const char *p = strstr(dict, quoted);
-        if (p != NULL) {
-            p = skip_space(p + strlen(quoted));
-            if (*p == ':')
-                return skip_space(p + 1);
-        }
-    }
-    return NULL;
+    char q = *p;
+    if (q != '\'' && q != '"')
+        return NULL;
+    const char *end = p + 1;
+    while (*end != '\0' && *end != q && *end != '\\')
+        end++;
+    if (*end != q)
+        return NULL;
+    *body = p + 1;
+    *len = (size_t)(end - p - 1);
+    return end + 1;
 }
 
-int sae__npy_dict(const char *dict, const char *path, sae__npy_header *h)
+/* The shape tuple at p ('(' already checked): whole numbers as Python spells them (no sign, no
+ * leading zero, no '_'), a trailing comma required after a single element, as in "(6,)". */
+static int parse_shape(const char *p, const char *path, size_t dims[3], size_t *ndim,
+                       const char **after)
 {
-    const char *descr = find_key(dict, "descr");
-    const char *order = find_key(dict, "fortran_order");
-    const char *shape = find_key(dict, "shape");
-    if (descr == NULL || order == NULL || shape == NULL)
-        return sae__fail(SAE_EFORMAT, "%s: the .npy header lacks descr, fortran_order or shape",
-                         path);
-    static const struct {
-        const char *descr;
-        sae__dtype dtype;
-    } types[] = {{"'<f4'", SAE__F32}, {"'<f2'", SAE__F16}, {"'<f8'", SAE__F64}};
-    size_t t = 0;
-    while (t < 3 && strncmp(descr, types[t].descr, strlen(types[t].descr)) != 0)
-        t++;
-    if (t == 3) {
-        int len = 0;
-        while (len < 16 && descr[len] && descr[len] != ',')
-            len++;
-        return sae__fail(SAE_EUNSUPPORTED,
-                         "%s: dtype %.*s is not supported (float32 '<f4', float16 '<f2' or "
-                         "float64 '<f8')",
-                         path, len, descr);
-    }
-    h->dtype = types[t].dtype;
-    if (strncmp(order, "True", 4) == 0)
-        return sae__fail(SAE_EUNSUPPORTED, "%s: Fortran-order arrays are not supported", path);
-    if (strncmp(order, "False", 5) != 0)
-        return sae__fail(SAE_EFORMAT, "%s: fortran_order is neither True nor False", path);
-    if (*shape != '(')
-        return sae__fail(SAE_EFORMAT, "%s: shape is not a tuple", path);
-    size_t dims[3], ndim = 0;
-    const char *p = skip_space(shape + 1);
+    *ndim = 0;
+    bool comma = false;
+    p = skip_space(p + 1);
     while (*p != ')') {
-        if (ndim == 3)
-            return sae__fail(SAE_EUNSUPPORTED, "%s: more than 2 dimensions", path);
-        if (*p < '0' || *p > '9')
+        if (*p < '0' || *p > '9' || (p[0] == '0' && p[1] >= '0' && p[1] <= '9'))
             return sae__fail(SAE_EFORMAT, "%s: shape is not a tuple of whole numbers", path);
-        errno = 0;
-        char *end;
-        unsigned long long v = strtoull(p, &end, 10);
-        if (errno == ERANGE || v > SIZE_MAX)
+        size_t v = 0;
+        bool fits = true;
+        for (; *p >= '0' && *p <= '9'; p++)
+            fits = fits && sae__mul(v, 10, &v) && sae__add(v, (size_t)(*p - '0'), &v);
+        if (!fits)
             return sae__fail(SAE_EFORMAT, "%s: a dimension of the shape overflows", path);
-        dims[ndim++] = (size_t)v;
-        p = skip_space(end);
-        if (*p == ',')
+        if (*ndim == 3)
+            return sae__fail(SAE_EUNSUPPORTED, "%s: more than 2 dimensions", path);
+        dims[(*ndim)++] = v;
+        p = skip_space(p);
+        comma = *p == ',';
+        if (comma)
             p = skip_space(p + 1);
         else if (*p != ')')
             return sae__fail(SAE_EFORMAT, "%s: shape is not a tuple of whole numbers", path);
     }
+    /* "(6)" is the number 6 in Python, not a tuple: numpy refuses it. */
+    if (*ndim == 1 && !comma)
+        return sae__fail(SAE_EFORMAT, "%s: shape (%zu) is not a tuple (a 1-D shape is (%zu,))",
+                         path, dims[0], dims[0]);
+    *after = p + 1;
+    return SAE_OK;
+}
+
+/* The header dict as numpy writes and reads it (format.py's _read_array_header, through
+ * ast.literal_eval): exactly the keys descr, fortran_order and shape, each once. A repeated key
+ * is refused: literal_eval keeps the last, a first-match reader would see the first. */
+int sae__npy_dict(const char *dict, const char *path, sae__npy_header *h)
+{
+    enum { DESCR, ORDER, SHAPE, NKEYS };
+    static const char *const key_names[NKEYS] = {"descr", "fortran_order", "shape"};
+    bool seen[NKEYS] = {false, false, false};
+    const char *descr = NULL;
+    size_t descr_len = 0, dims[3] = {0, 0, 0}, ndim = 0;
+    bool fortran = false;
+    const char *p = skip_space(dict);
+    if (*p != '{')
+        return sae__fail(SAE_EFORMAT, "%s: the .npy header is not a dict", path);
+    p = skip_space(p + 1);
+    while (*p != '}') {
+        const char *key;
+        size_t key_len;
+        p = quoted(p, &key, &key_len);
+        if (p == NULL)
+            return sae__fail(SAE_EFORMAT, "%s: the .npy header dict has a key that is not a "
+                                          "plain string", path);
+        int k = 0;
+        while (k < NKEYS && !(strlen(key_names[k]) == key_len &&
+                              memcmp(key_names[k], key, key_len) == 0))
+            k++;
+        if (k == NKEYS)
+            return sae__fail(SAE_EFORMAT,
+                             "%s: the .npy header has key '%.*s' (numpy allows only descr, "
+                             "fortran_order and shape)",
+                             path, (int)(key_len < 40 ? key_len : 40), key);
+        if (seen[k])
+            return sae__fail(SAE_EFORMAT,
+                             "%s: key '%s' appears twice in the .npy header (numpy would keep "
+                             "the last: refused)",
+                             path, key_names[k]);
+        seen[k] = true;
+        p = skip_space(p);
+        if (*p != ':')
+            return sae__fail(SAE_EFORMAT, "%s: the .npy header dict has no ':' after '%s'", path,
+                             key_names[k]);
+        p = skip_space(p + 1);
+        int rc = SAE_OK;
+        if (k == DESCR) {
+            const char *after = quoted(p, &descr, &descr_len);
+            if (after == NULL) { /* a list: a structured dtype */
+                int len = 0;
+                while (len < 24 && p[len] && p[len] != '}')
+                    len++;
+                return sae__fail(SAE_EUNSUPPORTED,
+                                 "%s: dtype %.*s is not supported (float32 '<f4', float16 "
+                                 "'<f2' or float64 '<f8')",
+                                 path, len, p);
+            }
+            p = after;
+        } else if (k == ORDER) {
+            if (strncmp(p, "True", 4) == 0 || strncmp(p, "False", 5) == 0) {
+                fortran = *p == 'T';
+                p += fortran ? 4 : 5;
+            } else {
+                return sae__fail(SAE_EFORMAT, "%s: fortran_order is neither True nor False",
+                                 path);
+            }
+        } else if (*p != '(') {
+            return sae__fail(SAE_EFORMAT, "%s: shape is not a tuple", path);
+        } else if ((rc = parse_shape(p, path, dims, &ndim, &p)) != SAE_OK) {
+            return rc;
+        }
+        p = skip_space(p);
+        if (*p == ',')
+            p = skip_space(p + 1);
+        else if (*p != '}')
+            return sae__fail(SAE_EFORMAT, "%s: the .npy header dict has no ',' after '%s'", path,
+                             key_names[k]);
+    }
+    if (*skip_space(p + 1) != '\0')
+        return sae__fail(SAE_EFORMAT, "%s: text after the .npy header dict", path);
+    for (int k = 0; k < NKEYS; k++)
+        if (!seen[k])
+            return sae__fail(SAE_EFORMAT,
+                             "%s: the .npy header lacks '%s' (it needs descr, fortran_order and "
+                             "shape)",
+                             path, key_names[k]);
+    static const struct {
+        const char *descr;
+        sae__dtype dtype;
+    } types[] = {{"<f4", SAE__F32}, {"<f2", SAE__F16}, {"<f8", SAE__F64}};
+    size_t t = 0;
+    while (t < 3 && !(descr_len == 3 && memcmp(descr, types[t].descr, 3) == 0))
+        t++;
+    if (t == 3)
+        return sae__fail(SAE_EUNSUPPORTED,
+                         "%s: dtype '%.*s' is not supported (float32 '<f4', float16 '<f2' or "
+                         "float64 '<f8')",
+                         path, (int)(descr_len < 16 ? descr_len : 16), descr);
+    h->dtype = types[t].dtype;
+    if (fortran)
+        return sae__fail(SAE_EUNSUPPORTED, "%s: Fortran-order arrays are not supported", path);
     if (ndim == 0 || ndim > 2)
         return sae__fail(SAE_EUNSUPPORTED, "%s: %zu-dimensional arrays are not supported (1 or 2)",
                          path, ndim);

@@ -5,6 +5,7 @@
  * libzip reads the archive; each member's .npy header goes through npy.c's parser. */
 #include "internal.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,22 +148,36 @@ static void member_close(member *mb)
     mb->zf = NULL;
 }
 
-/* The member's data, converted to float into dst (count values), then the end of the member,
- * which is where libzip checks the CRC. */
+/* The member's data, converted to float into dst (count values) and checked finite a
+ * cache-sized part at a time, then the end of the member, which is where libzip checks the CRC.
+ * Exactly the bytes the .npy header declares are read, plus one to see that nothing follows:
+ * neither libzip's declared size nor the deflate stream decides how much is decompressed. */
 static int member_read(const npz *z, member *mb, float *dst)
 {
     size_t count = mb->h.rows * mb->h.cols, esize = sae__dtype_size(mb->h.dtype);
-    int rc;
-    if (mb->h.dtype == SAE__F32) {
-        rc = read_exact(mb->zf, z->path, mb->name, dst, count * sizeof(float));
-    } else {
-        unsigned char buf[1 << 16];
-        size_t per = sizeof buf / esize;
-        rc = SAE_OK;
-        for (size_t i = 0; i < count && rc == SAE_OK; i += per) {
-            size_t n = count - i < per ? count - i : per;
-            if ((rc = read_exact(mb->zf, z->path, mb->name, buf, n * esize)) == SAE_OK)
-                sae__to_float(mb->h.dtype, buf, n, dst + i);
+    unsigned char buf[1 << 16];
+    size_t per = sizeof buf / esize;
+    int rc = SAE_OK;
+    for (size_t i = 0; i < count && rc == SAE_OK; i += per) {
+        size_t n = count - i < per ? count - i : per;
+        if (mb->h.dtype == SAE__F32) {
+            rc = read_exact(mb->zf, z->path, mb->name, dst + i, n * sizeof(float));
+        } else if ((rc = read_exact(mb->zf, z->path, mb->name, buf, n * esize)) == SAE_OK) {
+            sae__to_float(mb->h.dtype, buf, n, dst + i);
+        }
+        /* As sae_model_set_tensor demands of the caller's weights. */
+        if (rc == SAE_OK && sae__check_finite(dst + i, n, mb->h.cols, mb->name) != SAE_OK) {
+            size_t j = i;
+            while (j < i + n && isfinite(dst[j]))
+                j++;
+            if (mb->h.ndim == 2)
+                rc = sae__fail(SAE_EFORMAT,
+                               "%s: member '%s'[%zu][%zu] is %g: weights must be finite",
+                               z->path, mb->name, j / mb->h.cols, j % mb->h.cols,
+                               (double)dst[j < i + n ? j : i]);
+            else
+                rc = sae__fail(SAE_EFORMAT, "%s: member '%s'[%zu] is %g: weights must be finite",
+                               z->path, mb->name, j, (double)dst[j < i + n ? j : i]);
         }
     }
     if (rc != SAE_OK)
@@ -225,28 +240,6 @@ static int check_extras(const npz *z, size_t d_sae)
 
 static int load_members(const npz *z, sae_model **out)
 {
-    static const char *const enc_names[] = {"W_enc.npy", "w_enc.npy"};
-    const char *name;
-    zip_int64_t index = locate(z, enc_names, 2, &name);
-    if (index < 0)
-        return sae__fail(SAE_EFORMAT,
-                         "%s: a zip archive without member W_enc.npy: not a Gemma Scope "
-                         "params.npz",
-                         z->path);
-    member mb;
-    int rc = member_open(z, index, name, &mb);
-    if (rc == SAE_OK && (mb.h.ndim != 2 || mb.h.rows == 0 || mb.h.cols == 0))
-        rc = sae__fail(SAE_EFORMAT, "%s: member '%s' is not a non-empty matrix", z->path, name);
-    size_t d_in = mb.h.rows, d_sae = mb.h.cols;
-    if (rc == SAE_OK)
-        rc = check_extras(z, d_sae);
-    sae_model *m = NULL;
-    if (rc == SAE_OK && (rc = sae__model_alloc(&m, &(sae__shape){SAE_ARCH_JUMPRELU, d_in, d_sae, d_in, false, false})) != SAE_OK)
-        rc = sae__wrap(rc, "%s: ", z->path);
-    if (rc == SAE_OK) {
-        m->format = "gemma-scope";
-        m->apply_b_dec = 0; /* Gemma Scope encodes the raw input */
-    }
     static const struct {
         sae_tensor t;
         const char *names[2];
@@ -255,39 +248,70 @@ static int load_members(const npz *z, sae_model **out)
                    {SAE_B_ENC, {"b_enc.npy", NULL}},
                    {SAE_B_DEC, {"b_dec.npy", NULL}},
                    {SAE_THRESHOLD, {"threshold.npy", NULL}}};
-    for (size_t i = 0; i < sizeof members / sizeof members[0] && rc == SAE_OK; i++) {
-        sae_tensor t = members[i].t;
-        if (t != SAE_W_ENC) { /* W_enc is already open */
-            index = locate(z, members[i].names, members[i].names[1] ? 2 : 1, &name);
-            if (index < 0) {
-                rc = sae__fail(SAE_EFORMAT, "%s: member '%s' is missing", z->path,
-                               members[i].names[0]);
-                break;
-            }
-            if ((rc = member_open(z, index, name, &mb)) != SAE_OK)
-                break;
+    enum { N = sizeof members / sizeof members[0] };
+    member mb[N];
+    for (size_t i = 0; i < N; i++)
+        mb[i].zf = NULL;
+    const char *name;
+    zip_int64_t index = locate(z, members[0].names, 2, &name);
+    if (index < 0)
+        return sae__fail(SAE_EFORMAT,
+                         "%s: a zip archive without member W_enc.npy: not a Gemma Scope "
+                         "params.npz",
+                         z->path);
+    int rc = member_open(z, index, name, &mb[0]);
+    if (rc == SAE_OK && (mb[0].h.ndim != 2 || mb[0].h.rows == 0 || mb[0].h.cols == 0))
+        rc = sae__fail(SAE_EFORMAT, "%s: member '%s' is not a non-empty matrix", z->path, name);
+    size_t d_in = mb[0].h.rows, d_sae = mb[0].h.cols;
+    if (rc == SAE_OK)
+        rc = check_extras(z, d_sae);
+    /* Every member is found and its .npy header checked against the shapes and against its
+     * size in the archive before anything is allocated or decompressed: a small archive whose
+     * first member inflates to hundreds of MB is refused for a later member's fault at no
+     * cost. */
+    for (size_t i = 1; i < N && rc == SAE_OK; i++) {
+        index = locate(z, members[i].names, members[i].names[1] ? 2 : 1, &name);
+        if (index < 0) {
+            rc = sae__fail(SAE_EFORMAT, "%s: member '%s' is missing", z->path,
+                           members[i].names[0]);
+            break;
         }
-        size_t d0 = t == SAE_W_ENC || t == SAE_B_DEC ? d_in : d_sae;
-        size_t d1 = t == SAE_W_ENC ? d_sae : t == SAE_W_DEC ? d_in : 0;
-        if (mb.h.ndim != (d1 ? 2u : 1u) || mb.h.rows != d0 || (d1 && mb.h.cols != d1)) {
+        if ((rc = member_open(z, index, name, &mb[i])) != SAE_OK)
+            break;
+        sae_tensor t = members[i].t;
+        size_t d0 = t == SAE_B_DEC ? d_in : d_sae;
+        size_t d1 = t == SAE_W_DEC ? d_in : 0;
+        const sae__npy_header *h = &mb[i].h;
+        if (h->ndim != (d1 ? 2u : 1u) || h->rows != d0 || (d1 && h->cols != d1)) {
             if (d1)
                 rc = sae__fail(SAE_EFORMAT,
                                "%s: member '%s' has shape (%zu, %zu), expected (%zu, %zu)",
-                               z->path, name, mb.h.rows, mb.h.ndim == 2 ? mb.h.cols : 0, d0,
-                               d1);
+                               z->path, name, h->rows, h->ndim == 2 ? h->cols : 0, d0, d1);
             else
                 rc = sae__fail(SAE_EFORMAT, "%s: member '%s' has %zu-D shape (%zu, ...), "
                                             "expected (%zu,)",
-                               z->path, name, mb.h.ndim, mb.h.rows, d0);
+                               z->path, name, h->ndim, h->rows, d0);
         }
-        if (rc == SAE_OK && (rc = sae__model_own_tensor_uninit(m, t)) == SAE_OK) {
-            rc = member_read(z, &mb, *sae__model_tensor_slot(m, t));
-            if (mb.h.dtype != SAE__F32)
-                m->dtype = mb.h.dtype;
-        }
-        member_close(&mb);
     }
-    member_close(&mb);
+    sae_model *m = NULL;
+    const sae__shape shape = {SAE_ARCH_JUMPRELU, d_in, d_sae, d_in, false, false};
+    if (rc == SAE_OK && (rc = sae__model_alloc(&m, &shape)) != SAE_OK)
+        rc = sae__wrap(rc, "%s: ", z->path);
+    if (rc == SAE_OK) {
+        m->format = "gemma-scope";
+        m->apply_b_dec = 0; /* Gemma Scope encodes the raw input */
+    }
+    for (size_t i = 0; i < N && rc == SAE_OK; i++) {
+        sae_tensor t = members[i].t;
+        if ((rc = sae__model_own_tensor_uninit(m, t)) == SAE_OK) {
+            rc = member_read(z, &mb[i], *sae__model_tensor_slot(m, t));
+            if (mb[i].h.dtype != SAE__F32)
+                m->dtype = mb[i].h.dtype;
+        }
+        member_close(&mb[i]);
+    }
+    for (size_t i = 0; i < N; i++)
+        member_close(&mb[i]);
     if (rc != SAE_OK) {
         sae_model_free(m);
         return rc;
@@ -311,8 +335,14 @@ int sae__npz_load(const unsigned char *data, size_t size, const char *path, sae_
     /* ZIP_CHECKCONS: the central directory and local headers must agree. */
     zip_t *za = zip_open_from_source(src, ZIP_RDONLY | ZIP_CHECKCONS, &ze);
     if (za == NULL) {
-        int rc = sae__fail(SAE_EFORMAT, "%s: not a readable zip archive: %s", path,
-                           zip_error_strerror(&ze));
+        /* libzip refuses two members of one name (with ZIP_CHECKCONS), where Python's zipfile
+         * and so np.load would read the last: say so plainly. */
+        int rc = zip_error_code_zip(&ze) == ZIP_ER_EXISTS
+                     ? sae__fail(SAE_EFORMAT, "%s: two members of the zip archive have the same "
+                                              "name",
+                                 path)
+                     : sae__fail(SAE_EFORMAT, "%s: not a readable zip archive: %s", path,
+                                 zip_error_strerror(&ze));
         zip_source_free(src);
         zip_error_fini(&ze);
         return rc;

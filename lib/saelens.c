@@ -6,6 +6,7 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -68,11 +69,6 @@ static int parse_norm(const cJSON *root, const char *path, sae__norm *norm)
     for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
         if (strcmp(item->valuestring, modes[i].name) == 0) {
             *norm = modes[i].norm;
-            if (*norm == SAE__NORM_CONSTANT_NORM || *norm == SAE__NORM_LAYER_NORM)
-                return sae__fail(SAE_EUNSUPPORTED,
-                                 "%s: normalize_activations '%s' (a per-token rescaling of the "
-                                 "input) is not supported",
-                                 path, modes[i].name);
             return SAE_OK;
         }
     }
@@ -131,27 +127,56 @@ static int parse_arch(const cJSON *root, const char *path, sae__saelens_cfg *cfg
                              act);
         arch = "topk";
     }
+    /* The names sae_lens/__init__.py registers (register_sae_class and
+     * register_sae_training_class). */
     static const struct {
         const char *name;
         sae_arch arch;
-    } known[] = {{"standard", SAE_ARCH_RELU},
-                 {"relu", SAE_ARCH_RELU},
-                 {"topk", SAE_ARCH_TOPK},
-                 {"jumprelu", SAE_ARCH_JUMPRELU},
+        bool transcoder, skip, rescale;
+    } known[] = {{"standard", SAE_ARCH_RELU, false, false, false},
+                 {"relu", SAE_ARCH_RELU, false, false, false},
+                 {"topk", SAE_ARCH_TOPK, false, false, true},
+                 {"jumprelu", SAE_ARCH_JUMPRELU, false, false, false},
+                 {"gated", SAE_ARCH_GATED, false, false, false},
                  /* Training checkpoints; SAELens saves the inference model as JumpReLU. */
-                 {"batchtopk", SAE_ARCH_BATCHTOPK},
-                 {"matryoshka_batchtopk", SAE_ARCH_BATCHTOPK}};
+                 {"batchtopk", SAE_ARCH_BATCHTOPK, false, false, true},
+                 {"matryoshka_batchtopk", SAE_ARCH_BATCHTOPK, false, false, true},
+                 /* saes/transcoder.py: Transcoder, SkipTranscoder, JumpReLUTranscoder. */
+                 {"transcoder", SAE_ARCH_RELU, true, false, false},
+                 {"skip_transcoder", SAE_ARCH_RELU, true, true, false},
+                 {"jumprelu_transcoder", SAE_ARCH_JUMPRELU, true, false, false}};
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++) {
-        if (strcmp(arch, known[i].name) == 0) {
-            cfg->arch = known[i].arch;
-            if (cfg->arch == SAE_ARCH_TOPK || cfg->arch == SAE_ARCH_BATCHTOPK)
-                return parse_k(root, path, cfg->v6, &cfg->k);
-            return SAE_OK;
+        if (strcmp(arch, known[i].name) != 0)
+            continue;
+        cfg->architecture = known[i].name;
+        cfg->arch = known[i].arch;
+        cfg->transcoder = known[i].transcoder;
+        cfg->skip = known[i].skip;
+        cfg->d_out = cfg->d_in;
+        if (cfg->transcoder) {
+            cfg->d_out = 768; /* TranscoderConfig's default, for a config without d_out */
+            rc = sae__json_size(root, "d_out", path, &cfg->d_out, &found);
+            if (rc == SAE_OK && cfg->d_out == 0)
+                rc = sae__fail(SAE_EFORMAT, "%s: 'd_out' must be a whole number >= 1", path);
+            /* Transcoder.process_sae_in never subtracts b_dec (it is [d_out]), whatever
+             * apply_b_dec_to_input says (TranscoderConfig refuses true; nothing to run). */
+            cfg->apply_b_dec = false;
         }
+        /* rescale_acts_by_decoder_norm is a field of the TopK configs only: other classes
+         * drop it (filter_valid_dataclass_fields), so elsewhere only its type is checked.
+         * Absent, it is false: files from before it existed (6.14) were trained without it. */
+        bool rescale = false;
+        if (rc == SAE_OK)
+            rc = sae__json_bool(root, "rescale_acts_by_decoder_norm", path, &rescale, &found);
+        cfg->rescale_by_decoder_norm = rescale && known[i].rescale;
+        if (rc == SAE_OK && (cfg->arch == SAE_ARCH_TOPK || cfg->arch == SAE_ARCH_BATCHTOPK))
+            rc = parse_k(root, path, cfg->v6, &cfg->k);
+        return rc;
     }
     return sae__fail(SAE_EUNSUPPORTED,
-                     "%s: architecture '%.40s' is not supported (standard, topk, jumprelu, "
-                     "batchtopk)",
+                     "%s: architecture '%.40s' is not supported (standard, topk, jumprelu, gated, "
+                     "batchtopk, matryoshka_batchtopk, transcoder, skip_transcoder, "
+                     "jumprelu_transcoder)",
                      path, arch);
 }
 
@@ -174,14 +199,6 @@ int sae__saelens_cfg_parse(const char *text, size_t len, const char *path, sae__
         rc = sae__json_bool(root, "apply_b_dec_to_input", path, &cfg->apply_b_dec, &found);
     if (rc == SAE_OK)
         rc = parse_norm(root, path, &cfg->norm);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "rescale_acts_by_decoder_norm", path,
-                            &cfg->rescale_by_decoder_norm, &found);
-    if (rc == SAE_OK && cfg->rescale_by_decoder_norm)
-        rc = sae__fail(SAE_EUNSUPPORTED,
-                       "%s: rescale_acts_by_decoder_norm is true (a training checkpoint; SAELens "
-                       "folds the decoder norms when it saves the inference model)",
-                       path);
     if (rc == SAE_OK)
         rc = sae__json_bool(root, "finetuning_scaling_factor", path,
                             &cfg->finetuning_scaling_factor, &found);
@@ -219,8 +236,13 @@ int sae__saelens_scaler_parse(const char *text, size_t len, const char *path, do
     bool found;
     double v = 0;
     rc = sae__json_number(root, "scaling_factor", path, &v, &found);
-    if (rc == SAE_OK && found && !(v > 0))
-        rc = sae__fail(SAE_EFORMAT, "%s: scaling_factor %g is not > 0", path, v);
+    /* It becomes INPUT_SCALE: the model's own range, checked as a float (1e-46 is > 0 as a
+     * double but 0 as a float), is the one check, here naming this file and key. */
+    double lo = 0, hi = 0;
+    float f;
+    if (rc == SAE_OK && found && sae_model_param_bounds(SAE_PARAM_INPUT_SCALE, &lo, &hi) == SAE_OK &&
+        sae__float_in_range(v, lo, hi, "scaling_factor", &f) != SAE_OK)
+        rc = sae__wrap(SAE_EFORMAT, "%s: ", path);
     if (rc == SAE_OK && found)
         *s = v;
     cJSON_Delete(root);
@@ -268,36 +290,124 @@ static int topk_threshold(const sae__safetensors *st, double *out)
     return SAE_OK;
 }
 
+/* Gives tensor t memory the model owns, holding what it held (a mapped F32 tensor is shared
+ * with the file's private mapping, which the loader does not write through). */
+static int own_copy(sae_model *m, sae_tensor t)
+{
+    if (m->owned & (1u << t))
+        return SAE_OK;
+    const float *src = *sae__model_tensor_slot(m, t);
+    int rc = sae__model_own_tensor_uninit(m, t);
+    if (rc == SAE_OK)
+        memcpy(*sae__model_tensor_slot(m, t), src, sae__model_tensor_count(m, t) * sizeof(float));
+    return rc;
+}
+
+/* rescale_acts_by_decoder_norm: SAELens multiplies each pre-activation by n_i = ||W_dec[i]||
+ * before the selection and divides the code by it before decoding (TopKSAE.encode/decode,
+ * TopKTrainingSAE). That is the SAE _fold_norm_topk makes: W_enc[:, i] *= n_i,
+ * b_enc[i] *= n_i, W_dec[i] /= n_i, folded here with the file's own norms. A BatchTopK
+ * threshold compares the rescaled values already and stays as it is. */
+static int fold_decoder_norms(sae_model *m, const char *path)
+{
+    int rc;
+    if ((rc = own_copy(m, SAE_W_ENC)) != SAE_OK || (rc = own_copy(m, SAE_B_ENC)) != SAE_OK ||
+        (rc = own_copy(m, SAE_W_DEC)) != SAE_OK)
+        return rc;
+    const size_t d_in = m->d_in, d_sae = m->d_sae, d_out = m->d_out;
+    for (size_t i = 0; i < d_sae; i++) {
+        double sq = 0;
+        for (size_t j = 0; j < d_out; j++)
+            sq += (double)m->W_dec[i * d_out + j] * m->W_dec[i * d_out + j];
+        const float n = (float)sqrt(sq);
+        if (!(n > 0.0f) || !isfinite(n))
+            return sae__fail(SAE_EFORMAT,
+                             "%s: rescale_acts_by_decoder_norm is true but row %zu of W_dec has "
+                             "norm %g (SAELens divides the feature by it)",
+                             path, i, (double)n);
+        for (size_t j = 0; j < d_out; j++)
+            m->W_dec[i * d_out + j] /= n;
+        for (size_t j = 0; j < d_in; j++)
+            m->W_enc[j * d_sae + i] *= n;
+        m->b_enc[i] *= n;
+    }
+    sae__model_weights_changed(m);
+    return SAE_OK;
+}
+
+/* JumpReLUTrainingSAE keeps log_threshold; its process_state_dict_for_saving writes
+ * threshold = exp(log_threshold), which a file holding log_threshold did not get. */
+static int exp_threshold(sae_model *m, const char *path)
+{
+    int rc = own_copy(m, SAE_THRESHOLD);
+    for (size_t i = 0; rc == SAE_OK && i < m->d_sae; i++) {
+        const float v = expf(m->threshold[i]);
+        if (!isfinite(v))
+            return sae__fail(SAE_EFORMAT, "%s: exp(log_threshold[%zu]) = exp(%g) is not finite",
+                             path, i, (double)m->threshold[i]);
+        m->threshold[i] = v;
+    }
+    return rc;
+}
+
+/* A tensor that carries a term of the computation, present in the file but not used by the
+ * model the config describes: refused rather than dropped (SAELens' load_state_dict is strict
+ * and would refuse it too). */
+static int check_unused(const sae__safetensors *st, const char *const names[SAE__TENSOR_END],
+                        const char *what)
+{
+    /* SAELens's load_state_dict is strict: a tensor its class has no parameter for is an
+     * error there, and here, rather than a term silently dropped. */
+    static const char *const terms[] = {"W_skip",         "b_gate",         "r_mag",
+                                        "b_mag",          "log_threshold",  "topk_threshold",
+                                        "b_enc",          "threshold"};
+    for (size_t i = 0; i < sizeof terms / sizeof terms[0]; i++) {
+        if (sae__st_find(st, terms[i]) == NULL)
+            continue;
+        bool used = false;
+        for (int t = SAE_W_ENC; t < SAE__TENSOR_END; t++)
+            used = used || (names[t] != NULL && strcmp(names[t], terms[i]) == 0);
+        if (!used)
+            return sae__fail(SAE_EUNSUPPORTED,
+                             "%s: tensor '%s' is not part of %s: it would be dropped", st->path,
+                             terms[i], what);
+    }
+    return SAE_OK;
+}
+
 int sae__saelens_load(const sae__safetensors *st, sae__map *map, const sae__saelens_cfg *cfg,
                       double scaling_factor, sae_model **out)
 {
     *out = NULL;
     const char *path = st->path;
-    static const char *const gated[] = {"b_gate", "b_mag", "r_mag"};
-    for (size_t i = 0; i < 3; i++)
-        if (sae__st_find(st, gated[i]) != NULL)
-            return sae__fail(SAE_EUNSUPPORTED, "%s: a gated SAE (tensor '%s') is not supported",
-                             path, gated[i]);
+    const char *names[SAE__TENSOR_END] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec"};
     bool has_threshold = sae__st_find(st, "threshold") != NULL;
-    size_t d_in, d_sae;
-    sae_arch arch;
+    bool has_log_threshold = !has_threshold && sae__st_find(st, "log_threshold") != NULL;
+    sae__shape shape = {SAE_ARCH_RELU, 0, 0, 0, false, false};
     double batch_threshold = 0;
     int rc;
     if (cfg != NULL) {
-        d_in = cfg->d_in;
-        d_sae = cfg->d_sae;
-        arch = cfg->arch;
+        shape = (sae__shape){cfg->arch, cfg->d_in, cfg->d_sae, cfg->d_out, cfg->transcoder,
+                             cfg->skip};
         if (cfg->finetuning_scaling_factor && sae__st_find(st, "scaling_factor") == NULL)
             return sae__fail(SAE_EFORMAT,
                              "%s: finetuning_scaling_factor is true but there is no tensor "
                              "'scaling_factor'",
                              path);
-        if (arch == SAE_ARCH_BATCHTOPK) {
+        if (shape.arch == SAE_ARCH_BATCHTOPK) {
             if (has_threshold)
-                arch = SAE_ARCH_JUMPRELU; /* saved for inference: one threshold per feature */
+                shape.arch = SAE_ARCH_JUMPRELU; /* saved for inference: one threshold per feature */
             else if ((rc = topk_threshold(st, &batch_threshold)) != SAE_OK)
                 return rc;
+            else
+                names[SAE_THRESHOLD] = "topk_threshold"; /* read above, used */
         }
+        if (cfg->norm == SAE__NORM_EXPECTED_AVERAGE && cfg->transcoder)
+            return sae__fail(SAE_EUNSUPPORTED,
+                             "%s: normalize_activations 'expected_average_only_in' on a "
+                             "transcoder (SAELens divides its output by the scale; a libsae "
+                             "transcoder's output is never rescaled)",
+                             path);
         if (cfg->norm == SAE__NORM_EXPECTED_AVERAGE && !(scaling_factor > 0))
             return sae__fail(SAE_EUNSUPPORTED,
                              "%s: normalize_activations is 'expected_average_only_in' but no "
@@ -306,36 +416,71 @@ int sae__saelens_load(const sae__safetensors *st, sae__map *map, const sae__sael
                              "scale is unknown",
                              path);
     } else {
-        /* No cfg.json: the shapes say the sizes, a threshold says JumpReLU, and the rest are
-         * SAELens' defaults (apply_b_dec_to_input true, no normalization). */
-        const sae__st_tensor *w = sae__st_find(st, "W_enc");
-        if (w->ndim != 2 || w->shape[0] == 0 || w->shape[1] == 0)
-            return sae__fail(SAE_EFORMAT, "%s: tensor 'W_enc' is not a non-empty matrix", path);
-        d_in = w->shape[0];
-        d_sae = w->shape[1];
-        arch = has_threshold ? SAE_ARCH_JUMPRELU : SAE_ARCH_RELU;
+        /* Without cfg.json the weights do not say what they compute: a TopK SAE would run as
+         * ReLU, a skip transcoder without its skip term, a normalized SAE unnormalized. */
+        return sae__fail(SAE_EFORMAT,
+                         "%s: SAELens weights need the cfg.json SAELens writes beside them "
+                         "(the architecture, k, d_out, normalization and apply_b_dec_to_input "
+                         "are only there), and there is none",
+                         path);
     }
-    if ((rc = check_scaling_factor(st, d_sae)) != SAE_OK)
+    if ((rc = check_scaling_factor(st, shape.d_sae)) != SAE_OK)
         return rc;
-    const char *const names[SAE__TENSOR_END] = {NULL, "W_enc", "W_dec", "b_enc", "b_dec",
-                                                "threshold"};
+    if (shape.arch == SAE_ARCH_JUMPRELU)
+        names[SAE_THRESHOLD] = has_log_threshold ? "log_threshold" : "threshold";
+    if (shape.arch == SAE_ARCH_GATED) {
+        names[SAE_B_ENC] = "b_gate"; /* GatedSAE has no b_enc: the gate's bias is b_gate */
+        names[SAE_R_MAG] = "r_mag";
+        names[SAE_B_MAG] = "b_mag";
+    }
+    /* SkipTranscoder.W_skip is [d_out, d_in], used as x @ W_skip.T: libsae's [d_in][d_out]. */
+    if (shape.skip)
+        names[SAE_W_SKIP] = "W_skip";
+    char what[96];
+    snprintf(what, sizeof what, "a SAELens '%s'",
+             cfg != NULL ? cfg->architecture : shape.arch == SAE_ARCH_JUMPRELU ? "jumprelu"
+                                                                               : "standard");
+    if ((rc = check_unused(st, names, what)) != SAE_OK)
+        return rc;
+    if (shape.arch == SAE_ARCH_BATCHTOPK)
+        names[SAE_THRESHOLD] = NULL; /* a parameter, not a tensor of the model */
     sae_model *m;
-    const sae__shape shape = {arch, d_in, d_sae, d_in, false, false};
-    if ((rc = sae__model_from_st(st, map, &shape, names, 0, "saelens", &m)) != SAE_OK)
+    if ((rc = sae__model_from_st(st, map, &shape, names, 1u << SAE_W_SKIP, "saelens", &m)) !=
+        SAE_OK)
         return rc;
+    if (has_log_threshold && shape.arch == SAE_ARCH_JUMPRELU)
+        rc = exp_threshold(m, path);
+    if (rc == SAE_OK && cfg != NULL && cfg->rescale_by_decoder_norm &&
+        (shape.arch == SAE_ARCH_TOPK || shape.arch == SAE_ARCH_BATCHTOPK))
+        rc = fold_decoder_norms(m, path);
+    if (rc != SAE_OK) {
+        sae_model_free(m);
+        return rc;
+    }
     if (cfg != NULL) {
+        static const sae_normalize norms[] = {
+            [SAE__NORM_NONE] = SAE_NORMALIZE_NONE,
+            [SAE__NORM_EXPECTED_AVERAGE] = SAE_NORMALIZE_NONE, /* INPUT_SCALE, below */
+            [SAE__NORM_CONSTANT_NORM] = SAE_NORMALIZE_CONSTANT_NORM,
+            [SAE__NORM_LAYER_NORM] = SAE_NORMALIZE_LAYER_NORM};
         rc = sae_model_set_param(m, SAE_PARAM_APPLY_B_DEC_TO_INPUT, cfg->apply_b_dec ? 1 : 0);
-        if (rc == SAE_OK && (arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK))
+        if (rc == SAE_OK && (shape.arch == SAE_ARCH_TOPK || shape.arch == SAE_ARCH_BATCHTOPK))
             rc = sae_model_set_param(m, SAE_PARAM_K, (double)cfg->k);
-        if (rc == SAE_OK && arch == SAE_ARCH_BATCHTOPK)
-            rc = sae_model_set_param(m, SAE_PARAM_THRESHOLD, batch_threshold);
+        if (rc == SAE_OK && shape.arch == SAE_ARCH_BATCHTOPK &&
+            (rc = sae_model_set_param(m, SAE_PARAM_THRESHOLD, batch_threshold)) != SAE_OK) {
+            sae_model_free(m);
+            return sae__wrap(SAE_EFORMAT, "%s: tensor 'topk_threshold': ", path);
+        }
         /* The scaler multiplies the input by s before the SAE and divides its output by s
          * after (ActivationScaler.scale/unscale): INPUT_SCALE is that, to the rounding. */
         if (rc == SAE_OK && cfg->norm == SAE__NORM_EXPECTED_AVERAGE)
             rc = sae_model_set_param(m, SAE_PARAM_INPUT_SCALE, scaling_factor);
+        /* run_time_activation_norm_fn_in/_out (SAE._setup_activation_normalization). */
+        if (rc == SAE_OK && norms[cfg->norm] != SAE_NORMALIZE_NONE)
+            rc = sae_model_set_param(m, SAE_PARAM_NORMALIZE, norms[cfg->norm]);
         if (rc != SAE_OK) {
             sae_model_free(m);
-            return sae__wrap(SAE_EFORMAT, "%s: ", path);
+            return sae__wrap(rc == SAE_EUNSUPPORTED ? rc : SAE_EFORMAT, "%s: ", path);
         }
     }
     *out = m;

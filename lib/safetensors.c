@@ -5,6 +5,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <locale.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,10 +38,15 @@ static bool json_size(const cJSON *item, size_t *out)
     return true;
 }
 
+/* By (begin, end), as the reference reader sorts data_offsets: an empty tensor sharing its
+ * begin with a non-empty one then comes first whatever the header's order, so that whether a
+ * file tiles does not depend on the order of its keys. */
 static int by_offset(const void *a, const void *b)
 {
     const sae__st_tensor *x = a, *y = b;
-    return (x->offset > y->offset) - (x->offset < y->offset);
+    if (x->offset != y->offset)
+        return (x->offset > y->offset) - (x->offset < y->offset);
+    return (x->nbytes > y->nbytes) - (x->nbytes < y->nbytes);
 }
 
 static int parse_tensor(const sae__safetensors *st, const cJSON *entry, size_t data_start,
@@ -161,20 +167,13 @@ int sae__st_parse(sae__safetensors *st, const unsigned char *data, size_t size, 
         sae__st_close(st);
         return sae__fail(SAE_ENOMEM, "%s: cannot allocate %zu tensor entries", path, n);
     }
+    /* sae__json_parse_object has refused repeated keys (a tensor or __metadata__ twice). */
     cJSON_ArrayForEach(entry, st->header) {
         if (strcmp(entry->string, "__metadata__") == 0) {
-            if (st->metadata != NULL) {
-                rc = sae__fail(SAE_EFORMAT, "%s: __metadata__ appears twice", path);
-                break;
-            }
             st->metadata = entry;
             if ((rc = parse_metadata(st, entry)) != SAE_OK)
                 break;
             continue;
-        }
-        if (sae__st_find(st, entry->string) != NULL) {
-            rc = sae__fail(SAE_EFORMAT, "%s: tensor '%s' appears twice", path, entry->string);
-            break;
         }
         rc = parse_tensor(st, entry, data_start, &st->tensors[st->n_tensors]);
         if (rc != SAE_OK)
@@ -239,17 +238,101 @@ const char *sae__st_meta(const sae__safetensors *st, const char *key)
     return cJSON_IsString(item) ? item->valuestring : NULL;
 }
 
+/* The spellings libsae writes into __metadata__ (safetensors keeps every value a string): sizes
+ * as "%zu", floats as "%.9g" or "%.17g". A reader takes exactly those, so that libsae agrees
+ * with Python's int() / float() of the same text and strtod's extras (hex "0x4", "inf",
+ * leading spaces, a locale's decimal comma) never become a size. A float is the JSON number
+ * grammar, which every %g output of a finite value follows. */
+static bool plain_unsigned(const char *s)
+{
+    if (s[0] == '0')
+        return s[1] == '\0';
+    size_t i = 0;
+    while (s[i] >= '0' && s[i] <= '9')
+        i++;
+    return i > 0 && s[i] == '\0';
+}
+
+static bool plain_decimal(const char *s)
+{
+    size_t i = s[0] == '-';
+    if (s[i] == '0')
+        i++;
+    else if (s[i] >= '1' && s[i] <= '9')
+        while (s[i] >= '0' && s[i] <= '9')
+            i++;
+    else
+        return false;
+    if (s[i] == '.') {
+        size_t start = ++i;
+        while (s[i] >= '0' && s[i] <= '9')
+            i++;
+        if (i == start)
+            return false;
+    }
+    if (s[i] == 'e' || s[i] == 'E') {
+        i++;
+        if (s[i] == '+' || s[i] == '-')
+            i++;
+        size_t start = i;
+        while (s[i] >= '0' && s[i] <= '9')
+            i++;
+        if (i == start)
+            return false;
+    }
+    return s[i] == '\0';
+}
+
+int sae__st_meta_size(const sae__safetensors *st, const char *key, size_t max, size_t *out)
+{
+    const char *s = sae__st_meta(st, key);
+    if (s == NULL)
+        return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
+    size_t v = 0;
+    bool ok = plain_unsigned(s);
+    for (const char *p = s; ok && *p; p++)
+        ok = sae__mul(v, 10, &v) && sae__add(v, (size_t)(*p - '0'), &v) && v <= max;
+    if (!ok)
+        return sae__fail(SAE_EFORMAT,
+                         "%s: __metadata__['%s'] = '%.40s' is not a whole number from 0 to %zu "
+                         "written in plain decimal",
+                         st->path, key, s, max);
+    *out = v;
+    return SAE_OK;
+}
+
 int sae__st_meta_number(const sae__safetensors *st, const char *key, bool allow_nan, double *out)
 {
     const char *s = sae__st_meta(st, key);
     if (s == NULL)
         return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno == ERANGE || isinf(v) || (isnan(v) && !allow_nan))
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '%.40s' is not a finite number",
-                         st->path, key, s);
+    /* printf writes an unknown double as "nan" or "-nan". */
+    if (allow_nan && (strcmp(s, "nan") == 0 || strcmp(s, "-nan") == 0)) {
+        *out = NAN;
+        return SAE_OK;
+    }
+    /* A %.17g is at most 24 characters; the copy swaps '.' for the locale's decimal point,
+     * which is what strtod reads (cJSON does the same). */
+    char buf[48];
+    size_t n = strlen(s);
+    bool ok = plain_decimal(s) && n < sizeof buf;
+    double v = 0;
+    if (ok) {
+        memcpy(buf, s, n + 1);
+        char *dot = strchr(buf, '.');
+        const char *point = localeconv()->decimal_point;
+        if (dot != NULL && point != NULL && point[0] != '\0' && point[1] == '\0')
+            *dot = point[0];
+        errno = 0;
+        char *end;
+        v = strtod(buf, &end);
+        ok = *end == '\0' && errno != ERANGE && isfinite(v);
+    }
+    if (!ok)
+        return sae__fail(SAE_EFORMAT,
+                         "%s: __metadata__['%s'] = '%.40s' is not a finite number in plain "
+                         "decimal%s",
+                         st->path, key, s, allow_nan ? " (or nan)" : "");
     *out = v;
     return SAE_OK;
 }

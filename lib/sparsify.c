@@ -1,10 +1,13 @@
 /* EleutherAI sparsify (formerly "sae"): a folder of cfg.json (SparseCoderConfig + d_in) and
- * sae.safetensors (the module's state dict). Read as sparsify's own SparseCoder.load_from_disk
- * and encode read it (sparsify/sparse_coder.py, sparsify/fused_encoder.py):
- *   pre = ReLU((x - b_dec) @ encoder.weight^T + encoder.bias), the k largest kept,
- *   x_hat = f @ W_dec + b_dec.
+ * sae.safetensors (the module's state dict, safetensors.torch.save_model). Read as sparsify's
+ * own SparseCoder.load_from_disk, encode and forward read it (sparsify/sparse_coder.py,
+ * sparsify/fused_encoder.py, sparsify/config.py; 1.3):
+ *   pre = ReLU((x - (transcode ? 0 : b_dec)) @ encoder.weight^T + encoder.bias)
+ *   topk: the k largest of pre;  groupmax: the largest of each of k groups of num_latents / k
+ *   y = f @ W_dec + b_dec (+ x @ W_skip^T with skip_connection)
  * ReLU before the selection keeps the same values as libsae's TopK (ReLU after), since a
- * negative pre-activation becomes 0 either way. */
+ * negative pre-activation becomes 0 either way. Every tensor is [.., d_in]: SparseCoder sizes
+ * W_dec, b_dec and W_skip by d_in even for a transcoder, so d_out = d_in. */
 #include "internal.h"
 
 #include <cjson/cJSON.h>
@@ -36,31 +39,28 @@ int sae__sparsify_cfg_parse(const char *text, size_t len, const char *path, sae_
         rc = sae__json_size(root, "expansion_factor", path, &cfg->expansion_factor, &found);
     if (rc == SAE_OK)
         rc = sae__json_string(root, "activation", path, &activation, &found);
-    if (rc == SAE_OK && strcmp(activation, "topk") != 0) {
-        if (strcmp(activation, "groupmax") == 0)
-            rc = sae__fail(SAE_EUNSUPPORTED,
-                           "%s: activation 'groupmax' (the max of each of k groups) is not "
-                           "supported; only 'topk'",
-                           path);
-        else
-            rc = sae__fail(SAE_EFORMAT, "%s: activation '%.40s' is neither topk nor groupmax",
-                           path, activation);
-    }
-    /* Settings that change what the coder computes beyond an SAE. */
-    static const char *const extras[] = {"transcode", "skip_connection", "embed_skip",
-                                         "gram_lookup"};
+    if (rc == SAE_OK && strcmp(activation, "topk") != 0 && strcmp(activation, "groupmax") != 0)
+        rc = sae__fail(SAE_EFORMAT, "%s: activation '%.40s' is neither topk nor groupmax", path,
+                       activation);
+    cfg->topk = strcmp(activation, "topk") == 0;
+    if (rc == SAE_OK)
+        rc = sae__json_bool(root, "transcode", path, &cfg->transcode, &found);
+    if (rc == SAE_OK)
+        rc = sae__json_bool(root, "skip_connection", path, &cfg->skip_connection, &found);
+    /* Settings that change what the coder computes and that libsae does not run. "signed"
+     * (the sae package, June 2024) selected the k largest |pre| without ReLU and kept their
+     * signs; embed_skip and gram_lookup are refused for the same reason, should a config
+     * ask for them. multi_topk and normalize_decoder only shape training (the Multi-TopK
+     * loss, unit-norm decoder rows): inference is plain topk. */
+    static const char *const extras[] = {"signed", "embed_skip", "gram_lookup"};
     for (size_t i = 0; i < sizeof extras / sizeof extras[0] && rc == SAE_OK; i++) {
         flag = false;
         rc = sae__json_bool(root, extras[i], path, &flag, &found);
         if (rc == SAE_OK && flag)
             rc = sae__fail(SAE_EUNSUPPORTED,
-                           "%s: '%s' is true: a transcoder or skip connection, not an SAE "
-                           "libsae runs",
-                           path, extras[i]);
-        if (i == 0)
-            cfg->transcode = flag;
-        if (i == 1)
-            cfg->skip_connection = flag;
+                           "%s: '%s' is true: %s, which libsae does not run", path, extras[i],
+                           i == 0 ? "signed codes (the k largest |pre|, negative values kept)"
+                                  : "a term beyond the sparse coder");
     }
     cJSON_Delete(root);
     return rc;
@@ -71,29 +71,44 @@ int sae__sparsify_load(const sae__safetensors *st, sae__map *map, const sae__spa
 {
     *out = NULL;
     const char *path = st->path;
-    if (sae__st_find(st, "W_skip") != NULL)
-        return sae__fail(SAE_EUNSUPPORTED, "%s: a skip connection (tensor 'W_skip') is not "
-                                           "supported", path);
+    if (!cfg->skip_connection && sae__st_find(st, "W_skip") != NULL)
+        return sae__fail(SAE_EUNSUPPORTED,
+                         "%s: tensor 'W_skip' but skip_connection is not true in cfg.json: the "
+                         "skip term would be dropped",
+                         path);
     size_t d_in = cfg->d_in, d_sae = cfg->num_latents;
     /* SparseCoder: num_latents = cfg.num_latents or d_in * expansion_factor. */
     if (d_sae == 0 && !sae__mul(d_in, cfg->expansion_factor, &d_sae))
         return sae__fail(SAE_EFORMAT, "%s: d_in x expansion_factor overflows", path);
     if (d_sae == 0)
         return sae__fail(SAE_EFORMAT, "%s: num_latents and expansion_factor are both 0", path);
-    /* encoder.weight is nn.Linear's [d_sae][d_in]: the transpose of W_enc. */
-    const char *const names[SAE__TENSOR_END] = {NULL, "encoder.weight", "W_dec", "encoder.bias",
-                                                "b_dec"};
+    /* groupmax: preacts.unflatten(-1, (k, -1)) needs k groups of equal size. */
+    if (!cfg->topk && (cfg->k > d_sae || d_sae % cfg->k != 0))
+        return sae__fail(SAE_EFORMAT,
+                         "%s: activation 'groupmax' with k = %zu groups of %zu latents: k must "
+                         "divide num_latents",
+                         path, cfg->k, d_sae);
+    /* encoder.weight is nn.Linear's [d_sae][d_in]: the transpose of W_enc; W_skip is used as
+     * x @ W_skip.mT, so it is stored [d_out][d_in]: the transpose of libsae's. */
+    const char *const names[SAE__TENSOR_END] = {
+        NULL, "encoder.weight", "W_dec", "encoder.bias", "b_dec", NULL, "W_skip"};
+    const bool kind = cfg->transcode || cfg->skip_connection;
+    const sae__shape shape = {cfg->topk ? SAE_ARCH_TOPK : SAE_ARCH_GROUPMAX, d_in, d_sae, d_in,
+                              kind, cfg->skip_connection};
     sae_model *m;
-    const sae__shape shape = {SAE_ARCH_TOPK, d_in, d_sae, d_in, false, false};
-    int rc = sae__model_from_st(st, map, &shape, names, 1u << SAE_W_ENC, "sparsify", &m);
+    int rc = sae__model_from_st(st, map, &shape, names, 1u << SAE_W_ENC | 1u << SAE_W_SKIP,
+                                "sparsify", &m);
     if (rc != SAE_OK)
         return rc;
-    if ((rc = sae_model_set_param(m, SAE_PARAM_K, (double)cfg->k)) != SAE_OK) {
+    /* SparseCoder.encode subtracts b_dec unless cfg.transcode: a skip-connection SAE (not a
+     * transcoder) still does, which libsae allows since its d_out = d_in. */
+    rc = sae_model_set_param(m, SAE_PARAM_K, (double)cfg->k);
+    if (rc == SAE_OK)
+        rc = sae_model_set_param(m, SAE_PARAM_APPLY_B_DEC_TO_INPUT, cfg->transcode ? 0 : 1);
+    if (rc != SAE_OK) {
         sae_model_free(m);
         return sae__wrap(SAE_EFORMAT, "%s: ", path);
     }
-    /* APPLY_B_DEC_TO_INPUT keeps its default 1: sparsify's encode always subtracts b_dec
-     * (transcoders, which do not, are refused above). */
     *out = m;
     return SAE_OK;
 }

@@ -13,7 +13,6 @@
  * K others beat it, which depends on every pre-activation, so TopK runs the full encoder. */
 #include "internal.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -203,7 +202,7 @@ static void add_vector(const sae_steer *s, float *v)
         if (s->ops[j].op == SAE_STEER_ADD)
             sae__dec_row_axpy(m, s->ops[j].feature, 0, m->d_out, s->ops[j].value, v);
     if (sae__output_scale(m) != 1.0f)
-        cblas_sscal((int)m->d_out, 1.0f / sae__output_scale(m), v, 1);
+        sae__sscal(m->d_out, 1.0f / sae__output_scale(m), v);
 }
 
 int sae_steer_vector(const sae_steer *s, float *v)
@@ -300,12 +299,11 @@ static void add_deltas(const sae_model *m, const enc_plan *p, const float *delta
             gather_dec(m, p, first, count);
         if (count <= FEW)
             for (size_t c = 0; c < count; c++)
-                cblas_sger(CblasRowMajor, (int)rows, (int)d_out, alpha, delta + first + c,
-                           (int)p->me, p->D + c * d_out, 1, y, (int)d_out);
+                sae__sger(rows, d_out, alpha, delta + first + c, p->me, p->D + c * d_out, 1, y,
+                          d_out);
         else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)d_out,
-                        (int)count, alpha, delta + first, (int)p->me, p->D, (int)d_out, 1.0f,
-                        y, (int)d_out);
+            sae__sgemm(false, false, rows, d_out, count, alpha, delta + first, p->me, p->D, d_out,
+                       1.0f, y, d_out);
     }
 }
 
@@ -316,8 +314,8 @@ static void gathered_shift(const sae_model *m, const enc_plan *p, size_t first, 
 {
     memset(shift + first, 0, count * sizeof *shift);
     if (m->apply_b_dec)
-        cblas_sgemv(CblasRowMajor, CblasTrans, (int)m->d_in, (int)count, -1.0f, p->G, (int)count,
-                    m->b_dec, 1, 0.0f, shift + first, 1);
+        sae__sgemv(true, m->d_in, count, -1.0f, p->G, count, m->b_dec, 1, 0.0f, shift + first,
+                   1);
 }
 
 /* Features whose code depends on their own encoder column only (ReLU, JumpReLU, BatchTopK,
@@ -370,17 +368,14 @@ static int apply_gathered(const sae_model *m, const enc_plan *p, const float *x,
                     gathered_shift(m, p, first, count, shift);
             }
             if (rows == 1)
-                cblas_sgemv(CblasRowMajor, CblasTrans, (int)d_in, (int)count, alpha, p->G,
-                            (int)count, in, 1, 0.0f, delta + first, 1);
+                sae__sgemv(true, d_in, count, alpha, p->G, count, in, 1, 0.0f, delta + first, 1);
             else if (count <= FEW)
                 for (size_t c = 0; c < count; c++)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)rows, (int)d_in, alpha, in,
-                                (int)d_in, p->G + c, (int)count, 0.0f, delta + first + c,
-                                (int)me);
+                    sae__sgemv(false, rows, d_in, alpha, in, d_in, p->G + c, count, 0.0f,
+                               delta + first + c, me);
             else
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)count,
-                            (int)d_in, alpha, in, (int)d_in, p->G, (int)count, 0.0f,
-                            delta + first, (int)me);
+                sae__sgemm(false, false, rows, count, d_in, alpha, in, d_in, p->G, count, 0.0f,
+                           delta + first, me);
         }
         for (size_t r = 0; r < rows; r++) {
             float *d = delta + r * me;

@@ -8,8 +8,8 @@
  * state that already agrees (the weights, the counters, the previous step's sums). */
 #include "internal.h"
 
-#include <cblas.h>
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -163,13 +163,13 @@ static int check_param(sae_train_param p, double v)
             return sae__fail(SAE_EINVAL,
                              "training parameter %s must be a whole number from 0 to 2^53, not %g",
                              name, v);
-        break;
+        return SAE_OK;
     case K_WHOLE_POS:
         if (!whole || v < 1.0)
             return sae__fail(SAE_EINVAL,
                              "training parameter %s must be a whole number from 1 to 2^53, not %g",
                              name, v);
-        break;
+        return SAE_OK;
     case K_UNIT_OPEN:
         if (!(v >= 0.0 && v < 1.0))
             return sae__fail(SAE_EINVAL, "training parameter %s must be in [0, 1), not %g", name,
@@ -184,9 +184,21 @@ static int check_param(sae_train_param p, double v)
         if (!whole || v > param_info[p].max)
             return sae__fail(SAE_EINVAL, "training parameter %s must be a whole number from 0 to "
                              "%g, not %g", name, param_info[p].max, v);
-        break;
+        return SAE_OK;
     }
-    return SAE_OK;
+    /* Real-valued parameters reach the step's arithmetic as floats (Adam's step size, eps and
+     * betas, the L1 coefficient): the value must survive that conversion, finite, 0 or normal,
+     * and still in its range (1e300 would be an infinite learning rate, 1e-50 a zero one, a
+     * beta2 of 0.99999999 exactly 1). */
+    const param_kind kind = param_info[p].kind;
+    const double lo = kind == K_POS ? FLT_MIN : 0.0;
+    const double hi = kind == K_UNIT_OPEN ? (double)nextafterf(1.0f, 0.0f)
+                      : kind == K_UNIT    ? 1.0
+                                          : FLT_MAX;
+    char label[48];
+    snprintf(label, sizeof label, "training parameter %s", name);
+    float f;
+    return sae__float_in_range(v, lo, hi, label, &f);
 }
 
 int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v)
@@ -480,10 +492,12 @@ int sae_trainer_init(sae_trainer *t, const float *x, size_t n)
     if (t->param[SAE_TRAIN_NORMALIZE_INPUT] != 0.0) {
         double norms = 0.0;
         for (size_t i = 0; i < n; i++)
-            norms += cblas_snrm2((int)d_in, x + i * d_in, 1);
+            norms += sae__snrm2(d_in, x + i * d_in);
         norms /= (double)n;
         double s = norms > 0.0 ? sqrt((double)d_in) / norms : 1.0;
-        if (isfinite((float)s) && (float)s > 0.0f)
+        /* Kept only when usable as the model's INPUT_SCALE: a normal float (a sample of norms
+         * near FLT_MAX would give a subnormal one, which sae_model_set_param refuses). */
+        if (isnormal((float)s))
             scale = s;
     }
     float fscale = (float)scale;
@@ -560,8 +574,8 @@ static void encode_batch(sae_trainer *t, const float *x, size_t n)
         }
         memcpy(t->pre + i * d_sae, m->b_enc, d_sae * sizeof(float));
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_sae, (int)d_in, 1.0f,
-                t->xin, (int)d_in, m->W_enc, (int)d_sae, 1.0f, t->pre, (int)d_sae);
+    sae__sgemm(false, false, n, d_sae, d_in, 1.0f, t->xin, d_in, m->W_enc, d_sae, 1.0f, t->pre,
+               d_sae);
 }
 
 /* Statistics every architecture reports: sums of (x_s - b_dec) and its square, for the FVU. */
@@ -596,8 +610,7 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
     for (size_t i = 0; i < n; i++)
         for (size_t j = 0; j < d_in; j++)
             E[i * d_in + j] = m->b_dec[j] - t->xs[i * d_in + j];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, (int)d_sae, 1.0f, f,
-                (int)d_sae, m->W_dec, (int)d_in, 1.0f, E, (int)d_in);
+    sae__sgemm(false, false, n, d_in, d_sae, 1.0f, f, d_sae, m->W_dec, d_in, 1.0f, E, d_in);
     double sse = 0.0, l1 = 0.0, l0 = 0.0;
     float *fires = buf + L->fires, *sum_err = buf + L->sum_err;
     double *colsum = t->colsum;
@@ -619,10 +632,9 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
         }
     }
     /* dL/dx_hat = 2 E */
-    cblas_sscal((int)(n * d_in), 2.0f, E, 1);
+    sae__sscal(n * d_in, 2.0f, E);
     /* G = dL/df = 2E @ W_dec^T + lambda * ||W_dec[i]||, masked by f > 0 into dL/dpre */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_sae, (int)d_in, 1.0f, E,
-                (int)d_in, m->W_dec, (int)d_in, 0.0f, G, (int)d_sae);
+    sae__sgemm(false, true, n, d_sae, d_in, 1.0f, E, d_in, m->W_dec, d_in, 0.0f, G, d_sae);
     const float lam = (float)lambda;
     float *g_benc = buf + L->b_enc, *g_bdec = buf + L->b_dec;
     for (size_t i = 0; i < n; i++) {
@@ -636,19 +648,18 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
             g_bdec[j] += E[i * d_in + j];
     }
     /* dW_dec = f^T @ 2E + lambda * (sum_t f_ti) * W_dec[i] / ||W_dec[i]|| */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_sae, (int)d_in, (int)n, 1.0f, f,
-                (int)d_sae, E, (int)d_in, 0.0f, buf + L->W_dec, (int)d_in);
+    sae__sgemm(true, false, d_sae, d_in, n, 1.0f, f, d_sae, E, d_in, 0.0f, buf + L->W_dec, d_in);
     if (lambda != 0.0) {
         for (size_t k = 0; k < d_sae; k++) {
             if (colsum[k] == 0.0 || m->dec_norm[k] == 0.0f)
                 continue;
-            cblas_saxpy((int)d_in, (float)(lambda * colsum[k] / m->dec_norm[k]),
-                        m->W_dec + k * d_in, 1, buf + L->W_dec + k * d_in, 1);
+            sae__saxpy(d_in, (float)(lambda * colsum[k] / m->dec_norm[k]), m->W_dec + k * d_in,
+                       buf + L->W_dec + k * d_in);
         }
     }
     /* dW_enc = xin^T @ G */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_in, (int)d_sae, (int)n, 1.0f,
-                t->xin, (int)d_in, G, (int)d_sae, 0.0f, buf + L->W_enc, (int)d_sae);
+    sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, G, d_sae, 0.0f, buf + L->W_enc,
+               d_sae);
     float *st = buf + L->stats;
     st[SAE__STAT_SSE] = (float)sse;
     st[SAE__STAT_LOSS] = (float)(sse + lambda * l1);
@@ -851,8 +862,7 @@ static void sparse_pass(sae_trainer *t, size_t n)
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
                 FA[i * d_sae + t->aux_idx[a]] = t->aux_val[a];
         memcpy(D, t->err, n * d_in * sizeof(float));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d_in, (int)d_sae, 1.0f,
-                    FA, (int)d_sae, m->W_dec, (int)d_in, 1.0f, D, (int)d_in);
+        sae__sgemm(false, false, n, d_in, d_sae, 1.0f, FA, d_sae, m->W_dec, d_in, 1.0f, D, d_in);
         for (size_t i = 0; i < n; i++) {
             float *di = D + i * d_in;
             aux += sae__dot(d_in, di, di);
@@ -860,10 +870,9 @@ static void sparse_pass(sae_trainer *t, size_t n)
                 di[j] *= g_aux;
             sae__axpy(d_in, 1.0f, di, g_bdec);
         }
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_sae, (int)d_in, (int)n, 1.0f,
-                    FA, (int)d_sae, D, (int)d_in, 1.0f, buf + L->W_dec, (int)d_in);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)d_sae, (int)d_in, 1.0f,
-                    D, (int)d_in, m->W_dec, (int)d_in, 0.0f, GA, (int)d_sae);
+        sae__sgemm(true, false, d_sae, d_in, n, 1.0f, FA, d_sae, D, d_in, 1.0f, buf + L->W_dec,
+                   d_in);
+        sae__sgemm(false, true, n, d_sae, d_in, 1.0f, D, d_in, m->W_dec, d_in, 0.0f, GA, d_sae);
         float *g_benc = buf + L->b_enc;
         for (size_t i = 0; i < n; i++)
             for (size_t j = 0; j < d_sae; j++) {
@@ -906,8 +915,7 @@ static void sparse_pass(sae_trainer *t, size_t n)
         t->touched[j] = 0;
     }
     if (aux_dense)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)d_in, (int)d_sae, (int)n, 1.0f,
-                    t->xin, (int)d_in, GA, (int)d_sae, 1.0f, g_enc, (int)d_sae);
+        sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, GA, d_sae, 1.0f, g_enc, d_sae);
     st[SAE__STAT_SSE] = (float)sse;
     st[SAE__STAT_LOSS] = (float)(sse / t->mse_norm);
     st[SAE__STAT_AUX] = (float)aux;
@@ -939,8 +947,11 @@ static double schedule_l1(const sae_trainer *t)
     return warm > 0.0 && s + 1.0 < warm ? c * (s + 1.0) / warm : c;
 }
 
-/* Everything after the gradient sums are global: the same on every process. */
-static void apply_step(sae_trainer *t, double lr)
+/* Everything after the gradient sums are global: the same on every process. The gradient is
+ * prepared in the step's buffer, then every value the step would write is checked before any is
+ * written: a step that would leave a weight, an Adam moment or the BatchTopK threshold not
+ * finite fails with SAE_ERANGE and changes nothing. */
+static int apply_step(sae_trainer *t, double lr)
 {
     sae_model *m = t->m;
     const size_t d_in = m->d_in, d_sae = m->d_sae;
@@ -948,41 +959,81 @@ static void apply_step(sae_trainer *t, double lr)
     float *buf = t->buf, *st = buf + L->stats;
     const double N = round((double)st[SAE__STAT_TOKENS]);
     float *g = buf; /* the gradient sections are contiguous from 0 to n_params */
-    cblas_sscal((int)L->n_params, (float)(1.0 / N), g, 1);
+    sae__sscal(L->n_params, (float)(1.0 / N), g);
     double gnorm = 0.0;
     for (size_t i = 0; i < L->n_params; i++)
         gnorm += (double)g[i] * g[i];
     gnorm = sqrt(gnorm);
     double clip = t->param[SAE_TRAIN_GRAD_CLIP];
     if (clip > 0.0 && gnorm > clip) /* torch's clip_grad_norm_ */
-        cblas_sscal((int)L->n_params, (float)(clip / (gnorm + 1e-6)), g, 1);
+        sae__sscal(L->n_params, (float)(clip / (gnorm + 1e-6)), g);
     if (t->sparse) {
         /* Unit-norm rows: remove the gradient's component along each row (OpenAI's
          * unit_norm_decoder_grad_adjustment_). */
         for (size_t j = 0; j < d_sae; j++) {
             const float *w = m->W_dec + j * d_in;
             float *gj = g + L->W_dec + j * d_in;
-            float ww = cblas_sdot((int)d_in, w, 1, w, 1);
+            float ww = sae__sdot(d_in, w, w);
             if (ww > 0.0f)
-                cblas_saxpy((int)d_in, -cblas_sdot((int)d_in, gj, 1, w, 1) / ww, w, 1, gj, 1);
+                sae__saxpy(d_in, -sae__sdot(d_in, gj, w) / ww, w, gj);
         }
     }
     sae__adam adam = {lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
                       t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
-    sae__adam_update(m->W_enc, g + L->W_enc, t->adam_m + L->W_enc, t->adam_v + L->W_enc,
-                     d_in * d_sae, &adam);
-    sae__adam_update(m->W_dec, g + L->W_dec, t->adam_m + L->W_dec, t->adam_v + L->W_dec,
-                     d_in * d_sae, &adam);
-    sae__adam_update(m->b_enc, g + L->b_enc, t->adam_m + L->b_enc, t->adam_v + L->b_enc, d_sae,
-                     &adam);
-    sae__adam_update(m->b_dec, g + L->b_dec, t->adam_m + L->b_dec, t->adam_v + L->b_dec, d_in,
-                     &adam);
+    const struct {
+        float *p;
+        size_t at, n, cols;
+        const char *name;
+    } part[4] = {{m->W_enc, L->W_enc, d_in * d_sae, d_sae, "W_enc"},
+                 {m->W_dec, L->W_dec, d_in * d_sae, d_in, "W_dec"},
+                 {m->b_enc, L->b_enc, d_sae, 0, "b_enc"},
+                 {m->b_dec, L->b_dec, d_in, 0, "b_dec"}};
+    for (size_t q = 0; q < 4; q++) {
+        size_t i;
+        int what = sae__adam_check(part[q].p, g + part[q].at, t->adam_m + part[q].at,
+                                   t->adam_v + part[q].at, part[q].n, &adam, &i);
+        if (what == 0)
+            continue;
+        const char *of = what == 1 ? "the Adam first moment of " : what == 2 ? "the Adam second "
+                                                                              "moment of " : "";
+        char where[48];
+        if (part[q].cols)
+            snprintf(where, sizeof where, "[%zu][%zu]", i / part[q].cols, i % part[q].cols);
+        else
+            snprintf(where, sizeof where, "[%zu]", i);
+        return sae__fail(SAE_ERANGE,
+                         "sae_trainer_step: step %llu would make %s%s%s not finite (learning "
+                         "rate %g too high, or activations too large?); the model and trainer "
+                         "are unchanged",
+                         (unsigned long long)t->step, of, part[q].name, where, lr);
+    }
+    double theta = t->theta;
+    if (m->arch == SAE_ARCH_BATCHTOPK && st[SAE__STAT_MIN_COUNT] > 0.0f) {
+        /* SAELens: theta <- (1 - r) theta + r * min kept activation (mean over processes). */
+        double r = t->param[SAE_TRAIN_THRESHOLD_LR];
+        double kept_min = (double)st[SAE__STAT_MIN] / round((double)st[SAE__STAT_MIN_COUNT]);
+        theta = (1.0 - r) * t->theta + r * kept_min;
+        if (!isfinite((float)theta))
+            return sae__fail(SAE_ERANGE, "sae_trainer_step: step %llu would make the BatchTopK "
+                             "threshold %g, not a finite float; the model and trainer are "
+                             "unchanged", (unsigned long long)t->step, theta);
+    }
+
+    /* Nothing has changed until here; from here on nothing fails. */
+    for (size_t q = 0; q < 4; q++)
+        sae__adam_update(part[q].p, g + part[q].at, t->adam_m + part[q].at,
+                         t->adam_v + part[q].at, part[q].n, &adam);
     if (t->sparse) {
         for (size_t j = 0; j < d_sae; j++) {
             float *w = m->W_dec + j * d_in;
-            float nrm = cblas_snrm2((int)d_in, w, 1);
-            if (nrm > 0.0f)
-                cblas_sscal((int)d_in, 1.0f / nrm, w, 1);
+            float nrm = sae__snrm2(d_in, w);
+            if (nrm > 0.0f && isfinite(1.0f / nrm)) {
+                sae__sscal(d_in, 1.0f / nrm, w);
+            } else if (nrm > 0.0f) {
+                /* A norm below 1 / FLT_MAX has no float reciprocal: divide. */
+                for (size_t c = 0; c < d_in; c++)
+                    w[c] /= nrm;
+            }
         }
     }
     sae__model_weights_changed(m);
@@ -997,11 +1048,8 @@ static void apply_step(sae_trainer *t, double lr)
         dead += t->since_fired[j] >= dead_after;
     }
     if (m->arch == SAE_ARCH_BATCHTOPK && st[SAE__STAT_MIN_COUNT] > 0.0f) {
-        /* SAELens: theta <- (1 - r) theta + r * min kept activation (mean over processes). */
-        double r = t->param[SAE_TRAIN_THRESHOLD_LR];
-        double kept_min = (double)st[SAE__STAT_MIN] / round((double)st[SAE__STAT_MIN_COUNT]);
-        t->theta = (1.0 - r) * t->theta + r * kept_min;
-        m->batch_threshold = (float)t->theta;
+        t->theta = theta;
+        m->batch_threshold = (float)theta;
     }
 
     /* Metrics of this batch, then the AuxK normalizer for the next step. */
@@ -1031,6 +1079,7 @@ static void apply_step(sae_trainer *t, double lr)
     t->tokens += n_tok;
     t->metric[SAE_METRIC_STEPS] = (double)t->step;
     t->metric[SAE_METRIC_TOKENS] = (double)t->tokens;
+    return SAE_OK;
 }
 
 int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
@@ -1067,8 +1116,8 @@ int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
         else
             relu_pass(t, n, lambda);
         if (m->apply_b_dec) /* b_dec also enters through the encoder input xs - b_dec */
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)m->d_in, (int)m->d_sae, -1.0f, m->W_enc,
-                        (int)m->d_sae, t->buf + t->lay.b_enc, 1, 1.0f, t->buf + t->lay.b_dec, 1);
+            sae__sgemv(false, m->d_in, m->d_sae, -1.0f, m->W_enc, m->d_sae, t->buf + t->lay.b_enc,
+                       1, 1.0f, t->buf + t->lay.b_dec, 1);
     }
     if (t->allreduce != NULL && (rc = t->allreduce(t->buf, t->lay.count, t->user)) != 0)
         return sae__fail(SAE_ECALLBACK, "sae_trainer_step: the allreduce callback returned %d",
@@ -1081,8 +1130,7 @@ int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
                          "sae_trainer_step: the gradient is not finite at step %llu (learning "
                          "rate too high, or activations too large?)",
                          (unsigned long long)t->step);
-    apply_step(t, lr);
-    return SAE_OK;
+    return apply_step(t, lr);
 }
 
 /* ---- checkpoints --------------------------------------------------------------------------- */
@@ -1248,11 +1296,20 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
         (rc = sae__st_meta_number(st, "apply_b_dec_to_input", false, &c->apply)) != SAE_OK ||
         (rc = sae__st_meta_number(st, "input_scale", false, &c->scale)) != SAE_OK)
         return rc;
-    if (!(c->mse_norm > 0.0) || !(c->aux_norm > 0.0) || isnan(c->theta))
-        return sae__fail(SAE_EFORMAT, "%s: training normalizers must be positive", st->path);
-    if ((c->apply != 0.0 && c->apply != 1.0) || !(c->scale > 0.0) || !isfinite((float)c->scale))
-        return sae__fail(SAE_EFORMAT, "%s: apply_b_dec_to_input or input_scale is out of range",
+    if (!(c->mse_norm > 0.0) || !(c->aux_norm > 0.0) || isinf(c->mse_norm) || isinf(c->aux_norm))
+        return sae__fail(SAE_EFORMAT, "%s: training normalizers (train.mse_norm, train.aux_norm) "
+                         "must be finite and positive", st->path);
+    if (c->apply != 0.0 && c->apply != 1.0)
+        return sae__fail(SAE_EFORMAT, "%s: __metadata__['apply_b_dec_to_input'] must be 0 or 1",
                          st->path);
+    /* Values the model and trainer hold as floats are checked as floats: an input_scale of
+     * 1e-46 is 0 as a float, a threshold of 1e39 infinite. */
+    float f;
+    double lo, hi;
+    if (sae_model_param_bounds(SAE_PARAM_INPUT_SCALE, &lo, &hi) != SAE_OK ||
+        sae__float_in_range(c->scale, lo, hi, "input_scale", &f) != SAE_OK ||
+        sae__float_in_range(c->theta, -FLT_MAX, FLT_MAX, "train.theta", &f) != SAE_OK)
+        return sae__wrap(SAE_EFORMAT, "%s: __metadata__: ", st->path);
     c->k = (double)m->k;
     c->batch_threshold = m->batch_threshold;
     if (t->sparse &&
@@ -1260,8 +1317,10 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
          c->k != floor(c->k) || c->k > 4294967295.0))
         return rc != SAE_OK ? rc : sae__fail(SAE_EFORMAT, "%s: k is not a count", st->path);
     if (m->arch == SAE_ARCH_BATCHTOPK &&
-        (rc = sae__st_meta_number(st, "batch_threshold", false, &c->batch_threshold)) != SAE_OK)
-        return rc;
+        ((rc = sae__st_meta_number(st, "batch_threshold", false, &c->batch_threshold)) != SAE_OK ||
+         (rc = sae__float_in_range(c->batch_threshold, -FLT_MAX, FLT_MAX, "batch_threshold",
+                                   &f)) != SAE_OK))
+        return rc == SAE_EFORMAT ? rc : sae__wrap(SAE_EFORMAT, "%s: __metadata__: ", st->path);
     for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
         char key[48];
         snprintf(key, sizeof key, "train.param.%s", param_info[p].name);
@@ -1299,6 +1358,14 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
         free(c->block);
         return rc;
     }
+    /* A negative second moment would make Adam's square root NaN at the next step. */
+    for (size_t i = 0; i < P; i++)
+        if (!(b[2 * P + i] >= 0.0f)) {
+            const double bad = b[2 * P + i];
+            free(c->block);
+            return sae__fail(SAE_EFORMAT, "%s: train.adam_v[%zu] = %g: Adam's second moment "
+                             "cannot be negative", st->path, i, bad);
+        }
     for (size_t j = 0; j < 2 * d_sae; j++) {
         float v = b[3 * P + j];
         if (!(v >= 0.0f && v <= 16777215.0f) || v != floorf(v)) {

@@ -10,10 +10,14 @@
 #include "testutil.h"
 #include "writers.h"
 
+#include <locale.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* A folder the case's files go into; the weights file is rewritten for each case. */
@@ -33,6 +37,10 @@ static place make_place(const char *weights_name)
     p.cfg = tu_malloc(len);
     snprintf(p.weights, len, "%s/%s", p.dir, weights_name);
     snprintf(p.cfg, len, "%s/cfg.json", p.dir);
+    /* SAELens weights load only with their cfg.json: the one the corpus's files (d_in 2,
+     * d_sae 3) would have. A case that needs another writes its own over it. */
+    if (strcmp(weights_name, "sae_weights.safetensors") == 0)
+        tw_write_text(p.cfg, "{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"standard\"}");
     return p;
 }
 
@@ -127,6 +135,22 @@ static void saelens_file(tw_buf *out)
     tw_safetensors(out, t, 5, NULL);
 }
 
+/* saelens_file without its threshold: a standard SAE. */
+static void saelens_plain_file(tw_buf *out)
+{
+    tw_tensor t[4] = {{"W_dec", "F32", 2, {3, 2}, W},
+                      {"W_enc", "F32", 2, {2, 3}, W},
+                      {"b_dec", "F32", 1, {2, 0}, W},
+                      {"b_enc", "F32", 1, {3, 0}, W}};
+    tw_safetensors(out, t, 4, NULL);
+}
+
+/* The cfg.json SAELens writes beside saelens_file's JumpReLU weights. */
+static void jumprelu_cfg(const place *p)
+{
+    tw_write_text(p->cfg, "{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\"}");
+}
+
 static void sparsify_file(tw_buf *out)
 {
     tw_tensor t[4] = {{"W_dec", "BF16", 2, {3, 2}, W},
@@ -174,6 +198,7 @@ START_TEST(truncated_and_flipped_safetensors)
 {
     tw_buf b = {0};
     place p = make_place("sae_weights.safetensors");
+    jumprelu_cfg(&p);
     saelens_file(&b);
     truncations(&p, &b, "SAELens");
     byte_flips(&p, &b, "SAELens", 1);
@@ -251,6 +276,21 @@ START_TEST(safetensors_headers)
         {"{\"W_dec\":5" REST, "not an object", 68},
         {"{\"W_enc\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,24]},\"b_dec\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[24,32]},\"b_enc\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[32,44]}}", "W_dec", 44},
         {"{" E_WDEC "," E_WDEC REST, "twice", 68},
+        {"{\"__metadata__\":{},\"__metadata__\":{}," E_WDEC REST, "'__metadata__' appears twice", 68},
+        {"{\"__metadata__\":{\"format\":\"pt\",\"format\":\"libsae\"}," E_WDEC REST, "'format' appears twice in '__metadata__'", 68},
+        {"{\"W_dec\":{\"dtype\":\"F32\",\"dtype\":\"F16\",\"shape\":[3,2],\"data_offsets\":[0,24]}" REST, "'dtype' appears twice in 'W_dec'", 68},
+        /* "W_enc\u0000x" is another name to Python; cJSON's C string would say "W_enc". */
+        {"{" E_WDEC ",\"W_enc\\u0000x\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[24,48]}," E_BDEC "," E_BENC "}", "W_enc\\u0000x", 68},
+        {"{\"__metadata__\":{\"format\":\"libsae\\u0000\"}," E_WDEC REST, "\\u0000", 68},
+        {"{\"W_dec\":{\"dtype\":\"F32\",\"shape\":[3,02],\"data_offsets\":[0,24]}" REST, "'02'", 68},
+        {"{\"W_dec\":{\"dtype\":\"F32\",\"shape\":[3,2],\"data_offsets\":[0,24.]}" REST, "'24.'", 68},
+        {"{\"W_dec\":{\"dtype\":\"F32\",\"shape\":[3,2],\"data_offsets\":[0,18446744073709551640]}" REST, "data_offsets", 68},
+        /* An empty tensor sharing its offset with a full one tiles in either order (the
+         * reference reader sorts by (begin, end)). */
+        {"{" E_WDEC ",\"pad\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}" REST, NULL, 68},
+        {"{\"pad\":{\"dtype\":\"F32\",\"shape\":[0,5],\"data_offsets\":[0,0]}," E_WDEC REST, NULL, 68},
+        {"{" E_WDEC ",\"pad\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[68,68]}" REST, NULL, 68},
+        {"{" E_WDEC ",\"pad\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[69,69]}" REST, "past the end", 68},
         {"{\"__metadata__\":[1]," E_WDEC REST, "__metadata__", 68},
         {"{\"__metadata__\":{\"format\":7}," E_WDEC REST, "__metadata__", 68},
         {"{\"__metadata__\":{\"format\":\"libsae\"}," E_WDEC REST, "architecture", 68},
@@ -287,6 +327,7 @@ END_TEST
 START_TEST(safetensors_header_lengths)
 {
     place p = make_place("sae_weights.safetensors");
+    jumprelu_cfg(&p);
     tw_buf valid = {0};
     saelens_file(&valid);
     static const uint64_t lengths[] = {0,
@@ -353,16 +394,31 @@ START_TEST(saelens_cfg_wrong_types)
         {"{\"d_in\": 2, \"d_sae\": 3, \"reshape_activations\": false}", "reshape_activations"},
         {"{\"d_in\": 2, \"d_sae\": 3, \"rescale_acts_by_decoder_norm\": \"no\"}", "rescale_acts_by_decoder_norm"},
         {"{\"d_in\": 3, \"d_sae\": 3}", "W_enc"}, /* disagrees with the weights */
-        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\"}", NULL}, /* loads */
+        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"standard\"}", NULL}, /* loads */
+        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\"}", "threshold"}, /* none */
         {"[2, 3]", "object"},
         {"\"cfg\"", "object"},
         {"{\"d_in\": 2, \"d_sae\": 3", "JSON"},
         {"", "JSON"},
-        {"{\"d_in\": 2, \"d_sae\": 3, \"d_in\": \"x\"}", NULL}, /* duplicates: the first wins */
+        /* Python's json keeps the last of a repeated key, cJSON the first: refused. */
+        {"{\"d_in\": 2, \"d_sae\": 3, \"d_in\": \"x\"}", "'d_in' appears twice"},
+        {"{\"d_in\": 2, \"d_sae\": 3, \"d_in\": 2}", "'d_in' appears twice"},
+        {"{\"d_in\": 2, \"d_sae\": 3, \"meta\": {\"sae_lens_version\": \"6.0.0\", \"sae_lens_version\": \"5.0\"}}", "'sae_lens_version' appears twice in 'meta'"},
+        {"{\"d_in\": 2, \"d_sae\": 3, \"x\": [1, {\"y\": [{\"z\": 1, \"z\": 1}]}]}", "'z' appears twice"},
+        /* \u0000 would end cJSON's C string early: "jumprelu\u0000x" read as "jumprelu". */
+        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\\u0000x\"}", "\\u0000"},
+        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\", \"x\\u0000\": 1}", "\\u0000"},
+        {"{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"standard\", \"x\": \"\\\\u0000\"}", NULL}, /* an escaped backslash, then text */
+        /* Numbers Python's json refuses, which cJSON takes. */
+        {"{\"d_in\": 02, \"d_sae\": 3}", "'02'"},
+        {"{\"d_in\": 2., \"d_sae\": 3}", "'2.'"},
+        {"{\"d_in\": 2, \"d_sae\": 3, \"l1\": -0.5e-3, \"lr\": 4E+2}", NULL},
+        {"{\"d_in\": 1e999, \"d_sae\": 3}", "'d_in'"},
+        {"{\"d_in\": 2, \"d_sae\": 1e999}", "'d_sae'"},
     };
     place p = make_place("sae_weights.safetensors");
     tw_buf b = {0};
-    saelens_file(&b);
+    saelens_plain_file(&b);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         tw_write_text(p.cfg, cases[i].cfg);
         char what[48];
@@ -482,6 +538,21 @@ START_TEST(npz_members)
         {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, x), }", 24, "whole numbers"},
         {1, "{'descr': '<f4', 'shape': (2, 3), }", 24, "fortran_order"},
         {9, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", 24, "version"},
+        /* ast.literal_eval keeps the last of a repeated key; numpy refuses other keys. */
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'shape': (3, 2), }", 24, "'shape' appears twice"},
+        {1, "{'descr': '<f2', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", 24, "'descr' appears twice"},
+        {1, "{'descr': '<f4', 'fortran_order': False, \"fortran_order\": True, 'shape': (2, 3), }", 24, "twice"},
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1, }", 24, "'x'"},
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'descr2': 'x'}", 24, "'descr2'"},
+        {1, "{'xdescr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3)}", 24, "'xdescr'"},
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3)}", 24, NULL},
+        {1, "{\"descr\": \"<f4\", \"fortran_order\": False, \"shape\": (2,3,)}", 24, NULL},
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), } x", 24, "after"},
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (02, 3), }", 24, "whole numbers"},
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 3), }", 24, "whole numbers"},
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 0), }", 0, "not a non-empty matrix"},
+        {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3) 'x', }", 24, "','"},
+        {1, "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2, 3), }", 24, "not supported"},
     };
     place p = make_place("params.npz");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -651,6 +722,445 @@ START_TEST(cfg_readers_on_raw_bytes)
 }
 END_TEST
 
+/* ---- libsae's own metadata --------------------------------------------------------------- */
+
+/* A libsae file (d_in 2, d_sae 3, the valid SAELens tensors of the header cases) whose
+ * __metadata__ holds format "libsae" and then meta (JSON members, without braces). */
+static void own_raw(tw_buf *out, const char *meta, const unsigned char *data)
+{
+    char header[1024];
+    snprintf(header, sizeof header, "{\"__metadata__\":{\"format\":\"libsae\",%s}," E_WDEC REST,
+             meta);
+    tw_safetensors_raw(out, header, data, 68);
+}
+
+static const unsigned char *w_bytes(void)
+{
+    static unsigned char data[72];
+    memset(data, 0, sizeof data);
+    memcpy(data, W, sizeof W);
+    return data;
+}
+
+#define OWN_BASE "\"architecture\":\"relu\",\"d_in\":\"2\",\"d_sae\":\"3\",\"apply_b_dec_to_input\":\"1\""
+
+typedef struct {
+    const char *meta;
+    int code;
+    const char *needle;
+} meta_case;
+
+static void own_cases(const meta_case *cases, size_t n, const char *kind)
+{
+    place p = make_place("model.safetensors");
+    for (size_t i = 0; i < n; i++) {
+        tw_buf b = {0};
+        own_raw(&b, cases[i].meta, w_bytes());
+        char what[64];
+        snprintf(what, sizeof what, "%s case %zu", kind, i);
+        int rc = try_load(&p, b.data, b.size, what);
+        ck_assert_msg(rc == cases[i].code, "%s: load returned %d, want %d (%s)", what, rc,
+                      cases[i].code, sae_last_error());
+        if (cases[i].needle != NULL)
+            ck_assert_msg(strstr(sae_last_error(), cases[i].needle) != NULL,
+                          "%s: message '%s' lacks '%s'", what, sae_last_error(), cases[i].needle);
+        tw_free(&b);
+    }
+    free_place(&p);
+}
+
+START_TEST(own_format_version_from_the_future_is_refused)
+{
+    static const meta_case cases[] = {
+        {"\"format_version\":\"1\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_OK, NULL},
+        /* Absent: every libsae wrote "1", so a file without it is no newer format. */
+        {OWN_BASE ",\"input_scale\":\"1\"", SAE_OK, NULL},
+        {"\"format_version\":\"999\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_EUNSUPPORTED,
+         "format_version 999 is not supported: this library reads format_version 1"},
+        /* Version 2 (libsae 0.2) is read; 3 is the future. */
+        {"\"format_version\":\"2\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_OK, NULL},
+        {"\"format_version\":\"3\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_EUNSUPPORTED,
+         "format_version 3 is not supported: this library reads format_version 1 to 2"},
+        /* A version 1 file holds none of version 2's additions. */
+        {"\"format_version\":\"1\",\"kind\":\"transcoder\",\"d_out\":\"2\"," OWN_BASE
+         ",\"input_scale\":\"1\"", SAE_EFORMAT, "format_version 1 file has no 'kind'"},
+        {"\"format_version\":\"0\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_EUNSUPPORTED, "0"},
+        {"\"format_version\":\"1.0\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_EFORMAT, "format_version"},
+        {"\"format_version\":\"01\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_EFORMAT, "format_version"},
+        {"\"format_version\":\" 1\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_EFORMAT, "format_version"},
+        {"\"format_version\":\"one\"," OWN_BASE ",\"input_scale\":\"1\"", SAE_EFORMAT, "format_version"},
+    };
+    own_cases(cases, sizeof cases / sizeof cases[0], "format_version");
+}
+END_TEST
+
+/* Metadata numbers are what libsae writes ("%zu", "%.9g"), read as Python's int()/float() of
+ * that text would; strtod's extras (hex, inf, spaces, '+') are refused. */
+START_TEST(metadata_numbers_are_plain_decimal)
+{
+#define WITH_D_IN(v) "\"architecture\":\"relu\",\"d_in\":\"" v "\",\"d_sae\":\"3\",\"apply_b_dec_to_input\":\"1\",\"input_scale\":\"1\""
+#define WITH_SCALE(v) OWN_BASE ",\"input_scale\":\"" v "\""
+#define TOPK_K(v) "\"architecture\":\"topk\",\"d_in\":\"2\",\"d_sae\":\"3\",\"apply_b_dec_to_input\":\"1\",\"input_scale\":\"1\",\"k\":\"" v "\""
+    static const meta_case cases[] = {
+        {WITH_D_IN("2"), SAE_OK, NULL},
+        {WITH_D_IN("0x2"), SAE_EFORMAT, "['d_in'] = '0x2'"},
+        {WITH_D_IN(" 2"), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN("2 "), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN("+2"), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN("2.0"), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN("2e0"), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN("02"), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN("-2"), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN(""), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN("4294967298"), SAE_EFORMAT, "'d_in'"},
+        {WITH_D_IN("18446744073709551618"), SAE_EFORMAT, "'d_in'"},
+        {WITH_SCALE("5e-1"), SAE_OK, NULL},
+        {WITH_SCALE("0.5"), SAE_OK, NULL},
+        {WITH_SCALE("1.17549435e-38"), SAE_OK, NULL},
+        {WITH_SCALE("0x1p-1"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE("inf"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE("nan"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE("-nan"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE(" 1"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE("1."), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE(".5"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE("+1"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE("1e"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE("0,5"), SAE_EFORMAT, "'input_scale'"},
+        {WITH_SCALE("1e999"), SAE_EFORMAT, "'input_scale'"},
+        {"\"architecture\":\"relu\",\"d_in\":\"2\",\"d_sae\":\"3\",\"apply_b_dec_to_input\":\"1.0\",\"input_scale\":\"1\"", SAE_EFORMAT, "'apply_b_dec_to_input'"},
+        {TOPK_K("2"), SAE_OK, NULL},
+        {TOPK_K("2.0"), SAE_EFORMAT, "'k'"},
+        {TOPK_K("2e0"), SAE_EFORMAT, "'k'"},
+    };
+    own_cases(cases, sizeof cases / sizeof cases[0], "metadata number");
+    /* The parse does not depend on the host's locale (a decimal comma). */
+    if (setlocale(LC_NUMERIC, "de_DE.UTF-8") != NULL || setlocale(LC_NUMERIC, "fr_FR.UTF-8") != NULL) {
+        place p = make_place("model.safetensors");
+        tw_buf b = {0};
+        own_raw(&b, WITH_SCALE("0.75"), w_bytes());
+        tw_write(p.weights, b.data, b.size);
+        sae_model *m;
+        ck_assert_ok(sae_model_load(&m, p.weights));
+        double v;
+        ck_assert_ok(sae_model_get_param(m, SAE_PARAM_INPUT_SCALE, &v));
+        ck_assert_double_eq(v, 0.75);
+        sae_model_free(m);
+        tw_free(&b);
+        free_place(&p);
+        setlocale(LC_NUMERIC, "C");
+    }
+#undef WITH_D_IN
+#undef WITH_SCALE
+#undef TOPK_K
+}
+END_TEST
+
+/* ---- floats that are finite as doubles but not as floats ---------------------------------- */
+
+START_TEST(file_floats_beyond_float_range_are_refused)
+{
+    static const meta_case cases[] = {
+        {OWN_BASE ",\"input_scale\":\"1e-46\"", SAE_EFORMAT, "__metadata__['input_scale']"},
+        {OWN_BASE ",\"input_scale\":\"1e-40\"", SAE_EFORMAT, "__metadata__['input_scale']"},
+        {OWN_BASE ",\"input_scale\":\"1e39\"", SAE_EFORMAT, "__metadata__['input_scale']"},
+        {OWN_BASE ",\"input_scale\":\"3.5e38\"", SAE_EFORMAT, "__metadata__['input_scale']"},
+        {"\"architecture\":\"batchtopk\",\"d_in\":\"2\",\"d_sae\":\"3\",\"apply_b_dec_to_input\":\"1\",\"input_scale\":\"1\",\"k\":\"2\",\"batch_threshold\":\"1e39\"", SAE_EFORMAT, "__metadata__['batch_threshold']"},
+        {"\"architecture\":\"batchtopk\",\"d_in\":\"2\",\"d_sae\":\"3\",\"apply_b_dec_to_input\":\"1\",\"input_scale\":\"1\",\"k\":\"2\",\"batch_threshold\":\"0.25\"", SAE_OK, NULL},
+    };
+    own_cases(cases, sizeof cases / sizeof cases[0], "libsae float");
+
+    /* SAELens' activation_scaler.json becomes INPUT_SCALE. */
+    place p = make_place("sae_weights.safetensors");
+    tw_buf b = {0};
+    saelens_file(&b);
+    tw_write_text(p.cfg, "{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"jumprelu\", "
+                         "\"normalize_activations\": \"expected_average_only_in\"}");
+    size_t len = strlen(p.dir) + 32;
+    char *scaler = tu_malloc(len);
+    snprintf(scaler, len, "%s/activation_scaler.json", p.dir);
+    static const char *const factors[] = {"1e-46", "1e-40", "1e39", "3.5e38", "0", "-2"};
+    for (size_t i = 0; i < sizeof factors / sizeof factors[0]; i++) {
+        char text[64];
+        snprintf(text, sizeof text, "{\"scaling_factor\": %s}", factors[i]);
+        tw_write_text(scaler, text);
+        char what[48];
+        snprintf(what, sizeof what, "scaling_factor %s", factors[i]);
+        must_refuse(&p, b.data, b.size, what, "activation_scaler.json: scaling_factor");
+    }
+    tw_write_text(scaler, "{\"scaling_factor\": 0.25}");
+    ck_assert_int_eq(try_load(&p, b.data, b.size, "scaling_factor 0.25"), SAE_OK);
+    unlink(scaler);
+    free(scaler);
+    tw_free(&b);
+
+    /* A BatchTopK checkpoint's float64 topk_threshold of 1e39 is inf as a float. */
+    tw_write_text(p.cfg, "{\"d_in\": 2, \"d_sae\": 3, \"architecture\": \"batchtopk\", \"k\": 2, "
+                         "\"meta\": {\"sae_lens_version\": \"6.5.0\"}}");
+    unsigned char data[76];
+    memcpy(data, w_bytes(), 68);
+    double big = 1e39;
+    memcpy(data + 68, &big, 8);
+    tw_safetensors_raw(&b,
+                       "{" E_WDEC "," E_WENC "," E_BDEC "," E_BENC
+                       ",\"topk_threshold\":{\"dtype\":\"F64\",\"shape\":[],\"data_offsets\":[68,76]}}",
+                       data, 76);
+    must_refuse(&p, b.data, b.size, "topk_threshold 1e39", "tensor 'topk_threshold'");
+    big = 0.5;
+    memcpy(b.data + b.size - 8, &big, 8);
+    ck_assert_int_eq(try_load(&p, b.data, b.size, "topk_threshold 0.5"), SAE_OK);
+    tw_free(&b);
+    free_place(&p);
+}
+END_TEST
+
+/* ---- NaN and infinity in the weights ------------------------------------------------------ */
+
+/* A safetensors header for W_dec [3,2], W_enc [2,3], b_dec [2], b_enc [3] (names given, so the
+ * sparsify spelling fits too) in dtype of esize bytes, packed; pad spaces shift the data start
+ * (and so whether F32 data is aligned for use in place). */
+static void weights_header(char *buf, size_t size, const char *dtype, size_t e, const char *meta,
+                           const char *const names[4], int pad)
+{
+    size_t n[4] = {6, 6, 2, 3};
+    /* nn.Linear keeps sparsify's encoder.weight as [d_sae][d_in]. */
+    const char *shape[4] = {"[3,2]", strcmp(names[1], "W_enc") == 0 ? "[2,3]" : "[3,2]", "[2]",
+                            "[3]"};
+    int used = snprintf(buf, size, "{%s", meta ? meta : "");
+    size_t at = 0;
+    for (int i = 0; i < 4; i++) {
+        used += snprintf(buf + used, size - (size_t)used,
+                         "%s\"%s\":{\"dtype\":\"%s\",\"shape\":%s,\"data_offsets\":[%zu,%zu]}",
+                         i || meta ? "," : "", names[i], dtype, shape[i], at, at + n[i] * e);
+        at += n[i] * e;
+    }
+    used += snprintf(buf + used, size - (size_t)used, "}%*s", pad, "");
+    ck_assert_int_lt(used, (int)size);
+}
+
+START_TEST(nonfinite_weights_are_refused_by_every_reader)
+{
+    static const struct {
+        const char *dtype;
+        size_t esize;
+        unsigned char bad[8]; /* little-endian bytes of the value planted */
+        const char *shows;    /* how the message prints it */
+    } types[] = {
+        {"F32", 4, {0x00, 0x00, 0xc0, 0x7f}, "nan"},
+        {"F32", 4, {0x00, 0x00, 0x80, 0xff}, "-inf"},
+        {"F16", 2, {0x00, 0x7c}, "inf"},
+        {"BF16", 2, {0xc0, 0x7f}, "nan"},
+        /* Finite as a double, infinite once converted to float. */
+        {"F64", 8, {0x9c, 0x75, 0x00, 0x88, 0x3c, 0xe4, 0x37, 0x7e}, "inf"}, /* 1e300 */
+    };
+    static const char *const saelens_names[4] = {"W_dec", "W_enc", "b_dec", "b_enc"};
+    static const char *const sparsify_names[4] = {"W_dec", "encoder.weight", "b_dec",
+                                                  "encoder.bias"};
+    /* Element 5 of W_enc ([1][2]; sparsify's encoder.weight [3][2]: [2][1]) or 1 of b_enc. */
+    static const struct {
+        int tensor;
+        size_t element;
+        const char *saelens, *sparsify;
+    } spots[] = {{1, 5, "tensor 'W_enc'[1][2] is ", "tensor 'encoder.weight'[2][1] is "},
+                 {0, 3, "tensor 'W_dec'[1][1] is ", "tensor 'W_dec'[1][1] is "},
+                 {3, 1, "tensor 'b_enc'[1] is ", "tensor 'encoder.bias'[1] is "}};
+    static const size_t first[4] = {0, 6, 12, 14}; /* element where each tensor starts */
+    for (int reader = 0; reader < 3; reader++) {
+        place p = make_place(reader == 1 ? "sae.safetensors" : "sae_weights.safetensors");
+        if (reader == 1)
+            tw_write_text(p.cfg, "{\"k\": 2, \"num_latents\": 3, \"d_in\": 2}");
+        for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+            for (size_t s = 0; s < sizeof spots / sizeof spots[0]; s++) {
+                for (int pad = 0; pad < 2; pad++) {
+                    char header[1024];
+                    weights_header(header, sizeof header, types[t].dtype, types[t].esize,
+                                   reader == 2 ? "\"__metadata__\":{\"format\":\"libsae\","
+                                                 "\"format_version\":\"1\"," OWN_BASE
+                                                 ",\"input_scale\":\"1\"}"
+                                               : NULL,
+                                   reader == 1 ? sparsify_names : saelens_names, pad);
+                    unsigned char data[17 * 8] = {0};
+                    size_t at = (first[spots[s].tensor] + spots[s].element) * types[t].esize;
+                    memcpy(data + at, types[t].bad, types[t].esize);
+                    tw_buf b = {0};
+                    tw_safetensors_raw(&b, header, data, 17 * types[t].esize);
+                    char what[96], needle[96];
+                    snprintf(what, sizeof what, "reader %d, %s %s pad %d", reader,
+                             types[t].dtype, types[t].shows, pad);
+                    snprintf(needle, sizeof needle, "%s%s: weights must be finite",
+                             reader == 1 ? spots[s].sparsify : spots[s].saelens, types[t].shows);
+                    int rc = try_load(&p, b.data, b.size, what);
+                    ck_assert_msg(rc == SAE_EFORMAT, "%s: returned %d", what, rc);
+                    ck_assert_msg(strstr(sae_last_error(), needle) != NULL,
+                                  "%s: message '%s' lacks '%s'", what, sae_last_error(), needle);
+                    /* The same file without the bad value loads. */
+                    memset(b.data + b.size - 17 * types[t].esize + at, 0, types[t].esize);
+                    ck_assert_int_eq(try_load(&p, b.data, b.size, what), SAE_OK);
+                    tw_free(&b);
+                }
+            }
+        }
+        free_place(&p);
+    }
+    /* A JumpReLU threshold of +inf (a feature that can never fire) is refused as well. */
+    place p = make_place("sae_weights.safetensors");
+    jumprelu_cfg(&p);
+    float th[3] = {0.5f, INFINITY, 0.25f};
+    tw_tensor jt[5] = {{"W_dec", "F32", 2, {3, 2}, W},
+                       {"W_enc", "F32", 2, {2, 3}, W},
+                       {"b_dec", "F32", 1, {2, 0}, W},
+                       {"b_enc", "F32", 1, {3, 0}, W},
+                       {"threshold", "F16", 1, {3, 0}, th}};
+    tw_buf b = {0};
+    tw_safetensors(&b, jt, 5, NULL);
+    must_refuse(&p, b.data, b.size, "threshold inf", "tensor 'threshold'[1] is inf");
+    tw_free(&b);
+    free_place(&p);
+
+    /* Gemma Scope: each member, every dtype. */
+    p = make_place("params.npz");
+    static const char *const descrs[] = {"<f4", "<f2", "<f8"};
+    for (size_t d = 0; d < 3; d++) {
+        for (int member = 0; member < 5; member++) {
+            const char *names[5] = {"W_enc.npy", "W_dec.npy", "b_enc.npy", "b_dec.npy",
+                                    "threshold.npy"};
+            size_t shapes[5][2] = {{2, 3}, {3, 2}, {3, 0}, {2, 0}, {3, 0}};
+            float v[5][6];
+            for (int i = 0; i < 5; i++)
+                memcpy(v[i], W, sizeof v[i]);
+            v[member][member % 2 ? 1 : 2] = member % 2 ? NAN : -INFINITY;
+            tw_buf m[5] = {{0}}, zip = {0};
+            for (int i = 0; i < 5; i++)
+                tw_npy(&m[i], descrs[d], shapes[i][1] ? 2 : 1, shapes[i], v[i]);
+            tw_zip(&zip, names, m, 5, d == 1);
+            char what[64], needle[96];
+            snprintf(what, sizeof what, "npz %s member %d", descrs[d], member);
+            if (shapes[member][1])
+                snprintf(needle, sizeof needle, "member '%s'[0][%d] is %s", names[member],
+                         member % 2 ? 1 : 2, member % 2 ? "nan" : "-inf");
+            else
+                snprintf(needle, sizeof needle, "member '%s'[%d] is %s", names[member],
+                         member % 2 ? 1 : 2, member % 2 ? "nan" : "-inf");
+            must_refuse(&p, zip.data, zip.size, what, needle);
+            for (int i = 0; i < 5; i++)
+                tw_free(&m[i]);
+            tw_free(&zip);
+        }
+    }
+    free_place(&p);
+}
+END_TEST
+
+/* ---- zip archives that inflate before they are refused ------------------------------------ */
+
+static long max_rss_kb(void)
+{
+    struct rusage ru;
+    ck_assert_int_eq(getrusage(RUSAGE_SELF, &ru), 0);
+    return ru.ru_maxrss;
+}
+
+/* A 64 MiB W_enc.npy of zeros deflates to about 64 KB; with a W_dec.npy of the wrong shape the
+ * archive must be refused before W_enc is allocated or inflated. The archive is built in a child
+ * process so that building it does not raise this process's peak memory. */
+START_TEST(npz_bomb_is_refused_before_inflating)
+{
+    place p = make_place("params.npz");
+    enum { ROWS = 4096, COLS = 4096 };
+    pid_t child = fork();
+    ck_assert_int_ge(child, 0);
+    if (child == 0) {
+        tw_buf header = {0};
+        npy_raw(&header, 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4096, 4096), }", 0);
+        size_t bytes = header.size + (size_t)ROWS * COLS * sizeof(float);
+        unsigned char *big = calloc(1, bytes); /* untouched zero pages */
+        if (big == NULL)
+            _exit(1);
+        memcpy(big, header.data, header.size);
+        const char *names[5] = {"W_enc.npy", "W_dec.npy", "b_enc.npy", "b_dec.npy",
+                                "threshold.npy"};
+        tw_buf m[5] = {{big, bytes, bytes}, {0}, {0}, {0}, {0}};
+        size_t s23[2] = {3, 2}, s1[1] = {1};
+        float zero[6] = {0};
+        tw_npy(&m[1], "<f4", 2, s23, zero); /* should be (4096, 4096) */
+        for (int i = 2; i < 5; i++)
+            tw_npy(&m[i], "<f4", 1, s1, zero);
+        tw_buf zip = {0};
+        tw_zip(&zip, names, m, 5, true);
+        tw_write(p.weights, zip.data, zip.size);
+        _exit(zip.size < 1000000 ? 0 : 2);
+    }
+    int status;
+    ck_assert_int_eq(waitpid(child, &status, 0), child);
+    ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    long before = max_rss_kb();
+    sae_model *m;
+    ck_assert_sae(sae_model_load(&m, p.weights), SAE_EFORMAT);
+    ck_assert_msg(strstr(sae_last_error(), "W_dec.npy") != NULL, "%s", sae_last_error());
+    long grew = max_rss_kb() - before;
+    ck_assert_msg(grew < 16 * 1024, "refusing the archive raised peak memory by %ld KiB", grew);
+    free_place(&p);
+}
+END_TEST
+
+/* Python's zipfile (and so np.load) reads the last of two members of one name. */
+START_TEST(npz_member_named_twice_is_refused)
+{
+    place p = make_place("params.npz");
+    const char *names[6] = {"W_enc.npy", "W_dec.npy", "b_enc.npy", "b_dec.npy",
+                            "threshold.npy", "W_enc.npy"};
+    tw_buf m[6] = {{0}};
+    size_t s23[2] = {2, 3}, s32[2] = {3, 2}, s3[1] = {3}, s2[1] = {2};
+    tw_npy(&m[0], "<f4", 2, s23, W);
+    tw_npy(&m[1], "<f4", 2, s32, W);
+    tw_npy(&m[2], "<f4", 1, s3, W);
+    tw_npy(&m[3], "<f4", 1, s2, W);
+    tw_npy(&m[4], "<f4", 1, s3, W);
+    tw_npy(&m[5], "<f4", 2, s23, W + 1);
+    tw_buf zip = {0};
+    tw_zip64(&zip, names, m, 5);
+    ck_assert_int_eq(try_load(&p, zip.data, zip.size, "five members"), SAE_OK);
+    tw_free(&zip);
+    tw_zip64(&zip, names, m, 6);
+    must_refuse(&p, zip.data, zip.size, "W_enc.npy twice", "same name");
+    for (int i = 0; i < 6; i++)
+        tw_free(&m[i]);
+    tw_free(&zip);
+    free_place(&p);
+}
+END_TEST
+
+/* The .npy header of an activations file goes through the same dict parser. */
+START_TEST(npy_header_with_repeated_key_is_refused)
+{
+    char *path = tu_tmp_path("dup.npy");
+    static const struct {
+        const char *dict;
+        int code;
+    } cases[] = {
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", SAE_OK},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'shape': (1, 6), }", SAE_EFORMAT},
+        {"{'descr': '<f8', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", SAE_EFORMAT},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (6), }", SAE_EFORMAT},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (6,), 'extra': 0}", SAE_EFORMAT},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        tw_buf b = {0};
+        npy_raw(&b, 1, cases[i].dict, 24);
+        tw_write(path, b.data, b.size);
+        sae_npy *a = NULL;
+        int rc = sae_npy_open(&a, path);
+        ck_assert_msg(rc == cases[i].code, "case %zu: %d (%s)", i, rc, sae_last_error());
+        if (rc != SAE_OK)
+            ck_assert_msg(strstr(sae_last_error(), path) != NULL, "%s", sae_last_error());
+        sae_npy_close(a);
+        tw_free(&b);
+    }
+    unlink(path);
+    free(path);
+}
+END_TEST
+
 static Suite *corrupt_suite(void)
 {
     Suite *s = suite_create("corrupt");
@@ -666,6 +1176,13 @@ static Suite *corrupt_suite(void)
     tcase_add_test(tc, bad_zip_archives);
     tcase_add_test(tc, garbage_files);
     tcase_add_test(tc, cfg_readers_on_raw_bytes);
+    tcase_add_test(tc, own_format_version_from_the_future_is_refused);
+    tcase_add_test(tc, metadata_numbers_are_plain_decimal);
+    tcase_add_test(tc, file_floats_beyond_float_range_are_refused);
+    tcase_add_test(tc, nonfinite_weights_are_refused_by_every_reader);
+    tcase_add_test(tc, npz_bomb_is_refused_before_inflating);
+    tcase_add_test(tc, npz_member_named_twice_is_refused);
+    tcase_add_test(tc, npy_header_with_repeated_key_is_refused);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -240,21 +240,20 @@ START_TEST(saelens_pre_6_flat_layout)
 }
 END_TEST
 
-START_TEST(saelens_without_cfg_uses_defaults)
+/* The contract: a SAELens weights file loads only with its cfg.json beside it. Without it, a TopK
+ * SAE's weights would run as ReLU, a normalized SAE unnormalized: nothing in the tensors says. */
+START_TEST(saelens_without_cfg_is_refused)
 {
     weights w;
     make_weights(&w, 30);
     char *dir = saelens_dir("nocfg", NULL, &w, "F16", false);
     char *file = in_dir(dir, "sae_weights.safetensors");
-    sae_model *m = load_ok(file);
-    check_encode(m, &w, SAE_ARCH_RELU, 0, 1, 1.0);
-    sae_model_free(m);
+    load_fails(file, SAE_EFORMAT, "need the cfg.json");
+    load_fails(dir, SAE_EFORMAT, "need the cfg.json");
     free(file);
     remove_dir(dir);
     dir = saelens_dir("nocfg-jump", NULL, &w, "F32", true);
-    m = load_ok(dir);
-    check_encode(m, &w, SAE_ARCH_JUMPRELU, 0, 1, 1.0);
-    sae_model_free(m);
+    load_fails(dir, SAE_EFORMAT, "need the cfg.json");
     remove_dir(dir);
 }
 END_TEST
@@ -355,13 +354,10 @@ START_TEST(saelens_unsupported_settings_are_named)
         const char *arch, *extra, *needle;
         int code;
     } cases[] = {
-        {"standard", "\"normalize_activations\": \"constant_norm_rescale\"",
-         "constant_norm_rescale", SAE_EUNSUPPORTED},
-        {"standard", "\"normalize_activations\": \"layer_norm\"", "layer_norm", SAE_EUNSUPPORTED},
-        {"topk", "\"k\": 3, \"rescale_acts_by_decoder_norm\": true",
-         "rescale_acts_by_decoder_norm", SAE_EUNSUPPORTED},
-        {"gated", NULL, "gated", SAE_EUNSUPPORTED},
-        {"transcoder", NULL, "transcoder", SAE_EUNSUPPORTED},
+        /* Kinds tests/test_peers.c loads, here over weights that are not theirs. */
+        {"gated", NULL, "b_enc", SAE_EUNSUPPORTED}, /* GatedSAE has b_gate, no b_enc */
+        {"transcoder", NULL, "W_dec", SAE_EFORMAT}, /* d_out defaults to 768 */
+        {"crosscoder", NULL, "crosscoder", SAE_EUNSUPPORTED},
         {"standard", "\"reshape_activations\": \"sideways\"", "sideways", SAE_EUNSUPPORTED},
         {"standard", "\"normalize_activations\": \"sometimes\"", "sometimes", SAE_EFORMAT},
         {"standard", "\"dtype\": \"float8\"", "float8", SAE_EFORMAT},
@@ -395,7 +391,7 @@ START_TEST(saelens_unsupported_settings_are_named)
     tw_safetensors(&b, t, 3, NULL);
     write_in(dir, "sae_weights.safetensors", b.data, b.size);
     tw_free(&b);
-    load_fails(dir, SAE_EUNSUPPORTED, "b_gate");
+    load_fails(dir, SAE_EFORMAT, "need the cfg.json");
     remove_dir(dir);
 }
 END_TEST
@@ -420,6 +416,10 @@ START_TEST(saelens_scaling_factor_of_ones_is_dropped)
         tw_safetensors(&b, t, 5, NULL);
         write_in(dir, "sae_weights.safetensors", b.data, b.size);
         tw_free(&b);
+        char cfg[256];
+        snprintf(cfg, sizeof cfg, "{\"d_in\": %d, \"d_sae\": %d, \"architecture\": \"standard\"}",
+                 D_IN, D_SAE);
+        write_text_in(dir, "cfg.json", cfg);
         if (variant == 0) {
             sae_model *m = load_ok(dir);
             check_encode(m, &w, SAE_ARCH_RELU, 0, 1, 1.0);
@@ -550,12 +550,15 @@ START_TEST(sparsify_refusals)
         const char *cfg, *needle;
         int code;
     } cases[] = {
-        {"{\"activation\": \"groupmax\", \"k\": 4, \"num_latents\": 12, \"d_in\": 7}", "groupmax",
-         SAE_EUNSUPPORTED},
-        {"{\"transcode\": true, \"k\": 4, \"num_latents\": 12, \"d_in\": 7}", "transcode",
+        /* groupmax, transcode and skip_connection load: tests/test_peers.c. */
+        {"{\"activation\": \"groupmax\", \"k\": 5, \"num_latents\": 12, \"d_in\": 7}",
+         "must divide", SAE_EFORMAT},
+        {"{\"activation\": \"sigmoid\", \"k\": 4, \"num_latents\": 12, \"d_in\": 7}",
+         "sigmoid", SAE_EFORMAT},
+        {"{\"signed\": true, \"k\": 4, \"num_latents\": 12, \"d_in\": 7}", "signed",
          SAE_EUNSUPPORTED},
         {"{\"skip_connection\": true, \"k\": 4, \"num_latents\": 12, \"d_in\": 7}",
-         "skip_connection", SAE_EUNSUPPORTED},
+         "W_skip", SAE_EFORMAT}, /* the weights have none */
         {"{\"k\": 4, \"num_latents\": 12, \"d_in\": 8}", "encoder.weight", SAE_EFORMAT},
         {"{\"k\": 4, \"num_latents\": 13, \"d_in\": 7}", "expected [13, 7]", SAE_EFORMAT},
         {"{\"k\": 0, \"num_latents\": 12, \"d_in\": 7}", "'k'", SAE_EFORMAT},
@@ -726,7 +729,7 @@ static Suite *formats_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, saelens_v6_every_architecture_and_dtype);
     tcase_add_test(tc, saelens_pre_6_flat_layout);
-    tcase_add_test(tc, saelens_without_cfg_uses_defaults);
+    tcase_add_test(tc, saelens_without_cfg_is_refused);
     tcase_add_test(tc, saelens_expected_average_only_in);
     tcase_add_test(tc, saelens_batchtopk);
     tcase_add_test(tc, saelens_unsupported_settings_are_named);

@@ -188,7 +188,7 @@ START_TEST(load_refuses_inconsistent_own_files)
     } cases[] = {
         {{"libsae", "relu", "2", "3", "1", "1"}, SAE_OK, NULL},
         {{"libsae", "crosscoder", "2", "3", "1", "1"}, SAE_EUNSUPPORTED, "crosscoder"},
-        {{"libsae", "gated", "2", "3", "1", "1"}, SAE_EFORMAT, "r_mag"},
+        {{"libsae", "gated", "2", "3", "1", "1"}, SAE_EFORMAT, "format_version 1"},
         {{"libsae", "relu", "3", "2", "1", "1"}, SAE_EFORMAT, "shape [2, 3], expected [3, 2]"},
         {{"libsae", "relu", "2", "x", "1", "1"}, SAE_EFORMAT, "d_sae"},
         {{"libsae", "relu", "2", "3", "2", "1"}, SAE_EFORMAT, "apply_b_dec_to_input"},

@@ -781,6 +781,258 @@ START_TEST(checkpoint_errors)
 }
 END_TEST
 
+/* ---- steps and checkpoints that would leave values not finite --------------------------------- */
+
+/* Everything a trainer holds (weights, Adam moments, counters, normalizers, parameters, metrics)
+ * as the bytes of a checkpoint, so that two states compare with memcmp. */
+static unsigned char *state_bytes(const sae_trainer *t, const char *name, size_t *size)
+{
+    char *path = tu_tmp_path(name);
+    ck_assert_ok(sae_trainer_save(t, path));
+    unsigned char *bytes = tu_read_file(path, size);
+    free(path);
+    return bytes;
+}
+
+static void assert_state_is(const sae_trainer *t, const unsigned char *want, size_t want_size)
+{
+    size_t size;
+    unsigned char *now = state_bytes(t, "train_state_now.safetensors", &size);
+    ck_assert_msg(size == want_size && memcmp(now, want, size) == 0,
+                  "the trainer's state (weights, Adam moments, counters, metrics) changed");
+    free(now);
+}
+
+/* LR 1e38 is a finite float, but with Adam's bias correction the step size is not: the step
+ * fails naming a tensor, changes nothing, and a sane rate then trains on. */
+START_TEST(overflowing_step_fails_and_changes_nothing)
+{
+    const sae_arch arch = (sae_arch)_i;
+    const size_t d = 6, s = 12, n = 32;
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, arch, d, s));
+    if (arch != SAE_ARCH_RELU)
+        ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 3));
+    float *x = make_data(n, d, 21);
+    sae_trainer *t = make_trainer(m, x, n);
+    ck_assert_ok(sae_trainer_step(t, x, n));
+    size_t size;
+    unsigned char *before = state_bytes(t, "train_state_before.safetensors", &size);
+    float w0[2 * 6 * 12 + 12 + 6], w1[2 * 6 * 12 + 12 + 6];
+    get_all(m, w0);
+    double metrics[SAE_METRIC_GRAD_NORM + 1];
+    for (int k = SAE_METRIC_LOSS; k <= SAE_METRIC_GRAD_NORM; k++)
+        metrics[k] = metric(t, (sae_train_metric)k);
+
+    double lr;
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_LR, &lr));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 1e38));
+    ck_assert_sae(sae_trainer_step(t, x, n), SAE_ERANGE);
+    const char *msg = sae_last_error();
+    ck_assert_msg(strstr(msg, "W_enc[") || strstr(msg, "W_dec[") || strstr(msg, "b_enc[") ||
+                      strstr(msg, "b_dec["),
+                  "the message should name the tensor: %s", msg);
+    ck_assert_msg(strstr(msg, "not finite") != NULL, "message: %s", msg);
+    get_all(m, w1);
+    ck_assert_mem_eq(w0, w1, sizeof w0);
+    for (int k = SAE_METRIC_LOSS; k <= SAE_METRIC_GRAD_NORM; k++) {
+        double v = metric(t, (sae_train_metric)k);
+        ck_assert_msg(memcmp(&v, &metrics[k], sizeof v) == 0, "metric %d changed", k);
+    }
+    /* The checkpoint holds the LR: put the old one back before comparing whole states. */
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, lr));
+    assert_state_is(t, before, size);
+
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 1e-3));
+    ck_assert_ok(sae_trainer_step(t, x, n));
+    get_all(m, w1);
+    ck_assert_msg(memcmp(w0, w1, sizeof w0) != 0, "a sane step should change the weights");
+    for (size_t i = 0; i < sizeof w1 / sizeof w1[0]; i++)
+        ck_assert(isfinite(w1[i]));
+    ck_assert_double_eq(metric(t, SAE_METRIC_STEPS), 2.0);
+    free(before);
+    free(x);
+    sae_trainer_free(t);
+    sae_model_free(m);
+}
+END_TEST
+
+/* Activations far larger than the sample the trainer was initialized on: the gradient is finite
+ * (about 1e30) but its square is not, so Adam's second moment would become infinite while the
+ * weights stayed finite and stopped moving for good. Refused, naming the moment. */
+START_TEST(overflowing_adam_moment_fails_and_changes_nothing)
+{
+    const size_t d = 4, s = 8, n = 16;
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, SAE_ARCH_TOPK, d, s));
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 2));
+    float *x = make_data(n, d, 22);
+    sae_trainer *t = make_trainer(m, x, n);
+    size_t size;
+    unsigned char *before = state_bytes(t, "train_moment_before.safetensors", &size);
+    float *big = tu_malloc(n * d * sizeof(float));
+    for (size_t i = 0; i < n * d; i++)
+        big[i] = x[i] * 1e15f;
+    ck_assert_sae(sae_trainer_step(t, big, n), SAE_ERANGE);
+    ck_assert_msg(strstr(sae_last_error(), "Adam second moment") != NULL, "message: %s",
+                  sae_last_error());
+    assert_state_is(t, before, size);
+    ck_assert_ok(sae_trainer_step(t, x, n));
+    free(big);
+    free(before);
+    free(x);
+    sae_trainer_free(t);
+    sae_model_free(m);
+}
+END_TEST
+
+/* Real-valued parameters are used as floats: values that are fine as doubles but infinite, zero
+ * or subnormal as floats, or that round out of their range, are refused. */
+START_TEST(parameters_are_checked_as_floats)
+{
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, SAE_ARCH_TOPK, 4, 8));
+    sae_trainer *t;
+    ck_assert_ok(sae_trainer_new(&t, m));
+    const struct {
+        sae_train_param p;
+        double v;
+    } bad[] = {{SAE_TRAIN_LR, 1e300},           {SAE_TRAIN_LR, 1e39},
+               {SAE_TRAIN_LR, 1e-50},           {SAE_TRAIN_LR, 1e-40},
+               {SAE_TRAIN_L1_COEFF, 1e39},      {SAE_TRAIN_AUXK_COEFF, 1e300},
+               {SAE_TRAIN_BETA2, 0.99999999},   {SAE_TRAIN_BETA1, 0.999999999},
+               {SAE_TRAIN_ADAM_EPS, 1e-45},     {SAE_TRAIN_GRAD_CLIP, 1e39},
+               {SAE_TRAIN_DECODER_INIT_NORM, 1e39}, {SAE_TRAIN_DECODER_INIT_NORM, 1e-39}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        double was, now;
+        ck_assert_ok(sae_trainer_get_param(t, bad[i].p, &was));
+        ck_assert_sae(sae_trainer_set_param(t, bad[i].p, bad[i].v), SAE_EINVAL);
+        ck_assert_msg(strstr(sae_last_error(), "float") != NULL, "message: %s", sae_last_error());
+        ck_assert_ok(sae_trainer_get_param(t, bad[i].p, &now));
+        ck_assert_double_eq(now, was);
+    }
+    /* The edges that are floats are taken. */
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 3e38));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 2e-38));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BETA2, 0.9999999));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_ADAM_EPS, 0));
+    sae_trainer_free(t);
+    sae_model_free(m);
+}
+END_TEST
+
+/* Rewrites a safetensors file with __metadata__[key] = value (the header re-padded). */
+static void set_meta(const char *src, const char *dst, const char *key, const char *value)
+{
+    size_t size;
+    unsigned char *b = tu_read_file(src, &size);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | b[i];
+    char *json = tu_malloc(hlen + 1);
+    memcpy(json, b + 8, hlen);
+    json[hlen] = '\0';
+    char pat[96];
+    snprintf(pat, sizeof pat, "\"%s\":\"", key);
+    char *at = strstr(json, pat);
+    ck_assert_msg(at != NULL, "no %s in the header", key);
+    at += strlen(pat);
+    char *end = strchr(at, '"');
+    size_t json_len = strlen(json);
+    while (json_len > 0 && json[json_len - 1] == ' ')
+        json[--json_len] = '\0';
+    size_t out_len = (size_t)(at - json) + strlen(value) + strlen(end);
+    size_t padded = (8 + out_len + 63) / 64 * 64 - 8;
+    unsigned char *out = tu_malloc(8 + padded + size - 8 - hlen);
+    for (int i = 0; i < 8; i++)
+        out[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    char *h = (char *)out + 8;
+    memcpy(h, json, (size_t)(at - json));
+    memcpy(h + (at - json), value, strlen(value));
+    memcpy(h + (at - json) + strlen(value), end, strlen(end));
+    memset(h + out_len, ' ', padded - out_len);
+    memcpy(out + 8 + padded, b + 8 + hlen, size - 8 - hlen);
+    tu_write_file(dst, out, 8 + padded + size - 8 - hlen);
+    free(out);
+    free(json);
+    free(b);
+}
+
+/* The first float of tensor name in a safetensors file's bytes. */
+static float *tensor_in(unsigned char *b, const char *name)
+{
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | b[i];
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":{", name);
+    const char *at = strstr((const char *)b + 8, pat);
+    ck_assert(at != NULL && at < (const char *)b + 8 + hlen);
+    const char *offs = strstr(at, "\"data_offsets\":[");
+    ck_assert(offs != NULL);
+    unsigned long long first = strtoull(offs + strlen("\"data_offsets\":["), NULL, 10);
+    return (float *)(void *)(b + 8 + hlen + first);
+}
+
+/* Checkpoints whose state is finite as doubles but not usable as floats, or that Adam would turn
+ * into NaN, are refused naming the file and the key, and change nothing; the trainer then steps. */
+START_TEST(checkpoint_with_unusable_values_is_refused)
+{
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, SAE_ARCH_BATCHTOPK, 4, 8));
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 2));
+    float *x = make_data(20, 4, 23);
+    sae_trainer *t = make_trainer(m, x, 20);
+    ck_assert_ok(sae_trainer_step(t, x, 20));
+    char *good = tu_tmp_path("train_good.safetensors");
+    char *bad = tu_tmp_path("train_unusable.safetensors");
+    ck_assert_ok(sae_trainer_save(t, good));
+    size_t size;
+    unsigned char *before = state_bytes(t, "train_unusable_before.safetensors", &size);
+    const struct {
+        const char *key, *value;
+    } meta[] = {{"input_scale", "1e-46"},    {"input_scale", "1e39"},
+                {"train.theta", "1e39"},     {"batch_threshold", "-1e39"},
+                {"train.param.lr", "1e300"}, {"train.param.beta2", "0.99999999"},
+                {"train.param.adam_eps", "1e-45"}};
+    for (size_t i = 0; i < sizeof meta / sizeof meta[0]; i++) {
+        set_meta(good, bad, meta[i].key, meta[i].value);
+        ck_assert_sae(sae_trainer_load(t, bad), SAE_EFORMAT);
+        const char *msg = sae_last_error();
+        const char *name = strrchr(meta[i].key, '.') ? strrchr(meta[i].key, '.') + 1 : meta[i].key;
+        ck_assert_msg(strstr(msg, bad) != NULL && strstr(msg, name) != NULL,
+                      "%s = %s: the message should name the file and key: %s", meta[i].key,
+                      meta[i].value, msg);
+        assert_state_is(t, before, size);
+    }
+    /* Adam moments: NaN in the first, a negative second (whose square root is NaN). */
+    const struct {
+        const char *tensor;
+        float value;
+    } moments[] = {{"train.adam_m", NAN}, {"train.adam_v", -1e-3f}, {"train.adam_v", INFINITY}};
+    for (size_t i = 0; i < 3; i++) {
+        size_t n;
+        unsigned char *b = tu_read_file(good, &n);
+        float *v = tensor_in(b, moments[i].tensor);
+        memcpy(v + 5, &moments[i].value, sizeof(float));
+        tu_write_file(bad, b, n);
+        free(b);
+        ck_assert_sae(sae_trainer_load(t, bad), SAE_EFORMAT);
+        ck_assert_msg(strstr(sae_last_error(), moments[i].tensor) != NULL, "message: %s",
+                      sae_last_error());
+        assert_state_is(t, before, size);
+    }
+    ck_assert_ok(sae_trainer_load(t, good));
+    ck_assert_ok(sae_trainer_step(t, x, 20));
+    free(before);
+    free(good);
+    free(bad);
+    free(x);
+    sae_trainer_free(t);
+    sae_model_free(m);
+}
+END_TEST
+
 /* ---- data-parallel --------------------------------------------------------------------------- */
 
 /* Two "processes" as threads: each adds its buffer into a shared sum, waits, and copies it back. */
@@ -1137,6 +1389,11 @@ static Suite *train_suite(void)
     tcase_add_test(tc, same_seed_same_weights);
     tcase_add_test(tc, checkpoint_resumes_bit_for_bit);
     tcase_add_test(tc, checkpoint_errors);
+    tcase_add_loop_test(tc, overflowing_step_fails_and_changes_nothing, SAE_ARCH_RELU,
+                        SAE_ARCH_BATCHTOPK + 1);
+    tcase_add_test(tc, overflowing_adam_moment_fails_and_changes_nothing);
+    tcase_add_test(tc, parameters_are_checked_as_floats);
+    tcase_add_test(tc, checkpoint_with_unusable_values_is_refused);
     tcase_add_test(tc, allreduce_matches_one_process_on_the_combined_batch);
     tcase_add_test(tc, errors_are_reported_and_change_nothing);
     tcase_add_test(tc, recovers_planted_features);

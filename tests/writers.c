@@ -109,7 +109,9 @@ static void put_value(tw_buf *b, const char *dtype, float v)
         tw_put(b, out, 2);
     } else if (strcmp(dtype, "F16") == 0) {
         uint16_t h = (uint16_t)((bits >> 16) & 0x8000u);
-        if ((bits & 0x7fffffffu) != 0) {
+        if (((bits >> 23) & 0xffu) == 0xffu) { /* infinity, or a quiet NaN */
+            h = (uint16_t)(h | 0x7c00u | ((bits & 0x7fffffu) ? 0x200u : 0u));
+        } else if ((bits & 0x7fffffffu) != 0) {
             int e = (int)((bits >> 23) & 0xff) - 127 + 15;
             if (e < 1 || e > 30 || (bits & 0x1fffu))
                 die("value not representable in F16");

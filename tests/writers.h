@@ -17,8 +17,9 @@ void tw_printf(tw_buf *b, const char *fmt, ...) __attribute__((format(printf, 2,
 void tw_free(tw_buf *b);
 
 /* One tensor: float data converted on write to dtype "F32", "F16", "BF16" or "F64". For F16 and
- * BF16 the values must be exactly representable (tw_quantize makes them so); F64 writes the
- * double of each float. ndim 0 is a scalar. */
+ * BF16 the values must be exactly representable (tw_quantize makes them so; infinities and NaN
+ * are, for the tests of their refusal); F64 writes the double of each float. ndim 0 is a
+ * scalar. */
 typedef struct {
     const char *name;
     const char *dtype;

@@ -6,11 +6,15 @@
  *   bench_ops bounds DIR                SGEMM on the encode and decode shapes, memory read speed
  *   bench_ops time DIR OUT [n...]       every operation; writes outputs at n = 64 to OUT/ for the
  *                                       agreement check
+ *   bench_ops kinds DIR OUT [n...]      the 0.2 kinds (transcoder, gated, GroupMax, LAYER_NORM),
+ *                                       their encodes timed in turns with the ReLU SAE's
  *   bench_ops scale D_SAE [n...]        encode and sparse encode at one d_sae (random weights)
  *   bench_ops mem DIR OP ARCH N         the peak memory one call adds, in a fresh process
  *
  * DIR holds the model and tokens perf.py wrote as .npy files: W_enc [d_in][d_sae], W_dec, b_enc,
- * b_dec, threshold, x [>= 1024][d_in]. Times are the best of several calls (see best_time);
+ * b_dec, threshold, x [>= 1024][d_in], and for the 0.2 kinds W_skip [d_in][d_in] (a transcoder's
+ * skip connection; its W_dec and b_dec are the SAE's, d_out = d_in) and r_mag, b_mag (gated; b_enc
+ * is the gate bias). Times are the best of several calls (see best_time);
  * output lines are "time OP ARCH N SECONDS", "bound NAME SECONDS BYTES_OR_FLOPS",
  * "mem OP ARCH N RSS_BEFORE_KB PEAK_RSS_DURING_KB". */
 #define _GNU_SOURCE
@@ -72,6 +76,26 @@ static double best_time(op_fn fn, void *ctx)
     return best;
 }
 
+/* best_time for several calls at once, taking turns (one call of each per round, at least 5
+ * rounds and 1 s per call on average, at most 200 rounds): on a shared machine the load then
+ * weighs on each alike, so their ratios hold better than those of times taken one after another. */
+static void best_times_interleaved(op_fn const *fn, void *const *ctxs, size_t count, double *best)
+{
+    double total = 0;
+    for (size_t i = 0; i < count; i++)
+        best[i] = 1e300;
+    for (int rounds = 0; rounds < 200 && (rounds < 5 || total < 1.0 * (double)count); rounds++)
+        for (size_t i = 0; i < count; i++) {
+            double start = bench_now();
+            if (fn[i](ctxs[i]) != SAE_OK)
+                die("timed call");
+            double t = bench_now() - start;
+            total += t;
+            if (t < best[i])
+                best[i] = t;
+        }
+}
+
 /* ---- data ------------------------------------------------------------------------------------ */
 
 static float *read_npy(const char *dir, const char *name, size_t *rows, size_t *cols)
@@ -91,7 +115,18 @@ static float *read_npy(const char *dir, const char *name, size_t *rows, size_t *
 typedef struct {
     size_t d_in, d_sae, n_x;
     float *W_enc, *W_dec, *b_enc, *b_dec, *threshold, *x;
+    float *W_skip, *r_mag, *b_mag; /* NULL when DIR lacks them (the 0.2 rows are then skipped) */
 } data;
+
+static float *read_npy_if(const char *dir, const char *name)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s.npy", dir, name);
+    if (access(path, R_OK) != 0)
+        return NULL;
+    size_t r, c;
+    return read_npy(dir, name, &r, &c);
+}
 
 static void load_data(const char *dir, data *d)
 {
@@ -102,12 +137,17 @@ static void load_data(const char *dir, data *d)
     d->b_dec = read_npy(dir, "b_dec", &r, &c);
     d->threshold = read_npy(dir, "threshold", &r, &c);
     d->x = read_npy(dir, "x", &d->n_x, &c);
+    d->W_skip = read_npy_if(dir, "W_skip");
+    d->r_mag = read_npy_if(dir, "r_mag");
+    d->b_mag = read_npy_if(dir, "b_mag");
 }
 
-static const char *const arch_names[] = {NULL, "relu", "topk", "batchtopk", "jumprelu"};
+static const char *const arch_names[] = {NULL,       "relu",   "topk",    "batchtopk",
+                                         "jumprelu", "gated", "groupmax"};
 
 /* The benchmark's models: the same weights for every architecture; TopK and BatchTopK keep
- * K = 32, BatchTopK's threshold is JumpReLU's mean threshold. */
+ * K = 32, BatchTopK's threshold is JumpReLU's mean threshold; GroupMax has K = 32 groups of 512;
+ * gated takes b_enc as its gate bias and r_mag, b_mag from DIR. */
 static sae_model *make_model(const data *d, sae_arch arch)
 {
     sae_model *m;
@@ -118,14 +158,34 @@ static sae_model *make_model(const data *d, sae_arch arch)
     CHECK(sae_model_set_tensor(m, SAE_B_DEC, d->b_dec));
     if (arch == SAE_ARCH_JUMPRELU)
         CHECK(sae_model_set_tensor(m, SAE_THRESHOLD, d->threshold));
-    if (arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK)
+    if (arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK || arch == SAE_ARCH_GROUPMAX)
         CHECK(sae_model_set_param(m, SAE_PARAM_K, K));
+    if (arch == SAE_ARCH_GATED) {
+        CHECK(sae_model_set_tensor(m, SAE_R_MAG, d->r_mag));
+        CHECK(sae_model_set_tensor(m, SAE_B_MAG, d->b_mag));
+    }
     if (arch == SAE_ARCH_BATCHTOPK) {
         double mean = 0;
         for (size_t i = 0; i < d->d_sae; i++)
             mean += d->threshold[i];
         CHECK(sae_model_set_param(m, SAE_PARAM_THRESHOLD, mean / (double)d->d_sae));
     }
+    return m;
+}
+
+/* A ReLU transcoder of the SAE's size (d_out = d_in, Gemma-2-2B's MLP: 2304 -> 16384 -> 2304) on
+ * the same W_enc, b_enc, W_dec, b_dec (b_dec is its output bias, not subtracted from x), with
+ * W_skip when skip = 1. */
+static sae_model *make_transcoder(const data *d, int skip)
+{
+    sae_model *m;
+    CHECK(sae_model_new_transcoder(&m, SAE_ARCH_RELU, d->d_in, d->d_sae, d->d_in, skip));
+    CHECK(sae_model_set_tensor(m, SAE_W_ENC, d->W_enc));
+    CHECK(sae_model_set_tensor(m, SAE_W_DEC, d->W_dec));
+    CHECK(sae_model_set_tensor(m, SAE_B_ENC, d->b_enc));
+    CHECK(sae_model_set_tensor(m, SAE_B_DEC, d->b_dec));
+    if (skip)
+        CHECK(sae_model_set_tensor(m, SAE_W_SKIP, d->W_skip));
     return m;
 }
 
@@ -396,6 +456,92 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
     return 0;
 }
 
+/* ---- the 0.2 kinds ------------------------------------------------------------------------------ */
+
+/* Issue 14's rows, in a process of their own (six models of 302 MB): a transcoder without and
+ * with its skip connection, gated and GroupMax SAEs and the ReLU SAE with LAYER_NORM inputs, each
+ * encode timed in turns with the plain ReLU SAE's encode ("encode_ref"), which the goals compare
+ * them with; then each transcoder's whole prediction, and a one-feature clamp of the gated SAE.
+ * Outputs at n = 64 go to OUT for the agreement check. */
+static int cmd_kinds(const char *dir, const char *out, const size_t *ns, size_t n_ns)
+{
+    data d;
+    load_data(dir, &d);
+    if (d.W_skip == NULL || d.r_mag == NULL || d.b_mag == NULL) {
+        fprintf(stderr, "bench_ops: %s lacks W_skip.npy, r_mag.npy or b_mag.npy\n", dir);
+        return 1;
+    }
+    sae_model *ref = make_model(&d, SAE_ARCH_RELU), *tc = make_transcoder(&d, 0),
+              *tc_skip = make_transcoder(&d, 1), *gated = make_model(&d, SAE_ARCH_GATED),
+              *groupmax = make_model(&d, SAE_ARCH_GROUPMAX),
+              *layer_norm = make_model(&d, SAE_ARCH_RELU);
+    CHECK(sae_model_set_param(layer_norm, SAE_PARAM_NORMALIZE, SAE_NORMALIZE_LAYER_NORM));
+    enum { ENCODES = 6, PREDICTIONS = 2 };
+    const struct {
+        const char *op;
+        sae_model *m;
+        sae_arch arch;
+        const char *out; /* the output at n = 64, or NULL */
+    } encodes[ENCODES] = {
+        {"encode_ref", ref, SAE_ARCH_RELU, NULL},
+        {"encode_transcoder", tc, SAE_ARCH_RELU, "encode_transcoder_relu"},
+        {"encode_transcoder_skip", tc_skip, SAE_ARCH_RELU, NULL},
+        {"encode", gated, SAE_ARCH_GATED, "encode_gated"},
+        {"encode", groupmax, SAE_ARCH_GROUPMAX, "encode_groupmax"},
+        {"encode_layernorm", layer_norm, SAE_ARCH_RELU, "encode_layernorm_relu"},
+    }, predictions[PREDICTIONS] = {
+        {"reconstruct_transcoder", tc, SAE_ARCH_RELU, "reconstruct_transcoder_relu"},
+        {"reconstruct_transcoder_skip", tc_skip, SAE_ARCH_RELU, "reconstruct_transcoder_skip_relu"},
+    };
+    for (size_t in = 0; in < n_ns; in++) {
+        const size_t n = ns[in];
+        if (n > d.n_x) {
+            fprintf(stderr, "bench_ops: only %zu tokens in x.npy\n", d.n_x);
+            return 1;
+        }
+        ctx c[ENCODES];
+        void *ctxs[ENCODES];
+        op_fn fns[ENCODES];
+        double best[ENCODES];
+        for (size_t r = 0; r < ENCODES; r++) {
+            prepare(&c[r], encodes[r].m, &d, n, NULL);
+            ctxs[r] = &c[r];
+            fns[r] = op_encode;
+        }
+        best_times_interleaved(fns, ctxs, ENCODES, best);
+        for (size_t r = 0; r < ENCODES; r++) {
+            print_time(encodes[r].op, encodes[r].arch, n, best[r]);
+            if (n == 64 && encodes[r].out != NULL)
+                write_out(out, encodes[r].out, c[r].f, n, d.d_sae);
+            release(&c[r]);
+        }
+        for (size_t r = 0; r < PREDICTIONS; r++) {
+            prepare(&c[0], predictions[r].m, &d, n, NULL);
+            print_time(predictions[r].op, predictions[r].arch, n, best_time(op_reconstruct, &c[0]));
+            if (n == 64)
+                write_out(out, predictions[r].out, c[0].x_hat, n, d.d_in);
+            release(&c[0]);
+        }
+        prepare(&c[0], gated, &d, n, NULL);
+        c[0].steer = make_steer(gated, 1);
+        if (n == 64) {
+            CHECK(sae_steer_apply(c[0].steer, c[0].x_work, n));
+            write_out(out, "steer1_gated", c[0].x_work, n, d.d_in);
+            memcpy(c[0].x_work, d.x, n * d.d_in * sizeof(float));
+        }
+        print_time("steer1", SAE_ARCH_GATED, n, best_time(op_steer, &c[0]));
+        sae_steer_free(c[0].steer);
+        release(&c[0]);
+    }
+    sae_model_free(ref);
+    sae_model_free(tc);
+    sae_model_free(tc_skip);
+    sae_model_free(gated);
+    sae_model_free(groupmax);
+    sae_model_free(layer_norm);
+    return 0;
+}
+
 /* ---- bounds ---------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -482,7 +628,7 @@ static int cmd_scale(size_t d_sae, const size_t *ns, size_t n_ns)
     size_t n_max = 1;
     for (size_t i = 0; i < n_ns; i++)
         n_max = ns[i] > n_max ? ns[i] : n_max;
-    data d = {d_in, d_sae, n_max, NULL, NULL, NULL, NULL, NULL, NULL};
+    data d = {d_in, d_sae, n_max, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     const float w = 1.7320508f / 48.0f; /* uniform with variance 1 / d_in */
     d.W_enc = xmalloc(d_in * d_sae * sizeof(float));
     d.W_dec = d.W_enc; /* only encoding is timed here */
@@ -648,11 +794,13 @@ int main(int argc, char **argv)
         return cmd_bounds(argv[2]);
     if (argc >= 4 && strcmp(argv[1], "time") == 0)
         return cmd_time(argv[2], argv[3], ns, parse_ns(argc, argv, 4, ns));
+    if (argc >= 4 && strcmp(argv[1], "kinds") == 0)
+        return cmd_kinds(argv[2], argv[3], ns, parse_ns(argc, argv, 4, ns));
     if (argc >= 3 && strcmp(argv[1], "scale") == 0)
         return cmd_scale(strtoul(argv[2], NULL, 10), ns, parse_ns(argc, argv, 3, ns));
     if (argc == 6 && strcmp(argv[1], "mem") == 0)
         return cmd_mem(argv[2], argv[3], argv[4], strtoul(argv[5], NULL, 10));
-    fprintf(stderr, "usage: bench_ops info | bounds DIR | time DIR OUT [n...] | scale D_SAE [n...] "
-                    "| mem DIR OP ARCH N\n");
+    fprintf(stderr, "usage: bench_ops info | bounds DIR | time DIR OUT [n...] | kinds DIR OUT [n...] "
+                    "| scale D_SAE [n...] | mem DIR OP ARCH N\n");
     return 2;
 }

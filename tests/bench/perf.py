@@ -61,6 +61,11 @@ def make_data(folder, d_in=D_IN, d_sae=D_SAE, n=BATCH):
         "b_dec": (rng.standard_normal(d_in, dtype=np.float32) * np.float32(0.1)),
         "threshold": rng.uniform(0.0, 0.2, d_sae).astype(np.float32),
         "x": rng.standard_normal((n, d_in), dtype=np.float32),
+        # The 0.2 kinds: a transcoder's skip connection (its W_dec, b_dec are the SAE's, d_out =
+        # d_in), and a gated SAE's magnitude path (b_enc is its gate bias b_gate).
+        "W_skip": rng.standard_normal((d_in, d_in), dtype=np.float32) / np.float32(np.sqrt(d_in)),
+        "r_mag": rng.uniform(-0.5, 0.5, d_sae).astype(np.float32),
+        "b_mag": rng.uniform(-0.2, 0.2, d_sae).astype(np.float32),
     }
     for name, a in t.items():
         np.save(os.path.join(folder, name + ".npy"), a)
@@ -89,6 +94,16 @@ class Peers:
             return np.maximum(pre, 0) * (pre > w["threshold"])
         if arch == "batchtopk":
             return np.maximum(pre, 0) * (pre > w["theta"])
+        if arch == "gated":  # SAELens's GatedSAE.encode, with b_enc as b_gate
+            xp = x - w["b_dec"]
+            mag = xp @ (w["W_enc"] * np.exp(w["r_mag"])) + w["b_mag"]
+            return (pre > 0) * np.maximum(mag, 0)
+        if arch == "groupmax":  # sparsify: the largest of each of K groups of D_SAE / K
+            g = np.maximum(pre, 0).reshape(pre.shape[0], K, -1)
+            idx = g.argmax(-1)
+            f = np.zeros_like(g)
+            np.put_along_axis(f, idx[..., None], np.take_along_axis(g, idx[..., None], -1), -1)
+            return f.reshape(pre.shape)
         idx = np.argpartition(-pre, K, axis=1)[:, :K]
         f = np.zeros_like(pre)
         np.put_along_axis(f, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
@@ -117,6 +132,18 @@ class Peers:
             return self.np_decode_sparse(*self.np_encode_sparse(arch, x))
         return self.np_decode(self.np_encode(arch, x))
 
+    def np_encode_layernorm(self, x):
+        mu = x.mean(-1, keepdims=True)
+        xc = x - mu
+        return self.np_encode("relu", xc / (xc.std(-1, ddof=1, keepdims=True) + np.float32(1e-5)))
+
+    def np_encode_transcoder(self, x):
+        return np.maximum(x @ self.np["W_enc"] + self.np["b_enc"], 0)
+
+    def np_reconstruct_transcoder(self, x, skip):
+        y = self.np_decode(self.np_encode_transcoder(x))
+        return y + x @ self.np["W_skip"] if skip else y
+
     def np_steer(self, arch, x, features):
         f = self.np_encode(arch, x)
         error = x - self.np_decode(f)
@@ -136,6 +163,15 @@ class Peers:
             return torch.relu(pre) * (pre > w["threshold"])
         if arch == "batchtopk":
             return torch.relu(pre) * (pre > w["theta"])
+        if arch == "gated":  # SAELens's GatedSAE.encode (gated_sae.py), b_enc as b_gate
+            xp = x - w["b_dec"]
+            active = (pre > 0).to(pre.dtype)
+            mag = xp @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"]
+            return active * torch.relu(mag)
+        if arch == "groupmax":  # sparsify's groupmax, scattered into dense codes
+            values, indices = torch.relu(pre).unflatten(-1, (K, -1)).max(dim=-1)
+            indices = indices + torch.arange(0, pre.shape[-1], pre.shape[-1] // K)
+            return torch.zeros_like(pre).scatter(-1, indices, values)
         top = pre.topk(K, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
@@ -157,6 +193,19 @@ class Peers:
         if arch == "topk":
             return self.t_decode_sparse(*self.t_encode_sparse(arch, x))
         return self.t_decode(self.t_encode(arch, x))
+
+    def t_encode_layernorm(self, x):
+        """SAELens's run_time_activation_ln_in (normalize_activations = "layer_norm")."""
+        mu = x.mean(dim=-1, keepdim=True)
+        xc = x - mu
+        return self.t_encode("relu", xc / (xc.std(dim=-1, keepdim=True) + 1e-5))
+
+    def t_encode_transcoder(self, x):
+        return torch.relu(x @ self.t["W_enc"] + self.t["b_enc"])
+
+    def t_reconstruct_transcoder(self, x, skip):
+        y = self.t_decode(self.t_encode_transcoder(x))
+        return y + x @ self.t["W_skip"] if skip else y
 
     def t_steer(self, arch, x, features):
         f = self.t_encode(arch, x)
@@ -373,6 +422,26 @@ ROWS = [
     ("steer, 16 features", "steer16", "topk", "as above"),
     ("stats update, dense codes", "stats", "relu", "counts, sums, max, top-16 per feature"),
     ("stats update, sparse codes", "stats_sparse", "topk", "scatter to dense, then as above"),
+    # The 0.2 kinds (issue 14): a Gemma-2-2B-sized transcoder (2304 -> 16384 -> 2304) on the SAE's
+    # weights, gated, GroupMax, per-token LAYER_NORM.
+    ("encode, timed in turns with the rows below", "encode_ref", "relu",
+     "the encode (relu) row's peers; libsae's SAE encode again, one call in turn with each of the "
+     "next five encodes, which the goals compare with"),
+    ("transcoder encode", "encode_transcoder", "relu", "relu(x @ W_enc + b_enc)"),
+    ("transcoder encode, with skip", "encode_transcoder_skip", "relu",
+     "as above (W_skip does not enter the codes)"),
+    ("transcoder prediction", "reconstruct_transcoder", "relu",
+     "relu(x @ W_enc + b_enc) @ W_dec + b_dec"),
+    ("transcoder prediction, with skip", "reconstruct_transcoder_skip", "relu",
+     "relu(x @ W_enc + b_enc) @ W_dec + b_dec + x @ W_skip"),
+    ("encode", "encode", "gated", "SAELens's gated forward: x' = x - b_dec, "
+     "(x' @ W_enc + b_gate > 0) * relu(x' @ (W_enc * exp(r_mag)) + b_mag)"),
+    ("steer, 1 feature", "steer1", "gated",
+     "SAELens: gated encode, decode, error = x - decode(f), set f[1234] = 40, decode + error"),
+    ("encode", "encode", "groupmax", "sparsify's groupmax: relu(pre).unflatten(-1, (32, 512))"
+     ".max(-1), scattered into zeros"),
+    ("encode, LAYER_NORM inputs", "encode_layernorm", "relu",
+     "SAELens's layer_norm: (x - mean) / (std + 1e-5), then the ReLU encode"),
     ("encode, bf16 weights", "encode_bf16", "relu",
      "the float32 encode above (SAE_PARAM_BF16_WEIGHTS is libsae's option; error vs torch below)"),
     ("sparse decode, k = 32, bf16 weights", "decode_sparse_bf16", "topk",
@@ -397,7 +466,8 @@ def row_bound(op, arch, n, codes, bounds):
     op = BF16_ROWS.get(op, op)
     w = D_IN * D_SAE * wb
     flops = bytes_ = 0.0
-    if op in ("encode", "encode_sparse"):
+    if op in ("encode", "encode_sparse", "encode_ref", "encode_transcoder", "encode_transcoder_skip",
+              "encode_layernorm"):  # gated: one GEMM, the magnitudes are its columns scaled
         flops = 2.0 * n * D_IN * D_SAE
         bytes_ = w + n * D_IN * 4 + (n * D_SAE * 4 if op == "encode" else n * K * 8)
     elif op == "decode":
@@ -414,6 +484,10 @@ def row_bound(op, arch, n, codes, bounds):
         key = "topk" if arch == "topk" else "relu"
         flops = 2.0 * n * D_IN * D_SAE + 2.0 * codes[n][key + "_nnz"] * D_IN
         bytes_ = w + codes[n][key + "_rows"] * D_IN * 4 + 2 * n * D_IN * 4
+    elif op in ("reconstruct_transcoder", "reconstruct_transcoder_skip"):
+        skip = op.endswith("skip")
+        flops = 2.0 * n * D_IN * D_SAE + 2.0 * codes[n]["tc_nnz"] * D_IN + skip * 2.0 * n * D_IN * D_IN
+        bytes_ = w + codes[n]["tc_rows"] * D_IN * 4 + skip * D_IN * D_IN * 4 + 2 * n * D_IN * 4
     elif op in ("steer1", "steer16"):
         m = 1 if op == "steer1" else 16
         if arch == "topk":  # the full encode decides which features survive
@@ -456,6 +530,10 @@ def time_peers(peers, t, out_dir, ns, log):
             for label, op, arch, _ in ROWS:
                 if op == "train" or op in BF16_ROWS:
                     continue
+                if op == "encode_ref":  # the encode (relu) row's peers
+                    for peer in ("numpy", "torch"):
+                        res[(op, arch, n, peer)] = res[("encode", arch, n, peer)]
+                    continue
                 fns = {
                     "encode": (lambda: peers.np_encode(arch, x), lambda: peers.t_encode(arch, tx)),
                     "encode_sparse": (lambda: peers.np_encode_sparse(arch, x),
@@ -473,6 +551,17 @@ def time_peers(peers, t, out_dir, ns, log):
                                lambda: peers.t_steer(arch, tx, steer_features(1))),
                     "steer16": (lambda: peers.np_steer(arch, x, steer_features(16)),
                                 lambda: peers.t_steer(arch, tx, steer_features(16))),
+                    "encode_transcoder": (lambda: peers.np_encode_transcoder(x),
+                                          lambda: peers.t_encode_transcoder(tx)),
+                    "encode_transcoder_skip": (lambda: peers.np_encode_transcoder(x),
+                                               lambda: peers.t_encode_transcoder(tx)),
+                    "reconstruct_transcoder": (lambda: peers.np_reconstruct_transcoder(x, False),
+                                               lambda: peers.t_reconstruct_transcoder(tx, False)),
+                    "reconstruct_transcoder_skip": (
+                        lambda: peers.np_reconstruct_transcoder(x, True),
+                        lambda: peers.t_reconstruct_transcoder(tx, True)),
+                    "encode_layernorm": (lambda: peers.np_encode_layernorm(x),
+                                         lambda: peers.t_encode_layernorm(tx)),
                 }
                 if op in fns:
                     np_fn, t_fn = fns[op]
@@ -510,7 +599,11 @@ def check_agreement(peers, op, arch, x, tx, out_dir):
     name = {"encode": f"encode_{arch}", "reconstruct": f"reconstruct_{arch}",
             "decode": "decode_relu", "decode_sparse": "decode_sparse_topk",
             "steer1": f"steer1_{arch}", "steer16": f"steer16_{arch}",
-            "encode_bf16": "encode_bf16_relu", "steer1_bf16": "steer1_bf16_topk"}.get(op)
+            "encode_bf16": "encode_bf16_relu", "steer1_bf16": "steer1_bf16_topk",
+            "encode_transcoder": "encode_transcoder_relu",
+            "reconstruct_transcoder": "reconstruct_transcoder_relu",
+            "reconstruct_transcoder_skip": "reconstruct_transcoder_skip_relu",
+            "encode_layernorm": "encode_layernorm_relu"}.get(op)
     path = os.path.join(out_dir, (name or "") + ".npy")
     if name is None or not os.path.exists(path):
         return []
@@ -522,6 +615,12 @@ def check_agreement(peers, op, arch, x, tx, out_dir):
         want = peers.t_reconstruct(arch, tx).numpy()
     elif op == "decode":
         want = peers.t_decode(peers.t_encode("relu", tx)).numpy()
+    elif op == "encode_transcoder":
+        want = peers.t_encode_transcoder(tx).numpy()
+    elif op.startswith("reconstruct_transcoder"):
+        want = peers.t_reconstruct_transcoder(tx, op.endswith("skip")).numpy()
+    elif op == "encode_layernorm":
+        want = peers.t_encode_layernorm(tx).numpy()
     elif op == "decode_sparse":
         idx = np.load(os.path.join(out_dir, "sparse_idx_topk.npy")).astype(np.int64)
         val = np.load(os.path.join(out_dir, "sparse_val_topk.npy"))
@@ -625,6 +724,8 @@ def main():
         log(f"  SGEMM {bounds['flops'] / 1e9:.1f} GFLOP/s, read {bounds['bw'] / 1e9:.1f} GB/s")
         log("libsae")
         c = parse_times(run_c(exe, "time", work, out_dir, *ns))
+        log("libsae: the 0.2 kinds")
+        c.update(parse_times(run_c(exe, "kinds", work, out_dir, *ns)))
         for n in ns:  # one libsae call, two peers: sparsify's sparse decode and SAELens's dense one
             if ("decode_sparse", "topk", n) in c:
                 c[("decode_sparse_saelens", "topk", n)] = c[("decode_sparse", "topk", n)]
@@ -636,8 +737,10 @@ def main():
         for n in ns:
             f = peers.np_encode("relu", t["x"][:n])
             idx, _ = peers.np_encode_sparse("topk", t["x"][:n])
+            ftc = peers.np_encode_transcoder(t["x"][:n])
             codes[n] = {"relu_nnz": int((f > 0).sum()), "relu_rows": int((f > 0).any(0).sum()),
-                        "topk_nnz": n * K, "topk_rows": len(np.unique(idx))}
+                        "topk_nnz": n * K, "topk_rows": len(np.unique(idx)),
+                        "tc_nnz": int((ftc > 0).sum()), "tc_rows": int((ftc > 0).any(0).sum())}
         scale_n, scale_d = {}, {}
         if not args.quick:
             log("scaling with n")
@@ -755,6 +858,79 @@ def targets(c, p, ns, bounds, codes):
     return L
 
 
+def targets_kinds(c, p, ns, bounds, codes):
+    """Issue 14's goals for the 0.2 kinds, checked against this run's numbers."""
+    def ratio(op, arch, n):
+        ours, theirs = c.get((op, arch, n)), p.get((op, arch, n, "torch"))
+        return theirs / ours if ours and theirs else None
+
+    def share(op, arch, n):
+        return row_bound(op, arch, n, codes, bounds)[0] / c[(op, arch, n)]
+
+    def met(ok):
+        return "met" if ok else "NOT met"
+
+    L = ["### The 0.2 kinds (issue 14)", "",
+         "libsae's encodes of the 0.2 kinds are timed in turns with the plain SAE encode in one "
+         "process (the row \"encode, timed in turns\"), so the comparisons with it below hold "
+         "under a changing load better than two rows timed minutes apart.", ""]
+    have = [n for n in ns if ("encode_transcoder", "relu", n) in c and ("encode_ref", "relu", n) in c]
+    if not have:
+        return L + ["(not measured in this run)", ""]
+    parts, ok = [], True
+    for n in have:
+        sae, tc, tcs = (c[(op, "relu", n)] for op in
+                        ("encode_ref", "encode_transcoder", "encode_transcoder_skip"))
+        worst = max(tc, tcs) / sae
+        ok &= worst <= 1.05
+        kind = row_bound("encode", "relu", n, codes, bounds)[1]
+        parts.append(f"n = {n} ({'SGEMM' if kind == 'compute' else 'memory'} bound): SAE "
+                     f"{100 * share('encode_ref', 'relu', n):.0f}%, transcoder "
+                     f"{100 * share('encode_transcoder', 'relu', n):.0f}%, with skip "
+                     f"{100 * share('encode_transcoder_skip', 'relu', n):.0f}% (time over the "
+                     f"SAE's: {tc / sae:.2f}, {tcs / sae:.2f})")
+    L.append("- Transcoder encode at the same share of the bound as the SAE encode of its size "
+             "(counted as met when the transcoder's time is within 5% of the SAE's, about this "
+             f"table's run-to-run spread): {met(ok)}. " + "; ".join(parts) + ". The transcoder "
+             "does not subtract b_dec from x; the encode is the same one SGEMM; W_skip is not "
+             "read.")
+    L.append("- Transcoder prediction (sae_reconstruct) against torch's relu(x @ W_enc + b_enc) @ "
+             "W_dec + b_dec + x @ W_skip: " + ", ".join(
+                 f"n = {n}: {ratio('reconstruct_transcoder_skip', 'relu', n):.1f}× "
+                 f"(without skip {ratio('reconstruct_transcoder', 'relu', n):.1f}×)" for n in have
+                 if ratio("reconstruct_transcoder_skip", "relu", n)) + "; of the bound: " +
+             ", ".join(f"n = {n}: {100 * share('reconstruct_transcoder_skip', 'relu', n):.0f}%"
+                       for n in have) + ". torch decodes the codes densely (a second GEMM over "
+             "W_dec); libsae decodes only the nonzero features' rows.")
+    g = [(n, c[("encode", "gated", n)] / c[("encode_ref", "relu", n)]) for n in have
+         if ("encode", "gated", n) in c]
+    L.append("- Gated encode no slower than 2.1× the SAE encode of the same size: "
+             f"{met(all(r <= 2.1 for _, r in g))}, " + ", ".join(
+                 f"n = {n}: {r:.2f}×" for n, r in g) + ". Against torch computing SAELens's "
+             "gated forward: " + ", ".join(f"n = {n}: {ratio('encode', 'gated', n):.1f}×"
+                                           for n, _ in g if ratio("encode", "gated", n)) +
+             ". x' @ (W_enc * exp(r_mag)) is column i of x' @ W_enc times exp(r_mag[i]), so "
+             "libsae runs one SGEMM and keeps exp(r_mag); SAELens forms W_enc * exp(r_mag) "
+             "(a 151 MB temporary) and runs a second GEMM on every call.")
+    st = [(n, ratio("steer1", "gated", n)) for n in have if ratio("steer1", "gated", n)]
+    L.append("- One-feature gated clamp at least 100× faster than SAELens's way in torch (full "
+             "gated encode, edit, full decode, add back the error): "
+             f"{met(all(r >= 100 for n, r in st if n in (1, 64)))} at n = 1 and 64; " +
+             ", ".join(f"n = {n}: {r:.0f}×" for n, r in st) + ". A gated feature's gate and "
+             "magnitude both come from its own column of W_enc, so the clamp reads one column "
+             "and one decoder row per token.")
+    for arch, op, what in (("groupmax", "encode", "GroupMax encode (K = 32 groups of 512)"),
+                           ("relu", "encode_layernorm", "LAYER_NORM-normalized ReLU encode")):
+        rows = [n for n in have if (op, arch, n) in c]
+        if rows:
+            L.append(f"- {what}, time over the plain SAE encode's, and against torch: " + ", ".join(
+                f"n = {n}: {c[(op, arch, n)] / c[('encode_ref', 'relu', n)]:.2f}, "
+                f"{ratio(op, arch, n):.1f}× torch, {100 * share(op, arch, n):.0f}% of the bound"
+                for n in rows) + ".")
+    L.append("")
+    return L
+
+
 def write_doc(path, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d, scale_peers, mem_c,
               mem_t, load_out, inter_out, load_start, load_end, elapsed):
     L = []
@@ -796,6 +972,10 @@ def write_doc(path, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d, s
           "The model: random weights shaped like a trained SAE's (unit-scale pre-activations, encoder",
           f"bias -2.5), so ReLU codes have L0 ≈ {codes[ns[-1]]['relu_nnz'] / ns[-1]:.0f} of {D_SAE}; "
           f"TopK and BatchTopK keep K = {K}. ",
+          "The 0.2 kinds use the same weights: a ReLU transcoder 2304 -> 16384 -> 2304 (Gemma-2-2B's",
+          "MLP; b_dec is its output bias) without and with a random W_skip; a gated SAE whose gate",
+          "bias is b_enc, with random r_mag in [-0.5, 0.5] and b_mag in [-0.2, 0.2]; GroupMax with",
+          f"K = {K} groups; the ReLU SAE with SAE_PARAM_NORMALIZE = LAYER_NORM.",
           "Ratios are the peer's time over libsae's: above 1, libsae is faster.", "",
           "| operation | arch | n | libsae | numpy | torch | vs numpy | vs torch | bound | of bound |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -822,6 +1002,7 @@ def write_doc(path, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d, s
     L += ["", "Slowest against torch: " + ", ".join(f"{lab} ({a}, n = {n}): {r:.2f}×"
                                                     for r, lab, a, n in worst[:3]), ""]
     L += targets(c, p, ns, bounds, codes)
+    L += targets_kinds(c, p, ns, bounds, codes)
     if scale_n:
         L += ["## Scaling", "", f"Time against n (d_sae = {D_SAE}; random weights, same for torch):", "",
               "| n | encode (ReLU) | torch | per token | sparse encode (TopK) | torch | per token |",

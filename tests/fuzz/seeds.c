@@ -4,6 +4,7 @@
 #include "sae.h"
 #include "writers.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,6 +120,59 @@ int main(int argc, char **argv)
             "\"metadata\": {\"sae_lens_version\": \"6.5.0\"}}",
             &b);
     tw_free(&b);
+    /* SAELens 6.18's newer classes and sparsify 1.3's transcoders and groupmax (tests/test_peers.c
+     * has their math): gated, transcoders (d_out 2; W_skip [d_out, d_in] float32), per-token
+     * normalization, a TopK checkpoint with rescale_acts_by_decoder_norm. */
+    float w_dec2[DS * 2], b_dec2[2], skip[2 * DI], skip_sq[DI * DI];
+    tw_fill(6, w_dec2, DS * 2, 1.0f);
+    tw_fill(7, b_dec2, 2, 0.5f);
+    tw_fill(8, skip, 2 * DI, 0.5f);
+    tw_fill(9, skip_sq, DI * DI, 0.5f);
+    tw_tensor gt[6] = {{"W_dec", "F32", 2, {DS, DI}, w_dec},
+                       {"W_enc", "F32", 2, {DI, DS}, w_enc},
+                       {"b_dec", "F32", 1, {DI, 0}, b_dec},
+                       {"b_gate", "F32", 1, {DS, 0}, b_enc},
+                       {"b_mag", "F32", 1, {DS, 0}, b_enc},
+                       {"r_mag", "F32", 1, {DS, 0}, th}};
+    tw_safetensors(&b, gt, 6, NULL);
+    st_seed("saelens-gated", 1,
+            "{\"d_in\": 3, \"d_sae\": 5, \"architecture\": \"gated\", \"normalize_activations\": "
+            "\"layer_norm\", \"metadata\": {\"sae_lens_version\": \"6.18.0\"}}",
+            &b);
+    tw_free(&b);
+    tw_tensor tt[5] = {{"W_dec", "BF16", 2, {DS, 2}, w_dec2},
+                       {"W_enc", "BF16", 2, {DI, DS}, w_enc},
+                       {"W_skip", "F32", 2, {2, DI}, skip},
+                       {"b_dec", "BF16", 1, {2, 0}, b_dec2},
+                       {"b_enc", "BF16", 1, {DS, 0}, b_enc}};
+    tw_safetensors(&b, tt, 5, NULL);
+    st_seed("saelens-skip-transcoder", 1,
+            "{\"d_in\": 3, \"d_sae\": 5, \"d_out\": 2, \"dtype\": \"bfloat16\", "
+            "\"apply_b_dec_to_input\": false, \"normalize_activations\": \"constant_norm_rescale\", "
+            "\"architecture\": \"skip_transcoder\", \"metadata\": {\"sae_lens_version\": "
+            "\"6.18.0\"}}",
+            &b);
+    tw_free(&b);
+    tw_safetensors(&b, bt, 4, NULL);
+    st_seed("saelens-topk-checkpoint", 1,
+            "{\"d_in\": 3, \"d_sae\": 5, \"architecture\": \"topk\", \"k\": 2, "
+            "\"decoder_init_norm\": 0.1, \"use_sparse_activations\": false, "
+            "\"aux_loss_coefficient\": 1.0, \"rescale_acts_by_decoder_norm\": true, "
+            "\"metadata\": {\"sae_lens_version\": \"6.18.0\"}}",
+            &b);
+    tw_free(&b);
+    tw_tensor sk[5] = {{"W_dec", "BF16", 2, {DS, DI}, w_dec},
+                       {"W_skip", "BF16", 2, {DI, DI}, skip_sq},
+                       {"b_dec", "BF16", 1, {DI, 0}, b_dec},
+                       {"encoder.bias", "BF16", 1, {DS, 0}, b_enc},
+                       {"encoder.weight", "BF16", 2, {DS, DI}, w_enc_t}};
+    tw_safetensors(&b, sk, 5, "{\"format\":\"pt\"}");
+    st_seed("sparsify-transcoder-skip-groupmax", 1,
+            "{\"activation\": \"groupmax\", \"expansion_factor\": 32, \"normalize_decoder\": "
+            "true, \"num_latents\": 5, \"k\": 5, \"multi_topk\": false, \"skip_connection\": "
+            "true, \"transcode\": true, \"d_in\": 3}",
+            &b);
+    tw_free(&b);
     /* libsae's own files, from the library's writer. */
     for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_JUMPRELU; a++) {
         sae_model *m;
@@ -139,6 +193,69 @@ int main(int argc, char **argv)
         snprintf(name, sizeof name, "libsae-%s", sae_arch_name((sae_arch)a));
         st_seed(name, 0, NULL, &own);
         tw_free(&own);
+    }
+    /* Issue 13's cases, refused now: kept as seeds so that mutations explore around them. */
+    static const char *const cfg_cases[] = {
+        "{\"d_in\": 3, \"d_sae\": 5, \"d_in\": 4}",
+        "{\"d_in\": 3, \"d_sae\": 5, \"meta\": {\"sae_lens_version\": \"6.0.0\", "
+        "\"sae_lens_version\": \"5.0\"}}",
+        "{\"d_in\": 3, \"d_sae\": 5, \"architecture\": \"jumprelu\\u0000x\"}",
+        "{\"d_in\": 03, \"d_sae\": 5}",
+        "{\"d_in\": 1e999, \"d_sae\": 5}",
+        "{\"scaling_factor\": 1e-46}",
+        "{\"scaling_factor\": 1e39}",
+        "{\"scaling_factor\": 0.5, \"scaling_factor\": 2}",
+    };
+    for (size_t i = 0; i < sizeof cfg_cases / sizeof cfg_cases[0]; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "issue13-%zu", i);
+        seed("cfg", name, cfg_cases[i], strlen(cfg_cases[i]));
+    }
+    static const char *const st_cases[] = {
+        "{\"__metadata__\":{\"format\":\"libsae\",\"format_version\":\"999\","
+        "\"architecture\":\"relu\",\"d_in\":\"0x3\",\"d_sae\":\"5\",\"apply_b_dec_to_input\":\"1\","
+        "\"input_scale\":\"1e-46\"},",
+        "{\"__metadata__\":{\"format\":\"pt\",\"format\":\"libsae\"},",
+        "{\"W_enc\\u0000x\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]},",
+    };
+    for (size_t i = 0; i < sizeof st_cases / sizeof st_cases[0]; i++) {
+        /* The SAELens JumpReLU F32 file with the case's entries spliced in first. */
+        tw_tensor t[5] = {{"W_dec", "F32", 2, {DS, DI}, w_dec},
+                          {"W_enc", "F32", 2, {DI, DS}, w_enc},
+                          {"b_dec", "F32", 1, {DI, 0}, b_dec},
+                          {"b_enc", "F32", 1, {DS, 0}, b_enc},
+                          {"threshold", "F32", 1, {DS, 0}, th}};
+        tw_buf valid = {0}, b = {0};
+        tw_safetensors(&valid, t, 5, NULL);
+        size_t hlen = 0;
+        for (int j = 7; j >= 0; j--)
+            hlen = hlen << 8 | valid.data[j];
+        tw_buf header = {0};
+        tw_put(&header, st_cases[i], strlen(st_cases[i]));
+        tw_put(&header, valid.data + 9, hlen - 1); /* the rest after the '{' */
+        tw_put(&header, "", 1);
+        tw_safetensors_raw(&b, (const char *)header.data, valid.data + 8 + hlen,
+                           valid.size - 8 - hlen);
+        char name[32];
+        snprintf(name, sizeof name, "issue13-%zu", i);
+        st_seed(name, 0, NULL, &b);
+        tw_free(&valid);
+        tw_free(&header);
+        tw_free(&b);
+    }
+    {
+        /* NaN planted in W_enc. */
+        float bad[DI * DS];
+        memcpy(bad, w_enc, sizeof bad);
+        bad[4] = NAN;
+        tw_tensor t[4] = {{"W_dec", "F32", 2, {DS, DI}, w_dec},
+                          {"W_enc", "F32", 2, {DI, DS}, bad},
+                          {"b_dec", "F32", 1, {DI, 0}, b_dec},
+                          {"b_enc", "F32", 1, {DS, 0}, b_enc}};
+        tw_buf nb = {0};
+        tw_safetensors(&nb, t, 4, NULL);
+        st_seed("issue13-nan", 0, NULL, &nb);
+        tw_free(&nb);
     }
     seed("cfg", "scaler", "{\"scaling_factor\": 0.2138}", 26);
     seed("cfg", "scaler-null", "{\"scaling_factor\": null}", 24);
@@ -165,9 +282,48 @@ int main(int argc, char **argv)
             snprintf(name, sizeof name, "gemma-%d-%d", layout, d);
             seed("npz", name, z.data, z.size);
             tw_free(&z);
+            if (layout == 2 && d == 0) {
+                /* Issue 13: W_enc.npy twice (Python would read the last). */
+                const char *twice[6] = {names[0], names[1], names[2], names[3], names[4],
+                                        names[0]};
+                tw_buf m6[6] = {m[0], m[1], m[2], m[3], m[4], m[0]};
+                tw_zip64(&z, twice, m6, 6);
+                seed("npz", "issue13-twice", z.data, z.size);
+                tw_free(&z);
+            }
             for (int i = 0; i < 5; i++)
                 tw_free(&m[i]);
         }
+    }
+    {
+        /* Issue 13's npz bomb in small: a 1 MiB W_enc.npy of zeros (about 1 KB deflated) with a
+         * W_dec.npy of the wrong shape, refused before W_enc is inflated. */
+        static const char dict[] = "{'descr': '<f4', 'fortran_order': False, 'shape': (512, 512), }";
+        size_t bytes = 128 + 512 * 512 * sizeof(float);
+        tw_buf m[5] = {{0}};
+        unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, 118, 0};
+        tw_put(&m[0], pre, 10);
+        tw_put(&m[0], dict, sizeof dict - 1);
+        while (m[0].size < 127)
+            tw_put(&m[0], " ", 1);
+        tw_put(&m[0], "\n", 1);
+        unsigned char *zeros = calloc(1, bytes - 128);
+        if (zeros == NULL)
+            return 1;
+        tw_put(&m[0], zeros, bytes - 128);
+        free(zeros);
+        size_t s_dec[2] = {DS, DI}, s1[1] = {1};
+        tw_npy(&m[1], "<f4", 2, s_dec, w_dec);
+        for (int i = 2; i < 5; i++)
+            tw_npy(&m[i], "<f4", 1, s1, b_enc);
+        const char *names[5] = {"W_enc.npy", "W_dec.npy", "b_enc.npy", "b_dec.npy",
+                                "threshold.npy"};
+        tw_buf z = {0};
+        tw_zip(&z, names, m, 5, true);
+        seed("npz", "issue13-bomb", z.data, z.size);
+        tw_free(&z);
+        for (int i = 0; i < 5; i++)
+            tw_free(&m[i]);
     }
     return 0;
 }
