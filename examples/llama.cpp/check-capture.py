@@ -203,9 +203,14 @@ def main():
                                 empty, "-o", o + "-empty"], 1, "no tokens")
         bad("a malformed JSON line", [cap, "-m", gguf, "--hooks", "blocks.1.hook_mlp_in",
                                       "--corpus", small, "--jsonl", "-o", o + "-json"], 1, "line 1")
-        wrong = os.path.join(work, "wrong-width.safetensors")
+        wrong = os.path.join(work, "wrong-width")   # a SAELens folder
+        os.makedirs(wrong, exist_ok=True)
         dw, ds = 32, 16
-        write_safetensors(wrong, {"W_enc": ([dw, ds], [0.01] * (dw * ds)),
+        json.dump({"architecture": "standard", "d_in": dw, "d_sae": ds, "dtype": "float32",
+                   "apply_b_dec_to_input": True, "normalize_activations": "none",
+                   "hook_name": "blocks.1.hook_resid_pre"},
+                  open(os.path.join(wrong, "cfg.json"), "w"))
+        write_safetensors(os.path.join(wrong, "sae_weights.safetensors"), {"W_enc": ([dw, ds], [0.01] * (dw * ds)),
                                   "W_dec": ([ds, dw], [0.01] * (dw * ds)),
                                   "b_enc": ([ds], [0.0] * ds), "b_dec": ([dw], [0.0] * dw)})
         bad("a dictionary of width 32", [ev, "-m", gguf, "--dict", wrong, "--hook",
