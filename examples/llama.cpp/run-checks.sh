@@ -4,6 +4,8 @@
 #                     programs, and the SAE (cached);
 #   check-reference.py  llama.cpp alone against both models' reference.json: tokenization,
 #                     greedy text, logits, the residual stream the callback sees;
+#   check-capture.py  sae_llama_hook, sae-llama-capture, -evaluate, sae-train-capture against
+#                     examples/llama's hook points (check-capture.py's docstring);
 #   check-steering.py libsae inside llama.cpp against libsae on examples/llama: (a) rows and
 #                     features, (b) clamped generation, (c) add plans via cb_eval, cvec, GGUF.
 # Exit 0 all passed, 77 skipped (the npm registry cannot be reached and nothing is cached),
@@ -28,4 +30,8 @@ for m in stories260K aidreams260K; do
 done
 python3 "$HERE/check-steering.py" "$LLCPP_BUILD" "$LLAMA_CPP_DIR/models/stories260K.gguf" \
     "$DATA/stories260K" "$SAE" "$SAE_STATS" || status=1
+# the hook adapter, capture (+ kill/resume), evaluate and training from a capture, against the engine
+python3 "$HERE/check-capture.py" "$LLCPP_BUILD" "$LLAMA_CPP_DIR/models" "$DATA" \
+    "${TMPDIR:-/tmp}/libsae-check-capture-$$" || status=1
+rm -rf "${TMPDIR:-/tmp}/libsae-check-capture-$$"
 exit $status
