@@ -948,11 +948,15 @@ static int flatten(flat *f, const value *dict, const char *prefix, size_t depth)
         if (pl + 1 + kl >= MAX_NAME)
             return sae__fail(SAE_EUNSUPPORTED, "%s: an entry name longer than %u bytes", d->path,
                              MAX_NAME);
-        char name[MAX_NAME];
-        if (pl)
-            snprintf(name, sizeof name, "%s.%.*s", prefix, (int)kl, ks);
-        else
-            snprintf(name, sizeof name, "%.*s", (int)kl, ks);
+        char name[MAX_NAME]; /* prefix.key, whose length was checked above */
+        size_t at = 0;
+        if (pl) {
+            memcpy(name, prefix, pl);
+            name[pl] = '.';
+            at = pl + 1;
+        }
+        memcpy(name + at, ks, kl);
+        name[at + kl] = '\0';
         int rc = SAE_OK;
         if (v->kind == V_DICT) {
             rc = flatten(f, v, name, depth + 1);

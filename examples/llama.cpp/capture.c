@@ -37,12 +37,23 @@
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+/* An error message for the caller, cut short if it has to be (a long path in it). */
+__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t cap, const char *fmt,
+                                                          ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, cap, fmt, ap);
+    va_end(ap);
+}
 
 #define MAX_HOOKS 256
 
@@ -133,12 +144,12 @@ static int next_window(windower *w, llama_token *tok, int64_t *docid)
             int need = len + 2;
             if (need > w->doc_cap) {
                 llama_token *p = realloc(w->doc, sizeof *p * (size_t)need);
-                if (!p) { snprintf(w->err, sizeof w->err, "out of memory"); return -1; }
+                if (!p) { set_err(w->err, sizeof w->err, "out of memory"); return -1; }
                 w->doc = p;
                 w->doc_cap = need;
             }
             int k = llama_tokenize(w->vocab, text, len, w->doc, w->doc_cap, true, false);
-            if (k < 0) { snprintf(w->err, sizeof w->err, "document %lld: tokenizer failed",
+            if (k < 0) { set_err(w->err, sizeof w->err, "document %lld: tokenizer failed",
                                   (long long)id); return -1; }
             w->doc_n = k;
             w->doc_at = 0;
@@ -163,18 +174,25 @@ static int next_window(windower *w, llama_token *tok, int64_t *docid)
 static int write_text_atomic(const char *path, const char *text, char *err, size_t cap)
 {
     char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    int len = snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    if (len < 0 || (size_t)len >= sizeof tmp) {
+        set_err(err, cap, "%s: the path is too long", path);
+        return -1;
+    }
     FILE *f = fopen(tmp, "wb");
-    if (!f) { snprintf(err, cap, "%s: %s", tmp, strerror(errno)); return -1; }
+    if (!f) {
+        set_err(err, cap, "%s: %s", tmp, strerror(errno));
+        return -1;
+    }
     const size_t n = strlen(text);
     if (fwrite(text, 1, n, f) != n || fflush(f) != 0 || fsync(fileno(f)) != 0) {
-        snprintf(err, cap, "writing %s: %s", path, strerror(errno));
+        set_err(err, cap, "writing %s: %s", path, strerror(errno));
         fclose(f);
         unlink(tmp);
         return -1;
     }
     if (fclose(f) != 0 || rename(tmp, path) != 0) {
-        snprintf(err, cap, "writing %s: %s", path, strerror(errno));
+        set_err(err, cap, "writing %s: %s", path, strerror(errno));
         unlink(tmp);
         return -1;
     }
@@ -552,7 +570,7 @@ int main(int argc, char **argv)
                 if (sb.f16)
                     rc = cio_npy_write(path, "<f2", sb.act[i], s_n, sb.d, err, sizeof err);
                 else if ((rc = sae_npy_write(path, sb.act[i], s_n, sb.d)) != SAE_OK)
-                    snprintf(err, sizeof err, "%s", sae_last_error());
+                    set_err(err, sizeof err, "%s", sae_last_error());
                 if (rc != 0) {
                     fprintf(stderr, "\nsae-llama-capture: %s\n", err);
                     return 1;
