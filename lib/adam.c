@@ -50,8 +50,9 @@ void sae__adam_update(float *restrict p, const float *restrict g, float *restric
         step1(&c, p[i], g[i], m[i], v[i], &p[i], &m[i], &v[i]);
 }
 
-/* Whether x is finite, as a compare the compiler can vectorize (false for NaN and infinities). */
-static inline bool finite1(float x) { return fabsf(x) <= FLT_MAX; }
+/* Whether x is finite, as a compare the compiler can vectorize (false for NaN and infinities);
+ * an int, not a bool, so that lanes combine with & and the loop stays branch-free. */
+static inline int finite1(float x) { return fabsf(x) <= FLT_MAX; }
 
 /* Elements checked between tests of the flags: the loop runs without an exit inside. */
 enum { CHECK_BLOCK = 1024 };

@@ -199,7 +199,7 @@ START_TEST(every_operation_matches_the_loops)
                          sae_model_has_tensor(m, (sae_tensor)t));
     double v;
     ck_assert_ok(sae_model_get_param(back, SAE_PARAM_NORMALIZE, &v));
-    ck_assert(v == c.norm);
+    ck_assert(v == (double)c.norm);
     ck_assert_ok(sae_model_get_param(back, SAE_PARAM_APPLY_B_DEC_TO_INPUT, &v));
     ck_assert(v == w.apply_b_dec);
     ck_assert_ok(sae_reconstruct(back, x, N, out));
