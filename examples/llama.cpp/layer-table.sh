@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The per-layer table of docs/llama.cpp.md: for each model, a TopK SAE per layer trained through
-# the workbench (capture -> sae-train-capture) on the first 80% of the model's stories.txt and
+# the workbench (capture -> sae-train-capture) on the first 80% of the model's texts (the data
+# folder's stories.txt or dreams.txt) and
 # judged by sae-llama-evaluate on the other 20% (tokens it never saw): FVU, L0, CE loss recovered
 # and KL, as SAELens's evals.py defines them. Prints a markdown table.
 #   examples/llama.cpp/layer-table.sh [WORK_DIR]     (default /tmp/libsae-layer-table)
@@ -19,10 +20,12 @@ for model in stories260K aidreams260K; do
              "$DATA/$model/model.bin")
     hooks=$(seq -s, -f "blocks.%g.hook_resid_pre" 0 $((layers - 1)))
     dir="$work/$model"
+    texts="$DATA/$model/stories.txt"
+    [ -f "$texts" ] || texts="$DATA/$model/dreams.txt"
     mkdir -p "$dir"
-    total=$(wc -l <"$DATA/$model/stories.txt")
-    head -n $((total * 4 / 5)) "$DATA/$model/stories.txt" >"$dir/train.txt"
-    tail -n $((total - total * 4 / 5)) "$DATA/$model/stories.txt" >"$dir/eval.txt"
+    total=$(wc -l <"$texts")
+    head -n $((total * 4 / 5)) "$texts" >"$dir/train.txt"
+    tail -n $((total - total * 4 / 5)) "$texts" >"$dir/eval.txt"
     for part in train eval; do
         "$LLCPP_BUILD/sae-llama-capture" -m "$gguf" --hooks "$hooks" --corpus "$dir/$part.txt" \
             -o "$dir/cap-$part" --no-progress --threads 1 >"$dir/cap-$part.log"
