@@ -18,6 +18,7 @@ For stories260K and aidreams260K (GGUF_DIR/<m>.gguf, DATA_DIR/<m>/model.bin and 
 Exit 0 when everything holds, 1 otherwise.
 """
 import json
+import random
 import os
 import resource
 import shutil
@@ -176,6 +177,36 @@ def main():
                   f"{a['ce_loss_spliced']:.4f} zero {a['ce_loss_zero_ablated']:.4f}, recovered "
                   f"{a['ce_loss_recovered']:.4f}, KL {a['kl_spliced']:.4f}, FVU {a['fvu']:.4f}, "
                   f"L0 {a['l0']:.2f}, dead {a['dead_features']}")
+
+        # (4b) a transcoder spliced in: it reads block 2's MLP input, its prediction replaces the
+        # MLP output. Random weights in SAELens's transcoder layout (cfg.json beside them).
+        d, n_tc = 64, 128
+        rnd = random.Random(7)
+        tc_dir = os.path.join(work, m + "-transcoder")
+        os.makedirs(tc_dir, exist_ok=True)
+        write_safetensors(os.path.join(tc_dir, "sae_weights.safetensors"), {
+            "W_enc": ([d, n_tc], [rnd.gauss(0, 0.15) for _ in range(d * n_tc)]),
+            "b_enc": ([n_tc], [rnd.gauss(-0.1, 0.05) for _ in range(n_tc)]),
+            "W_dec": ([n_tc, d], [rnd.gauss(0, 0.05) for _ in range(n_tc * d)]),
+            "b_dec": ([d], [0.0] * d)})
+        with open(os.path.join(tc_dir, "cfg.json"), "w") as f:
+            json.dump({"architecture": "transcoder", "d_in": d, "d_sae": n_tc, "d_out": d,
+                       "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
+                       "normalize_activations": "none", "reshape_activations": "none",
+                       "metadata": {"sae_lens_version": "6.18.0"}}, f)
+        hook = "blocks.2.hook_mlp_in"
+        a = json.loads(run([ev, "-m", gguf, "--dict", tc_dir, "--hook", hook, "--capture", da,
+                            "--max-tokens", 3000]).stdout)
+        b = json.loads(run([eng, "evaluate", mbin, "--dict", tc_dir, "--hook", hook, "--capture",
+                            da, "--max-tokens", 3000]).stdout)
+        keys = ["ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "kl_spliced",
+                "kl_zero_ablated", "fvu", "l0", "tokens"]
+        diff = max(abs(a[k] - b[k]) / max(1.0, abs(b[k])) for k in keys)
+        check(a["transcoder"] and b["transcoder"] and diff <= EVAL_TOL and
+              a["ce_loss_spliced"] != a["ce_loss_clean"],
+              f"(4b) {m}: a transcoder at {hook} -> hook_mlp_out spliced in: llama.cpp and the "
+              f"engine agree (max diff {diff:.1e}): CE clean {a['ce_loss_clean']:.4f} spliced "
+              f"{a['ce_loss_spliced']:.4f}, KL {a['kl_spliced']:.4f}, FVU {a['fvu']:.4f}")
 
         # (5) bad input
         def bad(what, args, code, needle, directory=None, pre=None):
