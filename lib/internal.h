@@ -464,13 +464,23 @@ typedef struct {
     size_t prefix;     /* bytes of magic, version and length: 10 or 12 */
     size_t dict_len;   /* bytes of the header dict that follows */
     size_t data_bytes; /* rows * cols * dtype size, checked not to overflow */
+    bool fortran;      /* fortran_order True: column-major data (only matters for 2-D) */
+    bool big_endian;   /* descr '>f4', '>f2', '>f8' */
 } sae__npy_header;
+
+/* Converts count values of dtype t in the array's byte order to float (big-endian ones are
+ * swapped first), as sae__to_float does for little-endian. */
+void sae__npy_to_float(const sae__npy_header *h, unsigned char *src, size_t count, float *dst);
+/* A Fortran-ordered rows x cols array read into v (as [cols][rows]) becomes row-major in place;
+ * tmp holds rows * cols floats. */
+void sae__npy_fortran_to_c(float *v, float *tmp, size_t rows, size_t cols);
 
 /* Reads the fixed prefix in buf[0..avail) (magic, version, dict length) into h->prefix and
  * h->dict_len; avail may be 10 for a version 1.0 file. */
 int sae__npy_prefix(const unsigned char *buf, size_t avail, const char *path, sae__npy_header *h);
-/* Parses the header dict (NUL-terminated): descr (<f4, <f2, <f8), fortran_order False, and a
- * 1- or 2-D shape whose byte size fits in size_t. */
+/* Parses the header dict (NUL-terminated): descr (<f4, <f2, <f8 or their big-endian >f4, >f2,
+ * >f8), fortran_order (True or False, as numpy reads both), and a 1- or 2-D shape whose byte
+ * size fits in size_t. */
 int sae__npy_dict(const char *dict, const char *path, sae__npy_header *h);
 
 /* ---- cfg.json values (json.c) ---------------------------------------------------------------- */
@@ -560,6 +570,40 @@ int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map,
                           const char *cfg_text, size_t cfg_len, const char *cfg_path,
                           const char *scaler_text, size_t scaler_len, const char *scaler_path,
                           sae_model **out);
+
+/* ---- 2026 publishers (gemmascope.c, llamascope.c, circuit_tracer.c) -------------------------- */
+
+/* The small files a publisher writes beside its weights, as found there (text NULL when absent):
+ * SAELens's cfg.json and activation_scaler.json, Gemma Scope 2's config.json, Llama Scope's
+ * hyperparams.json (beside the weights or, for checkpoints/final.safetensors, one folder up). */
+typedef struct {
+    const char *text;
+    size_t len;
+    const char *path;
+} sae__side_text;
+
+typedef struct {
+    sae__side_text cfg, scaler, config, hyperparams;
+    const char *file_name; /* the weights file's own name (no folder), for names that refuse */
+} sae__sides;
+
+/* sae__load_safetensors with every side file: libsae, Gemma Scope 2 (w_enc), Llama Scope
+ * (encoder.weight with hyperparams.json), circuit-tracer (W_enc [d_sae][d_in] or
+ * activation_function.threshold, no cfg.json), sparsify, SAELens. */
+int sae__load_safetensors_ex(const unsigned char *data, size_t size, sae__map *map,
+                             const char *path, const sae__sides *sides, sae_model **out);
+
+/* Gemma Scope 2 params.safetensors (+ config.json, may be NULL). */
+int sae__gemmascope2_load(const sae__safetensors *st, sae__map *map, const sae__sides *sides,
+                          sae_model **out);
+/* Llama Scope (lm_saes 2024): the checkpoint's safetensors + hyperparams.json. */
+int sae__llamascope_load(const sae__safetensors *st, sae__map *map, const sae__side_text *hyper,
+                         sae_model **out);
+/* Whether st looks like circuit-tracer's per-layer transcoder (see circuit_tracer.c). */
+bool sae__circuit_tracer_like(const sae__safetensors *st);
+int sae__circuit_tracer_load(const sae__safetensors *st, sae__map *map, sae_model **out);
+/* Gives tensor t memory the model owns, holding what it held (before a loader rewrites it). */
+int sae__model_own_copy(sae_model *m, sae_tensor t);
 
 /* ---- steering and analysis (steer.c, stats.c) ---------------------------------------------- */
 

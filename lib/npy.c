@@ -17,6 +17,7 @@ struct sae_npy {
     sae__dtype dtype;
     size_t rows, cols;
     size_t data_offset;
+    sae__npy_header h; /* byte order and layout of the data */
 };
 
 static const char *skip_space(const char *p)
@@ -164,18 +165,23 @@ int sae__npy_dict(const char *dict, const char *path, sae__npy_header *h)
     static const struct {
         const char *descr;
         sae__dtype dtype;
-    } types[] = {{"<f4", SAE__F32}, {"<f2", SAE__F16}, {"<f8", SAE__F64}};
+    } types[] = {{"f4", SAE__F32}, {"f2", SAE__F16}, {"f8", SAE__F64}};
+    /* numpy spells the byte order of a multi-byte type '<' or '>' (np.save writes '<f4' on
+     * little-endian machines, '>f4' for an array made with dtype='>f4'); both read the same. */
     size_t t = 0;
-    while (t < 3 && !(descr_len == 3 && memcmp(descr, types[t].descr, 3) == 0))
+    bool order_ok = descr_len == 3 && (descr[0] == '<' || descr[0] == '>');
+    while (order_ok && t < 3 && memcmp(descr + 1, types[t].descr, 2) != 0)
         t++;
-    if (t == 3)
+    if (!order_ok || t == 3)
         return sae__fail(SAE_EUNSUPPORTED,
                          "%s: dtype '%.*s' is not supported (float32 '<f4', float16 '<f2' or "
-                         "float64 '<f8')",
+                         "float64 '<f8', or their big-endian '>f4', '>f2', '>f8')",
                          path, (int)(descr_len < 16 ? descr_len : 16), descr);
     h->dtype = types[t].dtype;
-    if (fortran)
-        return sae__fail(SAE_EUNSUPPORTED, "%s: Fortran-order arrays are not supported", path);
+    h->big_endian = descr[0] == '>';
+    /* Fortran order only changes where a 2-D array's elements lie (column after column); a 1-D
+     * array is the same bytes either way. */
+    h->fortran = fortran && ndim == 2;
     if (ndim == 0 || ndim > 2)
         return sae__fail(SAE_EUNSUPPORTED, "%s: %zu-dimensional arrays are not supported (1 or 2)",
                          path, ndim);
@@ -186,6 +192,27 @@ int sae__npy_dict(const char *dict, const char *path, sae__npy_header *h)
         !sae__mul(h->data_bytes, sae__dtype_size(h->dtype), &h->data_bytes))
         return sae__fail(SAE_EFORMAT, "%s: shape (%zu, %zu) overflows", path, h->rows, h->cols);
     return SAE_OK;
+}
+
+void sae__npy_to_float(const sae__npy_header *h, unsigned char *src, size_t count, float *dst)
+{
+    size_t es = sae__dtype_size(h->dtype);
+    if (h->big_endian)
+        for (size_t i = 0; i < count; i++)
+            for (size_t a = 0, b = es - 1; a < b; a++, b--) {
+                unsigned char c = src[i * es + a];
+                src[i * es + a] = src[i * es + b];
+                src[i * es + b] = c;
+            }
+    sae__to_float(h->dtype, src, count, dst);
+}
+
+void sae__npy_fortran_to_c(float *v, float *tmp, size_t rows, size_t cols)
+{
+    memcpy(tmp, v, rows * cols * sizeof(float));
+    for (size_t c = 0; c < cols; c++)
+        for (size_t r = 0; r < rows; r++)
+            v[r * cols + c] = tmp[c * rows + r];
 }
 
 int sae__npy_prefix(const unsigned char *buf, size_t avail, const char *path, sae__npy_header *h)
@@ -216,6 +243,7 @@ static int parse_header(sae_npy *a, const char *dict, size_t file_size)
     int rc = sae__npy_dict(dict, path, &h);
     if (rc != SAE_OK)
         return rc;
+    a->h = h;
     a->dtype = h.dtype;
     a->rows = h.rows;
     a->cols = h.cols;
@@ -303,6 +331,30 @@ void sae_npy_close(sae_npy *a)
 size_t sae_npy_rows(const sae_npy *a) { return a ? a->rows : 0; }
 size_t sae_npy_cols(const sae_npy *a) { return a ? a->cols : 0; }
 
+/* A Fortran-ordered file holds column after column: rows [first, first + count) are a run of
+ * count values in each column, read a bounded slice at a time and scattered into the rows. */
+static int read_fortran(sae_npy *a, size_t first, size_t count, float *dst)
+{
+    size_t esize = sae__dtype_size(a->dtype);
+    unsigned char buf[1 << 14];
+    float conv[(1 << 14) / 2];
+    size_t per = sizeof buf / esize;
+    for (size_t c = 0; c < a->cols; c++) {
+        off_t at = (off_t)(a->data_offset + (c * a->rows + first) * esize);
+        if (fseeko(a->fp, at, SEEK_SET) != 0)
+            return sae__fail(SAE_EIO, "%s: seek failed: %s", a->path, strerror(errno));
+        for (size_t r = 0; r < count; r += per) {
+            size_t n = count - r < per ? count - r : per;
+            if (fread(buf, esize, n, a->fp) != n)
+                return sae__fail(SAE_EFORMAT, "%s: short read (did the file shrink?)", a->path);
+            sae__npy_to_float(&a->h, buf, n, conv);
+            for (size_t i = 0; i < n; i++)
+                dst[(r + i) * a->cols + c] = conv[i];
+        }
+    }
+    return SAE_OK;
+}
+
 int sae_npy_read(sae_npy *a, size_t first, size_t count, float *dst)
 {
     SAE_CHECK_NULL(a);
@@ -314,9 +366,11 @@ int sae_npy_read(sae_npy *a, size_t first, size_t count, float *dst)
                          a->path, first, first + count, a->rows);
     size_t esize = sae__dtype_size(a->dtype);
     size_t row_bytes = a->cols * esize;
+    if (a->h.fortran)
+        return read_fortran(a, first, count, dst);
     if (fseeko(a->fp, (off_t)(a->data_offset + first * row_bytes), SEEK_SET) != 0)
         return sae__fail(SAE_EIO, "%s: seek failed: %s", a->path, strerror(errno));
-    if (a->dtype == SAE__F32) {
+    if (a->dtype == SAE__F32 && !a->h.big_endian) {
         if (fread(dst, row_bytes, count, a->fp) != count)
             return sae__fail(SAE_EFORMAT, "%s: short read (did the file shrink?)", a->path);
         return SAE_OK;
@@ -330,7 +384,7 @@ int sae_npy_read(sae_npy *a, size_t first, size_t count, float *dst)
                 size_t n = a->cols - c < sizeof buf / esize ? a->cols - c : sizeof buf / esize;
                 if (fread(buf, esize, n, a->fp) != n)
                     return sae__fail(SAE_EFORMAT, "%s: short read", a->path);
-                sae__to_float(a->dtype, buf, n, dst + r * a->cols + c);
+                sae__npy_to_float(&a->h, buf, n, dst + r * a->cols + c);
             }
         }
         return SAE_OK;
@@ -339,7 +393,7 @@ int sae_npy_read(sae_npy *a, size_t first, size_t count, float *dst)
         size_t n = count - r < per ? count - r : per;
         if (fread(buf, row_bytes, n, a->fp) != n)
             return sae__fail(SAE_EFORMAT, "%s: short read (did the file shrink?)", a->path);
-        sae__to_float(a->dtype, buf, n * a->cols, dst + r * a->cols);
+        sae__npy_to_float(&a->h, buf, n * a->cols, dst + r * a->cols);
     }
     return SAE_OK;
 }

@@ -160,11 +160,15 @@ static int member_read(const npz *z, member *mb, float *dst)
     int rc = SAE_OK;
     for (size_t i = 0; i < count && rc == SAE_OK; i += per) {
         size_t n = count - i < per ? count - i : per;
-        if (mb->h.dtype == SAE__F32) {
+        if (mb->h.dtype == SAE__F32 && !mb->h.big_endian) {
             rc = read_exact(mb->zf, z->path, mb->name, dst + i, n * sizeof(float));
         } else if ((rc = read_exact(mb->zf, z->path, mb->name, buf, n * esize)) == SAE_OK) {
-            sae__to_float(mb->h.dtype, buf, n, dst + i);
+            sae__npy_to_float(&mb->h, buf, n, dst + i);
         }
+        /* Column-major data is checked as it is read; positions are reported once it is
+         * reordered, so the finiteness check below waits for that. */
+        if (mb->h.fortran)
+            continue;
         /* As sae_model_set_tensor demands of the caller's weights. */
         if (rc == SAE_OK && sae__check_finite(dst + i, n, mb->h.cols, mb->name) != SAE_OK) {
             size_t j = i;
@@ -179,6 +183,20 @@ static int member_read(const npz *z, member *mb, float *dst)
                 rc = sae__fail(SAE_EFORMAT, "%s: member '%s'[%zu] is %g: weights must be finite",
                                z->path, mb->name, j, (double)dst[j < i + n ? j : i]);
         }
+    }
+    if (rc == SAE_OK && mb->h.fortran) {
+        /* np.savez(W_enc=W_dec.T) stores a transposed view as a Fortran-ordered member:
+         * numpy reads it as the same matrix, so it is reordered here to row-major. */
+        float *tmp = sae__alloc(count, sizeof(float), mb->name);
+        if (tmp == NULL)
+            return SAE_ENOMEM;
+        sae__npy_fortran_to_c(dst, tmp, mb->h.rows, mb->h.cols);
+        free(tmp);
+        for (size_t j = 0; j < count && rc == SAE_OK; j++)
+            if (!isfinite(dst[j]))
+                rc = sae__fail(SAE_EFORMAT,
+                               "%s: member '%s'[%zu][%zu] is %g: weights must be finite",
+                               z->path, mb->name, j / mb->h.cols, j % mb->h.cols, (double)dst[j]);
     }
     if (rc != SAE_OK)
         return rc;

@@ -526,7 +526,7 @@ START_TEST(npz_members)
         {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", 28, "needs 24 bytes"},
         {1, "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }", 24, "'<i4'"},
         {1, "{'descr': '|V2', 'fortran_order': False, 'shape': (2, 3), }", 12, "|V2"},
-        {1, "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", 24, "Fortran"},
+        {1, "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", 24, NULL},
         {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 1), }", 24, "dimensional"},
         {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 1, 1), }", 24, "dimensions"},
         {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (6,), }", 24, "not a non-empty matrix"},
