@@ -143,17 +143,21 @@ static int not_an_sae(const sae__safetensors *st)
             used += (size_t)w;
     }
     return sae__fail(SAE_EFORMAT,
-                     "%s: not an SAE file libsae knows: expected tensor W_enc (libsae, SAELens) "
-                     "or encoder.weight (sparsify); found %zu tensor(s)%s%s",
+                     "%s: not an SAE file libsae knows: expected tensor W_enc (libsae, SAELens, "
+                     "circuit-tracer), w_enc (Gemma Scope 2) or encoder.weight (sparsify, Llama "
+                     "Scope); found %zu tensor(s)%s%s",
                      st->path, st->n_tensors, st->n_tensors ? ": " : "", names);
 }
 
-int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map, const char *path,
-                          const char *cfg_text, size_t cfg_len, const char *cfg_path,
-                          const char *scaler_text, size_t scaler_len, const char *scaler_path,
-                          sae_model **out)
+int sae__load_safetensors_ex(const unsigned char *data, size_t size, sae__map *map,
+                             const char *path, const sae__sides *sides, sae_model **out)
 {
     *out = NULL;
+    static const sae__sides none = {{NULL, 0, NULL}, {NULL, 0, NULL}, {NULL, 0, NULL},
+                                    {NULL, 0, NULL}, NULL};
+    if (sides == NULL)
+        sides = &none;
+    const char *cfg_text = sides->cfg.text;
     sae__safetensors st;
     int rc = sae__st_parse(&st, data, size, path);
     if (rc != SAE_OK)
@@ -161,22 +165,35 @@ int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map,
     const char *format = sae__st_meta(&st, "format");
     if (format != NULL && strcmp(format, "libsae") == 0) {
         rc = load_own(&st, map, out);
+    } else if (sae__st_find(&st, "w_enc") != NULL) {
+        /* Lowercase w_enc is Gemma Scope 2's spelling (circuit-tracer detects it the same way). */
+        rc = sae__gemmascope2_load(&st, map, sides, out);
+    } else if (sae__st_find(&st, "encoder.weight") != NULL && sides->hyperparams.text != NULL) {
+        /* hyperparams.json is lm_saes's, never sparsify's: a Llama Scope checkpoint. */
+        rc = sae__llamascope_load(&st, map, &sides->hyperparams, out);
     } else if (sae__st_find(&st, "encoder.weight") != NULL) {
         sae__sparsify_cfg cfg;
         if (cfg_text == NULL)
             rc = sae__fail(SAE_EFORMAT,
                            "%s: sparsify weights (encoder.weight) need the cfg.json written "
-                           "beside them (it holds d_in and k), and there is none",
+                           "beside them (it holds d_in and k), and there is none (a Llama Scope "
+                           "checkpoint needs its hyperparams.json)",
                            path);
-        else if ((rc = sae__sparsify_cfg_parse(cfg_text, cfg_len, cfg_path, &cfg)) == SAE_OK)
+        else if ((rc = sae__sparsify_cfg_parse(cfg_text, sides->cfg.len, sides->cfg.path,
+                                               &cfg)) == SAE_OK)
             rc = sae__sparsify_load(&st, map, &cfg, out);
+    } else if (sae__st_find(&st, "W_enc") != NULL && cfg_text == NULL &&
+               sae__circuit_tracer_like(&st)) {
+        rc = sae__circuit_tracer_load(&st, map, out);
     } else if (sae__st_find(&st, "W_enc") != NULL) {
         sae__saelens_cfg cfg;
         double scale = 0;
         if (cfg_text != NULL &&
-            (rc = sae__saelens_cfg_parse(cfg_text, cfg_len, cfg_path, &cfg)) == SAE_OK &&
-            cfg.norm == SAE__NORM_EXPECTED_AVERAGE && scaler_text != NULL)
-            rc = sae__saelens_scaler_parse(scaler_text, scaler_len, scaler_path, &scale);
+            (rc = sae__saelens_cfg_parse(cfg_text, sides->cfg.len, sides->cfg.path, &cfg)) ==
+                SAE_OK &&
+            cfg.norm == SAE__NORM_EXPECTED_AVERAGE && sides->scaler.text != NULL)
+            rc = sae__saelens_scaler_parse(sides->scaler.text, sides->scaler.len,
+                                           sides->scaler.path, &scale);
         if (rc == SAE_OK)
             rc = sae__saelens_load(&st, map, cfg_text ? &cfg : NULL, scale, out);
     } else {
@@ -184,6 +201,19 @@ int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map,
     }
     sae__st_close(&st);
     return rc;
+}
+
+int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map, const char *path,
+                          const char *cfg_text, size_t cfg_len, const char *cfg_path,
+                          const char *scaler_text, size_t scaler_len, const char *scaler_path,
+                          sae_model **out)
+{
+    const sae__sides sides = {{cfg_text, cfg_len, cfg_path},
+                              {scaler_text, scaler_len, scaler_path},
+                              {NULL, 0, NULL},
+                              {NULL, 0, NULL},
+                              NULL};
+    return sae__load_safetensors_ex(data, size, map, path, &sides, out);
 }
 
 /* dir/name, malloc'd. */
@@ -253,6 +283,22 @@ static void free_side(side_file *f)
 
 static int load_dir(const char *dir, unsigned flags, sae_model **out);
 
+/* Gemma Scope 2's config.json beside params.safetensors, and Llama Scope's hyperparams.json,
+ * which lm_saes keeps in the run folder while the weights sit in its checkpoints/ subfolder. */
+static int read_sides_2026(const char *dir, side_file *config, side_file *hyper)
+{
+    int rc = read_side(dir, "config.json", config);
+    if (rc == SAE_OK)
+        rc = read_side(dir, "hyperparams.json", hyper);
+    const char *base = strrchr(dir, '/');
+    base = base ? base + 1 : dir;
+    if (rc == SAE_OK && hyper->text == NULL && strcmp(base, "checkpoints") == 0) {
+        free_side(hyper);
+        rc = read_side(dir, "../hyperparams.json", hyper);
+    }
+    return rc;
+}
+
 /* follow_cfg: a config file stands for its folder (only when the user named it, so that a
  * weights file that looks like JSON cannot send the folder search round in a loop). */
 static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_model **out)
@@ -282,7 +328,7 @@ static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_mode
         return rc;
     }
     char *dir = folder_of(path);
-    side_file cfg = {0}, scaler = {0};
+    side_file cfg = {0}, scaler = {0}, config = {0}, hyper = {0};
     if (dir == NULL)
         rc = SAE_ENOMEM;
     if (rc == SAE_OK)
@@ -290,10 +336,20 @@ static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_mode
     if (rc == SAE_OK)
         rc = read_side(dir, "activation_scaler.json", &scaler);
     if (rc == SAE_OK)
-        rc = sae__load_safetensors(map.data, map.size, &map, path, cfg.text, cfg.len, cfg.path,
-                                   scaler.text, scaler.len, scaler.path, out);
+        rc = read_sides_2026(dir, &config, &hyper);
+    if (rc == SAE_OK) {
+        const char *slash = strrchr(path, '/');
+        const sae__sides sides = {{cfg.text, cfg.len, cfg.path},
+                                  {scaler.text, scaler.len, scaler.path},
+                                  {config.text, config.len, config.path},
+                                  {hyper.text, hyper.len, hyper.path},
+                                  slash ? slash + 1 : path};
+        rc = sae__load_safetensors_ex(map.data, map.size, &map, path, &sides, out);
+    }
     free_side(&cfg);
     free_side(&scaler);
+    free_side(&config);
+    free_side(&hyper);
     free(dir);
     sae__unmap(&map); /* a no-op when the model took it */
     return rc;
@@ -302,8 +358,28 @@ static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_mode
 /* A folder: the weights file each tool writes, found by its name, then read by its content. */
 static int load_dir(const char *dir, unsigned flags, sae_model **out)
 {
+    /* A Llama Scope run folder: lm_saes's from_config takes the first of these that exists. */
+    char *hp = join(dir, "hyperparams.json");
+    if (hp == NULL)
+        return SAE_ENOMEM;
+    bool lm_saes = is_file(hp);
+    free(hp);
+    static const char *const lm_names[] = {"sae_weights.safetensors",
+                                           "checkpoints/pruned.safetensors",
+                                           "checkpoints/final.safetensors"};
+    for (size_t i = 0; lm_saes && i < sizeof lm_names / sizeof lm_names[0]; i++) {
+        char *path = join(dir, lm_names[i]);
+        if (path == NULL)
+            return SAE_ENOMEM;
+        if (is_file(path)) {
+            int rc = load_file(path, false, flags, out);
+            free(path);
+            return rc;
+        }
+        free(path);
+    }
     static const char *const names[] = {"sae_weights.safetensors", "sae.safetensors",
-                                        "params.npz"};
+                                        "params.safetensors", "params.npz"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         char *path = join(dir, names[i]);
         if (path == NULL)
@@ -317,7 +393,9 @@ static int load_dir(const char *dir, unsigned flags, sae_model **out)
     }
     return sae__fail(SAE_EFORMAT,
                      "%s: a folder without SAE weights: expected sae_weights.safetensors "
-                     "(SAELens), sae.safetensors (sparsify) or params.npz (Gemma Scope)",
+                     "(SAELens), sae.safetensors (sparsify), params.safetensors (Gemma Scope 2), "
+                     "params.npz (Gemma Scope) or hyperparams.json with "
+                     "checkpoints/final.safetensors (Llama Scope)",
                      dir);
 }
 
