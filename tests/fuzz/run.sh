@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (clang, -fsanitize=fuzzer,address,undefined) for the safetensors
-# reader, the cfg.json readers, the npz reader and the .pt reader, replays every saved regression
+# reader, the cfg.json readers, the npz reader, the .pt reader and the 2026 publishers' readers, replays every saved regression
 # input, then fuzzes each target for a bounded time from the seeds tests/fuzz/seeds.c writes (and
 # the .pt fixtures). Fails on any crash, leak, sanitizer report, timeout or out-of-memory; the
 # input that caused it is left in the build folder's artifacts/ (copy it to
@@ -50,7 +50,7 @@ for f in glob.glob(os.path.join(sys.argv[1], "*.pt")):
 EOF
 
 status=0
-for target in ${SAE_FUZZ_TARGETS:-safetensors cfg npz torch}; do
+for target in ${SAE_FUZZ_TARGETS:-safetensors cfg npz torch publishers}; do
     extra=() dict=json.dict
     if [ "$target" = torch ]; then
         extra=("$root/tests/writers.c") dict=torch.dict # it wraps pickles in a zip

@@ -1,6 +1,6 @@
 /* Writes the fuzzers' seed corpora: valid files of every layout the readers accept, built by
  * the same writers the Check suites use. Usage: seeds OUTDIR (creates OUTDIR/safetensors,
- * OUTDIR/cfg and OUTDIR/npz). */
+ * OUTDIR/cfg, OUTDIR/npz and OUTDIR/publishers). */
 #include "sae.h"
 #include "writers.h"
 
@@ -35,6 +35,26 @@ static void st_seed(const char *name, unsigned flags, const char *cfg, const tw_
     tw_free(&b);
     if (cfg)
         seed("cfg", name, cfg, len);
+}
+
+/* The publishers target's framing: flags, config.json, hyperparams.json, weights. */
+static void pub_seed(const char *name, unsigned flags, const char *config, const char *hyper,
+                     const tw_buf *weights)
+{
+    tw_buf b = {0};
+    unsigned char f = (unsigned char)flags;
+    tw_put(&b, &f, 1);
+    const char *parts[2] = {config, hyper};
+    for (int i = 0; i < 2; i++) {
+        size_t len = parts[i] ? strlen(parts[i]) : 0;
+        unsigned char head[2] = {(unsigned char)len, (unsigned char)(len >> 8)};
+        tw_put(&b, head, 2);
+        if (len)
+            tw_put(&b, parts[i], len);
+    }
+    tw_put(&b, weights->data, weights->size);
+    seed("publishers", name, b.data, b.size);
+    tw_free(&b);
 }
 
 int main(int argc, char **argv)
@@ -324,6 +344,61 @@ int main(int argc, char **argv)
         tw_free(&z);
         for (int i = 0; i < 5; i++)
             tw_free(&m[i]);
+    }
+    /* The 2026 publishers (tests/test_publishers.c has their math): Gemma Scope 2 with and
+     * without its skip and config.json, a cross-layer file, Llama Scope with hyperparams.json,
+     * circuit-tracer's today and June 2025 W_dec. */
+    {
+        float A[DI * DI];
+        tw_fill(10, A, DI * DI, 0.5f);
+        tw_tensor g[6] = {{"affine_skip_connection", "F32", 2, {DI, DI}, A},
+                          {"b_dec", "F32", 1, {DI, 0}, b_dec},
+                          {"b_enc", "F32", 1, {DS, 0}, b_enc},
+                          {"threshold", "F32", 1, {DS, 0}, th},
+                          {"w_dec", "BF16", 2, {DS, DI}, w_dec},
+                          {"w_enc", "BF16", 2, {DI, DS}, w_enc}};
+        static const char gs2_cfg[] = "{\"architecture\": \"jump_relu\", \"affine_connection\": "
+                                      "true, \"hf_hook_point_in\": \"a\", \"hf_hook_point_out\": "
+                                      "\"b\", \"width\": 5, \"l0\": \"medium\"}";
+        tw_buf w = {0};
+        tw_safetensors(&w, g, 6, NULL);
+        pub_seed("gemma-scope-2-skip", 1, gs2_cfg, NULL, &w);
+        pub_seed("gemma-scope-2-clt-name", 5, gs2_cfg, NULL, &w);
+        tw_free(&w);
+        tw_safetensors(&w, g + 1, 5, NULL);
+        pub_seed("gemma-scope-2-sae", 0, NULL, NULL, &w);
+        tw_free(&w);
+        tw_tensor l[4] = {{"decoder.bias", "F32", 1, {DI, 0}, b_dec},
+                          {"decoder.weight", "F32", 2, {DI, DS}, w_enc},
+                          {"encoder.bias", "F32", 1, {DS, 0}, b_enc},
+                          {"encoder.weight", "BF16", 2, {DS, DI}, w_enc_t}};
+        tw_safetensors(&w, l, 4, NULL);
+        pub_seed("llama-scope", 2, NULL,
+                 "{\"d_model\": 3, \"d_sae\": 5, \"act_fn\": \"topk\", \"jump_relu_threshold\": "
+                 "0.5, \"top_k\": 2, \"norm_activation\": \"dataset-wise\", "
+                 "\"dataset_average_activation_norm\": {\"in\": 2.5, \"out\": 3.5}, "
+                 "\"sparsity_include_decoder_norm\": true, \"apply_decoder_bias_to_pre_encoder\": "
+                 "true, \"hook_point_in\": \"a\", \"hook_point_out\": \"a\"}",
+                 &w);
+        tw_free(&w);
+        tw_tensor c[6] = {{"W_dec", "F32", 2, {DS, 2}, w_dec2},
+                          {"W_enc", "F32", 2, {DS, DI}, w_enc_t},
+                          {"W_skip", "F32", 2, {2, DI}, skip},
+                          {"activation_function.threshold", "F32", 1, {DS, 0}, th},
+                          {"b_dec", "F32", 1, {2, 0}, b_dec2},
+                          {"b_enc", "F32", 1, {DS, 0}, b_enc}};
+        tw_safetensors(&w, c, 6, NULL);
+        pub_seed("circuit-tracer-jumprelu-skip", 0, NULL, NULL, &w);
+        tw_free(&w);
+        float w_dec2_t[2 * DS];
+        for (int i = 0; i < DS; i++)
+            for (int o = 0; o < 2; o++)
+                w_dec2_t[o * DS + i] = w_dec2[i * 2 + o];
+        c[0] = (tw_tensor){"W_dec", "F16", 2, {2, DS}, w_dec2_t};
+        tw_tensor c2[4] = {c[0], c[1], c[4], c[5]};
+        tw_safetensors(&w, c2, 4, NULL);
+        pub_seed("circuit-tracer-june-2025", 0, NULL, NULL, &w);
+        tw_free(&w);
     }
     return 0;
 }
