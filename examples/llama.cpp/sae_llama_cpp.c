@@ -7,10 +7,12 @@
  *
  * The SAE reads the residual stream ENTERING block L (SAELens blocks.L.hook_resid_pre), which
  * llama.cpp's graph names "l_out-<L-1>" (the output of block L-1, after its FFN residual add and
- * after any control vector). cb_eval asks for that one tensor; when it has been computed (and
- * before any later node runs) the callback copies its rows out, prints/records each token's top
- * SAE features (sae_encode_sparse), applies the steering plan (sae_steer_apply) and writes the
- * rows back. Everything it needs is in llama.h, ggml-backend.h and sae.h.
+ * after any control vector). The hook adapter sae_llama_hook.{h,c} installs cb_eval with one
+ * entry (that hook, the SAE, the steering plan or none, a reader): cb_eval asks for that one
+ * tensor; when it has been computed (and before any later node runs) the adapter copies its rows
+ * out, applies the steering plan (sae_steer_apply) and writes the rows back; the reader here
+ * records each token's top SAE features (sae_encode_sparse) and the rows, before the plan.
+ * Everything it needs is in llama.h, ggml-backend.h and sae.h.
  *
  * A plan of add ops only is a constant vector, so it can also go through llama.cpp's own
  * control-vector machinery instead of the callback:
@@ -27,8 +29,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "cvec_file.h"
 #include "plan.h"
+#include "sae_llama_hook.h"
 
-#include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
 #include "sae.h"
@@ -52,36 +54,35 @@ static double now_s(void)
 }
 
 /* ======================================================================================== */
-/* The part a llama.cpp user copies: an eval callback that hands one layer's rows to libsae. */
+/* What this program keeps of the rows sae_llama_hook hands its reader: the adapter finds the
+ * hook's tensor in the graph, copies its rows out, applies the steering plan and writes the rows
+ * back (sae_llama_hook.c); the reader records each token's top features and, if asked, the rows
+ * themselves, both as llama.cpp computed them (before the plan), by position. */
 
 typedef struct {
-    char name[64];              /* "l_out-<L-1>": the stream entering block L */
+    char hook[48];              /* "blocks.L.hook_resid_pre" */
+    char name[48];              /* its graph tensor, "l_out-<L-1>" */
     const sae_model *sae;
-    const sae_steer *plan;      /* NULL: read only */
     size_t top_k;               /* > 0: record each token's top_k features (before the plan) */
     bool capture;               /* keep each row as llama.cpp handed it over (before the plan) */
-    bool no_sae;                /* benchmark: copy the rows out and nothing else */
-    int pos_next;               /* position of the first row of the next ubatch (set by caller) */
-    /* scratch and results */
-    float *rows;
-    size_t rows_cap;
+    size_t d;
+    /* results */
     float *cap;                 /* captured rows by position */
     uint32_t *fidx, *fcnt;      /* top features by position: [pos][top_k], [pos] */
     float *fval;
     int n_pos, pos_alloc;
     long n_calls, n_written;
-    double t_cb, t_sae;         /* seconds inside the callback, and inside libsae */
-    int error;
-} sae_hook;
+    double t_sae;               /* seconds inside libsae in the reader (the adapter counts its own) */
+} sae_record;
 
-static int hook_reserve(sae_hook *h, int need, size_t d)
+static int record_reserve(sae_record *h, int need)
 {
     if (need <= h->pos_alloc)
         return 0;
     int na = h->pos_alloc ? h->pos_alloc : 64;
     while (na < need)
         na *= 2;
-    const size_t k = h->top_k ? h->top_k : 1;
+    const size_t k = h->top_k ? h->top_k : 1, d = h->d;
     float *cap = h->capture ? realloc(h->cap, (size_t)na * d * sizeof *cap) : h->cap;
     if (h->capture && cap)
         h->cap = cap;
@@ -100,68 +101,51 @@ static int hook_reserve(sae_hook *h, int need, size_t d)
     return 0;
 }
 
-/* ggml_backend_sched_eval_callback. ask == true: "will you look at this node?"; saying yes to
- * one tensor only keeps the graph in one piece elsewhere. ask == false: the node is computed and
- * nothing after it has run, so rows written back here are what block L reads. Returning false
- * cancels the graph (llama_decode then fails). */
-static bool sae_cb_eval(struct ggml_tensor *t, bool ask, void *user)
+/* sae_llama_reader: rows->x are the rows as llama.cpp computed them, rows->out what the plan
+ * wrote back (NULL when there is no plan in the callback). Non-zero cancels the decode. */
+static int record_rows(void *user, const sae_llama_rows *rows)
 {
-    sae_hook *h = user;
-    if (strcmp(t->name, h->name) != 0)
-        return !ask;  /* not ours: do not ask for it, and let the graph go on */
-    if (ask)
-        return true;
-
-    const double t0 = now_s();
-    const size_t d = (size_t)t->ne[0], n = (size_t)t->ne[1];
-    if (t->type != GGML_TYPE_F32 || t->ne[2] != 1 || t->ne[3] != 1 || !ggml_is_contiguous(t) ||
-        d != sae_model_d_in(h->sae)) {
-        fprintf(stderr, "sae-llama-cpp: %s is not F32 [%zu][d_in=%zu] rows\n", t->name, n,
-                sae_model_d_in(h->sae));
-        h->error = 1;
-        return false;
-    }
-    if (n * d > h->rows_cap) {
-        float *r = realloc(h->rows, n * d * sizeof *r);
-        if (!r) { h->error = 1; return false; }
-        h->rows = r;
-        h->rows_cap = n * d;
-    }
-    ggml_backend_tensor_get(t, h->rows, 0, n * d * sizeof(float));
-    const int pos0 = h->pos_next;
-    h->pos_next += (int)n;
+    sae_record *h = user;
+    const size_t n = rows->n, d = rows->d;
     h->n_calls++;
-
-    if (h->capture || h->top_k) {
-        if (hook_reserve(h, pos0 + (int)n, d) != 0) { h->error = 1; return false; }
-        if (h->capture)
-            memcpy(h->cap + (size_t)pos0 * d, h->rows, n * d * sizeof(float));
-        if (pos0 + (int)n > h->n_pos)
-            h->n_pos = pos0 + (int)n;
+    if (rows->out)
+        h->n_written++;
+    if (!h->capture && !h->top_k)
+        return 0;
+    int hi = 0;
+    for (size_t i = 0; i < n; i++)
+        if (rows->pos[i] < 0)
+            return -1;
+        else if (rows->pos[i] + 1 > hi)
+            hi = rows->pos[i] + 1;
+    if (record_reserve(h, hi) != 0)
+        return -1;
+    if (hi > h->n_pos)
+        h->n_pos = hi;
+    if (h->capture)
+        for (size_t i = 0; i < n; i++)
+            memcpy(h->cap + (size_t)rows->pos[i] * d, rows->x + i * d, d * sizeof(float));
+    if (!h->top_k)
+        return 0;
+    /* one sae_encode_sparse call for the ubatch when its positions follow each other (one
+     * sequence), one per row otherwise */
+    bool run = true;
+    for (size_t i = 1; i < n; i++)
+        run = run && rows->pos[i] == rows->pos[0] + (llama_pos)i;
+    const double s0 = now_s();
+    int rc = SAE_OK;
+    for (size_t i = 0; i < n && rc == SAE_OK; i += run ? n : 1) {
+        const size_t p = (size_t)rows->pos[i], m = run ? n : 1;
+        rc = sae_encode_sparse(h->sae, rows->x + i * d, m, h->top_k, h->fidx + p * h->top_k,
+                               h->fval + p * h->top_k, h->fcnt + p);
     }
-    if (!h->no_sae) {
-        const double s0 = now_s();
-        int rc = SAE_OK;
-        if (h->top_k)
-            rc = sae_encode_sparse(h->sae, h->rows, n, h->top_k, h->fidx + (size_t)pos0 * h->top_k,
-                                   h->fval + (size_t)pos0 * h->top_k, h->fcnt + pos0);
-        if (rc == SAE_OK && h->plan)
-            rc = sae_steer_apply(h->plan, h->rows, n);
-        h->t_sae += now_s() - s0;
-        if (rc != SAE_OK) {
-            fprintf(stderr, "sae-llama-cpp: libsae: %s\n", sae_last_error());
-            h->error = 1;
-            return false;
-        }
-        if (h->plan) {
-            ggml_backend_tensor_set(t, h->rows, 0, n * d * sizeof(float));
-            h->n_written++;
-        }
+    h->t_sae += now_s() - s0;
+    if (rc != SAE_OK) {
+        fprintf(stderr, "sae-llama-cpp: libsae: %s\n", sae_last_error());
+        return -1;
     }
-    h->t_cb += now_s() - t0;
-    return true;
+    return 0;
 }
-
 /* ======================================================================================== */
 
 typedef enum { VIA_CALLBACK, VIA_CVEC, VIA_CVEC_FILE } via_t;
@@ -180,7 +164,7 @@ typedef struct {
     double t_prompt, t_gen;   /* llama_decode time of the prompt and of the generation steps */
     double cb_gen, sae_gen;   /* time in the callback and in libsae during the generation steps */
     int n_steps;
-    sae_hook h;               /* the callback's record (rows, features, times) */
+    sae_record h;             /* the reader's record (rows, features, calls) */
 } run_t;
 
 static bool g_verbose = false;
@@ -201,7 +185,6 @@ static bool no_progress(float p, void *u)
 static void run_free(run_t *r)
 {
     free(r->toks);
-    free(r->h.rows);
     free(r->h.cap);
     free(r->h.fidx);
     free(r->h.fval);
@@ -209,12 +192,18 @@ static void run_free(run_t *r)
     memset(r, 0, sizeof *r);
 }
 
-/* One greedy generation in a fresh context. mode_cb: 0 no callback at all, 1 the callback. The
- * plan goes through the callback (plan_cb) or as a control vector (via != VIA_CALLBACK). */
+/* llama_decode through the hooks, or alone when there are none */
+static int decode(sae_llama_hooks *hooks, struct llama_context *ctx, struct llama_batch b)
+{
+    return hooks ? sae_llama_decode(hooks, ctx, b) : (llama_decode(ctx, b) != 0 ? -1 : 0);
+}
+
+/* One greedy generation in a fresh context. install_cb: the hook at blocks.L.hook_resid_pre
+ * through sae_llama_hook, or no cb_eval at all. The plan goes through the callback (via ==
+ * VIA_CALLBACK) or as a control vector; top_k and capture are what the reader records. */
 static int run_once(const opts_t *o, struct llama_model *model, const sae_model *sae,
                     const llama_token *prompt, int n_prompt, int n_gen, bool install_cb,
-                    const sae_steer *plan, via_t via, bool no_sae, size_t top_k, bool capture,
-                    run_t *r)
+                    const sae_steer *plan, via_t via, size_t top_k, bool capture, run_t *r)
 {
     memset(r, 0, sizeof *r);
     const int n_embd = llama_model_n_embd(model), n_layer = llama_model_n_layer(model);
@@ -224,13 +213,24 @@ static int run_once(const opts_t *o, struct llama_model *model, const sae_model 
     memcpy(r->toks, prompt, sizeof(llama_token) * (size_t)n_prompt);
     r->n_prompt = n_prompt;
 
-    sae_hook *h = &r->h;
-    snprintf(h->name, sizeof h->name, "l_out-%d", o->layer - 1);
+    sae_record *h = &r->h;
+    snprintf(h->hook, sizeof h->hook, "blocks.%d.hook_resid_pre", o->layer);
+    sae_llama_tensor_name(o->layer, SAE_LLAMA_RESID_PRE, h->name, sizeof h->name);
     h->sae = sae;
-    h->plan = via == VIA_CALLBACK ? plan : NULL;
     h->top_k = top_k;
     h->capture = capture;
-    h->no_sae = no_sae;
+    h->d = (size_t)n_embd;
+    sae_llama_hooks *hooks = NULL;
+    if (install_cb) {
+        const sae_llama_entry e = {.hook = h->hook, .dict = sae,
+                                   .plan = via == VIA_CALLBACK ? plan : NULL,
+                                   .reader = record_rows, .user = h};
+        char err[512];
+        if (sae_llama_hooks_new(&hooks, model, &e, 1, err, sizeof err) != 0) {
+            fprintf(stderr, "sae-llama-cpp: %s\n", err);
+            return -1;
+        }
+    }
 
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t)(n_prompt + n_gen + 1);
@@ -242,10 +242,18 @@ static int run_once(const opts_t *o, struct llama_model *model, const sae_model 
      * through F16: the stream then differs from an F32 engine by ~1e-3. Off by default here. */
     if (!o->kv_f16) { cp.type_k = GGML_TYPE_F32; cp.type_v = GGML_TYPE_F32; }
     if (!o->flash_attn) cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    if (install_cb) { cp.cb_eval = sae_cb_eval; cp.cb_eval_user_data = h; }
+    if (hooks) {
+        sae_llama_hooks_params(hooks, &cp);
+        /* kv_unified, which the adapter sets so that several sequences reach the callback in
+         * batch order, is not needed for one sequence (n_seq_max 1: one KV stream, llama.cpp
+         * splits the batch "simple" either way) and costs every llama_decode a pass over
+         * LLAMA_MAX_SEQ^2 sequence pairs (~80 us a step here, a third of stories260K's step) */
+        cp.kv_unified = false;
+    }
     struct llama_context *ctx = llama_init_from_model(model, cp);
     if (!ctx) {
         fprintf(stderr, "sae-llama-cpp: cannot create a context\n");
+        sae_llama_hooks_free(hooks);
         return -1;
     }
 
@@ -288,32 +296,36 @@ static int run_once(const opts_t *o, struct llama_model *model, const sae_model 
     llama_sampler_chain_add(smpl, llama_sampler_init_greedy());
     int n = n_prompt;
     if (rc == 0) {
-        h->pos_next = 0;
+        /* the batches carry no positions: sae_llama_decode takes them from the KV memory, as
+         * llama_decode does, and hands them to the reader */
         double t0 = now_s();
-        if (llama_decode(ctx, llama_batch_get_one(r->toks, n_prompt)) != 0 || h->error)
-            rc = -1;
+        rc = decode(hooks, ctx, llama_batch_get_one(r->toks, n_prompt));
         r->t_prompt = now_s() - t0;
-        const double cb0 = h->t_cb, sae0 = h->t_sae;
+        double cb0 = 0, sae0 = 0;
+        sae_llama_hooks_times(hooks, &cb0, &sae0);
+        sae0 += h->t_sae;
         /* greedy, no early stop at BOS/EOS (as reference.json and the engine check) */
         for (int g = 0; rc == 0 && g < n_gen; g++) {
             r->toks[n++] = llama_sampler_sample(smpl, ctx, -1);
             if (g == n_gen - 1)
                 break;
-            h->pos_next = n - 1;
             t0 = now_s();
-            if (llama_decode(ctx, llama_batch_get_one(&r->toks[n - 1], 1)) != 0 || h->error)
-                rc = -1;
+            rc = decode(hooks, ctx, llama_batch_get_one(&r->toks[n - 1], 1));
             r->t_gen += now_s() - t0;
             r->n_steps++;
         }
-        r->cb_gen = h->t_cb - cb0;
-        r->sae_gen = h->t_sae - sae0;
+        double cb1 = 0, sae1 = 0;
+        sae_llama_hooks_times(hooks, &cb1, &sae1);
+        r->cb_gen = cb1 - cb0;
+        r->sae_gen = sae1 + h->t_sae - sae0;
         if (rc)
-            fprintf(stderr, "sae-llama-cpp: llama_decode failed\n");
+            fprintf(stderr, "sae-llama-cpp: llama_decode failed%s%s\n", hooks ? ": " : "",
+                    hooks ? sae_llama_hooks_error(hooks) : "");
     }
     r->n_tok = n;
     llama_sampler_free(smpl);
     llama_free(ctx);
+    sae_llama_hooks_free(hooks);
     return rc;
 }
 
@@ -427,7 +439,7 @@ static float *read_codes(const opts_t *o, struct llama_model *model, const sae_m
     run_t r;
     float *codes = NULL, *f = NULL;
     const size_t d_sae = sae_model_d_sae(sae), d = sae_model_d_in(sae);
-    if (run_once(o, model, sae, tokens, n, 0, true, NULL, VIA_CALLBACK, true, 0, true, &r) != 0)
+    if (run_once(o, model, sae, tokens, n, 0, true, NULL, VIA_CALLBACK, 0, true, &r) != 0)
         goto out;
     codes = malloc(sizeof *codes * (size_t)(n - from) * (size_t)(n_ops ? n_ops : 1));
     f = malloc(sizeof *f * d_sae);
@@ -634,11 +646,11 @@ int main(int argc, char **argv)
 
     /* ---- --bench: the callback's cost per generated token --------------------------------- */
     if (o.bench) {
-        struct { const char *name; bool cb, no_sae; size_t k; const sae_steer *p; } modes[] = {
-            {"llama.cpp alone (no cb_eval)", false, true, 0, NULL},
-            {"cb_eval: copy the rows out only", true, true, 0, NULL},
-            {"cb_eval + sae_encode_sparse (top 8)", true, false, 8, NULL},
-            {"cb_eval + sae_steer_apply + write back", true, false, 0, plan},
+        struct { const char *name; bool cb; size_t k; const sae_steer *p; } modes[] = {
+            {"llama.cpp alone (no cb_eval)", false, 0, NULL},
+            {"cb_eval: copy the rows out only", true, 0, NULL},
+            {"cb_eval + sae_encode_sparse (top 8)", true, 8, NULL},
+            {"cb_eval + sae_steer_apply + write back", true, 0, plan},
         };
         const int n_modes = plan ? 4 : 3;
         printf("bench: %s, SAE %s %zu x %zu at l_out-%d (stream entering block %d), %d threads, "
@@ -658,7 +670,7 @@ int main(int argc, char **argv)
             for (int m = 0; m < n_modes; m++) {
                 run_t r;
                 if (run_once(&o, model, sae, prompt, n_prompt, o.n_gen, modes[m].cb, modes[m].p,
-                             VIA_CALLBACK, modes[m].no_sae, modes[m].k, false, &r) != 0)
+                             VIA_CALLBACK, modes[m].k, false, &r) != 0)
                     return 1;
                 /* generation steps only (one token each), not the prompt */
                 const double steps = r.n_steps ? r.n_steps : 1;
@@ -682,8 +694,8 @@ int main(int argc, char **argv)
 
     /* ---- one steered (or plain) generation ------------------------------------------------ */
     run_t r;
-    if (run_once(&o, model, sae, prompt, n_prompt, o.n_gen, true, plan, o.via, false,
-                 (size_t)o.top_k, o.dump_resid > 0, &r) != 0)
+    if (run_once(&o, model, sae, prompt, n_prompt, o.n_gen, true, plan, o.via, (size_t)o.top_k,
+                 o.dump_resid > 0, &r) != 0)
         return 1;
     int text_n;
     char *text = detok(vocab, r.toks, r.n_tok, &text_n);
@@ -692,7 +704,7 @@ int main(int argc, char **argv)
     char *base_text = NULL;
     float *codes_base = NULL, *codes_steer = NULL;
     if (o.compare) {
-        if (run_once(&o, model, sae, prompt, n_prompt, o.n_gen, true, NULL, VIA_CALLBACK, true, 0,
+        if (run_once(&o, model, sae, prompt, n_prompt, o.n_gen, true, NULL, VIA_CALLBACK, 0,
                      false, &base) != 0)
             return 1;
         base_text = detok(vocab, base.toks, base.n_tok, &text_n);

@@ -115,7 +115,11 @@ int sae_llama_hooks_new(sae_llama_hooks **out, const struct llama_model *model,
 void sae_llama_hooks_free(sae_llama_hooks *h);
 
 /* Sets cp->cb_eval and cp->cb_eval_user_data; and kv_unified, so that a batch of several
- * sequences reaches the callback in batch order (llama.cpp splits it "simple" then). */
+ * sequences reaches the callback in batch order (llama.cpp splits it "simple" then).
+ * A context of one sequence (n_seq_max 1) may set kv_unified back to false after this call: it
+ * has one KV stream, which llama.cpp splits "simple" either way, and kv_unified costs every
+ * llama_decode a pass over LLAMA_MAX_SEQ^2 sequence pairs (about 75 us a step on stories260K,
+ * measured by sae-llama-cpp --bench, which does this). */
 void sae_llama_hooks_params(sae_llama_hooks *h, struct llama_context_params *cp);
 
 /* llama_decode(ctx, batch) with the hooks told the batch's positions and sequence ids (a batch
