@@ -11,7 +11,11 @@
  * The callback copies the rows of that tensor for every ubatch to a host
  * buffer, hands them to a hook that may modify them in place, and, when the
  * hook says so, writes them back before any later node of the graph runs.
- * The hook is where libsae's steering (encode, clamp, decode) will go.
+ * libsae's steering (encode, clamp, decode) lives in the hook adapter
+ * sae_llama_hook.{h,c}, which sae-llama-cpp, -capture and -evaluate use.  This
+ * program keeps its own raw callback on purpose: it is llama.cpp alone (no
+ * libsae linked), the independent check of llama.cpp against reference.json
+ * (check-reference.py), and the smallest example of the cb_eval mechanism.
  *
  * Built-in demonstration edits (no libsae needed):
  *   --add DIM:VALUE       add VALUE to component DIM of every row (callback)
