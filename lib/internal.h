@@ -151,6 +151,15 @@ typedef struct {
     const uint16_t *bf16;
 } sae__st_out;
 
+/* The __metadata__ of libsae's own file (load.c): sae_model_save's keys and values for m, which
+ * a training checkpoint writes too so that it loads as the model. The values live in *txt;
+ * keys and values need SAE__MODEL_META_MAX entries. Returns the number of pairs. */
+enum { SAE__MODEL_META_MAX = 16 };
+typedef struct {
+    char d_in[24], d_sae[24], d_out[24], k[24], apply[4], scale[32], theta[32];
+} sae__model_meta_text;
+size_t sae__model_meta(const sae_model *m, sae__model_meta_text *txt, const char **keys,
+                       const char **values);
 /* Writes an F32 (and BF16) safetensors file atomically; tensors must be sorted by name. meta_keys/values
  * (n_meta pairs) become __metadata__. */
 int sae__st_write(const char *path, const sae__st_out *tensors, size_t n_tensors,

@@ -1,34 +1,22 @@
 /* Dictionary learning: ReLU (Anthropic, April 2024), TopK (OpenAI, 2024) and BatchTopK training of
- * a model in place; data-aware initialization; the data-parallel hook; checkpoints.
+ * an SAE or a transcoder (sparsify's recipe) in place: the trainer object, its parameters,
+ * data-aware initialization, the step and the data-parallel hook (checkpoints:
+ * train_checkpoint.c).
  *
  * A step computes, on this process's tokens, the sums over tokens of the per-token loss's
  * gradient into one buffer (with the firing counts and metric sums), lets the caller sum that
  * buffer over processes, then divides by the global token count and takes the Adam step. Every
  * quantity that must agree across processes therefore travels in that buffer or derives from
  * state that already agrees (the weights, the counters, the previous step's sums). */
-#include "internal.h"
+#include "train_internal.h"
 
-#include <errno.h>
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define N_PARAMS (SAE_TRAIN_B_DEC_INIT + 1)
-#define N_METRICS (SAE_METRIC_GRAD_NORM + 1)
-#define TRAIN_FORMAT_VERSION "1"
-/* Dead-latent counters saturate here so that they travel exactly as two float halves. */
-#define COUNTER_MAX (((uint64_t)1 << 48) - 1)
-#define WHOLE_MAX 9007199254740992.0 /* 2^53: the largest run of whole numbers a double holds */
-
-typedef enum { K_POS, K_NONNEG, K_WHOLE, K_WHOLE_POS, K_UNIT_OPEN, K_UNIT, K_ENUM } param_kind;
-
-static const struct {
-    const char *name;
-    param_kind kind;
-    double max; /* K_ENUM: the largest value */
-} param_info[N_PARAMS] = {
+const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_LR] = {"lr", K_POS, 0},
     [SAE_TRAIN_L1_COEFF] = {"l1_coeff", K_NONNEG, 0},
     [SAE_TRAIN_AUXK] = {"auxk", K_WHOLE, 0},
@@ -49,48 +37,9 @@ static const struct {
     [SAE_TRAIN_B_DEC_INIT] = {"b_dec_init", K_ENUM, 2},
 };
 
-static const char *const metric_names[N_METRICS] = {
+const char *const sae__train_metric_names[N_METRICS] = {
     NULL, "loss", "mse", "fvu", "l0", "dead_fraction", "steps", "tokens", "auxk_loss", "lr",
     "grad_norm"};
-
-struct sae_trainer {
-    sae_model *m;
-    bool sparse;   /* TopK and BatchTopK: sparse backward pass, AuxK */
-    bool unit_dec; /* SAEs of those: unit-norm decoder rows (sparsify leaves transcoders' free) */
-    bool tc;       /* a transcoder: the target is y, not x */
-    double param[N_PARAMS];
-    bool param_set[N_PARAMS]; /* for the defaults derived from TOTAL_STEPS */
-    sae_allreduce_fn allreduce;
-    void *user;
-    sae__train_layout lay;
-
-    /* Training state: everything a checkpoint holds besides the weights. */
-    bool initialized, have_metrics;
-    uint64_t step, tokens;
-    double mse_norm; /* per-token variance of the init sample: TopK's MSE normalizer */
-    double aux_norm; /* per-token variance of the previous step's residual: AuxK's normalizer */
-    double theta;    /* BatchTopK's running threshold */
-    /* Transcoders: y's scale, c = sqrt(d_out) / mean ||y|| of the init sample (1 without
-     * NORMALIZE_INPUT). The losses and the gradient are those of the normalized parameters
-     * W_dec' = c W_dec, b_dec' = c b_dec, W_skip' = (c / INPUT_SCALE) W_skip, which map the scaled
-     * input to c y: the recipe's units whatever the caller's, as an SAE's x_s. */
-    double out_scale;
-    float *adam_m, *adam_v;
-    uint64_t *since_fired; /* tokens since each latent last fired */
-    double metric[N_METRICS];
-
-    /* Per-step buffer and scratch, sized for cap tokens. */
-    float *buf;
-    size_t cap, act_cap, aux_cap;
-    float *xs, *xin, *err, *pre, *dense, *tmp;
-    uint32_t *act_idx, *aux_idx, *dead;
-    float *act_val, *aux_val, *dead_pre;
-    size_t *act_ptr, *aux_ptr;
-    float *gT;               /* [d_sae][d_in] W_enc gradient, transposed so rows are contiguous */
-    unsigned char *touched;  /* rows of gT written this step */
-    double *colsum;          /* ReLU: per-latent sum of codes over the batch */
-    sae__scored *heap;
-};
 
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l)
 {
@@ -151,13 +100,13 @@ static double param_value(const sae_trainer *t, sae_train_param p)
     return t->param[p];
 }
 
-static int check_param(sae_train_param p, double v)
+int sae__train_check_param(sae_train_param p, double v)
 {
     if (p < SAE_TRAIN_LR || p > SAE_TRAIN_B_DEC_INIT)
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
-    const char *name = param_info[p].name;
+    const char *name = sae__train_params[p].name;
     bool whole = v == floor(v) && v >= 0.0 && v <= WHOLE_MAX;
-    switch (param_info[p].kind) {
+    switch (sae__train_params[p].kind) {
     case K_POS:
         if (!(v > 0.0) || !isfinite(v))
             return sae__fail(SAE_EINVAL, "training parameter %s must be finite and > 0, not %g",
@@ -191,16 +140,16 @@ static int check_param(sae_train_param p, double v)
                              v);
         break;
     case K_ENUM:
-        if (!whole || v > param_info[p].max)
+        if (!whole || v > sae__train_params[p].max)
             return sae__fail(SAE_EINVAL, "training parameter %s must be a whole number from 0 to "
-                             "%g, not %g", name, param_info[p].max, v);
+                             "%g, not %g", name, sae__train_params[p].max, v);
         return SAE_OK;
     }
     /* Real-valued parameters reach the step's arithmetic as floats (Adam's step size, eps and
      * betas, the L1 coefficient): the value must survive that conversion, finite, 0 or normal,
      * and still in its range (1e300 would be an infinite learning rate, 1e-50 a zero one, a
      * beta2 of 0.99999999 exactly 1). */
-    const param_kind kind = param_info[p].kind;
+    const param_kind kind = sae__train_params[p].kind;
     const double lo = kind == K_POS ? FLT_MIN : 0.0;
     const double hi = kind == K_UNIT_OPEN ? (double)nextafterf(1.0f, 0.0f)
                       : kind == K_UNIT    ? 1.0
@@ -214,7 +163,7 @@ static int check_param(sae_train_param p, double v)
 int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v)
 {
     SAE_CHECK_NULL(t);
-    int rc = check_param(p, v);
+    int rc = sae__train_check_param(p, v);
     if (rc != SAE_OK)
         return rc;
     t->param[p] = v;
@@ -248,7 +197,7 @@ int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double 
     }
     if (!t->have_metrics)
         return sae__fail(SAE_ESTATE, "metric %s describes the last step's batch, and no step has "
-                         "been taken since init", metric_names[which]);
+                         "been taken since init", sae__train_metric_names[which]);
     *v = t->metric[which];
     return SAE_OK;
 }
@@ -297,7 +246,7 @@ void sae_trainer_free(sae_trainer *t)
 
 /* The trainer writes the model's float weights in place: a model switched to bfloat16 storage
  * (SAE_PARAM_BF16_WEIGHTS) has none until it is switched back. */
-static int need_float_weights(const sae_trainer *t, const char *fn)
+int sae__train_need_float_weights(const sae_trainer *t, const char *fn)
 {
     if (t->m->W_enc16 != NULL)
         return sae__fail(SAE_ESTATE,
@@ -543,7 +492,7 @@ static int init_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
     SAE_CHECK_NULL(t);
     if (n == 0)
         return sae__fail(SAE_EINVAL, "%s: the sample is empty (n = 0)", fn);
-    int rc = need_float_weights(t, fn);
+    int rc = sae__train_need_float_weights(t, fn);
     if (rc != SAE_OK)
         return rc;
     sae_model *m = t->m;
@@ -1234,7 +1183,7 @@ static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
     if (!t->initialized)
         return sae__fail(SAE_ESTATE,
                          "sae_trainer_step: call sae_trainer_init (or sae_trainer_load) first");
-    if (need_float_weights(t, "sae_trainer_step") != SAE_OK)
+    if (sae__train_need_float_weights(t, "sae_trainer_step") != SAE_OK)
         return SAE_ESTATE;
     if (n == 0 && t->allreduce == NULL)
         return sae__fail(SAE_EINVAL, "sae_trainer_step: the batch is empty (n = 0)");
@@ -1290,300 +1239,3 @@ int sae_trainer_step_to(sae_trainer *t, const float *x, const float *y, size_t n
     return step_pair(t, x, y, n, true);
 }
 
-/* ---- checkpoints --------------------------------------------------------------------------- */
-
-static int cmp_out(const void *a, const void *b)
-{
-    return strcmp(((const sae__st_out *)a)->name, ((const sae__st_out *)b)->name);
-}
-
-enum { MAX_META = 64, META_LEN = 40 };
-
-int sae_trainer_save(const sae_trainer *t, const char *path)
-{
-    SAE_CHECK_NULL(t);
-    SAE_CHECK_NULL(path);
-    if (!t->initialized)
-        return sae__fail(SAE_ESTATE, "sae_trainer_save: nothing to save before sae_trainer_init");
-    if (need_float_weights(t, __func__) != SAE_OK)
-        return SAE_ESTATE;
-    const sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
-    float *hi = sae__alloc(d_sae, sizeof(float), "checkpoint"),
-          *lo = sae__alloc(d_sae, sizeof(float), "checkpoint");
-    if (hi == NULL || lo == NULL) {
-        free(hi);
-        free(lo);
-        return SAE_ENOMEM;
-    }
-    for (size_t j = 0; j < d_sae; j++) {
-        hi[j] = (float)(t->since_fired[j] >> 24);
-        lo[j] = (float)(t->since_fired[j] & 0xffffff);
-    }
-    /* The model's own keys, as sae_model_save writes them, so the file also loads as a model. */
-    const char *keys[MAX_META];
-    char values[MAX_META][META_LEN];
-    const char *vals[MAX_META];
-    char names[N_PARAMS + N_METRICS][48];
-    size_t nm = 0, nn = 0;
-#define META(key, ...)                                                                             \
-    do {                                                                                           \
-        keys[nm] = (key);                                                                          \
-        snprintf(values[nm], META_LEN, __VA_ARGS__);                                               \
-        vals[nm] = values[nm];                                                                     \
-        nm++;                                                                                      \
-    } while (0)
-    META("format", "libsae");
-    META("format_version", "1");
-    META("libsae_version", "%s", sae_version_string());
-    META("architecture", "%s", sae_arch_name(m->arch));
-    META("d_in", "%zu", d_in);
-    META("d_sae", "%zu", d_sae);
-    META("apply_b_dec_to_input", "%d", m->apply_b_dec);
-    META("input_scale", "%.9g", (double)m->input_scale);
-    if (t->sparse)
-        META("k", "%zu", m->k);
-    if (m->arch == SAE_ARCH_BATCHTOPK)
-        META("batch_threshold", "%.9g", (double)m->batch_threshold);
-    META("train.format_version", TRAIN_FORMAT_VERSION);
-    META("train.step", "%llu", (unsigned long long)t->step);
-    META("train.tokens", "%llu", (unsigned long long)t->tokens);
-    META("train.mse_norm", "%.17g", t->mse_norm);
-    META("train.aux_norm", "%.17g", t->aux_norm);
-    META("train.theta", "%.17g", t->theta);
-    for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
-        bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
-        if (derived && !t->param_set[p])
-            continue;
-        snprintf(names[nn], sizeof names[nn], "train.param.%s", param_info[p].name);
-        META(names[nn++], "%.17g", t->param[p]);
-    }
-    if (t->have_metrics) {
-        for (int k = SAE_METRIC_LOSS; k < N_METRICS; k++) {
-            snprintf(names[nn], sizeof names[nn], "train.metric.%s", metric_names[k]);
-            META(names[nn++], "%.17g", t->metric[k]);
-        }
-    }
-#undef META
-    sae__st_out tensors[8] = {
-        {"W_dec", 2, {d_sae, d_in}, m->W_dec, NULL},
-        {"W_enc", 2, {d_in, d_sae}, m->W_enc, NULL},
-        {"b_dec", 1, {d_in, 0}, m->b_dec, NULL},
-        {"b_enc", 1, {d_sae, 0}, m->b_enc, NULL},
-        {"train.adam_m", 1, {t->lay.n_params, 0}, t->adam_m, NULL},
-        {"train.adam_v", 1, {t->lay.n_params, 0}, t->adam_v, NULL},
-        {"train.dead_hi", 1, {d_sae, 0}, hi, NULL},
-        {"train.dead_lo", 1, {d_sae, 0}, lo, NULL},
-    };
-    qsort(tensors, 8, sizeof tensors[0], cmp_out);
-    int rc = sae__st_write(path, tensors, 8, keys, vals, nm);
-    free(hi);
-    free(lo);
-    return rc;
-}
-
-static int meta_u64(const sae__safetensors *st, const char *key, uint64_t *out)
-{
-    const char *s = sae__st_meta(st, key);
-    if (s == NULL)
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (end == s || *end != '\0' || errno == ERANGE || s[0] == '-')
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '%.40s' is not a count", st->path,
-                         key, s);
-    *out = v;
-    return SAE_OK;
-}
-
-/* Reads a tensor of exactly the given shape, converted to float, into dst, checking it is finite. */
-static int read_tensor(const sae__safetensors *st, const char *name, size_t d0, size_t d1,
-                       float *dst)
-{
-    const sae__st_tensor *src;
-    int rc = sae__st_expect(st, name, d0, d1, &src);
-    if (rc != SAE_OK)
-        return rc;
-    sae__to_float(src->dtype, st->data + src->offset, src->count, dst);
-    if ((rc = sae__check_finite(dst, src->count, d1 ? d1 : 1, name)) != SAE_OK)
-        return sae__wrap(SAE_EFORMAT, "%s: ", st->path);
-    return SAE_OK;
-}
-
-/* Everything a checkpoint holds, parsed and checked before any of it is applied. */
-typedef struct {
-    double param[N_PARAMS];
-    bool param_set[N_PARAMS];
-    double metric[N_METRICS];
-    bool have_metrics;
-    uint64_t step, tokens;
-    double mse_norm, aux_norm, theta, apply, scale, k, batch_threshold;
-    float *block; /* model tensors, moments and counters, in one allocation */
-} checkpoint;
-
-static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, checkpoint *c)
-{
-    const sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae, P = t->lay.n_params;
-    const char *format = sae__st_meta(st, "format");
-    if (format == NULL || strcmp(format, "libsae") != 0 ||
-        sae__st_meta(st, "train.format_version") == NULL)
-        return sae__fail(SAE_EFORMAT, "%s: not a libsae training checkpoint (no libsae "
-                         "train.format_version metadata)", st->path);
-    if (strcmp(sae__st_meta(st, "train.format_version"), TRAIN_FORMAT_VERSION) != 0)
-        return sae__fail(SAE_EFORMAT, "%s: training checkpoint version '%.20s' is not %s",
-                         st->path, sae__st_meta(st, "train.format_version"), TRAIN_FORMAT_VERSION);
-    const char *arch = sae__st_meta(st, "architecture");
-    double d_in_f, d_sae_f;
-    int rc;
-    if ((rc = sae__st_meta_number(st, "d_in", false, &d_in_f)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "d_sae", false, &d_sae_f)) != SAE_OK)
-        return rc;
-    if (arch == NULL || strcmp(arch, sae_arch_name(m->arch)) != 0 || d_in_f != (double)d_in ||
-        d_sae_f != (double)d_sae)
-        return sae__fail(SAE_EINVAL, "%s: the checkpoint is a %.20s SAE of %g x %g, but the "
-                         "trainer's model is %s %zu x %zu", st->path, arch ? arch : "(unknown)",
-                         d_in_f, d_sae_f, sae_arch_name(m->arch), d_in, d_sae);
-    if ((rc = meta_u64(st, "train.step", &c->step)) != SAE_OK ||
-        (rc = meta_u64(st, "train.tokens", &c->tokens)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "train.mse_norm", false, &c->mse_norm)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "train.aux_norm", false, &c->aux_norm)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "train.theta", false, &c->theta)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "apply_b_dec_to_input", false, &c->apply)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "input_scale", false, &c->scale)) != SAE_OK)
-        return rc;
-    if (!(c->mse_norm > 0.0) || !(c->aux_norm > 0.0) || isinf(c->mse_norm) || isinf(c->aux_norm))
-        return sae__fail(SAE_EFORMAT, "%s: training normalizers (train.mse_norm, train.aux_norm) "
-                         "must be finite and positive", st->path);
-    if (c->apply != 0.0 && c->apply != 1.0)
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['apply_b_dec_to_input'] must be 0 or 1",
-                         st->path);
-    /* Values the model and trainer hold as floats are checked as floats: an input_scale of
-     * 1e-46 is 0 as a float, a threshold of 1e39 infinite. */
-    float f;
-    double lo, hi;
-    if (sae_model_param_bounds(SAE_PARAM_INPUT_SCALE, &lo, &hi) != SAE_OK ||
-        sae__float_in_range(c->scale, lo, hi, "input_scale", &f) != SAE_OK ||
-        sae__float_in_range(c->theta, -FLT_MAX, FLT_MAX, "train.theta", &f) != SAE_OK)
-        return sae__wrap(SAE_EFORMAT, "%s: __metadata__: ", st->path);
-    c->k = (double)m->k;
-    c->batch_threshold = m->batch_threshold;
-    if (t->sparse &&
-        ((rc = sae__st_meta_number(st, "k", false, &c->k)) != SAE_OK || !(c->k >= 1.0) ||
-         c->k != floor(c->k) || c->k > 4294967295.0))
-        return rc != SAE_OK ? rc : sae__fail(SAE_EFORMAT, "%s: k is not a count", st->path);
-    if (m->arch == SAE_ARCH_BATCHTOPK &&
-        ((rc = sae__st_meta_number(st, "batch_threshold", false, &c->batch_threshold)) != SAE_OK ||
-         (rc = sae__float_in_range(c->batch_threshold, -FLT_MAX, FLT_MAX, "batch_threshold",
-                                   &f)) != SAE_OK))
-        return rc == SAE_EFORMAT ? rc : sae__wrap(SAE_EFORMAT, "%s: __metadata__: ", st->path);
-    for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
-        char key[48];
-        snprintf(key, sizeof key, "train.param.%s", param_info[p].name);
-        bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
-        c->param[p] = t->param[p];
-        c->param_set[p] = false;
-        if (derived && sae__st_meta(st, key) == NULL)
-            continue;
-        if ((rc = sae__st_meta_number(st, key, false, &c->param[p])) != SAE_OK)
-            return rc;
-        if ((rc = check_param((sae_train_param)p, c->param[p])) != SAE_OK)
-            return sae__wrap(SAE_EFORMAT, "%s: ", st->path);
-        c->param_set[p] = true;
-    }
-    c->have_metrics = sae__st_meta(st, "train.metric.loss") != NULL;
-    for (int k = SAE_METRIC_LOSS; k < N_METRICS && c->have_metrics; k++) {
-        char key[48];
-        snprintf(key, sizeof key, "train.metric.%s", metric_names[k]);
-        if ((rc = sae__st_meta_number(st, key, true, &c->metric[k])) != SAE_OK)
-            return rc;
-    }
-    const size_t w = d_in * d_sae;
-    c->block = sae__alloc(P * 3 + 2 * d_sae, sizeof(float), "checkpoint");
-    if (c->block == NULL)
-        return SAE_ENOMEM;
-    float *b = c->block;
-    if ((rc = read_tensor(st, "W_enc", d_in, d_sae, b)) != SAE_OK ||
-        (rc = read_tensor(st, "W_dec", d_sae, d_in, b + w)) != SAE_OK ||
-        (rc = read_tensor(st, "b_enc", d_sae, 0, b + 2 * w)) != SAE_OK ||
-        (rc = read_tensor(st, "b_dec", d_in, 0, b + 2 * w + d_sae)) != SAE_OK ||
-        (rc = read_tensor(st, "train.adam_m", P, 0, b + P)) != SAE_OK ||
-        (rc = read_tensor(st, "train.adam_v", P, 0, b + 2 * P)) != SAE_OK ||
-        (rc = read_tensor(st, "train.dead_hi", d_sae, 0, b + 3 * P)) != SAE_OK ||
-        (rc = read_tensor(st, "train.dead_lo", d_sae, 0, b + 3 * P + d_sae)) != SAE_OK) {
-        free(c->block);
-        return rc;
-    }
-    /* A negative second moment would make Adam's square root NaN at the next step. */
-    for (size_t i = 0; i < P; i++)
-        if (!(b[2 * P + i] >= 0.0f)) {
-            const double bad = b[2 * P + i];
-            free(c->block);
-            return sae__fail(SAE_EFORMAT, "%s: train.adam_v[%zu] = %g: Adam's second moment "
-                             "cannot be negative", st->path, i, bad);
-        }
-    for (size_t j = 0; j < 2 * d_sae; j++) {
-        float v = b[3 * P + j];
-        if (!(v >= 0.0f && v <= 16777215.0f) || v != floorf(v)) {
-            free(c->block);
-            return sae__fail(SAE_EFORMAT, "%s: dead-latent counter %zu is not a count", st->path,
-                             j % d_sae);
-        }
-    }
-    return SAE_OK;
-}
-
-int sae_trainer_load(sae_trainer *t, const char *path)
-{
-    SAE_CHECK_NULL(t);
-    SAE_CHECK_NULL(path);
-    int rc = need_float_weights(t, __func__);
-    if (rc != SAE_OK)
-        return rc;
-    sae__map map;
-    rc = sae__map_file(path, &map, false);
-    if (rc != SAE_OK)
-        return rc;
-    sae__safetensors st;
-    if ((rc = sae__st_parse(&st, map.data, map.size, path)) != SAE_OK) {
-        sae__unmap(&map);
-        return rc;
-    }
-    checkpoint c = {0};
-    rc = parse_checkpoint(t, &st, &c);
-    sae__st_close(&st);
-    sae__unmap(&map);
-    if (rc != SAE_OK)
-        return rc;
-
-    sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae, P = t->lay.n_params, w = d_in * d_sae;
-    const float *b = c.block;
-    memcpy(m->W_enc, b, w * sizeof(float));
-    memcpy(m->W_dec, b + w, w * sizeof(float));
-    memcpy(m->b_enc, b + 2 * w, d_sae * sizeof(float));
-    memcpy(m->b_dec, b + 2 * w + d_sae, d_in * sizeof(float));
-    memcpy(t->adam_m, b + P, P * sizeof(float));
-    memcpy(t->adam_v, b + 2 * P, P * sizeof(float));
-    for (size_t j = 0; j < d_sae; j++)
-        t->since_fired[j] = ((uint64_t)b[3 * P + j] << 24) | (uint64_t)b[3 * P + d_sae + j];
-    free(c.block);
-    m->apply_b_dec = c.apply == 1.0;
-    m->input_scale = (float)c.scale;
-    if (t->sparse)
-        m->k = (size_t)c.k;
-    m->batch_threshold = (float)c.batch_threshold;
-    sae__model_weights_changed(m);
-    memcpy(t->param, c.param, sizeof t->param);
-    memcpy(t->param_set, c.param_set, sizeof t->param_set);
-    memcpy(t->metric, c.metric, sizeof t->metric);
-    t->have_metrics = c.have_metrics;
-    t->step = c.step;
-    t->tokens = c.tokens;
-    t->mse_norm = c.mse_norm;
-    t->aux_norm = c.aux_norm;
-    t->theta = c.theta;
-    t->initialized = true;
-    return SAE_OK;
-}
