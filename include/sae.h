@@ -556,7 +556,8 @@ SAE_API int sae_evaluate_to(const sae_model *m, const float *x, const float *y, 
 /* ---------------------------------------------------------------------------------------------
  * Dictionary learning (training)
  *
- * A trainer learns a ReLU, TopK or BatchTopK model in place, one Adam step per batch:
+ * A trainer learns a ReLU, TopK or BatchTopK model in place, one Adam step per batch (an SAE as
+ * below; a transcoder from pairs with sae_trainer_init_to and sae_trainer_step_to):
  *
  *     sae_model *m;
  *     sae_trainer *t;
