@@ -691,7 +691,8 @@ SAE_API int sae_trainer_step(sae_trainer *t, const float *x, size_t n);
  * W_skip trains with the other tensors by the same Adam. For an SAE, y must hold the same values
  * as x (then these are sae_trainer_init and sae_trainer_step); a transcoder refuses the plain
  * init and step. Errors: as sae_trainer_init and sae_trainer_step, and SAE_EINVAL for a NULL or
- * non-finite y, or an SAE's y that differs from x. */
+ * non-finite y, or an SAE's y that differs from x; SAE_EUNSUPPORTED for a transcoder with
+ * APPLY_B_DEC_TO_INPUT = 1 (sparsify's skip-connection SAE, which neither peer trains). */
 SAE_API int sae_trainer_init_to(sae_trainer *t, const float *x, const float *y, size_t n);
 SAE_API int sae_trainer_step_to(sae_trainer *t, const float *x, const float *y, size_t n);
 

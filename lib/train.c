@@ -468,6 +468,12 @@ static int check_pair(const sae_trainer *t, const float *x, const float *y, size
                       const char *fn)
 {
     const sae_model *m = t->m;
+    /* sparsify's skip-connection SAE (a transcoder with d_out = d_in subtracting b_dec from its
+     * input) has no recipe in sparsify's trainer or SAELens': its encoder input and skip would
+     * both move with b_dec. */
+    if (t->tc && m->apply_b_dec)
+        return sae__fail(SAE_EUNSUPPORTED, "%s: training a transcoder with "
+                         "APPLY_B_DEC_TO_INPUT = 1 is not supported (set it to 0)", fn);
     if (!to && t->tc)
         return sae__fail(SAE_EINVAL, "%s: the model is a transcoder, which learns y from x: "
                          "call %s_to with its target y [n][%zu]", fn, fn, m->d_out);

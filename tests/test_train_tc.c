@@ -580,6 +580,14 @@ START_TEST(errors_are_reported_and_change_nothing)
     sae_trainer_free(t);
     sae_model_free(m);
 
+    /* sparsify's skip-connection SAE (d_out = d_in, APPLY_B_DEC_TO_INPUT = 1) does not train. */
+    ck_assert_ok(sae_model_new_transcoder(&m, SAE_ARCH_TOPK, di, s, di, true));
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_APPLY_B_DEC_TO_INPUT, 1));
+    ck_assert_ok(sae_trainer_new(&t, m));
+    ck_assert_sae(sae_trainer_init_to(t, x, x, n), SAE_EUNSUPPORTED);
+    sae_trainer_free(t);
+    sae_model_free(m);
+
     /* A normalized model stays refused. */
     ck_assert_ok(sae_model_new_transcoder(&m, SAE_ARCH_TOPK, di, s, dout, false));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_NORMALIZE, SAE_NORMALIZE_LAYER_NORM));
