@@ -1,5 +1,5 @@
-/* Trains a sparse autoencoder on activations stored in .npy files, which may be larger than
- * memory: they are streamed in chunks, the chunks visited in a shuffled order each epoch and the
+/* Trains a sparse autoencoder (or, with --target, a transcoder) on activations stored in .npy
+ * files, which may be larger than memory: they are streamed in chunks, the chunks visited in a shuffled order each epoch and the
  * rows shuffled within each chunk. Prints a progress line, checkpoints atomically every N steps,
  * resumes from a checkpoint exactly where it stopped (optimizer state and data position), and on
  * Ctrl-C finishes the step, writes a final checkpoint and exits.
@@ -16,6 +16,10 @@
  *     --checkpoint PATH            (OUT.safetensors.ckpt)
  *     --every N                    checkpoint every N steps (1000; 0 = only at the end)
  *     --resume                     continue from the checkpoint
+ *     --target Y.npy               a transcoder: the target rows of the ACTS.npy in the same
+ *                                  place (one --target per ACTS.npy, in order, with its row count:
+ *                                  e.g. an MLP's output for its input, sae-llama collect --mlp)
+ *     --skip                       the transcoder has an affine skip W_skip
  *
  * The data order depends only on the seed, the files and --chunk, so a resumed run sees the same
  * batches as an uninterrupted one and ends with the same weights. */
@@ -23,6 +27,7 @@
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -243,7 +248,7 @@ static void usage(void)
             "usage: train [--arch topk|batchtopk|relu] [--latents N] [--k K] [--batch N] [--steps N]\n"
             "             [--lr X] [--l1 X] [--auxk N] [--dead-tokens N] [--seed N] [--chunk N]\n"
             "             [--init-tokens N] [--checkpoint PATH] [--every N] [--resume]\n"
-            "             OUT.safetensors ACTS.npy [ACTS.npy ...]\n");
+            "             [--target Y.npy ... [--skip]] OUT.safetensors ACTS.npy [ACTS.npy ...]\n");
 }
 
 #define CHECK(call)                                                                                \
@@ -272,11 +277,15 @@ int main(int argc, char **argv)
     size_t every = 1000, auxk = 0, dead_tokens = 0, seed = 0;
     double lr = 0, l1 = -1;
     const char *ckpt = NULL;
-    int resume = 0, i = 1;
+    int resume = 0, skip = 0, i = 1;
+    char **targets = calloc((size_t)argc, sizeof *targets);
+    size_t n_targets = 0;
+    if (targets == NULL)
+        return 1;
     for (; i < argc && strncmp(argv[i], "--", 2) == 0; i++) {
         const char *opt = argv[i];
-        if (strcmp(opt, "--resume") == 0) {
-            resume = 1;
+        if (strcmp(opt, "--resume") == 0 || strcmp(opt, "--skip") == 0) {
+            *(opt[2] == 'r' ? &resume : &skip) = 1;
             continue;
         }
         if (i + 1 >= argc) {
@@ -313,6 +322,8 @@ int main(int argc, char **argv)
             bad = !((l1 = atof(val)) >= 0);
         else if (strcmp(opt, "--checkpoint") == 0)
             ckpt = val;
+        else if (strcmp(opt, "--target") == 0)
+            targets[n_targets++] = (char *)val;
         else
             bad = 1;
         if (bad) {
@@ -332,10 +343,29 @@ int main(int argc, char **argv)
         ckpt = default_ckpt;
     }
 
-    stream s;
-    if (open_stream(&s, argv + i + 1, (size_t)(argc - i - 1), chunk, seed) != 0)
+    stream s, ys;
+    const size_t n_files = (size_t)(argc - i - 1);
+    if (open_stream(&s, argv + i + 1, n_files, chunk, seed) != 0)
         return 1;
-    const size_t d_in = s.cols;
+    const bool tc = n_targets > 0;
+    if (skip && !tc) {
+        fprintf(stderr, "--skip is for a transcoder: give its targets with --target\n");
+        return 2;
+    }
+    /* The targets' stream has the same chunks and seed, so it yields the matching rows. */
+    if (tc && n_targets != n_files) {
+        fprintf(stderr, "%zu --target files for %zu activation files\n", n_targets, n_files);
+        return 2;
+    }
+    if (tc && open_stream(&ys, targets, n_targets, chunk, seed) != 0)
+        return 1;
+    for (size_t f = 0; tc && f < n_files; f++)
+        if (sae_npy_rows(ys.files[f]) != sae_npy_rows(s.files[f])) {
+            fprintf(stderr, "%s has %zu rows, %s has %zu\n", targets[f],
+                    sae_npy_rows(ys.files[f]), argv[(size_t)i + 1 + f], sae_npy_rows(s.files[f]));
+            return 1;
+        }
+    const size_t d_in = s.cols, d_out = tc ? ys.cols : s.cols;
     if (latents == 0)
         latents = 8 * d_in;
     if (steps == 0)
@@ -343,7 +373,10 @@ int main(int argc, char **argv)
 
     sae_model *m;
     sae_trainer *t;
-    CHECK(sae_model_new(&m, arch, d_in, latents));
+    if (tc)
+        CHECK(sae_model_new_transcoder(&m, arch, d_in, latents, d_out, skip));
+    else
+        CHECK(sae_model_new(&m, arch, d_in, latents));
     if (arch != SAE_ARCH_RELU)
         CHECK(sae_model_set_param(m, SAE_PARAM_K, (double)k));
     CHECK(sae_trainer_new(&t, m));
@@ -358,8 +391,10 @@ int main(int argc, char **argv)
     if (dead_tokens > 0)
         CHECK(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, (double)dead_tokens));
 
-    float *x = malloc((batch > init_tokens ? batch : init_tokens) * d_in * sizeof(float));
-    if (x == NULL) {
+    const size_t most = batch > init_tokens ? batch : init_tokens;
+    float *x = malloc(most * d_in * sizeof(float));
+    float *y = tc ? malloc(most * d_out * sizeof(float)) : NULL;
+    if (x == NULL || (tc && y == NULL)) {
         fprintf(stderr, "out of memory for a batch of %zu rows\n", batch);
         return 1;
     }
@@ -374,13 +409,14 @@ int main(int argc, char **argv)
         if (resume)
             fprintf(stderr, "no checkpoint at %s: starting afresh\n", ckpt);
         size_t n = init_tokens < s.rows ? init_tokens : s.rows;
-        if (next_rows(&s, x, n) != 0)
+        if (next_rows(&s, x, n) != 0 || (tc && next_rows(&ys, y, n) != 0))
             return 1;
-        CHECK(sae_trainer_init(t, x, n));
+        CHECK(tc ? sae_trainer_init_to(t, x, y, n) : sae_trainer_init(t, x, n));
         done = 0;
     }
     /* The stream position follows from the step count alone. */
-    if (seek_rows(&s, (uint64_t)done * batch) != 0)
+    if (seek_rows(&s, (uint64_t)done * batch) != 0 ||
+        (tc && seek_rows(&ys, (uint64_t)done * batch) != 0))
         return 1;
 
     struct sigaction sa;
@@ -389,18 +425,23 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
 
-    fprintf(stderr, "%s SAE %zu -> %zu on %zu rows (%zu files), %zu steps of %zu\n",
-            sae_arch_name(arch), d_in, latents, s.rows, s.n_files, steps, batch);
+    if (tc)
+        fprintf(stderr, "%s %s %zu -> %zu -> %zu on %zu pairs (%zu files), %zu steps of %zu\n",
+                sae_arch_name(arch), skip ? "skip transcoder" : "transcoder", d_in, latents,
+                d_out, s.rows, s.n_files, steps, batch);
+    else
+        fprintf(stderr, "%s SAE %zu -> %zu on %zu rows (%zu files), %zu steps of %zu\n",
+                sae_arch_name(arch), d_in, latents, s.rows, s.n_files, steps, batch);
     const double start = now();
     double last_print = 0;
     size_t step = (size_t)done, first_step = step;
     int rc = 0;
     while (step < steps && !stop_requested) {
-        if (next_rows(&s, x, batch) != 0) {
+        if (next_rows(&s, x, batch) != 0 || (tc && next_rows(&ys, y, batch) != 0)) {
             rc = 1;
             break;
         }
-        if (sae_trainer_step(t, x, batch) != SAE_OK) {
+        if ((tc ? sae_trainer_step_to(t, x, y, batch) : sae_trainer_step(t, x, batch)) != SAE_OK) {
             fprintf(stderr, "step %zu: %s\n", step, sae_last_error());
             rc = 1;
             break;
@@ -448,8 +489,12 @@ int main(int argc, char **argv)
         }
     }
     free(x);
+    free(y);
+    free(targets);
     sae_trainer_free(t);
     sae_model_free(m);
     close_stream(&s);
+    if (tc)
+        close_stream(&ys);
     return rc == 0 && stop_requested ? 130 : rc; /* 128 + SIGINT, as a shell reports it */
 }

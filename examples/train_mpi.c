@@ -6,6 +6,8 @@
  *     --arch topk|batchtopk|relu  (topk)    --latents N  (8 * d_in)   --k K (32)
  *     --batch N     tokens per process per step (1024)     --steps N (200)   --seed N (0)
  *     --lr X        --out PATH  (rank 0 saves the model there)
+ *     --target Y.npy  a transcoder predicting Y's rows from ACTS's (same row count); --skip gives
+ *                   it an affine skip W_skip
  *     --selftest    rank 0 also steps a second trainer alone on each combined batch, from the
  *                   data-parallel trainer's state (weights, Adam moments, dead counters, copied
  *                   through a checkpoint before every step), and checks that the step gives the
@@ -62,26 +64,30 @@ static void die(int rank, const char *what)
     MPI_Abort(MPI_COMM_WORLD, 1);
 }
 
-static float *all_weights(const sae_model *m, size_t *count)
+/* W_enc, W_dec, b_enc, b_dec and (has_skip) W_skip, in one array. */
+static float *all_weights(const sae_model *m, int has_skip, size_t *count)
 {
-    size_t d = sae_model_d_in(m), s = sae_model_d_sae(m), w = d * s;
-    *count = 2 * w + s + d;
+    size_t d = sae_model_d_in(m), s = sae_model_d_sae(m), o = sae_model_d_out(m), w = d * s;
+    size_t skip = has_skip ? d * o : 0;
+    *count = w + s * o + s + o + skip;
     float *v = malloc(*count * sizeof(float));
     if (v == NULL || sae_model_get_tensor(m, SAE_W_ENC, v) != SAE_OK ||
         sae_model_get_tensor(m, SAE_W_DEC, v + w) != SAE_OK ||
-        sae_model_get_tensor(m, SAE_B_ENC, v + 2 * w) != SAE_OK ||
-        sae_model_get_tensor(m, SAE_B_DEC, v + 2 * w + s) != SAE_OK) {
+        sae_model_get_tensor(m, SAE_B_ENC, v + w + s * o) != SAE_OK ||
+        sae_model_get_tensor(m, SAE_B_DEC, v + w + s * o + s) != SAE_OK ||
+        (skip && sae_model_get_tensor(m, SAE_W_SKIP, v + w + s * o + s + o) != SAE_OK)) {
         free(v);
         return NULL;
     }
     return v;
 }
 
-static sae_trainer *make(sae_model **m, sae_arch arch, size_t d_in, size_t latents, size_t k,
-                         double lr, size_t steps, size_t seed, int rank)
+static sae_trainer *make(sae_model **m, sae_arch arch, size_t d_in, size_t latents, size_t d_out,
+                         int skip, size_t k, double lr, size_t steps, size_t seed, int rank)
 {
     sae_trainer *t;
-    if (sae_model_new(m, arch, d_in, latents) != SAE_OK ||
+    if ((d_out ? sae_model_new_transcoder(m, arch, d_in, latents, d_out, skip)
+               : sae_model_new(m, arch, d_in, latents)) != SAE_OK ||
         (arch != SAE_ARCH_RELU && sae_model_set_param(*m, SAE_PARAM_K, (double)k) != SAE_OK) ||
         sae_trainer_new(&t, *m) != SAE_OK ||
         sae_trainer_set_param(t, SAE_TRAIN_TOTAL_STEPS, (double)steps) != SAE_OK ||
@@ -104,11 +110,11 @@ int main(int argc, char **argv)
     sae_arch arch = SAE_ARCH_TOPK;
     size_t latents = 0, k = 32, batch = 1024, steps = 200, seed = 0;
     double lr = 0;
-    int selftest = 0, i = 1;
-    const char *out = NULL;
+    int selftest = 0, skip = 0, i = 1;
+    const char *out = NULL, *target = NULL;
     for (; i < argc && strncmp(argv[i], "--", 2) == 0; i++) {
-        if (strcmp(argv[i], "--selftest") == 0) {
-            selftest = 1;
+        if (strcmp(argv[i], "--selftest") == 0 || strcmp(argv[i], "--skip") == 0) {
+            *(argv[i][3] == 'e' ? &selftest : &skip) = 1;
             continue;
         }
         if (i + 1 >= argc)
@@ -130,6 +136,8 @@ int main(int argc, char **argv)
             lr = atof(val);
         else if (strcmp(opt, "--out") == 0)
             out = val;
+        else if (strcmp(opt, "--target") == 0)
+            target = val;
         else {
             if (rank == 0)
                 fprintf(stderr, "bad option %s %s\n", opt, val);
@@ -141,25 +149,41 @@ int main(int argc, char **argv)
         if (rank == 0)
             fprintf(stderr, "usage: mpirun -np P train_mpi [--arch A] [--latents N] [--k K] "
                             "[--batch N] [--steps N] [--seed N] [--lr X] [--out PATH] "
-                            "[--selftest] ACTS.npy\n");
+                            "[--target Y.npy [--skip]] [--selftest] ACTS.npy\n");
         MPI_Finalize();
         return 2;
     }
     sae_npy *a;
     if (sae_npy_open(&a, argv[i]) != SAE_OK)
         die(rank, argv[i]);
-    const size_t d_in = sae_npy_cols(a), P = (size_t)procs;
+    sae_npy *b = NULL;
+    if (target != NULL && sae_npy_open(&b, target) != SAE_OK)
+        die(rank, target);
+    if (b != NULL && sae_npy_rows(b) != sae_npy_rows(a)) {
+        if (rank == 0)
+            fprintf(stderr, "%s has %zu rows, %s has %zu\n", target, sae_npy_rows(b), argv[i],
+                    sae_npy_rows(a));
+        MPI_Abort(comm, 2);
+    }
+    const size_t d_in = sae_npy_cols(a), P = (size_t)procs, d_out = b ? sae_npy_cols(b) : 0;
+    const size_t d_y = d_out ? d_out : 1;
     if (latents == 0)
         latents = 8 * d_in;
 
     sae_model *m, *ref_m = NULL;
-    sae_trainer *t = make(&m, arch, d_in, latents, k, lr, steps, seed, rank), *ref = NULL;
+    sae_trainer *t = make(&m, arch, d_in, latents, d_out, skip, k, lr, steps, seed, rank),
+                *ref = NULL;
     size_t init_rows = sae_npy_rows(a) < 8192 ? sae_npy_rows(a) : 8192;
     float *x = malloc(P * batch * d_in * sizeof(float));
     float *init = malloc(init_rows * d_in * sizeof(float));
-    if (x == NULL || init == NULL || read_wrapped(a, 0, init_rows, init) != 0)
+    float *y = malloc(P * batch * d_y * sizeof(float));
+    float *init_y = malloc(init_rows * d_y * sizeof(float));
+    if (x == NULL || init == NULL || y == NULL || init_y == NULL ||
+        read_wrapped(a, 0, init_rows, init) != 0 ||
+        (b != NULL && read_wrapped(b, 0, init_rows, init_y) != 0))
         die(rank, "reading the init sample");
-    if (sae_trainer_init(t, init, init_rows) != SAE_OK)
+    if ((b ? sae_trainer_init_to(t, init, init_y, init_rows)
+           : sae_trainer_init(t, init, init_rows)) != SAE_OK)
         die(rank, "init");
     if (sae_trainer_set_allreduce(t, mpi_allreduce, &comm) != SAE_OK)
         die(rank, "set_allreduce");
@@ -168,7 +192,7 @@ int main(int argc, char **argv)
      * pre-activations goes the other way and a latent learns in one run only. */
     char state[] = "/tmp/train_mpi-state-XXXXXX";
     if (selftest && rank == 0) {
-        ref = make(&ref_m, arch, d_in, latents, k, lr, steps, seed, rank);
+        ref = make(&ref_m, arch, d_in, latents, d_out, skip, k, lr, steps, seed, rank);
         int fd = mkstemp(state);
         if (fd < 0)
             die(rank, "creating the state file");
@@ -181,22 +205,27 @@ int main(int argc, char **argv)
         size_t global_first = s * P * batch;
         /* Rank 0 in a selftest reads the whole global batch; the others only their slice. */
         if (ref != NULL) {
-            if (read_wrapped(a, global_first, P * batch, x) != 0)
+            if (read_wrapped(a, global_first, P * batch, x) != 0 ||
+                (b != NULL && read_wrapped(b, global_first, P * batch, y) != 0))
                 die(rank, "reading");
         } else if (read_wrapped(a, global_first + (size_t)rank * batch, batch,
-                                x + (size_t)rank * batch * d_in) != 0) {
+                                x + (size_t)rank * batch * d_in) != 0 ||
+                   (b != NULL && read_wrapped(b, global_first + (size_t)rank * batch, batch,
+                                              y + (size_t)rank * batch * d_out) != 0)) {
             die(rank, "reading");
         }
         if (ref != NULL &&
             (sae_trainer_save(t, state) != SAE_OK || sae_trainer_load(ref, state) != SAE_OK))
             die(rank, "copying the trainer's state");
-        if (sae_trainer_step(t, x + (size_t)rank * batch * d_in, batch) != SAE_OK)
+        const float *xr = x + (size_t)rank * batch * d_in, *yr = y + (size_t)rank * batch * d_out;
+        if ((b ? sae_trainer_step_to(t, xr, yr, batch) : sae_trainer_step(t, xr, batch)) != SAE_OK)
             die(rank, "step");
         if (ref != NULL) {
-            if (sae_trainer_step(ref, x, P * batch) != SAE_OK)
+            if ((b ? sae_trainer_step_to(ref, x, y, P * batch)
+                   : sae_trainer_step(ref, x, P * batch)) != SAE_OK)
                 die(rank, "reference step");
             size_t n;
-            float *w = all_weights(m, &n), *wr = all_weights(ref_m, &n);
+            float *w = all_weights(m, skip && b, &n), *wr = all_weights(ref_m, skip && b, &n);
             if (w == NULL || wr == NULL)
                 die(rank, "reading weights");
             double diff = 0.0;
@@ -237,7 +266,7 @@ int main(int argc, char **argv)
     if (selftest && !failed) {
         /* Every process must hold exactly the same weights: compare each with rank 0's. */
         size_t n;
-        float *w = all_weights(m, &n), *w0 = malloc(n * sizeof(float));
+        float *w = all_weights(m, skip && b, &n), *w0 = malloc(n * sizeof(float));
         if (w == NULL || w0 == NULL)
             die(rank, "reading weights");
         memcpy(w0, w, n * sizeof(float));
@@ -252,9 +281,10 @@ int main(int argc, char **argv)
         free(w);
         free(w0);
         if (rank == 0 && !failed)
-            printf("selftest passed: %zu %s steps on %d processes equal one process on the "
+            printf("selftest passed: %zu %s%s steps on %d processes equal one process on the "
                    "combined batches (largest relative weight difference %.3g)\n",
-                   steps, sae_arch_name(arch), procs, worst);
+                   steps, sae_arch_name(arch), b ? (skip ? " skip transcoder" : " transcoder") : "",
+                   procs, worst);
     }
     if (out != NULL && rank == 0 && !failed && sae_model_save(m, out) != SAE_OK)
         die(rank, "saving");
@@ -262,7 +292,10 @@ int main(int argc, char **argv)
         unlink(state);
     free(x);
     free(init);
+    free(y);
+    free(init_y);
     sae_npy_close(a);
+    sae_npy_close(b);
     sae_trainer_free(t);
     sae_trainer_free(ref);
     sae_model_free(m);

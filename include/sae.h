@@ -556,7 +556,8 @@ SAE_API int sae_evaluate_to(const sae_model *m, const float *x, const float *y, 
 /* ---------------------------------------------------------------------------------------------
  * Dictionary learning (training)
  *
- * A trainer learns a ReLU, TopK or BatchTopK model in place, one Adam step per batch:
+ * A trainer learns a ReLU, TopK or BatchTopK model in place, one Adam step per batch (an SAE as
+ * below; a transcoder from pairs with sae_trainer_init_to and sae_trainer_step_to):
  *
  *     sae_model *m;
  *     sae_trainer *t;
@@ -643,7 +644,9 @@ typedef enum {
 } sae_train_metric;
 
 /* A trainer for model m, which it trains in place (m must outlive it and must not be used by
- * another thread during a step). ReLU, TopK and BatchTopK models train; K comes from the model.
+ * another thread during a step). ReLU, TopK and BatchTopK models train, SAEs and transcoders
+ * (with or without W_skip: sae_trainer_init_to); K comes from the model. A model with
+ * SAE_PARAM_NORMALIZE is refused (SAE_EUNSUPPORTED).
  * Parameters start at the defaults for m's architecture and size. On success *out owns the
  * trainer. Errors: SAE_EINVAL (NULL), SAE_EUNSUPPORTED (JumpReLU), SAE_ENOMEM. */
 SAE_API int sae_trainer_new(sae_trainer **out, sae_model *m);
@@ -675,6 +678,23 @@ SAE_API int sae_trainer_init(sae_trainer *t, const float *x, size_t n);
  * the data too large; the message names the tensor and element, and nothing changed), SAE_ENOMEM. Scratch grows to the largest batch seen,
  * about (2 * d_sae + 4 * d_in) * n floats. */
 SAE_API int sae_trainer_step(sae_trainer *t, const float *x, size_t n);
+
+/* Transcoders: sae_trainer_init and sae_trainer_step with the target, y [n][d_out], what the model
+ * should predict from x [n][d_in] (an MLP's output for its input). The loss is the SAE's with y
+ * for x_s (docs/training.md): ||c (y_hat - y)||^2 / v plus AuxK for TopK and BatchTopK (FVU of
+ * y, as sparsify's transcoders), ||c (y_hat - y)||^2 + L1_COEFF * sum_i f_i ||c W_dec[i]|| for
+ * ReLU, with c = sqrt(d_out) / (mean ||y|| of the init sample) under NORMALIZE_INPUT (else 1) and
+ * v the init sample's variance of c y; the metrics describe y (FVU of y). init sets INPUT_SCALE
+ * from x as for an SAE, b_dec to y's mean (B_DEC_INIT 1, the transcoder default; 2 its geometric
+ * median), W_enc columns to random directions of norm DECODER_INIT_NORM, b_enc = -mean(x_s) @
+ * W_enc, and W_dec and W_skip to zero, as sparsify; the decoder rows are not held at unit norm.
+ * W_skip trains with the other tensors by the same Adam. For an SAE, y must hold the same values
+ * as x (then these are sae_trainer_init and sae_trainer_step); a transcoder refuses the plain
+ * init and step. Errors: as sae_trainer_init and sae_trainer_step, and SAE_EINVAL for a NULL or
+ * non-finite y, or an SAE's y that differs from x; SAE_EUNSUPPORTED for a transcoder with
+ * APPLY_B_DEC_TO_INPUT = 1 (sparsify's skip-connection SAE, which neither peer trains). */
+SAE_API int sae_trainer_init_to(sae_trainer *t, const float *x, const float *y, size_t n);
+SAE_API int sae_trainer_step_to(sae_trainer *t, const float *x, const float *y, size_t n);
 
 /* Reads a metric. Errors: SAE_EINVAL (NULL, unknown metric), SAE_ESTATE (a batch metric before
  * the first step; STEPS and TOKENS are 0 then). */

@@ -151,6 +151,15 @@ typedef struct {
     const uint16_t *bf16;
 } sae__st_out;
 
+/* The __metadata__ of libsae's own file (load.c): sae_model_save's keys and values for m, which
+ * a training checkpoint writes too so that it loads as the model. The values live in *txt;
+ * keys and values need SAE__MODEL_META_MAX entries. Returns the number of pairs. */
+enum { SAE__MODEL_META_MAX = 16 };
+typedef struct {
+    char d_in[24], d_sae[24], d_out[24], k[24], apply[4], scale[32], theta[32];
+} sae__model_meta_text;
+size_t sae__model_meta(const sae_model *m, sae__model_meta_text *txt, const char **keys,
+                       const char **values);
 /* Writes an F32 (and BF16) safetensors file atomically; tensors must be sorted by name. meta_keys/values
  * (n_meta pairs) become __metadata__. */
 int sae__st_write(const char *path, const sae__st_out *tensors, size_t n_tensors,
@@ -632,7 +641,10 @@ int sae__adam_check(const float *p, const float *g, const float *m, const float 
 /* The per-step buffer handed to the allreduce callback: offsets (in floats) of its sections. The
  * gradient sections are sums over the process's tokens of the per-token loss's gradient, in the
  * model's layouts; fires[i] counts tokens where latent i fired; stats are sums indexed by
- * SAE__STAT_*; sum_dx = sum of (x_s - b_dec), sum_err = sum of (x_hat_s - x_s). */
+ * SAE__STAT_*; sum_dx = sum of (x_s - b_dec), sum_err = sum of (x_hat_s - x_s) [d_out]. A
+ * transcoder's sections are those of its normalized parameters and target (train.c): W_dec
+ * [d_sae][d_out], b_dec [d_out], then W_skip [d_in][d_out] when it has one (an SAE's W_skip
+ * section is empty: n_params = W_skip), and sum_dx, sum_err over c (y - b_dec), c (y_hat - y). */
 enum {
     SAE__STAT_TOKENS = 0, /* tokens in the batch */
     SAE__STAT_SSE,        /* sum of squared error, scaled units */
@@ -645,7 +657,7 @@ enum {
     SAE__STAT_COUNT
 };
 typedef struct {
-    size_t W_enc, W_dec, b_enc, b_dec, n_params, fires, stats, sum_dx, sum_err, count;
+    size_t W_enc, W_dec, b_enc, b_dec, W_skip, n_params, fires, stats, sum_dx, sum_err, count;
 } sae__train_layout;
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
 

@@ -417,44 +417,51 @@ int sae_model_load_with(sae_model **out, const char *path, unsigned flags)
 
 int sae_model_load(sae_model **out, const char *path) { return sae_model_load_with(out, path, 0); }
 
-int sae_model_save(const sae_model *m, const char *path)
+size_t sae__model_meta(const sae_model *m, sae__model_meta_text *txt, const char **keys,
+                       const char **values)
 {
-    SAE_CHECK_NULL(m);
-    SAE_CHECK_NULL(path);
-    char d_in[24], d_sae[24], d_out[24], k[24], apply[4], scale[32], theta[32];
-    snprintf(d_in, sizeof d_in, "%zu", m->d_in);
-    snprintf(d_sae, sizeof d_sae, "%zu", m->d_sae);
-    snprintf(d_out, sizeof d_out, "%zu", m->d_out);
-    snprintf(k, sizeof k, "%zu", m->k);
-    snprintf(apply, sizeof apply, "%d", m->apply_b_dec);
+    snprintf(txt->d_in, sizeof txt->d_in, "%zu", m->d_in);
+    snprintf(txt->d_sae, sizeof txt->d_sae, "%zu", m->d_sae);
+    snprintf(txt->d_out, sizeof txt->d_out, "%zu", m->d_out);
+    snprintf(txt->k, sizeof txt->k, "%zu", m->k);
+    snprintf(txt->apply, sizeof txt->apply, "%d", m->apply_b_dec);
     /* %.9g round-trips every float exactly. */
-    snprintf(scale, sizeof scale, "%.9g", (double)m->input_scale);
-    snprintf(theta, sizeof theta, "%.9g", (double)m->batch_threshold);
+    snprintf(txt->scale, sizeof txt->scale, "%.9g", (double)m->input_scale);
+    snprintf(txt->theta, sizeof txt->theta, "%.9g", (double)m->batch_threshold);
     /* A model libsae 0.1 could run is written as version 1, which 0.1 reads; anything it added
      * since (a transcoder, gated, GroupMax, a normalization) as version 2. */
     bool v1 = !m->transcoder && m->normalize == SAE_NORMALIZE_NONE && m->arch <= SAE_ARCH_JUMPRELU;
-    const char *keys[16], *values[16];
     size_t n_meta = 0;
 #define META(key, value) (keys[n_meta] = (key), values[n_meta++] = (value))
     META("format", "libsae");
     META("format_version", v1 ? "1" : "2");
     META("libsae_version", sae_version_string());
     META("architecture", sae_arch_name(m->arch));
-    META("d_in", d_in);
-    META("d_sae", d_sae);
-    META("apply_b_dec_to_input", apply);
-    META("input_scale", scale);
+    META("d_in", txt->d_in);
+    META("d_sae", txt->d_sae);
+    META("apply_b_dec_to_input", txt->apply);
+    META("input_scale", txt->scale);
     if (m->arch == SAE_ARCH_TOPK || m->arch == SAE_ARCH_BATCHTOPK || m->arch == SAE_ARCH_GROUPMAX)
-        META("k", k);
+        META("k", txt->k);
     if (m->arch == SAE_ARCH_BATCHTOPK)
-        META("batch_threshold", theta);
+        META("batch_threshold", txt->theta);
     if (m->transcoder) {
         META("kind", m->skip ? "skip_transcoder" : "transcoder");
-        META("d_out", d_out);
+        META("d_out", txt->d_out);
     }
     if (m->normalize != SAE_NORMALIZE_NONE)
         META("normalize", sae__normalize_name(m->normalize));
 #undef META
+    return n_meta;
+}
+
+int sae_model_save(const sae_model *m, const char *path)
+{
+    SAE_CHECK_NULL(m);
+    SAE_CHECK_NULL(path);
+    sae__model_meta_text txt;
+    const char *keys[SAE__MODEL_META_MAX], *values[SAE__MODEL_META_MAX];
+    size_t n_meta = sae__model_meta(m, &txt, keys, values);
     /* Sorted by name, as torch writes them. */
     const sae__st_out all[] = {
         {"W_dec", 2, {m->d_sae, m->d_out}, m->W_dec, m->W_dec16},

@@ -1,34 +1,22 @@
 /* Dictionary learning: ReLU (Anthropic, April 2024), TopK (OpenAI, 2024) and BatchTopK training of
- * a model in place; data-aware initialization; the data-parallel hook; checkpoints.
+ * an SAE or a transcoder (sparsify's recipe) in place: the trainer object, its parameters,
+ * data-aware initialization, the step and the data-parallel hook (checkpoints:
+ * train_checkpoint.c).
  *
  * A step computes, on this process's tokens, the sums over tokens of the per-token loss's
  * gradient into one buffer (with the firing counts and metric sums), lets the caller sum that
  * buffer over processes, then divides by the global token count and takes the Adam step. Every
  * quantity that must agree across processes therefore travels in that buffer or derives from
  * state that already agrees (the weights, the counters, the previous step's sums). */
-#include "internal.h"
+#include "train_internal.h"
 
-#include <errno.h>
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define N_PARAMS (SAE_TRAIN_B_DEC_INIT + 1)
-#define N_METRICS (SAE_METRIC_GRAD_NORM + 1)
-#define TRAIN_FORMAT_VERSION "1"
-/* Dead-latent counters saturate here so that they travel exactly as two float halves. */
-#define COUNTER_MAX (((uint64_t)1 << 48) - 1)
-#define WHOLE_MAX 9007199254740992.0 /* 2^53: the largest run of whole numbers a double holds */
-
-typedef enum { K_POS, K_NONNEG, K_WHOLE, K_WHOLE_POS, K_UNIT_OPEN, K_UNIT, K_ENUM } param_kind;
-
-static const struct {
-    const char *name;
-    param_kind kind;
-    double max; /* K_ENUM: the largest value */
-} param_info[N_PARAMS] = {
+const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_LR] = {"lr", K_POS, 0},
     [SAE_TRAIN_L1_COEFF] = {"l1_coeff", K_NONNEG, 0},
     [SAE_TRAIN_AUXK] = {"auxk", K_WHOLE, 0},
@@ -49,55 +37,24 @@ static const struct {
     [SAE_TRAIN_B_DEC_INIT] = {"b_dec_init", K_ENUM, 2},
 };
 
-static const char *const metric_names[N_METRICS] = {
+const char *const sae__train_metric_names[N_METRICS] = {
     NULL, "loss", "mse", "fvu", "l0", "dead_fraction", "steps", "tokens", "auxk_loss", "lr",
     "grad_norm"};
 
-struct sae_trainer {
-    sae_model *m;
-    bool sparse; /* TopK and BatchTopK: sparse backward pass, unit-norm decoder, AuxK */
-    double param[N_PARAMS];
-    bool param_set[N_PARAMS]; /* for the defaults derived from TOTAL_STEPS */
-    sae_allreduce_fn allreduce;
-    void *user;
-    sae__train_layout lay;
-
-    /* Training state: everything a checkpoint holds besides the weights. */
-    bool initialized, have_metrics;
-    uint64_t step, tokens;
-    double mse_norm; /* per-token variance of the init sample: TopK's MSE normalizer */
-    double aux_norm; /* per-token variance of the previous step's residual: AuxK's normalizer */
-    double theta;    /* BatchTopK's running threshold */
-    float *adam_m, *adam_v;
-    uint64_t *since_fired; /* tokens since each latent last fired */
-    double metric[N_METRICS];
-
-    /* Per-step buffer and scratch, sized for cap tokens. */
-    float *buf;
-    size_t cap, act_cap, aux_cap;
-    float *xs, *xin, *err, *pre, *dense, *tmp;
-    uint32_t *act_idx, *aux_idx, *dead;
-    float *act_val, *aux_val, *dead_pre;
-    size_t *act_ptr, *aux_ptr;
-    float *gT;               /* [d_sae][d_in] W_enc gradient, transposed so rows are contiguous */
-    unsigned char *touched;  /* rows of gT written this step */
-    double *colsum;          /* ReLU: per-latent sum of codes over the batch */
-    sae__scored *heap;
-};
-
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l)
 {
-    size_t w = m->d_in * m->d_sae; /* checked not to overflow when the model was made */
+    /* Every product was checked not to overflow when the model was made. */
     l->W_enc = 0;
-    l->W_dec = w;
-    l->b_enc = 2 * w;
+    l->W_dec = m->d_in * m->d_sae;
+    l->b_enc = l->W_dec + m->d_sae * m->d_out;
     l->b_dec = l->b_enc + m->d_sae;
-    l->n_params = l->b_dec + m->d_in;
+    l->W_skip = l->b_dec + m->d_out;
+    l->n_params = l->W_skip + (m->skip ? m->d_in * m->d_out : 0);
     l->fires = l->n_params;
     l->stats = l->fires + m->d_sae;
     l->sum_dx = l->stats + SAE__STAT_COUNT;
-    l->sum_err = l->sum_dx + m->d_in;
-    l->count = l->sum_err + m->d_in;
+    l->sum_err = l->sum_dx + m->d_out;
+    l->count = l->sum_err + m->d_out;
 }
 
 /* ---- parameters ---------------------------------------------------------------------------- */
@@ -126,7 +83,9 @@ static void set_defaults(sae_trainer *t)
     p[SAE_TRAIN_THRESHOLD_LR] = 0.01;
     p[SAE_TRAIN_ADAM_EPS] = relu ? 1e-8 : 6.25e-10;
     p[SAE_TRAIN_NORMALIZE_INPUT] = 1;
-    p[SAE_TRAIN_B_DEC_INIT] = 2;
+    /* A transcoder's b_dec starts at y's mean (sparsify's trainer), an SAE's at the geometric
+     * median (OpenAI's init_from_data_). */
+    p[SAE_TRAIN_B_DEC_INIT] = t->tc ? 1 : 2;
     memset(t->param_set, 0, sizeof t->param_set);
 }
 
@@ -141,13 +100,13 @@ static double param_value(const sae_trainer *t, sae_train_param p)
     return t->param[p];
 }
 
-static int check_param(sae_train_param p, double v)
+int sae__train_check_param(sae_train_param p, double v)
 {
     if (p < SAE_TRAIN_LR || p > SAE_TRAIN_B_DEC_INIT)
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
-    const char *name = param_info[p].name;
+    const char *name = sae__train_params[p].name;
     bool whole = v == floor(v) && v >= 0.0 && v <= WHOLE_MAX;
-    switch (param_info[p].kind) {
+    switch (sae__train_params[p].kind) {
     case K_POS:
         if (!(v > 0.0) || !isfinite(v))
             return sae__fail(SAE_EINVAL, "training parameter %s must be finite and > 0, not %g",
@@ -181,16 +140,16 @@ static int check_param(sae_train_param p, double v)
                              v);
         break;
     case K_ENUM:
-        if (!whole || v > param_info[p].max)
+        if (!whole || v > sae__train_params[p].max)
             return sae__fail(SAE_EINVAL, "training parameter %s must be a whole number from 0 to "
-                             "%g, not %g", name, param_info[p].max, v);
+                             "%g, not %g", name, sae__train_params[p].max, v);
         return SAE_OK;
     }
     /* Real-valued parameters reach the step's arithmetic as floats (Adam's step size, eps and
      * betas, the L1 coefficient): the value must survive that conversion, finite, 0 or normal,
      * and still in its range (1e300 would be an infinite learning rate, 1e-50 a zero one, a
      * beta2 of 0.99999999 exactly 1). */
-    const param_kind kind = param_info[p].kind;
+    const param_kind kind = sae__train_params[p].kind;
     const double lo = kind == K_POS ? FLT_MIN : 0.0;
     const double hi = kind == K_UNIT_OPEN ? (double)nextafterf(1.0f, 0.0f)
                       : kind == K_UNIT    ? 1.0
@@ -204,7 +163,7 @@ static int check_param(sae_train_param p, double v)
 int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v)
 {
     SAE_CHECK_NULL(t);
-    int rc = check_param(p, v);
+    int rc = sae__train_check_param(p, v);
     if (rc != SAE_OK)
         return rc;
     t->param[p] = v;
@@ -238,7 +197,7 @@ int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double 
     }
     if (!t->have_metrics)
         return sae__fail(SAE_ESTATE, "metric %s describes the last step's batch, and no step has "
-                         "been taken since init", metric_names[which]);
+                         "been taken since init", sae__train_metric_names[which]);
     *v = t->metric[which];
     return SAE_OK;
 }
@@ -287,7 +246,7 @@ void sae_trainer_free(sae_trainer *t)
 
 /* The trainer writes the model's float weights in place: a model switched to bfloat16 storage
  * (SAE_PARAM_BF16_WEIGHTS) has none until it is switched back. */
-static int need_float_weights(const sae_trainer *t, const char *fn)
+int sae__train_need_float_weights(const sae_trainer *t, const char *fn)
 {
     if (t->m->W_enc16 != NULL)
         return sae__fail(SAE_ESTATE,
@@ -306,23 +265,26 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
         return sae__fail(SAE_EUNSUPPORTED,
                          "training %s models is not supported (ReLU, TopK and BatchTopK train)",
                          sae_arch_name(m->arch));
-    if (m->transcoder || m->normalize != SAE_NORMALIZE_NONE)
-        return sae__fail(SAE_EUNSUPPORTED, "training a %s is not supported yet (SAEs without "
-                         "SAE_PARAM_NORMALIZE train)",
-                         m->transcoder ? "transcoder" : "normalized SAE");
+    if (m->normalize != SAE_NORMALIZE_NONE)
+        return sae__fail(SAE_EUNSUPPORTED, "training a model with SAE_PARAM_NORMALIZE is not "
+                         "supported (set it to SAE_NORMALIZE_NONE and let NORMALIZE_INPUT scale "
+                         "the input)");
     sae_trainer *t = calloc(1, sizeof *t);
     if (t == NULL)
         return sae__fail(SAE_ENOMEM, "cannot allocate a trainer");
     t->m = m;
     t->sparse = is_sparse_arch(m->arch);
+    t->tc = m->transcoder;
+    t->unit_dec = t->sparse && !t->tc;
+    t->out_scale = 1.0;
     sae__train_layout_of(m, &t->lay);
     set_defaults(t);
-    const size_t d_sae = m->d_sae, d_in = m->d_in;
+    const size_t d_sae = m->d_sae, d_in = m->d_in, wide = d_in > m->d_out ? d_in : m->d_out;
     t->buf = sae__alloc(t->lay.count, sizeof(float), "training buffer");
     t->adam_m = t->buf ? sae__zalloc(t->lay.n_params, sizeof(float), "Adam moments") : NULL;
     t->adam_v = t->adam_m ? sae__zalloc(t->lay.n_params, sizeof(float), "Adam moments") : NULL;
     t->since_fired = t->adam_v ? sae__zalloc(d_sae, sizeof(uint64_t), "dead counters") : NULL;
-    t->tmp = t->since_fired ? sae__alloc(d_in, sizeof(float), "training scratch") : NULL;
+    t->tmp = t->since_fired ? sae__alloc(wide, sizeof(float), "training scratch") : NULL;
     if (t->tmp && t->sparse) {
         t->gT = sae__zalloc(d_sae * d_in, sizeof(float), "encoder gradient");
         t->touched = t->gT ? sae__zalloc(d_sae, 1, "training scratch") : NULL;
@@ -348,7 +310,9 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
 static int ensure_scratch(sae_trainer *t, size_t n)
 {
     const sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const size_t d_in = m->d_in, d_sae = m->d_sae, d_out = m->d_out;
+    /* xs doubles as the AuxK residual [n][d_out] once the encoder input is in xin. */
+    const size_t wide = d_in > d_out ? d_in : d_out;
     size_t k = m->k < d_sae ? m->k : d_sae;
     size_t auxk = (size_t)t->param[SAE_TRAIN_AUXK];
     if (auxk > d_sae)
@@ -365,12 +329,12 @@ static int ensure_scratch(sae_trainer *t, size_t n)
         return SAE_OK;
     size_t big;
     if (n > INT32_MAX || !sae__mul(n, d_sae, &big) || !sae__mul(big, 2 * sizeof(float), &big) ||
-        !sae__mul(n, d_in, &big) || !sae__mul(big, 4 * sizeof(float), &big))
+        !sae__mul(n, wide, &big) || !sae__mul(big, 4 * sizeof(float), &big))
         return sae__fail(SAE_EINVAL, "n = %zu tokens is too many for one step", n);
     sae_trainer s = {0};
-    s.xs = sae__alloc(n * d_in, sizeof(float), "training scratch");
+    s.xs = sae__alloc(n * wide, sizeof(float), "training scratch");
     s.xin = sae__alloc(n * d_in, sizeof(float), "training scratch");
-    s.err = sae__alloc(n * d_in, sizeof(float), "training scratch");
+    s.err = sae__alloc(n * d_out, sizeof(float), "training scratch");
     s.pre = sae__alloc(n * d_sae, sizeof(float), "training scratch");
     bool ok = s.xs && s.xin && s.err && s.pre;
     if (ok) /* ReLU's dL/dpre, BatchTopK's selection, the dense AuxK codes */
@@ -460,71 +424,127 @@ static void reset_state(sae_trainer *t)
     memset(t->since_fired, 0, t->m->d_sae * sizeof(uint64_t));
 }
 
-int sae_trainer_init(sae_trainer *t, const float *x, size_t n)
+/* Anthropic's (and SAELens' expected_average_only_in) normalization: the scale that makes the
+ * sample's mean norm sqrt(d), kept only when usable as a float scale (a normal float: a sample of
+ * norms near FLT_MAX would give a subnormal one, which sae_model_set_param refuses). */
+static double norm_scale(const float *v, size_t n, size_t d, double fallback)
+{
+    double norms = 0.0;
+    for (size_t i = 0; i < n; i++)
+        norms += sae__snrm2(d, v + i * d);
+    norms /= (double)n;
+    double s = norms > 0.0 ? sqrt((double)d) / norms : 1.0;
+    return isnormal((float)s) ? s : fallback;
+}
+
+/* Per-coordinate mean of scale * v [n][d] into mean, and the mean per-token squared deviation. */
+static double mean_and_var(const float *v, size_t n, size_t d, float scale, double *mean)
+{
+    for (size_t j = 0; j < d; j++)
+        mean[j] = 0.0;
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < d; j++)
+            mean[j] += scale * v[i * d + j];
+    for (size_t j = 0; j < d; j++)
+        mean[j] /= (double)n;
+    double var = 0.0;
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < d; j++) {
+            double dv = (double)(scale * v[i * d + j]) - mean[j];
+            var += dv * dv;
+        }
+    return var / (double)n;
+}
+
+/* Whether y holds the same values as x [n][d] (an SAE's target). */
+static bool same_values(const float *x, const float *y, size_t count)
+{
+    return x == y || memcmp(x, y, count * sizeof(float)) == 0;
+}
+
+/* Checks a batch's arguments for init and step: x [n][d_in], and y [n][d_out] for a transcoder
+ * or an SAE's y = x (y NULL: the SAE entry points, which a transcoder cannot use). */
+static int check_pair(const sae_trainer *t, const float *x, const float *y, size_t n, bool to,
+                      const char *fn)
+{
+    const sae_model *m = t->m;
+    /* sparsify's skip-connection SAE (a transcoder with d_out = d_in subtracting b_dec from its
+     * input) has no recipe in sparsify's trainer or SAELens': its encoder input and skip would
+     * both move with b_dec. */
+    if (t->tc && m->apply_b_dec)
+        return sae__fail(SAE_EUNSUPPORTED, "%s: training a transcoder with "
+                         "APPLY_B_DEC_TO_INPUT = 1 is not supported (set it to 0)", fn);
+    if (!to && t->tc)
+        return sae__fail(SAE_EINVAL, "%s: the model is a transcoder, which learns y from x: "
+                         "call %s_to with its target y [n][%zu]", fn, fn, m->d_out);
+    SAE_CHECK_NULL(x);
+    if (to)
+        SAE_CHECK_NULL(y);
+    int rc = sae__check_finite(x, n * m->d_in, m->d_in, "x");
+    if (rc != SAE_OK)
+        return rc;
+    if (to && t->tc)
+        return sae__check_finite(y, n * m->d_out, m->d_out, "y");
+    if (to && !same_values(x, y, n * m->d_in))
+        return sae__fail(SAE_EINVAL, "%s_to: the model is an SAE, whose target is its input: y "
+                         "must hold x (make a transcoder with sae_model_new_transcoder to learn "
+                         "another target)", fn);
+    return SAE_OK;
+}
+
+static int init_pair(sae_trainer *t, const float *x, const float *y, size_t n, bool to,
+                     const char *fn)
 {
     SAE_CHECK_NULL(t);
     if (n == 0)
-        return sae__fail(SAE_EINVAL, "sae_trainer_init: the sample is empty (n = 0)");
-    SAE_CHECK_NULL(x);
-    int rc = need_float_weights(t, __func__);
+        return sae__fail(SAE_EINVAL, "%s: the sample is empty (n = 0)", fn);
+    int rc = sae__train_need_float_weights(t, fn);
     if (rc != SAE_OK)
         return rc;
     sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const size_t d_in = m->d_in, d_sae = m->d_sae, d_out = m->d_out;
     size_t count;
-    if (!sae__mul(n, d_in, &count) || !sae__mul(count, sizeof(float), &count))
-        return sae__fail(SAE_EINVAL, "sae_trainer_init: n = %zu tokens is too many", n);
-    rc = sae__check_finite(x, n * d_in, d_in, "x");
-    if (rc != SAE_OK)
+    if (!sae__mul(n, d_in > d_out ? d_in : d_out, &count) ||
+        !sae__mul(count, sizeof(float), &count))
+        return sae__fail(SAE_EINVAL, "%s: n = %zu tokens is too many", fn, n);
+    if ((rc = check_pair(t, x, y, n, to, fn)) != SAE_OK)
         return rc;
     float *xs = sae__alloc(n * d_in, sizeof(float), "init sample");
-    double *mean = sae__zalloc(d_in, sizeof(double), "init sample");
+    double *mean = sae__zalloc(d_in > d_out ? d_in : d_out, sizeof(double), "init sample");
     float *dir = sae__alloc(d_in, sizeof(float), "init scratch");
-    if (xs == NULL || mean == NULL || dir == NULL) {
+    double *mx = sae__alloc(d_in, sizeof(double), "init sample");
+    if (xs == NULL || mean == NULL || dir == NULL || mx == NULL) {
         free(xs);
         free(mean);
         free(dir);
+        free(mx);
         return SAE_ENOMEM;
     }
 
-    /* Anthropic's (and SAELens' expected_average_only_in) normalization: mean norm sqrt(d_in). */
-    double scale = m->input_scale;
-    if (t->param[SAE_TRAIN_NORMALIZE_INPUT] != 0.0) {
-        double norms = 0.0;
-        for (size_t i = 0; i < n; i++)
-            norms += sae__snrm2(d_in, x + i * d_in);
-        norms /= (double)n;
-        double s = norms > 0.0 ? sqrt((double)d_in) / norms : 1.0;
-        /* Kept only when usable as the model's INPUT_SCALE: a normal float (a sample of norms
-         * near FLT_MAX would give a subnormal one, which sae_model_set_param refuses). */
-        if (isnormal((float)s))
-            scale = s;
-    }
-    float fscale = (float)scale;
+    const bool normalize = t->param[SAE_TRAIN_NORMALIZE_INPUT] != 0.0;
+    float fscale = (float)(normalize ? norm_scale(x, n, d_in, m->input_scale) : m->input_scale);
     for (size_t i = 0; i < n * d_in; i++)
         xs[i] = fscale * x[i];
-    for (size_t i = 0; i < n; i++)
-        for (size_t j = 0; j < d_in; j++)
-            mean[j] += xs[i * d_in + j];
-    for (size_t j = 0; j < d_in; j++)
-        mean[j] /= (double)n;
-    /* TopK's MSE normalizer: OpenAI's mse_scale = 1 / mean((x - mean x)^2), per token here. */
-    double var = 0.0;
-    for (size_t i = 0; i < n; i++)
-        for (size_t j = 0; j < d_in; j++)
-            var += ((double)xs[i * d_in + j] - mean[j]) * ((double)xs[i * d_in + j] - mean[j]);
-    var /= (double)n;
-
+    /* The target's scale and statistics: an SAE's is xs, a transcoder's c y. */
+    const double c = t->tc && normalize ? norm_scale(y, n, d_out, 1.0) : 1.0;
+    const float *target = t->tc ? y : xs;
+    /* TopK's MSE normalizer: OpenAI's mse_scale = 1 / mean((x - mean x)^2), per token here (for
+     * a transcoder sparsify's FVU denominator, the variance of y, in c y's units). b_dec is in
+     * the target's own units: y's mean or median, unscaled. */
+    const double var = mean_and_var(target, n, d_out, 1.0f, mean) * c * c;
+    if (t->tc)
+        (void)mean_and_var(xs, n, d_in, 1.0f, mx);
     int how = (int)t->param[SAE_TRAIN_B_DEC_INIT];
-    if (how == 2 && (rc = geometric_median(xs, n, d_in, mean)) != SAE_OK) {
+    if (how == 2 && (rc = geometric_median(target, n, d_out, mean)) != SAE_OK) {
         free(xs);
         free(mean);
         free(dir);
+        free(mx);
         return rc;
     }
     /* Nothing has changed until here; from here on nothing fails. */
     m->input_scale = fscale;
-    for (size_t j = 0; j < d_in; j++)
+    for (size_t j = 0; j < d_out; j++)
         m->b_dec[j] = how == 0 ? 0.0f : (float)mean[j];
     uint64_t seed = (uint64_t)t->param[SAE_TRAIN_SEED];
     const double norm = t->param[SAE_TRAIN_DECODER_INIT_NORM];
@@ -539,15 +559,27 @@ int sae_trainer_init(sae_trainer *t, const float *x, size_t n)
             }
         } while (ss == 0.0);
         float f = (float)(norm / sqrt(ss));
-        for (size_t j = 0; j < d_in; j++) {
-            m->W_dec[i * d_in + j] = f * dir[j];
+        for (size_t j = 0; j < d_in; j++)
             m->W_enc[j * d_sae + i] = f * dir[j];
-        }
+        if (!t->tc)
+            for (size_t j = 0; j < d_in; j++)
+                m->W_dec[i * d_in + j] = f * dir[j];
         m->b_enc[i] = 0.0f;
+    }
+    if (t->tc) {
+        /* sparsify's transcoder init: W_dec and W_skip zero (SAELens's SkipTranscoder starts
+         * W_skip at zero too), and b_enc = -mean(x_s) @ W_enc, which centres the
+         * pre-activations as an SAE's subtraction of b_dec would. */
+        memset(m->W_dec, 0, d_sae * d_out * sizeof(float));
+        if (m->skip)
+            memset(m->W_skip, 0, d_in * d_out * sizeof(float));
+        for (size_t j = 0; j < d_in; j++)
+            sae__saxpy(d_sae, (float)-mx[j], m->W_enc + j * d_sae, m->b_enc);
     }
     sae__model_weights_changed(m);
     if (m->arch == SAE_ARCH_BATCHTOPK)
         m->batch_threshold = 0.0f;
+    t->out_scale = c;
     t->mse_norm = var > 0.0 ? var : 1.0;
     t->aux_norm = t->mse_norm;
     reset_state(t);
@@ -555,7 +587,18 @@ int sae_trainer_init(sae_trainer *t, const float *x, size_t n)
     free(xs);
     free(mean);
     free(dir);
+    free(mx);
     return SAE_OK;
+}
+
+int sae_trainer_init(sae_trainer *t, const float *x, size_t n)
+{
+    return init_pair(t, x, NULL, n, false, "sae_trainer_init");
+}
+
+int sae_trainer_init_to(sae_trainer *t, const float *x, const float *y, size_t n)
+{
+    return init_pair(t, x, y, n, true, "sae_trainer_init");
 }
 
 /* ---- the forward and backward passes ------------------------------------------------------- */
@@ -578,16 +621,20 @@ static void encode_batch(sae_trainer *t, const float *x, size_t n)
                d_sae);
 }
 
-/* Statistics every architecture reports: sums of (x_s - b_dec) and its square, for the FVU. */
-static void input_stats(sae_trainer *t, size_t n)
+/* Statistics every architecture reports: sums of c (tgt - b_dec) and its square, for the FVU
+ * (tgt is x_s for an SAE, c = 1; y for a transcoder). */
+static void input_stats(sae_trainer *t, const float *tgt, size_t n)
 {
     const sae_model *m = t->m;
-    const size_t d_in = m->d_in;
+    const size_t d_out = m->d_out;
+    const float c = (float)t->out_scale;
     float *sum_dx = t->buf + t->lay.sum_dx;
     double xx = 0.0;
     for (size_t i = 0; i < n; i++) {
-        for (size_t j = 0; j < d_in; j++) {
-            float d = t->xs[i * d_in + j] - m->b_dec[j];
+        for (size_t j = 0; j < d_out; j++) {
+            float d = tgt[i * d_out + j] - m->b_dec[j];
+            if (t->tc)
+                d *= c;
             sum_dx[j] += d;
             xx += (double)d * d;
         }
@@ -596,21 +643,52 @@ static void input_stats(sae_trainer *t, size_t n)
     t->buf[t->lay.stats + SAE__STAT_TOKENS] = (float)n;
 }
 
+/* The part of the error E = y_hat - tgt the codes do not make: b_dec - tgt, plus a transcoder's
+ * skip term x @ W_skip (raw x, as the model computes it). */
+static void error_base(sae_trainer *t, const float *x, const float *tgt, size_t n)
+{
+    const sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_out = m->d_out;
+    float *E = t->err;
+    if (m->skip) {
+        sae__sgemm(false, false, n, d_out, d_in, 1.0f, x, d_in, m->W_skip, d_out, 0.0f, E, d_out);
+        for (size_t i = 0; i < n; i++)
+            for (size_t j = 0; j < d_out; j++)
+                E[i * d_out + j] += m->b_dec[j] - tgt[i * d_out + j];
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < d_out; j++)
+            E[i * d_out + j] = m->b_dec[j] - tgt[i * d_out + j];
+}
+
+/* W_skip's gradient: x_s^T @ G, with G [n][d_out] the gradient with respect to the normalized
+ * output (W_skip' maps x_s to it; the encoder input xin is x_s for a transcoder). */
+static void skip_gradient(sae_trainer *t, const float *G, size_t n)
+{
+    const sae_model *m = t->m;
+    if (m->skip)
+        sae__sgemm(true, false, m->d_in, m->d_out, n, 1.0f, t->xin, m->d_in, G, m->d_out, 0.0f,
+                   t->buf + t->lay.W_skip, m->d_out);
+}
+
 /* ReLU: dense, every matrix product one SGEMM. Per token the loss is
- * ||x_hat_s - x_s||^2 + lambda * sum_i f_i ||W_dec[i]||. */
-static void relu_pass(sae_trainer *t, size_t n, double lambda)
+ * ||x_hat_s - x_s||^2 + lambda * sum_i f_i ||W_dec[i]||; a transcoder's is the same in its
+ * normalized units, ||c (y_hat - y)||^2 + lambda * sum_i f_i ||c W_dec[i]||. */
+static void relu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n, double lambda)
 {
     sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const size_t d_in = m->d_out, d_sae = m->d_sae; /* the output's width: d_in for an SAE */
+    const float c = (float)t->out_scale;
     float *buf = t->buf, *f = t->pre, *E = t->err, *G = t->dense;
     const sae__train_layout *L = &t->lay;
     for (size_t i = 0; i < n * d_sae; i++)
         f[i] = f[i] > 0.0f ? f[i] : 0.0f;
-    /* E = f @ W_dec + b_dec - x_s */
-    for (size_t i = 0; i < n; i++)
-        for (size_t j = 0; j < d_in; j++)
-            E[i * d_in + j] = m->b_dec[j] - t->xs[i * d_in + j];
+    /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
+    error_base(t, x, tgt, n);
     sae__sgemm(false, false, n, d_in, d_sae, 1.0f, f, d_sae, m->W_dec, d_in, 1.0f, E, d_in);
+    if (t->tc)
+        sae__sscal(n * d_in, c, E);
     double sse = 0.0, l1 = 0.0, l0 = 0.0;
     float *fires = buf + L->fires, *sum_err = buf + L->sum_err;
     double *colsum = t->colsum;
@@ -624,7 +702,7 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
         const float *fr = f + i * d_sae;
         for (size_t k = 0; k < d_sae; k++) {
             if (fr[k] > 0.0f) {
-                l1 += (double)fr[k] * m->dec_norm[k];
+                l1 += (double)fr[k] * m->dec_norm[k] * c;
                 colsum[k] += fr[k];
                 l0 += 1.0;
                 fires[k] += 1.0f;
@@ -633,9 +711,9 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
     }
     /* dL/dx_hat = 2 E */
     sae__sscal(n * d_in, 2.0f, E);
-    /* G = dL/df = 2E @ W_dec^T + lambda * ||W_dec[i]||, masked by f > 0 into dL/dpre */
-    sae__sgemm(false, true, n, d_sae, d_in, 1.0f, E, d_in, m->W_dec, d_in, 0.0f, G, d_sae);
-    const float lam = (float)lambda;
+    /* G = dL/df = 2E @ W_dec'^T + lambda * ||W_dec'[i]||, masked by f > 0 into dL/dpre */
+    sae__sgemm(false, true, n, d_sae, d_in, c, E, d_in, m->W_dec, d_in, 0.0f, G, d_sae);
+    const float lam = (float)lambda * c;
     float *g_benc = buf + L->b_enc, *g_bdec = buf + L->b_dec;
     for (size_t i = 0; i < n; i++) {
         float *gr = G + i * d_sae;
@@ -647,7 +725,8 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
         for (size_t j = 0; j < d_in; j++)
             g_bdec[j] += E[i * d_in + j];
     }
-    /* dW_dec = f^T @ 2E + lambda * (sum_t f_ti) * W_dec[i] / ||W_dec[i]|| */
+    /* dW_dec' = f^T @ 2E + lambda * (sum_t f_ti) * W_dec[i] / ||W_dec[i]|| (the same direction
+     * in either units) */
     sae__sgemm(true, false, d_sae, d_in, n, 1.0f, f, d_sae, E, d_in, 0.0f, buf + L->W_dec, d_in);
     if (lambda != 0.0) {
         for (size_t k = 0; k < d_sae; k++) {
@@ -658,8 +737,9 @@ static void relu_pass(sae_trainer *t, size_t n, double lambda)
         }
     }
     /* dW_enc = xin^T @ G */
-    sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, G, d_sae, 0.0f, buf + L->W_enc,
-               d_sae);
+    sae__sgemm(true, false, m->d_in, d_sae, n, 1.0f, t->xin, m->d_in, G, d_sae, 0.0f,
+               buf + L->W_enc, d_sae);
+    skip_gradient(t, E, n);
     float *st = buf + L->stats;
     st[SAE__STAT_SSE] = (float)sse;
     st[SAE__STAT_LOSS] = (float)(sse + lambda * l1);
@@ -790,10 +870,12 @@ static void select_auxk(sae_trainer *t, size_t n, size_t n_dead, size_t auxk)
  * which goes to b_enc and, as dpre * xin, to the encoder column (kept transposed in gT). */
 static void backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g, const float *xin)
 {
-    const size_t d_in = t->m->d_in;
-    const float *w = t->m->W_dec + (size_t)j * d_in;
-    sae__axpy(d_in, f, g, t->buf + t->lay.W_dec + (size_t)j * d_in);
-    float dpre = sae__dot(d_in, g, w);
+    const size_t d_in = t->m->d_in, d_out = t->m->d_out;
+    const float *w = t->m->W_dec + (size_t)j * d_out;
+    sae__axpy(d_out, f, g, t->buf + t->lay.W_dec + (size_t)j * d_out);
+    float dpre = sae__dot(d_out, g, w);
+    if (t->tc) /* g . W_dec'[j] = c g . W_dec[j] */
+        dpre *= (float)t->out_scale;
     t->buf[t->lay.b_enc + j] += dpre;
     sae__axpy(d_in, dpre, xin, t->gT + (size_t)j * d_in);
     t->touched[j] = 1;
@@ -802,10 +884,12 @@ static void backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g,
 /* TopK and BatchTopK: only the active (and AuxK) latents' rows and columns get gradients. Per
  * token the loss is ||e||^2 / v + AUXK_COEFF * ||e_aux + e||^2 / v_aux, with e = x_hat_s - x_s
  * and e_aux the dead latents' reconstruction (their target is the residual -e, held fixed). */
-static void sparse_pass(sae_trainer *t, size_t n)
+static void sparse_pass(sae_trainer *t, const float *x, const float *tgt, size_t n)
 {
     sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const size_t d_in = m->d_in, d_out = m->d_out, d_sae = m->d_sae;
+    /* A transcoder's codes reach its normalized output through W_dec' = c W_dec. */
+    const float c = (float)t->out_scale;
     const sae__train_layout *L = &t->lay;
     float *buf = t->buf;
     float *st = buf + L->stats, *fires = buf + L->fires, *sum_err = buf + L->sum_err;
@@ -841,16 +925,17 @@ static void sparse_pass(sae_trainer *t, size_t n)
     const bool aux_dense = auxk > 0 && 16 * auxk >= d_sae;
     double sse = 0.0, aux = 0.0;
     float *g_bdec = buf + L->b_dec, *d = t->tmp;
+    error_base(t, x, tgt, n);
     for (size_t i = 0; i < n; i++) {
-        float *e = t->err + i * d_in;
-        for (size_t j = 0; j < d_in; j++)
-            e[j] = m->b_dec[j] - t->xs[i * d_in + j];
+        float *e = t->err + i * d_out;
         for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++) {
-            sae__axpy(d_in, t->act_val[a], m->W_dec + (size_t)t->act_idx[a] * d_in, e);
+            sae__axpy(d_out, t->act_val[a], m->W_dec + (size_t)t->act_idx[a] * d_out, e);
             fires[t->act_idx[a]] += 1.0f;
         }
-        sse += sae__dot(d_in, e, e);
-        sae__axpy(d_in, 1.0f, e, sum_err);
+        if (t->tc)
+            sae__sscal(d_out, c, e);
+        sse += sae__dot(d_out, e, e);
+        sae__axpy(d_out, 1.0f, e, sum_err);
     }
     /* Every token joins the AuxK term once any latent is dead, even with no positive dead
      * pre-activation (then e_aux = 0), as OpenAI's normalized_mse over the batch does. OpenAI
@@ -861,18 +946,18 @@ static void sparse_pass(sae_trainer *t, size_t n)
         for (size_t i = 0; i < n; i++)
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
                 FA[i * d_sae + t->aux_idx[a]] = t->aux_val[a];
-        memcpy(D, t->err, n * d_in * sizeof(float));
-        sae__sgemm(false, false, n, d_in, d_sae, 1.0f, FA, d_sae, m->W_dec, d_in, 1.0f, D, d_in);
+        memcpy(D, t->err, n * d_out * sizeof(float));
+        sae__sgemm(false, false, n, d_out, d_sae, c, FA, d_sae, m->W_dec, d_out, 1.0f, D, d_out);
         for (size_t i = 0; i < n; i++) {
-            float *di = D + i * d_in;
-            aux += sae__dot(d_in, di, di);
-            for (size_t j = 0; j < d_in; j++)
+            float *di = D + i * d_out;
+            aux += sae__dot(d_out, di, di);
+            for (size_t j = 0; j < d_out; j++)
                 di[j] *= g_aux;
-            sae__axpy(d_in, 1.0f, di, g_bdec);
+            sae__axpy(d_out, 1.0f, di, g_bdec);
         }
-        sae__sgemm(true, false, d_sae, d_in, n, 1.0f, FA, d_sae, D, d_in, 1.0f, buf + L->W_dec,
-                   d_in);
-        sae__sgemm(false, true, n, d_sae, d_in, 1.0f, D, d_in, m->W_dec, d_in, 0.0f, GA, d_sae);
+        sae__sgemm(true, false, d_sae, d_out, n, 1.0f, FA, d_sae, D, d_out, 1.0f, buf + L->W_dec,
+                   d_out);
+        sae__sgemm(false, true, n, d_sae, d_out, c, D, d_out, m->W_dec, d_out, 0.0f, GA, d_sae);
         float *g_benc = buf + L->b_enc;
         for (size_t i = 0; i < n; i++)
             for (size_t j = 0; j < d_sae; j++) {
@@ -882,21 +967,21 @@ static void sparse_pass(sae_trainer *t, size_t n)
             }
     }
     for (size_t i = 0; i < n; i++) {
-        float *e = t->err + i * d_in;
+        float *e = t->err + i * d_out;
         const float *xin = t->xin + i * d_in;
         const bool aux_sparse = auxk > 0 && !aux_dense;
         if (aux_sparse) {
-            memcpy(d, e, d_in * sizeof(float));
+            memcpy(d, e, d_out * sizeof(float));
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
-                sae__axpy(d_in, t->aux_val[a], m->W_dec + (size_t)t->aux_idx[a] * d_in, d);
-            aux += sae__dot(d_in, d, d);
-            for (size_t j = 0; j < d_in; j++)
+                sae__axpy(d_out, c * t->aux_val[a], m->W_dec + (size_t)t->aux_idx[a] * d_out, d);
+            aux += sae__dot(d_out, d, d);
+            for (size_t j = 0; j < d_out; j++)
                 d[j] *= g_aux;
-            sae__axpy(d_in, 1.0f, d, g_bdec);
+            sae__axpy(d_out, 1.0f, d, g_bdec);
         }
-        for (size_t j = 0; j < d_in; j++)
+        for (size_t j = 0; j < d_out; j++)
             e[j] *= g_main;
-        sae__axpy(d_in, 1.0f, e, g_bdec);
+        sae__axpy(d_out, 1.0f, e, g_bdec);
         for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++)
             backprop_latent(t, t->act_idx[a], t->act_val[a], e, xin);
         if (aux_sparse)
@@ -916,6 +1001,9 @@ static void sparse_pass(sae_trainer *t, size_t n)
     }
     if (aux_dense)
         sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, GA, d_sae, 1.0f, g_enc, d_sae);
+    /* The main loss reaches W_skip; the AuxK term does not (its target, the residual, is held
+     * fixed, and the dead latents decode without the skip, as sparsify's decode). */
+    skip_gradient(t, t->err, n);
     st[SAE__STAT_SSE] = (float)sse;
     st[SAE__STAT_LOSS] = (float)(sse / t->mse_norm);
     st[SAE__STAT_AUX] = (float)aux;
@@ -954,7 +1042,7 @@ static double schedule_l1(const sae_trainer *t)
 static int apply_step(sae_trainer *t, double lr)
 {
     sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const size_t d_in = m->d_in, d_sae = m->d_sae, d_out = m->d_out;
     const sae__train_layout *L = &t->lay;
     float *buf = t->buf, *st = buf + L->stats;
     const double N = round((double)st[SAE__STAT_TOKENS]);
@@ -967,7 +1055,7 @@ static int apply_step(sae_trainer *t, double lr)
     double clip = t->param[SAE_TRAIN_GRAD_CLIP];
     if (clip > 0.0 && gnorm > clip) /* torch's clip_grad_norm_ */
         sae__sscal(L->n_params, (float)(clip / (gnorm + 1e-6)), g);
-    if (t->sparse) {
+    if (t->unit_dec) {
         /* Unit-norm rows: remove the gradient's component along each row (OpenAI's
          * unit_norm_decoder_grad_adjustment_). */
         for (size_t j = 0; j < d_sae; j++) {
@@ -978,18 +1066,25 @@ static int apply_step(sae_trainer *t, double lr)
                 sae__saxpy(d_in, -sae__sdot(d_in, gj, w) / ww, w, gj);
         }
     }
-    sae__adam adam = {lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
-                      t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
+    /* A transcoder's gradient is that of its normalized parameters (W_dec' = c W_dec, ...): Adam
+     * steps those, and the change reaches the model's own divided by the same factor (the
+     * learning rate for W_dec and b_dec is lr / c, for W_skip lr * INPUT_SCALE / c). */
+    const double oc = t->out_scale, s_in = m->input_scale;
     const struct {
         float *p;
         size_t at, n, cols;
         const char *name;
-    } part[4] = {{m->W_enc, L->W_enc, d_in * d_sae, d_sae, "W_enc"},
-                 {m->W_dec, L->W_dec, d_in * d_sae, d_in, "W_dec"},
-                 {m->b_enc, L->b_enc, d_sae, 0, "b_enc"},
-                 {m->b_dec, L->b_dec, d_in, 0, "b_dec"}};
-    for (size_t q = 0; q < 4; q++) {
+        double lr;
+    } part[5] = {{m->W_enc, L->W_enc, d_in * d_sae, d_sae, "W_enc", lr},
+                 {m->W_dec, L->W_dec, d_out * d_sae, d_out, "W_dec", t->tc ? lr / oc : lr},
+                 {m->b_enc, L->b_enc, d_sae, 0, "b_enc", lr},
+                 {m->b_dec, L->b_dec, d_out, 0, "b_dec", t->tc ? lr / oc : lr},
+                 {m->W_skip, L->W_skip, L->n_params - L->W_skip, d_out, "W_skip", lr * s_in / oc}};
+    const size_t n_parts = m->skip ? 5 : 4;
+    for (size_t q = 0; q < n_parts; q++) {
         size_t i;
+        sae__adam adam = {part[q].lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
+                          t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
         int what = sae__adam_check(part[q].p, g + part[q].at, t->adam_m + part[q].at,
                                    t->adam_v + part[q].at, part[q].n, &adam, &i);
         if (what == 0)
@@ -1020,10 +1115,13 @@ static int apply_step(sae_trainer *t, double lr)
     }
 
     /* Nothing has changed until here; from here on nothing fails. */
-    for (size_t q = 0; q < 4; q++)
+    for (size_t q = 0; q < n_parts; q++) {
+        sae__adam adam = {part[q].lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
+                          t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
         sae__adam_update(part[q].p, g + part[q].at, t->adam_m + part[q].at,
                          t->adam_v + part[q].at, part[q].n, &adam);
-    if (t->sparse) {
+    }
+    if (t->unit_dec) {
         for (size_t j = 0; j < d_sae; j++) {
             float *w = m->W_dec + j * d_in;
             float nrm = sae__snrm2(d_in, w);
@@ -1055,11 +1153,12 @@ static int apply_step(sae_trainer *t, double lr)
     /* Metrics of this batch, then the AuxK normalizer for the next step. */
     const float *sum_dx = buf + L->sum_dx, *sum_err = buf + L->sum_err;
     double dx2 = 0.0, de2 = 0.0;
-    for (size_t j = 0; j < d_in; j++) {
+    for (size_t j = 0; j < d_out; j++) {
         dx2 += (double)sum_dx[j] * sum_dx[j];
         de2 += (double)sum_err[j] * sum_err[j];
     }
-    const double sse = st[SAE__STAT_SSE], s = m->input_scale;
+    /* The error is in x_s's units for an SAE, c y's for a transcoder. */
+    const double sse = st[SAE__STAT_SSE], s = t->tc ? t->out_scale : (double)m->input_scale;
     const double var_sum = st[SAE__STAT_XX] - dx2 / N;
     const double aux_loss = t->sparse ? st[SAE__STAT_AUX] / (t->aux_norm * N) : 0.0;
     t->metric[SAE_METRIC_LOSS] =
@@ -1082,25 +1181,27 @@ static int apply_step(sae_trainer *t, double lr)
     return SAE_OK;
 }
 
-int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
+static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, bool to)
 {
     SAE_CHECK_NULL(t);
+    if (!to && t->tc)
+        return check_pair(t, x, y, n, to, "sae_trainer_step");
     if (!t->initialized)
         return sae__fail(SAE_ESTATE,
                          "sae_trainer_step: call sae_trainer_init (or sae_trainer_load) first");
-    if (need_float_weights(t, __func__) != SAE_OK)
+    if (sae__train_need_float_weights(t, "sae_trainer_step") != SAE_OK)
         return SAE_ESTATE;
     if (n == 0 && t->allreduce == NULL)
         return sae__fail(SAE_EINVAL, "sae_trainer_step: the batch is empty (n = 0)");
     const sae_model *m = t->m;
     int rc;
     if (n > 0) {
-        SAE_CHECK_NULL(x);
         size_t count;
-        if (n > INT32_MAX || !sae__mul(n, m->d_in, &count) || n > (1u << 24))
+        if (n > INT32_MAX || !sae__mul(n, m->d_in, &count) || !sae__mul(n, m->d_out, &count) ||
+            n > (1u << 24))
             return sae__fail(SAE_EINVAL,
                              "sae_trainer_step: n = %zu tokens is too many (at most 2^24 a step)", n);
-        if ((rc = sae__check_finite(x, n * m->d_in, m->d_in, "x")) != SAE_OK)
+        if ((rc = check_pair(t, x, y, n, to, "sae_trainer_step")) != SAE_OK)
             return rc;
         if ((rc = ensure_scratch(t, n)) != SAE_OK)
             return rc;
@@ -1110,11 +1211,12 @@ int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
     const double lr = schedule_lr(t), lambda = t->sparse ? 0.0 : schedule_l1(t);
     if (n > 0) {
         encode_batch(t, x, n);
-        input_stats(t, n);
+        const float *tgt = t->tc ? y : t->xs; /* an SAE's target is its scaled input */
+        input_stats(t, tgt, n);
         if (t->sparse)
-            sparse_pass(t, n);
+            sparse_pass(t, x, tgt, n);
         else
-            relu_pass(t, n, lambda);
+            relu_pass(t, x, tgt, n, lambda);
         if (m->apply_b_dec) /* b_dec also enters through the encoder input xs - b_dec */
             sae__sgemv(false, m->d_in, m->d_sae, -1.0f, m->W_enc, m->d_sae, t->buf + t->lay.b_enc,
                        1, 1.0f, t->buf + t->lay.b_dec, 1);
@@ -1133,300 +1235,13 @@ int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
     return apply_step(t, lr);
 }
 
-/* ---- checkpoints --------------------------------------------------------------------------- */
-
-static int cmp_out(const void *a, const void *b)
+int sae_trainer_step(sae_trainer *t, const float *x, size_t n)
 {
-    return strcmp(((const sae__st_out *)a)->name, ((const sae__st_out *)b)->name);
+    return step_pair(t, x, NULL, n, false);
 }
 
-enum { MAX_META = 64, META_LEN = 40 };
-
-int sae_trainer_save(const sae_trainer *t, const char *path)
+int sae_trainer_step_to(sae_trainer *t, const float *x, const float *y, size_t n)
 {
-    SAE_CHECK_NULL(t);
-    SAE_CHECK_NULL(path);
-    if (!t->initialized)
-        return sae__fail(SAE_ESTATE, "sae_trainer_save: nothing to save before sae_trainer_init");
-    if (need_float_weights(t, __func__) != SAE_OK)
-        return SAE_ESTATE;
-    const sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
-    float *hi = sae__alloc(d_sae, sizeof(float), "checkpoint"),
-          *lo = sae__alloc(d_sae, sizeof(float), "checkpoint");
-    if (hi == NULL || lo == NULL) {
-        free(hi);
-        free(lo);
-        return SAE_ENOMEM;
-    }
-    for (size_t j = 0; j < d_sae; j++) {
-        hi[j] = (float)(t->since_fired[j] >> 24);
-        lo[j] = (float)(t->since_fired[j] & 0xffffff);
-    }
-    /* The model's own keys, as sae_model_save writes them, so the file also loads as a model. */
-    const char *keys[MAX_META];
-    char values[MAX_META][META_LEN];
-    const char *vals[MAX_META];
-    char names[N_PARAMS + N_METRICS][48];
-    size_t nm = 0, nn = 0;
-#define META(key, ...)                                                                             \
-    do {                                                                                           \
-        keys[nm] = (key);                                                                          \
-        snprintf(values[nm], META_LEN, __VA_ARGS__);                                               \
-        vals[nm] = values[nm];                                                                     \
-        nm++;                                                                                      \
-    } while (0)
-    META("format", "libsae");
-    META("format_version", "1");
-    META("libsae_version", "%s", sae_version_string());
-    META("architecture", "%s", sae_arch_name(m->arch));
-    META("d_in", "%zu", d_in);
-    META("d_sae", "%zu", d_sae);
-    META("apply_b_dec_to_input", "%d", m->apply_b_dec);
-    META("input_scale", "%.9g", (double)m->input_scale);
-    if (t->sparse)
-        META("k", "%zu", m->k);
-    if (m->arch == SAE_ARCH_BATCHTOPK)
-        META("batch_threshold", "%.9g", (double)m->batch_threshold);
-    META("train.format_version", TRAIN_FORMAT_VERSION);
-    META("train.step", "%llu", (unsigned long long)t->step);
-    META("train.tokens", "%llu", (unsigned long long)t->tokens);
-    META("train.mse_norm", "%.17g", t->mse_norm);
-    META("train.aux_norm", "%.17g", t->aux_norm);
-    META("train.theta", "%.17g", t->theta);
-    for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
-        bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
-        if (derived && !t->param_set[p])
-            continue;
-        snprintf(names[nn], sizeof names[nn], "train.param.%s", param_info[p].name);
-        META(names[nn++], "%.17g", t->param[p]);
-    }
-    if (t->have_metrics) {
-        for (int k = SAE_METRIC_LOSS; k < N_METRICS; k++) {
-            snprintf(names[nn], sizeof names[nn], "train.metric.%s", metric_names[k]);
-            META(names[nn++], "%.17g", t->metric[k]);
-        }
-    }
-#undef META
-    sae__st_out tensors[8] = {
-        {"W_dec", 2, {d_sae, d_in}, m->W_dec, NULL},
-        {"W_enc", 2, {d_in, d_sae}, m->W_enc, NULL},
-        {"b_dec", 1, {d_in, 0}, m->b_dec, NULL},
-        {"b_enc", 1, {d_sae, 0}, m->b_enc, NULL},
-        {"train.adam_m", 1, {t->lay.n_params, 0}, t->adam_m, NULL},
-        {"train.adam_v", 1, {t->lay.n_params, 0}, t->adam_v, NULL},
-        {"train.dead_hi", 1, {d_sae, 0}, hi, NULL},
-        {"train.dead_lo", 1, {d_sae, 0}, lo, NULL},
-    };
-    qsort(tensors, 8, sizeof tensors[0], cmp_out);
-    int rc = sae__st_write(path, tensors, 8, keys, vals, nm);
-    free(hi);
-    free(lo);
-    return rc;
+    return step_pair(t, x, y, n, true);
 }
 
-static int meta_u64(const sae__safetensors *st, const char *key, uint64_t *out)
-{
-    const char *s = sae__st_meta(st, key);
-    if (s == NULL)
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__ has no '%s'", st->path, key);
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (end == s || *end != '\0' || errno == ERANGE || s[0] == '-')
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['%s'] = '%.40s' is not a count", st->path,
-                         key, s);
-    *out = v;
-    return SAE_OK;
-}
-
-/* Reads a tensor of exactly the given shape, converted to float, into dst, checking it is finite. */
-static int read_tensor(const sae__safetensors *st, const char *name, size_t d0, size_t d1,
-                       float *dst)
-{
-    const sae__st_tensor *src;
-    int rc = sae__st_expect(st, name, d0, d1, &src);
-    if (rc != SAE_OK)
-        return rc;
-    sae__to_float(src->dtype, st->data + src->offset, src->count, dst);
-    if ((rc = sae__check_finite(dst, src->count, d1 ? d1 : 1, name)) != SAE_OK)
-        return sae__wrap(SAE_EFORMAT, "%s: ", st->path);
-    return SAE_OK;
-}
-
-/* Everything a checkpoint holds, parsed and checked before any of it is applied. */
-typedef struct {
-    double param[N_PARAMS];
-    bool param_set[N_PARAMS];
-    double metric[N_METRICS];
-    bool have_metrics;
-    uint64_t step, tokens;
-    double mse_norm, aux_norm, theta, apply, scale, k, batch_threshold;
-    float *block; /* model tensors, moments and counters, in one allocation */
-} checkpoint;
-
-static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, checkpoint *c)
-{
-    const sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae, P = t->lay.n_params;
-    const char *format = sae__st_meta(st, "format");
-    if (format == NULL || strcmp(format, "libsae") != 0 ||
-        sae__st_meta(st, "train.format_version") == NULL)
-        return sae__fail(SAE_EFORMAT, "%s: not a libsae training checkpoint (no libsae "
-                         "train.format_version metadata)", st->path);
-    if (strcmp(sae__st_meta(st, "train.format_version"), TRAIN_FORMAT_VERSION) != 0)
-        return sae__fail(SAE_EFORMAT, "%s: training checkpoint version '%.20s' is not %s",
-                         st->path, sae__st_meta(st, "train.format_version"), TRAIN_FORMAT_VERSION);
-    const char *arch = sae__st_meta(st, "architecture");
-    double d_in_f, d_sae_f;
-    int rc;
-    if ((rc = sae__st_meta_number(st, "d_in", false, &d_in_f)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "d_sae", false, &d_sae_f)) != SAE_OK)
-        return rc;
-    if (arch == NULL || strcmp(arch, sae_arch_name(m->arch)) != 0 || d_in_f != (double)d_in ||
-        d_sae_f != (double)d_sae)
-        return sae__fail(SAE_EINVAL, "%s: the checkpoint is a %.20s SAE of %g x %g, but the "
-                         "trainer's model is %s %zu x %zu", st->path, arch ? arch : "(unknown)",
-                         d_in_f, d_sae_f, sae_arch_name(m->arch), d_in, d_sae);
-    if ((rc = meta_u64(st, "train.step", &c->step)) != SAE_OK ||
-        (rc = meta_u64(st, "train.tokens", &c->tokens)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "train.mse_norm", false, &c->mse_norm)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "train.aux_norm", false, &c->aux_norm)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "train.theta", false, &c->theta)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "apply_b_dec_to_input", false, &c->apply)) != SAE_OK ||
-        (rc = sae__st_meta_number(st, "input_scale", false, &c->scale)) != SAE_OK)
-        return rc;
-    if (!(c->mse_norm > 0.0) || !(c->aux_norm > 0.0) || isinf(c->mse_norm) || isinf(c->aux_norm))
-        return sae__fail(SAE_EFORMAT, "%s: training normalizers (train.mse_norm, train.aux_norm) "
-                         "must be finite and positive", st->path);
-    if (c->apply != 0.0 && c->apply != 1.0)
-        return sae__fail(SAE_EFORMAT, "%s: __metadata__['apply_b_dec_to_input'] must be 0 or 1",
-                         st->path);
-    /* Values the model and trainer hold as floats are checked as floats: an input_scale of
-     * 1e-46 is 0 as a float, a threshold of 1e39 infinite. */
-    float f;
-    double lo, hi;
-    if (sae_model_param_bounds(SAE_PARAM_INPUT_SCALE, &lo, &hi) != SAE_OK ||
-        sae__float_in_range(c->scale, lo, hi, "input_scale", &f) != SAE_OK ||
-        sae__float_in_range(c->theta, -FLT_MAX, FLT_MAX, "train.theta", &f) != SAE_OK)
-        return sae__wrap(SAE_EFORMAT, "%s: __metadata__: ", st->path);
-    c->k = (double)m->k;
-    c->batch_threshold = m->batch_threshold;
-    if (t->sparse &&
-        ((rc = sae__st_meta_number(st, "k", false, &c->k)) != SAE_OK || !(c->k >= 1.0) ||
-         c->k != floor(c->k) || c->k > 4294967295.0))
-        return rc != SAE_OK ? rc : sae__fail(SAE_EFORMAT, "%s: k is not a count", st->path);
-    if (m->arch == SAE_ARCH_BATCHTOPK &&
-        ((rc = sae__st_meta_number(st, "batch_threshold", false, &c->batch_threshold)) != SAE_OK ||
-         (rc = sae__float_in_range(c->batch_threshold, -FLT_MAX, FLT_MAX, "batch_threshold",
-                                   &f)) != SAE_OK))
-        return rc == SAE_EFORMAT ? rc : sae__wrap(SAE_EFORMAT, "%s: __metadata__: ", st->path);
-    for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
-        char key[48];
-        snprintf(key, sizeof key, "train.param.%s", param_info[p].name);
-        bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
-        c->param[p] = t->param[p];
-        c->param_set[p] = false;
-        if (derived && sae__st_meta(st, key) == NULL)
-            continue;
-        if ((rc = sae__st_meta_number(st, key, false, &c->param[p])) != SAE_OK)
-            return rc;
-        if ((rc = check_param((sae_train_param)p, c->param[p])) != SAE_OK)
-            return sae__wrap(SAE_EFORMAT, "%s: ", st->path);
-        c->param_set[p] = true;
-    }
-    c->have_metrics = sae__st_meta(st, "train.metric.loss") != NULL;
-    for (int k = SAE_METRIC_LOSS; k < N_METRICS && c->have_metrics; k++) {
-        char key[48];
-        snprintf(key, sizeof key, "train.metric.%s", metric_names[k]);
-        if ((rc = sae__st_meta_number(st, key, true, &c->metric[k])) != SAE_OK)
-            return rc;
-    }
-    const size_t w = d_in * d_sae;
-    c->block = sae__alloc(P * 3 + 2 * d_sae, sizeof(float), "checkpoint");
-    if (c->block == NULL)
-        return SAE_ENOMEM;
-    float *b = c->block;
-    if ((rc = read_tensor(st, "W_enc", d_in, d_sae, b)) != SAE_OK ||
-        (rc = read_tensor(st, "W_dec", d_sae, d_in, b + w)) != SAE_OK ||
-        (rc = read_tensor(st, "b_enc", d_sae, 0, b + 2 * w)) != SAE_OK ||
-        (rc = read_tensor(st, "b_dec", d_in, 0, b + 2 * w + d_sae)) != SAE_OK ||
-        (rc = read_tensor(st, "train.adam_m", P, 0, b + P)) != SAE_OK ||
-        (rc = read_tensor(st, "train.adam_v", P, 0, b + 2 * P)) != SAE_OK ||
-        (rc = read_tensor(st, "train.dead_hi", d_sae, 0, b + 3 * P)) != SAE_OK ||
-        (rc = read_tensor(st, "train.dead_lo", d_sae, 0, b + 3 * P + d_sae)) != SAE_OK) {
-        free(c->block);
-        return rc;
-    }
-    /* A negative second moment would make Adam's square root NaN at the next step. */
-    for (size_t i = 0; i < P; i++)
-        if (!(b[2 * P + i] >= 0.0f)) {
-            const double bad = b[2 * P + i];
-            free(c->block);
-            return sae__fail(SAE_EFORMAT, "%s: train.adam_v[%zu] = %g: Adam's second moment "
-                             "cannot be negative", st->path, i, bad);
-        }
-    for (size_t j = 0; j < 2 * d_sae; j++) {
-        float v = b[3 * P + j];
-        if (!(v >= 0.0f && v <= 16777215.0f) || v != floorf(v)) {
-            free(c->block);
-            return sae__fail(SAE_EFORMAT, "%s: dead-latent counter %zu is not a count", st->path,
-                             j % d_sae);
-        }
-    }
-    return SAE_OK;
-}
-
-int sae_trainer_load(sae_trainer *t, const char *path)
-{
-    SAE_CHECK_NULL(t);
-    SAE_CHECK_NULL(path);
-    int rc = need_float_weights(t, __func__);
-    if (rc != SAE_OK)
-        return rc;
-    sae__map map;
-    rc = sae__map_file(path, &map, false);
-    if (rc != SAE_OK)
-        return rc;
-    sae__safetensors st;
-    if ((rc = sae__st_parse(&st, map.data, map.size, path)) != SAE_OK) {
-        sae__unmap(&map);
-        return rc;
-    }
-    checkpoint c = {0};
-    rc = parse_checkpoint(t, &st, &c);
-    sae__st_close(&st);
-    sae__unmap(&map);
-    if (rc != SAE_OK)
-        return rc;
-
-    sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae, P = t->lay.n_params, w = d_in * d_sae;
-    const float *b = c.block;
-    memcpy(m->W_enc, b, w * sizeof(float));
-    memcpy(m->W_dec, b + w, w * sizeof(float));
-    memcpy(m->b_enc, b + 2 * w, d_sae * sizeof(float));
-    memcpy(m->b_dec, b + 2 * w + d_sae, d_in * sizeof(float));
-    memcpy(t->adam_m, b + P, P * sizeof(float));
-    memcpy(t->adam_v, b + 2 * P, P * sizeof(float));
-    for (size_t j = 0; j < d_sae; j++)
-        t->since_fired[j] = ((uint64_t)b[3 * P + j] << 24) | (uint64_t)b[3 * P + d_sae + j];
-    free(c.block);
-    m->apply_b_dec = c.apply == 1.0;
-    m->input_scale = (float)c.scale;
-    if (t->sparse)
-        m->k = (size_t)c.k;
-    m->batch_threshold = (float)c.batch_threshold;
-    sae__model_weights_changed(m);
-    memcpy(t->param, c.param, sizeof t->param);
-    memcpy(t->param_set, c.param_set, sizeof t->param_set);
-    memcpy(t->metric, c.metric, sizeof t->metric);
-    t->have_metrics = c.have_metrics;
-    t->step = c.step;
-    t->tokens = c.tokens;
-    t->mse_norm = c.mse_norm;
-    t->aux_norm = c.aux_norm;
-    t->theta = c.theta;
-    t->initialized = true;
-    return SAE_OK;
-}

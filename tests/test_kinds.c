@@ -296,8 +296,12 @@ START_TEST(transcoders_refuse_what_they_cannot_do)
     ck_assert_sae(sae_evaluate(m, x, 2, &which, 1, &got), SAE_EINVAL);
     ck_assert_ptr_nonnull(strstr(sae_last_error(), "sae_evaluate_to"));
     ck_assert_sae(sae_evaluate_to(m, x, NULL, 2, &which, 1, &got), SAE_EINVAL);
+    /* Transcoders train from pairs (tests/test_train_tc.c): the SAE entry points refuse one. */
     sae_trainer *t = NULL;
-    ck_assert_sae(sae_trainer_new(&t, m), SAE_EUNSUPPORTED);
+    ck_assert_ok(sae_trainer_new(&t, m));
+    ck_assert_sae(sae_trainer_init(t, x, 2), SAE_EINVAL);
+    ck_assert_ptr_nonnull(strstr(sae_last_error(), "sae_trainer_init_to"));
+    sae_trainer_free(t);
     sae_model_free(m);
 
     /* A transcoder with d_out = d_in may subtract b_dec (sparsify's skip-connection SAE), and

@@ -76,6 +76,26 @@ class TestTrainer(TestCase):
             last = t.step(data[s * 256:(s + 1) * 256])["fvu"]
         self.assertLess(last, 0.5 * first)
 
+    def test_transcoder_learns_its_target(self):
+        """A skip transcoder trains from pairs (x, y): the FVU of y falls, W_skip moves, and the
+        SAE entry points (no y) are refused with a message naming the _to variants."""
+        x = planted(4096)
+        rng = np.random.default_rng(3)
+        y = (np.maximum(x[:, :12], 0) * 2 + x[:, 4:16] @ rng.standard_normal((12, 12)) * 0.3
+             ).astype(np.float32)
+        m = libsae.Model.new_transcoder("topk", 16, 64, 12, skip=True, k=4)
+        t = libsae.Trainer(m, lr=5e-3, seed=0)
+        self.assertLibsaeError(libsae.EINVAL, "sae_trainer_init_to", t.init, x[:1024])
+        t.init(x[:1024], y[:1024])
+        first = t.step(x[:256], y[:256])["fvu"]
+        for i in range(1, 16):
+            last = t.step(x[256 * i:256 * (i + 1)], y[256 * i:256 * (i + 1)])["fvu"]
+        self.assertLess(last, 0.7 * first)
+        self.assertGreater(float(np.abs(m.get_tensor("W_skip")).sum()), 0.0)
+        self.assertLibsaeError(libsae.EINVAL, "sae_trainer_step_to", t.step, x[:256])
+        with self.assertRaisesRegex(ValueError, "x has 256 tokens but y has 128"):
+            t.step(x[:256], y[:128])
+
     def test_same_seed_same_weights(self):
         x = planted(512)
         runs = []

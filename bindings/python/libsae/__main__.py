@@ -4,7 +4,8 @@
     python3 -m libsae convert IN OUT                  any loadable format -> libsae's file
     python3 -m libsae top FILE ACTS.npy [-k 8]        each token's strongest features
     python3 -m libsae evaluate FILE ACTS.npy [--target Y.npy]   reconstruction quality
-    python3 -m libsae train ACTS.npy OUT [options]    train an SAE, with a progress bar
+    python3 -m libsae train ACTS.npy OUT [options]    train an SAE (--target Y.npy: a
+                                                      transcoder), with a progress bar
     python3 -m libsae steer FILE ACTS.npy [--target Y.npy] --clamp F=V ... -o OUT.npy
 
 A transcoder reads ACTS.npy (an MLP's input, [tokens, d_in]) and predicts the MLP's output:
@@ -17,6 +18,7 @@ Exit status: 0 on success, 2 for a wrong command line, 1 when the library or a f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -234,8 +236,14 @@ def cmd_train(args) -> int:
     if not has("sae_trainer_new"):
         raise CliError("this libsae has no trainer (sae_trainer_new is missing from "
                        "the loaded library); build a newer libsae")
-    with NpyFile(args.acts) as acts:
+    if args.skip and args.target is None:
+        raise CliError("--skip is for a transcoder: give its targets with --target Y.npy")
+    with contextlib.ExitStack() as stack:
+        acts = stack.enter_context(NpyFile(args.acts))
         d_in, rows = acts.cols, acts.rows
+        target = stack.enter_context(NpyFile(args.target)) if args.target else None
+        if target is not None and target.rows != rows:
+            raise CliError(f"{args.target} has {target.rows} rows, {args.acts} has {rows}")
         if rows < args.batch_size:
             raise CliError(f"{args.acts} has {rows} rows, fewer than one batch "
                            f"(--batch-size {args.batch_size})")
@@ -245,7 +253,10 @@ def cmd_train(args) -> int:
             kw["k"] = args.k
         elif args.k_given:
             raise CliError(f"-k applies to topk and batchtopk, not {args.arch}")
-        m = Model.new(args.arch, d_in, d_sae, **kw)
+        if target is not None:
+            m = Model.new_transcoder(args.arch, d_in, d_sae, target.cols, skip=args.skip, **kw)
+        else:
+            m = Model.new(args.arch, d_in, d_sae, **kw)
         steps_planned = args.steps if args.steps is not None else rows // args.batch_size
         params = {"seed": args.seed, "total_steps": steps_planned}
         for name in ("lr", "l1_coeff", "auxk", "auxk_coeff", "dead_tokens", "warmup_steps"):
@@ -253,7 +264,8 @@ def cmd_train(args) -> int:
             if v is not None:
                 params[name] = v
         t = Trainer(m, **params)
-        t.init(acts.read(0, min(rows, args.init_tokens)))
+        n0 = min(rows, args.init_tokens)
+        t.init(acts.read(0, n0), target.read(0, n0) if target is not None else None)
         starts = list(range(0, rows - args.batch_size + 1, args.batch_size))
         steps = args.steps if args.steps is not None else len(starts)
         rng = random.Random(args.seed)
@@ -265,7 +277,9 @@ def cmd_train(args) -> int:
             if not order:  # a new epoch: batches in a new random order
                 order = starts[:]
                 rng.shuffle(order)
-            metrics = t.step(acts.read(order.pop(), args.batch_size))
+            at = order.pop()
+            metrics = t.step(acts.read(at, args.batch_size),
+                             target.read(at, args.batch_size) if target is not None else None)
             tokens += args.batch_size
             progress.update(step, tokens, metrics)
         t.close()
@@ -428,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dead-tokens", type=float, default=None)
     s.add_argument("--warmup-steps", type=float, default=None)
     s.add_argument("--seed", type=_nonneg, default=0, help="default 0")
+    s.add_argument("--target", metavar="Y.npy", default=None,
+                   help="train a transcoder predicting these rows [tokens, d_out] from ACTS.npy "
+                   "(e.g. an MLP's output for its input)")
+    s.add_argument("--skip", action="store_true",
+                   help="the transcoder has an affine skip connection W_skip")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=cmd_train, k_given=False)
 

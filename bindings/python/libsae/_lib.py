@@ -252,6 +252,8 @@ _OPTIONAL = {
     "sae_trainer_get_param": (_STATUS, [_h, c_int, POINTER(c_double)]),
     "sae_trainer_init": (_STATUS, [_h, _buf, c_size_t]),
     "sae_trainer_step": (_STATUS, [_h, _buf, c_size_t]),
+    "sae_trainer_init_to": (_STATUS, [_h, _buf, _buf, c_size_t]),
+    "sae_trainer_step_to": (_STATUS, [_h, _buf, _buf, c_size_t]),
     "sae_trainer_get_metric": (_STATUS, [_h, c_int, POINTER(c_double)]),
     "sae_trainer_set_allreduce": (_STATUS, [_h, ALLREDUCE_FN, c_void_p]),
     "sae_trainer_save": (_STATUS, [_h, c_char_p]),

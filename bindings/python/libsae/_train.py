@@ -1,4 +1,4 @@
-"""Training an SAE in place: Adam steps on batches of activations."""
+"""Training an SAE or a transcoder in place: Adam steps on batches of activations."""
 from __future__ import annotations
 
 import ctypes
@@ -17,7 +17,8 @@ _COUNTS = ("steps", "tokens")
 
 
 class Trainer(Handle):
-    """Trains a model in place (ReLU with the L1 penalty, TopK with AuxK, BatchTopK).
+    """Trains a model in place (ReLU with the L1 penalty, TopK with AuxK, BatchTopK), an SAE
+    or a transcoder (``init(x, y)``, ``step(x, y)`` with its targets y).
 
     ``Trainer(m, lr=1e-3, l1_coeff=5.0, seed=0)``: keyword arguments set parameters by name
     (the keys of ``libsae.TRAIN_PARAMS``: lr, l1_coeff, auxk, auxk_coeff, dead_tokens,
@@ -64,19 +65,40 @@ class Trainer(Handle):
         """Every training parameter, by name."""
         return {name: self.get_param(name) for name in TRAIN_PARAMS}
 
-    def init(self, x: Any) -> None:
-        """Data-aware initialization from activations x [..., d_in]: b_dec from the data, the
-        encoder as the decoder's transpose with unit-norm decoder rows."""
+    def init(self, x: Any, y: Any = None) -> None:
+        """Data-aware initialization from activations x [..., d_in] (docs/training.md). A
+        transcoder needs its targets y [..., d_out] (what it predicts from x, e.g. an MLP's
+        output for its input); an SAE takes none, or y equal to x."""
         xp, keep, n, _ = B.as_input(x, self.model.d_in, "Trainer.init: x")
+        yp, keep_y = self._target(y, n, "Trainer.init")
         with self._use(write=True, parent_write=True) as h:
-            lib.sae_trainer_init(h, xp, n)
+            if yp is None:
+                lib.sae_trainer_init(h, xp, n)
+            else:
+                lib.sae_trainer_init_to(h, xp, yp, n)
+        del keep, keep_y
 
-    def step(self, x: Any) -> Dict[str, float]:
-        """One Adam step on the batch x [..., d_in]; returns :meth:`metrics`."""
+    def step(self, x: Any, y: Any = None) -> Dict[str, float]:
+        """One Adam step on the batch x [..., d_in] (with a transcoder's targets y [..., d_out]);
+        returns :meth:`metrics` (a transcoder's describe y: FVU of its prediction)."""
         xp, keep, n, _ = B.as_input(x, self.model.d_in, "Trainer.step: x")
+        yp, keep_y = self._target(y, n, "Trainer.step")
         with self._use(write=True, parent_write=True) as h:
-            lib.sae_trainer_step(h, xp, n)
+            if yp is None:
+                lib.sae_trainer_step(h, xp, n)
+            else:
+                lib.sae_trainer_step_to(h, xp, yp, n)
+        del keep, keep_y
         return self.metrics()
+
+    def _target(self, y: Any, n: int, what: str):
+        if y is None:
+            return None, None
+        require("sae_trainer_init_to")
+        yp, keep_y, ny, _ = B.as_input(y, self.model.d_out, f"{what}: y")
+        if ny != n:
+            raise ValueError(f"{what}: x has {n} tokens but y has {ny}")
+        return yp, keep_y
 
     def metrics(self) -> Dict[str, float]:
         """The last step's batch: loss, mse, fvu, l0, dead_fraction, auxk_loss, lr, grad_norm,
