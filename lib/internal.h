@@ -751,4 +751,20 @@ int sae__torch_tensor_to_float(const sae__torch_dict *d, const sae__torch_tensor
  * SAE_EFORMAT naming it when there is no such entry or it is not a number. */
 int sae__torch_number(const sae__torch_dict *d, const char *name, double *out);
 
+/* ---- dictionaries published as PyTorch state dicts (torchsae.c) ---------------------------- */
+
+/* Whether the zip archive in data[0..size) is a torch.save file (a member <stem>/data.pkl)
+ * rather than an npz. Reads only the central directory. */
+bool sae__torchsae_detect(const unsigned char *data, size_t size);
+/* The torch.save file in data[0..size) as a dictionary_learning ae.pt (its config.json, the
+ * trainer config, in cfg_text when one is beside it), an OpenAI sparse_autoencoder state dict or
+ * a Goodfire release (the R1 SAEs' k from config.json's "k" or from the release folder); the
+ * layout is told by the keys, and any entry the layout does not have is refused. docs/formats.md
+ * lists the fields. The data is copied; the caller keeps it. Errors: SAE_EFORMAT (not one of
+ * these, naming the first entries; shapes; a k that cannot be known), SAE_EUNSUPPORTED (a
+ * setting outside libsae's math), SAE_ENOMEM. */
+int sae__torchsae_load(const unsigned char *data, size_t size, const char *path,
+                       const char *cfg_text, size_t cfg_len, const char *cfg_path,
+                       sae_model **out);
+
 #endif /* SAE_INTERNAL_H */

@@ -299,6 +299,19 @@ static int read_sides_2026(const char *dir, side_file *config, side_file *hyper)
     return rc;
 }
 
+/* A torch.save file (torchsae.c), with the config.json its publisher may write beside it. */
+static int load_torch(const char *path, const sae__map *map, sae_model **out)
+{
+    char *dir = folder_of(path);
+    side_file cfg = {0};
+    int rc = dir == NULL ? SAE_ENOMEM : read_side(dir, "config.json", &cfg);
+    if (rc == SAE_OK)
+        rc = sae__torchsae_load(map->data, map->size, path, cfg.text, cfg.len, cfg.path, out);
+    free_side(&cfg);
+    free(dir);
+    return rc;
+}
+
 /* follow_cfg: a config file stands for its folder (only when the user named it, so that a
  * weights file that looks like JSON cannot send the folder search round in a loop). */
 static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_model **out)
@@ -310,7 +323,10 @@ static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_mode
     const unsigned char *d = map.data;
     if (map.size >= 4 && d[0] == 'P' && d[1] == 'K' &&
         ((d[2] == 3 && d[3] == 4) || (d[2] == 5 && d[3] == 6))) {
-        rc = sae__npz_load(map.data, map.size, path, out);
+        if (sae__torchsae_detect(map.data, map.size))
+            rc = load_torch(path, &map, out);
+        else
+            rc = sae__npz_load(map.data, map.size, path, out);
         sae__unmap(&map);
         return rc;
     }
@@ -379,7 +395,7 @@ static int load_dir(const char *dir, unsigned flags, sae_model **out)
         free(path);
     }
     static const char *const names[] = {"sae_weights.safetensors", "sae.safetensors",
-                                        "params.safetensors", "params.npz"};
+                                        "params.safetensors", "params.npz", "ae.pt"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         char *path = join(dir, names[i]);
         if (path == NULL)
@@ -394,8 +410,8 @@ static int load_dir(const char *dir, unsigned flags, sae_model **out)
     return sae__fail(SAE_EFORMAT,
                      "%s: a folder without SAE weights: expected sae_weights.safetensors "
                      "(SAELens), sae.safetensors (sparsify), params.safetensors (Gemma Scope 2), "
-                     "params.npz (Gemma Scope) or hyperparams.json with "
-                     "checkpoints/final.safetensors (Llama Scope)",
+                     "params.npz (Gemma Scope), ae.pt (dictionary_learning) or hyperparams.json "
+                     "with checkpoints/final.safetensors (Llama Scope)",
                      dir);
 }
 
