@@ -282,3 +282,92 @@ class TestCliTranscoder(TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+TORCHSAE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures",
+                        "torchsae")
+
+
+def _openai_topk_ln(x, W_enc, b_enc, b_dec, W_dec, k):
+    """OpenAI model.py's forward in numpy float64: LN (unbiased std, eps 1e-5), encoder on
+    x - pre_bias, TopK then ReLU, decode and undo LN."""
+    x = x.astype(np.float64)
+    mu = x.mean(axis=1, keepdims=True)
+    xc = x - mu
+    std = xc.std(axis=1, ddof=1, keepdims=True)
+    xn = xc / (std + 1e-5)
+    pre = (xn - b_dec) @ W_enc + b_enc
+    f = np.zeros_like(pre)
+    idx = np.argsort(-pre, axis=1, kind="stable")[:, :k]
+    np.put_along_axis(f, idx, np.maximum(np.take_along_axis(pre, idx, axis=1), 0), axis=1)
+    return f, (f @ W_dec + b_dec) * std + mu
+
+
+@unittest.skipIf(np is None, "needs numpy")
+class TestCliTorch(TestCase):
+    """info and convert on the .pt dictionaries of tests/fixtures/torchsae (make.py)."""
+
+    def setUp(self):
+        self.d = tmpdir(self)
+        with open(os.path.join(TORCHSAE, "expected.json")) as f:
+            self.expected = json.load(f)
+
+    def test_info_names_format_and_settings(self):
+        for name, want in self.expected.items():
+            path = os.path.join(TORCHSAE, want["path"])
+            rc, out, err = run("info", "--json", path)
+            self.assertEqual(rc, 0, f"{name}: {err}")
+            info = json.loads(out)
+            self.assertEqual(info["format"], want["format"], name)
+            self.assertEqual(info["architecture"], want["arch"], name)
+            self.assertTrue(info["read_as"], name)
+            params = info["parameters"]
+            self.assertEqual(params["apply_b_dec_to_input"], want["apply_b_dec"], name)
+            if "k" in want:
+                self.assertEqual(params["k"], want["k"], name)
+            if "threshold" in want:
+                self.assertAlmostEqual(params["threshold"], want["threshold"], places=6)
+            self.assertEqual(info["normalize"], want.get("normalize", "none"), name)
+        rc, out, err = run("info", os.path.join(TORCHSAE, "dl_autoencoder"))
+        self.assertEqual(rc, 0, err)
+        self.assertIn("format        dictionary_learning/AutoEncoder\n", out)
+        self.assertIn("read as       ", out)
+        self.assertIn("normalize_decoder=True", out)
+        # its decoder was normalized at load: every row has norm 1
+        self.assertIn("0 of 10 differ from 1", out)
+
+    def test_convert_each(self):
+        for name, want in self.expected.items():
+            src = os.path.join(TORCHSAE, want["path"])
+            out = os.path.join(self.d, name + ".safetensors")
+            rc, _, err = run("convert", src, out)
+            self.assertEqual(rc, 0, f"{name}: {err}")
+            self.assertIn(f"(from {want['format']}", err)
+            m = libsae.Model.load(out)
+            self.assertEqual((m.format, m.arch), ("libsae", want["arch"]))
+            x = np.array(want["x"], dtype=np.float32)
+            np.testing.assert_allclose(m.encode(x), np.array(want["f"]), rtol=2e-5, atol=2e-5,
+                                       err_msg=name)
+            np.testing.assert_allclose(m.reconstruct(x), np.array(want["x_hat"]), rtol=2e-5,
+                                       atol=2e-5, err_msg=name)
+
+    def test_openai_forward_in_numpy(self):
+        want = self.expected["openai_topk"]
+        m = libsae.Model.load(os.path.join(TORCHSAE, want["path"]))
+        x = np.array(want["x"], dtype=np.float32)
+        f, x_hat = _openai_topk_ln(x, m.get_tensor("W_enc").astype(np.float64),
+                                   m.get_tensor("b_enc"), m.get_tensor("b_dec"),
+                                   m.get_tensor("W_dec").astype(np.float64), want["k"])
+        np.testing.assert_allclose(f, np.array(want["f"]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(m.encode(x), f, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(m.reconstruct(x), x_hat, rtol=2e-5, atol=2e-5)
+
+    def test_refusals_name_what_was_found(self):
+        rc, _, err = run("info", os.path.join(TORCHSAE, "unknown.pt"))
+        self.assertNotEqual(rc, 0)
+        self.assertIn("'weight'", err)
+        rc, _, err = run("convert", os.path.join(TORCHSAE, "dl_topk_nocfg", "ae.pt"),
+                         os.path.join(self.d, "x.safetensors"))
+        self.assertNotEqual(rc, 0)
+        self.assertIn("dict_class", err)
+        self.assertFalse(os.path.exists(os.path.join(self.d, "x.safetensors")))

@@ -57,6 +57,39 @@ def _kind(m: Model) -> str:
     return f"transcoder {skip} skip connection"
 
 
+# How each PyTorch layout was read (docs/formats.md, "PyTorch state dicts"): the rules that are
+# not visible in the parameters the model reports.
+_READ_AS = {
+    "dictionary_learning/AutoEncoder":
+        "encoder.weight.T, encoder.bias, decoder.weight.T, bias (b_dec, subtracted first); "
+        "decoder columns normalized at load as from_pretrained(normalize_decoder=True)",
+    "dictionary_learning/AutoEncoderNew":
+        "encoder.weight.T, encoder.bias, decoder.weight.T, decoder.bias (not subtracted)",
+    "dictionary_learning/AutoEncoderTopK":
+        "k from the file (config.json trainer.k must agree); per-token top k of the ReLU "
+        "(encode's default use_threshold=False: the threshold buffer is not used)",
+    "dictionary_learning/BatchTopKSAE":
+        "the file's global threshold (encode's default use_threshold=True); k kept, unused at "
+        "inference; config.json trainer.dict_class told it from AutoEncoderTopK",
+    "dictionary_learning/JumpReluAutoEncoder":
+        "W_enc, b_enc, W_dec, b_dec, threshold; b_dec not subtracted (apply_b_dec_to_input "
+        "False, as from_pretrained)",
+    "dictionary_learning/GatedAutoEncoder":
+        "encoder.weight.T, gate_bias, r_mag, mag_bias, decoder.weight.T, decoder_bias",
+    "dictionary_learning/MatryoshkaBatchTopKSAE":
+        "the file's global threshold; group_sizes checked to sum to d_sae, every group active",
+    "openai/Autoencoder":
+        "pre_bias, encoder.weight.T, latent_bias, decoder.weight.T; activation (and k from "
+        "activation_state_dict or activation.k); TopK turns on their LN (layer_norm); "
+        "stats buffers ignored",
+    "goodfire/SparseAutoEncoder":
+        "encoder_linear, decoder_linear (ReLU, decoder bias not subtracted)",
+    "goodfire/BatchTopKTiedSAE":
+        "W (encoder) and W.T (decoder), b_enc, b_dec; k from config.json or the release "
+        "folder (math 128, logic 64); batch top k run per token",
+}
+
+
 def cmd_info(args) -> int:
     m = Model.load(args.file)
     norms = m.decoder_norms()  # the norms the library keeps, not recomputed here
@@ -71,6 +104,7 @@ def cmd_info(args) -> int:
                "kind": "transcoder" if m.is_transcoder else "sae",
                "skip": m.has_tensor("W_skip"), "d_in": m.d_in, "d_sae": m.d_sae,
                "d_out": m.d_out, "dtype": m.dtype, "normalize": params.get("normalize"),
+               "read_as": _READ_AS.get(m.format),
                "parameters": params, "tensors": {n: list(m.tensor_shape(n)) for n in held},
                "decoder_row_norms": {"min": lo, "mean": mean, "max": hi,
                                      "not_unit": off_unit}}
@@ -83,6 +117,8 @@ def cmd_info(args) -> int:
                        if n in ("W_enc", "W_dec", "W_skip"))
     print(f"file          {args.file}")
     print(f"format        {m.format}")
+    if m.format in _READ_AS:
+        print(f"read as       {_READ_AS[m.format]}")
     print(f"kind          {_kind(m)}")
     print(f"architecture  {m.arch}")
     print(f"shape         d_in {m.d_in}, d_sae {m.d_sae}, d_out {m.d_out} ({shapes})")
