@@ -280,11 +280,12 @@ static int normalize_decoder(sae_model *m, const char *path)
         if (!(fabs((double)n[i] - 1.0) <= 1e-8 + 1e-5))
             all_unit = false;
         if (!(n[i] > 0) || !isfinite(n[i])) {
+            const double bad = n[i];
             free(n);
             return sae__fail(SAE_EFORMAT,
                              "%s: decoder column %zu has norm %g: dictionary_learning's "
                              "from_pretrained cannot normalize it",
-                             path, i, (double)n[i]);
+                             path, i, bad);
         }
     }
     if (!all_unit) {
