@@ -210,7 +210,13 @@ SAE_API int sae_model_new(sae_model **out, sae_arch arch, size_t d_in, size_t d_
  *     its normalizations, and rescale_acts_by_decoder_norm folded as SAELens folds it;
  *   - a sparsify folder (cfg.json + sae.safetensors): topk and groupmax, transcode,
  *     skip_connection;
- *   - a Gemma Scope params.npz (JumpReLU), or a folder holding one.
+ *   - a Gemma Scope params.npz (JumpReLU), or a folder holding one;
+ *   - Gemma Scope 2 (params.safetensors + config.json: SAEs, transcoders, skip transcoders),
+ *     Llama Scope (hyperparams.json + checkpoints/final.safetensors), circuit-tracer's per-layer
+ *     transcoder files;
+ *   - PyTorch state dicts (.pt / .pth zip files, read by a restricted unpickler that executes
+ *     nothing): dictionary_learning's ae.pt (+ config.json), OpenAI's sparse_autoencoder,
+ *     Goodfire's releases.
  * Tensors stored as F32, F16, BF16 or F64 are converted to float as numpy's astype(float32).
  * F32 tensors of safetensors files are memory-mapped (copy-on-write) rather than read (see
  * sae_model_load_with). cfg.json and activation_scaler.json are read from beside a weights
@@ -307,9 +313,11 @@ SAE_API const char *sae_arch_name(sae_arch arch);
 /* Parses those names (and SAELens' "standard" for ReLU). Errors: SAE_EINVAL. */
 SAE_API int sae_arch_from_name(const char *name, sae_arch *arch);
 
-/* Where a loaded model came from: "libsae", "saelens", "sparsify", "gemma-scope", or "new" for
- * sae_model_new; and the dtype its weights were stored in ("F32", "F16", "BF16", "F64").
- * Constant strings; NULL for a NULL model. */
+/* Where a loaded model came from: "libsae", "saelens", "sparsify", "gemma-scope",
+ * "gemma-scope-2", "llama-scope", "circuit-tracer", "<publisher>/<class>" for a PyTorch state
+ * dict (e.g. "dictionary_learning/BatchTopKSAE", "openai/...", "goodfire/..."), or "new" for
+ * sae_model_new and sae_model_new_transcoder; and the dtype its weights were stored in ("F32",
+ * "F16", "BF16", "F64"). Constant strings; NULL for a NULL model. */
 SAE_API const char *sae_model_format(const sae_model *m);
 SAE_API const char *sae_model_dtype(const sae_model *m);
 
