@@ -1,6 +1,6 @@
 /* The Adam optimizer over flat float arrays, in torch.optim.Adam's arithmetic, so that a run
  * compares with the Python trainers (SAELens, sparsify, OpenAI's sparse_autoencoder all use it). */
-#include "internal.h"
+#include "train_internal.h"
 
 #include <float.h>
 #include <math.h>

@@ -12,7 +12,7 @@
  * pre > 0), so a negative threshold is refused. Its TopK (x * gate of the k largest, no ReLU)
  * keeps negative values when fewer than k are positive, which libsae's TopK never does: such a
  * file (a `k` or `log_thresholds` entry, which its own loader rejects too) is refused by name. */
-#include "internal.h"
+#include "formats.h"
 
 #include <string.h>
 

@@ -9,7 +9,7 @@
  * transcoder the two differ (about 0.33 relative), and the authors' x @ A is the one followed.
  * Multi-layer dictionaries (clt/ cross-layer transcoders, crosscoders: params_layer_<l>.safetensors,
  * 3-D w_dec) are not one model and are refused by name. */
-#include "internal.h"
+#include "formats.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>

@@ -1,6 +1,6 @@
 /* Typed reads of the cfg.json files other tools write: every value's JSON type and range is
  * checked, and a wrong one is an SAE_EFORMAT naming the file and the key. */
-#include "internal.h"
+#include "formats.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

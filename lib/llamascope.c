@@ -19,7 +19,7 @@
  * Refused by name: use_glu_encoder (a gated encoder libsae has no form for), norm_activation
  * token-wise / batch-wise (the output stays in the normalized space, which no libsae
  * normalization does), use_decoder_bias false. */
-#include "internal.h"
+#include "formats.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

@@ -1,7 +1,7 @@
 /* sae_model_load: finds out what a path holds, from its content and its folder, and hands it to
  * the right reader (libsae's own file here; SAELens, sparsify and Gemma Scope in their own
  * files); plus libsae's own file format, read and written. */
-#include "internal.h"
+#include "formats.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

@@ -1,6 +1,6 @@
 /* The model object: its shape, tensors, parameters and their validation, and the builder every
  * format reader hands its tensors to (sae__model_from_st). */
-#include "internal.h"
+#include "formats.h"
 
 #include <float.h>
 #include <math.h>

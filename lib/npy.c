@@ -2,7 +2,7 @@
  * fortran_order and shape) checked against the file size, rows read in ranges so that files
  * larger than memory stream, and float32 files written atomically. */
 
-#include "internal.h"
+#include "formats.h"
 
 #include <errno.h>
 #include <stdio.h>

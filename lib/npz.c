@@ -3,7 +3,7 @@
  * b_enc [d_sae], b_dec [d_in], threshold [d_sae] (Gemma Scope 2 spells w_enc, w_dec). The model
  * is JumpReLU with no b_dec subtraction, as in DeepMind's tutorial and SAELens' Gemma loader.
  * libzip reads the archive; each member's .npy header goes through npy.c's parser. */
-#include "internal.h"
+#include "formats.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -2,7 +2,7 @@
  * 6.x layout or the flat pre-6.0 one. The config is read the way SAELens' own loader reads it
  * (sae_lens/loading/pretrained_sae_loaders.py: handle_config_defaulting, handle_pre_6_0_config,
  * read_sae_components_from_disk); the field-by-field account is docs/formats.md. */
-#include "internal.h"
+#include "formats.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

@@ -1,7 +1,7 @@
 /* The safetensors container: an 8-byte little-endian header length, a JSON header naming each
  * tensor's dtype, shape and byte range, then the data. Every number in the header is checked
  * before it is used; the data is never touched here, only located. */
-#include "internal.h"
+#include "formats.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

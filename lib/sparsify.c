@@ -8,7 +8,7 @@
  * ReLU before the selection keeps the same values as libsae's TopK (ReLU after), since a
  * negative pre-activation becomes 0 either way. Every tensor is [.., d_in]: SparseCoder sizes
  * W_dec, b_dec and W_skip by d_in even for a transcoder, so d_out = d_in. */
-#include "internal.h"
+#include "formats.h"
 
 #include <cjson/cJSON.h>
 #include <string.h>

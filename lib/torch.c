@@ -13,7 +13,7 @@
  * strides are checked with overflow-checked arithmetic before use; the memo, the stack, marks
  * and the bytes the values take are bounded by the pickle's own length; nested dicts are
  * flattened to at most SAE__TORCH_MAX_DEPTH levels. */
-#include "internal.h"
+#include "formats.h"
 
 #include <inttypes.h>
 #include <stdarg.h>

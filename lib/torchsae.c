@@ -9,7 +9,7 @@
  * The layout is recognized by its keys; every entry of the file must belong to it (as torch's
  * strict load_state_dict demands), so a file is never loaded with a term dropped. docs/formats.md
  * gives each layout field by field, with where SAELens reads it differently. */
-#include "internal.h"
+#include "formats.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

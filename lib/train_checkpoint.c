@@ -1,6 +1,7 @@
 /* Training checkpoints: the model and everything the trainer needs to continue bit for bit, as
  * one libsae safetensors file whose model part is sae_model_save's (the same metadata code), so
  * the file also loads as a plain model. */
+#include "formats.h"
 #include "train_internal.h"
 
 #include <float.h>

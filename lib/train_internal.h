@@ -5,6 +5,45 @@
 
 #include "internal.h"
 
+/* ---- training (train.c, adam.c) ------------------------------------------------------------ */
+
+/* One Adam step over a flat array, computed as torch.optim.Adam does (no weight decay):
+ * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps),
+ * with t = step (1 for the first step). p, g, m and v are separate arrays (restrict). */
+typedef struct {
+    double lr, beta1, beta2, eps;
+    uint64_t step;
+} sae__adam;
+void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, const sae__adam *a);
+/* Whether sae__adam_update with the same arguments would leave every p, m and v finite, reading
+ * only: 0 if so; else 1 (first moment), 2 (second moment) or 3 (the parameter) for the first
+ * element i that would not be, with *bad = i. The update computes exactly what this checks. */
+int sae__adam_check(const float *p, const float *g, const float *m, const float *v, size_t n,
+                    const sae__adam *a, size_t *bad);
+
+/* The per-step buffer handed to the allreduce callback: offsets (in floats) of its sections. The
+ * gradient sections are sums over the process's tokens of the per-token loss's gradient, in the
+ * model's layouts; fires[i] counts tokens where latent i fired; stats are sums indexed by
+ * SAE__STAT_*; sum_dx = sum of (x_s - b_dec), sum_err = sum of (x_hat_s - x_s) [d_out]. A
+ * transcoder's sections are those of its normalized parameters and target (train.c): W_dec
+ * [d_sae][d_out], b_dec [d_out], then W_skip [d_in][d_out] when it has one (an SAE's W_skip
+ * section is empty: n_params = W_skip), and sum_dx, sum_err over c (y - b_dec), c (y_hat - y). */
+enum {
+    SAE__STAT_TOKENS = 0, /* tokens in the batch */
+    SAE__STAT_SSE,        /* sum of squared error, scaled units */
+    SAE__STAT_LOSS,       /* sum of per-token main loss (MSE term, plus L1 for ReLU) */
+    SAE__STAT_AUX,        /* sum of squared AuxK error, before normalization */
+    SAE__STAT_L0,         /* nonzero codes */
+    SAE__STAT_XX,         /* sum of ||x_s - b_dec||^2 */
+    SAE__STAT_MIN,        /* BatchTopK: smallest kept activation */
+    SAE__STAT_MIN_COUNT,  /* BatchTopK: processes that kept any */
+    SAE__STAT_COUNT
+};
+typedef struct {
+    size_t W_enc, W_dec, b_enc, b_dec, W_skip, n_params, fires, stats, sum_dx, sum_err, count;
+} sae__train_layout;
+void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
+
 #define N_PARAMS (SAE_TRAIN_B_DEC_INIT + 1)
 #define N_METRICS (SAE_METRIC_GRAD_NORM + 1)
 #define TRAIN_FORMAT_VERSION "1"

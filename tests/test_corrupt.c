@@ -6,7 +6,7 @@
  * reversed / negative / fractional / past the end / overlapping, shapes that disagree with the
  * offsets or overflow, unknown dtypes, missing tensors, wrong JSON types in cfg.json, bad zip
  * archives and .npy members, garbage, and byte flips of every valid file. */
-#include "internal.h"
+#include "formats.h"
 #include "testutil.h"
 #include "writers.h"
 

@@ -1,7 +1,7 @@
 /* libsae's own file (save, load, atomicity, memory mapping), .npy activation files, and the dtype
  * conversions every loader shares. */
 #include "testutil.h"
-#include "internal.h"
+#include "formats.h"
 
 #include <dirent.h>
 #include <math.h>

@@ -5,7 +5,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* memmem, strdup, usleep */
 #endif
-#include "internal.h"
+#include "formats.h"
 #include "testutil.h"
 #include "writers.h"
 

@@ -6,7 +6,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#include "internal.h"
+#include "formats.h"
 #include "testutil.h"
 
 #include <cjson/cJSON.h>

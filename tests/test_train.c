@@ -3,7 +3,7 @@
  * the data-parallel hook (two threads summing their buffers), errors, and recovery of planted
  * features. Links the static library to read the allreduce buffer's layout. */
 #define _POSIX_C_SOURCE 200809L /* pthread barriers */
-#include "internal.h"
+#include "train_internal.h"
 #include "testutil.h"
 
 #include <math.h>

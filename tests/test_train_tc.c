@@ -3,7 +3,7 @@
  * beating the best affine map on held-out pairs, checkpoints holding W_skip, and every error
  * path of sae_trainer_init_to / sae_trainer_step_to. Links the static library to read the
  * allreduce buffer's layout. */
-#include "internal.h"
+#include "train_internal.h"
 #include "testutil.h"
 
 #include <math.h>

@@ -2,7 +2,7 @@
  * bytes, not NUL-terminated; and what a config that parses must then say (a transcoder's d_out,
  * its b_dec never subtracted, the decoder-norm rescale only on the TopK classes, an
  * architecture libsae runs), aborting otherwise so that libFuzzer reports the input. */
-#include "internal.h"
+#include "formats.h"
 
 #include <stdint.h>
 #include <stdio.h>

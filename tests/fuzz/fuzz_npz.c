@@ -1,6 +1,6 @@
 /* libFuzzer target: the npz reader (libzip, then each member's .npy header) on any bytes. A
  * model that loads is encoded once and freed. */
-#include "internal.h"
+#include "formats.h"
 
 #include <stdint.h>
 #include <stdlib.h>

@@ -3,7 +3,7 @@
  * Input: [flags u8][config length u16 LE][config][hyperparams length u16 LE][hyperparams]
  * [safetensors bytes]. flags bit 0: pass config.json, bit 1: pass hyperparams.json, bit 2: the
  * weights are named params_layer_1.safetensors. A model that loads is encoded once and freed. */
-#include "internal.h"
+#include "formats.h"
 
 #include <stdint.h>
 #include <stdlib.h>

@@ -2,7 +2,7 @@
  * own metadata, SAELens, sparsify), with an optional cfg.json and activation_scaler.json.
  * Input: [flags u8][cfg length u16 LE][cfg bytes][safetensors bytes]. flags bit 0: pass the cfg,
  * bit 1: pass a scaling factor. A model that loads is encoded once and freed. */
-#include "internal.h"
+#include "formats.h"
 
 #include <stdint.h>
 #include <stdlib.h>

@@ -2,7 +2,7 @@
  * archive; any other input is taken as the pickle (data.pkl) and wrapped in an archive with
  * storages 0-3 (16 bytes each), so that mutations reach the unpickler instead of stopping at the
  * zip's CRC. A dict that opens has every tensor read, and its names looked up. */
-#include "internal.h"
+#include "formats.h"
 #include "writers.h"
 
 #include <stdint.h>
