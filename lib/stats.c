@@ -150,10 +150,10 @@ int sae_stats_update(sae_stats *st, const float *f, size_t n, const uint64_t *id
     if (n == 0)
         return SAE_OK;
     SAE_CHECK_NULL(f);
-    size_t total;
-    if (!sae__mul(n, st->d_sae, &total) || !sae__mul(total, sizeof(float), &total))
-        return sae__fail(SAE_EINVAL, "%s: n = %zu tokens is too many", __func__, n);
-    int rc = sae__check_finite(f, n * st->d_sae, st->d_sae, "f");
+    int rc = sae__check_tokens(n, st->d_sae, __func__);
+    if (rc != SAE_OK)
+        return rc;
+    rc = sae__check_finite(f, n * st->d_sae, st->d_sae, "f");
     if (rc != SAE_OK)
         return rc;
     for (size_t t = 0; t < n; t++) {

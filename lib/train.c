@@ -327,10 +327,10 @@ static int ensure_scratch(sae_trainer *t, size_t n)
     }
     if (n <= t->cap && act <= t->act_cap && aux <= t->aux_cap)
         return SAE_OK;
-    size_t big;
-    if (n > INT32_MAX || !sae__mul(n, d_sae, &big) || !sae__mul(big, 2 * sizeof(float), &big) ||
-        !sae__mul(n, wide, &big) || !sae__mul(big, 4 * sizeof(float), &big))
-        return sae__fail(SAE_EINVAL, "n = %zu tokens is too many for one step", n);
+    /* A step's scratch: [n][d_sae] twice and [n][wide] four times (widths fit an int each). */
+    int rc = sae__check_tokens(n, 2 * d_sae + 4 * wide, "sae_trainer_step");
+    if (rc != SAE_OK)
+        return rc;
     sae_trainer s = {0};
     s.xs = sae__alloc(n * wide, sizeof(float), "training scratch");
     s.xin = sae__alloc(n * d_in, sizeof(float), "training scratch");
@@ -503,10 +503,8 @@ static int init_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
         return rc;
     sae_model *m = t->m;
     const size_t d_in = m->d_in, d_sae = m->d_sae, d_out = m->d_out;
-    size_t count;
-    if (!sae__mul(n, d_in > d_out ? d_in : d_out, &count) ||
-        !sae__mul(count, sizeof(float), &count))
-        return sae__fail(SAE_EINVAL, "%s: n = %zu tokens is too many", fn, n);
+    if ((rc = sae__check_tokens(n, d_in > d_out ? d_in : d_out, fn)) != SAE_OK)
+        return rc;
     if ((rc = check_pair(t, x, y, n, to, fn)) != SAE_OK)
         return rc;
     float *xs = sae__alloc(n * d_in, sizeof(float), "init sample");
