@@ -178,8 +178,11 @@ typedef enum {
  * means every core the process may run on; 1 keeps each call on the calling thread, which is what
  * a program already calling libsae from many threads at once wants. The matrix products run in
  * the BLAS library, threaded as it is configured (e.g. OPENBLAS_NUM_THREADS); libsae's threads
- * never run during them. Results do not depend on this setting: each token is computed whole by
- * one thread, in the same order, whatever the thread count. It is a property of the process, not
+ * never run during them. The exception: a bfloat16 model's products on AMX / AVX512-BF16
+ * (sae_model_bf16_path) run in oneDNN on this many OpenMP threads (the calling thread's OpenMP
+ * thread count is set for the call and restored). Results do not depend on this setting: each
+ * token is computed whole by one thread, in the same order, whatever the thread count (oneDNN's
+ * products too: tests/test_bf16.c compares them bit for bit). It is a property of the process, not
  * of the SAE, so sae_model_save does not store it. */
 
 /* SAE_PARAM_BF16_WEIGHTS: 1 rounds W_enc and W_dec to bfloat16 (to nearest, ties to even) and

@@ -120,7 +120,8 @@ int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A
     void *scratch = NULL;
 
     dnnl_memory_desc_t a_md, w_md, c_md;
-    const dnnl_dims_t a_dims = {(dnnl_dim_t)n, (dnnl_dim_t)K}, w_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
+    const dnnl_dims_t a_dims = {(dnnl_dim_t)n, (dnnl_dim_t)K},
+                      w_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
                       c_dims = {(dnnl_dim_t)n, (dnnl_dim_t)N};
     dnnl_matmul_desc_t desc;
 #define TRY(call)                                                                                  \
@@ -142,7 +143,8 @@ int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A
     }
     TRY(dnnl_primitive_desc_create(&pd, &desc, attr, engine, NULL));
     TRY(dnnl_primitive_create(&prim, pd));
-    const dnnl_memory_desc_t *scratch_md = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    const dnnl_memory_desc_t *scratch_md =
+        dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
     const size_t scratch_bytes = scratch_md != NULL ? dnnl_memory_desc_get_size(scratch_md) : 0;
     if (scratch_bytes > 0) {
         /* 64-byte alignment, as oneDNN allocates its own. */

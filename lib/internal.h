@@ -240,7 +240,8 @@ void sae__dec_dots(const sae_model *m, const float *v, float *out);
 /* W_enc[row][feature]. */
 float sae__enc_at(const sae_model *m, size_t row, size_t feature);
 /* C = A @ W + beta * C, W = W_enc ([n][d_in] @ [d_in][d_sae]) or W_dec ([n][d_sae] @
- * [d_sae][d_in]): BLAS for float weights; for bfloat16 a widening kernel (a few tokens) or SGEMM
+ * [d_sae][d_in]): BLAS for float weights; for bfloat16 a widening kernel (a few tokens), oneDNN
+ * on the CPU's bfloat16 matrix instructions (A rounded to bfloat16: sae_model_bf16_path), or SGEMM
  * on widened column panels. Errors: SAE_ENOMEM (the panel), C then unspecified. */
 int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_t n, float *C,
                          float beta);
