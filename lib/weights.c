@@ -280,9 +280,10 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
             n_rows += used;
         }
         /* The widening kernel's time grows with tokens x rows used; oneDNN's, from a few tokens
-         * on, is one pass over the weights at memory speed. Measured on AMX and AVX512-BF16 (2304
-         * x 16384, dense tokens): 2.3 ms per token's pass against 5.2 ms for oneDNN at 1 to 6
-         * tokens, so the kernel keeps up to two passes' work. */
+         * on, is one pass over the weights at memory speed. Measured on the 2-core Xeon of
+         * docs/performance.md, both on AMX and capped to AVX512-BF16 (2304 x 16384, dense
+         * tokens): 2.3 ms per token's pass against 5.2 ms for oneDNN at 1 to 6 tokens, so the
+         * kernel keeps up to two passes' work. */
         if (!matrix || n * n_rows <= 2 * K) {
             if (beta == 0.0f)
                 memset(C, 0, n * N * sizeof *C);
