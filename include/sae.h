@@ -178,16 +178,22 @@ typedef enum {
  * means every core the process may run on; 1 keeps each call on the calling thread, which is what
  * a program already calling libsae from many threads at once wants. The matrix products run in
  * the BLAS library, threaded as it is configured (e.g. OPENBLAS_NUM_THREADS); libsae's threads
- * never run during them. Results do not depend on this setting: each token is computed whole by
- * one thread, in the same order, whatever the thread count. It is a property of the process, not
+ * never run during them. The exception: a bfloat16 model's products on AMX / AVX512-BF16
+ * (sae_model_bf16_path) run in oneDNN on this many OpenMP threads (the calling thread's OpenMP
+ * thread count is set for the call and restored). Results do not depend on this setting: each
+ * token is computed whole by one thread, in the same order, whatever the thread count (oneDNN's
+ * products too: tests/test_bf16.c compares them bit for bit). It is a property of the process, not
  * of the SAE, so sae_model_save does not store it. */
 
 /* SAE_PARAM_BF16_WEIGHTS: 1 rounds W_enc and W_dec to bfloat16 (to nearest, ties to even) and
  * keeps only those: half the memory, and half the bytes a single token's encode or decode reads,
- * where those bytes are the time (a single token is faster; batches are slower, the weights
- * being widened for SGEMM on every call: docs/performance.md has the figures). Arithmetic stays
- * float32; only the weights lose precision (8 significant bits: a relative error up to 2^-8 per
- * weight). W_skip, the biases and the other vectors stay float. 0 widens them back to float
+ * where those bytes are the time. Batches run on the CPU's bfloat16 matrix instructions where it
+ * has them (AMX, AVX512-BF16: sae_model_bf16_path below), else the weights are widened for SGEMM
+ * on every call, which makes batches slower than float weights (docs/performance.md has the
+ * figures). Without those instructions arithmetic stays float32 and only the weights lose
+ * precision (8 significant bits: a relative error up to 2^-8 per weight); with them the
+ * activations entering a batched product are rounded to bfloat16 as well (sae_model_bf16_path).
+ * W_skip, the biases and the other vectors stay float. 0 widens them back to float
  * exactly (the rounding is not undone). Every operation works on either storage;
  * sae_model_get_tensor widens, sae_model_set_tensor rounds, sae_model_save writes W_enc and
  * W_dec as BF16 tensors (the file loads as float weights holding the same values).
@@ -195,6 +201,38 @@ typedef enum {
  * model. Switching allocates the new copy before freeing the old (SAE_ENOMEM leaves the model as
  * it was), and SAE_ERANGE if a weight is beyond bfloat16's range (|w| > 3.39e38). Like every
  * setter, not to be called while another thread uses the model. */
+
+/* The path a bfloat16 model's batched products take (encode, decode, reconstruct, steering: every
+ * product with a whole W_enc or W_dec of more than a few tokens), chosen at run time from the CPU:
+ *   FLOAT        the model's weights are float (SAE_PARAM_BF16_WEIGHTS = 0): SGEMM.
+ *   WIDEN        the weights are widened to float, a panel at a time, for SGEMM: on CPUs without
+ *                bfloat16 instructions, or libsae built without oneDNN. Activations stay float.
+ *   AVX512_BF16  oneDNN's matmul on AVX512-BF16 dot products.
+ *   AMX          oneDNN's matmul on AMX tiles (Intel Sapphire Rapids and later).
+ * On the AVX512_BF16 and AMX paths the activations entering the product (the encoder's input
+ * x_s = scale * norm(x) - apply * b_dec; the codes, for the decoder) are rounded to bfloat16 too,
+ * to nearest even, as torch's x.bfloat16() @ W does; the products accumulate in float32. Each term
+ * x_i * w_i is then off by at most 2^-8 of itself (2^-9 per rounding), so a pre-activation is
+ * within 2^-8 * sum_i |x_i w_i| (plus float32 accumulation) of the float32 product with the
+ * bfloat16 weights, where WIDEN's is within 2^-9 * sum_i |x_i w_i| of the float weights' product:
+ * about 1.4 times WIDEN's typical error (docs/performance.md has the measured differences).
+ * Results therefore depend on the path (and so on the CPU); on a given path they do not depend
+ * on SAE_PARAM_THREADS. A product of one or two tokens (more precisely: tokens x rows of the
+ * weights some token uses <= 2 x rows, so also a few tokens of sparse codes) is bound by reading
+ * the weights, and on every path widens them in registers, the activations staying float. The environment variable SAE_BF16_ISA, read once per process,
+ * caps the choice: "none" (WIDEN), "avx512_bf16" (no AMX: this caps oneDNN for the whole process,
+ * and only if it has not run yet) or "amx" (the default: the best the CPU has). */
+typedef enum {
+    SAE_BF16_PATH_FLOAT = 0,
+    SAE_BF16_PATH_WIDEN = 1,
+    SAE_BF16_PATH_AVX512_BF16 = 2,
+    SAE_BF16_PATH_AMX = 3
+} sae_bf16_path;
+
+/* The path m's batched weight products take (above); SAE_BF16_PATH_FLOAT for a NULL model. */
+SAE_API sae_bf16_path sae_model_bf16_path(const sae_model *m);
+/* "float", "widen", "avx512_bf16" or "amx"; NULL for a value not in sae_bf16_path. */
+SAE_API const char *sae_bf16_path_name(sae_bf16_path path);
 
 /* Creates a model with every tensor zero and default parameters. d_in and d_sae must be at least
  * 1 and the weights must fit in memory (SAE_ENOMEM otherwise). On success *out owns the model;

@@ -240,10 +240,20 @@ void sae__dec_dots(const sae_model *m, const float *v, float *out);
 /* W_enc[row][feature]. */
 float sae__enc_at(const sae_model *m, size_t row, size_t feature);
 /* C = A @ W + beta * C, W = W_enc ([n][d_in] @ [d_in][d_sae]) or W_dec ([n][d_sae] @
- * [d_sae][d_in]): BLAS for float weights; for bfloat16 a widening kernel (a few tokens) or SGEMM
+ * [d_sae][d_in]): BLAS for float weights; for bfloat16 a widening kernel (a few tokens), oneDNN
+ * on the CPU's bfloat16 matrix instructions (A rounded to bfloat16: sae_model_bf16_path), or SGEMM
  * on widened column panels. Errors: SAE_ENOMEM (the panel), C then unspecified. */
 int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_t n, float *C,
                          float beta);
+/* The bfloat16 matrix instructions this process's products use (SAE_BF16_PATH_AMX,
+ * SAE_BF16_PATH_AVX512_BF16), or SAE_BF16_PATH_WIDEN without them or without oneDNN; decided
+ * once per process (bf16_dnnl.c). */
+sae_bf16_path sae__bf16_isa(void);
+/* C [n][N] = A [n][K] (rounded to bfloat16) @ W [K][N] (bfloat16) + beta * C, accumulated in
+ * float32, by oneDNN on `threads` threads. Errors: SAE_EUNSUPPORTED (no such instructions, or
+ * oneDNN refused; C untouched), SAE_ENOMEM. */
+int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A, size_t n,
+                           float *C, float beta, size_t threads);
 /* The panel path with a given panel width, for the tests. */
 int sae__bf16_gemm_panels(const sae_model *m, const uint16_t *W, size_t K, size_t N,
                           const float *A, size_t n, float *C, size_t panel_cols);

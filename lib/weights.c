@@ -5,9 +5,10 @@
  * bfloat16 is the top half of a float: widening is a 16-bit shift and exact, narrowing rounds to
  * nearest even. A single token's encode or decode is bound by reading the weights from memory, so
  * half the bytes is close to half the time; there the weights are widened in registers as they
- * stream past (direct_range). Many tokens make the product compute-bound, and a column panel of
- * the weights is widened into scratch and handed to SGEMM, so the conversion is paid once per
- * panel for every token. */
+ * stream past (direct_range). Many tokens make the product compute-bound: on a CPU with bfloat16
+ * matrix instructions (AMX, AVX512-BF16) oneDNN's matmul takes it (bf16_dnnl.c, activations
+ * rounded to bfloat16); elsewhere a column panel of the weights is widened into scratch and
+ * handed to SGEMM, so the conversion is paid once per panel for every token. */
 #include "internal.h"
 
 #include <math.h>
@@ -265,8 +266,7 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
             sae__sgemm(false, false, n, N, K, 1.0f, A, K, W, N, beta, C, N);
         return SAE_OK;
     }
-    if (beta == 0.0f)
-        memset(C, 0, n * N * sizeof *C);
+    const bool matrix = sae__bf16_isa() != SAE_BF16_PATH_WIDEN;
     if (n <= DIRECT_MAX_TOKENS) {
         uint32_t *rows = sae__alloc(K, sizeof *rows, "bfloat16 product");
         if (rows == NULL)
@@ -279,13 +279,37 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
             rows[n_rows] = (uint32_t)k;
             n_rows += used;
         }
-        product_job job = {W16, K, N, n, A, C, rows, n_rows};
-        sae__parallel_for(sae__model_threads(m), (N + COLUMNS - 1) / COLUMNS,
-                          sae__grain(n_rows * COLUMNS * n), direct_range, &job);
+        /* The widening kernel's time grows with tokens x rows used; oneDNN's, from a few tokens
+         * on, is one pass over the weights at memory speed. Measured on the 2-core Xeon of
+         * docs/performance.md, both on AMX and capped to AVX512-BF16 (2304 x 16384, dense
+         * tokens): 2.3 ms per token's pass against 5.2 ms for oneDNN at 1 to 6 tokens, so the
+         * kernel keeps up to two passes' work. */
+        if (!matrix || n * n_rows <= 2 * K) {
+            if (beta == 0.0f)
+                memset(C, 0, n * N * sizeof *C);
+            product_job job = {W16, K, N, n, A, C, rows, n_rows};
+            sae__parallel_for(sae__model_threads(m), (N + COLUMNS - 1) / COLUMNS,
+                              sae__grain(n_rows * COLUMNS * n), direct_range, &job);
+            free(rows);
+            return SAE_OK;
+        }
         free(rows);
-        return SAE_OK;
     }
+    if (matrix) {
+        int rc = sae__bf16_dnnl_product(W16, K, N, A, n, C, beta, sae__model_threads(m));
+        if (rc != SAE_EUNSUPPORTED) /* refused: C is untouched, and the widening path runs */
+            return rc;
+    }
+    if (beta == 0.0f)
+        memset(C, 0, n * N * sizeof *C);
     size_t cols = PANEL_BYTES / sizeof(float) / K;
     cols = cols < 64 ? 64 : cols / 64 * 64;
     return sae__bf16_gemm_panels(m, W16, K, N, A, n, C, cols);
+}
+
+sae_bf16_path sae_model_bf16_path(const sae_model *m)
+{
+    if (m == NULL || m->W_enc16 == NULL)
+        return SAE_BF16_PATH_FLOAT;
+    return sae__bf16_isa();
 }

@@ -7,6 +7,7 @@
 #include "testutil.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,15 +34,29 @@ static float reference_round(float v)
     return ldexpf(rintf(ldexpf(m, 8)), e - 8);
 }
 
-static void assert_close(const float *got, const float *want, size_t n, const char *what)
+/* Whether this process's batched products round the activations to bfloat16 (AMX or
+ * AVX512-BF16 through oneDNN), which makes a bfloat16 model's results differ from the float
+ * model's by more than float rounding. */
+static bool rounding_path(void) { return sae__bf16_isa() != SAE_BF16_PATH_WIDEN; }
+
+/* tol: 2e-5 where only the weights are rounded; where a product of more than two tokens also
+ * rounds its activations (sae.h, sae_model_bf16_path: each term within 2^-8), 1e-2 of the
+ * largest value, for these shapes' sums of a few hundred terms. */
+static void assert_close_tol(const float *got, const float *want, size_t n, const char *what,
+                             double tol)
 {
     double scale = 0.0;
     for (size_t i = 0; i < n; i++)
         scale = fmax(scale, fabs(want[i]));
     for (size_t i = 0; i < n; i++)
-        ck_assert_msg(fabs((double)got[i] - want[i]) <= 2e-5 * (1.0 + scale),
+        ck_assert_msg(fabs((double)got[i] - want[i]) <= tol * (1.0 + scale),
                       "%s[%zu]: bfloat16 model %.9g, float model %.9g", what, i, (double)got[i],
                       (double)want[i]);
+}
+
+static void assert_close(const float *got, const float *want, size_t n, const char *what)
+{
+    assert_close_tol(got, want, n, what, 2e-5);
 }
 
 START_TEST(narrowing_rounds_to_nearest_even)
@@ -125,6 +140,23 @@ START_TEST(every_operation_matches_the_float_model_with_rounded_weights)
     sae_model *half, *full;
     model_pair(arch, d_in, d_sae, &half, &full);
     tu_rng r = {7};
+    /* Where products round their activations to bfloat16, the encoder's input is made exact in
+     * bfloat16 (x on a grid of 1/64 up to 100/64, b_dec of 1/8 up to 7/8, INPUT_SCALE 2: x_s a
+     * multiple of 1/64 up to 256/64), so that the encodes agree as closely as with float
+     * activations and no code crosses its gate; the decodes of float codes then differ by the
+     * codes' rounding (tol). */
+    const bool grid = rounding_path();
+    if (grid) {
+        float *b_dec = tu_malloc(d_in * sizeof *b_dec);
+        for (size_t i = 0; i < d_in; i++)
+            b_dec[i] = (float)((int)(tu_next(&r) % 15) - 7) / 8.0f;
+        for (int i = 0; i < 2; i++) {
+            sae_model *mm = i ? full : half;
+            ck_assert_ok(sae_model_set_tensor(mm, SAE_B_DEC, b_dec));
+            ck_assert_ok(sae_model_set_param(mm, SAE_PARAM_INPUT_SCALE, 2.0));
+        }
+        free(b_dec);
+    }
     const size_t n_max = 40, k = 5;
     float *x = tu_malloc(n_max * d_in * sizeof *x), *f = tu_malloc(n_max * d_sae * sizeof *f);
     float *a = tu_malloc(n_max * (d_in + d_sae) * sizeof *a);
@@ -133,8 +165,9 @@ START_TEST(every_operation_matches_the_float_model_with_rounded_weights)
     float *val = tu_malloc(n_max * k * sizeof *val);
     for (size_t c = 0; c < sizeof token_counts / sizeof token_counts[0]; c++) {
         const size_t n = token_counts[c];
+        const double tol = rounding_path() && n > 2 ? 1e-2 : 2e-5;
         for (size_t i = 0; i < n * d_in; i++)
-            x[i] = 2.0f * tu_normal(&r);
+            x[i] = grid ? (float)((int)(tu_next(&r) % 201) - 100) / 64.0f : 2.0f * tu_normal(&r);
         ck_assert_ok(sae_encode(half, x, n, a));
         ck_assert_ok(sae_encode(full, x, n, b));
         assert_close(a, b, n * d_sae, "encode");
@@ -144,9 +177,10 @@ START_TEST(every_operation_matches_the_float_model_with_rounded_weights)
         ck_assert_ok(sae_decode_sparse(full, idx, val, cnt, k, n, b));
         assert_close(a, b, n * d_in, "decode_sparse");
 
-        /* Codes half nonzero: the dense product, not the row-by-row path. */
+        /* Codes half nonzero: the dense product, not the row-by-row path (exact in bfloat16:
+         * multiples of 1/256). */
         for (size_t i = 0; i < n * d_sae; i++)
-            f[i] = tu_next(&r) % 2 ? tu_uniform(&r, 0.0f, 1.0f) : 0.0f;
+            f[i] = tu_next(&r) % 2 ? (float)(tu_next(&r) % 256) / 256.0f : 0.0f;
         ck_assert_ok(sae_decode(half, f, n, a));
         ck_assert_ok(sae_decode(full, f, n, b));
         assert_close(a, b, n * d_in, "decode (dense)");
@@ -154,11 +188,11 @@ START_TEST(every_operation_matches_the_float_model_with_rounded_weights)
         ck_assert_ok(sae_encode(full, x, n, f));
         ck_assert_ok(sae_decode(half, f, n, a));
         ck_assert_ok(sae_decode(full, f, n, b));
-        assert_close(a, b, n * d_in, "decode (codes)");
+        assert_close_tol(a, b, n * d_in, "decode (codes)", tol);
 
         ck_assert_ok(sae_reconstruct(half, x, n, a));
         ck_assert_ok(sae_reconstruct(full, x, n, b));
-        assert_close(a, b, n * d_in, "reconstruct");
+        assert_close_tol(a, b, n * d_in, "reconstruct", tol);
 
         sae_steer *sh, *sf;
         ck_assert_ok(sae_steer_new(&sh, half));
@@ -172,7 +206,7 @@ START_TEST(every_operation_matches_the_float_model_with_rounded_weights)
         memcpy(b, x, n * d_in * sizeof *b);
         ck_assert_ok(sae_steer_apply(sh, a, n));
         ck_assert_ok(sae_steer_apply(sf, b, n));
-        assert_close(a, b, n * d_in, "steer");
+        assert_close_tol(a, b, n * d_in, "steer", tol);
         sae_steer_free(sh);
         sae_steer_free(sf);
     }
@@ -349,6 +383,117 @@ START_TEST(training_needs_float_weights)
 }
 END_TEST
 
+/* Which path this process runs, which it was asked for (ctest runs this suite three times:
+ * SAE_BF16_ISA unset, "avx512_bf16" and "none"), and which it cannot run here. */
+START_TEST(the_path_is_the_one_asked_for_or_says_why_not)
+{
+    const char *asked = getenv("SAE_BF16_ISA");
+    const sae_bf16_path got = sae__bf16_isa();
+    sae_model *m = tu_random_model(SAE_ARCH_RELU, 4, 6, 1);
+    ck_assert_int_eq(sae_model_bf16_path(m), SAE_BF16_PATH_FLOAT);
+    ck_assert_int_eq(sae_model_bf16_path(NULL), SAE_BF16_PATH_FLOAT);
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, 1));
+    ck_assert_int_eq(sae_model_bf16_path(m), got);
+    sae_model_free(m);
+    ck_assert_str_eq(sae_bf16_path_name(SAE_BF16_PATH_AMX), "amx");
+    ck_assert_str_eq(sae_bf16_path_name(SAE_BF16_PATH_AVX512_BF16), "avx512_bf16");
+    ck_assert_str_eq(sae_bf16_path_name(SAE_BF16_PATH_WIDEN), "widen");
+    ck_assert_str_eq(sae_bf16_path_name(SAE_BF16_PATH_FLOAT), "float");
+    ck_assert_ptr_null(sae_bf16_path_name((sae_bf16_path)9));
+    fprintf(stderr, "bf16 products: path %s (SAE_BF16_ISA=%s)\n", sae_bf16_path_name(got),
+            asked ? asked : "unset");
+    if (asked != NULL && strcmp(asked, "none") == 0)
+        ck_assert_int_eq(got, SAE_BF16_PATH_WIDEN);
+    else if (asked != NULL && strcmp(asked, "avx512_bf16") == 0 && got != SAE_BF16_PATH_AVX512_BF16)
+        fprintf(stderr, "bf16 products: avx512_bf16 not tested here: %s\n",
+                got == SAE_BF16_PATH_AMX ? "oneDNN had run before the cap (cannot happen here)"
+                                         : "no AVX512-BF16 on this CPU, or no oneDNN in this build");
+    else if (asked == NULL && got == SAE_BF16_PATH_WIDEN)
+        fprintf(stderr, "bf16 products: amx and avx512_bf16 not tested here: no such instructions "
+                        "on this CPU, or no oneDNN in this build\n");
+    else if (asked == NULL && got == SAE_BF16_PATH_AVX512_BF16)
+        fprintf(stderr, "bf16 products: amx not tested here: no AMX on this CPU\n");
+}
+END_TEST
+
+/* Round to bfloat16 and back (the reference rounding above). */
+static double rounded(float v, bool round) { return round ? (double)reference_round(v) : v; }
+
+/* sae__weights_product of a bfloat16 model, W_enc and W_dec, beta 0 and 1, against float64 sums
+ * over the rounded weights (and, where the path rounds them, the rounded activations), for shapes
+ * off every multiple of 16 and 32 and every n from 1 to 40; and the same bits whatever the thread
+ * count. Codes: dense, or a quarter nonzero (the few-token kernel then skips rows). */
+static const size_t odd_shapes[][2] = {{17, 45}, {33, 97}, {130, 61}, {5, 515}};
+
+START_TEST(products_match_float64_sums_on_this_path)
+{
+    const size_t d_in = odd_shapes[_i][0], d_sae = odd_shapes[_i][1];
+    sae_model *m = tu_random_model(SAE_ARCH_RELU, d_in, d_sae, 11 + (uint64_t)_i);
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, 1));
+    const bool matrix = rounding_path();
+    const size_t n_max = 40, threads[] = {2, 3, 8};
+    tu_rng r = {99 + (uint64_t)_i};
+    float *w = tu_malloc(d_in * d_sae * sizeof *w);
+    float *A = tu_malloc(n_max * (d_in + d_sae) * sizeof *A);
+    float *C0 = tu_malloc(n_max * (d_in + d_sae) * sizeof *C0);
+    float *C = tu_malloc(n_max * (d_in + d_sae) * sizeof *C);
+    float *Ct = tu_malloc(n_max * (d_in + d_sae) * sizeof *Ct);
+    for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+        const size_t K = t == SAE_W_ENC ? d_in : d_sae, N = t == SAE_W_ENC ? d_sae : d_in;
+        ck_assert_ok(sae_model_get_tensor(m, (sae_tensor)t, w)); /* the rounded weights */
+        for (size_t n = 1; n <= n_max; n++)
+            for (int variant = 0; variant < 4; variant++) {
+                const float beta = (float)(variant & 1);
+                const bool sparse = variant & 2;
+                for (size_t i = 0; i < n * K; i++)
+                    A[i] = sparse && tu_next(&r) % 4 ? 0.0f : 2.0f * tu_normal(&r);
+                tu_fill(&r, C0, n * N, -1.0f, 1.0f);
+                memcpy(C, C0, n * N * sizeof *C);
+                ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 1));
+                ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, C, beta));
+                /* The few-token kernel (float activations) takes tokens x rows used <= 2 K. */
+                size_t used = 0;
+                for (size_t k = 0; k < K; k++) {
+                    bool any = false;
+                    for (size_t q = 0; q < n; q++)
+                        any |= A[q * K + k] != 0.0f;
+                    used += any;
+                }
+                const bool round = matrix && !(n <= 6 && n * used <= 2 * K);
+                for (size_t q = 0; q < n; q++)
+                    for (size_t j = 0; j < N; j++) {
+                        double want = beta * (double)C0[q * N + j], mass = fabs(want);
+                        for (size_t k = 0; k < K; k++) {
+                            double term = rounded(A[q * K + k], round) * w[k * N + j];
+                            want += term;
+                            mass += fabs(term);
+                        }
+                        ck_assert_msg(fabs(C[q * N + j] - want) <= 1e-5 * mass + 1e-30,
+                                      "%s %zu x %zu, n %zu, beta %g, %s, activations %s: "
+                                      "C[%zu][%zu] = %.9g, want %.9g",
+                                      t == SAE_W_ENC ? "W_enc" : "W_dec", K, N, n, (double)beta,
+                                      sparse ? "sparse" : "dense", round ? "rounded" : "float", q,
+                                      j, (double)C[q * N + j], want);
+                    }
+                for (size_t h = 0; h < sizeof threads / sizeof threads[0]; h++) {
+                    memcpy(Ct, C0, n * N * sizeof *Ct);
+                    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, (double)threads[h]));
+                    ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, Ct, beta));
+                    ck_assert_msg(memcmp(C, Ct, n * N * sizeof *C) == 0,
+                                  "%zu threads differ from 1: %zu x %zu, n %zu", threads[h], K, N,
+                                  n);
+                }
+            }
+    }
+    free(w);
+    free(A);
+    free(C0);
+    free(C);
+    free(Ct);
+    sae_model_free(m);
+}
+END_TEST
+
 static Suite *bf16_suite(void)
 {
     Suite *s = suite_create("bf16");
@@ -358,6 +503,9 @@ static Suite *bf16_suite(void)
     tcase_add_test(tc, narrowing_refuses_what_bf16_cannot_hold);
     tcase_add_loop_test(tc, every_operation_matches_the_float_model_with_rounded_weights, 0,
                         (int)(N_ARCHS * N_SHAPES));
+    tcase_add_test(tc, the_path_is_the_one_asked_for_or_says_why_not);
+    tcase_add_loop_test(tc, products_match_float64_sums_on_this_path, 0,
+                        (int)(sizeof odd_shapes / sizeof odd_shapes[0]));
     tcase_add_test(tc, panels_of_any_width_give_the_product);
     tcase_add_loop_test(tc, round_trips_keep_the_rounded_weights, 0, (int)N_ARCHS);
     tcase_add_test(tc, switching_refuses_bad_values_and_out_of_range_weights);

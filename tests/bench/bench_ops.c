@@ -2,7 +2,8 @@
  * against n and d_sae, and each operation's peak memory. tests/bench/run builds this and
  * tests/bench/perf.py drives it, times numpy and torch on the same data and writes the table.
  *
- *   bench_ops info                      BLAS name, version, configuration and threads
+ *   bench_ops info                      BLAS name, version, configuration and threads; the
+ *                                       bfloat16 product path (sae_model_bf16_path)
  *   bench_ops bounds DIR                SGEMM on the encode and decode shapes, memory read speed
  *   bench_ops time DIR OUT [n...]       every operation; writes outputs at n = 64 to OUT/ for the
  *                                       agreement check
@@ -767,6 +768,8 @@ static int cmd_info(void)
     double threads;
     CHECK(sae_model_get_param(m, SAE_PARAM_THREADS, &threads));
     printf("libsae_threads %g (0: all %ld cores)\n", threads, cores);
+    CHECK(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, 1));
+    printf("bf16_path %s\n", sae_bf16_path_name(sae_model_bf16_path(m)));
     sae_model_free(m);
     return 0;
 }

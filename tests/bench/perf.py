@@ -370,7 +370,8 @@ def machine_info(exe):
         for line in f:
             if line.startswith("flags"):
                 have = set(line.split(":", 1)[1].split())
-                flags = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16") if x in have)
+                flags = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16",
+                                             "avx512_fp16", "amx_tile", "amx_bf16") if x in have)
                 break
     np_blas = "unknown"
     for lib in ("/lib/x86_64-linux-gnu/libblas.so.3", "/usr/lib/libblas.so.3"):
@@ -391,6 +392,7 @@ def machine_info(exe):
         "kernel": platform.release(), "blas": info.get("blas_config", "?"),
         "blas_core": info.get("blas_core", "?"), "blas_threads": info.get("blas_threads", "?"),
         "libsae_threads": info.get("libsae_threads", "?"), "numpy": np.__version__,
+        "bf16_path": info.get("bf16_path", "?"),
         "numpy_blas": np_blas, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "torch_config": torch.__config__.show(), "libs": torch_blas,
     }
@@ -462,6 +464,8 @@ def row_bound(op, arch, n, codes, bounds):
     """The roofline bound of the minimal work: max(FLOPs / SGEMM peak, bytes / read bandwidth).
     codes: per-n dict of the ReLU codes' nonzeros and the TopK codes' distinct features."""
     peak, bw = bounds["flops"], bounds["bw"]
+    if op in BF16_ROWS and "bf16_flops" in bounds:  # the bf16 path's own peak (tests/bench/bf16)
+        peak = bounds["bf16_flops"]
     wb = 2 if op in BF16_ROWS else 4  # bytes per weight
     op = BF16_ROWS.get(op, op)
     w = D_IN * D_SAE * wb
@@ -782,6 +786,22 @@ def main():
                                                                  "interleaved"),
                                     "--build", args.build], check=True, capture_output=True,
                                    text=True).stdout
+        log("bfloat16 against torch's bfloat16, in turns (tests/bench/bf16), on each path")
+        bf16_out = {}
+        for cap in ("", "avx512_bf16", "none"):
+            env = dict(os.environ)
+            if cap:
+                env["SAE_BF16_ISA"] = cap
+            else:
+                env.pop("SAE_BF16_ISA", None)
+            cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "bf16"),
+                   "--build", args.build, "--ns", ",".join(str(n) for n in ns)]
+            bf16_out[cap] = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                           env=env).stdout
+            log("  " + (cap or "default") + ": " + bf16_out[cap].splitlines()[0])
+        m = re.search(r"bound of the path: .*: (\d+) GFLOP/s", bf16_out[""])
+        if m and info["bf16_path"] in ("amx", "avx512_bf16"):
+            bounds["bf16_flops"] = float(m.group(1)) * 1e9
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()
@@ -789,10 +809,10 @@ def main():
         f.write(repr({"info": info, "bounds": bounds, "b": b, "c": c, "p": p, "agree": agree,
                       "codes": codes, "ns": ns, "scale_n": scale_n, "scale_d": scale_d,
                       "mem_c": mem_c, "mem_t": mem_t, "load_out": load_out,
-                      "inter_out": inter_out}))
+                      "inter_out": inter_out, "bf16_out": bf16_out}))
     write_doc(args.out, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d,
-              scale_peers if not args.quick else {}, mem_c, mem_t, load_out, inter_out, load_start,
-              load_end,
+              scale_peers if not args.quick else {}, mem_c, mem_t, load_out, inter_out, bf16_out,
+              load_start, load_end,
               time.time() - started)
     log(f"wrote {args.out}")
 
@@ -842,8 +862,10 @@ def targets(c, p, ns, bounds, codes):
     if gains:
         L.append("- Optional bfloat16 weights, libsae's float32 time over its bfloat16 time: " +
                  ", ".join(gains) + ". They halve the bytes a memory-bound call reads (single "
-                 "tokens; sparse decoding from memory); where the call is compute-bound the "
-                 "weights are widened to float for SGEMM, which costs a pass over them.")
+                 "tokens; sparse decoding from memory); where the call is compute-bound they run "
+                 "on the CPU's bfloat16 matrix instructions (AMX, AVX512-BF16) through oneDNN, or "
+                 "without them are widened to float for SGEMM, which costs a pass over them "
+                 "(path here: see Machine).")
     n = max(ns)
     enc = c.get(("encode", "relu", n))
     if enc:
@@ -931,8 +953,48 @@ def targets_kinds(c, p, ns, bounds, codes):
     return L
 
 
+def bf16_rows(out):
+    """tests/bench/bf16's encode rows: {n: (libsae bf16, torch bf16, torch x@W bf16)} and
+    {n: (libsae f32, numpy f32, torch f32)}, in ms."""
+    bf, f32 = {}, {}
+    for line in out.splitlines():
+        m = re.match(r"encode, bf16 weights \(relu\)\s+(\d+)\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+) ms",
+                     line)
+        if m:
+            bf[int(m.group(1))] = tuple(float(m.group(i)) for i in (2, 3, 4))
+        m = re.match(r"encode, float32 \(relu\)\s+(\d+)\s+([\d.]+) ms\s+numpy ([\d.]+) ms\s+torch "
+                     r"([\d.]+)", line)
+        if m:
+            f32[int(m.group(1))] = tuple(float(m.group(i)) for i in (2, 3, 4))
+    return bf, f32
+
+
+def targets_bf16(bf16_out, info):
+    """Issue 17's goals, from tests/bench/bf16's runs."""
+    if "" not in bf16_out:
+        return []
+    bf, f32 = bf16_rows(bf16_out[""])
+    L = ["### bfloat16 (issue 17)", ""]
+    L.append(f"- bf16 batch encode at least as fast as torch's bf16 encode in the same run (path "
+             f"{info['bf16_path']}): " + ", ".join(
+                 f"n = {n}: {t / o:.2f}× ({'met' if o <= t else 'not met'}; against the bare "
+                 f"x.bfloat16() @ W_enc {mm / o:.2f}×)" for n, (o, t, mm) in sorted(bf.items())
+                 if n >= 64) + ".")
+    L.append("- every float32 encode row of that run at least as fast as the best of numpy and "
+             "torch: " + ", ".join(f"n = {n}: {min(nn, tt) / o:.2f}×" for n, (o, nn, tt)
+                                   in sorted(f32.items())) + ".")
+    for cap in ("avx512_bf16", "none"):
+        if cap in bf16_out:
+            b2, _ = bf16_rows(bf16_out[cap])
+            L.append(f"- SAE_BF16_ISA={cap}: bf16 encode " + ", ".join(
+                f"n = {n}: {o:.2f} ms ({t / o:.2f}× torch bf16)" for n, (o, t, _) in
+                sorted(b2.items())) + ".")
+    L.append("")
+    return L
+
+
 def write_doc(path, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d, scale_peers, mem_c,
-              mem_t, load_out, inter_out, load_start, load_end, elapsed):
+              mem_t, load_out, inter_out, bf16_out, load_start, load_end, elapsed):
     L = []
     w_mb = 2 * D_IN * D_SAE * 4 / 1e6
     L += ["# Performance", "",
@@ -947,7 +1009,9 @@ def write_doc(path, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d, s
           f"- BLAS: {info['blas']} (kernel {info['blas_core']}), "
           f"{info['blas_threads']} threads (OPENBLAS_NUM_THREADS = {os.environ['OPENBLAS_NUM_THREADS']})",
           f"- libsae: SAE_PARAM_THREADS = {info['libsae_threads']} (its own threads, for the work "
-          "outside BLAS, never running during a BLAS call)",
+          "outside BLAS, never running during a BLAS call); bfloat16 weight products: path "
+          f"{info['bf16_path']} (sae_model_bf16_path: amx and avx512_bf16 through oneDNN, widen: "
+          "widened for SGEMM)",
           f"- numpy {info['numpy']}: libblas.so.3 = {info['numpy_blas']}, "
           f"{os.environ['OPENBLAS_NUM_THREADS']} threads",
           f"- torch {info['torch']}, torch.set_num_threads({info['torch_threads']}); "
@@ -1003,6 +1067,7 @@ def write_doc(path, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d, s
                                                     for r, lab, a, n in worst[:3]), ""]
     L += targets(c, p, ns, bounds, codes)
     L += targets_kinds(c, p, ns, bounds, codes)
+    L += targets_bf16(bf16_out, info)
     if scale_n:
         L += ["## Scaling", "", f"Time against n (d_sae = {D_SAE}; random weights, same for torch):", "",
               "| n | encode (ReLU) | torch | per token | sparse encode (TopK) | torch | per token |",
@@ -1041,6 +1106,22 @@ def write_doc(path, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d, s
           "land in cache on one side and not on the other. `tests/bench/interleaved` times libsae",
           "(through the Python bindings) and torch taking turns in one process, warm and with the",
           "cache flushed before every call:", "", "```", inter_out.rstrip(), "```", ""]
+    L += ["## bfloat16 weights against torch's bfloat16", "",
+          "`tests/bench/bf16`: libsae with SAE_PARAM_BF16_WEIGHTS and torch users' bfloat16 (every",
+          "tensor bf16, the tokens cast: relu((x.bfloat16() - b_dec) @ W_enc + b_enc), and the bare",
+          "x.bfloat16() @ W_enc) taking turns in one process, beside the float32 encodes of libsae,",
+          "numpy and torch. All three runs are on the machine above"
+          f" ({info['cpu']}, {info['flags']}): the first on the path libsae picks here",
+          f"({info['bf16_path']}); the second and third cap it with SAE_BF16_ISA, standing in for a",
+          "CPU with AVX512-BF16 but no AMX (oneDNN is capped for torch too, one oneDNN per process),",
+          "and for one without bfloat16 instructions, such as an AVX2-only AMD EPYC (libsae widens",
+          "the weights for SGEMM: the path and code of 0.2; torch keeps its AMX). \"of bound\" is the",
+          "path's bound (its matmul's peak, or for the widening path torch's float32 matmul) over",
+          "libsae's time.", ""]
+    for cap, label in (("", "the path libsae picks"), ("avx512_bf16", "SAE_BF16_ISA=avx512_bf16"),
+                       ("none", "SAE_BF16_ISA=none")):
+        if cap in bf16_out:
+            L += [f"{label}:", "", "```", bf16_out[cap].rstrip(), "```", ""]
     with open(path, "w") as f:
         f.write("\n".join(L))
 

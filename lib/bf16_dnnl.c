@@ -1,0 +1,215 @@
+/* bfloat16 weight products on the CPU's bfloat16 matrix instructions (AMX tiles, else AVX512-BF16
+ * dot products) through oneDNN's matmul (C API, dnnl.h), the library torch uses for the same
+ * products. Built only when CMake finds oneDNN (SAE_HAVE_DNNL); without it, or on a CPU without
+ * those instructions, sae__bf16_isa says SAE_BF16_PATH_WIDEN and weights.c widens the weights for
+ * SGEMM as before.
+ *
+ * oneDNN's bf16 matmul takes bfloat16 on both sides, so the activations are rounded to bfloat16
+ * here (to nearest even, as the weights were), and the products accumulate in float32 into a
+ * float32 destination (sae.h, SAE_PARAM_BF16_WEIGHTS, states what this does to accuracy).
+ *
+ * Nothing is kept between calls but oneDNN's CPU engine (one per process, made once): each call
+ * describes its matmul and asks oneDNN for the primitive, which oneDNN's own primitive cache
+ * returns in a few microseconds for a shape it has seen (about 1 ms to generate a new one). A
+ * const model holds nothing of it, so many threads may use one model at once. Each call brings its
+ * own scratchpad (user scratchpad mode), so concurrent calls share no buffers either.
+ *
+ * oneDNN runs its threads through OpenMP (Debian's libdnnl is built so): a call sets the calling
+ * thread's OpenMP thread count to the model's (SAE_PARAM_THREADS) for the product and restores
+ * it afterwards; the count is a per-thread setting, so other threads are untouched. */
+#include "internal.h"
+
+#ifdef SAE_HAVE_DNNL
+
+#include <oneapi/dnnl/dnnl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* libgomp's, which libdnnl links: declared here so that no OpenMP flags are needed. */
+extern int omp_get_max_threads(void);
+extern void omp_set_num_threads(int);
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static dnnl_engine_t engine;
+static sae_bf16_path path = SAE_BF16_PATH_WIDEN;
+
+/* SAE_BF16_ISA caps the path, for tests and comparisons: "none" keeps the widening path, and
+ * "avx512_bf16" keeps oneDNN off AMX, through dnnl_set_max_cpu_isa, which acts on the whole
+ * process's oneDNN and only before its first use (else the cap is not applied, and the path
+ * reported is the one oneDNN actually takes). Unset or "amx": the best the CPU has. */
+static void init(void)
+{
+    const char *cap = getenv("SAE_BF16_ISA");
+    if (cap != NULL && strcmp(cap, "none") == 0)
+        return;
+    if (cap != NULL && strcmp(cap, "avx512_bf16") == 0)
+        (void)dnnl_set_max_cpu_isa(dnnl_cpu_isa_avx512_core_bf16);
+    const dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    /* Each ISA value is a bit mask containing the ones below it. */
+    const bool amx = ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) ==
+                     (unsigned)dnnl_cpu_isa_avx512_core_amx;
+    const bool bf16 = ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_bf16) ==
+                      (unsigned)dnnl_cpu_isa_avx512_core_bf16;
+    if (!bf16 || dnnl_engine_create(&engine, dnnl_cpu, 0) != dnnl_success)
+        return;
+    path = amx ? SAE_BF16_PATH_AMX : SAE_BF16_PATH_AVX512_BF16;
+}
+
+sae_bf16_path sae__bf16_isa(void)
+{
+    pthread_once(&once, init);
+    return path;
+}
+
+/* Round to nearest, ties to even (weights.c's narrowing, without its range check: a finite float
+ * beyond bfloat16's largest finite value becomes infinity, as it would overflow the float product
+ * too). */
+static inline uint16_t narrow1(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+typedef struct {
+    const float *src;
+    uint16_t *dst;
+    size_t cols;
+} narrow_job;
+
+static void narrow_range(void *arg, size_t begin, size_t end, size_t worker)
+{
+    (void)worker;
+    const narrow_job *job = arg;
+    for (size_t i = begin * job->cols; i < end * job->cols; i++)
+        job->dst[i] = narrow1(job->src[i]);
+}
+
+static int dnnl_fail(const char *what, dnnl_status_t s)
+{
+    if (s == dnnl_out_of_memory)
+        return sae__fail(SAE_ENOMEM, "oneDNN: out of memory (%s)", what);
+    return sae__fail(SAE_EUNSUPPORTED, "oneDNN: %s failed (status %d)", what, (int)s);
+}
+
+int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A, size_t n,
+                           float *C, float beta, size_t threads)
+{
+    if (sae__bf16_isa() == SAE_BF16_PATH_WIDEN)
+        return sae__fail(SAE_EUNSUPPORTED, "no bfloat16 matrix instructions");
+    uint16_t *A16 = sae__alloc(n * K, sizeof *A16, "bfloat16 activations");
+    if (A16 == NULL)
+        return SAE_ENOMEM;
+    narrow_job nj = {A, A16, K};
+    sae__parallel_for(threads, n, sae__grain(K), narrow_range, &nj);
+
+    const int saved_threads = omp_get_max_threads();
+    omp_set_num_threads(threads > 1024 ? 1024 : (int)threads);
+
+    int rc = SAE_OK;
+    dnnl_status_t s;
+    const char *step = "";
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t ops = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_stream_t stream = NULL;
+    dnnl_memory_t mem[4] = {NULL, NULL, NULL, NULL};
+    void *scratch = NULL;
+
+    dnnl_memory_desc_t a_md, w_md, c_md;
+    const dnnl_dims_t a_dims = {(dnnl_dim_t)n, (dnnl_dim_t)K},
+                      w_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
+                      c_dims = {(dnnl_dim_t)n, (dnnl_dim_t)N};
+    dnnl_matmul_desc_t desc;
+#define TRY(call)                                                                                  \
+    do {                                                                                           \
+        step = #call;                                                                              \
+        if ((s = (call)) != dnnl_success)                                                          \
+            goto failed;                                                                           \
+    } while (0)
+    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_tag(&w_md, 2, w_dims, dnnl_bf16, dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_tag(&c_md, 2, c_dims, dnnl_f32, dnnl_ab));
+    TRY(dnnl_matmul_desc_init(&desc, &a_md, &w_md, NULL, &c_md));
+    TRY(dnnl_primitive_attr_create(&attr));
+    TRY(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
+    if (beta != 0.0f) { /* C = A @ W + beta * C */
+        TRY(dnnl_post_ops_create(&ops));
+        TRY(dnnl_post_ops_append_sum(ops, beta));
+        TRY(dnnl_primitive_attr_set_post_ops(attr, ops));
+    }
+    TRY(dnnl_primitive_desc_create(&pd, &desc, attr, engine, NULL));
+    TRY(dnnl_primitive_create(&prim, pd));
+    const dnnl_memory_desc_t *scratch_md =
+        dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    const size_t scratch_bytes = scratch_md != NULL ? dnnl_memory_desc_get_size(scratch_md) : 0;
+    if (scratch_bytes > 0) {
+        /* 64-byte alignment, as oneDNN allocates its own. */
+        if (posix_memalign(&scratch, 64, scratch_bytes) != 0) {
+            scratch = NULL;
+            rc = sae__fail(SAE_ENOMEM, "out of memory (%zu bytes of oneDNN scratchpad)",
+                           scratch_bytes);
+            goto done;
+        }
+        TRY(dnnl_memory_create(&mem[3], scratch_md, engine, scratch));
+    }
+    TRY(dnnl_memory_create(&mem[0], &a_md, engine, A16));
+    TRY(dnnl_memory_create(&mem[1], &w_md, engine, (void *)(uintptr_t)W)); /* only read */
+    TRY(dnnl_memory_create(&mem[2], &c_md, engine, C));
+    TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
+    const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
+                                     {DNNL_ARG_WEIGHTS, mem[1]},
+                                     {DNNL_ARG_DST, mem[2]},
+                                     {DNNL_ARG_SCRATCHPAD, mem[3]}};
+    TRY(dnnl_primitive_execute(prim, stream, scratch_bytes > 0 ? 4 : 3, args));
+    TRY(dnnl_stream_wait(stream));
+#undef TRY
+    goto done;
+failed:
+    rc = dnnl_fail(step, s);
+done:
+    if (stream != NULL)
+        dnnl_stream_destroy(stream);
+    for (int i = 0; i < 4; i++)
+        if (mem[i] != NULL)
+            dnnl_memory_destroy(mem[i]);
+    if (prim != NULL)
+        dnnl_primitive_destroy(prim);
+    if (pd != NULL)
+        dnnl_primitive_desc_destroy(pd);
+    if (ops != NULL)
+        dnnl_post_ops_destroy(ops);
+    if (attr != NULL)
+        dnnl_primitive_attr_destroy(attr);
+    omp_set_num_threads(saved_threads);
+    free(scratch);
+    free(A16);
+    return rc;
+}
+
+#else /* without oneDNN: the widening path only */
+
+sae_bf16_path sae__bf16_isa(void) { return SAE_BF16_PATH_WIDEN; }
+
+int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A, size_t n,
+                           float *C, float beta, size_t threads)
+{
+    (void)W, (void)K, (void)N, (void)A, (void)n, (void)C, (void)beta, (void)threads;
+    return sae__fail(SAE_EUNSUPPORTED, "libsae was built without oneDNN");
+}
+
+#endif
+
+const char *sae_bf16_path_name(sae_bf16_path p)
+{
+    switch (p) {
+    case SAE_BF16_PATH_FLOAT: return "float";
+    case SAE_BF16_PATH_WIDEN: return "widen";
+    case SAE_BF16_PATH_AVX512_BF16: return "avx512_bf16";
+    case SAE_BF16_PATH_AMX: return "amx";
+    default: return NULL;
+    }
+}
