@@ -332,6 +332,16 @@ int sae__torchsae_load(const unsigned char *data, size_t size, const char *path,
                        const char *cfg_text, size_t cfg_len, const char *cfg_path,
                        sae_model **out);
 
+/* ---- zip members (npz.c; shared with the PyTorch reader) ------------------------------------ */
+
+struct zip;
+/* Index's uncompressed size, once its recorded sizes and method (stored or deflate, not
+ * encrypted) are consistent with each other and with an archive of file_size bytes: nothing is
+ * allocated for a member before this. Errors: SAE_EFORMAT, SAE_EUNSUPPORTED, naming path and
+ * member. */
+int sae__zip_member_stat(struct zip *za, uint64_t index, const char *member, const char *path,
+                         size_t file_size, uint64_t *size);
+
 /* ---- building a model from a file (model.c) ------------------------------------------------- */
 
 /* Fills tensor t from a safetensors tensor (already checked to have the right shape): used in

@@ -41,26 +41,27 @@ static int read_exact(zip_file_t *zf, const char *path, const char *member, void
 }
 
 /* A member's size and method, checked against the archive before anything is allocated. */
-static int member_stat(const npz *z, zip_int64_t index, const char *member, zip_uint64_t *size)
+int sae__zip_member_stat(struct zip *za, zip_uint64_t index, const char *member, const char *path,
+                         size_t file_size, zip_uint64_t *size)
 {
     zip_stat_t zs;
     zip_stat_init(&zs);
-    if (zip_stat_index(z->za, (zip_uint64_t)index, 0, &zs) != 0)
-        return sae__fail(SAE_EFORMAT, "%s: member '%s': %s", z->path, member,
-                         zip_strerror(z->za));
+    if (zip_stat_index(za, index, 0, &zs) != 0)
+        return sae__fail(SAE_EFORMAT, "%s: member '%s': %s", path, member,
+                         zip_strerror(za));
     zip_uint64_t need = ZIP_STAT_SIZE | ZIP_STAT_COMP_SIZE | ZIP_STAT_COMP_METHOD;
     if ((zs.valid & need) != need)
-        return sae__fail(SAE_EFORMAT, "%s: member '%s' has no recorded size", z->path, member);
+        return sae__fail(SAE_EFORMAT, "%s: member '%s' has no recorded size", path, member);
     if ((zs.valid & ZIP_STAT_ENCRYPTION_METHOD) && zs.encryption_method != ZIP_EM_NONE)
-        return sae__fail(SAE_EUNSUPPORTED, "%s: member '%s' is encrypted", z->path, member);
-    if (zs.comp_size > z->file_size)
+        return sae__fail(SAE_EUNSUPPORTED, "%s: member '%s' is encrypted", path, member);
+    if (zs.comp_size > file_size)
         return sae__fail(SAE_EFORMAT,
                          "%s: member '%s' claims %llu compressed bytes in a file of %zu",
-                         z->path, member, (unsigned long long)zs.comp_size, z->file_size);
+                         path, member, (unsigned long long)zs.comp_size, file_size);
     if (zs.comp_method == ZIP_CM_STORE) {
         if (zs.size != zs.comp_size)
             return sae__fail(SAE_EFORMAT,
-                             "%s: stored member '%s' claims %llu bytes but holds %llu", z->path,
+                             "%s: stored member '%s' claims %llu bytes but holds %llu", path,
                              member, (unsigned long long)zs.size,
                              (unsigned long long)zs.comp_size);
     } else if (zs.comp_method == ZIP_CM_DEFLATE) {
@@ -68,17 +69,22 @@ static int member_stat(const npz *z, zip_int64_t index, const char *member, zip_
             return sae__fail(SAE_EFORMAT,
                              "%s: deflated member '%s' claims %llu bytes from %llu: more than "
                              "deflate can expand to",
-                             z->path, member, (unsigned long long)zs.size,
+                             path, member, (unsigned long long)zs.size,
                              (unsigned long long)zs.comp_size);
     } else {
         return sae__fail(SAE_EUNSUPPORTED,
                          "%s: member '%s' uses compression method %d (stored or deflate only)",
-                         z->path, member, (int)zs.comp_method);
+                         path, member, (int)zs.comp_method);
     }
     if (zs.size > SIZE_MAX)
-        return sae__fail(SAE_EFORMAT, "%s: member '%s' is too large", z->path, member);
+        return sae__fail(SAE_EFORMAT, "%s: member '%s' is too large", path, member);
     *size = zs.size;
     return SAE_OK;
+}
+
+static int member_stat(const npz *z, zip_int64_t index, const char *member, zip_uint64_t *size)
+{
+    return sae__zip_member_stat(z->za, (zip_uint64_t)index, member, z->path, z->file_size, size);
 }
 
 /* An open member with its .npy header read and checked against the member's size. */

@@ -22,7 +22,6 @@
 #include <string.h>
 #include <zip.h>
 
-#define MAX_DEFLATE_RATIO 1032u      /* deflate cannot expand more: see npz.c */
 #define MAX_PICKLE ((size_t)256 << 20) /* data.pkl of a state dict is ~100 bytes per tensor */
 #define MAX_STACK ((size_t)1 << 16)  /* the pickler batches SETITEMS/APPENDS by 1000 */
 #define MAX_MARKS 1024u
@@ -382,42 +381,7 @@ static int read_line(vm *m, const char **s, size_t *len)
 static int member_stat(sae__torch_dict *d, zip_uint64_t index, const char *member,
                        zip_uint64_t *size)
 {
-    zip_stat_t zs;
-    zip_stat_init(&zs);
-    if (zip_stat_index(d->za, index, 0, &zs) != 0)
-        return sae__fail(SAE_EFORMAT, "%s: member '%s': %s", d->path, member,
-                         zip_strerror(d->za));
-    zip_uint64_t want = ZIP_STAT_SIZE | ZIP_STAT_COMP_SIZE | ZIP_STAT_COMP_METHOD;
-    if ((zs.valid & want) != want)
-        return sae__fail(SAE_EFORMAT, "%s: member '%s' has no recorded size", d->path, member);
-    if ((zs.valid & ZIP_STAT_ENCRYPTION_METHOD) && zs.encryption_method != ZIP_EM_NONE)
-        return sae__fail(SAE_EUNSUPPORTED, "%s: member '%s' is encrypted", d->path, member);
-    if (zs.comp_size > d->file_size)
-        return sae__fail(SAE_EFORMAT,
-                         "%s: member '%s' claims %llu compressed bytes in a file of %zu",
-                         d->path, member, (unsigned long long)zs.comp_size, d->file_size);
-    if (zs.comp_method == ZIP_CM_STORE) {
-        if (zs.size != zs.comp_size)
-            return sae__fail(SAE_EFORMAT,
-                             "%s: stored member '%s' claims %llu bytes but holds %llu", d->path,
-                             member, (unsigned long long)zs.size,
-                             (unsigned long long)zs.comp_size);
-    } else if (zs.comp_method == ZIP_CM_DEFLATE) {
-        if (zs.size / MAX_DEFLATE_RATIO > zs.comp_size + 1)
-            return sae__fail(SAE_EFORMAT,
-                             "%s: deflated member '%s' claims %llu bytes from %llu: more than "
-                             "deflate can expand to",
-                             d->path, member, (unsigned long long)zs.size,
-                             (unsigned long long)zs.comp_size);
-    } else {
-        return sae__fail(SAE_EUNSUPPORTED,
-                         "%s: member '%s' uses compression method %d (stored or deflate only)",
-                         d->path, member, (int)zs.comp_method);
-    }
-    if (zs.size > SIZE_MAX)
-        return sae__fail(SAE_EFORMAT, "%s: member '%s' is too large", d->path, member);
-    *size = zs.size;
-    return SAE_OK;
+    return sae__zip_member_stat(d->za, index, member, d->path, d->file_size, size);
 }
 
 /* BINPERSID: ('storage', torch.XStorage, key, location, numel) -> a V_STORAGE. */
