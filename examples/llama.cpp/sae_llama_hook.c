@@ -196,7 +196,7 @@ int sae_llama_hooks_new(sae_llama_hooks **out, const struct llama_model *model,
                 e->e.hook, sae_model_d_out(m), h->d);
             goto fail;
         }
-        if ((e->e.edit == SAE_LLAMA_SPLICE || e->e.plan) && !m) {
+        if ((e->e.edit == SAE_LLAMA_SPLICE || e->e.plan || e->e.seq_plans) && !m) {
             msg(err, err_cap, "hook \"%s\": splicing or steering needs a dictionary", e->e.hook);
             goto fail;
         }
@@ -309,6 +309,34 @@ static void restore_kept(const sae_llama_hooks *h, const entry_t *e, float *rows
             }
 }
 
+/* The entry's plan(s) on n rows: y = x steered (y may be x). With per-sequence plans, each run
+ * of rows of one sequence gets that sequence's plan, so a sequence is steered as it would be
+ * alone in the batch (the same libsae call on the same rows). */
+static int apply_plans(const sae_llama_hooks *h, const entry_t *e, const float *x, float *y,
+                       size_t n)
+{
+    const size_t d = h->d;
+    if (!e->e.seq_plans)
+        return e->transcoder ? sae_steer_apply_to(e->e.plan, x, y, n)
+                             : sae_steer_apply(e->e.plan, y, n);
+    const llama_seq_id *seq = h->seq + h->row0;
+    for (size_t a = 0, b; a < n; a = b) {
+        for (b = a + 1; b < n && seq[b] == seq[a]; b++)
+            ;
+        const sae_steer *p = seq[a] >= 0 && (size_t)seq[a] < e->e.n_seq_plans
+                                 ? e->e.seq_plans[seq[a]] : NULL;
+        if (!p)
+            p = e->e.plan;
+        if (!p)
+            continue;
+        const int rc = e->transcoder ? sae_steer_apply_to(p, x + a * d, y + a * d, b - a)
+                                     : sae_steer_apply(p, y + a * d, b - a);
+        if (rc != SAE_OK)
+            return rc;
+    }
+    return SAE_OK;
+}
+
 static bool sae_llama_cb(struct ggml_tensor *t, bool ask, void *user)
 {
     sae_llama_hooks *h = user;
@@ -378,12 +406,13 @@ static bool sae_llama_cb(struct ggml_tensor *t, bool ask, void *user)
             e->x_valid = true;
             continue;
         }
-        const bool edit = e->e.plan || e->e.edit != SAE_LLAMA_READ;
+        const bool steer = e->e.plan || e->e.seq_plans;
+        const bool edit = steer || e->e.edit != SAE_LLAMA_READ;
         if (edit)
             memcpy(h->keep, rows, n * d * sizeof(float));
         const double s0 = now_s();
-        if (e->e.plan)
-            rc = sae_steer_apply(e->e.plan, rows, n);
+        if (steer)
+            rc = apply_plans(h, e, rows, rows, n);
         if (rc == SAE_OK && e->e.edit == SAE_LLAMA_SPLICE)
             rc = sae_reconstruct(e->e.dict, rows, n, rows);
         if (e->e.edit == SAE_LLAMA_ZERO)
@@ -413,11 +442,12 @@ static bool sae_llama_cb(struct ggml_tensor *t, bool ask, void *user)
         if (!e->x_valid || e->x_row0 != h->row0)
             return fail_cb(h, "transcoder at %s: its input rows were not seen in this ubatch",
                            e->e.hook);
-        const bool edit = e->e.plan || e->e.edit != SAE_LLAMA_READ;
+        const bool steer = e->e.plan || e->e.seq_plans;
+        const bool edit = steer || e->e.edit != SAE_LLAMA_READ;
         memcpy(h->keep, rows, n * d * sizeof(float));
         const double s0 = now_s();
-        if (e->e.plan)
-            rc = sae_steer_apply_to(e->e.plan, e->xbuf, rows, n);
+        if (steer)
+            rc = apply_plans(h, e, e->xbuf, rows, n);
         if (rc == SAE_OK && e->e.edit == SAE_LLAMA_SPLICE)
             rc = sae_reconstruct(e->e.dict, e->xbuf, n, rows);
         if (e->e.edit == SAE_LLAMA_ZERO)

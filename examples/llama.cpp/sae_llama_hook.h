@@ -102,6 +102,13 @@ typedef struct {
     const llama_token *keep;   /* rows of these tokens are left as computed by every edit but
                                   ZERO (SAELens's exclude_special_tokens: BOS is not spliced) */
     size_t n_keep;
+    /* Per-sequence plans (parallel sequences with different plans in one batch), or NULL: rows
+     * of sequence s < n_seq_plans get seq_plans[s] instead of plan (plan when it is NULL), each
+     * sequence's run of rows applied apart. The array's elements are read at every decode, so
+     * the caller may change them between decodes (never during one); it must outlive the hooks.
+     * A plan set here needs dict, as plan does. */
+    const sae_steer *const *seq_plans;
+    size_t n_seq_plans;
 } sae_llama_entry;
 
 typedef struct sae_llama_hooks sae_llama_hooks;
