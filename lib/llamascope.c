@@ -430,6 +430,7 @@ int sae__llamascope_r1_load(const sae__safetensors *st, sae__map *map, const sae
                            theta_name, d_sae);
             goto fail;
         }
+        m->arch = SAE_ARCH_JUMPRELU; /* first: the threshold's size follows the architecture */
         if ((rc = sae__model_own_tensor(m, SAE_THRESHOLD)) != SAE_OK)
             goto fail;
         sae__to_float(theta->dtype, st->data + theta->offset, d_sae, m->threshold);
@@ -451,7 +452,6 @@ int sae__llamascope_r1_load(const sae__safetensors *st, sae__map *map, const sae
             }
             m->threshold[i] = (float)t;
         }
-        m->arch = SAE_ARCH_JUMPRELU;
     }
     if (transcoder && ((rc = sae__model_own_copy(m, SAE_B_ENC)) != SAE_OK ||
                        (rc = sae__model_own_copy(m, SAE_W_DEC)) != SAE_OK ||
