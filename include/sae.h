@@ -352,10 +352,11 @@ SAE_API const char *sae_arch_name(sae_arch arch);
 SAE_API int sae_arch_from_name(const char *name, sae_arch *arch);
 
 /* Where a loaded model came from: "libsae", "saelens", "sparsify", "gemma-scope",
- * "gemma-scope-2", "llama-scope", "circuit-tracer", "<publisher>/<class>" for a PyTorch state
- * dict (e.g. "dictionary_learning/BatchTopKSAE", "openai/...", "goodfire/..."), or "new" for
- * sae_model_new and sae_model_new_transcoder; and the dtype its weights were stored in ("F32",
- * "F16", "BF16", "F64"). Constant strings; NULL for a NULL model. */
+ * "gemma-scope-2", "llama-scope", "llama-scope-r1" (lm_saes 2025), "circuit-tracer",
+ * "<publisher>/<class>" for a PyTorch state dict (e.g. "dictionary_learning/BatchTopKSAE",
+ * "openai/...", "goodfire/..."), or "new" for sae_model_new and sae_model_new_transcoder; and
+ * the dtype its weights were stored in ("F32", "F16", "BF16", "F64"). Constant strings; NULL for
+ * a NULL model. */
 SAE_API const char *sae_model_format(const sae_model *m);
 SAE_API const char *sae_model_dtype(const sae_model *m);
 

@@ -220,6 +220,13 @@ int sae__gemmascope2_load(const sae__safetensors *st, sae__map *map, const sae__
 /* Llama Scope (lm_saes 2024): the checkpoint's safetensors + hyperparams.json. */
 int sae__llamascope_load(const sae__safetensors *st, sae__map *map, const sae__side_text *hyper,
                          sae_model **out);
+/* Whether st holds an lm_saes 2025 checkpoint's tensors (Llama Scope R1: log_jumprelu_threshold;
+ * the later layout: W_E and W_D, activation_function.log_jumprelu_threshold). */
+bool sae__llamascope_r1_like(const sae__safetensors *st);
+/* Llama Scope R1 / lm_saes 2025: sae_weights.safetensors + config.json (config->text NULL:
+ * refused, naming the file it needs). llamascope.c gives the layouts and the forward. */
+int sae__llamascope_r1_load(const sae__safetensors *st, sae__map *map, const sae__side_text *config,
+                            sae_model **out);
 /* Whether st looks like circuit-tracer's per-layer transcoder (see circuit_tracer.c). */
 bool sae__circuit_tracer_like(const sae__safetensors *st);
 int sae__circuit_tracer_load(const sae__safetensors *st, sae__map *map, sae_model **out);

@@ -168,6 +168,12 @@ int sae__load_safetensors_ex(const unsigned char *data, size_t size, sae__map *m
     } else if (sae__st_find(&st, "w_enc") != NULL) {
         /* Lowercase w_enc is Gemma Scope 2's spelling (circuit-tracer detects it the same way). */
         rc = sae__gemmascope2_load(&st, map, sides, out);
+    } else if (sae__llamascope_r1_like(&st) ||
+               (sae__st_find(&st, "encoder.weight") != NULL && sides->config.text != NULL &&
+                cfg_text == NULL && sides->hyperparams.text == NULL)) {
+        /* lm_saes 2025 (Llama Scope R1): the JumpReLU's log threshold, W_E with W_D, or
+         * encoder.weight with lm_saes's config.json (sparsify writes cfg.json). */
+        rc = sae__llamascope_r1_load(&st, map, &sides->config, out);
     } else if (sae__st_find(&st, "encoder.weight") != NULL && sides->hyperparams.text != NULL) {
         /* hyperparams.json is lm_saes's, never sparsify's: a Llama Scope checkpoint. */
         rc = sae__llamascope_load(&st, map, &sides->hyperparams, out);

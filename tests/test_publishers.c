@@ -7,6 +7,7 @@
 #include "testutil.h"
 #include "writers.h"
 
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -383,9 +384,122 @@ START_TEST(llama_scope_refusals)
     }
     tw_tensor r1[5] = {t[0], t[1], t[2], t[3], {"log_jumprelu_threshold", "F32", 1, {DS, 0}, w}};
     write_st(dir, "checkpoints/final.safetensors", r1, 5);
-    load_fails(ckpt, SAE_EUNSUPPORTED, "R1");
+    /* The R1 layout's tensor sends it to the R1 reader, which reads config.json, not this. */
+    load_fails(ckpt, SAE_EFORMAT, "config.json");
     free(ckpt);
     remove_dir(dir);
+}
+END_TEST
+
+/* ---- Llama Scope R1 / lm_saes 2025 (tests/fixtures/llamascope_r1/make.py) ---------------- */
+
+static char *r1_fixture(const char *rel)
+{
+    size_t len = strlen(SAE_LLAMASCOPE_R1_FIXTURES) + strlen(rel) + 2;
+    char *path = tu_malloc(len);
+    snprintf(path, len, "%s/%s", SAE_LLAMASCOPE_R1_FIXTURES, rel);
+    return path;
+}
+
+static cJSON *r1_json(const char *name)
+{
+    char *path = r1_fixture(name);
+    size_t size;
+    unsigned char *text = tu_read_file(path, &size);
+    text[size] = '\0';
+    cJSON *j = cJSON_Parse((const char *)text);
+    ck_assert_msg(j != NULL, "%s does not parse", path);
+    free(text);
+    free(path);
+    return j;
+}
+
+/* A JSON matrix [rows][cols] as doubles. */
+static double *r1_matrix(const cJSON *a, size_t rows, size_t cols)
+{
+    ck_assert_int_eq(cJSON_GetArraySize(a), (int)rows);
+    double *v = tu_malloc(rows * cols * sizeof(double));
+    for (size_t i = 0; i < rows; i++) {
+        const cJSON *row = cJSON_GetArrayItem(a, (int)i);
+        ck_assert_int_eq(cJSON_GetArraySize(row), (int)cols);
+        for (size_t j = 0; j < cols; j++)
+            v[i * cols + j] = cJSON_GetArrayItem(row, (int)j)->valuedouble;
+    }
+    return v;
+}
+
+START_TEST(llama_scope_r1_forward)
+{
+    cJSON *all = r1_json("expected.json");
+    size_t checked = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, all) {
+        const char *rel = cJSON_GetObjectItem(e, "path")->valuestring;
+        const size_t di = (size_t)cJSON_GetObjectItem(e, "d_in")->valuedouble;
+        const size_t ds = (size_t)cJSON_GetObjectItem(e, "d_sae")->valuedouble;
+        const cJSON *xs = cJSON_GetObjectItem(e, "x");
+        const size_t n = (size_t)cJSON_GetArraySize(xs);
+        double *xd = r1_matrix(xs, n, di);
+        double *f = r1_matrix(cJSON_GetObjectItem(e, "f"), n, ds);
+        double *y = r1_matrix(cJSON_GetObjectItem(e, "y"), n, di);
+        float *x = tu_malloc(n * di * sizeof(float)), *got_f = tu_malloc(n * ds * sizeof(float));
+        float *got_y = tu_malloc(n * di * sizeof(float));
+        for (size_t k = 0; k < n * di; k++)
+            x[k] = (float)xd[k]; /* make.py's x are floats already */
+        char *dir = r1_fixture(rel), *file = in_dir(dir, "sae_weights.safetensors");
+        const char *paths[] = {dir, file};
+        for (int p = 0; p < 2; p++) {
+            sae_model *m = load_ok(paths[p]);
+            ck_assert_str_eq(sae_model_format(m), "llama-scope-r1");
+            ck_assert_int_eq(sae_model_arch(m), cJSON_IsTrue(cJSON_GetObjectItem(e, "jumprelu"))
+                                                    ? SAE_ARCH_JUMPRELU
+                                                    : SAE_ARCH_RELU);
+            ck_assert_uint_eq(sae_model_d_in(m), di);
+            ck_assert_uint_eq(sae_model_d_sae(m), ds);
+            ck_assert_ok(sae_encode(m, x, n, got_f));
+            tu_assert_close(got_f, f, n * ds, 1e-5, rel);
+            ck_assert_ok(sae_reconstruct(m, x, n, got_y));
+            tu_assert_close(got_y, y, n * di, 1e-5, rel);
+            /* Where SAELens's reading is recorded, the features lm_saes fires are not its. */
+            const cJSON *sl = cJSON_GetObjectItem(e, "f_saelens");
+            if (sl != NULL && strcmp(rel, "r1_plain_threshold") != 0) {
+                double *fs = r1_matrix(sl, n, ds);
+                size_t differ = 0;
+                for (size_t k = 0; k < n * ds; k++)
+                    differ += (got_f[k] != 0.0f) != (fs[k] != 0.0);
+                ck_assert_msg(differ > 0, "%s: fires what SAELens's reading fires", rel);
+                free(fs);
+            }
+            sae_model_free(m);
+        }
+        free(dir);
+        free(file);
+        free(xd), free(f), free(y), free(x), free(got_f), free(got_y);
+        checked++;
+    }
+    ck_assert_uint_eq(checked, 8);
+    cJSON_Delete(all);
+}
+END_TEST
+
+START_TEST(llama_scope_r1_refusals)
+{
+    cJSON *all = r1_json("refused.json");
+    size_t checked = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, all) {
+        char *dir = r1_fixture(cJSON_GetObjectItem(e, "path")->valuestring);
+        char *file = in_dir(dir, "sae_weights.safetensors");
+        const int code = (int)cJSON_GetObjectItem(e, "code")->valuedouble;
+        const char *needle = cJSON_GetObjectItem(e, "needle")->valuestring;
+        load_fails(dir, code, needle);
+        load_fails(file, code, needle);
+        free(dir);
+        free(file);
+        checked++;
+    }
+    ck_assert_uint_eq(checked, 18);
+    cJSON_Delete(all);
 }
 END_TEST
 
@@ -636,6 +750,8 @@ static Suite *publishers_suite(void)
     tc = tcase_create("llama_scope");
     tcase_add_test(tc, llama_scope_forward);
     tcase_add_test(tc, llama_scope_refusals);
+    tcase_add_test(tc, llama_scope_r1_forward);
+    tcase_add_test(tc, llama_scope_r1_refusals);
     suite_add_tcase(s, tc);
     tc = tcase_create("circuit_tracer");
     tcase_add_test(tc, circuit_tracer_forward);

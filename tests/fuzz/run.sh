@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (clang, -fsanitize=fuzzer,address,undefined) for the safetensors
-# reader, the cfg.json readers, the npz reader, the .pt reader and the 2026 publishers' readers, replays every saved regression
+# reader, the cfg.json readers, the npz reader, the .pt reader, the dictionaries read from .pt
+# files (torchsae) and the 2026 publishers' readers, replays every saved regression
 # input, then fuzzes each target for a bounded time from the seeds tests/fuzz/seeds.c writes (and
 # the .pt fixtures). Fails on any crash, leak, sanitizer report, timeout or out-of-memory; the
 # input that caused it is left in the build folder's artifacts/ (copy it to
@@ -49,10 +50,42 @@ for f in glob.glob(os.path.join(sys.argv[1], "*.pt")):
         pass  # the broken fixtures are seeds as they are
 EOF
 
+# The torchsae layer's seeds: each fixture of tests/fixtures/torchsae (make.py) taken apart into
+# fuzz_torchsae.c's input (flags, config.json, data.pkl, storages), so the harness rebuilds it.
+mkdir -p seeds.d/torchsae
+python3 - "$root/tests/fixtures/torchsae" seeds.d/torchsae <<'EOF'
+import glob, os, struct, sys, zipfile
+root, out = sys.argv[1], sys.argv[2]
+names = {"ae.pt": 0, "DeepSeek-R1-SAE-l37.pt": 1, "sae.pt": 3}
+for i, f in enumerate(sorted(glob.glob(os.path.join(root, "**", "*.pt"), recursive=True))):
+    try:
+        z = zipfile.ZipFile(f)
+        pkl = [n for n in z.namelist() if n.endswith("/data.pkl")][0]
+        stem = pkl[: -len("data.pkl")]
+        keys = sorted(int(n[len(stem) + 5:]) for n in z.namelist()
+                      if n.startswith(stem + "data/"))
+    except Exception:
+        continue  # the damaged fixtures are fuzz_torch's seeds
+    if keys != list(range(len(keys))) or len(keys) > 32:
+        continue
+    cfg_path = os.path.join(os.path.dirname(f), "config.json")
+    cfg = open(cfg_path, "rb").read() if os.path.exists(cfg_path) else b""
+    where = names.get(os.path.basename(f), 0)
+    if where == 1 and os.path.basename(os.path.dirname(f)) == "logic":
+        where = 2
+    data = z.read(pkl)
+    seed = bytes([(1 if cfg else 0) | where << 1]) + struct.pack("<H", len(cfg)) + cfg
+    seed += struct.pack("<H", len(data)) + data + bytes([len(keys)])
+    for k in keys:
+        s = z.read(f"{stem}data/{k}")
+        seed += struct.pack("<H", len(s)) + s
+    open(os.path.join(out, f"{i:03d}.bin"), "wb").write(seed)
+EOF
+
 status=0
-for target in ${SAE_FUZZ_TARGETS:-safetensors cfg npz torch publishers}; do
+for target in ${SAE_FUZZ_TARGETS:-safetensors cfg npz torch publishers torchsae}; do
     extra=() dict=json.dict
-    if [ "$target" = torch ]; then
+    if [ "$target" = torch ] || [ "$target" = torchsae ]; then
         extra=("$root/tests/writers.c") dict=torch.dict # it wraps pickles in a zip
     fi
     "$cc" "${common[@]}" -fsanitize=fuzzer,address,undefined "$root/tests/fuzz/fuzz_$target.c" \

@@ -7,6 +7,8 @@ values the files hold):
 - Llama Scope: hyperparams.json + checkpoints/final.safetensors; lm_saes (late 2024)
   SparseAutoEncoder.from_config's weight rewrites (dataset-wise standardization, then
   transform_to_unit_decoder_norm, topk -> jumprelu) and its encode / decode.
+- Llama Scope R1 / lm_saes 2025: tests/fixtures/llamascope_r1 (config.json +
+  sae_weights.safetensors, both 2025 layouts) against make.py's expected.json.
 - circuit-tracer: layer_<l>.safetensors as SingleLayerTranscoder.to_safetensors writes it
   (W_enc [d_sae][d_in], W_dec [d_sae][d_out], activation_function.threshold, W_skip), and the
   June 2025 release's W_dec [d_out][d_sae]; forward F.linear(x, W_enc, b_enc), JumpReLU
@@ -285,9 +287,55 @@ class LlamaScope(unittest.TestCase):
                   {"W_E": (np.zeros((4, 6)), "F32"), "log_jumprelu_threshold": (np.zeros(6), "F32"),
                    "encoder.weight": (np.zeros((6, 4)), "F32")})
         write_json(os.path.join(d, "hyperparams.json"), self.hyper())
+        # The R1 layout goes to the R1 reader, which needs lm_saes's config.json, not this file.
         rc, msg = load_error(d)
-        self.assertEqual(rc, SAE_EUNSUPPORTED)
-        self.assertIn("R1", msg)
+        self.assertEqual(rc, SAE_EFORMAT)
+        self.assertIn("config.json", msg)
+
+
+R1_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures",
+                           "llamascope_r1")
+
+
+@unittest.skipIf(np is None, "numpy is not installed")
+class LlamaScopeR1(unittest.TestCase):
+    """tests/fixtures/llamascope_r1 (make.py: lm_saes's SparseAutoEncoder in torch, float64)."""
+
+    def setUp(self):
+        with open(os.path.join(R1_FIXTURES, "expected.json")) as f:
+            self.expected = json.load(f)
+
+    def test_fixtures_and_their_libsae_file(self):
+        for name, want in self.expected.items():
+            with self.subTest(name=name):
+                x = np.array(want["x"], dtype=np.float32)
+                m = libsae.Model.load(os.path.join(R1_FIXTURES, want["path"]))
+                self.assertEqual(m.format, "llama-scope-r1")
+                self.assertEqual(m.arch, "jumprelu" if want["jumprelu"] else "relu")
+                out = os.path.join(tmpdir(self), name + ".safetensors")
+                m.save(out)  # what `python3 -m libsae convert` writes
+                for model in (m, libsae.Model.load(out)):
+                    np.testing.assert_allclose(model.encode(x), np.array(want["f"]),
+                                               rtol=2e-5, atol=2e-5)
+                    np.testing.assert_allclose(model.reconstruct(x), np.array(want["y"]),
+                                               rtol=2e-5, atol=2e-5)
+
+    def test_saelens_reading_fires_other_features(self):
+        want = self.expected["r1_sae"]
+        m = libsae.Model.load(os.path.join(R1_FIXTURES, want["path"]))
+        f = m.encode(np.array(want["x"], dtype=np.float32))
+        self.assertTrue(((f != 0) != (np.array(want["f_saelens"]) != 0)).any())
+        # the per-feature threshold exp(log_threshold) / ||W_D row||: not one value
+        t = m.get_tensor("threshold")
+        self.assertGreater(float(np.max(t) - np.min(t)), 0.1)
+
+    def test_refused(self):
+        with open(os.path.join(R1_FIXTURES, "refused.json")) as f:
+            for case in json.load(f):
+                with self.subTest(path=case["path"]):
+                    rc, msg = load_error(os.path.join(R1_FIXTURES, case["path"]))
+                    self.assertEqual(rc, case["code"])
+                    self.assertIn(case["needle"], msg)
 
 
 @unittest.skipIf(np is None, "numpy is not installed")

@@ -84,6 +84,10 @@ _READ_AS = {
         "stats buffers ignored",
     "goodfire/SparseAutoEncoder":
         "encoder_linear, decoder_linear (ReLU, decoder bias not subtracted)",
+    "llama-scope-r1":
+        "encoder.weight.T (or W_E), encoder.bias, decoder.weight.T (or W_D), decoder.bias; "
+        "threshold exp(log_jumprelu_threshold) / ||W_D row|| (sparsity_include_decoder_norm); "
+        "input_scale sqrt(d_model) / dataset_average_activation_norm (dataset-wise)",
     "goodfire/BatchTopKTiedSAE":
         "W (encoder) and W.T (decoder), b_enc, b_dec; k from config.json or the release "
         "folder (math 128, logic 64); batch top k run per token",
