@@ -71,11 +71,11 @@ static enum MHD_Result send_api_err(struct MHD_Connection *c, req *q, const api_
     return send_error(c, q, e->status, e->message, e->type);
 }
 
-/* Waits a little for the job; ends it when its deadline has passed while it still waited for a
+/* Waits a little for the job (for new text, or until_done for its end); ends it when its deadline has passed while it still waited for a
  * slot (a job in a slot is ended by the engine itself). */
-static void wait_step(server *s, req *q)
+static void wait_step(server *s, req *q, bool until_done)
 {
-    engine_wait(s->eng, &q->j, q->sent, 0.5);
+    engine_wait(s->eng, &q->j, until_done ? (size_t)-1 : q->sent, 0.5);
     engine_lock(s->eng);
     const bool late = !q->j.done && q->j.deadline > 0 && engine_now() > q->j.deadline + 0.5;
     engine_unlock(s->eng);
@@ -172,7 +172,7 @@ static void stream_fill(req *q)
         return;
     }
     if (!done) {
-        wait_step(s, q);
+        wait_step(s, q, false);
         return;
     }
     const char *type = NULL, *msg = NULL;
@@ -230,7 +230,7 @@ static enum MHD_Result generate(struct MHD_Connection *c, req *q, bool chat)
         return ok;
     }
     while (!q->j.done)
-        wait_step(s, q);
+        wait_step(s, q, true);
     const char *type = NULL, *msg = NULL;
     const int st = job_http_status(&q->j, &type, &msg);
     if (st != 200)
@@ -251,7 +251,7 @@ static enum MHD_Result features(struct MHD_Connection *c, req *q)
     enum MHD_Result rc = submit(c, q);
     if (q->has_job) {
         while (!q->j.done)
-            wait_step(s, q);
+            wait_step(s, q, true);
         const char *type = NULL, *msg = NULL;
         const int st = job_http_status(&q->j, &type, &msg);
         if (st != 200) {

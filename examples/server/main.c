@@ -43,7 +43,8 @@ static void usage(void)
         "  --max-tokens N         the most tokens a request may generate (256)\n"
         "  --max-prompt N         the longest prompt in tokens (ctx - 1)\n"
         "  --max-body BYTES       the largest request body (1048576)\n"
-        "  --timeout S            seconds per request, queue and generation (60; 0 = none)\n"
+        "  --timeout S            seconds per request, queue and generation (60; 0 = none;\n"
+        "                         fractions allowed)\n"
         "  --max-connections N    open connections (64)\n"
         "  --queue N              requests waiting for a sequence before 429 (64)\n"
         "  --threads N            llama.cpp threads (2)\n"
@@ -75,6 +76,18 @@ static int int_arg(const char *opt, const char *v, long lo, long hi, int *out)
     return 0;
 }
 
+static int num_arg(const char *opt, const char *v, double lo, double hi, double *out)
+{
+    char *end;
+    const double x = strtod(v, &end);
+    if (end == v || *end || !(x >= lo && x <= hi)) {
+        fprintf(stderr, "sae-server: %s %s: expected a number in [%g, %g]\n", opt, v, lo, hi);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
 typedef struct {
     char *hook, *path;
 } pair;
@@ -94,7 +107,8 @@ static int split_pair(const char *opt, const char *v, pair *p)
 int main(int argc, char **argv)
 {
     const char *model_path = NULL, *host = "127.0.0.1", *name = NULL, *tmpl = NULL;
-    int port = 8080, parallel = 4, ctx = 0, max_tokens = 256, max_prompt = 0, timeout = 60;
+    int port = 8080, parallel = 4, ctx = 0, max_tokens = 256, max_prompt = 0;
+    double timeout = 60;
     int max_conn = 64, queue = 64, threads = 2, max_body = 1 << 20;
     pair saes[64], stats[64];
     int n_sae = 0, n_stats = 0;
@@ -124,7 +138,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--max-tokens")) bad = int_arg(a, v, 1, 1 << 20, &max_tokens);
         else if (!strcmp(a, "--max-prompt")) bad = int_arg(a, v, 1, 1 << 20, &max_prompt);
         else if (!strcmp(a, "--max-body")) bad = int_arg(a, v, 1024, INT_MAX, &max_body);
-        else if (!strcmp(a, "--timeout")) bad = int_arg(a, v, 0, 86400, &timeout);
+        else if (!strcmp(a, "--timeout")) bad = num_arg(a, v, 0, 86400, &timeout);
         else if (!strcmp(a, "--max-connections")) bad = int_arg(a, v, 1, 10000, &max_conn);
         else if (!strcmp(a, "--queue")) bad = int_arg(a, v, 0, 100000, &queue);
         else if (!strcmp(a, "--threads")) bad = int_arg(a, v, 1, 512, &threads);
