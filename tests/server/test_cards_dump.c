@@ -2,8 +2,10 @@
  * sae-server-cards: the feature cards of examples/server/features.c, printed; the driver of
  * tests/server/test_cards.py.
  *
- *   sae-server-cards -m MODEL.gguf --sae PATH --stats STATS.json [--threads T] FEATURE...
+ *   sae-server-cards -m MODEL.gguf --sae PATH --stats STATS.json [--gguf PATH] [--threads T]
+ *                    FEATURE...
  *
+ * --gguf gives feature_cards_open another file for the unembedding (a damaged one, in tests).
  * Prints each feature's card as one line of JSON. With --threads T, T threads then build every
  * listed card at once, over and over, and each must print the same as the first time
  * (features.h promises that cards may be asked for from any number of threads).
@@ -50,20 +52,21 @@ static void quiet_log(enum ggml_log_level level, const char *text, void *user)
 
 int main(int argc, char **argv)
 {
-    const char *model_path = NULL, *sae_path = NULL, *stats_path = NULL;
+    const char *model_path = NULL, *sae_path = NULL, *stats_path = NULL, *gguf_path = NULL;
     int threads = 0, n = 0;
     uint32_t *features = calloc((size_t)argc, sizeof *features);
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-m") && i + 1 < argc) model_path = argv[++i];
         else if (!strcmp(argv[i], "--sae") && i + 1 < argc) sae_path = argv[++i];
         else if (!strcmp(argv[i], "--stats") && i + 1 < argc) stats_path = argv[++i];
+        else if (!strcmp(argv[i], "--gguf") && i + 1 < argc) gguf_path = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else {
             char *end;
             const unsigned long f = strtoul(argv[i], &end, 10);
             if (*end || end == argv[i] || f > UINT32_MAX) {
                 fprintf(stderr, "usage: sae-server-cards -m MODEL.gguf --sae PATH --stats FILE "
-                                "[--threads T] FEATURE...\n");
+                                "[--gguf PATH] [--threads T] FEATURE...\n");
                 return 2;
             }
             features[n++] = (uint32_t)f;
@@ -87,7 +90,8 @@ int main(int argc, char **argv)
     }
     feature_cards *fc;
     char err[512];
-    if (feature_cards_open(&fc, stats_path, m, lm, model_path, err, sizeof err) != 0) {
+    if (feature_cards_open(&fc, stats_path, m, lm, gguf_path ? gguf_path : model_path, err,
+                           sizeof err) != 0) {
         fprintf(stderr, "sae-server-cards: %s\n", err);
         return 1;
     }
