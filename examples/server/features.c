@@ -25,6 +25,7 @@
 #define STATS_FORMAT "libsae-feature-stats-1"
 #define N_LOGITS 10    /* tokens promoted and suppressed on a card */
 #define N_NEIGHBORS 10 /* nearest features on a card */
+#define SETTING_MAX 1000 /* the most sae-server-stats allows for --top, --before, --after, --bins */
 
 typedef struct {
     uint64_t index;  /* the example's token in the capture */
@@ -269,9 +270,10 @@ static int load_stats(feature_cards *fc, const char *path, char *err, size_t cap
     }
     if (!cJSON_IsString(hook) || !get_whole(root, "d_sae", 4294967295.0, &d_sae) ||
         !get_whole(root, "d_in", 1e9, &d_in) || !get_whole(root, "tokens", 9e15, &tokens) ||
-        tokens == 0 || !get_whole(root, "top_n", 1e6, &top_n) ||
-        !get_whole(root, "before", 1e6, &before) || !get_whole(root, "after", 1e6, &after) ||
-        !get_whole(root, "bins", 1e6, &bins) || bins == 0 ||
+        tokens == 0 || !get_whole(root, "top_n", SETTING_MAX, &top_n) ||
+        !get_whole(root, "before", SETTING_MAX, &before) ||
+        !get_whole(root, "after", SETTING_MAX, &after) ||
+        !get_whole(root, "bins", SETTING_MAX, &bins) || bins == 0 ||
         !get_real(root, "decoder_norm_sum", &norm_sum)) {
         set_err(err, cap, "%s: 'hook', 'd_sae', 'd_in', 'tokens', 'top_n', 'before', 'after', "
                           "'bins' or 'decoder_norm_sum' is missing or out of range", path);

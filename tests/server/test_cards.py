@@ -374,6 +374,8 @@ def bad_inputs(libsae, a, work, stats, cap, stats_bin, cards_bin, m):
         ("nofeat", lambda d: d["features"].__setitem__(3, [1, 2]), "not an object",
          "a feature that is not an object"),
         ("tokens0", lambda d: d.update(tokens=0), "'tokens'", "no tokens seen"),
+        ("bins", lambda d: d.update(bins=10 ** 9), "'bins'", "a billion bins (refused before "
+         "anything is allocated for them)"),
     ]
     for name, fn, phrase, what in cases:
         expect_error(cards(variant(name, fn)), phrase, what)
