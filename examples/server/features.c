@@ -49,7 +49,8 @@ struct feature_cards {
     const sae_model *m;
     size_t d_sae, d;
     char *hook;
-    uint64_t tokens;
+    uint64_t tokens;         /* counted in the statistics */
+    uint64_t capture_tokens; /* in the capture (the contexts' indices) */
     size_t bins;
     uint64_t *count;   /* [d_sae] */
     double *sum;
@@ -208,7 +209,8 @@ static int load_feature(feature_cards *fc, size_t i, const cJSON *o, uint64_t to
         uint64_t target;
         const cJSON *tk = get_array(it, "tokens", -1), *tv = get_array(it, "values", -1);
         if (!cJSON_IsObject(it) || !get_float(it, "value", &c->value) || !(c->value > 0) ||
-            c->value > fc->max[i] || !get_whole(it, "index", (double)fc->tokens - 1, &c->index) ||
+            c->value > fc->max[i] ||
+            !get_whole(it, "index", (double)fc->capture_tokens - 1, &c->index) ||
             !get_whole(it, "target", (double)window - 1, &target) || !tk || !tv)
             BAD("context %zu: 'value', 'index', 'target', 'tokens' or 'values' is missing or out "
                 "of range", *n_ctx - fc->ctx_first[i]);
@@ -256,7 +258,7 @@ static int load_stats(feature_cards *fc, const char *path, char *err, size_t cap
     int rc = -1;
     const cJSON *fmt = root ? cJSON_GetObjectItemCaseSensitive(root, "format") : NULL;
     const cJSON *hook = root ? cJSON_GetObjectItemCaseSensitive(root, "hook") : NULL;
-    uint64_t d_sae, d_in, tokens, top_n, before, after, bins;
+    uint64_t d_sae, d_in, tokens, capture_tokens, top_n, before, after, bins;
     double norm_sum;
     if (!root) {
         set_err(err, cap, "%s: not JSON (truncated or damaged near byte %zu of %zu)", path, at,
@@ -270,13 +272,15 @@ static int load_stats(feature_cards *fc, const char *path, char *err, size_t cap
     }
     if (!cJSON_IsString(hook) || !get_whole(root, "d_sae", 4294967295.0, &d_sae) ||
         !get_whole(root, "d_in", 1e9, &d_in) || !get_whole(root, "tokens", 9e15, &tokens) ||
-        tokens == 0 || !get_whole(root, "top_n", SETTING_MAX, &top_n) ||
+        tokens == 0 || !get_whole(root, "capture_tokens", 9e15, &capture_tokens) ||
+        capture_tokens < tokens || !get_whole(root, "top_n", SETTING_MAX, &top_n) ||
         !get_whole(root, "before", SETTING_MAX, &before) ||
         !get_whole(root, "after", SETTING_MAX, &after) ||
         !get_whole(root, "bins", SETTING_MAX, &bins) || bins == 0 ||
         !get_real(root, "decoder_norm_sum", &norm_sum)) {
-        set_err(err, cap, "%s: 'hook', 'd_sae', 'd_in', 'tokens', 'top_n', 'before', 'after', "
-                          "'bins' or 'decoder_norm_sum' is missing or out of range", path);
+        set_err(err, cap, "%s: 'hook', 'd_sae', 'd_in', 'tokens', 'capture_tokens', 'top_n', "
+                          "'before', 'after', 'bins' or 'decoder_norm_sum' is missing or out of "
+                          "range", path);
         goto out;
     }
     if (d_sae != fc->d_sae || d_in != sae_model_d_in(fc->m)) {
@@ -309,6 +313,7 @@ static int load_stats(feature_cards *fc, const char *path, char *err, size_t cap
         goto out;
     }
     fc->tokens = tokens;
+    fc->capture_tokens = capture_tokens;
     fc->bins = (size_t)bins;
     const uint64_t window = before + after + 1;
     /* the pools' sizes first, so that they are allocated once */
@@ -652,7 +657,8 @@ cJSON *feature_cards_card(const feature_cards *fc, uint32_t feature, char *err, 
 
     cJSON *h = cJSON_AddObjectToObject(card, "histogram");
     cJSON_AddStringToObject(h, "scale", "log");
-    cJSON *edges = cJSON_AddArrayToObject(h, "edges"), *counts = cJSON_AddArrayToObject(h, "counts");
+    cJSON *edges = cJSON_AddArrayToObject(h, "edges");
+    cJSON *counts = cJSON_AddArrayToObject(h, "counts");
     for (size_t j = 0; c && j <= fc->bins; j++) {
         cJSON_AddItemToArray(edges,
                              cJSON_CreateNumber((double)fc->edges[feature * (fc->bins + 1) + j]));

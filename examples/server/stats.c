@@ -4,7 +4,7 @@
  * sae_llama_hook adapter).
  *
  *   sae-server-stats --capture DIR --hook blocks.L.hook_X --sae PATH -o STATS.json
- *       [--top N] [--before B] [--after A] [--bins K]
+ *       [--top N] [--before B] [--after A] [--bins K] [--with-bos]
  *
  * Two passes over the capture's activations at the hook, each block encoded densely with
  * libsae (every firing feature counts, whatever the architecture):
@@ -14,6 +14,10 @@
  *      to the largest value, and, around each top example, the feature's value on every token
  *      of a context of up to B tokens before and A after it (never crossing the capture's
  *      window, which is the sequence the model saw).
+ * The first token of every capture window is BOS, whose activations are far from the others' (on
+ * stories260K its residual norm is twice theirs) and which SAEs are usually trained without:
+ * those tokens are left out of the statistics unless --with-bos is given (they still show in
+ * the contexts, with the feature's value on them).
  * Reading a capture instead of running the model keeps this program to statistics: the capture
  * is computed once and resumable, and the cards can be rebuilt with other settings in seconds.
  *
@@ -64,7 +68,8 @@ static void *xmalloc(size_t n, size_t size)
 static void usage(void)
 {
     fputs("usage: sae-server-stats --capture DIR --hook blocks.L.hook_X --sae PATH -o STATS.json\n"
-          "           [--top N (10)] [--before B (12)] [--after A (4)] [--bins K (32)]\n",
+          "           [--top N (10)] [--before B (12)] [--after A (4)] [--bins K (32)]\n"
+          "           [--with-bos]\n",
           stderr);
     exit(2);
 }
@@ -158,8 +163,8 @@ static void capture_open(capture *c, const char *dir, const char *hook)
 }
 
 /* Calls fn(user, first, n, f) for consecutive blocks of the capture's tokens at the hook, f the
- * block's dense codes [n][d_sae]. */
-typedef void (*block_fn)(void *user, size_t first, size_t n, const float *f);
+ * block's dense codes [n][d_sae] (fn may overwrite them). */
+typedef void (*block_fn)(void *user, size_t first, size_t n, float *f);
 
 static void for_each_block(const capture *c, const sae_model *m, block_fn fn, void *user)
 {
@@ -200,13 +205,20 @@ typedef struct {
     float *minpos; /* [d_sae] */
     size_t d_sae;
     uint64_t *ids;
+    const int32_t *positions; /* non-NULL: leave out the tokens at position 0 */
 } pass1;
 
-static void pass1_block(void *user, size_t first, size_t n, const float *f)
+static void pass1_block(void *user, size_t first, size_t n_in, float *f)
 {
     pass1 *p = user;
-    for (size_t t = 0; t < n; t++)
-        p->ids[t] = (uint64_t)(first + t);
+    size_t n = 0; /* rows kept, moved down in place */
+    for (size_t t = 0; t < n_in; t++) {
+        if (p->positions && p->positions[first + t] == 0)
+            continue;
+        if (n != t)
+            memcpy(f + n * p->d_sae, f + t * p->d_sae, p->d_sae * sizeof *f);
+        p->ids[n++] = (uint64_t)(first + t);
+    }
     if (sae_stats_update(p->st, f, n, p->ids) != SAE_OK)
         die("%s", sae_last_error());
     for (size_t t = 0; t < n; t++)
@@ -226,6 +238,7 @@ typedef struct {
     const need *needs;
     size_t n_needs, at;
     context *ctx;
+    const int32_t *positions; /* as in pass1 */
 } pass2;
 
 /* The bin of v > 0: how many of the interior edges are <= v (the first bin holds [e0, e1), the
@@ -243,11 +256,11 @@ static size_t bin_of(const float *e, size_t bins, float v)
     return lo - 1;
 }
 
-static void pass2_block(void *user, size_t first, size_t n, const float *f)
+static void pass2_block(void *user, size_t first, size_t n, float *f)
 {
     pass2 *p = user;
     for (size_t t = 0; t < n; t++)
-        for (size_t i = 0; i < p->d_sae; i++) {
+        for (size_t i = 0; i < p->d_sae && !(p->positions && p->positions[first + t] == 0); i++) {
             const float v = f[t * p->d_sae + i];
             if (v > 0)
                 p->hist[i * p->bins + bin_of(p->edges + i * (p->bins + 1), p->bins, v)]++;
@@ -272,8 +285,13 @@ int main(int argc, char **argv)
 {
     const char *dir = NULL, *hook = NULL, *sae_path = NULL, *out_path = NULL;
     size_t top_n = 10, before = 12, after = 4, bins = 32;
+    int with_bos = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        if (!strcmp(a, "--with-bos")) {
+            with_bos = 1;
+            continue;
+        }
         if (i + 1 >= argc)
             usage();
         const char *v = argv[++i];
@@ -302,12 +320,16 @@ int main(int argc, char **argv)
 
     /* pass 1 */
     pass1 p1 = {.d_sae = d_sae, .minpos = xmalloc(d_sae, sizeof(float)),
-                .ids = xmalloc(BLOCK_MAX, sizeof(uint64_t))};
+                .ids = xmalloc(BLOCK_MAX, sizeof(uint64_t)),
+                .positions = with_bos ? NULL : c.positions};
     for (size_t i = 0; i < d_sae; i++)
         p1.minpos[i] = INFINITY;
     if (sae_stats_new(&p1.st, d_sae, top_n) != SAE_OK)
         die("%s", sae_last_error());
     for_each_block(&c, m, pass1_block, &p1);
+    if (sae_stats_tokens(p1.st) == 0)
+        die("%s: no token is left once the windows' first tokens (BOS) are left out "
+            "(--with-bos counts them)", dir);
     uint64_t *count = xmalloc(d_sae, sizeof *count);
     double *sum = xmalloc(d_sae, sizeof *sum);
     float *max = xmalloc(d_sae, sizeof *max);
@@ -365,7 +387,7 @@ int main(int argc, char **argv)
     /* pass 2 */
     pass2 p2 = {.d_sae = d_sae, .bins = bins, .edges = edges,
                 .hist = calloc(d_sae * bins, sizeof(uint64_t)), .needs = needs,
-                .n_needs = n_needs, .ctx = ctx};
+                .n_needs = n_needs, .ctx = ctx, .positions = with_bos ? NULL : c.positions};
     if (!p2.hist)
         die("out of memory for the histograms");
     for_each_block(&c, m, pass2_block, &p2);
@@ -399,7 +421,9 @@ int main(int argc, char **argv)
     cJSON_AddNumberToObject(head, "d_in", (double)c.d_in);
     cJSON_AddNumberToObject(head, "d_sae", (double)d_sae);
     cJSON_AddNumberToObject(head, "decoder_norm_sum", norm_sum);
-    cJSON_AddNumberToObject(head, "tokens", (double)c.total);
+    cJSON_AddNumberToObject(head, "tokens", (double)sae_stats_tokens(p1.st));
+    cJSON_AddNumberToObject(head, "capture_tokens", (double)c.total);
+    cJSON_AddBoolToObject(head, "with_bos", with_bos);
     cJSON_AddNumberToObject(head, "top_n", (double)top_n);
     cJSON_AddNumberToObject(head, "before", (double)before);
     cJSON_AddNumberToObject(head, "after", (double)after);
@@ -458,8 +482,8 @@ int main(int argc, char **argv)
         live += count[i] > 0;
         n_ctx += n_top[i];
     }
-    printf("%s: %zu tokens, %zu of %zu features fire, %zu contexts\n", out_path, c.total, live,
-           d_sae, n_ctx);
+    printf("%s: %llu tokens counted (of %zu), %zu of %zu features fire, %zu contexts\n", out_path,
+           (unsigned long long)sae_stats_tokens(p1.st), c.total, live, d_sae, n_ctx);
 
     for (size_t i = 0; i < d_sae * top_n; i++)
         if (i % top_n < n_top[i / top_n])

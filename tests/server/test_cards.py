@@ -213,86 +213,110 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
             return shown(bytes([tok - 3]))
         return shown(pieces[tok])
 
-    ok = {k: True for k in ("count", "hist", "top", "values", "tokens", "logits", "text", "nb")}
-    for c in cards:
-        i = c["feature"]
-        vals = [(codes[t][i], t) for t in range(N) if codes[t][i] > 0]
-        count = len(vals)
-        s = 0.0
-        for v, _ in vals:
-            s += v
-        if not (c["count"] == count and c["tokens_seen"] == N and c["frequency"] == count / N
-                and abs(c["mean"] - (s / count if count else 0)) <= 1e-12 * max(1, abs(c["mean"]))
-                and f32(c["max"]) == (max(v for v, _ in vals) if vals else 0)):
-            ok["count"] = False
-            print(f"  feature {i}: count {c['count']} vs {count}, mean {c['mean']} vs "
-                  f"{s / max(count, 1)}, max {c['max']}")
-        h = c["histogram"]
-        edges = [f32(e) for e in h["edges"]]
-        hist = [0] * BINS
-        for v, _ in vals:
-            hist[sum(1 for e in edges[1:BINS] if e <= v)] += 1
-        if not (h["scale"] == "log" and (not count or (len(edges) == BINS + 1 and
-                edges[0] == min(v for v, _ in vals) and edges[-1] == f32(c["max"])))
-                and h["counts"] == (hist if count else [])):
-            ok["hist"] = False
-            print(f"  feature {i}: histogram {h['counts']} vs {hist}")
-        want = sorted(vals, key=lambda p: (-p[0], p[1]))[:TOP]
-        got = [(f32(x["value"]), x["index"]) for x in c["top_contexts"]]
-        if got != want:
-            ok["top"] = False
-            print(f"  feature {i}: top {got} vs {want}")
-        for x in c["top_contexts"]:
-            lo, hi = window(x["index"])
-            ts = x["tokens"]
-            if not (x["target"] == x["index"] - lo and len(ts) == hi - lo + 1 and
-                    [t["id"] for t in ts] == tokens[lo:hi + 1]):
-                ok["tokens"] = False
-                print(f"  feature {i}: context of {x['index']}: window [{lo}, {hi}]")
-            elif [f32(t["value"]) for t in ts] != [codes[t][i] for t in range(lo, hi + 1)]:
-                ok["values"] = False
-                print(f"  feature {i}: context values differ at {x['index']}")
-            if any(t["text"] != text_of(t["id"]) for t in ts):
-                ok["text"] = False
-                print(f"  feature {i}: token texts {[t['text'] for t in ts]}")
-        # float64: logit_v = sum_j U[v][j] * (W_dec[i][j] * g[j] / INPUT_SCALE)
-        d = [w_dec[i * dim + j] * g[j] / scale for j in range(dim)]
-        logits = []
-        for v in range(vocab):
-            acc = 0.0
-            for j in range(dim):
-                acc += unemb[v][j] * d[j]
-            logits.append((acc, v))
-        up = sorted(logits, key=lambda p: (-p[0], p[1]))[:10]
-        down = sorted(logits, key=lambda p: (p[0], p[1]))[:10]
-        for name, ref in (("promoted", up), ("suppressed", down)):
-            got = c[name]
-            # cJSON prints a double with 15 significant digits when that reads back within
-            # its tolerance, so the logits agree to about 1e-15 relative
-            if [t["id"] for t in got] != [v for _, v in ref] or \
-                    any(abs(t["logit"] - l) > 1e-14 * abs(l) for t, (l, _) in zip(got, ref)):
-                ok["logits"] = False
-                print(f"  feature {i}: {name} {[(t['id'], t['logit']) for t in got]} vs {ref}")
-            if any(t["text"] != text_of(t["id"]) for t in got):
-                ok["text"] = False
-                print(f"  feature {i}: {name} texts {[t['text'] for t in got]}")
-        idx, cos = m.neighbors(i, 10)
-        if [n["feature"] for n in c["neighbors"]] != list(idx) or \
-                [f32(n["cosine"]) for n in c["neighbors"]] != list(cos):
-            ok["nb"] = False
-            print(f"  feature {i}: neighbours {c['neighbors']} vs {list(idx)}")
-    check(ok["count"], "count, frequency, mean and max equal loops over the encoded capture")
-    check(ok["hist"], f"{BINS}-bin log histograms equal binning every value by the card's edges")
-    check(ok["top"], f"the top {TOP} contexts are the {TOP} largest values (ties: earlier token)")
-    check(ok["tokens"], f"each context is the capture's tokens from {BEFORE} before to {AFTER} "
-          "after its token, cut at the window's edges")
-    check(ok["values"], "each context token's value equals encoding that token's row")
-    check(ok["logits"], "promoted/suppressed tokens and logits equal a float64 loop through "
-          "model.bin's rms_final and classifier")
-    check(ok["text"], "token texts are tok512.bin's pieces (bytes that are not UTF-8 as <0xNN>)")
-    check(ok["nb"], "nearest features equal sae_feature_neighbors")
-    check(any(len(x["tokens"]) < BEFORE + AFTER + 1 for c in cards for x in c["top_contexts"]),
-          "some contexts are cut at a window's edge (the case is exercised)")
+    def verify(cards, with_bos, label):
+        """Each card against the loops; with_bos: the windows' first tokens are counted too."""
+        counted = [t for t in range(N) if with_bos or positions[t] != 0]
+        ok = {k: True for k in ("count", "hist", "top", "values", "tokens", "logits", "text", "nb")}
+        for c in cards:
+            i = c["feature"]
+            vals = [(codes[t][i], t) for t in counted if codes[t][i] > 0]
+            count = len(vals)
+            s = 0.0
+            for v, _ in vals:
+                s += v
+            if not (c["count"] == count and c["tokens_seen"] == len(counted) and
+                    c["frequency"] == count / len(counted)
+                    and abs(c["mean"] - (s / count if count else 0))
+                    <= 1e-12 * max(1, abs(c["mean"]))
+                    and f32(c["max"]) == (max(v for v, _ in vals) if vals else 0)):
+                ok["count"] = False
+                print(f"  feature {i}: count {c['count']} vs {count}, mean {c['mean']} vs "
+                      f"{s / max(count, 1)}, max {c['max']}")
+            h = c["histogram"]
+            edges = [f32(e) for e in h["edges"]]
+            hist = [0] * BINS
+            for v, _ in vals:
+                hist[sum(1 for e in edges[1:BINS] if e <= v)] += 1
+            if not (h["scale"] == "log" and (not count or (len(edges) == BINS + 1 and
+                    edges[0] == min(v for v, _ in vals) and edges[-1] == f32(c["max"])))
+                    and h["counts"] == (hist if count else [])):
+                ok["hist"] = False
+                print(f"  feature {i}: histogram {h['counts']} vs {hist}")
+            want = sorted(vals, key=lambda p: (-p[0], p[1]))[:TOP]
+            got = [(f32(x["value"]), x["index"]) for x in c["top_contexts"]]
+            if got != want:
+                ok["top"] = False
+                print(f"  feature {i}: top {got} vs {want}")
+            for x in c["top_contexts"]:
+                lo, hi = window(x["index"])
+                ts = x["tokens"]
+                if not (x["target"] == x["index"] - lo and len(ts) == hi - lo + 1 and
+                        [t["id"] for t in ts] == tokens[lo:hi + 1]):
+                    ok["tokens"] = False
+                    print(f"  feature {i}: context of {x['index']}: window [{lo}, {hi}]")
+                elif [f32(t["value"]) for t in ts] != [codes[t][i] for t in range(lo, hi + 1)]:
+                    ok["values"] = False
+                    print(f"  feature {i}: context values differ at {x['index']}")
+                if any(t["text"] != text_of(t["id"]) for t in ts):
+                    ok["text"] = False
+                    print(f"  feature {i}: token texts {[t['text'] for t in ts]}")
+            # float64: logit_v = sum_j U[v][j] * (W_dec[i][j] * g[j] / INPUT_SCALE)
+            d = [w_dec[i * dim + j] * g[j] / scale for j in range(dim)]
+            logits = []
+            for v in range(vocab):
+                acc = 0.0
+                for j in range(dim):
+                    acc += unemb[v][j] * d[j]
+                logits.append((acc, v))
+            up = sorted(logits, key=lambda p: (-p[0], p[1]))[:10]
+            down = sorted(logits, key=lambda p: (p[0], p[1]))[:10]
+            for name, ref in (("promoted", up), ("suppressed", down)):
+                got = c[name]
+                # cJSON prints a double with 15 significant digits when that reads back within
+                # its tolerance, so the logits agree to about 1e-15 relative
+                if [t["id"] for t in got] != [v for _, v in ref] or \
+                        any(abs(t["logit"] - l) > 1e-14 * abs(l) for t, (l, _) in zip(got, ref)):
+                    ok["logits"] = False
+                    print(f"  feature {i}: {name} {[(t['id'], t['logit']) for t in got]} vs {ref}")
+                if any(t["text"] != text_of(t["id"]) for t in got):
+                    ok["text"] = False
+                    print(f"  feature {i}: {name} texts {[t['text'] for t in got]}")
+            idx, cos = m.neighbors(i, 10)
+            if [n["feature"] for n in c["neighbors"]] != list(idx) or \
+                    [f32(n["cosine"]) for n in c["neighbors"]] != list(cos):
+                ok["nb"] = False
+                print(f"  feature {i}: neighbours {c['neighbors']} vs {list(idx)}")
+        check(ok["count"], label + "count, frequency, mean and max equal loops over the encoded "
+              "capture")
+        check(ok["hist"], label + f"{BINS}-bin log histograms equal binning every value by the "
+              "card's edges")
+        check(ok["top"], label + f"the top {TOP} contexts are the {TOP} largest values (ties: "
+              "earlier token)")
+        check(ok["tokens"], label + f"each context is the capture's tokens from {BEFORE} before "
+              f"to {AFTER} "
+              "after its token, cut at the window's edges")
+        check(ok["values"], label + "each context token's value equals encoding that token's row")
+        check(ok["logits"], label + "promoted/suppressed tokens and logits equal a float64 loop "
+              "through "
+              "model.bin's rms_final and classifier")
+        check(ok["text"], label + "token texts are tok512.bin's pieces (bytes that are not UTF-8 "
+              "as <0xNN>)")
+        check(ok["nb"], label + "nearest features equal sae_feature_neighbors")
+        check(any(len(x["tokens"]) < BEFORE + AFTER + 1 for c in cards for x in c["top_contexts"]),
+              "some contexts are cut at a window's edge (the case is exercised)")
+
+    verify(cards, False, "")
+    check(all(positions[x["index"]] != 0 for c in cards for x in c["top_contexts"]),
+          "no top context is a window's first token (BOS), which is not counted")
+    check(any(t["id"] == 1 for c in cards for x in c["top_contexts"] for t in x["tokens"]),
+          "contexts still show BOS tokens (with the feature's value on them)")
+    stats_bos = os.path.join(work, "stats-bos.json")
+    run([stats_bin, "--capture", cap, "--hook", HOOK, "--sae", a.sae, "-o", stats_bos,
+         "--top", TOP, "--before", BEFORE, "--after", AFTER, "--bins", BINS, "--with-bos"])
+    bos_features = [f for f in range(d_sae) if codes[0][f] > 0][:3] + [7]
+    out = run([cards_bin, "-m", a.model, "--sae", a.sae, "--stats", stats_bos]
+              + bos_features).stdout
+    verify([json.loads(line) for line in out.splitlines()], True, "--with-bos: ")
 
     p = run([cards_bin, "-m", a.model, "--sae", a.sae, "--stats", stats, "--threads", "8"]
             + features, expect=None)
@@ -305,7 +329,8 @@ def bad_inputs(libsae, a, work, stats, cap, stats_bin, cards_bin, m):
     def expect_error(args, phrase, what):
         p = run(args, expect=None)
         last = (p.stderr.strip().splitlines() or [""])[-1]
-        check(p.returncode == 1 and phrase in p.stderr, f"{what}: exit {p.returncode}, '{last[:110]}'")
+        check(p.returncode == 1 and phrase in p.stderr,
+              f"{what}: exit {p.returncode}, '{last[:110]}'")
 
     def cards(path, *extra, gguf=None):
         return [cards_bin, "-m", a.model, "--sae", a.sae, "--stats", path] + \

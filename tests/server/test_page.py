@@ -240,7 +240,8 @@ def drive(c, port, screenshot):
     # click " Lily" and pick its strongest feature
     idx = next(i for i, t in enumerate(texts) if "Lily" in t)
     c.click(f"#tokens .tok:nth-child({idx + 1})")
-    c.wait("document.querySelectorAll('#token-info button.chip').length > 0", "the token's features")
+    c.wait("document.querySelectorAll('#token-info button.chip').length > 0",
+           "the token's features")
     first = c.js("document.querySelector('#token-info button.chip b').textContent")
     feat = int(first.lstrip("#"))
     c.click("#token-info button.chip")
@@ -253,12 +254,13 @@ def drive(c, port, screenshot):
     check(direct["tokens"][idx]["features"][HOOK][0]["id"] == feat,
           f"the chip picked is the token's strongest feature (#{feat})")
     c.wait("document.querySelectorAll('#tokens .tok').length > 0 && "
-           "[...document.querySelectorAll('#tokens .tok')].every(e => e.dataset.value !== undefined)",
+           "[...document.querySelectorAll('#tokens .tok')]"
+           ".every(e => e.dataset.value !== undefined)",
            "the shading")
     time.sleep(0.5)  # the re-shading request after the pick
     got = c.js("[...document.querySelectorAll('#tokens .tok')].map(e => Number(e.dataset.value))")
     shaded = c.js("[...document.querySelectorAll('#tokens .tok')].map(e => e.style.background)")
-    check(len(got) == len(want) and all(abs(x - y) <= 1e-6 * max(1, abs(y)) for x, y in zip(got, want)),
+    check(got == want,
           "each token's shade comes from the feature's value there (/v1/features)")
     check(all((v > 0) == (s not in ("", "transparent")) for v, s in zip(want, shaded))
           and any(v > 0 for v in want), f"{sum(v > 0 for v in want)} tokens shaded, the others not")
@@ -266,7 +268,8 @@ def drive(c, port, screenshot):
     card = json.loads(urllib.request.urlopen(
         f"http://127.0.0.1:{port}/v1/features/{HOOK}/{feat}", timeout=30).read())
     bars = c.js("document.querySelectorAll('#histogram rect.bar').length")
-    heights = c.js("[...document.querySelectorAll('#histogram rect.bar')].map(r => Number(r.getAttribute('height')))")
+    heights = c.js("[...document.querySelectorAll('#histogram rect.bar')]"
+                   ".map(r => Number(r.getAttribute('height')))")
     top = max(card["histogram"]["counts"])
     check(bars == len(card["histogram"]["counts"]) and
           all(abs(h - 92 * k / top) < 0.01 for h, k in zip(heights, card["histogram"]["counts"])),
@@ -284,7 +287,8 @@ def drive(c, port, screenshot):
     slider_max = float(c.js("document.getElementById('strength').max"))
     check(value == slider_max > card["max"],
           f"the slider moved to its end: clamp {value} (the feature's max is {card['max']:.3f})")
-    check(c.js("document.getElementById('plan').textContent").startswith(f"clamp #{feat} at {HOOK}"),
+    plan = c.js("document.getElementById('plan').textContent")
+    check(plan.startswith(f"clamp #{feat} at {HOOK}"),
           "the plan shown follows the slider")
     c.js("document.getElementById('max-tokens').value = '40'")
     c.click("#generate")
