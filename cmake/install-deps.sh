@@ -2,14 +2,14 @@
 # Installs what libsae needs from Debian's packages, once. Safe to run again: it only calls
 # apt-get when a package is missing. Groups:
 #   (none)  build and test: compiler, CMake, CBLAS (OpenBLAS and the reference BLAS), Check,
-#           cJSON, libzip, Python 3 with numpy, clang (fuzzers, sanitizers), libabigail,
+#           cJSON, libzip, libyaml, Python 3 with numpy, clang (fuzzers, sanitizers), libabigail,
 #           Open MPI (the data-parallel training test), Chromium (the page check), oneDNN
 #           (bfloat16 products on AMX / AVX512-BF16; libsae builds without it too)
 #   bench   the peers the benchmarks compare against: PyTorch
 set -eu
 
 packages="build-essential cmake pkg-config libopenblas-dev libblas-dev check libcjson-dev
-libzip-dev zlib1g-dev python3 python3-numpy clang libclang-rt-14-dev llvm abigail-tools
+libzip-dev libyaml-dev zlib1g-dev python3 python3-numpy clang libclang-rt-14-dev llvm abigail-tools
 openmpi-bin libopenmpi-dev chromium libdnnl-dev"
 if [ "${1:-}" = bench ]; then
     packages="$packages python3-torch"

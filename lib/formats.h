@@ -195,8 +195,9 @@ int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map,
 /* ---- 2026 publishers (gemmascope.c, llamascope.c, circuit_tracer.c) -------------------------- */
 
 /* The small files a publisher writes beside its weights, as found there (text NULL when absent):
- * SAELens's cfg.json and activation_scaler.json, Gemma Scope 2's config.json, Llama Scope's
- * hyperparams.json (beside the weights or, for checkpoints/final.safetensors, one folder up). */
+ * SAELens's cfg.json and activation_scaler.json, Gemma Scope 2's (and lm_saes 2025's) config.json,
+ * Llama Scope's hyperparams.json (beside the weights or, for checkpoints/final.safetensors, one
+ * folder up), circuit-tracer's config.yaml. */
 typedef struct {
     const char *text;
     size_t len;
@@ -206,6 +207,7 @@ typedef struct {
 typedef struct {
     sae__side_text cfg, scaler, config, hyperparams;
     const char *file_name; /* the weights file's own name (no folder), for names that refuse */
+    sae__side_text yaml;   /* circuit-tracer's config.yaml */
 } sae__sides;
 
 /* sae__load_safetensors with every side file: libsae, Gemma Scope 2 (w_enc), Llama Scope
@@ -229,7 +231,12 @@ int sae__llamascope_r1_load(const sae__safetensors *st, sae__map *map, const sae
                             sae_model **out);
 /* Whether st looks like circuit-tracer's per-layer transcoder (see circuit_tracer.c). */
 bool sae__circuit_tracer_like(const sae__safetensors *st);
-int sae__circuit_tracer_load(const sae__safetensors *st, sae__map *map, sae_model **out);
+/* yaml: the config.yaml of the transcoder set the file belongs to (text NULL: none). */
+int sae__circuit_tracer_load(const sae__safetensors *st, sae__map *map, const sae__side_text *yaml,
+                             sae_model **out);
+/* A folder holding circuit-tracer's config.yaml (yaml) and no single model: the config's own
+ * error, or SAE_EUNSUPPORTED saying which file to load. Never SAE_OK. */
+int sae__circuit_tracer_set_refusal(const char *dir, const sae__side_text *yaml);
 /* Gives tensor t memory the model owns, holding what it held (before a loader rewrites it). */
 int sae__model_own_copy(sae_model *m, sae_tensor t);
 

@@ -187,22 +187,35 @@ int sae__llamascope_load(const sae__safetensors *st, sae__map *map, const sae__s
         for (size_t k = 0; k < ds * dout; k++)
             m->W_dec[k] *= ratio;
     }
-    for (size_t i = 0; c.include_decoder_norm && i < ds; i++) {
-        double sq = 0;
-        for (size_t j = 0; j < dout; j++)
-            sq += (double)m->W_dec[i * dout + j] * m->W_dec[i * dout + j];
-        const float n = (float)sqrt(sq);
-        if (!(n > 0.0f) || !isfinite(n)) {
-            rc = sae__fail(SAE_EFORMAT,
-                           "%s: sparsity_include_decoder_norm is true but feature %zu's decoder "
-                           "column has norm %g (lm_saes divides by it)", st->path, i, (double)n);
+    if (c.include_decoder_norm) {
+        float *norms = sae__alloc(ds, sizeof(float), "decoder norms");
+        if (norms == NULL) {
+            rc = SAE_ENOMEM;
             goto fail;
         }
-        for (size_t j = 0; j < dout; j++)
-            m->W_dec[i * dout + j] /= n;
+        for (size_t i = 0; i < ds; i++) {
+            double sq = 0;
+            for (size_t j = 0; j < dout; j++)
+                sq += (double)m->W_dec[i * dout + j] * m->W_dec[i * dout + j];
+            const float n = norms[i] = (float)sqrt(sq);
+            if (!(n > 0.0f) || !isfinite(n)) {
+                rc = sae__fail(SAE_EFORMAT,
+                               "%s: sparsity_include_decoder_norm is true but feature %zu's "
+                               "decoder column has norm %g (lm_saes divides by it)",
+                               st->path, i, (double)n);
+                free(norms);
+                goto fail;
+            }
+            for (size_t j = 0; j < dout; j++)
+                m->W_dec[i * dout + j] /= n;
+            m->b_enc[i] *= n;
+        }
+        /* W_enc is [d_in][d_sae]: scaled a row at a time (a column at a time was 76% of a
+         * 2304 x 16384 load). */
         for (size_t j = 0; j < di; j++)
-            m->W_enc[j * ds + i] *= n;
-        m->b_enc[i] *= n;
+            for (size_t i = 0; i < ds; i++)
+                m->W_enc[j * ds + i] *= norms[i];
+        free(norms);
     }
     for (size_t k = 0; k < ds * di && rc == SAE_OK; k++)
         if (!isfinite(m->W_enc[k]))

@@ -154,7 +154,7 @@ int sae__load_safetensors_ex(const unsigned char *data, size_t size, sae__map *m
 {
     *out = NULL;
     static const sae__sides none = {{NULL, 0, NULL}, {NULL, 0, NULL}, {NULL, 0, NULL},
-                                    {NULL, 0, NULL}, NULL};
+                                    {NULL, 0, NULL}, NULL, {NULL, 0, NULL}};
     if (sides == NULL)
         sides = &none;
     const char *cfg_text = sides->cfg.text;
@@ -190,7 +190,7 @@ int sae__load_safetensors_ex(const unsigned char *data, size_t size, sae__map *m
             rc = sae__sparsify_load(&st, map, &cfg, out);
     } else if (sae__st_find(&st, "W_enc") != NULL && cfg_text == NULL &&
                sae__circuit_tracer_like(&st)) {
-        rc = sae__circuit_tracer_load(&st, map, out);
+        rc = sae__circuit_tracer_load(&st, map, &sides->yaml, out);
     } else if (sae__st_find(&st, "W_enc") != NULL) {
         sae__saelens_cfg cfg;
         double scale = 0;
@@ -218,7 +218,8 @@ int sae__load_safetensors(const unsigned char *data, size_t size, sae__map *map,
                               {scaler_text, scaler_len, scaler_path},
                               {NULL, 0, NULL},
                               {NULL, 0, NULL},
-                              NULL};
+                              NULL,
+                              {NULL, 0, NULL}};
     return sae__load_safetensors_ex(data, size, map, path, &sides, out);
 }
 
@@ -339,7 +340,9 @@ static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_mode
     size_t lead = 0;
     while (lead < map.size && lead < 64 && (d[lead] == ' ' || d[lead] == '\n' || d[lead] == '\t'))
         lead++;
-    if (follow_cfg && lead < map.size && d[lead] == '{') {
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    if (follow_cfg && ((lead < map.size && d[lead] == '{') || strcmp(base, "config.yaml") == 0)) {
         /* A config (cfg.json): the SAE is the folder it describes. */
         sae__unmap(&map);
         char *dir = folder_of(path);
@@ -350,7 +353,7 @@ static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_mode
         return rc;
     }
     char *dir = folder_of(path);
-    side_file cfg = {0}, scaler = {0}, config = {0}, hyper = {0};
+    side_file cfg = {0}, scaler = {0}, config = {0}, hyper = {0}, yaml = {0};
     if (dir == NULL)
         rc = SAE_ENOMEM;
     if (rc == SAE_OK)
@@ -359,19 +362,23 @@ static int load_file(const char *path, bool follow_cfg, unsigned flags, sae_mode
         rc = read_side(dir, "activation_scaler.json", &scaler);
     if (rc == SAE_OK)
         rc = read_sides_2026(dir, &config, &hyper);
+    if (rc == SAE_OK) /* circuit-tracer's transcoder sets */
+        rc = read_side(dir, "config.yaml", &yaml);
     if (rc == SAE_OK) {
         const char *slash = strrchr(path, '/');
         const sae__sides sides = {{cfg.text, cfg.len, cfg.path},
                                   {scaler.text, scaler.len, scaler.path},
                                   {config.text, config.len, config.path},
                                   {hyper.text, hyper.len, hyper.path},
-                                  slash ? slash + 1 : path};
+                                  slash ? slash + 1 : path,
+                                  {yaml.text, yaml.len, yaml.path}};
         rc = sae__load_safetensors_ex(map.data, map.size, &map, path, &sides, out);
     }
     free_side(&cfg);
     free_side(&scaler);
     free_side(&config);
     free_side(&hyper);
+    free_side(&yaml);
     free(dir);
     sae__unmap(&map); /* a no-op when the model took it */
     return rc;
@@ -413,6 +420,16 @@ static int load_dir(const char *dir, unsigned flags, sae_model **out)
         }
         free(path);
     }
+    /* circuit-tracer's config.yaml describes a set of per-layer models, or one it refuses. */
+    side_file yaml = {0};
+    int rc = read_side(dir, "config.yaml", &yaml);
+    if (rc == SAE_OK && yaml.text != NULL) {
+        const sae__side_text y = {yaml.text, yaml.len, yaml.path};
+        rc = sae__circuit_tracer_set_refusal(dir, &y);
+    }
+    free_side(&yaml);
+    if (rc != SAE_OK)
+        return rc;
     return sae__fail(SAE_EFORMAT,
                      "%s: a folder without SAE weights: expected sae_weights.safetensors "
                      "(SAELens), sae.safetensors (sparsify), params.safetensors (Gemma Scope 2), "

@@ -236,10 +236,19 @@ static int fill(sae_model *m, sae_tensor t, const sae__torch_dict *d,
                                d->path, src->name, i, (double)tmp[i]);
         }
     if (rc == SAE_OK && transpose) {
-        size_t rows = src->shape[0];
-        for (size_t r = 0; r < rows; r++)
-            for (size_t c = 0; c < cols; c++)
-                dst[c * rows + r] = tmp[r * cols + c];
+        /* In square tiles, so that both the reads and the strided writes stay in cache (an
+         * element-wise loop was 58% of a 2304 x 16384 ae.pt load). */
+        enum { TILE = 64 };
+        const size_t rows = src->shape[0];
+        for (size_t r0 = 0; r0 < rows; r0 += TILE) {
+            const size_t r1 = rows - r0 < TILE ? rows : r0 + TILE;
+            for (size_t c0 = 0; c0 < cols; c0 += TILE) {
+                const size_t c1 = cols - c0 < TILE ? cols : c0 + TILE;
+                for (size_t c = c0; c < c1; c++)
+                    for (size_t r = r0; r < r1; r++)
+                        dst[c * rows + r] = tmp[r * cols + c];
+            }
+        }
     }
     if (transpose)
         free(tmp);

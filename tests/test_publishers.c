@@ -562,10 +562,81 @@ START_TEST(circuit_tracer_forward)
             }
             check_model(m, x, f, y, DO);
             sae_model_free(m);
+            /* The same layer in a transcoder set: config.yaml as load_transcoder_from_hub
+             * reads it (a ReLU set says so; a JumpReLU set leaves it to the weights). */
+            write_text(dir, "config.yaml",
+                       jump ? "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n"
+                              "feature_output_hook: mlp.hook_out\nmodel_name: google/gemma-2-2b\n"
+                            : "model_kind: transcoder_set\nactivation: relu\n"
+                              "feature_input_hook: mlp.hook_in\nfeature_output_hook: "
+                              "mlp.hook_out\nmodel_name: meta-llama/Llama-3.2-1B\n");
+            m = load_ok(p);
+            check_model(m, x, f, y, DO);
+            sae_model_free(m);
             free(p);
             remove_dir(dir);
         }
     }
+}
+END_TEST
+
+START_TEST(circuit_tracer_config_yaml)
+{
+    float w[DS * DO], th[DS];
+    tw_fill(31, w, DS * DO, 1.0f);
+    for (size_t i = 0; i < DS; i++)
+        th[i] = 0.25f;
+    char *dir = make_dir("ctyaml");
+    char *p = in_dir(dir, "layer_0.safetensors");
+    char *yaml = in_dir(dir, "config.yaml");
+    tw_tensor t[5] = {{"W_dec", "F32", 2, {DS, DO}, w},
+                      {"W_enc", "F32", 2, {DS, DI}, w},
+                      {"b_dec", "F32", 1, {DO, 0}, w},
+                      {"b_enc", "F32", 1, {DS, 0}, w},
+                      {"activation_function.threshold", "F32", 1, {DS, 0}, th}};
+    write_st(dir, "layer_0.safetensors", t, 4); /* a ReLU layer: no threshold, no k */
+    write_st(dir, "layer_1.safetensors", t, 4);
+    /* A TopK set's layer files hold no k: without its config.yaml the layer would be read as
+     * ReLU. circuit-tracer's TopK keeps negative values, so the set is refused by name. */
+    write_text(dir, "config.yaml", "model_kind: transcoder_set\nactivation: topk\nk: 128\n");
+    load_fails(p, SAE_EUNSUPPORTED, "activation topk (k = 128)");
+    write_text(dir, "config.yaml", "model_kind: cross_layer_transcoder\n");
+    load_fails(p, SAE_EUNSUPPORTED, "cross-layer");
+    write_text(dir, "config.yaml", "model_kind: lorsa\n");
+    load_fails(p, SAE_EUNSUPPORTED, "'lorsa'");
+    write_text(dir, "config.yaml", "activation: relu\n");
+    write_st(dir, "layer_0.safetensors", t, 5);
+    load_fails(p, SAE_EFORMAT, "activation relu");
+    static const struct {
+        const char *text, *needle;
+    } bad[] = {
+        {"model_kind: [transcoder_set\n", "not YAML"},
+        {"- model_kind\n", "mapping"},
+        {"", "mapping"},
+        {"activation: relu\nactivation: topk\n", "twice"},
+        {"activation: [relu]\n", "single value"},
+        {"model_kind: &a transcoder_set\nactivation: *a\nk: {a: 1}\n", "single value"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        write_text(dir, "config.yaml", bad[i].text);
+        load_fails(p, SAE_EFORMAT, bad[i].needle);
+    }
+    /* The June 2025 local config (transcoders: id, layer, filepath; no model_kind) is a set. */
+    write_text(dir, "config.yaml",
+               "model_name: \"meta-llama/Llama-3.2-1B\"\nfeature_input_hook: \"hook_resid_mid\"\n"
+               "feature_output_hook: 'mlp.hook_out'\ntranscoders:\n  - id: \"relu-0\"\n"
+               "    layer: 0\n    filepath: \"layer_0.safetensors\"\n");
+    sae_model *m = load_ok(p);
+    ck_assert_int_eq(sae_model_arch(m), SAE_ARCH_JUMPRELU);
+    sae_model_free(m);
+    /* The folder, or its config.yaml, names a set of models: refused saying which to load. */
+    load_fails(dir, SAE_EUNSUPPORTED, "layer_<l>.safetensors");
+    load_fails(yaml, SAE_EUNSUPPORTED, "transcoder set");
+    write_text(dir, "config.yaml", "model_kind: transcoder_set\nactivation: topk\nk: 64\n");
+    load_fails(dir, SAE_EUNSUPPORTED, "topk");
+    free(yaml);
+    free(p);
+    remove_dir(dir);
 }
 END_TEST
 
@@ -756,6 +827,7 @@ static Suite *publishers_suite(void)
     tc = tcase_create("circuit_tracer");
     tcase_add_test(tc, circuit_tracer_forward);
     tcase_add_test(tc, circuit_tracer_refusals);
+    tcase_add_test(tc, circuit_tracer_config_yaml);
     suite_add_tcase(s, tc);
     tc = tcase_create("numpy_orders");
     tcase_add_test(tc, npy_fortran_and_big_endian);

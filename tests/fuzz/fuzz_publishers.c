@@ -1,8 +1,10 @@
 /* libFuzzer target: the 2026 publishers' readers behind the safetensors detection (Gemma Scope 2
- * with its config.json, Llama Scope with its hyperparams.json, circuit-tracer), with side files.
+ * with its config.json, Llama Scope with its hyperparams.json, Llama Scope R1 / lm_saes 2025 with
+ * its config.json, circuit-tracer), with side files.
  * Input: [flags u8][config length u16 LE][config][hyperparams length u16 LE][hyperparams]
  * [safetensors bytes]. flags bit 0: pass config.json, bit 1: pass hyperparams.json, bit 2: the
- * weights are named params_layer_1.safetensors. A model that loads is encoded once and freed. */
+ * weights are named params_layer_1.safetensors, bit 3: pass the hyperparams part as
+ * circuit-tracer's config.yaml too. A model that loads is encoded once and freed. */
 #include "formats.h"
 
 #include <stdint.h>
@@ -44,7 +46,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                   {NULL, 0, "activation_scaler.json"},
                                   {(flags & 1) ? config : NULL, config_len, "config.json"},
                                   {(flags & 2) ? hyper : NULL, hyper_len, "hyperparams.json"},
-                                  (flags & 4) ? "params_layer_1.safetensors" : "w.safetensors"};
+                                  (flags & 4) ? "params_layer_1.safetensors" : "w.safetensors",
+                                  {(flags & 8) ? hyper : NULL, hyper_len, "config.yaml"}};
         sae_model *m = NULL;
         if (sae__load_safetensors_ex(st, left, NULL, "fuzz.safetensors", &sides, &m) == SAE_OK) {
             size_t d_in = sae_model_d_in(m), d_sae = sae_model_d_sae(m);

@@ -18,8 +18,8 @@ cd "$out"
 
 cc=${CC_FUZZ:-clang}
 common=(-g -O1 -std=c11 -D_GNU_SOURCE -fno-omit-frame-pointer -fno-sanitize-recover=all
-        -I"$root/include" -I"$root/lib" -I"$root/tests" $(pkg-config --cflags libcjson libzip openblas))
-libs=($(pkg-config --libs libcjson libzip openblas) -lz -lm -lpthread)
+        -I"$root/include" -I"$root/lib" -I"$root/tests" $(pkg-config --cflags libcjson libzip yaml-0.1 openblas))
+libs=($(pkg-config --libs libcjson libzip yaml-0.1 openblas) -lz -lm -lpthread)
 
 # The library's own source list, so the fuzzers build exactly what libsae.so is made of.
 sources=$(sed -n '/add_library(sae_objects OBJECT/,/)/p' "$root/lib/CMakeLists.txt" |

@@ -347,7 +347,7 @@ int main(int argc, char **argv)
     }
     /* The 2026 publishers (tests/test_publishers.c has their math): Gemma Scope 2 with and
      * without its skip and config.json, a cross-layer file, Llama Scope with hyperparams.json,
-     * circuit-tracer's today and June 2025 W_dec. */
+     * circuit-tracer's today and June 2025 W_dec, Llama Scope R1. */
     {
         float A[DI * DI];
         tw_fill(10, A, DI * DI, 0.5f);
@@ -398,6 +398,36 @@ int main(int argc, char **argv)
         tw_tensor c2[4] = {c[0], c[1], c[4], c[5]};
         tw_safetensors(&w, c2, 4, NULL);
         pub_seed("circuit-tracer-june-2025", 0, NULL, NULL, &w);
+        tw_free(&w);
+        /* Llama Scope R1 (lm_saes 2025-03 layout) and the later W_E layout as a transcoder,
+         * each with config.json and the 0-d dataset norms. */
+        const float norm_a = 2.5f, norm_b = 4.0f;
+        tw_tensor r[6] = {{"dataset_average_activation_norm.a", "F32", 0, {0, 0}, &norm_a},
+                          {"decoder.bias", "F32", 1, {DI, 0}, b_dec},
+                          {"decoder.weight", "F32", 2, {DI, DS}, w_enc},
+                          {"encoder.bias", "F32", 1, {DS, 0}, b_enc},
+                          {"encoder.weight", "BF16", 2, {DS, DI}, w_enc_t},
+                          {"log_jumprelu_threshold", "F32", 1, {DS, 0}, th}};
+        tw_safetensors(&w, r, 6, NULL);
+        pub_seed("llama-scope-r1", 1,
+                 "{\"sae_type\": \"sae\", \"d_model\": 3, \"expansion_factor\": 5, "
+                 "\"act_fn\": \"jumprelu\", \"norm_activation\": \"dataset-wise\", "
+                 "\"sparsity_include_decoder_norm\": true, "
+                 "\"apply_decoder_bias_to_pre_encoder\": true, \"hook_point_in\": \"a\"}",
+                 NULL, &w);
+        tw_free(&w);
+        tw_tensor b[7] = {{"W_D", "F16", 2, {DS, DI}, w_dec},
+                          {"W_E", "F32", 2, {DI, DS}, w_enc},
+                          {"activation_function.log_jumprelu_threshold", "F32", 1, {DS, 0}, th},
+                          {"b_D", "F32", 1, {DI, 0}, b_dec},
+                          {"b_E", "F32", 1, {DS, 0}, b_enc},
+                          {"dataset_average_activation_norm.a", "F32", 0, {0, 0}, &norm_a},
+                          {"dataset_average_activation_norm.b", "F32", 0, {0, 0}, &norm_b}};
+        tw_safetensors(&w, b, 7, NULL);
+        pub_seed("lm-saes-w-e-transcoder", 1,
+                 "{\"d_model\": 3, \"act_fn\": \"jumprelu\", \"hook_point_in\": \"a\", "
+                 "\"hook_point_out\": \"b\"}",
+                 NULL, &w);
         tw_free(&w);
     }
     return 0;
