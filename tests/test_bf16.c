@@ -438,53 +438,68 @@ START_TEST(products_match_float64_sums_on_this_path)
     float *C0 = tu_malloc(n_max * (d_in + d_sae) * sizeof *C0);
     float *C = tu_malloc(n_max * (d_in + d_sae) * sizeof *C);
     float *Ct = tu_malloc(n_max * (d_in + d_sae) * sizeof *Ct);
-    for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
-        const size_t K = t == SAE_W_ENC ? d_in : d_sae, N = t == SAE_W_ENC ? d_sae : d_in;
-        ck_assert_ok(sae_model_get_tensor(m, (sae_tensor)t, w)); /* the rounded weights */
-        for (size_t n = 1; n <= n_max; n++)
-            for (int variant = 0; variant < 4; variant++) {
-                const float beta = (float)(variant & 1);
-                const bool sparse = variant & 2;
-                for (size_t i = 0; i < n * K; i++)
-                    A[i] = sparse && tu_next(&r) % 4 ? 0.0f : 2.0f * tu_normal(&r);
-                tu_fill(&r, C0, n * N, -1.0f, 1.0f);
-                memcpy(C, C0, n * N * sizeof *C);
-                ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 1));
-                ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, C, beta));
-                /* The few-token kernel (float activations) takes tokens x rows used <= 2 K. */
-                size_t used = 0;
-                for (size_t k = 0; k < K; k++) {
-                    bool any = false;
-                    for (size_t q = 0; q < n; q++)
-                        any |= A[q * K + k] != 0.0f;
-                    used += any;
-                }
-                const bool round = matrix && !(n <= 6 && n * used <= 2 * K);
-                for (size_t q = 0; q < n; q++)
-                    for (size_t j = 0; j < N; j++) {
-                        double want = beta * (double)C0[q * N + j], mass = fabs(want);
-                        for (size_t k = 0; k < K; k++) {
-                            double term = rounded(A[q * K + k], round) * w[k * N + j];
-                            want += term;
-                            mass += fabs(term);
-                        }
-                        ck_assert_msg(fabs(C[q * N + j] - want) <= 1e-5 * mass + 1e-30,
-                                      "%s %zu x %zu, n %zu, beta %g, %s, activations %s: "
-                                      "C[%zu][%zu] = %.9g, want %.9g",
-                                      t == SAE_W_ENC ? "W_enc" : "W_dec", K, N, n, (double)beta,
-                                      sparse ? "sparse" : "dense", round ? "rounded" : "float", q,
-                                      j, (double)C[q * N + j], want);
-                    }
-                for (size_t h = 0; h < sizeof threads / sizeof threads[0]; h++) {
-                    memcpy(Ct, C0, n * N * sizeof *Ct);
-                    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, (double)threads[h]));
-                    ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, Ct, beta));
-                    ck_assert_msg(memcmp(C, Ct, n * N * sizeof *C) == 0,
-                                  "%zu threads differ from 1: %zu x %zu, n %zu", threads[h], K, N,
-                                  n);
-                }
+    /* The products read the weights' copy in oneDNN's layout, made when the model switched; the
+     * second pass writes new weights, which must remake that copy. */
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1)
+            for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+                tu_fill(&r, w, d_in * d_sae, -1.0f, 1.0f);
+                ck_assert_ok(sae_model_set_tensor(m, (sae_tensor)t, w));
             }
+        ck_assert_msg(matrix == (m->W_enc16p != NULL && m->W_dec16p != NULL),
+                      "packed weights %s on the %s path", m->W_enc16p ? "made" : "missing",
+                      sae_bf16_path_name(sae__bf16_isa()));
+        for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+            const size_t K = t == SAE_W_ENC ? d_in : d_sae, N = t == SAE_W_ENC ? d_sae : d_in;
+            ck_assert_ok(sae_model_get_tensor(m, (sae_tensor)t, w)); /* the rounded weights */
+            for (size_t n = 1; n <= n_max; n++)
+                for (int variant = 0; variant < 4; variant++) {
+                    const float beta = (float)(variant & 1);
+                    const bool sparse = variant & 2;
+                    for (size_t i = 0; i < n * K; i++)
+                        A[i] = sparse && tu_next(&r) % 4 ? 0.0f : 2.0f * tu_normal(&r);
+                    tu_fill(&r, C0, n * N, -1.0f, 1.0f);
+                    memcpy(C, C0, n * N * sizeof *C);
+                    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 1));
+                    ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, C, beta));
+                    /* The few-token kernel (float activations) takes tokens x rows used <= 2 K. */
+                    size_t used = 0;
+                    for (size_t k = 0; k < K; k++) {
+                        bool any = false;
+                        for (size_t q = 0; q < n; q++)
+                            any |= A[q * K + k] != 0.0f;
+                        used += any;
+                    }
+                    const bool round = matrix && !(n <= 6 && n * used <= 2 * K);
+                    for (size_t q = 0; q < n; q++)
+                        for (size_t j = 0; j < N; j++) {
+                            double want = beta * (double)C0[q * N + j], mass = fabs(want);
+                            for (size_t k = 0; k < K; k++) {
+                                double term = rounded(A[q * K + k], round) * w[k * N + j];
+                                want += term;
+                                mass += fabs(term);
+                            }
+                            ck_assert_msg(fabs(C[q * N + j] - want) <= 1e-5 * mass + 1e-30,
+                                          "%s %zu x %zu, n %zu, beta %g, %s, activations %s: "
+                                          "C[%zu][%zu] = %.9g, want %.9g",
+                                          t == SAE_W_ENC ? "W_enc" : "W_dec", K, N, n, (double)beta,
+                                          sparse ? "sparse" : "dense",
+                                          round ? "rounded" : "float", q, j,
+                                          (double)C[q * N + j], want);
+                        }
+                    for (size_t h = 0; h < sizeof threads / sizeof threads[0]; h++) {
+                        memcpy(Ct, C0, n * N * sizeof *Ct);
+                        ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, (double)threads[h]));
+                        ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, Ct, beta));
+                        ck_assert_msg(memcmp(C, Ct, n * N * sizeof *C) == 0,
+                                      "%zu threads differ from 1: %zu x %zu, n %zu",
+                                      threads[h], K, N, n);
+                    }
+                }
+        }
     }
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, 0));
+    ck_assert(m->W_enc16p == NULL && m->W_dec16p == NULL);
     free(w);
     free(A);
     free(C0);
