@@ -314,6 +314,90 @@ done:
     return rc;
 }
 
+int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
+                        const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
+                        size_t threads)
+{
+    if (sae__bf16_isa() == SAE_BF16_PATH_WIDEN)
+        return sae__fail(SAE_EUNSUPPORTED, "no bfloat16 matrix instructions");
+    dnnl_status_t s;
+    const char *step = "";
+    int rc = SAE_OK;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t ops = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t mem[4] = {NULL, NULL, NULL, NULL};
+    void *scratch = NULL;
+    dnnl_memory_desc_t a_md, b_md, c_md;
+    const dnnl_dims_t a_dims = {(dnnl_dim_t)M, (dnnl_dim_t)K},
+                      b_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
+                      c_dims = {(dnnl_dim_t)M, (dnnl_dim_t)N},
+                      c_strides = {(dnnl_dim_t)ldc, 1};
+    dnnl_matmul_desc_t desc;
+#define TRY(call)                                                                                  \
+    do {                                                                                           \
+        step = #call;                                                                              \
+        if ((s = (call)) != dnnl_success)                                                          \
+            goto failed;                                                                           \
+    } while (0)
+    /* A transposed operand is the stored matrix read column-major (tag ba): no copy. */
+    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, ta ? dnnl_ba : dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_tag(&b_md, 2, b_dims, dnnl_bf16, tb ? dnnl_ba : dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_strides(&c_md, 2, c_dims, dnnl_f32, c_strides));
+    TRY(dnnl_matmul_desc_init(&desc, &a_md, &b_md, NULL, &c_md));
+    TRY(dnnl_primitive_attr_create(&attr));
+    TRY(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
+    if (alpha != 1.0f) /* C = alpha * (A @ B) + beta * C: the scale comes before the sum */
+        TRY(dnnl_primitive_attr_set_output_scales(attr, 1, 0, &alpha));
+    if (beta != 0.0f) {
+        TRY(dnnl_post_ops_create(&ops));
+        TRY(dnnl_post_ops_append_sum(ops, beta));
+        TRY(dnnl_primitive_attr_set_post_ops(attr, ops));
+    }
+    TRY(dnnl_primitive_desc_create(&pd, &desc, attr, engine, NULL));
+    TRY(dnnl_primitive_create(&prim, pd));
+    const dnnl_memory_desc_t *scratch_md =
+        dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    const size_t scratch_bytes = scratch_md != NULL ? dnnl_memory_desc_get_size(scratch_md) : 0;
+    if (scratch_bytes > 0) {
+        if (posix_memalign(&scratch, 64, scratch_bytes) != 0) {
+            scratch = NULL;
+            rc = sae__fail(SAE_ENOMEM, "out of memory (%zu bytes of oneDNN scratchpad)",
+                           scratch_bytes);
+            goto done;
+        }
+        TRY(dnnl_memory_create(&mem[3], scratch_md, engine, scratch));
+    }
+    TRY(dnnl_memory_create(&mem[0], &a_md, engine, (void *)(uintptr_t)A)); /* only read */
+    TRY(dnnl_memory_create(&mem[1], &b_md, engine, (void *)(uintptr_t)B));
+    TRY(dnnl_memory_create(&mem[2], &c_md, engine, C));
+#undef TRY
+    const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
+                                     {DNNL_ARG_WEIGHTS, mem[1]},
+                                     {DNNL_ARG_DST, mem[2]},
+                                     {DNNL_ARG_SCRATCHPAD, mem[3]}};
+    if ((s = run(prim, scratch_bytes > 0 ? 4 : 3, args, threads, &step)) != dnnl_success)
+        goto failed;
+    goto done;
+failed:
+    rc = dnnl_fail(step, s);
+done:
+    for (int i = 0; i < 4; i++)
+        if (mem[i] != NULL)
+            dnnl_memory_destroy(mem[i]);
+    if (prim != NULL)
+        dnnl_primitive_destroy(prim);
+    if (pd != NULL)
+        dnnl_primitive_desc_destroy(pd);
+    if (ops != NULL)
+        dnnl_post_ops_destroy(ops);
+    if (attr != NULL)
+        dnnl_primitive_attr_destroy(attr);
+    free(scratch);
+    return rc;
+}
+
 #else /* without oneDNN: the widening path only */
 
 sae_bf16_path sae__bf16_isa(void) { return SAE_BF16_PATH_WIDEN; }
@@ -333,6 +417,15 @@ struct sae__bf16_packed *sae__bf16_pack(const uint16_t *W, size_t K, size_t N, s
 }
 
 void sae__bf16_packed_free(struct sae__bf16_packed *P) { (void)P; }
+
+int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
+                        const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
+                        size_t threads)
+{
+    (void)ta, (void)tb, (void)M, (void)N, (void)K, (void)alpha, (void)A, (void)B, (void)beta;
+    (void)C, (void)ldc, (void)threads;
+    return sae__fail(SAE_EUNSUPPORTED, "libsae was built without oneDNN");
+}
 
 #endif
 

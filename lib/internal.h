@@ -263,6 +263,13 @@ int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, 
  * take W as it is). sae__bf16_dnnl_product uses P in place of W when P is the layout it wants. */
 struct sae__bf16_packed *sae__bf16_pack(const uint16_t *W, size_t K, size_t N, size_t threads);
 void sae__bf16_packed_free(struct sae__bf16_packed *P);
+/* C [M][N] (row stride ldc) = alpha * op(A) @ op(B) + beta * C by oneDNN on `threads` threads,
+ * accumulated in float32: A is [M][K] ([K][M] if ta) and B [K][N] ([N][K] if tb), both bfloat16
+ * and contiguous (mixed-precision training, train_bf16.c). Errors: SAE_EUNSUPPORTED, SAE_ENOMEM;
+ * C is then unspecified. */
+int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
+                        const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
+                        size_t threads);
 /* Remakes (t = SAE_W_ENC or SAE_W_DEC) or frees (the model holds float weights) m's packed copy
  * of W_enc16 or W_dec16: every write of those calls it. */
 void sae__bf16_repack(sae_model *m, sae_tensor t);

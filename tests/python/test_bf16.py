@@ -105,5 +105,25 @@ class Bf16PathTest(unittest.TestCase):
             m.bf16_path
 
 
+@unittest.skipIf(np is None, "needs numpy")
+class Bf16TrainingTest(unittest.TestCase):
+    def test_mixed_precision_is_a_trainer_param(self):
+        rng = np.random.default_rng(2)
+        x = (rng.standard_normal((512, 16)) + 0.3).astype(np.float32)
+        fvu = {}
+        for bf16 in (0, 1):
+            m = libsae.Model.new("topk", 16, 64, k=4)
+            t = libsae.Trainer(m, lr=3e-3, seed=3, bf16=bf16)
+            self.assertEqual(t.get_param("bf16"), bf16)
+            t.init(x)
+            for s in range(60):
+                t.step(x[(s % 8) * 64:(s % 8 + 1) * 64])
+            fvu[bf16] = m.evaluate(x)["fvu"]
+        # The same recipe, only the products' operands rounded: the same quality.
+        self.assertLess(abs(fvu[1] - fvu[0]), 0.05 * fvu[0], fvu)
+        with self.assertRaises(libsae.LibsaeError):
+            libsae.Trainer(libsae.Model.new("relu", 4, 8), bf16=2)
+
+
 if __name__ == "__main__":
     unittest.main()
