@@ -673,8 +673,22 @@ typedef enum {
     SAE_TRAIN_THRESHOLD_LR = 15,    /* in [0, 1], BatchTopK threshold EMA rate; 0.01 */
     SAE_TRAIN_ADAM_EPS = 16,        /* >= 0; ReLU 1e-8, TopK/BatchTopK 6.25e-10 */
     SAE_TRAIN_NORMALIZE_INPUT = 17, /* 0 or 1: init sets INPUT_SCALE (mean norm sqrt(d_in)); 1 */
-    SAE_TRAIN_B_DEC_INIT = 18       /* 0 zero, 1 mean, 2 geometric median of the sample; 2 */
+    SAE_TRAIN_B_DEC_INIT = 18,      /* 0 zero, 1 mean, 2 geometric median of the sample; 2 */
+    SAE_TRAIN_BF16 = 31             /* 0 or 1: mixed precision (below); 0 */
 } sae_train_param;
+
+/* SAE_TRAIN_BF16 = 1: mixed-precision training, as torch's bf16 autocast. Every matrix product of
+ * a step (the encoder's and decoder's forward products and their gradients, AuxK's, W_skip's)
+ * takes its two operands rounded to bfloat16 (to nearest, ties to even) and accumulates in
+ * float32; the weights stay float32 (the master copy: sae_model_get_tensor reads them), as do
+ * their gradients, Adam's moments and every elementwise step, and the recipes are unchanged.
+ * TopK's sparse decoder and its backward pass (rows of W_dec, not products) stay float32. On a
+ * CPU with bfloat16 matrix instructions (sae_model_bf16_path's AMX, AVX512_BF16; SAE_BF16_ISA
+ * caps it) the products of more than 2^25 multiply-adds run in oneDNN, faster than SGEMM; the
+ * others, and all of them elsewhere, in SGEMM on rounded copies: the same arithmetic, no faster.
+ * docs/training.md compares speed and FVU with float training. The step then also holds two
+ * float copies of its largest operand. Like SAE_PARAM_THREADS, a property of how this process computes: checkpoints do not
+ * store it. Results do not depend on SAE_PARAM_THREADS (tests/test_bf16.c). */
 
 /* Values describing the last step's batch (the combined batch when data-parallel), and counts. */
 typedef enum {

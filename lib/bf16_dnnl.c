@@ -8,10 +8,18 @@
  * here (to nearest even, as the weights were), and the products accumulate in float32 into a
  * float32 destination (sae.h, SAE_PARAM_BF16_WEIGHTS, states what this does to accuracy).
  *
- * Nothing is kept between calls but oneDNN's CPU engine (one per process, made once): each call
- * describes its matmul and asks oneDNN for the primitive, which oneDNN's own primitive cache
+ * The matmul's AMX and AVX512-BF16 kernels read the weights in a blocked layout (pairs of rows
+ * interleaved, in 16 x 64 tiles); given row-major weights, every call first copies all of them
+ * into that layout, which at 64 tokens was over half the product's time (2304 x 16384 on the AMX
+ * Xeon of docs/performance.md: 8.2 ms against 3.7 ms with the copy made beforehand). So a
+ * bfloat16 model also holds its W_enc and W_dec in that layout (sae__bf16_pack, remade by every
+ * write of them), and the products read those; the row-major copy stays for everything else
+ * (rows of W_dec, saving, a few tokens' products).
+ *
+ * Nothing else is kept between calls but oneDNN's CPU engine (one per process, made once): each
+ * call describes its matmul and asks oneDNN for the primitive, which oneDNN's own primitive cache
  * returns in a few microseconds for a shape it has seen (about 1 ms to generate a new one). A
- * const model holds nothing of it, so many threads may use one model at once. Each call brings its
+ * const model is only read, so many threads may use one model at once. Each call brings its
  * own scratchpad (user scratchpad mode), so concurrent calls share no buffers either.
  *
  * oneDNN runs its threads through OpenMP (Debian's libdnnl is built so): a call sets the calling
@@ -94,8 +102,137 @@ static int dnnl_fail(const char *what, dnnl_status_t s)
     return sae__fail(SAE_EUNSUPPORTED, "oneDNN: %s failed (status %d)", what, (int)s);
 }
 
-int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A, size_t n,
-                           float *C, float beta, size_t threads)
+struct sae__bf16_packed {
+    dnnl_memory_desc_t md; /* the layout, as the matmul's primitive descriptor reported it */
+    void *data;
+};
+
+/* The primitive descriptor of C [n][N] (f32) = A [n][K] @ W [K][N] (both bf16) + beta * C, W in
+ * w_tag's layout (dnnl_format_tag_any: the one the matmul prefers), user scratchpad. */
+static dnnl_status_t matmul_pd(size_t n, size_t K, size_t N, dnnl_format_tag_t w_tag, float beta,
+                               dnnl_primitive_desc_t *pd, const char **step)
+{
+    dnnl_status_t s;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t ops = NULL;
+    dnnl_memory_desc_t a_md, w_md, c_md;
+    const dnnl_dims_t a_dims = {(dnnl_dim_t)n, (dnnl_dim_t)K},
+                      w_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
+                      c_dims = {(dnnl_dim_t)n, (dnnl_dim_t)N};
+    dnnl_matmul_desc_t desc;
+#define TRY(call)                                                                                  \
+    do {                                                                                           \
+        *step = #call;                                                                             \
+        if ((s = (call)) != dnnl_success)                                                          \
+            goto done;                                                                             \
+    } while (0)
+    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_tag(&w_md, 2, w_dims, dnnl_bf16, w_tag));
+    TRY(dnnl_memory_desc_init_by_tag(&c_md, 2, c_dims, dnnl_f32, dnnl_ab));
+    TRY(dnnl_matmul_desc_init(&desc, &a_md, &w_md, NULL, &c_md));
+    TRY(dnnl_primitive_attr_create(&attr));
+    TRY(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
+    if (beta != 0.0f) { /* C = A @ W + beta * C */
+        TRY(dnnl_post_ops_create(&ops));
+        TRY(dnnl_post_ops_append_sum(ops, beta));
+        TRY(dnnl_primitive_attr_set_post_ops(attr, ops));
+    }
+    TRY(dnnl_primitive_desc_create(pd, &desc, attr, engine, NULL));
+#undef TRY
+done:
+    if (ops != NULL)
+        dnnl_post_ops_destroy(ops);
+    if (attr != NULL)
+        dnnl_primitive_attr_destroy(attr);
+    return s;
+}
+
+/* Runs prim with args on the calling thread's OpenMP team of `threads`. */
+static dnnl_status_t run(dnnl_primitive_t prim, int nargs, const dnnl_exec_arg_t *args,
+                         size_t threads, const char **step)
+{
+    const int saved_threads = omp_get_max_threads();
+    omp_set_num_threads(threads > 1024 ? 1024 : (int)threads);
+    dnnl_stream_t stream = NULL;
+    dnnl_status_t s = dnnl_stream_create(&stream, engine, dnnl_stream_default_flags);
+    *step = "dnnl_stream_create";
+    if (s == dnnl_success) {
+        *step = "dnnl_primitive_execute";
+        s = dnnl_primitive_execute(prim, stream, nargs, args);
+    }
+    if (s == dnnl_success) {
+        *step = "dnnl_stream_wait";
+        s = dnnl_stream_wait(stream);
+    }
+    if (stream != NULL)
+        dnnl_stream_destroy(stream);
+    omp_set_num_threads(saved_threads);
+    return s;
+}
+
+/* The matmul's preferred layout does not depend on the number of tokens (checked for 1 to 1024
+ * tokens, on AMX and AVX512-BF16, with oneDNN 2.6), so one token count stands for all; a product
+ * whose preferred layout differs takes W as it is instead. */
+enum { PACK_TOKENS = 64 };
+
+struct sae__bf16_packed *sae__bf16_pack(const uint16_t *W, size_t K, size_t N, size_t threads)
+{
+    if (sae__bf16_isa() == SAE_BF16_PATH_WIDEN)
+        return NULL;
+    struct sae__bf16_packed *P = calloc(1, sizeof *P);
+    dnnl_primitive_desc_t pd = NULL, rpd = NULL;
+    dnnl_primitive_t reorder = NULL;
+    dnnl_memory_t from = NULL, to = NULL;
+    dnnl_memory_desc_t plain;
+    const dnnl_dims_t dims = {(dnnl_dim_t)K, (dnnl_dim_t)N};
+    const char *step;
+    bool ok = P != NULL &&
+              matmul_pd(PACK_TOKENS, K, N, dnnl_format_tag_any, 0.0f, &pd, &step) == dnnl_success;
+    if (ok) {
+        P->md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+        /* 64-byte alignment, as oneDNN allocates its own. */
+        ok = posix_memalign(&P->data, 64, dnnl_memory_desc_get_size(&P->md)) == 0;
+        if (!ok)
+            P->data = NULL;
+    }
+    ok = ok && dnnl_memory_desc_init_by_tag(&plain, 2, dims, dnnl_bf16, dnnl_ab) == dnnl_success &&
+         dnnl_memory_create(&from, &plain, engine, (void *)(uintptr_t)W) == dnnl_success &&
+         dnnl_memory_create(&to, &P->md, engine, P->data) == dnnl_success &&
+         dnnl_reorder_primitive_desc_create(&rpd, &plain, engine, &P->md, engine, NULL) ==
+             dnnl_success &&
+         dnnl_primitive_create(&reorder, rpd) == dnnl_success;
+    if (ok) {
+        const dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+        ok = run(reorder, 2, args, threads, &step) == dnnl_success;
+    }
+    if (reorder != NULL)
+        dnnl_primitive_destroy(reorder);
+    if (rpd != NULL)
+        dnnl_primitive_desc_destroy(rpd);
+    if (to != NULL)
+        dnnl_memory_destroy(to);
+    if (from != NULL)
+        dnnl_memory_destroy(from);
+    if (pd != NULL)
+        dnnl_primitive_desc_destroy(pd);
+    if (!ok) {
+        sae__bf16_packed_free(P);
+        return NULL;
+    }
+    return P;
+}
+
+void sae__bf16_packed_free(struct sae__bf16_packed *P)
+{
+    if (P == NULL)
+        return;
+    free(P->data);
+    free(P);
+}
+
+int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, size_t K,
+                           size_t N, const float *A, size_t n, float *C, float beta,
+                           size_t threads)
 {
     if (sae__bf16_isa() == SAE_BF16_PATH_WIDEN)
         return sae__fail(SAE_EUNSUPPORTED, "no bfloat16 matrix instructions");
@@ -105,24 +242,98 @@ int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A
     narrow_job nj = {A, A16, K};
     sae__parallel_for(threads, n, sae__grain(K), narrow_range, &nj);
 
-    const int saved_threads = omp_get_max_threads();
-    omp_set_num_threads(threads > 1024 ? 1024 : (int)threads);
-
     int rc = SAE_OK;
     dnnl_status_t s;
     const char *step = "";
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t mem[4] = {NULL, NULL, NULL, NULL};
+    void *scratch = NULL;
+    const dnnl_memory_desc_t *w_md = NULL;
+    const void *w_data = W;
+    if (P != NULL) {
+        if ((s = matmul_pd(n, K, N, dnnl_format_tag_any, beta, &pd, &step)) != dnnl_success)
+            goto failed;
+        w_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+        if (dnnl_memory_desc_equal(w_md, &P->md))
+            w_data = P->data;
+        else {
+            dnnl_primitive_desc_destroy(pd);
+            pd = NULL;
+        }
+    }
+    if (pd == NULL) {
+        if ((s = matmul_pd(n, K, N, dnnl_ab, beta, &pd, &step)) != dnnl_success)
+            goto failed;
+        w_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    }
+#define TRY(call)                                                                                  \
+    do {                                                                                           \
+        step = #call;                                                                              \
+        if ((s = (call)) != dnnl_success)                                                          \
+            goto failed;                                                                           \
+    } while (0)
+    TRY(dnnl_primitive_create(&prim, pd));
+    const dnnl_memory_desc_t *scratch_md =
+        dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    const size_t scratch_bytes = scratch_md != NULL ? dnnl_memory_desc_get_size(scratch_md) : 0;
+    if (scratch_bytes > 0) {
+        if (posix_memalign(&scratch, 64, scratch_bytes) != 0) {
+            scratch = NULL;
+            rc = sae__fail(SAE_ENOMEM, "out of memory (%zu bytes of oneDNN scratchpad)",
+                           scratch_bytes);
+            goto done;
+        }
+        TRY(dnnl_memory_create(&mem[3], scratch_md, engine, scratch));
+    }
+    TRY(dnnl_memory_create(&mem[0], dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0),
+                           engine, A16));
+    TRY(dnnl_memory_create(&mem[1], w_md, engine, (void *)(uintptr_t)w_data)); /* only read */
+    TRY(dnnl_memory_create(&mem[2], dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0),
+                           engine, C));
+#undef TRY
+    const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
+                                     {DNNL_ARG_WEIGHTS, mem[1]},
+                                     {DNNL_ARG_DST, mem[2]},
+                                     {DNNL_ARG_SCRATCHPAD, mem[3]}};
+    if ((s = run(prim, scratch_bytes > 0 ? 4 : 3, args, threads, &step)) != dnnl_success)
+        goto failed;
+    goto done;
+failed:
+    rc = dnnl_fail(step, s);
+done:
+    for (int i = 0; i < 4; i++)
+        if (mem[i] != NULL)
+            dnnl_memory_destroy(mem[i]);
+    if (prim != NULL)
+        dnnl_primitive_destroy(prim);
+    if (pd != NULL)
+        dnnl_primitive_desc_destroy(pd);
+    free(scratch);
+    free(A16);
+    return rc;
+}
+
+int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
+                        const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
+                        size_t threads)
+{
+    if (sae__bf16_isa() == SAE_BF16_PATH_WIDEN)
+        return sae__fail(SAE_EUNSUPPORTED, "no bfloat16 matrix instructions");
+    dnnl_status_t s;
+    const char *step = "";
+    int rc = SAE_OK;
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t ops = NULL;
     dnnl_primitive_desc_t pd = NULL;
     dnnl_primitive_t prim = NULL;
-    dnnl_stream_t stream = NULL;
     dnnl_memory_t mem[4] = {NULL, NULL, NULL, NULL};
     void *scratch = NULL;
-
-    dnnl_memory_desc_t a_md, w_md, c_md;
-    const dnnl_dims_t a_dims = {(dnnl_dim_t)n, (dnnl_dim_t)K},
-                      w_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
-                      c_dims = {(dnnl_dim_t)n, (dnnl_dim_t)N};
+    dnnl_memory_desc_t a_md, b_md, c_md;
+    const dnnl_dims_t a_dims = {(dnnl_dim_t)M, (dnnl_dim_t)K},
+                      b_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
+                      c_dims = {(dnnl_dim_t)M, (dnnl_dim_t)N},
+                      c_strides = {(dnnl_dim_t)ldc, 1};
     dnnl_matmul_desc_t desc;
 #define TRY(call)                                                                                  \
     do {                                                                                           \
@@ -130,13 +341,16 @@ int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A
         if ((s = (call)) != dnnl_success)                                                          \
             goto failed;                                                                           \
     } while (0)
-    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, dnnl_ab));
-    TRY(dnnl_memory_desc_init_by_tag(&w_md, 2, w_dims, dnnl_bf16, dnnl_ab));
-    TRY(dnnl_memory_desc_init_by_tag(&c_md, 2, c_dims, dnnl_f32, dnnl_ab));
-    TRY(dnnl_matmul_desc_init(&desc, &a_md, &w_md, NULL, &c_md));
+    /* A transposed operand is the stored matrix read column-major (tag ba): no copy. */
+    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, ta ? dnnl_ba : dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_tag(&b_md, 2, b_dims, dnnl_bf16, tb ? dnnl_ba : dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_strides(&c_md, 2, c_dims, dnnl_f32, c_strides));
+    TRY(dnnl_matmul_desc_init(&desc, &a_md, &b_md, NULL, &c_md));
     TRY(dnnl_primitive_attr_create(&attr));
     TRY(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
-    if (beta != 0.0f) { /* C = A @ W + beta * C */
+    if (alpha != 1.0f) /* C = alpha * (A @ B) + beta * C: the scale comes before the sum */
+        TRY(dnnl_primitive_attr_set_output_scales(attr, 1, 0, &alpha));
+    if (beta != 0.0f) {
         TRY(dnnl_post_ops_create(&ops));
         TRY(dnnl_post_ops_append_sum(ops, beta));
         TRY(dnnl_primitive_attr_set_post_ops(attr, ops));
@@ -147,7 +361,6 @@ int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A
         dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
     const size_t scratch_bytes = scratch_md != NULL ? dnnl_memory_desc_get_size(scratch_md) : 0;
     if (scratch_bytes > 0) {
-        /* 64-byte alignment, as oneDNN allocates its own. */
         if (posix_memalign(&scratch, 64, scratch_bytes) != 0) {
             scratch = NULL;
             rc = sae__fail(SAE_ENOMEM, "out of memory (%zu bytes of oneDNN scratchpad)",
@@ -156,23 +369,20 @@ int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A
         }
         TRY(dnnl_memory_create(&mem[3], scratch_md, engine, scratch));
     }
-    TRY(dnnl_memory_create(&mem[0], &a_md, engine, A16));
-    TRY(dnnl_memory_create(&mem[1], &w_md, engine, (void *)(uintptr_t)W)); /* only read */
+    TRY(dnnl_memory_create(&mem[0], &a_md, engine, (void *)(uintptr_t)A)); /* only read */
+    TRY(dnnl_memory_create(&mem[1], &b_md, engine, (void *)(uintptr_t)B));
     TRY(dnnl_memory_create(&mem[2], &c_md, engine, C));
-    TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
+#undef TRY
     const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
                                      {DNNL_ARG_WEIGHTS, mem[1]},
                                      {DNNL_ARG_DST, mem[2]},
                                      {DNNL_ARG_SCRATCHPAD, mem[3]}};
-    TRY(dnnl_primitive_execute(prim, stream, scratch_bytes > 0 ? 4 : 3, args));
-    TRY(dnnl_stream_wait(stream));
-#undef TRY
+    if ((s = run(prim, scratch_bytes > 0 ? 4 : 3, args, threads, &step)) != dnnl_success)
+        goto failed;
     goto done;
 failed:
     rc = dnnl_fail(step, s);
 done:
-    if (stream != NULL)
-        dnnl_stream_destroy(stream);
     for (int i = 0; i < 4; i++)
         if (mem[i] != NULL)
             dnnl_memory_destroy(mem[i]);
@@ -184,9 +394,7 @@ done:
         dnnl_post_ops_destroy(ops);
     if (attr != NULL)
         dnnl_primitive_attr_destroy(attr);
-    omp_set_num_threads(saved_threads);
     free(scratch);
-    free(A16);
     return rc;
 }
 
@@ -194,10 +402,28 @@ done:
 
 sae_bf16_path sae__bf16_isa(void) { return SAE_BF16_PATH_WIDEN; }
 
-int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A, size_t n,
-                           float *C, float beta, size_t threads)
+int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, size_t K,
+                           size_t N, const float *A, size_t n, float *C, float beta,
+                           size_t threads)
 {
-    (void)W, (void)K, (void)N, (void)A, (void)n, (void)C, (void)beta, (void)threads;
+    (void)W, (void)P, (void)K, (void)N, (void)A, (void)n, (void)C, (void)beta, (void)threads;
+    return sae__fail(SAE_EUNSUPPORTED, "libsae was built without oneDNN");
+}
+
+struct sae__bf16_packed *sae__bf16_pack(const uint16_t *W, size_t K, size_t N, size_t threads)
+{
+    (void)W, (void)K, (void)N, (void)threads;
+    return NULL;
+}
+
+void sae__bf16_packed_free(struct sae__bf16_packed *P) { (void)P; }
+
+int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
+                        const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
+                        size_t threads)
+{
+    (void)ta, (void)tb, (void)M, (void)N, (void)K, (void)alpha, (void)A, (void)B, (void)beta;
+    (void)C, (void)ldc, (void)threads;
     return sae__fail(SAE_EUNSUPPORTED, "libsae was built without oneDNN");
 }
 

@@ -118,6 +118,8 @@ struct sae_model {
     sae_normalize normalize;   /* SAE_PARAM_NORMALIZE */
     uint16_t *W_enc16, *W_dec16; /* SAE_PARAM_BF16_WEIGHTS: the weights as bfloat16, and then
                                   * W_enc and W_dec are NULL; read them through weights.c */
+    struct sae__bf16_packed *W_enc16p, *W_dec16p; /* the same in oneDNN's layout, or NULL
+                                                   * (sae__bf16_repack) */
     float *dec_norm;      /* [d_sae] ||W_dec[i]||, kept current by sae__model_weights_changed */
     size_t k;             /* TopK, BatchTopK */
     int apply_b_dec;      /* 0 or 1 */
@@ -252,8 +254,25 @@ sae_bf16_path sae__bf16_isa(void);
 /* C [n][N] = A [n][K] (rounded to bfloat16) @ W [K][N] (bfloat16) + beta * C, accumulated in
  * float32, by oneDNN on `threads` threads. Errors: SAE_EUNSUPPORTED (no such instructions, or
  * oneDNN refused; C untouched), SAE_ENOMEM. */
-int sae__bf16_dnnl_product(const uint16_t *W, size_t K, size_t N, const float *A, size_t n,
-                           float *C, float beta, size_t threads);
+int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, size_t K,
+                           size_t N, const float *A, size_t n, float *C, float beta,
+                           size_t threads);
+/* W [K][N] (bfloat16, row-major) copied into the blocked layout oneDNN's matmul reads its weights
+ * in (AMX and AVX512-BF16 want pairs of rows interleaved, in tiles), which spares every product
+ * that reordering: NULL on the widening path, or if it fails (no error is set: the products then
+ * take W as it is). sae__bf16_dnnl_product uses P in place of W when P is the layout it wants. */
+struct sae__bf16_packed *sae__bf16_pack(const uint16_t *W, size_t K, size_t N, size_t threads);
+void sae__bf16_packed_free(struct sae__bf16_packed *P);
+/* C [M][N] (row stride ldc) = alpha * op(A) @ op(B) + beta * C by oneDNN on `threads` threads,
+ * accumulated in float32: A is [M][K] ([K][M] if ta) and B [K][N] ([N][K] if tb), both bfloat16
+ * and contiguous (mixed-precision training, train_bf16.c). Errors: SAE_EUNSUPPORTED, SAE_ENOMEM;
+ * C is then unspecified. */
+int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
+                        const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
+                        size_t threads);
+/* Remakes (t = SAE_W_ENC or SAE_W_DEC) or frees (the model holds float weights) m's packed copy
+ * of W_enc16 or W_dec16: every write of those calls it. */
+void sae__bf16_repack(sae_model *m, sae_tensor t);
 /* The panel path with a given panel width, for the tests. */
 int sae__bf16_gemm_panels(const sae_model *m, const uint16_t *W, size_t K, size_t N,
                           const float *A, size_t n, float *C, size_t panel_cols);

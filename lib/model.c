@@ -226,6 +226,8 @@ void sae_model_free(sae_model *m)
             free(*sae__model_tensor_slot(m, (sae_tensor)t));
     free(m->W_enc16);
     free(m->W_dec16);
+    sae__bf16_packed_free(m->W_enc16p);
+    sae__bf16_packed_free(m->W_dec16p);
     free(m->dec_norm);
     free(m->mag_scale);
     sae__unmap(&m->map);
@@ -308,6 +310,7 @@ int sae_model_set_tensor(sae_model *m, sae_tensor t, const float *src)
     if (narrow != NULL) {
         if ((rc = sae__bf16_narrow(src, narrow, count, cols, sae__tensor_names[t])) != SAE_OK)
             return rc;
+        sae__bf16_repack(m, t);
     } else {
         memmove(*sae__model_tensor_slot(m, t), src, count * sizeof(float));
     }
@@ -518,6 +521,8 @@ int sae__model_set_bf16(sae_model *m, bool on)
         m->W_dec = dec;
         m->owned |= (1u << SAE_W_ENC) | (1u << SAE_W_DEC);
     }
+    sae__bf16_repack(m, SAE_W_ENC); /* made, or freed */
+    sae__bf16_repack(m, SAE_W_DEC);
     sae__model_weights_changed(m);
     return SAE_OK;
 }

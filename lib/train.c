@@ -16,6 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Every product of a step runs in the trainer's precision (SAE_TRAIN_BF16: train_bf16.c); each
+ * call site has its trainer t in scope. */
+#define sae__sgemm(...) sae__train_gemm(t, __VA_ARGS__)
+
 const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_LR] = {"lr", K_POS, 0},
     [SAE_TRAIN_L1_COEFF] = {"l1_coeff", K_NONNEG, 0},
@@ -163,6 +167,8 @@ int sae__train_check_param(sae_train_param p, double v)
 int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v)
 {
     SAE_CHECK_NULL(t);
+    if (p == SAE_TRAIN_BF16)
+        return sae__train_bf16_set(t, v);
     int rc = sae__train_check_param(p, v);
     if (rc != SAE_OK)
         return rc;
@@ -175,6 +181,10 @@ int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v)
 {
     SAE_CHECK_NULL(t);
     SAE_CHECK_NULL(v);
+    if (p == SAE_TRAIN_BF16) {
+        *v = t->bf16 != NULL;
+        return SAE_OK;
+    }
     if (p < SAE_TRAIN_LR || p > SAE_TRAIN_B_DEC_INIT)
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
     *v = param_value(t, p);
@@ -241,6 +251,7 @@ void sae_trainer_free(sae_trainer *t)
     free(t->dead_pre);
     free(t->tmp);
     free(t->colsum);
+    sae__train_bf16_free(t->bf16);
     free(t);
 }
 
@@ -1201,7 +1212,8 @@ static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
                              "sae_trainer_step: n = %zu tokens is too many (at most 2^24 a step)", n);
         if ((rc = check_pair(t, x, y, n, to, "sae_trainer_step")) != SAE_OK)
             return rc;
-        if ((rc = ensure_scratch(t, n)) != SAE_OK)
+        if ((rc = ensure_scratch(t, n)) != SAE_OK ||
+            (rc = sae__train_bf16_reserve(t, n)) != SAE_OK)
             return rc;
     }
     /* The model has no tokens at stake until here, and is changed only by apply_step. */
@@ -1218,6 +1230,8 @@ static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
         if (m->apply_b_dec) /* b_dec also enters through the encoder input xs - b_dec */
             sae__sgemv(false, m->d_in, m->d_sae, -1.0f, m->W_enc, m->d_sae, t->buf + t->lay.b_enc,
                        1, 1.0f, t->buf + t->lay.b_dec, 1);
+        if ((rc = sae__train_bf16_status(t)) != SAE_OK)
+            return rc;
     }
     if (t->allreduce != NULL && (rc = t->allreduce(t->buf, t->lay.count, t->user)) != 0)
         return sae__fail(SAE_ECALLBACK, "sae_trainer_step: the allreduce callback returned %d",

@@ -98,11 +98,29 @@ struct sae_trainer {
     unsigned char *touched;  /* rows of gT written this step */
     double *colsum;          /* ReLU: per-latent sum of codes over the batch */
     sae__scored *heap;
+    struct sae__train_bf16 *bf16; /* SAE_TRAIN_BF16 (train_bf16.c); NULL when off */
 };
 
 /* Checks a parameter value against its kind's range, as floats where the step uses floats. */
 int sae__train_check_param(sae_train_param p, double v);
 /* SAE_ESTATE, naming fn, when the model holds bfloat16 weights (training writes float ones). */
 int sae__train_need_float_weights(const sae_trainer *t, const char *fn);
+
+/* ---- mixed precision (train_bf16.c): SAE_TRAIN_BF16 ---------------------------------------- */
+
+/* Sets SAE_TRAIN_BF16 (0 or 1, else SAE_EINVAL; SAE_ENOMEM). */
+int sae__train_bf16_set(sae_trainer *t, double v);
+void sae__train_bf16_free(struct sae__train_bf16 *b);
+/* For the tests: products of at most macs multiply-adds take SGEMM (2^25 unless set; 0 sends
+ * every product to oneDNN where the CPU allows). */
+void sae__train_bf16_set_small(sae_trainer *t, double macs);
+/* Before a step's passes: the operands' copies for n tokens (SAE_ENOMEM), and no failure yet. */
+int sae__train_bf16_reserve(sae_trainer *t, size_t n);
+/* After them: the first product's failure (oneDNN's scratchpad), set as the last error. */
+int sae__train_bf16_status(const sae_trainer *t);
+/* Every product of a step: sae__sgemm's arguments, computed in t's precision. */
+void sae__train_gemm(const sae_trainer *t, bool ta, bool tb, size_t M, size_t N, size_t K,
+                     float alpha, const float *A, size_t lda, const float *B, size_t ldb,
+                     float beta, float *C, size_t ldc);
 
 #endif /* SAE_TRAIN_INTERNAL_H */

@@ -259,6 +259,7 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
     const size_t K = enc ? m->d_in : m->d_sae, N = enc ? m->d_sae : m->d_out;
     const float *W = enc ? m->W_enc : m->W_dec;
     const uint16_t *W16 = enc ? m->W_enc16 : m->W_dec16;
+    const struct sae__bf16_packed *P = enc ? m->W_enc16p : m->W_dec16p;
     if (W16 == NULL) {
         if (n == 1)
             sae__sgemv(true, K, N, 1.0f, W, N, A, 1, beta, C, 1);
@@ -296,7 +297,7 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
         free(rows);
     }
     if (matrix) {
-        int rc = sae__bf16_dnnl_product(W16, K, N, A, n, C, beta, sae__model_threads(m));
+        int rc = sae__bf16_dnnl_product(W16, P, K, N, A, n, C, beta, sae__model_threads(m));
         if (rc != SAE_EUNSUPPORTED) /* refused: C is untouched, and the widening path runs */
             return rc;
     }
@@ -305,6 +306,17 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
     size_t cols = PANEL_BYTES / sizeof(float) / K;
     cols = cols < 64 ? 64 : cols / 64 * 64;
     return sae__bf16_gemm_panels(m, W16, K, N, A, n, C, cols);
+}
+
+void sae__bf16_repack(sae_model *m, sae_tensor t)
+{
+    const bool enc = t == SAE_W_ENC;
+    struct sae__bf16_packed **slot = enc ? &m->W_enc16p : &m->W_dec16p;
+    const uint16_t *W16 = enc ? m->W_enc16 : m->W_dec16;
+    sae__bf16_packed_free(*slot);
+    *slot = W16 == NULL ? NULL
+                        : sae__bf16_pack(W16, enc ? m->d_in : m->d_sae,
+                                         enc ? m->d_sae : m->d_out, sae__model_threads(m));
 }
 
 sae_bf16_path sae_model_bf16_path(const sae_model *m)

@@ -5,6 +5,7 @@
  * round trips (param back to 0, save and load, get and set), and what is refused. */
 #include "internal.h"
 #include "testutil.h"
+#include "train_internal.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -438,59 +439,400 @@ START_TEST(products_match_float64_sums_on_this_path)
     float *C0 = tu_malloc(n_max * (d_in + d_sae) * sizeof *C0);
     float *C = tu_malloc(n_max * (d_in + d_sae) * sizeof *C);
     float *Ct = tu_malloc(n_max * (d_in + d_sae) * sizeof *Ct);
-    for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
-        const size_t K = t == SAE_W_ENC ? d_in : d_sae, N = t == SAE_W_ENC ? d_sae : d_in;
-        ck_assert_ok(sae_model_get_tensor(m, (sae_tensor)t, w)); /* the rounded weights */
-        for (size_t n = 1; n <= n_max; n++)
-            for (int variant = 0; variant < 4; variant++) {
-                const float beta = (float)(variant & 1);
-                const bool sparse = variant & 2;
-                for (size_t i = 0; i < n * K; i++)
-                    A[i] = sparse && tu_next(&r) % 4 ? 0.0f : 2.0f * tu_normal(&r);
-                tu_fill(&r, C0, n * N, -1.0f, 1.0f);
-                memcpy(C, C0, n * N * sizeof *C);
-                ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 1));
-                ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, C, beta));
-                /* The few-token kernel (float activations) takes tokens x rows used <= 2 K. */
-                size_t used = 0;
-                for (size_t k = 0; k < K; k++) {
-                    bool any = false;
-                    for (size_t q = 0; q < n; q++)
-                        any |= A[q * K + k] != 0.0f;
-                    used += any;
-                }
-                const bool round = matrix && !(n <= 6 && n * used <= 2 * K);
-                for (size_t q = 0; q < n; q++)
-                    for (size_t j = 0; j < N; j++) {
-                        double want = beta * (double)C0[q * N + j], mass = fabs(want);
-                        for (size_t k = 0; k < K; k++) {
-                            double term = rounded(A[q * K + k], round) * w[k * N + j];
-                            want += term;
-                            mass += fabs(term);
-                        }
-                        ck_assert_msg(fabs(C[q * N + j] - want) <= 1e-5 * mass + 1e-30,
-                                      "%s %zu x %zu, n %zu, beta %g, %s, activations %s: "
-                                      "C[%zu][%zu] = %.9g, want %.9g",
-                                      t == SAE_W_ENC ? "W_enc" : "W_dec", K, N, n, (double)beta,
-                                      sparse ? "sparse" : "dense", round ? "rounded" : "float", q,
-                                      j, (double)C[q * N + j], want);
-                    }
-                for (size_t h = 0; h < sizeof threads / sizeof threads[0]; h++) {
-                    memcpy(Ct, C0, n * N * sizeof *Ct);
-                    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, (double)threads[h]));
-                    ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, Ct, beta));
-                    ck_assert_msg(memcmp(C, Ct, n * N * sizeof *C) == 0,
-                                  "%zu threads differ from 1: %zu x %zu, n %zu", threads[h], K, N,
-                                  n);
-                }
+    /* The products read the weights' copy in oneDNN's layout, made when the model switched; the
+     * second pass writes new weights, which must remake that copy. */
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1)
+            for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+                tu_fill(&r, w, d_in * d_sae, -1.0f, 1.0f);
+                ck_assert_ok(sae_model_set_tensor(m, (sae_tensor)t, w));
             }
+        ck_assert_msg(matrix == (m->W_enc16p != NULL && m->W_dec16p != NULL),
+                      "packed weights %s on the %s path", m->W_enc16p ? "made" : "missing",
+                      sae_bf16_path_name(sae__bf16_isa()));
+        for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
+            const size_t K = t == SAE_W_ENC ? d_in : d_sae, N = t == SAE_W_ENC ? d_sae : d_in;
+            ck_assert_ok(sae_model_get_tensor(m, (sae_tensor)t, w)); /* the rounded weights */
+            for (size_t n = 1; n <= n_max; n++)
+                for (int variant = 0; variant < 4; variant++) {
+                    const float beta = (float)(variant & 1);
+                    const bool sparse = variant & 2;
+                    for (size_t i = 0; i < n * K; i++)
+                        A[i] = sparse && tu_next(&r) % 4 ? 0.0f : 2.0f * tu_normal(&r);
+                    tu_fill(&r, C0, n * N, -1.0f, 1.0f);
+                    memcpy(C, C0, n * N * sizeof *C);
+                    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 1));
+                    ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, C, beta));
+                    /* The few-token kernel (float activations) takes tokens x rows used <= 2 K. */
+                    size_t used = 0;
+                    for (size_t k = 0; k < K; k++) {
+                        bool any = false;
+                        for (size_t q = 0; q < n; q++)
+                            any |= A[q * K + k] != 0.0f;
+                        used += any;
+                    }
+                    const bool round = matrix && !(n <= 6 && n * used <= 2 * K);
+                    for (size_t q = 0; q < n; q++)
+                        for (size_t j = 0; j < N; j++) {
+                            double want = beta * (double)C0[q * N + j], mass = fabs(want);
+                            for (size_t k = 0; k < K; k++) {
+                                double term = rounded(A[q * K + k], round) * w[k * N + j];
+                                want += term;
+                                mass += fabs(term);
+                            }
+                            ck_assert_msg(fabs(C[q * N + j] - want) <= 1e-5 * mass + 1e-30,
+                                          "%s %zu x %zu, n %zu, beta %g, %s, activations %s: "
+                                          "C[%zu][%zu] = %.9g, want %.9g",
+                                          t == SAE_W_ENC ? "W_enc" : "W_dec", K, N, n, (double)beta,
+                                          sparse ? "sparse" : "dense",
+                                          round ? "rounded" : "float", q, j,
+                                          (double)C[q * N + j], want);
+                        }
+                    for (size_t h = 0; h < sizeof threads / sizeof threads[0]; h++) {
+                        memcpy(Ct, C0, n * N * sizeof *Ct);
+                        ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, (double)threads[h]));
+                        ck_assert_ok(sae__weights_product(m, (sae_tensor)t, A, n, Ct, beta));
+                        ck_assert_msg(memcmp(C, Ct, n * N * sizeof *C) == 0,
+                                      "%zu threads differ from 1: %zu x %zu, n %zu",
+                                      threads[h], K, N, n);
+                    }
+                }
+        }
     }
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_BF16_WEIGHTS, 0));
+    ck_assert(m->W_enc16p == NULL && m->W_dec16p == NULL);
     free(w);
     free(A);
     free(C0);
     free(C);
     free(Ct);
     sae_model_free(m);
+}
+END_TEST
+
+
+/* ---- mixed-precision training (SAE_TRAIN_BF16, train_bf16.c) -------------------------------- */
+
+typedef struct {
+    float *copy;
+    size_t count;
+} grad_capture;
+
+static int capture_grad(float *buf, size_t count, void *user)
+{
+    grad_capture *c = user;
+    free(c->copy);
+    c->copy = tu_malloc(count * sizeof(float));
+    memcpy(c->copy, buf, count * sizeof(float));
+    c->count = count;
+    return 0;
+}
+
+/* Structured data: a nonzero mean and a slope across dimensions, so the codes differ. */
+static float *train_data(size_t n, size_t d, uint64_t seed)
+{
+    tu_rng r = {seed};
+    float *x = tu_malloc(n * d * sizeof *x);
+    for (size_t t = 0; t < n; t++)
+        for (size_t j = 0; j < d; j++)
+            x[t * d + j] = 0.5f + 0.3f * (float)j / (float)d + tu_normal(&r);
+    return x;
+}
+
+static double r64(double v, bool round) { return round ? (double)reference_round((float)v) : v; }
+
+/* A sum's reference: the float64 sum, its mass (sum of |terms|) and largest term. */
+typedef struct {
+    double sum, mass, big;
+} ref_sum;
+
+static void ref_add(ref_sum *s, double term)
+{
+    s->sum += term;
+    s->mass += fabs(term);
+    s->big = fmax(s->big, fabs(term));
+}
+
+/* The tolerance of one sum: float32 accumulation (1e-5 of the mass), plus one term whose operand
+ * lies so close to a bfloat16 rounding boundary that float32 and float64 intermediates round it
+ * apart (2^-8 of the largest term; none of these sums is hit twice). */
+static bool ref_close(double got, const ref_sum *s, bool round)
+{
+    return fabs(got - s->sum) <= 1e-5 * s->mass + (round ? 0x1p-8 * s->big : 0.0) + 1e-30;
+}
+
+/* The ReLU step's gradient sums (buf sections W_enc, W_dec, b_enc, b_dec), computed in float64
+ * from the model before the step, with every product's operands rounded to bfloat16 if round:
+ * pre = r(xin) r(W_enc) + b_enc, f = relu(pre), E = b_dec - x_s + r(f) r(W_dec), G = (r(2E)
+ * r(W_dec)^T + lambda ||W_dec[i]||) [f > 0]; dW_dec = r(f)^T r(2E) + lambda colsum W_dec[i] /
+ * ||W_dec[i]||; dW_enc = r(xin)^T r(G); db_enc = sum G; db_dec = sum 2E - W_enc db_enc.
+ * Returns how many of the got sums are off (printing the first few). */
+static size_t relu_grad_mismatches(const sae_model *m, const float *x, size_t n, double lambda,
+                                   const float *got, const sae__train_layout *L, bool round)
+{
+    const size_t d = sae_model_d_in(m), s = sae_model_d_sae(m);
+    float *We = tu_malloc(d * s * sizeof *We), *Wd = tu_malloc(s * d * sizeof *Wd);
+    float *be = tu_malloc(s * sizeof *be), *bd = tu_malloc(d * sizeof *bd);
+    ck_assert_ok(sae_model_get_tensor(m, SAE_W_ENC, We));
+    ck_assert_ok(sae_model_get_tensor(m, SAE_W_DEC, Wd));
+    ck_assert_ok(sae_model_get_tensor(m, SAE_B_ENC, be));
+    ck_assert_ok(sae_model_get_tensor(m, SAE_B_DEC, bd));
+    double scale;
+    ck_assert_ok(sae_model_get_param(m, SAE_PARAM_INPUT_SCALE, &scale));
+    float *xs = tu_malloc(n * d * sizeof *xs), *xin = tu_malloc(n * d * sizeof *xin);
+    float *f = tu_malloc(n * s * sizeof *f), *E2 = tu_malloc(n * d * sizeof *E2);
+    float *G = tu_malloc(n * s * sizeof *G);
+    double *norm = tu_malloc(s * sizeof *norm), *colsum = tu_malloc(s * sizeof *colsum);
+    for (size_t i = 0; i < s; i++) {
+        double q = 0.0;
+        for (size_t j = 0; j < d; j++)
+            q += (double)Wd[i * d + j] * Wd[i * d + j];
+        norm[i] = sqrt(q);
+        colsum[i] = 0.0;
+    }
+    for (size_t t = 0; t < n * d; t++) { /* float, as the trainer computes them */
+        xs[t] = (float)scale * x[t];
+        xin[t] = xs[t] - bd[t % d];
+    }
+    for (size_t t = 0; t < n; t++) {
+        for (size_t i = 0; i < s; i++) {
+            double acc = be[i];
+            for (size_t j = 0; j < d; j++)
+                acc += r64(xin[t * d + j], round) * r64(We[j * s + i], round);
+            f[t * s + i] = acc > 0.0 ? (float)acc : 0.0f;
+            colsum[i] += f[t * s + i];
+        }
+        for (size_t j = 0; j < d; j++) {
+            double acc = (double)(bd[j] - xs[t * d + j]);
+            for (size_t i = 0; i < s; i++)
+                acc += r64(f[t * s + i], round) * r64(Wd[i * d + j], round);
+            E2[t * d + j] = (float)(2.0 * acc);
+        }
+        for (size_t i = 0; i < s; i++) {
+            double acc = 0.0;
+            for (size_t j = 0; j < d; j++)
+                acc += r64(E2[t * d + j], round) * r64(Wd[i * d + j], round);
+            G[t * s + i] = f[t * s + i] > 0.0f ? (float)(acc + lambda * norm[i]) : 0.0f;
+        }
+    }
+    size_t bad = 0;
+#define CHECK(section, index, rs)                                                                  \
+    do {                                                                                           \
+        const double g_ = got[L->section + (index)];                                               \
+        if (!ref_close(g_, &(rs), round) && bad++ < 5 && round)                                    \
+            fprintf(stderr, "%s %s[%zu]: %.9g, float64 %.9g (mass %.3g)\n",                        \
+                    round ? "rounded" : "float", #section, (size_t)(index), g_, (rs).sum,          \
+                    (rs).mass);                                                                    \
+    } while (0)
+    for (size_t i = 0; i < s; i++)
+        for (size_t j = 0; j < d; j++) {
+            ref_sum w = {0, 0, 0}, e = {0, 0, 0};
+            for (size_t t = 0; t < n; t++) {
+                ref_add(&w, r64(f[t * s + i], round) * r64(E2[t * d + j], round));
+                ref_add(&e, r64(xin[t * d + j], round) * r64(G[t * s + i], round));
+            }
+            if (lambda != 0.0 && colsum[i] != 0.0)
+                ref_add(&w, lambda * colsum[i] * Wd[i * d + j] / norm[i]);
+            CHECK(W_dec, i * d + j, w);
+            CHECK(W_enc, j * s + i, e);
+        }
+    double *gbe = tu_malloc(s * sizeof *gbe);
+    for (size_t i = 0; i < s; i++) {
+        ref_sum b = {0, 0, 0};
+        for (size_t t = 0; t < n; t++)
+            ref_add(&b, G[t * s + i]);
+        gbe[i] = got[L->b_enc + i]; /* the trainer's sum enters db_dec, as in the step */
+        CHECK(b_enc, i, b);
+    }
+    for (size_t j = 0; j < d; j++) {
+        ref_sum b = {0, 0, 0};
+        for (size_t t = 0; t < n; t++)
+            ref_add(&b, E2[t * d + j]);
+        for (size_t i = 0; i < s; i++)
+            ref_add(&b, -(double)We[j * s + i] * gbe[i]);
+        CHECK(b_dec, j, b);
+    }
+#undef CHECK
+    void *blocks[] = {We, Wd, be, bd, xs, xin, f, E2, G, norm, colsum, gbe};
+    for (size_t i = 0; i < sizeof blocks / sizeof blocks[0]; i++)
+        free(blocks[i]);
+    return bad;
+}
+
+/* A ReLU model holding m's weights and input scale now. */
+static sae_model *relu_snapshot(const sae_model *m)
+{
+    const size_t d = sae_model_d_in(m), s = sae_model_d_sae(m);
+    sae_model *c;
+    ck_assert_ok(sae_model_new(&c, SAE_ARCH_RELU, d, s));
+    float *buf = tu_malloc(d * s * sizeof *buf);
+    const sae_tensor ts[] = {SAE_W_ENC, SAE_W_DEC, SAE_B_ENC, SAE_B_DEC};
+    for (size_t i = 0; i < 4; i++) {
+        ck_assert_ok(sae_model_get_tensor(m, ts[i], buf));
+        ck_assert_ok(sae_model_set_tensor(c, ts[i], buf));
+    }
+    double scale;
+    ck_assert_ok(sae_model_get_param(m, SAE_PARAM_INPUT_SCALE, &scale));
+    ck_assert_ok(sae_model_set_param(c, SAE_PARAM_INPUT_SCALE, scale));
+    free(buf);
+    return c;
+}
+
+/* Odd shapes, and token counts not multiples of 16 or 32; loop index: shape x (every product on
+ * oneDNN, or the default split by size). */
+static const size_t train_shapes[][3] = {{19, 70, 37}, {33, 47, 9}, {8, 130, 40}};
+
+START_TEST(bf16_training_step_matches_float64_over_rounded_products)
+{
+    const size_t *sh = train_shapes[_i / 2];
+    const size_t d = sh[0], s = sh[1], n = sh[2];
+    const bool all_onednn = _i % 2 == 0;
+    float *x = train_data(8 * n, d, 5 + (uint64_t)_i);
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, SAE_ARCH_RELU, d, s));
+    sae_trainer *t;
+    ck_assert_ok(sae_trainer_new(&t, m));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 1e-2));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_L1_COEFF, 0.3));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 1));
+    double on;
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_BF16, &on));
+    ck_assert(on == 1.0);
+    if (all_onednn)
+        sae__train_bf16_set_small(t, 0.0);
+    ck_assert_ok(sae_trainer_init(t, x, 4 * n));
+    grad_capture cap = {NULL, 0};
+    ck_assert_ok(sae_trainer_set_allreduce(t, capture_grad, &cap));
+    sae__train_layout L;
+    sae__train_layout_of(m, &L);
+    /* The first step, and the fourth (the weights then moved by three bfloat16 steps). */
+    for (size_t step = 0; step < 4; step++) {
+        sae_model *before = NULL;
+        if (step == 0 || step == 3)
+            before = relu_snapshot(m);
+        const float *batch = x + (step % 4) * n * d;
+        ck_assert_ok(sae_trainer_step(t, batch, n));
+        if (before == NULL)
+            continue;
+        const double lambda = 0.3;
+        ck_assert_msg(relu_grad_mismatches(before, batch, n, lambda, cap.copy, &L, true) == 0,
+                      "%zu x %zu, %zu tokens, step %zu (%s): the bfloat16 step's gradient is "
+                      "not the rounded products' (above)",
+                      d, s, n, step + 1, all_onednn ? "all oneDNN" : "default split");
+        /* It is not the float products' either: the rounding happened. */
+        ck_assert_msg(relu_grad_mismatches(before, batch, n, lambda, cap.copy, &L, false) > 0,
+                      "the bfloat16 step's gradient equals the float one's");
+        sae_model_free(before);
+    }
+    free(cap.copy);
+    sae_trainer_free(t);
+    sae_model_free(m);
+    free(x);
+}
+END_TEST
+
+/* The same steps give the same bits on 1, 2 and 3 threads (oneDNN's team follows
+ * SAE_PARAM_THREADS), for ReLU and TopK (with AuxK), every product on oneDNN. */
+START_TEST(bf16_training_is_independent_of_the_thread_count)
+{
+    const sae_arch arch = _i == 0 ? SAE_ARCH_RELU : SAE_ARCH_TOPK;
+    const size_t d = 29, s = 150, n = 45, threads[] = {1, 2, 3};
+    float *x = train_data(4 * n, d, 17);
+    float *first = tu_malloc(d * s * 2 * sizeof *first), *w = tu_malloc(d * s * 2 * sizeof *w);
+    for (size_t h = 0; h < 3; h++) {
+        sae_model *m;
+        ck_assert_ok(sae_model_new(&m, arch, d, s));
+        if (arch == SAE_ARCH_TOPK)
+            ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 5));
+        ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, (double)threads[h]));
+        sae_trainer *t;
+        ck_assert_ok(sae_trainer_new(&t, m));
+        ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 1e-2));
+        ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_AUXK, 8));
+        ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 30));
+        ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 1));
+        sae__train_bf16_set_small(t, 0.0);
+        ck_assert_ok(sae_trainer_init(t, x, 4 * n));
+        for (size_t step = 0; step < 12; step++)
+            ck_assert_ok(sae_trainer_step(t, x + (step % 4) * n * d, n));
+        ck_assert_ok(sae_model_get_tensor(m, SAE_W_ENC, w));
+        ck_assert_ok(sae_model_get_tensor(m, SAE_W_DEC, w + d * s));
+        if (h == 0)
+            memcpy(first, w, d * s * 2 * sizeof *w);
+        else
+            ck_assert_msg(memcmp(first, w, d * s * 2 * sizeof *w) == 0,
+                          "%s: %zu threads give other weights than 1", sae_arch_name(arch),
+                          threads[h]);
+        sae_trainer_free(t);
+        sae_model_free(m);
+    }
+    free(first);
+    free(w);
+    free(x);
+}
+END_TEST
+
+/* A run in bfloat16 reaches the float run's FVU (within 3% of it, on held-out tokens), for ReLU
+ * and TopK, on every product path; and SAE_TRAIN_BF16 takes 0 and 1 only. */
+START_TEST(bf16_training_reaches_the_float_fvu)
+{
+    const sae_arch arch = _i == 0 ? SAE_ARCH_RELU : SAE_ARCH_TOPK;
+    const size_t d = 24, s = 96, n = 64, steps = 300;
+    tu_rng r = {23};
+    /* Tokens made of a few of 96 planted directions, so a dictionary can explain them. */
+    float *dirs = tu_malloc(s * d * sizeof *dirs);
+    for (size_t i = 0; i < s * d; i++)
+        dirs[i] = tu_normal(&r);
+    const size_t total = (steps + 40) * n;
+    float *x = tu_malloc(total * d * sizeof *x);
+    for (size_t t = 0; t < total; t++) {
+        for (size_t j = 0; j < d; j++)
+            x[t * d + j] = 0.05f * tu_normal(&r);
+        for (int q = 0; q < 3; q++) {
+            const size_t i = tu_next(&r) % s;
+            const float a = 1.0f + (float)(tu_next(&r) % 100) / 50.0f;
+            for (size_t j = 0; j < d; j++)
+                x[t * d + j] += a * dirs[i * d + j];
+        }
+    }
+    double fvu[2];
+    for (int bf = 0; bf < 2; bf++) {
+        sae_model *m;
+        ck_assert_ok(sae_model_new(&m, arch, d, s));
+        if (arch == SAE_ARCH_TOPK)
+            ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 4));
+        sae_trainer *t;
+        ck_assert_ok(sae_trainer_new(&t, m));
+        ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 3e-3));
+        ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_L1_COEFF, 0.05));
+        ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, bf));
+        sae__train_bf16_set_small(t, 0.0);
+        ck_assert_ok(sae_trainer_init(t, x, 4 * n));
+        for (size_t step = 0; step < steps; step++)
+            ck_assert_ok(sae_trainer_step(t, x + step * n * d, n));
+        const sae_eval_metric which = SAE_EVAL_FVU;
+        ck_assert_ok(sae_evaluate(m, x + steps * n * d, 40 * n, &which, 1, &fvu[bf]));
+        sae_trainer_free(t);
+        sae_model_free(m);
+    }
+    ck_assert_msg(fvu[0] < 0.5, "the float run did not learn (FVU %g)", fvu[0]);
+    ck_assert_msg(fabs(fvu[1] - fvu[0]) <= 0.03 * fvu[0], "%s: bfloat16 FVU %g, float FVU %g",
+                  sae_arch_name(arch), fvu[1], fvu[0]);
+    sae_trainer *t;
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, arch, d, s));
+    ck_assert_ok(sae_trainer_new(&t, m));
+    ck_assert_sae(sae_trainer_set_param(t, SAE_TRAIN_BF16, 2), SAE_EINVAL);
+    ck_assert_sae(sae_trainer_set_param(t, SAE_TRAIN_BF16, 0.5), SAE_EINVAL);
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 1));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 0));
+    double v;
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_BF16, &v));
+    ck_assert(v == 0.0);
+    sae_trainer_free(t);
+    sae_model_free(m);
+    free(dirs);
+    free(x);
 }
 END_TEST
 
@@ -510,6 +852,10 @@ static Suite *bf16_suite(void)
     tcase_add_loop_test(tc, round_trips_keep_the_rounded_weights, 0, (int)N_ARCHS);
     tcase_add_test(tc, switching_refuses_bad_values_and_out_of_range_weights);
     tcase_add_test(tc, training_needs_float_weights);
+    tcase_add_loop_test(tc, bf16_training_step_matches_float64_over_rounded_products, 0,
+                        (int)(2 * sizeof train_shapes / sizeof train_shapes[0]));
+    tcase_add_loop_test(tc, bf16_training_is_independent_of_the_thread_count, 0, 2);
+    tcase_add_loop_test(tc, bf16_training_reaches_the_float_fvu, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -40,6 +40,7 @@ TRAIN_PARAMS: Dict[str, int] = {"lr": 1, "l1_coeff": 2, "auxk": 3, "auxk_coeff":
                                 "lr_decay_steps": 12, "grad_clip": 13, "decoder_init_norm": 14,
                                 "threshold_lr": 15, "adam_eps": 16, "normalize_input": 17,
                                 "b_dec_init": 18}
+TRAIN_PARAMS["bf16"] = 31  # SAE_TRAIN_BF16: mixed-precision products
 
 #: sae_train_metric: what Trainer.step returns, by name.
 TRAIN_METRICS: Dict[str, int] = {"loss": 1, "mse": 2, "fvu": 3, "l0": 4, "dead_fraction": 5,

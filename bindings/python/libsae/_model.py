@@ -9,7 +9,12 @@ from . import _buffers as B
 from ._args import PathLike
 from ._enums import EVAL_METRICS, LOAD_FLAGS, MODEL_PARAMS, NORMALIZATIONS, TENSORS, name_of
 from ._handle import Handle
-from ._lib import EUNSUPPORTED, LibsaeError, has, lib, require
+from ._lib import EUNSUPPORTED, LibsaeError, declare, has, lib, require
+
+# The bfloat16 path getters (sae.h, sae_model_bf16_path): optional, so that an older library
+# still loads and only Model.bf16_path says what it lacks.
+declare("sae_model_bf16_path", ctypes.c_int, [ctypes.c_void_p], optional=True)
+declare("sae_bf16_path_name", ctypes.c_char_p, [ctypes.c_int], optional=True)
 
 #: The keyword arguments of Model.new and Model.new_transcoder that set parameters.
 _NEW_PARAMS = ("k", "input_scale", "apply_b_dec_to_input", "threshold", "threads", "normalize")
@@ -171,6 +176,19 @@ class Model(Handle):
         """The dtype the weights were stored in: "F32", "F16", "BF16" or "F64"."""
         with self._use() as h:
             return lib.sae_model_dtype(h).decode()
+
+    @property
+    def bf16_path(self) -> str:
+        """How this model's batched weight products run (sae.h, sae_model_bf16_path): "float"
+        (float weights: SGEMM), or with bf16_weights set, "amx" or "avx512_bf16" (oneDNN on the
+        CPU's bfloat16 matrix instructions; the activations entering a product of more than a
+        few tokens are rounded to bfloat16 too) or "widen" (no such instructions, or a library
+        built without oneDNN: the weights are widened to float for SGEMM). Chosen once per
+        process from the CPU; the environment variable SAE_BF16_ISA ("none", "avx512_bf16")
+        caps it. NotImplementedError if the loaded library predates it."""
+        require("sae_model_bf16_path")
+        with self._use() as h:
+            return lib.sae_bf16_path_name(lib.sae_model_bf16_path(h)).decode()
 
     def get_param(self, name: str) -> Union[float, str]:
         """One parameter by name (the keys of libsae.MODEL_PARAMS): "k" (TopK, BatchTopK:
