@@ -734,7 +734,7 @@ SAE_API int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, doubl
  * from 0, each >= 1, summing to d_sae (e.g. d_sae/32, d_sae/16, d_sae/8, d_sae/4 and the rest);
  * n = 0 (sizes may be NULL) removes the groups, back to plain BatchTopK. The trainer copies the
  * sizes. Takes effect at the next step; checkpoints keep the groups. get copies the sizes into
- * sizes[0..cap) and their number into *n (0 without groups; sizes may be NULL then).
+ * sizes[0..cap) and their number into *n (0 without groups); with sizes NULL, only the number.
  * Errors: SAE_EINVAL (NULL t or n, sizes that are 0 or do not sum to d_sae, cap too small),
  * SAE_EUNSUPPORTED (set on a model that is not BatchTopK), SAE_ENOMEM. Not thread safe
  * against a step of the same trainer. */

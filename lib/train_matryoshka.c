@@ -91,11 +91,11 @@ int sae_trainer_get_groups(const sae_trainer *t, size_t *sizes, size_t cap, size
     SAE_CHECK_NULL(t);
     SAE_CHECK_NULL(n);
     *n = t->n_groups;
-    if (t->n_groups == 0)
+    if (t->n_groups == 0 || sizes == NULL) /* NULL sizes: the count alone */
         return SAE_OK;
-    if (sizes == NULL || cap < t->n_groups)
+    if (cap < t->n_groups)
         return sae__fail(SAE_EINVAL, "sae_trainer_get_groups: the trainer has %zu groups, the "
-                         "array room for %zu", t->n_groups, sizes ? cap : 0);
+                         "array room for %zu", t->n_groups, cap);
     for (size_t g = 0; g < t->n_groups; g++)
         sizes[g] = t->group_end[g] - (g > 0 ? t->group_end[g - 1] : 0);
     return SAE_OK;
