@@ -5,7 +5,11 @@
  * Ctrl-C finishes the step, writes a final checkpoint and exits.
  *
  *   train [options] OUT.safetensors ACTS.npy [ACTS.npy ...]
- *     --arch topk|batchtopk|relu   architecture (topk)
+ *     --arch topk|batchtopk|relu|jumprelu|matryoshka   architecture (topk); matryoshka is a
+ *                                  BatchTopK model trained with nested group losses
+ *     --groups A,B,...             Matryoshka group sizes, summing to d_sae (d_sae/32, /16, /8,
+ *                                  /4 and the rest)
+ *     --l0 X --bandwidth X         JumpReLU's L0 coefficient and kernel width (libsae's defaults)
  *     --latents N                  d_sae (8 * d_in)
  *     --k K                        active latents per token, TopK and BatchTopK (32)
  *     --batch N                    tokens per step (4096)
@@ -245,8 +249,9 @@ static void duration(double s, char *out, size_t size)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: train [--arch topk|batchtopk|relu] [--latents N] [--k K] [--batch N] [--steps N]\n"
-            "             [--lr X] [--l1 X] [--auxk N] [--dead-tokens N] [--seed N] [--chunk N]\n"
+            "usage: train [--arch topk|batchtopk|relu|jumprelu|matryoshka] [--groups A,B,...]\n"
+            "             [--latents N] [--k K] [--batch N] [--steps N] [--lr X] [--l1 X] [--l0 X]\n"
+            "             [--bandwidth X] [--auxk N] [--dead-tokens N] [--seed N] [--chunk N]\n"
             "             [--init-tokens N] [--checkpoint PATH] [--every N] [--resume]\n"
             "             [--target Y.npy ... [--skip]] OUT.safetensors ACTS.npy [ACTS.npy ...]\n");
 }
@@ -258,6 +263,34 @@ static void usage(void)
             return 1;                                                                              \
         }                                                                                          \
     } while (0)
+
+/* Matryoshka group sizes "A,B,..." into groups (at most cap); 0 on success. Empty text: the
+ * doubling default d_sae/32, /16, /8, /4 and the rest, merged where d_sae is too small. */
+static int parse_groups(const char *text, size_t d_sae, size_t *groups, size_t cap, size_t *n)
+{
+    *n = 0;
+    if (text == NULL || *text == '\0') {
+        size_t used = 0;
+        for (size_t div = 32; div >= 4; div /= 2)
+            if (d_sae / div > 0) {
+                groups[(*n)++] = d_sae / div;
+                used += d_sae / div;
+            }
+        groups[(*n)++] = d_sae - used;
+        return 0;
+    }
+    const char *p = text;
+    while (*p != '\0') {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(p, &end, 10);
+        if (end == p || errno != 0 || *p == '-' || *n == cap || (*end != ',' && *end != '\0'))
+            return -1;
+        groups[(*n)++] = (size_t)v;
+        p = *end == ',' ? end + 1 : end;
+    }
+    return *n > 0 ? 0 : -1;
+}
 
 static int parse_size(const char *s, size_t *out)
 {
@@ -275,8 +308,9 @@ int main(int argc, char **argv)
     sae_arch arch = SAE_ARCH_TOPK;
     size_t latents = 0, k = 32, batch = 4096, steps = 0, chunk = 262144, init_tokens = 32768;
     size_t every = 1000, auxk = 0, dead_tokens = 0, seed = 0;
-    double lr = 0, l1 = -1;
-    const char *ckpt = NULL;
+    double lr = 0, l1 = -1, l0 = -1, bandwidth = 0;
+    const char *ckpt = NULL, *groups_text = NULL;
+    bool matryoshka = false;
     int resume = 0, skip = 0, i = 1;
     char **targets = calloc((size_t)argc, sizeof *targets);
     size_t n_targets = 0;
@@ -294,8 +328,16 @@ int main(int argc, char **argv)
         }
         const char *val = argv[++i];
         int bad = 0;
-        if (strcmp(opt, "--arch") == 0)
+        if (strcmp(opt, "--arch") == 0 && strcmp(val, "matryoshka") == 0)
+            arch = SAE_ARCH_BATCHTOPK, matryoshka = true;
+        else if (strcmp(opt, "--arch") == 0)
             bad = sae_arch_from_name(val, &arch) != SAE_OK;
+        else if (strcmp(opt, "--groups") == 0)
+            groups_text = val;
+        else if (strcmp(opt, "--l0") == 0)
+            bad = !((l0 = atof(val)) >= 0);
+        else if (strcmp(opt, "--bandwidth") == 0)
+            bad = !((bandwidth = atof(val)) > 0);
         else if (strcmp(opt, "--latents") == 0)
             bad = parse_size(val, &latents);
         else if (strcmp(opt, "--k") == 0)
@@ -377,9 +419,26 @@ int main(int argc, char **argv)
         CHECK(sae_model_new_transcoder(&m, arch, d_in, latents, d_out, skip));
     else
         CHECK(sae_model_new(&m, arch, d_in, latents));
-    if (arch != SAE_ARCH_RELU)
+    if (arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK)
         CHECK(sae_model_set_param(m, SAE_PARAM_K, (double)k));
     CHECK(sae_trainer_new(&t, m));
+    if (groups_text != NULL && !matryoshka) {
+        fprintf(stderr, "--groups is for --arch matryoshka\n");
+        return 2;
+    }
+    if (matryoshka) {
+        size_t groups[64], n_groups;
+        if (parse_groups(groups_text, latents, groups, 64, &n_groups) != 0) {
+            fprintf(stderr, "bad --groups %s (at most 64 sizes, summing to %zu)\n", groups_text,
+                    latents);
+            return 2;
+        }
+        CHECK(sae_trainer_set_groups(t, groups, n_groups));
+    }
+    if (l0 >= 0)
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_L0_COEFF, l0));
+    if (bandwidth > 0)
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_JUMPRELU_BANDWIDTH, bandwidth));
     CHECK(sae_trainer_set_param(t, SAE_TRAIN_TOTAL_STEPS, (double)steps));
     CHECK(sae_trainer_set_param(t, SAE_TRAIN_SEED, (double)seed));
     if (lr > 0)
@@ -431,7 +490,8 @@ int main(int argc, char **argv)
                 d_out, s.rows, s.n_files, steps, batch);
     else
         fprintf(stderr, "%s SAE %zu -> %zu on %zu rows (%zu files), %zu steps of %zu\n",
-                sae_arch_name(arch), d_in, latents, s.rows, s.n_files, steps, batch);
+                matryoshka ? "matryoshka" : sae_arch_name(arch), d_in, latents, s.rows, s.n_files,
+                steps, batch);
     const double start = now();
     double last_print = 0;
     size_t step = (size_t)done, first_step = step;

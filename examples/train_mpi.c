@@ -3,7 +3,8 @@
  * and every process takes the same step, so all hold the same weights.
  *
  *   mpirun -np P train_mpi [options] ACTS.npy
- *     --arch topk|batchtopk|relu  (topk)    --latents N  (8 * d_in)   --k K (32)
+ *     --arch topk|batchtopk|relu|jumprelu|matryoshka  (topk)   --latents N  (8 * d_in)   --k K (32)
+ *                   (matryoshka: BatchTopK with groups d_sae/32, /16, /8, /4 and the rest)
  *     --batch N     tokens per process per step (1024)     --steps N (200)   --seed N (0)
  *     --lr X        --out PATH  (rank 0 saves the model there)
  *     --target Y.npy  a transcoder predicting Y's rows from ACTS's (same row count); --skip gives
@@ -12,7 +13,10 @@
  *                   data-parallel trainer's state (weights, Adam moments, dead counters, copied
  *                   through a checkpoint before every step), and checks that the step gives the
  *                   same weights to float tolerance; then every process checks that all
- *                   processes hold bit-identical weights.
+ *                   processes hold bit-identical weights. BatchTopK (and Matryoshka) select
+ *                   within each process's share, so there the second trainer computes each
+ *                   share's gradient sums in turn (an allreduce hook that keeps them and fails
+ *                   the step, which changes nothing) and steps on their total.
  *
  * Global step s uses rows [s * P * N, (s + 1) * P * N) of the file (wrapping around), and process
  * r takes the r-th slice of N rows. Every process initializes from the same first rows. */
@@ -64,32 +68,63 @@ static void die(int rank, const char *what)
     MPI_Abort(MPI_COMM_WORLD, 1);
 }
 
-/* W_enc, W_dec, b_enc, b_dec and (has_skip) W_skip, in one array. */
+/* W_enc, W_dec, b_enc, b_dec, (has_skip) W_skip and a JumpReLU model's threshold, in one array. */
 static float *all_weights(const sae_model *m, int has_skip, size_t *count)
 {
     size_t d = sae_model_d_in(m), s = sae_model_d_sae(m), o = sae_model_d_out(m), w = d * s;
-    size_t skip = has_skip ? d * o : 0;
-    *count = w + s * o + s + o + skip;
+    size_t skip = has_skip ? d * o : 0, th = sae_model_arch(m) == SAE_ARCH_JUMPRELU ? s : 0;
+    *count = w + s * o + s + o + skip + th;
     float *v = malloc(*count * sizeof(float));
     if (v == NULL || sae_model_get_tensor(m, SAE_W_ENC, v) != SAE_OK ||
         sae_model_get_tensor(m, SAE_W_DEC, v + w) != SAE_OK ||
         sae_model_get_tensor(m, SAE_B_ENC, v + w + s * o) != SAE_OK ||
         sae_model_get_tensor(m, SAE_B_DEC, v + w + s * o + s) != SAE_OK ||
-        (skip && sae_model_get_tensor(m, SAE_W_SKIP, v + w + s * o + s + o) != SAE_OK)) {
+        (skip && sae_model_get_tensor(m, SAE_W_SKIP, v + w + s * o + s + o) != SAE_OK) ||
+        (th && sae_model_get_tensor(m, SAE_THRESHOLD, v + w + s * o + s + o + skip) != SAE_OK)) {
         free(v);
         return NULL;
     }
     return v;
 }
 
+/* The selftest's hook for BatchTopK: mode 0 adds the share's sums to acc and fails the step
+ * (which leaves the trainer unchanged); mode 1 hands over the total. */
+typedef struct {
+    float *acc;
+    int mode;
+} shares;
+
+static int shares_allreduce(float *buf, size_t count, void *user)
+{
+    shares *sh = user;
+    if (sh->acc == NULL && (sh->acc = calloc(count, sizeof(float))) == NULL)
+        return -1;
+    if (sh->mode == 0) {
+        for (size_t i = 0; i < count; i++)
+            sh->acc[i] += buf[i];
+        return 1;
+    }
+    memcpy(buf, sh->acc, count * sizeof(float));
+    memset(sh->acc, 0, count * sizeof(float));
+    return 0;
+}
+
 static sae_trainer *make(sae_model **m, sae_arch arch, size_t d_in, size_t latents, size_t d_out,
-                         int skip, size_t k, double lr, size_t steps, size_t seed, int rank)
+                         int skip, size_t k, double lr, size_t steps, size_t seed, int rank,
+                         int matryoshka)
 {
     sae_trainer *t;
+    size_t groups[6], n_groups = 0, used = 0;
+    for (size_t div = 32; matryoshka && div >= 4; div /= 2)
+        if (latents / div > 0)
+            used += groups[n_groups++] = latents / div;
+    groups[n_groups++] = latents - used;
     if ((d_out ? sae_model_new_transcoder(m, arch, d_in, latents, d_out, skip)
                : sae_model_new(m, arch, d_in, latents)) != SAE_OK ||
-        (arch != SAE_ARCH_RELU && sae_model_set_param(*m, SAE_PARAM_K, (double)k) != SAE_OK) ||
+        ((arch == SAE_ARCH_TOPK || arch == SAE_ARCH_BATCHTOPK) &&
+         sae_model_set_param(*m, SAE_PARAM_K, (double)k) != SAE_OK) ||
         sae_trainer_new(&t, *m) != SAE_OK ||
+        (matryoshka && sae_trainer_set_groups(t, groups, n_groups) != SAE_OK) ||
         sae_trainer_set_param(t, SAE_TRAIN_TOTAL_STEPS, (double)steps) != SAE_OK ||
         sae_trainer_set_param(t, SAE_TRAIN_SEED, (double)seed) != SAE_OK ||
         /* a short run: let latents die (and AuxK act) within it */
@@ -110,7 +145,7 @@ int main(int argc, char **argv)
     sae_arch arch = SAE_ARCH_TOPK;
     size_t latents = 0, k = 32, batch = 1024, steps = 200, seed = 0;
     double lr = 0;
-    int selftest = 0, skip = 0, i = 1;
+    int selftest = 0, skip = 0, i = 1, matryoshka = 0;
     const char *out = NULL, *target = NULL;
     for (; i < argc && strncmp(argv[i], "--", 2) == 0; i++) {
         if (strcmp(argv[i], "--selftest") == 0 || strcmp(argv[i], "--skip") == 0) {
@@ -120,6 +155,10 @@ int main(int argc, char **argv)
         if (i + 1 >= argc)
             break;
         const char *opt = argv[i], *val = argv[++i];
+        if (strcmp(opt, "--arch") == 0 && strcmp(val, "matryoshka") == 0) {
+            arch = SAE_ARCH_BATCHTOPK, matryoshka = 1;
+            continue;
+        }
         if (strcmp(opt, "--arch") == 0 && sae_arch_from_name(val, &arch) == SAE_OK)
             continue;
         if (strcmp(opt, "--latents") == 0)
@@ -171,7 +210,8 @@ int main(int argc, char **argv)
         latents = 8 * d_in;
 
     sae_model *m, *ref_m = NULL;
-    sae_trainer *t = make(&m, arch, d_in, latents, d_out, skip, k, lr, steps, seed, rank),
+    sae_trainer *t = make(&m, arch, d_in, latents, d_out, skip, k, lr, steps, seed, rank,
+                          matryoshka),
                 *ref = NULL;
     size_t init_rows = sae_npy_rows(a) < 8192 ? sae_npy_rows(a) : 8192;
     float *x = malloc(P * batch * d_in * sizeof(float));
@@ -192,13 +232,14 @@ int main(int argc, char **argv)
      * pre-activations goes the other way and a latent learns in one run only. */
     char state[] = "/tmp/train_mpi-state-XXXXXX";
     if (selftest && rank == 0) {
-        ref = make(&ref_m, arch, d_in, latents, d_out, skip, k, lr, steps, seed, rank);
+        ref = make(&ref_m, arch, d_in, latents, d_out, skip, k, lr, steps, seed, rank, matryoshka);
         int fd = mkstemp(state);
         if (fd < 0)
             die(rank, "creating the state file");
         close(fd);
     }
 
+    shares sh = {NULL, 0};
     double worst = 0.0, start = MPI_Wtime();
     int failed = 0;
     for (size_t s = 0; s < steps && !failed; s++) {
@@ -220,10 +261,25 @@ int main(int argc, char **argv)
         const float *xr = x + (size_t)rank * batch * d_in, *yr = y + (size_t)rank * batch * d_out;
         if ((b ? sae_trainer_step_to(t, xr, yr, batch) : sae_trainer_step(t, xr, batch)) != SAE_OK)
             die(rank, "step");
-        if (ref != NULL) {
+        if (ref != NULL && arch == SAE_ARCH_BATCHTOPK) {
+            /* Each share's sums in turn, then a step on their total. */
+            if (sae_trainer_set_allreduce(ref, shares_allreduce, &sh) != SAE_OK)
+                die(rank, "set_allreduce");
+            for (size_t r = 0; r <= P; r++) {
+                const size_t q = r < P ? r : 0;
+                sh.mode = r < P ? 0 : 1;
+                int rc = b ? sae_trainer_step_to(ref, x + q * batch * d_in,
+                                                 y + q * batch * d_out, batch)
+                           : sae_trainer_step(ref, x + q * batch * d_in, batch);
+                if (rc != (r < P ? SAE_ECALLBACK : SAE_OK))
+                    die(rank, "reference step");
+            }
+        } else if (ref != NULL) {
             if ((b ? sae_trainer_step_to(ref, x, y, P * batch)
                    : sae_trainer_step(ref, x, P * batch)) != SAE_OK)
                 die(rank, "reference step");
+        }
+        if (ref != NULL) {
             size_t n;
             float *w = all_weights(m, skip && b, &n), *wr = all_weights(ref_m, skip && b, &n);
             if (w == NULL || wr == NULL)
@@ -282,14 +338,16 @@ int main(int argc, char **argv)
         free(w0);
         if (rank == 0 && !failed)
             printf("selftest passed: %zu %s%s steps on %d processes equal one process on the "
-                   "combined batches (largest relative weight difference %.3g)\n",
-                   steps, sae_arch_name(arch), b ? (skip ? " skip transcoder" : " transcoder") : "",
-                   procs, worst);
+                   "%s (largest relative weight difference %.3g)\n",
+                   steps, matryoshka ? "matryoshka" : sae_arch_name(arch), b ? (skip ? " skip transcoder" : " transcoder") : "",
+                   procs, arch == SAE_ARCH_BATCHTOPK ? "processes' shares" : "combined batches",
+                   worst);
     }
     if (out != NULL && rank == 0 && !failed && sae_model_save(m, out) != SAE_OK)
         die(rank, "saving");
     if (ref != NULL)
         unlink(state);
+    free(sh.acc);
     free(x);
     free(init);
     free(y);

@@ -603,8 +603,9 @@ SAE_API int sae_evaluate_to(const sae_model *m, const float *x, const float *y, 
 /* ---------------------------------------------------------------------------------------------
  * Dictionary learning (training)
  *
- * A trainer learns a ReLU, TopK or BatchTopK model in place, one Adam step per batch (an SAE as
- * below; a transcoder from pairs with sae_trainer_init_to and sae_trainer_step_to):
+ * A trainer learns a ReLU, TopK, BatchTopK, Matryoshka BatchTopK or JumpReLU model in place, one
+ * Adam step per batch (an SAE as below; a transcoder from pairs with sae_trainer_init_to and
+ * sae_trainer_step_to):
  *
  *     sae_model *m;
  *     sae_trainer *t;
@@ -632,6 +633,19 @@ SAE_API int sae_evaluate_to(const sae_model *m, const float *x, const float *y, 
  * - BatchTopK: TopK's losses, but the k * n largest activations of the whole batch are kept; a
  *   running threshold (EMA of the smallest kept activation, rate THRESHOLD_LR) is stored in the
  *   model as SAE_PARAM_THRESHOLD after every step, so the model encodes in the inference form.
+ * - Matryoshka BatchTopK, Bussmann et al. 2025 (dictionary_learning, SAELens): a BatchTopK model
+ *   with groups (sae_trainer_set_groups): consecutive latents split into G groups, and the main
+ *   loss is the mean over g of ||x_s - x_hat_s(first g+1 groups)||^2 / v, so every prefix of
+ *   groups reconstructs on its own. The model stays BatchTopK (threshold inference form).
+ * - JumpReLU, Rajamanoharan et al. 2024 / Gemma Scope (SAELens's "step" mode): loss =
+ *   sum_d (x_s - x_hat_s)^2 + L0_COEFF * sum_i H(pre_i - threshold_i), thresholds trained as
+ *   log-thresholds through straight-through estimators with a rectangle kernel of width
+ *   JUMPRELU_BANDWIDTH (d f_i/d threshold_i = -(threshold_i / bandwidth) rect(u), d H/d
+ *   threshold_i = -rect(u) / bandwidth, u = (pre_i - threshold_i) / bandwidth; nothing reaches
+ *   pre through H), thresholds starting at JUMPRELU_INIT_THRESHOLD, unit-norm decoder rows as
+ *   TopK; the L0 coefficient warms up over L1_WARMUP_STEPS (TOTAL_STEPS / 20 until set). Its
+ *   defaults: LR 7e-5, BETA1 0, ADAM_EPS 1e-8, GRAD_CLIP 0, no LR decay. The model's threshold
+ *   tensor is exp(log-threshold) after every step.
  * x_s = INPUT_SCALE * x is the model's scaled input: with NORMALIZE_INPUT (the default),
  * sae_trainer_init sets INPUT_SCALE so that the sample's mean norm is sqrt(d_in), and losses are
  * measured in those units.
@@ -647,8 +661,9 @@ SAE_API int sae_evaluate_to(const sae_model *m, const float *x, const float *y, 
  * float buffer and hands it to the callback, which must replace it with the element-wise sum over
  * all processes. Every process then takes the same Adam step and keeps the same dead-latent
  * counters, so the weights stay identical (to float rounding, equal to one process stepping on
- * the combined batch). Every process must call sae_trainer_init with the same sample. BatchTopK
- * selects its k * n activations within each process's batch.
+ * the combined batch). Every process must call sae_trainer_init with the same sample (and set
+ * the same groups and parameters). BatchTopK selects its k * n activations within each
+ * process's batch.
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct sae_trainer sae_trainer;
@@ -674,7 +689,10 @@ typedef enum {
     SAE_TRAIN_ADAM_EPS = 16,        /* >= 0; ReLU 1e-8, TopK/BatchTopK 6.25e-10 */
     SAE_TRAIN_NORMALIZE_INPUT = 17, /* 0 or 1: init sets INPUT_SCALE (mean norm sqrt(d_in)); 1 */
     SAE_TRAIN_B_DEC_INIT = 18,      /* 0 zero, 1 mean, 2 geometric median of the sample; 2 */
-    SAE_TRAIN_BF16 = 31             /* 0 or 1: mixed precision (below); 0 */
+    SAE_TRAIN_JUMPRELU_BANDWIDTH = 19,      /* > 0, JumpReLU's pseudo-derivative width; 0.05 */
+    SAE_TRAIN_JUMPRELU_INIT_THRESHOLD = 20, /* > 0, JumpReLU's threshold at init; 0.01 */
+    SAE_TRAIN_L0_COEFF = 21,                /* >= 0, JumpReLU's L0 penalty coefficient; 1 */
+    SAE_TRAIN_BF16 = 31                     /* 0 or 1: mixed precision (below); 0 */
 } sae_train_param;
 
 /* SAE_TRAIN_BF16 = 1: mixed-precision training, as torch's bf16 autocast. Every matrix product of
@@ -701,15 +719,18 @@ typedef enum {
     SAE_METRIC_TOKENS = 7,        /* tokens trained on since init */
     SAE_METRIC_AUXK_LOSS = 8,     /* the normalized AuxK loss (before AUXK_COEFF); 0 if none */
     SAE_METRIC_LR = 9,            /* learning rate used by the last step, after the schedule */
-    SAE_METRIC_GRAD_NORM = 10     /* global gradient norm of the last step, before clipping */
+    SAE_METRIC_GRAD_NORM = 10,    /* global gradient norm of the last step, before clipping */
+    SAE_METRIC_SPARSITY_LOSS = 11, /* JumpReLU: L0_COEFF (after warm-up) * mean L0; else 0 */
+    SAE_METRIC_THRESHOLD_MEAN = 12, /* JumpReLU: mean threshold after the step; else 0 */
+    SAE_METRIC_PREFIX_FVU = 13     /* Matryoshka: FVU of the first group alone; else the FVU */
 } sae_train_metric;
 
 /* A trainer for model m, which it trains in place (m must outlive it and must not be used by
- * another thread during a step). ReLU, TopK and BatchTopK models train, SAEs and transcoders
+ * another thread during a step). ReLU, TopK, BatchTopK and JumpReLU models train, SAEs and transcoders
  * (with or without W_skip: sae_trainer_init_to); K comes from the model. A model with
  * SAE_PARAM_NORMALIZE is refused (SAE_EUNSUPPORTED).
  * Parameters start at the defaults for m's architecture and size. On success *out owns the
- * trainer. Errors: SAE_EINVAL (NULL), SAE_EUNSUPPORTED (JumpReLU), SAE_ENOMEM. */
+ * trainer. Errors: SAE_EINVAL (NULL), SAE_EUNSUPPORTED (gated, GroupMax), SAE_ENOMEM. */
 SAE_API int sae_trainer_new(sae_trainer **out, sae_model *m);
 /* Releases the trainer (not the model). NULL is a no-op. */
 SAE_API void sae_trainer_free(sae_trainer *t);
@@ -722,6 +743,17 @@ SAE_API void sae_trainer_free(sae_trainer *t);
  * Errors: SAE_EINVAL (NULL, unknown parameter, value out of range, naming both). */
 SAE_API int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v);
 SAE_API int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v);
+
+/* Matryoshka training of a BatchTopK model: sizes[0..n) are the group sizes, consecutive latents
+ * from 0, each >= 1, summing to d_sae (e.g. d_sae/32, d_sae/16, d_sae/8, d_sae/4 and the rest);
+ * n = 0 (sizes may be NULL) removes the groups, back to plain BatchTopK. The trainer copies the
+ * sizes. Takes effect at the next step; checkpoints keep the groups. get copies the sizes into
+ * sizes[0..cap) and their number into *n (0 without groups); with sizes NULL, only the number.
+ * Errors: SAE_EINVAL (NULL t or n, sizes that are 0 or do not sum to d_sae, cap too small),
+ * SAE_EUNSUPPORTED (set on a model that is not BatchTopK), SAE_ENOMEM. Not thread safe
+ * against a step of the same trainer. */
+SAE_API int sae_trainer_set_groups(sae_trainer *t, const size_t *sizes, size_t n);
+SAE_API int sae_trainer_get_groups(const sae_trainer *t, size_t *sizes, size_t cap, size_t *n);
 
 /* Data-aware initialization from a sample x [n][d_in] (n >= 1; OpenAI used 32768 tokens):
  * INPUT_SCALE (if NORMALIZE_INPUT), b_dec (geometric median of the scaled sample by default,
@@ -771,7 +803,7 @@ SAE_API int sae_trainer_set_allreduce(sae_trainer *t, sae_allreduce_fn fn, void 
 
 /* Checkpoints. save writes the model and everything training needs to continue bit for bit
  * (Adam moments, step and token counts, dead-latent counters, normalizers, BatchTopK threshold,
- * parameters, last metrics) as one libsae safetensors file, atomically (as sae_model_save); the
+ * JumpReLU log-thresholds, Matryoshka groups, parameters, last metrics) as one libsae safetensors file, atomically (as sae_model_save); the
  * file also loads with sae_model_load as a plain model. load reads such a file into a trainer
  * whose model has the same architecture and shape, overwriting the model's weights and
  * parameters and the trainer's state and parameters; on failure nothing changes.

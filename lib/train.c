@@ -1,7 +1,8 @@
-/* Dictionary learning: ReLU (Anthropic, April 2024), TopK (OpenAI, 2024) and BatchTopK training of
- * an SAE or a transcoder (sparsify's recipe) in place: the trainer object, its parameters,
- * data-aware initialization, the step and the data-parallel hook (checkpoints:
- * train_checkpoint.c).
+/* Dictionary learning: ReLU (Anthropic, April 2024), TopK (OpenAI, 2024), BatchTopK, JumpReLU
+ * (Rajamanoharan et al. 2024; its pass: train_jumprelu.c) and Matryoshka BatchTopK (Bussmann et
+ * al. 2025; train_matryoshka.c) training of an SAE or a transcoder (sparsify's recipe) in place:
+ * the trainer object, its parameters, data-aware initialization, the step and the data-parallel
+ * hook (checkpoints: train_checkpoint.c).
  *
  * A step computes, on this process's tokens, the sums over tokens of the per-token loss's
  * gradient into one buffer (with the firing counts and metric sums), lets the caller sum that
@@ -39,11 +40,14 @@ const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_ADAM_EPS] = {"adam_eps", K_NONNEG, 0},
     [SAE_TRAIN_NORMALIZE_INPUT] = {"normalize_input", K_ENUM, 1},
     [SAE_TRAIN_B_DEC_INIT] = {"b_dec_init", K_ENUM, 2},
+    [SAE_TRAIN_JUMPRELU_BANDWIDTH] = {"jumprelu_bandwidth", K_POS, 0},
+    [SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = {"jumprelu_init_threshold", K_POS, 0},
+    [SAE_TRAIN_L0_COEFF] = {"l0_coeff", K_NONNEG, 0},
 };
 
 const char *const sae__train_metric_names[N_METRICS] = {
     NULL, "loss", "mse", "fvu", "l0", "dead_fraction", "steps", "tokens", "auxk_loss", "lr",
-    "grad_norm"};
+    "grad_norm", "sparsity_loss", "threshold_mean", "prefix_fvu"};
 
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l)
 {
@@ -53,7 +57,8 @@ void sae__train_layout_of(const sae_model *m, sae__train_layout *l)
     l->b_enc = l->W_dec + m->d_sae * m->d_out;
     l->b_dec = l->b_enc + m->d_sae;
     l->W_skip = l->b_dec + m->d_out;
-    l->n_params = l->W_skip + (m->skip ? m->d_in * m->d_out : 0);
+    l->log_th = l->W_skip + (m->skip ? m->d_in * m->d_out : 0);
+    l->n_params = l->log_th + (m->arch == SAE_ARCH_JUMPRELU ? m->d_sae : 0);
     l->fires = l->n_params;
     l->stats = l->fires + m->d_sae;
     l->sum_dx = l->stats + SAE__STAT_COUNT;
@@ -67,16 +72,19 @@ static bool is_sparse_arch(sae_arch a) { return a == SAE_ARCH_TOPK || a == SAE_A
 
 static void set_defaults(sae_trainer *t)
 {
-    const bool relu = !t->sparse;
+    const bool relu = !t->sparse && !t->jump;
     double *p = t->param;
-    /* Sources: docs/training.md. */
-    p[SAE_TRAIN_LR] = relu ? 5e-5 : 2e-4 / sqrt((double)t->m->d_sae / 16384.0);
+    /* Sources: docs/training.md. JumpReLU: Rajamanoharan et al. 2024 (learning rate 7e-5, Adam
+     * beta1 0, as dictionary_learning's JumpReluTrainer), SAELens's JumpReLUTrainingSAEConfig
+     * (bandwidth 0.05, initial threshold 0.01 and L0 coefficient 1, in the units of activations
+     * scaled to mean norm sqrt(d_in), which are libsae's). */
+    p[SAE_TRAIN_LR] = t->jump ? 7e-5 : relu ? 5e-5 : 2e-4 / sqrt((double)t->m->d_sae / 16384.0);
     p[SAE_TRAIN_L1_COEFF] = 5.0;
     p[SAE_TRAIN_AUXK] = 256;
     p[SAE_TRAIN_AUXK_COEFF] = 1.0 / 32.0;
     p[SAE_TRAIN_DEAD_TOKENS] = 10e6;
     p[SAE_TRAIN_WARMUP_STEPS] = 0;
-    p[SAE_TRAIN_BETA1] = 0.9;
+    p[SAE_TRAIN_BETA1] = t->jump ? 0.0 : 0.9;
     p[SAE_TRAIN_BETA2] = 0.999;
     p[SAE_TRAIN_SEED] = 0;
     p[SAE_TRAIN_TOTAL_STEPS] = 0;
@@ -85,11 +93,14 @@ static void set_defaults(sae_trainer *t)
     p[SAE_TRAIN_GRAD_CLIP] = relu ? 1.0 : 0.0;
     p[SAE_TRAIN_DECODER_INIT_NORM] = 1.0; /* the contract: unit-norm rows after init */
     p[SAE_TRAIN_THRESHOLD_LR] = 0.01;
-    p[SAE_TRAIN_ADAM_EPS] = relu ? 1e-8 : 6.25e-10;
+    p[SAE_TRAIN_ADAM_EPS] = t->sparse ? 6.25e-10 : 1e-8;
     p[SAE_TRAIN_NORMALIZE_INPUT] = 1;
     /* A transcoder's b_dec starts at y's mean (sparsify's trainer), an SAE's at the geometric
      * median (OpenAI's init_from_data_). */
     p[SAE_TRAIN_B_DEC_INIT] = t->tc ? 1 : 2;
+    p[SAE_TRAIN_JUMPRELU_BANDWIDTH] = 0.05;
+    p[SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = 0.01;
+    p[SAE_TRAIN_L0_COEFF] = 1.0;
     memset(t->param_set, 0, sizeof t->param_set);
 }
 
@@ -100,13 +111,13 @@ static double param_value(const sae_trainer *t, sae_train_param p)
     if (p == SAE_TRAIN_L1_WARMUP_STEPS && !t->param_set[p])
         return t->sparse ? 0.0 : floor(total / 20.0);
     if (p == SAE_TRAIN_LR_DECAY_STEPS && !t->param_set[p])
-        return t->sparse ? 0.0 : floor(total / 5.0);
+        return t->sparse || t->jump ? 0.0 : floor(total / 5.0);
     return t->param[p];
 }
 
 int sae__train_check_param(sae_train_param p, double v)
 {
-    if (p < SAE_TRAIN_LR || p > SAE_TRAIN_B_DEC_INIT)
+    if (p < SAE_TRAIN_LR || p >= N_PARAMS || sae__train_params[p].name == NULL)
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
     const char *name = sae__train_params[p].name;
     bool whole = v == floor(v) && v >= 0.0 && v <= WHOLE_MAX;
@@ -185,7 +196,7 @@ int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v)
         *v = t->bf16 != NULL;
         return SAE_OK;
     }
-    if (p < SAE_TRAIN_LR || p > SAE_TRAIN_B_DEC_INIT)
+    if (p < SAE_TRAIN_LR || p >= N_PARAMS || sae__train_params[p].name == NULL)
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
     *v = param_value(t, p);
     return SAE_OK;
@@ -195,7 +206,7 @@ int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double 
 {
     SAE_CHECK_NULL(t);
     SAE_CHECK_NULL(v);
-    if (which < SAE_METRIC_LOSS || which > SAE_METRIC_GRAD_NORM)
+    if (which < SAE_METRIC_LOSS || which >= N_METRICS || sae__train_metric_names[which] == NULL)
         return sae__fail(SAE_EINVAL, "unknown training metric %d", (int)which);
     if (which == SAE_METRIC_STEPS) {
         *v = (double)t->step;
@@ -252,6 +263,10 @@ void sae_trainer_free(sae_trainer *t)
     free(t->tmp);
     free(t->colsum);
     sae__train_bf16_free(t->bf16);
+    free(t->log_th);
+    free(t->group_end);
+    free(t->mat_e);
+    free(t->mat_s);
     free(t);
 }
 
@@ -272,10 +287,9 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     SAE_CHECK_NULL(out);
     *out = NULL;
     SAE_CHECK_NULL(m);
-    if (m->arch != SAE_ARCH_RELU && !is_sparse_arch(m->arch))
-        return sae__fail(SAE_EUNSUPPORTED,
-                         "training %s models is not supported (ReLU, TopK and BatchTopK train)",
-                         sae_arch_name(m->arch));
+    if (m->arch != SAE_ARCH_RELU && m->arch != SAE_ARCH_JUMPRELU && !is_sparse_arch(m->arch))
+        return sae__fail(SAE_EUNSUPPORTED, "training %s models is not supported (ReLU, TopK, "
+                         "BatchTopK and JumpReLU train)", sae_arch_name(m->arch));
     if (m->normalize != SAE_NORMALIZE_NONE)
         return sae__fail(SAE_EUNSUPPORTED, "training a model with SAE_PARAM_NORMALIZE is not "
                          "supported (set it to SAE_NORMALIZE_NONE and let NORMALIZE_INPUT scale "
@@ -286,7 +300,9 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     t->m = m;
     t->sparse = is_sparse_arch(m->arch);
     t->tc = m->transcoder;
-    t->unit_dec = t->sparse && !t->tc;
+    t->jump = m->arch == SAE_ARCH_JUMPRELU;
+    /* Unit-norm decoder rows for JumpReLU too, as Gemma Scope and dictionary_learning. */
+    t->unit_dec = (t->sparse || t->jump) && !t->tc;
     t->out_scale = 1.0;
     sae__train_layout_of(m, &t->lay);
     set_defaults(t);
@@ -309,7 +325,15 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     }
     if (t->tmp && !t->sparse)
         t->colsum = sae__alloc(d_sae, sizeof(double), "training scratch");
-    if (t->tmp == NULL || (!t->sparse && t->colsum == NULL)) {
+    bool extra = true;
+    if (t->jump)
+        extra = (t->log_th = sae__zalloc(d_sae, sizeof(float), "log-thresholds")) != NULL;
+    if (m->arch == SAE_ARCH_BATCHTOPK) {
+        t->mat_e = sae__alloc(m->d_out, sizeof(float), "training scratch");
+        t->mat_s = t->mat_e ? sae__alloc(m->d_out, sizeof(float), "training scratch") : NULL;
+        extra = t->mat_s != NULL;
+    }
+    if (t->tmp == NULL || (!t->sparse && t->colsum == NULL) || !extra) {
         sae_trainer_free(t);
         return SAE_ENOMEM;
     }
@@ -588,6 +612,8 @@ static int init_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
     sae__model_weights_changed(m);
     if (m->arch == SAE_ARCH_BATCHTOPK)
         m->batch_threshold = 0.0f;
+    if (t->jump)
+        sae__jumprelu_init(t);
     t->out_scale = c;
     t->mse_norm = var > 0.0 ? var : 1.0;
     t->aux_norm = t->mse_norm;
@@ -654,7 +680,7 @@ static void input_stats(sae_trainer *t, const float *tgt, size_t n)
 
 /* The part of the error E = y_hat - tgt the codes do not make: b_dec - tgt, plus a transcoder's
  * skip term x @ W_skip (raw x, as the model computes it). */
-static void error_base(sae_trainer *t, const float *x, const float *tgt, size_t n)
+void sae__train_error_base(sae_trainer *t, const float *x, const float *tgt, size_t n)
 {
     const sae_model *m = t->m;
     const size_t d_in = m->d_in, d_out = m->d_out;
@@ -673,7 +699,7 @@ static void error_base(sae_trainer *t, const float *x, const float *tgt, size_t 
 
 /* W_skip's gradient: x_s^T @ G, with G [n][d_out] the gradient with respect to the normalized
  * output (W_skip' maps x_s to it; the encoder input xin is x_s for a transcoder). */
-static void skip_gradient(sae_trainer *t, const float *G, size_t n)
+void sae__train_skip_gradient(sae_trainer *t, const float *G, size_t n)
 {
     const sae_model *m = t->m;
     if (m->skip)
@@ -694,7 +720,7 @@ static void relu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n
     for (size_t i = 0; i < n * d_sae; i++)
         f[i] = f[i] > 0.0f ? f[i] : 0.0f;
     /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
-    error_base(t, x, tgt, n);
+    sae__train_error_base(t, x, tgt, n);
     sae__sgemm(false, false, n, d_in, d_sae, 1.0f, f, d_sae, m->W_dec, d_in, 1.0f, E, d_in);
     if (t->tc)
         sae__sscal(n * d_in, c, E);
@@ -748,7 +774,7 @@ static void relu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n
     /* dW_enc = xin^T @ G */
     sae__sgemm(true, false, m->d_in, d_sae, n, 1.0f, t->xin, m->d_in, G, d_sae, 0.0f,
                buf + L->W_enc, d_sae);
-    skip_gradient(t, E, n);
+    sae__train_skip_gradient(t, E, n);
     float *st = buf + L->stats;
     st[SAE__STAT_SSE] = (float)sse;
     st[SAE__STAT_LOSS] = (float)(sse + lambda * l1);
@@ -877,7 +903,8 @@ static void select_auxk(sae_trainer *t, size_t n, size_t n_dead, size_t auxk)
 /* Adds one latent's share of a token's gradient: the decoder row gets f * g, and the latent's
  * pre-activation gets dpre = g . W_dec[j] (the activation is positive, so its ReLU passes it),
  * which goes to b_enc and, as dpre * xin, to the encoder column (kept transposed in gT). */
-static void backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g, const float *xin)
+void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g,
+                                const float *xin)
 {
     const size_t d_in = t->m->d_in, d_out = t->m->d_out;
     const float *w = t->m->W_dec + (size_t)j * d_out;
@@ -932,9 +959,9 @@ static void sparse_pass(sae_trainer *t, const float *x, const float *tgt, size_t
     /* Many AuxK latents per token (OpenAI's 256 against a few thousand latents) are cheaper as
      * dense GEMMs over a [n][d_sae] code matrix than as per-latent vector operations. */
     const bool aux_dense = auxk > 0 && 16 * auxk >= d_sae;
-    double sse = 0.0, aux = 0.0;
+    double sse = 0.0, aux = 0.0, mat_loss = 0.0, sse_first = 0.0;
     float *g_bdec = buf + L->b_dec, *d = t->tmp;
-    error_base(t, x, tgt, n);
+    sae__train_error_base(t, x, tgt, n);
     for (size_t i = 0; i < n; i++) {
         float *e = t->err + i * d_out;
         for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++) {
@@ -988,14 +1015,18 @@ static void sparse_pass(sae_trainer *t, const float *x, const float *tgt, size_t
                 d[j] *= g_aux;
             sae__axpy(d_out, 1.0f, d, g_bdec);
         }
-        for (size_t j = 0; j < d_out; j++)
-            e[j] *= g_main;
+        if (t->n_groups > 0) { /* Matryoshka: the nested prefix losses */
+            mat_loss += sae__matryoshka_token(t, i, e, xin, g_main, &sse_first);
+        } else {
+            for (size_t j = 0; j < d_out; j++)
+                e[j] *= g_main;
+            for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++)
+                sae__train_backprop_latent(t, t->act_idx[a], t->act_val[a], e, xin);
+        }
         sae__axpy(d_out, 1.0f, e, g_bdec);
-        for (size_t a = t->act_ptr[i]; a < t->act_ptr[i + 1]; a++)
-            backprop_latent(t, t->act_idx[a], t->act_val[a], e, xin);
         if (aux_sparse)
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
-                backprop_latent(t, t->aux_idx[a], t->aux_val[a], d, xin);
+                sae__train_backprop_latent(t, t->aux_idx[a], t->aux_val[a], d, xin);
     }
     /* Encoder columns back into W_enc's [d_in][d_sae] layout; gT is left zeroed for next time. */
     float *g_enc = buf + L->W_enc;
@@ -1012,9 +1043,10 @@ static void sparse_pass(sae_trainer *t, const float *x, const float *tgt, size_t
         sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, GA, d_sae, 1.0f, g_enc, d_sae);
     /* The main loss reaches W_skip; the AuxK term does not (its target, the residual, is held
      * fixed, and the dead latents decode without the skip, as sparsify's decode). */
-    skip_gradient(t, t->err, n);
+    sae__train_skip_gradient(t, t->err, n);
     st[SAE__STAT_SSE] = (float)sse;
-    st[SAE__STAT_LOSS] = (float)(sse / t->mse_norm);
+    st[SAE__STAT_LOSS] = (float)(t->n_groups > 0 ? mat_loss : sse / t->mse_norm);
+    st[SAE__STAT_SSE_PREFIX] = (float)(t->n_groups > 0 ? sse_first : sse);
     st[SAE__STAT_AUX] = (float)aux;
     st[SAE__STAT_L0] = (float)t->act_ptr[n];
 }
@@ -1037,10 +1069,11 @@ static double schedule_lr(const sae_trainer *t)
     return lr;
 }
 
+/* ReLU's L1 coefficient, or JumpReLU's L0 coefficient, after the warm-up. */
 static double schedule_l1(const sae_trainer *t)
 {
     double warm = param_value(t, SAE_TRAIN_L1_WARMUP_STEPS), s = (double)t->step;
-    double c = t->param[SAE_TRAIN_L1_COEFF];
+    double c = t->param[t->jump ? SAE_TRAIN_L0_COEFF : SAE_TRAIN_L1_COEFF];
     return warm > 0.0 && s + 1.0 < warm ? c * (s + 1.0) / warm : c;
 }
 
@@ -1048,7 +1081,7 @@ static double schedule_l1(const sae_trainer *t)
  * prepared in the step's buffer, then every value the step would write is checked before any is
  * written: a step that would leave a weight, an Adam moment or the BatchTopK threshold not
  * finite fails with SAE_ERANGE and changes nothing. */
-static int apply_step(sae_trainer *t, double lr)
+static int apply_step(sae_trainer *t, double lr, double lambda)
 {
     sae_model *m = t->m;
     const size_t d_in = m->d_in, d_sae = m->d_sae, d_out = m->d_out;
@@ -1084,13 +1117,17 @@ static int apply_step(sae_trainer *t, double lr)
         size_t at, n, cols;
         const char *name;
         double lr;
-    } part[5] = {{m->W_enc, L->W_enc, d_in * d_sae, d_sae, "W_enc", lr},
+    } part[6] = {{m->W_enc, L->W_enc, d_in * d_sae, d_sae, "W_enc", lr},
                  {m->W_dec, L->W_dec, d_out * d_sae, d_out, "W_dec", t->tc ? lr / oc : lr},
                  {m->b_enc, L->b_enc, d_sae, 0, "b_enc", lr},
                  {m->b_dec, L->b_dec, d_out, 0, "b_dec", t->tc ? lr / oc : lr},
-                 {m->W_skip, L->W_skip, L->n_params - L->W_skip, d_out, "W_skip", lr * s_in / oc}};
-    const size_t n_parts = m->skip ? 5 : 4;
+                 {m->W_skip, L->W_skip, L->log_th - L->W_skip, d_out, "W_skip", lr * s_in / oc},
+                 {t->log_th, L->log_th, L->n_params - L->log_th, 0, "log_threshold", lr}};
+    /* Empty sections (no W_skip, no log-thresholds) are skipped. */
+    const size_t n_parts = 6;
     for (size_t q = 0; q < n_parts; q++) {
+        if (part[q].n == 0)
+            continue;
         size_t i;
         sae__adam adam = {part[q].lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
                           t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
@@ -1125,6 +1162,8 @@ static int apply_step(sae_trainer *t, double lr)
 
     /* Nothing has changed until here; from here on nothing fails. */
     for (size_t q = 0; q < n_parts; q++) {
+        if (part[q].n == 0)
+            continue;
         sae__adam adam = {part[q].lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
                           t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
         sae__adam_update(part[q].p, g + part[q].at, t->adam_m + part[q].at,
@@ -1143,6 +1182,8 @@ static int apply_step(sae_trainer *t, double lr)
             }
         }
     }
+    if (t->jump)
+        sae__jumprelu_sync(t);
     sae__model_weights_changed(m);
 
     /* Dead-latent counters, from the global firing counts. */
@@ -1179,6 +1220,13 @@ static int apply_step(sae_trainer *t, double lr)
     t->metric[SAE_METRIC_AUXK_LOSS] = aux_loss;
     t->metric[SAE_METRIC_LR] = lr;
     t->metric[SAE_METRIC_GRAD_NORM] = gnorm;
+    t->metric[SAE_METRIC_SPARSITY_LOSS] = t->jump ? lambda * st[SAE__STAT_L0] / N : 0.0;
+    double th = 0.0;
+    for (size_t j = 0; t->jump && j < d_sae; j++)
+        th += m->threshold[j];
+    t->metric[SAE_METRIC_THRESHOLD_MEAN] = th / (double)d_sae;
+    const double sse_first = t->n_groups > 0 ? st[SAE__STAT_SSE_PREFIX] : sse;
+    t->metric[SAE_METRIC_PREFIX_FVU] = var_sum > 0.0 ? sse_first / var_sum : NAN;
     double residual_var = (sse - de2 / N) / N;
     if (residual_var > 0.0 && isfinite(residual_var))
         t->aux_norm = residual_var;
@@ -1225,6 +1273,8 @@ static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
         input_stats(t, tgt, n);
         if (t->sparse)
             sparse_pass(t, x, tgt, n);
+        else if (t->jump)
+            sae__jumprelu_pass(t, x, tgt, n, lambda);
         else
             relu_pass(t, x, tgt, n, lambda);
         if (m->apply_b_dec) /* b_dec also enters through the encoder input xs - b_dec */
@@ -1244,7 +1294,7 @@ static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
                          "sae_trainer_step: the gradient is not finite at step %llu (learning "
                          "rate too high, or activations too large?)",
                          (unsigned long long)t->step);
-    return apply_step(t, lr);
+    return apply_step(t, lr, lambda);
 }
 
 int sae_trainer_step(sae_trainer *t, const float *x, size_t n)

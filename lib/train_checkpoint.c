@@ -17,7 +17,22 @@ static int cmp_out(const void *a, const void *b)
     return strcmp(((const sae__st_out *)a)->name, ((const sae__st_out *)b)->name);
 }
 
-enum { MAX_META = SAE__MODEL_META_MAX + 48, META_LEN = 40 };
+enum { MAX_META = SAE__MODEL_META_MAX + N_PARAMS + N_METRICS + 16, META_LEN = 40 };
+
+/* Matryoshka group sizes as "a,b,c" (malloc'd; "" without groups), or NULL without memory. */
+static char *groups_text(const sae_trainer *t)
+{
+    char *s = sae__alloc(t->n_groups * 21 + 1, 1, "checkpoint");
+    if (s == NULL)
+        return NULL;
+    size_t at = 0;
+    s[0] = '\0';
+    for (size_t g = 0; g < t->n_groups; g++) {
+        size_t size = t->group_end[g] - (g > 0 ? t->group_end[g - 1] : 0);
+        at += (size_t)snprintf(s + at, 22, g > 0 ? ",%zu" : "%zu", size);
+    }
+    return s;
+}
 
 int sae_trainer_save(const sae_trainer *t, const char *path)
 {
@@ -31,9 +46,11 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
     const size_t d_in = m->d_in, d_sae = m->d_sae, d_out = m->d_out;
     float *hi = sae__alloc(d_sae, sizeof(float), "checkpoint"),
           *lo = sae__alloc(d_sae, sizeof(float), "checkpoint");
-    if (hi == NULL || lo == NULL) {
+    char *groups = t->n_groups > 0 ? groups_text(t) : NULL;
+    if (hi == NULL || lo == NULL || (t->n_groups > 0 && groups == NULL)) {
         free(hi);
         free(lo);
+        free(groups);
         return SAE_ENOMEM;
     }
     for (size_t j = 0; j < d_sae; j++) {
@@ -62,6 +79,10 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
     META("train.theta", "%.17g", t->theta);
     if (t->tc)
         META("train.out_scale", "%.17g", t->out_scale);
+    if (groups != NULL) { /* any length: not through META's fixed buffer */
+        keys[nm] = "train.groups";
+        vals[nm++] = groups;
+    }
     for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
         bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
         if (derived && !t->param_set[p])
@@ -76,8 +97,8 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
         }
     }
 #undef META
-    /* The Adam moments cover W_skip too: it is the last section of the parameters. */
-    sae__st_out tensors[9] = {
+    /* The Adam moments cover W_skip and the log-thresholds too: the parameters' last sections. */
+    sae__st_out tensors[11] = {
         {"W_dec", 2, {d_sae, d_out}, m->W_dec, NULL},
         {"W_enc", 2, {d_in, d_sae}, m->W_enc, NULL},
         {"b_dec", 1, {d_out, 0}, m->b_dec, NULL},
@@ -87,12 +108,19 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
         {"train.dead_hi", 1, {d_sae, 0}, hi, NULL},
         {"train.dead_lo", 1, {d_sae, 0}, lo, NULL},
         {"W_skip", 2, {d_in, d_out}, m->W_skip, NULL},
+        {"threshold", 1, {d_sae, 0}, m->threshold, NULL},
+        {"train.log_threshold", 1, {d_sae, 0}, t->log_th, NULL},
     };
-    const size_t n_tensors = m->skip ? 9 : 8;
+    size_t n_tensors = m->skip ? 9 : 8;
+    if (t->jump) { /* the model's threshold, so the file loads as a model, and the master copy */
+        tensors[n_tensors++] = tensors[9];
+        tensors[n_tensors++] = tensors[10];
+    }
     qsort(tensors, n_tensors, sizeof tensors[0], cmp_out);
     int rc = sae__st_write(path, tensors, n_tensors, keys, vals, nm);
     free(hi);
     free(lo);
+    free(groups);
     return rc;
 }
 
@@ -131,7 +159,55 @@ typedef struct {
     uint64_t step, tokens;
     double mse_norm, aux_norm, theta, apply, scale, k, batch_threshold, out_scale;
     float *block; /* model tensors, moments and counters, in one allocation */
+    float *log_th; /* JumpReLU: [d_sae] */
+    size_t *groups, n_groups; /* Matryoshka group sizes */
 } checkpoint;
+
+static void checkpoint_free(checkpoint *c)
+{
+    free(c->block);
+    free(c->log_th);
+    free(c->groups);
+}
+
+/* train.groups: positive decimal sizes separated by commas, checked against the model by
+ * sae__matryoshka_set when applied. */
+static int parse_groups(const sae__safetensors *st, const sae_trainer *t, checkpoint *c)
+{
+    const char *text = sae__st_meta(st, "train.groups");
+    if (text == NULL)
+        return SAE_OK;
+    size_t n = 1;
+    for (const char *p = text; *p; p++)
+        n += *p == ',';
+    if (n > t->m->d_sae)
+        return sae__fail(SAE_EFORMAT, "%s: train.groups has more groups than latents", st->path);
+    c->groups = sae__alloc(n, sizeof(size_t), "checkpoint");
+    if (c->groups == NULL)
+        return SAE_ENOMEM;
+    const char *p = text;
+    size_t sum = 0;
+    for (size_t g = 0; g < n; g++) {
+        size_t v = 0, digits = 0;
+        for (; *p >= '0' && *p <= '9' && digits < 19; p++, digits++)
+            v = v * 10 + (size_t)(*p - '0');
+        if (digits == 0 || v == 0 || v > t->m->d_sae - sum || (*p != ',' && *p != '\0') ||
+            (*p == '\0') != (g + 1 == n))
+            return sae__fail(SAE_EFORMAT, "%s: train.groups '%.60s' is not a list of positive "
+                             "group sizes summing to d_sae = %zu", st->path, text, t->m->d_sae);
+        sum += v;
+        c->groups[g] = v;
+        p += *p == ',';
+    }
+    if (sum != t->m->d_sae)
+        return sae__fail(SAE_EFORMAT, "%s: train.groups sums to %zu, not d_sae = %zu", st->path,
+                         sum, t->m->d_sae);
+    if (t->m->arch != SAE_ARCH_BATCHTOPK)
+        return sae__fail(SAE_EFORMAT, "%s: train.groups in a checkpoint of a %s model",
+                         st->path, sae_arch_name(t->m->arch));
+    c->n_groups = n;
+    return SAE_OK;
+}
 
 static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, checkpoint *c)
 {
@@ -260,6 +336,24 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
                              j % d_sae);
         }
     }
+    if (t->jump) {
+        /* The log-thresholds must give finite, positive float thresholds. */
+        c->log_th = sae__alloc(d_sae, sizeof(float), "checkpoint");
+        if (c->log_th == NULL)
+            rc = SAE_ENOMEM;
+        else if ((rc = read_tensor(st, "train.log_threshold", d_sae, 0, c->log_th)) == SAE_OK)
+            for (size_t j = 0; j < d_sae && rc == SAE_OK; j++)
+                if (!(expf(c->log_th[j]) > 0.0f) || isinf(expf(c->log_th[j])))
+                    rc = sae__fail(SAE_EFORMAT, "%s: train.log_threshold[%zu] = %g gives no "
+                                   "positive finite float threshold", st->path, j,
+                                   (double)c->log_th[j]);
+    }
+    if (rc == SAE_OK)
+        rc = parse_groups(st, t, c);
+    if (rc != SAE_OK) {
+        checkpoint_free(c);
+        return rc;
+    }
     return SAE_OK;
 }
 
@@ -285,6 +379,11 @@ int sae_trainer_load(sae_trainer *t, const char *path)
     sae__unmap(&map);
     if (rc != SAE_OK)
         return rc;
+    /* The only step that can fail from here: the groups' copy. */
+    if ((rc = sae__matryoshka_set(t, c.groups, c.n_groups, "sae_trainer_load")) != SAE_OK) {
+        checkpoint_free(&c);
+        return rc;
+    }
 
     sae_model *m = t->m;
     const sae__train_layout *L = &t->lay;
@@ -300,7 +399,11 @@ int sae_trainer_load(sae_trainer *t, const char *path)
     memcpy(t->adam_v, b + 2 * P, P * sizeof(float));
     for (size_t j = 0; j < d_sae; j++)
         t->since_fired[j] = ((uint64_t)b[3 * P + j] << 24) | (uint64_t)b[3 * P + d_sae + j];
-    free(c.block);
+    if (t->jump) {
+        memcpy(t->log_th, c.log_th, d_sae * sizeof(float));
+        sae__jumprelu_sync(t);
+    }
+    checkpoint_free(&c);
     m->apply_b_dec = c.apply == 1.0;
     m->input_scale = (float)c.scale;
     if (t->sparse)

@@ -1,5 +1,6 @@
 /* The trainer's private parts, shared by train.c (the trainer object, parameters, init and the
- * step) and train_checkpoint.c (the checkpoint file). */
+ * step), train_checkpoint.c (the checkpoint file), train_jumprelu.c (JumpReLU's pass) and
+ * train_matryoshka.c (Matryoshka's nested losses). */
 #ifndef SAE_TRAIN_INTERNAL_H
 #define SAE_TRAIN_INTERNAL_H
 
@@ -27,7 +28,8 @@ int sae__adam_check(const float *p, const float *g, const float *m, const float 
  * SAE__STAT_*; sum_dx = sum of (x_s - b_dec), sum_err = sum of (x_hat_s - x_s) [d_out]. A
  * transcoder's sections are those of its normalized parameters and target (train.c): W_dec
  * [d_sae][d_out], b_dec [d_out], then W_skip [d_in][d_out] when it has one (an SAE's W_skip
- * section is empty: n_params = W_skip), and sum_dx, sum_err over c (y - b_dec), c (y_hat - y). */
+ * section is empty), and sum_dx, sum_err over c (y - b_dec), c (y_hat - y). A JumpReLU model's
+ * parameters end with log_th [d_sae], the gradient of its log-thresholds (empty otherwise). */
 enum {
     SAE__STAT_TOKENS = 0, /* tokens in the batch */
     SAE__STAT_SSE,        /* sum of squared error, scaled units */
@@ -37,15 +39,17 @@ enum {
     SAE__STAT_XX,         /* sum of ||x_s - b_dec||^2 */
     SAE__STAT_MIN,        /* BatchTopK: smallest kept activation */
     SAE__STAT_MIN_COUNT,  /* BatchTopK: processes that kept any */
+    SAE__STAT_SSE_PREFIX, /* Matryoshka: sum of squared error of the first group alone */
     SAE__STAT_COUNT
 };
 typedef struct {
-    size_t W_enc, W_dec, b_enc, b_dec, W_skip, n_params, fires, stats, sum_dx, sum_err, count;
+    size_t W_enc, W_dec, b_enc, b_dec, W_skip, log_th, n_params, fires, stats, sum_dx, sum_err,
+        count;
 } sae__train_layout;
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
 
-#define N_PARAMS (SAE_TRAIN_B_DEC_INIT + 1)
-#define N_METRICS (SAE_METRIC_GRAD_NORM + 1)
+#define N_PARAMS (SAE_TRAIN_L0_COEFF + 1)
+#define N_METRICS (SAE_METRIC_PREFIX_FVU + 1)
 #define TRAIN_FORMAT_VERSION "1"
 /* Dead-latent counters saturate here so that they travel exactly as two float halves. */
 #define COUNTER_MAX (((uint64_t)1 << 48) - 1)
@@ -66,6 +70,7 @@ struct sae_trainer {
     bool sparse;   /* TopK and BatchTopK: sparse backward pass, AuxK */
     bool unit_dec; /* SAEs of those: unit-norm decoder rows (sparsify leaves transcoders' free) */
     bool tc;       /* a transcoder: the target is y, not x */
+    bool jump;     /* JumpReLU: dense pass with the L0 penalty, trained log-thresholds */
     double param[N_PARAMS];
     bool param_set[N_PARAMS]; /* for the defaults derived from TOTAL_STEPS */
     sae_allreduce_fn allreduce;
@@ -84,6 +89,12 @@ struct sae_trainer {
      * input to c y: the recipe's units whatever the caller's, as an SAE's x_s. */
     double out_scale;
     float *adam_m, *adam_v;
+    float *log_th; /* JumpReLU: [d_sae] log-thresholds, the master copy (the model's threshold
+                      is expf of it after every step) */
+    /* Matryoshka (a BatchTopK model with groups set): group g is latents [group_end[g-1],
+     * group_end[g]); n_groups = 0 without groups. */
+    size_t *group_end, n_groups;
+    float *mat_e, *mat_s; /* [d_out] scratch: a prefix's error and the suffix gradient sum */
     uint64_t *since_fired; /* tokens since each latent last fired */
     double metric[N_METRICS];
 
@@ -100,6 +111,37 @@ struct sae_trainer {
     sae__scored *heap;
     struct sae__train_bf16 *bf16; /* SAE_TRAIN_BF16 (train_bf16.c); NULL when off */
 };
+
+/* The latent j's share of a token's gradient g (with respect to the normalized output) when it
+ * fired with activation f (train.c): W_dec row, b_enc and the encoder column (in gT). */
+void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g,
+                                const float *xin);
+
+/* The part of the error the codes do not make, b_dec - tgt [+ x @ W_skip] (unscaled),
+ * into t->err [n][d_out]; and W_skip's gradient from G [n][d_out], the gradient with respect to
+ * the normalized output (train.c). */
+void sae__train_error_base(sae_trainer *t, const float *x, const float *tgt, size_t n);
+void sae__train_skip_gradient(sae_trainer *t, const float *G, size_t n);
+
+/* JumpReLU's dense pass over n tokens (train_jumprelu.c): pre holds the pre-activations; fills
+ * the gradient sections (log_th included), firing counts, SSE, LOSS and L0. lambda is the L0
+ * coefficient after its warm-up. */
+void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n, double lambda);
+/* Sets the log-thresholds to log(JUMPRELU_INIT_THRESHOLD) and the model's threshold to match. */
+void sae__jumprelu_init(sae_trainer *t);
+/* The model's threshold = expf(log_th), after a step or a load. */
+void sae__jumprelu_sync(sae_trainer *t);
+
+/* Matryoshka: the main loss's gradient for token i (train_matryoshka.c). e [d_out] holds the
+ * token's full error c (y_hat - tgt) on entry, and g_main / n_groups times the sum of its
+ * prefix errors (the gradient reaching b_dec and W_skip) on return; the active latents' rows
+ * and columns get their prefix-sum gradients. Returns the token's loss, the mean over prefixes
+ * of ||e_g||^2 / mse_norm, and adds ||e_0||^2 to *sse_first. */
+double sae__matryoshka_token(sae_trainer *t, size_t i, float *e, const float *xin, float g_main,
+                             double *sse_first);
+
+/* Sets the groups (n = 0: none), checking the sizes against the model; fn names the caller. */
+int sae__matryoshka_set(sae_trainer *t, const size_t *sizes, size_t n, const char *fn);
 
 /* Checks a parameter value against its kind's range, as floats where the step uses floats. */
 int sae__train_check_param(sae_train_param p, double v);

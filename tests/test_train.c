@@ -1169,7 +1169,7 @@ START_TEST(errors_are_reported_and_change_nothing)
 {
     sae_model *m, *jr;
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_TOPK, 4, 8));
-    ck_assert_ok(sae_model_new(&jr, SAE_ARCH_JUMPRELU, 4, 8));
+    ck_assert_ok(sae_model_new(&jr, SAE_ARCH_GATED, 4, 8));
     sae_trainer *t;
     ck_assert_sae(sae_trainer_new(NULL, m), SAE_EINVAL);
     ck_assert_sae(sae_trainer_new(&t, NULL), SAE_EINVAL);
@@ -1222,7 +1222,7 @@ START_TEST(errors_are_reported_and_change_nothing)
     ck_assert_sae(sae_trainer_get_param(t, SAE_TRAIN_LR, NULL), SAE_EINVAL);
     ck_assert_sae(sae_trainer_get_param(t, (sae_train_param)0, &v), SAE_EINVAL);
     ck_assert_sae(sae_trainer_get_metric(t, (sae_train_metric)0, &v), SAE_EINVAL);
-    ck_assert_sae(sae_trainer_get_metric(t, (sae_train_metric)11, &v), SAE_EINVAL);
+    ck_assert_sae(sae_trainer_get_metric(t, (sae_train_metric)N_METRICS, &v), SAE_EINVAL);
     ck_assert_sae(sae_trainer_get_metric(t, SAE_METRIC_LOSS, NULL), SAE_EINVAL);
     ck_assert_sae(sae_trainer_get_metric(NULL, SAE_METRIC_LOSS, &v), SAE_EINVAL);
     ck_assert_sae(sae_trainer_set_allreduce(NULL, NULL, NULL), SAE_EINVAL);

@@ -41,7 +41,7 @@ class TestTrainer(TestCase):
         x = planted(64)
         self.assertEqual(t.metrics(), {"steps": 0, "tokens": 0})
         self.assertLibsaeError(libsae.ESTATE, "", t.step, x)
-        j = libsae.Model.new("jumprelu", 4, 8)
+        j = libsae.Model.new("gated", 4, 8)
         self.assertLibsaeError(libsae.EUNSUPPORTED, "", libsae.Trainer, j)
         t.init(x)
         bad = x.copy()

@@ -272,6 +272,18 @@ class Progress:
                 self.stream.flush()
 
 
+def _groups(text: Optional[str], d_sae: int) -> List[int]:
+    """Matryoshka group sizes from "A,B,...", or by default groups doubling from d_sae/32:
+    d_sae/32, /16, /8, /4 and the rest (the library checks that they sum to d_sae)."""
+    if text is None:
+        sizes = [d_sae // div for div in (32, 16, 8, 4) if d_sae // div > 0]
+        return sizes + [d_sae - sum(sizes)]
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise CliError(f"--groups {text!r}: expected sizes like 16,48,192") from None
+
+
 def cmd_train(args) -> int:
     if not has("sae_trainer_new"):
         raise CliError("this libsae has no trainer (sae_trainer_new is missing from "
@@ -289,21 +301,26 @@ def cmd_train(args) -> int:
                            f"(--batch-size {args.batch_size})")
         d_sae = args.d_sae or d_in * args.expansion
         kw = {}
-        if args.arch in ("topk", "batchtopk"):
+        if args.arch in ("topk", "batchtopk", "matryoshka"):
             kw["k"] = args.k
         elif args.k_given:
-            raise CliError(f"-k applies to topk and batchtopk, not {args.arch}")
+            raise CliError(f"-k applies to topk, batchtopk and matryoshka, not {args.arch}")
+        groups = _groups(args.groups, d_sae) if args.arch == "matryoshka" else None
+        if args.groups is not None and groups is None:
+            raise CliError(f"--groups applies to matryoshka, not {args.arch}")
+        arch = "batchtopk" if args.arch == "matryoshka" else args.arch
         if target is not None:
-            m = Model.new_transcoder(args.arch, d_in, d_sae, target.cols, skip=args.skip, **kw)
+            m = Model.new_transcoder(arch, d_in, d_sae, target.cols, skip=args.skip, **kw)
         else:
-            m = Model.new(args.arch, d_in, d_sae, **kw)
+            m = Model.new(arch, d_in, d_sae, **kw)
         steps_planned = args.steps if args.steps is not None else rows // args.batch_size
         params = {"seed": args.seed, "total_steps": steps_planned}
-        for name in ("lr", "l1_coeff", "auxk", "auxk_coeff", "dead_tokens", "warmup_steps"):
+        for name in ("lr", "l1_coeff", "auxk", "auxk_coeff", "dead_tokens", "warmup_steps",
+                     "l0_coeff", "jumprelu_bandwidth"):
             v = getattr(args, name)
             if v is not None:
                 params[name] = v
-        t = Trainer(m, **params)
+        t = Trainer(m, groups=groups, **params)
         n0 = min(rows, args.init_tokens)
         t.init(acts.read(0, n0), target.read(0, n0) if target is not None else None)
         starts = list(range(0, rows - args.batch_size + 1, args.batch_size))
@@ -462,10 +479,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "shuffled batches, with a progress bar on stderr, and save it.")
     s.add_argument("acts", metavar="ACTS.npy", help="float activations [tokens, d_in]")
     s.add_argument("output", metavar="OUT", help="where to save the trained model")
-    s.add_argument("--arch", choices=["topk", "relu", "batchtopk", "jumprelu"], default="topk",
-                   help="architecture (default topk)")
+    s.add_argument("--arch", choices=["topk", "relu", "batchtopk", "jumprelu", "matryoshka"],
+                   default="topk", help="architecture (default topk); matryoshka trains a "
+                   "batchtopk model with nested group losses")
     s.add_argument("-k", type=_positive, default=32, action=_KGiven,
-                   help="features per token for topk and batchtopk (default 32)")
+                   help="features per token for topk, batchtopk and matryoshka (default 32)")
+    s.add_argument("--groups", default=None, metavar="A,B,...",
+                   help="matryoshka group sizes, summing to d_sae (default d_sae/32, /16, /8, "
+                   "/4 and the rest)")
+    s.add_argument("--l0-coeff", type=float, default=None, help="JumpReLU's L0 coefficient")
+    s.add_argument("--jumprelu-bandwidth", type=float, default=None,
+                   help="JumpReLU's kernel width for the threshold's gradient")
     s.add_argument("--d-sae", type=_positive, default=None,
                    help="number of features (default d_in x --expansion)")
     s.add_argument("--expansion", type=_positive, default=8, help="default 8")

@@ -46,6 +46,9 @@ TRAIN_PARAMS["bf16"] = 31  # SAE_TRAIN_BF16: mixed-precision products
 TRAIN_METRICS: Dict[str, int] = {"loss": 1, "mse": 2, "fvu": 3, "l0": 4, "dead_fraction": 5,
                                  "steps": 6, "tokens": 7, "auxk_loss": 8, "lr": 9,
                                  "grad_norm": 10}
+# JumpReLU and Matryoshka (sae.h: sae_train_param 19..21, sae_train_metric 11..13).
+TRAIN_PARAMS.update({"jumprelu_bandwidth": 19, "jumprelu_init_threshold": 20, "l0_coeff": 21})
+TRAIN_METRICS.update({"sparsity_loss": 11, "threshold_mean": 12, "prefix_fvu": 13})
 
 
 def name_of(table: Dict[str, int], value: int):

@@ -316,6 +316,10 @@ lib = None
 lib, path = _load()
 for _name, (_res, _args) in _CORE.items():
     declare(_name, _res, _args)
+# Matryoshka group sizes (sae_trainer_set_groups, sae_trainer_get_groups)
+_OPTIONAL["sae_trainer_set_groups"] = (_STATUS, [_h, POINTER(c_size_t), c_size_t])
+_OPTIONAL["sae_trainer_get_groups"] = (_STATUS, [_h, POINTER(c_size_t), c_size_t,
+                                                 POINTER(c_size_t)])
 for _name, (_res, _args) in _OPTIONAL.items():
     declare(_name, _res, _args, optional=True)
 

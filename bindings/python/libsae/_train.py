@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import _args as A
 from . import _buffers as B
@@ -17,14 +17,17 @@ _COUNTS = ("steps", "tokens")
 
 
 class Trainer(Handle):
-    """Trains a model in place (ReLU with the L1 penalty, TopK with AuxK, BatchTopK), an SAE
-    or a transcoder (``init(x, y)``, ``step(x, y)`` with its targets y).
+    """Trains a model in place (ReLU with the L1 penalty, TopK with AuxK, BatchTopK, Matryoshka
+    BatchTopK with ``groups=``, JumpReLU with the L0 penalty), an SAE or a transcoder
+    (``init(x, y)``, ``step(x, y)`` with its targets y).
 
     ``Trainer(m, lr=1e-3, l1_coeff=5.0, seed=0)``: keyword arguments set parameters by name
     (the keys of ``libsae.TRAIN_PARAMS``: lr, l1_coeff, auxk, auxk_coeff, dead_tokens,
     warmup_steps, beta1, beta2, seed, total_steps, l1_warmup_steps, lr_decay_steps, grad_clip,
-    decoder_init_norm, threshold_lr, adam_eps, normalize_input, b_dec_init; docs/training.md
-    gives each one's meaning and default). Call :meth:`init` once with a sample of the data,
+    decoder_init_norm, threshold_lr, adam_eps, normalize_input, b_dec_init, jumprelu_bandwidth,
+    jumprelu_init_threshold, l0_coeff; docs/training.md gives each one's meaning and default).
+    ``groups=[a, b, ...]`` (a BatchTopK model only) trains Matryoshka-style with those group
+    sizes (see :meth:`set_groups`). Call :meth:`init` once with a sample of the data,
     then :meth:`step` per batch. The trainer keeps its model alive; the model's weights change
     with every step, and a step waits until no other thread is inside a call on the model
     (and makes encodes of it wait).
@@ -32,7 +35,7 @@ class Trainer(Handle):
 
     _kind = "Trainer"
 
-    def __init__(self, model: Model, **params: float):
+    def __init__(self, model: Model, groups: Optional[Sequence[int]] = None, **params: float):
         require("sae_trainer_new")
         if not isinstance(model, Model):
             raise TypeError(f"Trainer needs a libsae.Model, not {type(model).__name__}")
@@ -46,6 +49,28 @@ class Trainer(Handle):
         self._allreduce = None
         for name, v in params.items():
             self.set_param(name, v)
+        if groups is not None:
+            self.set_groups(groups)
+
+    def set_groups(self, sizes: Optional[Sequence[int]]) -> None:
+        """Matryoshka training of a BatchTopK model: consecutive latents in groups of these
+        sizes (each >= 1, summing to d_sae), and a reconstruction loss for every prefix of
+        groups. None or [] goes back to plain BatchTopK."""
+        require("sae_trainer_set_groups")
+        sizes = [] if sizes is None else [A.size(v, "group size", 1) for v in sizes]
+        arr = (ctypes.c_size_t * max(1, len(sizes)))(*sizes)
+        with self._use(write=True) as h:
+            lib.sae_trainer_set_groups(h, arr, len(sizes))
+
+    def groups(self) -> List[int]:
+        """The Matryoshka group sizes ([] without groups)."""
+        require("sae_trainer_get_groups")
+        n = ctypes.c_size_t()
+        with self._use() as h:
+            lib.sae_trainer_get_groups(h, None, 0, ctypes.byref(n))
+            arr = (ctypes.c_size_t * max(1, n.value))()
+            lib.sae_trainer_get_groups(h, arr, n.value, ctypes.byref(n))
+        return list(arr[:n.value])
 
     def set_param(self, name: str, value: float) -> None:
         """Sets a training parameter by name; the C library checks the value."""
