@@ -4,13 +4,14 @@
 #   (none)  build and test: compiler, CMake, CBLAS (OpenBLAS and the reference BLAS), Check,
 #           cJSON, libzip, libyaml, Python 3 with numpy, clang (fuzzers, sanitizers), libabigail,
 #           Open MPI (the data-parallel training test), Chromium (the page check), oneDNN
-#           (bfloat16 products on AMX / AVX512-BF16; libsae builds without it too)
+#           (bfloat16 products on AMX / AVX512-BF16; libsae builds without it too),
+#           libmicrohttpd (sae-server, examples/server)
 #   bench   the peers the benchmarks compare against: PyTorch
 set -eu
 
 packages="build-essential cmake pkg-config libopenblas-dev libblas-dev check libcjson-dev
 libzip-dev libyaml-dev zlib1g-dev python3 python3-numpy clang libclang-rt-14-dev llvm abigail-tools
-openmpi-bin libopenmpi-dev chromium libdnnl-dev"
+openmpi-bin libopenmpi-dev chromium libdnnl-dev libmicrohttpd-dev"
 if [ "${1:-}" = bench ]; then
     packages="$packages python3-torch"
 fi

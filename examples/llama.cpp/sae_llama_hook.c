@@ -337,6 +337,21 @@ static int apply_plans(const sae_llama_hooks *h, const entry_t *e, const float *
     return SAE_OK;
 }
 
+/* Whether any of the ubatch's n rows is steered: without a plan the rows are left alone (no
+ * copy, no write back), as for an entry without plans. */
+static bool steers(const sae_llama_hooks *h, const entry_t *e, size_t n)
+{
+    if (e->e.plan)
+        return true;
+    if (!e->e.seq_plans)
+        return false;
+    const llama_seq_id *seq = h->seq + h->row0;
+    for (size_t r = 0; r < n; r++)
+        if (seq[r] >= 0 && (size_t)seq[r] < e->e.n_seq_plans && e->e.seq_plans[seq[r]])
+            return true;
+    return false;
+}
+
 static bool sae_llama_cb(struct ggml_tensor *t, bool ask, void *user)
 {
     sae_llama_hooks *h = user;
@@ -406,7 +421,7 @@ static bool sae_llama_cb(struct ggml_tensor *t, bool ask, void *user)
             e->x_valid = true;
             continue;
         }
-        const bool steer = e->e.plan || e->e.seq_plans;
+        const bool steer = steers(h, e, n);
         const bool edit = steer || e->e.edit != SAE_LLAMA_READ;
         if (edit)
             memcpy(h->keep, rows, n * d * sizeof(float));
@@ -442,7 +457,7 @@ static bool sae_llama_cb(struct ggml_tensor *t, bool ask, void *user)
         if (!e->x_valid || e->x_row0 != h->row0)
             return fail_cb(h, "transcoder at %s: its input rows were not seen in this ubatch",
                            e->e.hook);
-        const bool steer = e->e.plan || e->e.seq_plans;
+        const bool steer = steers(h, e, n);
         const bool edit = steer || e->e.edit != SAE_LLAMA_READ;
         memcpy(h->keep, rows, n * d * sizeof(float));
         const double s0 = now_s();

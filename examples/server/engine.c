@@ -45,7 +45,7 @@ struct engine {
     llama_token *last;
 
     uint64_t steps, tokens;
-    double decode_s;
+    double decode_s, hook_s, libsae_s;
 };
 
 double engine_now(void)
@@ -299,6 +299,8 @@ static void *worker(void *arg)
         e->steps++;
         e->tokens += (uint64_t)b->n_tokens;
         e->decode_s += dt;
+        if (e->hooks)   /* the hooks' counters belong to this thread: copied for readers */
+            sae_llama_hooks_times(e->hooks, &e->hook_s, &e->libsae_s);
         for (int s = 0; s < S; s++) {
             job *j = e->slot[s];
             if (!j || e->batch_idx[s] < 0)
@@ -542,11 +544,14 @@ void engine_cancel(engine *e, job *j)
     pthread_mutex_unlock(&e->mu);
 }
 
-void engine_stats(engine *e, uint64_t *steps, uint64_t *tokens, double *decode_s)
+void engine_stats(engine *e, uint64_t *steps, uint64_t *tokens, double *decode_s,
+                  double *hook_s, double *libsae_s)
 {
     pthread_mutex_lock(&e->mu);
     *steps = e->steps;
     *tokens = e->tokens;
     *decode_s = e->decode_s;
+    *hook_s = e->hook_s;
+    *libsae_s = e->libsae_s;
     pthread_mutex_unlock(&e->mu);
 }

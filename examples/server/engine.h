@@ -102,7 +102,9 @@ void engine_unlock(engine *e);
 /* Frees what the job owns (after j->done, or a job never submitted), not j itself. */
 void job_clear(job *j, size_t n_dicts);
 
-/* Decode steps, tokens decoded, seconds in llama_decode (with the hooks) since start. */
-void engine_stats(engine *e, uint64_t *steps, uint64_t *tokens, double *decode_s);
+/* Since start: decode steps, tokens decoded, seconds in llama_decode (hooks included), in the
+ * hooks' callback and, of that, inside libsae (the plans; sae_llama_hooks_times). */
+void engine_stats(engine *e, uint64_t *steps, uint64_t *tokens, double *decode_s,
+                  double *hook_s, double *libsae_s);
 
 #endif

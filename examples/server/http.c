@@ -302,13 +302,13 @@ static enum MHD_Result route(struct MHD_Connection *c, req *q)
     }
     if (!strcmp(u, "/health")) {
         uint64_t steps, toks;
-        double dec;
-        engine_stats(s->eng, &steps, &toks, &dec);
-        char *b = malloc(160);
+        double dec, hook, lib;
+        engine_stats(s->eng, &steps, &toks, &dec, &hook, &lib);
+        char *b = malloc(256);
         if (b)
-            snprintf(b, 160, "{\"status\":\"ok\",\"decode_steps\":%llu,\"decoded_tokens\":%llu,"
-                     "\"decode_seconds\":%.6f}", (unsigned long long)steps,
-                     (unsigned long long)toks, dec);
+            snprintf(b, 256, "{\"status\":\"ok\",\"decode_steps\":%llu,\"decoded_tokens\":%llu,"
+                     "\"decode_seconds\":%.6f,\"hook_seconds\":%.6f,\"libsae_seconds\":%.6f}",
+                     (unsigned long long)steps, (unsigned long long)toks, dec, hook, lib);
         return send_json(c, q, 200, b);
     }
     if (!strcmp(u, "/v1/models"))

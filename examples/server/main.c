@@ -47,7 +47,7 @@ static void usage(void)
         "                         fractions allowed)\n"
         "  --max-connections N    open connections (64)\n"
         "  --queue N              requests waiting for a sequence before 429 (64)\n"
-        "  --threads N            llama.cpp threads (2)\n"
+        "  --threads N            llama.cpp threads (half the CPUs, at most 8)\n"
         "  --chat-template NAME   llama.cpp template name or text (the model's; none: the\n"
         "                         messages' contents joined by newlines)\n"
         "  --model-name NAME      the \"model\" responses report (the file's base name)\n"
@@ -109,7 +109,7 @@ int main(int argc, char **argv)
     const char *model_path = NULL, *host = "127.0.0.1", *name = NULL, *tmpl = NULL;
     int port = 8080, parallel = 4, ctx = 0, max_tokens = 256, max_prompt = 0;
     double timeout = 60;
-    int max_conn = 64, queue = 64, threads = 2, max_body = 1 << 20;
+    int max_conn = 64, queue = 64, threads = 0, max_body = 1 << 20;
     pair saes[64], stats[64];
     int n_sae = 0, n_stats = 0;
     for (int i = 1; i < argc; i++) {
@@ -155,6 +155,12 @@ int main(int argc, char **argv)
     if (!model_path) {
         usage();
         return 2;
+    }
+    if (!threads) {
+        /* half the CPUs, at most 8: ggml's OpenMP barriers spin, and a thread that must wait for
+         * a descheduled sibling costs a whole scheduler slice (a shared machine) */
+        const long nc = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = nc > 1 ? (int)(nc / 2 < 8 ? nc / 2 : 8) : 1;
     }
     /* SIGTERM and SIGINT are taken by sigwait in this thread only: every thread started below
      * inherits the blocked mask */

@@ -7,6 +7,10 @@ the same request sent alone; a per-request timeout; SIGTERM mid-stream loses no 
 response. Standard library only.
 
 usage: test_server.py SAE_SERVER MODEL.gguf SAE [--page-expected] [--openai-node SCRIPT NODE_PATH]
+Every server runs llama.cpp on one thread: the machine may be shared, and ggml's OpenMP
+barriers spin (a descheduled sibling thread stalls a step by a scheduler slice); one thread also
+keeps ThreadSanitizer off ggml's uninstrumented OpenMP pool. SAE_SERVER_ARGS (environment):
+more options for every server started.
 """
 import http.client
 import json
@@ -32,7 +36,9 @@ def check(cond, what):
 class Server:
     def __init__(self, binary, model, sae, *extra):
         self.proc = subprocess.Popen(
-            [binary, "-m", model, "--sae", f"{HOOK}={sae}", "--port", "0", *extra],
+            [binary, "-m", model, "--sae", f"{HOOK}={sae}", "--port", "0", "--threads", "1",
+             *extra,
+             *os.environ.get("SAE_SERVER_ARGS", "").split()],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if "listening on" not in line:
@@ -51,6 +57,8 @@ class Server:
         self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(timeout)
         self.t.join(5)
+        if rc != 0:
+            print("".join(l for l in self.log if "Z 127.0.0.1 " not in l)[-6000:])
         return rc
 
     def conn(self):
@@ -455,12 +463,19 @@ def main():
     t0 = time.time()
     s = Server(binary, model, sae, "--parallel", "4", "--max-tokens", "120")
     try:
+        phases = [time.time()]
         test_endpoints(s, page_expected)
         text = test_generation(s)
+        phases.append(time.time())
         test_steering(s, text)
         test_features(s)
+        phases.append(time.time())
         test_bad_inputs(s)
+        phases.append(time.time())
         test_load(s)
+        phases.append(time.time())
+        print("phases (s): generation %.1f, steering+features %.1f, bad inputs %.1f, load %.1f"
+              % tuple(b - a for a, b in zip(phases, phases[1:])))
         if node:
             r = subprocess.run(["node", node[0], f"http://127.0.0.1:{s.port}/v1", text[:40]],
                                env=dict(os.environ, NODE_PATH=node[1]), capture_output=True,
