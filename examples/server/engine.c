@@ -462,18 +462,18 @@ int engine_submit(engine *e, job *j, char *err, size_t errlen)
     if (j->n_prompt < 1 || j->n_prompt >= e->p.n_ctx_seq) {
         snprintf(err, errlen, "the prompt has %d tokens; a sequence holds %d", j->n_prompt,
                  e->p.n_ctx_seq);
-        return -1;
+        return -3;
     }
     if (j->kind == JOB_FEATURES) {
         j->acts = calloc(e->n_dicts + 1, sizeof *j->acts);
         if (!j->acts) {
             snprintf(err, errlen, "out of memory");
-            return -1;
+            return -3;
         }
         for (size_t i = 0; i < e->n_dicts; i++)
             if (!(j->acts[i] = calloc((size_t)j->n_prompt * e->d, sizeof(float)))) {
                 snprintf(err, errlen, "out of memory");
-                return -1;
+                return -3;
             }
     }
     j->done = false;
@@ -482,10 +482,11 @@ int engine_submit(engine *e, job *j, char *err, size_t errlen)
     j->slot = -1;
     pthread_mutex_lock(&e->mu);
     if (e->stopping || e->qlen >= e->p.queue_max) {
+        const int rc = e->stopping ? -2 : -1;
         snprintf(err, errlen, "%s", e->stopping ? "the server is shutting down"
                                                 : "too many requests are waiting");
         pthread_mutex_unlock(&e->mu);
-        return -1;
+        return rc;
     }
     if (e->qtail)
         e->qtail->next = j;

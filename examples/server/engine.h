@@ -38,8 +38,7 @@ typedef enum {
     JOB_OK = 0,          /* finished: finish_reason says why */
     JOB_TIMEOUT = 1,     /* its deadline passed */
     JOB_CANCELLED = 2,   /* engine_cancel (the client went away) */
-    JOB_FAILED = 3,      /* llama.cpp or libsae refused: err */
-    JOB_SHUTDOWN = 4     /* the engine stopped before the job was admitted */
+    JOB_FAILED = 3       /* llama.cpp or libsae refused: err */
 } job_status;
 
 typedef struct job {
@@ -89,8 +88,8 @@ void engine_free(engine *e);
 
 double engine_now(void);
 
-/* Queues j. Returns 0; -1 if the queue is full or the engine is stopping (j untouched, err says
- * which). */
+/* Queues j. Returns 0; -1 if the queue is full, -2 if the engine is stopping, -3 for a prompt
+ * that does not fit a sequence or no memory (j untouched but for acts; err says why). */
 int engine_submit(engine *e, job *j, char *err, size_t errlen);
 /* Blocks until j->stable > seen or j->done or until `timeout` seconds passed. */
 void engine_wait(engine *e, job *j, size_t seen, double timeout);

@@ -96,10 +96,6 @@ static int job_http_status(const job *j, const char **type, const char **msg)
         *type = "timeout";
         *msg = "the request took longer than the server's --timeout";
         return 504;
-    case JOB_SHUTDOWN:
-        *type = "server_error";
-        *msg = "the server is shutting down";
-        return 503;
     case JOB_CANCELLED:
         *type = "server_error";
         *msg = "the request was cancelled";
@@ -114,10 +110,13 @@ static int job_http_status(const job *j, const char **type, const char **msg)
 static enum MHD_Result submit(struct MHD_Connection *c, req *q)
 {
     char err[256];
-    if (engine_submit(q->s->eng, &q->j, err, sizeof err) != 0) {
+    const int rc = engine_submit(q->s->eng, &q->j, err, sizeof err);
+    if (rc != 0) {
         job_clear(&q->j, q->s->n_dicts);
         q->has_job = false;
-        return send_error(c, q, 429, err, "rate_limit_error");
+        return rc == -1   ? send_error(c, q, 429, err, "rate_limit_error")
+               : rc == -2 ? send_error(c, q, 503, err, "server_error")
+                          : send_error(c, q, 400, err, "invalid_request_error");
     }
     q->has_job = true;
     return MHD_YES;

@@ -3,8 +3,8 @@
 against itself (streamed = not streamed, stop strings, seeds); steering (a no-op plan changes
 nothing, a clamp changes the text, the plan is per request); every bad input gets its 4xx and the
 next request still succeeds; 8 concurrent clients x 25 mixed requests, each response equal to
-the same request sent alone; a per-request timeout; SIGTERM mid-stream loses no started
-response. Standard library only.
+the same request sent alone; a per-request timeout; a full queue (429); SIGTERM mid-stream
+loses no started response. Standard library only.
 
 usage: test_server.py SAE_SERVER MODEL.gguf SAE [--page-expected] [--openai-node SCRIPT NODE_PATH]
 Every server runs llama.cpp on one thread: the machine may be shared, and ggml's OpenMP
@@ -417,6 +417,29 @@ def test_timeout(binary, model, sae):
         check(s.stop() == 0, "exit status after SIGTERM")
 
 
+def test_queue_full(binary, model, sae):
+    """One sequence and a queue of one: of 8 requests sent at once, one runs, one waits, and
+    the rest get 429 until the sequence frees; the server then serves again."""
+    s = Server(binary, model, sae, "--parallel", "1", "--queue", "1")
+    try:
+        out = [None] * 8
+
+        def one(i):
+            out[i] = s.post("/v1/completions", completion("Once upon a time", 120))[0]
+
+        ths = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(120)
+        check(out.count(429) >= 1 and out.count(200) >= 2 and
+              out.count(200) + out.count(429) == 8, f"a full queue answers 429: {out}")
+        st, o = s.post("/v1/completions", completion("Once upon a time", 8))
+        check(st == 200, "the request after 429s succeeds")
+    finally:
+        check(s.stop() == 0, "exit status after SIGTERM")
+
+
 def test_sigterm(binary, model, sae, reference):
     s = Server(binary, model, sae, "--parallel", "2")
     body = completion("Once upon a time", 30)
@@ -488,9 +511,11 @@ def main():
     check(len([l for l in s.log if "Z 127.0.0.1 " in l]) > 200, "a log line per request")
     t1 = time.time()
     test_timeout(binary, model, sae)
+    test_queue_full(binary, model, sae)
     t2 = time.time()
     test_sigterm(binary, model, sae, text)
-    print(f"main server {t1 - t0:.1f} s, timeout {t2 - t1:.1f} s, SIGTERM {time.time() - t2:.1f} s")
+    print(f"main server {t1 - t0:.1f} s, timeout and full queue {t2 - t1:.1f} s, SIGTERM "
+          f"{time.time() - t2:.1f} s")
     print(f"test_server: {len(FAILS)} failure(s) in {time.time() - t0:.1f} s")
     sys.exit(1 if FAILS else 0)
 
