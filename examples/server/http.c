@@ -87,6 +87,14 @@ static void wait_step(server *s, req *q, bool until_done)
     }
 }
 
+static bool job_done(server *s, job *j)
+{
+    engine_lock(s->eng);
+    const bool d = j->done;
+    engine_unlock(s->eng);
+    return d;
+}
+
 static int job_http_status(const job *j, const char **type, const char **msg)
 {
     switch (j->status) {
@@ -228,7 +236,7 @@ static enum MHD_Result generate(struct MHD_Connection *c, req *q, bool chat)
         MHD_destroy_response(r);
         return ok;
     }
-    while (!q->j.done)
+    while (!job_done(s, &q->j))
         wait_step(s, q, true);
     const char *type = NULL, *msg = NULL;
     const int st = job_http_status(&q->j, &type, &msg);
@@ -249,7 +257,7 @@ static enum MHD_Result features(struct MHD_Connection *c, req *q)
     }
     enum MHD_Result rc = submit(c, q);
     if (q->has_job) {
-        while (!q->j.done)
+        while (!job_done(s, &q->j))
             wait_step(s, q, true);
         const char *type = NULL, *msg = NULL;
         const int st = job_http_status(&q->j, &type, &msg);
@@ -382,8 +390,8 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     if (!q)
         return;
     *con_cls = NULL;
-    if (q->has_job && !q->j.done)
-        engine_cancel(s->eng, &q->j);   /* the client went away mid-stream */
+    if (q->has_job)
+        engine_cancel(s->eng, &q->j);   /* a no-op unless the client went away mid-stream */
     char addr[INET6_ADDRSTRLEN] = "-";
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
