@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """sae-server's feature cards (examples/server/features.c, stats.c) against straightforward loops.
 
-usage: test_cards.py BUILD_DIR [--model GGUF] [--sae PATH] [--data DIR] [--work DIR]
+usage: test_cards.py [BUILD_DIR] [--model GGUF] [--sae PATH] [--data DIR] [--work DIR]
 
-BUILD_DIR holds sae-llama-capture, sae-server-stats, sae-server-cards and libsae.so (anywhere
-below it). The model, SAE and data default to what examples/llama.cpp/prepare.sh gives
-(stories260K's GGUF, the SAE trained on its stream entering block 2).
+As tests/server/run.sh runs it, with no arguments: BUILD_DIR is $SERVER_BUILD (sae-server's
+build), the model and SAE are $SAE_MODEL and $SAE_DICT, sae-llama-capture and libsae.so come
+from $LLCPP_BUILD; missing ones come from examples/llama.cpp/prepare.sh (stories260K's GGUF,
+the SAE trained on its stream entering block 2). sae-server-stats and sae-server-cards are
+built by tools() below when the build does not hold them yet. The data is $LIBSAE_DATA, else
+shared/data beside the repository, else /work/shared/data (as prepare.sh finds it).
 
 (1) a capture of stories260K's texts (several shards), then sae-server-stats with non-default
     settings; every card then equals plain loops over the capture's rows encoded by libsae:
@@ -34,7 +37,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-HOOK = "blocks.2.hook_resid_pre"
+HOOK = os.environ.get("SAE_HOOK") or "blocks.2.hook_resid_pre"
 TOP, BEFORE, AFTER, BINS = 6, 5, 3, 12
 BLOCK = 4096  # stats.c's BLOCK_MAX: the same blocks give the same SGEMM, bit for bit
 fails = 0
@@ -121,26 +124,93 @@ def shown(piece):
         return "".join(f"<0x{b:02X}>" for b in piece)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("build")
-    ap.add_argument("--model")
-    ap.add_argument("--sae")
-    ap.add_argument("--data")
+def data_dir():
+    if os.environ.get("LIBSAE_DATA"):
+        return os.environ["LIBSAE_DATA"]
+    beside = os.path.join(os.path.dirname(REPO), "shared", "data")
+    return beside if os.path.isdir(beside) else "/work/shared/data"
+
+
+def setup(argv, what):
+    """The arguments, completed from tests/server/run.sh's environment, then prepare.sh."""
+    ap = argparse.ArgumentParser(description=what)
+    ap.add_argument("build", nargs="?", default=os.environ.get("SERVER_BUILD") or
+                    os.path.join(REPO, "build-server"))
+    ap.add_argument("--model", default=os.environ.get("SAE_MODEL"))
+    ap.add_argument("--sae", default=os.environ.get("SAE_DICT"))
+    ap.add_argument("--data", default=data_dir())
+    ap.add_argument("--screenshot")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                   f"libsae-test-cards-{os.getpid()}"))
-    a = ap.parse_args()
-    if not (a.model and a.sae and a.data):
+                                                   f"libsae-test-{os.getpid()}"))
+    a = ap.parse_args(argv)
+    a.llcpp = os.environ.get("LLCPP_BUILD")
+    a.llama_cpp_dir = os.environ.get("LLAMA_CPP_DIR")
+    if not (a.model and a.sae and a.llcpp and a.llama_cpp_dir):
         env = run(["sh", os.path.join(REPO, "examples/llama.cpp/prepare.sh")]).stdout
         kv = dict(line.split("=", 1) for line in env.split("\n") if "=" in line)
         kv = {k: v.strip("'") for k, v in kv.items()}
         a.model = a.model or os.path.join(kv["LLAMA_CPP_DIR"], "models", "stories260K.gguf")
         a.sae = a.sae or kv["SAE"]
-        a.data = a.data or kv["DATA"]
-    capture_bin = find(a.build, "sae-llama-capture")
-    stats_bin = find(a.build, "sae-server-stats")
-    cards_bin = find(a.build, "sae-server-cards")
-    os.environ["LIBSAE_LIBRARY"] = find(a.build, "libsae.so")
+        a.llcpp = a.llcpp or kv["LLCPP_BUILD"]
+        a.llama_cpp_dir = a.llama_cpp_dir or kv["LLAMA_CPP_DIR"]
+    return a
+
+
+def tools(a, names):
+    """{name: path} of the programs the tests run, found in the server's build or
+    examples/llama.cpp's. sae-server-stats and sae-server-cards are cards.cmake's targets: built
+    in the server's build when its CMakeLists.txt includes cards.cmake, else in a project of
+    their own beside it (BUILD-cards), which includes it after examples/llama.cpp."""
+    dirs = [a.build, a.llcpp, a.build + "-cards"]
+
+    def look():
+        out = {}
+        for n in names:
+            for d in dirs:
+                try:
+                    out[n] = find(d, n)
+                    break
+                except RuntimeError:
+                    pass
+        return out
+
+    got = look()
+    ours = [n for n in ("sae-server-stats", "sae-server-cards") if n in names]
+    if all(n in got for n in names):
+        return got
+    if os.path.isfile(os.path.join(a.build, "CMakeCache.txt")) and subprocess.run(
+            ["cmake", "--build", a.build, "-j2", "--target"] + ours,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+        return tools_found(look(), names)
+    src = a.build + "-cards-src"
+    os.makedirs(src, exist_ok=True)
+    with open(os.path.join(src, "CMakeLists.txt"), "w") as f:
+        f.write("# written by tests/server/test_cards.py: sae-server-stats and sae-server-cards\n"
+                "cmake_minimum_required(VERSION 3.25)\nproject(sae_server_cards C CXX)\n"
+                f'add_subdirectory("{REPO}/examples/llama.cpp" llama_cpp EXCLUDE_FROM_ALL)\n'
+                f'include("{REPO}/examples/server/cards.cmake")\n')
+    run(["cmake", "-S", src, "-B", a.build + "-cards", f"-DLLAMA_CPP_DIR={a.llama_cpp_dir}",
+         "-DCMAKE_BUILD_TYPE=Release"])
+    p = run(["cmake", "--build", a.build + "-cards", "-j2", "--target"] + ours)
+    if "warning:" in p.stdout + p.stderr:
+        raise RuntimeError("sae-server-stats or sae-server-cards built with warnings:\n"
+                           + p.stdout + p.stderr)
+    return tools_found(look(), names)
+
+
+def tools_found(got, names):
+    missing = [n for n in names if n not in got]
+    if missing:
+        raise RuntimeError(f"cannot find or build {', '.join(missing)}")
+    return got
+
+
+def main():
+    a = setup(sys.argv[1:], "the feature cards against plain loops")
+    t = tools(a, ["sae-llama-capture", "sae-server-stats", "sae-server-cards", "libsae.so"])
+    capture_bin, stats_bin, cards_bin = (t["sae-llama-capture"], t["sae-server-stats"],
+                                         t["sae-server-cards"])
+    os.environ["LIBSAE_LIBRARY"] = t["libsae.so"]
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.path.insert(0, os.path.join(REPO, "bindings", "python"))
     import libsae

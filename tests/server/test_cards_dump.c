@@ -92,7 +92,12 @@ int main(int argc, char **argv)
     char err[512];
     if (feature_cards_open(&fc, stats_path, m, lm, gguf_path ? gguf_path : model_path, err,
                            sizeof err) != 0) {
+        /* everything freed, so that a leak checker sees only what feature_cards_open left */
         fprintf(stderr, "sae-server-cards: %s\n", err);
+        sae_model_free(m);
+        llama_model_free(lm);
+        llama_backend_free();
+        free(features);
         return 1;
     }
     char **expect = calloc((size_t)n + 1, sizeof *expect);

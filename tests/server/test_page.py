@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """sae-server's page (GET /, examples/server/page.html) driven by headless Chromium.
 
-usage: test_page.py BUILD_DIR [--model GGUF] [--sae PATH] [--data DIR] [--screenshot PNG]
+usage: test_page.py [BUILD_DIR] [--model GGUF] [--sae PATH] [--data DIR] [--screenshot PNG]
 
-BUILD_DIR holds sae-server, sae-llama-capture and sae-server-stats (anywhere below it); the
-model, SAE and data default to what examples/llama.cpp/prepare.sh gives. The test makes a
+The arguments and programs are found as test_cards.py finds them (its setup() and tools():
+tests/server/run.sh's environment, then examples/llama.cpp/prepare.sh); sae-server is
+$SAE_SERVER or BUILD_DIR's. The test makes a
 statistics file (a capture of 12000 tokens of stories260K's texts), starts sae-server on a free
 localhost port, and drives the page the way a person would, through Chromium's DevTools protocol
 over --remote-debugging-pipe (JSON messages on two pipes: no WebSocket, standard library only):
@@ -17,7 +18,6 @@ over --remote-debugging-pipe (JSON messages on two pipes: no WebSocket, standard
 --screenshot saves the page at that moment (docs/images/server.png is made this way).
 Exit 0 when everything holds, 1 otherwise.
 """
-import argparse
 import base64
 import json
 import os
@@ -32,7 +32,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-HOOK = "blocks.2.hook_resid_pre"
+HOOK = os.environ.get("SAE_HOOK") or "blocks.2.hook_resid_pre"
 PROMPT = "Once upon a time, there was a little girl named Lily. She liked to play"
 fails = 0
 
@@ -43,13 +43,6 @@ def check(ok, what):
     if not ok:
         fails += 1
     return ok
-
-
-def find(build, name):
-    for root, _, files in os.walk(build):
-        if name in files:
-            return os.path.join(root, name)
-    raise RuntimeError(f"no {name} under {build}")
 
 
 class Chromium:
@@ -170,36 +163,28 @@ def post(port, path, body):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("build")
-    ap.add_argument("--model")
-    ap.add_argument("--sae")
-    ap.add_argument("--data")
-    ap.add_argument("--screenshot")
-    a = ap.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
         print("test_page: SKIP: chromium is not installed (cmake/install-deps.sh installs it)")
         return 77
-    if not (a.model and a.sae and a.data):
-        env = subprocess.run(["sh", os.path.join(REPO, "examples/llama.cpp/prepare.sh")],
-                             stdout=subprocess.PIPE, check=True, text=True).stdout
-        kv = {k: v.strip("'") for k, v in (l.split("=", 1) for l in env.split("\n") if "=" in l)}
-        a.model = a.model or os.path.join(kv["LLAMA_CPP_DIR"], "models", "stories260K.gguf")
-        a.sae = a.sae or kv["SAE"]
-        a.data = a.data or kv["DATA"]
+    sys.path.insert(0, HERE)
+    import test_cards
+    a = test_cards.setup(sys.argv[1:], "the page in headless Chromium")
+    t = test_cards.tools(a, ["sae-llama-capture", "sae-server-stats"] +
+                         ([] if os.environ.get("SAE_SERVER") else ["sae-server"]))
+    server_bin = os.environ.get("SAE_SERVER") or t["sae-server"]
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     work = tempfile.mkdtemp(prefix="libsae-test-page-")
     server = chrome = None
     try:
         cap, stats = os.path.join(work, "capture"), os.path.join(work, "stats.json")
-        subprocess.run([find(a.build, "sae-llama-capture"), "-m", a.model, "--hooks", HOOK,
+        subprocess.run([t["sae-llama-capture"], "-m", a.model, "--hooks", HOOK,
                         "--corpus", os.path.join(a.data, "stories260K", "stories.txt"), "-o", cap,
                         "--max-tokens", "12000", "--no-progress"], check=True,
                        stdout=subprocess.DEVNULL)
-        subprocess.run([find(a.build, "sae-server-stats"), "--capture", cap, "--hook", HOOK,
+        subprocess.run([t["sae-server-stats"], "--capture", cap, "--hook", HOOK,
                         "--sae", a.sae, "-o", stats], check=True, stdout=subprocess.DEVNULL)
-        server = subprocess.Popen([find(a.build, "sae-server"), "-m", a.model, "--sae",
+        server = subprocess.Popen([server_bin, "-m", a.model, "--sae",
                                    f"{HOOK}={a.sae}", "--stats", f"{HOOK}={stats}", "--port", "0"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         line = server.stdout.readline()
