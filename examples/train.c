@@ -371,7 +371,7 @@ int main(int argc, char **argv)
             bad = sae_arch_from_name(val, &arch) != SAE_OK;
         else if (strcmp(opt, "--groups") == 0)
             groups_text = val;
-        else if (strcmp(opt, "--l0") == 0)
+        else if (strcmp(opt, "--l0") == 0 || strcmp(opt, "--l0-coeff") == 0)
             bad = !((l0 = atof(val)) >= 0);
         else if (strcmp(opt, "--bandwidth") == 0)
             bad = !((bandwidth = atof(val)) > 0);

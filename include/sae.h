@@ -671,7 +671,7 @@ typedef struct sae_trainer sae_trainer;
 /* Training parameters. Defaults depend on the architecture; see docs/training.md. Parameters
  * that do not apply to the model's architecture are accepted and ignored. */
 typedef enum {
-    SAE_TRAIN_LR = 1,           /* > 0; 2e-4 sqrt(2^14 / d_sae) 768 / d_in, <= 0.1 / sqrt(d_in) */
+    SAE_TRAIN_LR = 1, /* > 0; 2e-4 sqrt(2^14 / d_sae) 768 / d_in, <= 0.1 / sqrt(d_in); JumpReLU 7e-5 */
     SAE_TRAIN_L1_COEFF = 2,     /* >= 0, ReLU; min(5, sqrt(d_in) / 4) */
     SAE_TRAIN_AUXK = 3,         /* whole >= 0, dead latents in the AuxK loss (0: off); 256 */
     SAE_TRAIN_AUXK_COEFF = 4,   /* >= 0; 1/32 */

@@ -111,7 +111,9 @@ static const char *sparsity_knob(const sae_model *m)
     case SAE_ARCH_RELU:
         return "raise the L1 coefficient (SAE_TRAIN_L1_COEFF, --l1-coeff) or the learning rate "
                "(SAE_TRAIN_LR, --lr), which lets the penalty act sooner";
-    default: /* TopK, BatchTopK: L0 is K */
+    case SAE_ARCH_JUMPRELU:
+        return "raise the L0 coefficient (SAE_TRAIN_L0_COEFF, --l0-coeff)";
+    default: /* TopK, BatchTopK, Matryoshka: L0 is K */
         return "lower K (SAE_PARAM_K, --k)";
     }
 }
