@@ -11,10 +11,16 @@
  *                                  /4 and the rest)
  *     --l0 X --bandwidth X         JumpReLU's L0 coefficient and kernel width (libsae's defaults)
  *     --latents N                  d_sae (8 * d_in)
- *     --k K                        active latents per token, TopK and BatchTopK (32)
- *     --batch N                    tokens per step (4096)
- *     --steps N                    steps to train (one pass over the data)
- *     --lr X --l1 X --auxk N --dead-tokens N --seed N   training parameters (libsae's defaults)
+ *     --k K                        active latents per token, TopK and BatchTopK (32, at most
+ *                                  d_in / 4: d_in latents span the input whatever they learnt)
+ *     --batch N                    tokens per step (1024)
+ *     --steps N                    steps to train (default: passes over the data up to 2048
+ *                                  tokens per latent, at most 20 passes, at least one)
+ *     --heldout N                  rows at the end of the last ACTS.npy kept out of training for
+ *                                  the held-out metrics (a tenth of the rows, at most 8192; 0: none)
+ *     --lr X --l1 X --auxk N --dead-tokens N --seed N   training parameters (libsae's defaults;
+ *                                  --l1-coeff is --l1, --dead-tokens a tenth of the run's tokens
+ *                                  up to 10M)
  *     --chunk N                    rows per shuffled chunk (262144)
  *     --init-tokens N              rows of the init sample (32768)
  *     --checkpoint PATH            (OUT.safetensors.ckpt)
@@ -145,7 +151,9 @@ static int seek_rows(stream *s, uint64_t pos)
     return 0;
 }
 
-static int open_stream(stream *s, char **paths, size_t n_paths, size_t chunk, uint64_t seed)
+/* Streams the rows of the files but the last file's final `reserve` (the held-out slice). */
+static int open_stream(stream *s, char **paths, size_t n_paths, size_t chunk, uint64_t seed,
+                       size_t reserve)
 {
     memset(s, 0, sizeof *s);
     s->files = calloc(n_paths, sizeof *s->files);
@@ -159,6 +167,8 @@ static int open_stream(stream *s, char **paths, size_t n_paths, size_t chunk, ui
             return -1;
         }
         size_t cols = sae_npy_cols(s->files[i]), rows = sae_npy_rows(s->files[i]);
+        if (i + 1 == n_paths)
+            rows -= reserve < rows ? reserve : rows;
         if (i > 0 && cols != s->cols) {
             fprintf(stderr, "%s has %zu columns, %s has %zu\n", paths[i], cols, paths[0], s->cols);
             return -1;
@@ -182,6 +192,8 @@ static int open_stream(stream *s, char **paths, size_t n_paths, size_t chunk, ui
     }
     for (size_t i = 0; i < n_paths; i++) {
         size_t rows = sae_npy_rows(s->files[i]);
+        if (i + 1 == n_paths)
+            rows -= reserve < rows ? reserve : rows;
         for (size_t first = 0; first < rows; first += chunk) {
             s->chunk_file[s->n_chunks] = i;
             s->chunk_first[s->n_chunks] = first;
@@ -204,7 +216,31 @@ static void close_stream(stream *s)
     free(s->buf);
 }
 
+/* Rows in all the files, and in the last one (which holds the held-out slice). */
+static int count_rows(char **paths, size_t n_paths, size_t *total, size_t *last)
+{
+    *total = *last = 0;
+    for (size_t i = 0; i < n_paths; i++) {
+        sae_npy *f;
+        if (sae_npy_open(&f, paths[i]) != SAE_OK) {
+            fprintf(stderr, "%s\n", sae_last_error());
+            return -1;
+        }
+        *last = sae_npy_rows(f);
+        *total += *last;
+        sae_npy_close(f);
+    }
+    return 0;
+}
+
 /* ---- the program --------------------------------------------------------------------------- */
+
+/* The default run (docs/training.md, "Defaults for the run"), as python -m libsae train: passes
+ * over the data until TOKENS_PER_LATENT * d_sae tokens, at most MAX_PASSES, at least one; the last
+ * tenth of the rows, at most HELDOUT_MAX, held out. */
+#define TOKENS_PER_LATENT 2048.0
+#define MAX_PASSES 20.0
+#define HELDOUT_MAX 8192
 
 static volatile sig_atomic_t stop_requested = 0;
 
@@ -250,8 +286,9 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: train [--arch topk|batchtopk|relu|jumprelu|matryoshka] [--groups A,B,...]\n"
-            "             [--latents N] [--k K] [--batch N] [--steps N] [--lr X] [--l1 X] [--l0 X]\n"
-            "             [--bandwidth X] [--auxk N] [--dead-tokens N] [--seed N] [--chunk N]\n"
+            "             [--latents N] [--k K] [--batch N] [--steps N] [--heldout N] [--lr X]\n"
+            "             [--l1 X] [--l0 X] [--bandwidth X] [--auxk N] [--dead-tokens N]\n"
+            "             [--seed N] [--chunk N]\n"
             "             [--init-tokens N] [--checkpoint PATH] [--every N] [--resume]\n"
             "             [--target Y.npy ... [--skip]] OUT.safetensors ACTS.npy [ACTS.npy ...]\n");
 }
@@ -306,8 +343,8 @@ static int parse_size(const char *s, size_t *out)
 int main(int argc, char **argv)
 {
     sae_arch arch = SAE_ARCH_TOPK;
-    size_t latents = 0, k = 32, batch = 4096, steps = 0, chunk = 262144, init_tokens = 32768;
-    size_t every = 1000, auxk = 0, dead_tokens = 0, seed = 0;
+    size_t latents = 0, k = 0, batch = 1024, steps = 0, chunk = 262144, init_tokens = 32768;
+    size_t every = 1000, auxk = 0, dead_tokens = 0, seed = 0, heldout = SIZE_MAX;
     double lr = 0, l1 = -1, l0 = -1, bandwidth = 0;
     const char *ckpt = NULL, *groups_text = NULL;
     bool matryoshka = false;
@@ -334,18 +371,20 @@ int main(int argc, char **argv)
             bad = sae_arch_from_name(val, &arch) != SAE_OK;
         else if (strcmp(opt, "--groups") == 0)
             groups_text = val;
-        else if (strcmp(opt, "--l0") == 0)
+        else if (strcmp(opt, "--l0") == 0 || strcmp(opt, "--l0-coeff") == 0)
             bad = !((l0 = atof(val)) >= 0);
         else if (strcmp(opt, "--bandwidth") == 0)
             bad = !((bandwidth = atof(val)) > 0);
         else if (strcmp(opt, "--latents") == 0)
             bad = parse_size(val, &latents);
         else if (strcmp(opt, "--k") == 0)
-            bad = parse_size(val, &k);
+            bad = parse_size(val, &k) || k == 0;
         else if (strcmp(opt, "--batch") == 0)
             bad = parse_size(val, &batch) || batch == 0;
         else if (strcmp(opt, "--steps") == 0)
             bad = parse_size(val, &steps);
+        else if (strcmp(opt, "--heldout") == 0)
+            bad = parse_size(val, &heldout);
         else if (strcmp(opt, "--chunk") == 0)
             bad = parse_size(val, &chunk) || chunk == 0;
         else if (strcmp(opt, "--init-tokens") == 0)
@@ -360,7 +399,7 @@ int main(int argc, char **argv)
             bad = parse_size(val, &seed);
         else if (strcmp(opt, "--lr") == 0)
             bad = !((lr = atof(val)) > 0);
-        else if (strcmp(opt, "--l1") == 0)
+        else if (strcmp(opt, "--l1") == 0 || strcmp(opt, "--l1-coeff") == 0)
             bad = !((l1 = atof(val)) >= 0);
         else if (strcmp(opt, "--checkpoint") == 0)
             ckpt = val;
@@ -387,7 +426,18 @@ int main(int argc, char **argv)
 
     stream s, ys;
     const size_t n_files = (size_t)(argc - i - 1);
-    if (open_stream(&s, argv + i + 1, n_files, chunk, seed) != 0)
+    size_t total_rows, last_rows;
+    if (count_rows(argv + i + 1, n_files, &total_rows, &last_rows) != 0)
+        return 1;
+    if (heldout == SIZE_MAX) {
+        heldout = total_rows / 10 < HELDOUT_MAX ? total_rows / 10 : HELDOUT_MAX;
+        if (heldout > last_rows || total_rows - heldout < batch)
+            heldout = 0;
+    } else if (heldout >= last_rows) {
+        fprintf(stderr, "--heldout %zu: the last file has only %zu rows\n", heldout, last_rows);
+        return 2;
+    }
+    if (open_stream(&s, argv + i + 1, n_files, chunk, seed, heldout) != 0)
         return 1;
     const bool tc = n_targets > 0;
     if (skip && !tc) {
@@ -399,10 +449,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "%zu --target files for %zu activation files\n", n_targets, n_files);
         return 2;
     }
-    if (tc && open_stream(&ys, targets, n_targets, chunk, seed) != 0)
+    if (tc && open_stream(&ys, targets, n_targets, chunk, seed, heldout) != 0)
         return 1;
     for (size_t f = 0; tc && f < n_files; f++)
-        if (sae_npy_rows(ys.files[f]) != sae_npy_rows(s.files[f])) {
+        if (sae_npy_rows(ys.files[f]) != sae_npy_rows(s.files[f]) ||
+            sae_npy_cols(ys.files[f]) != ys.cols) {
             fprintf(stderr, "%s has %zu rows, %s has %zu\n", targets[f],
                     sae_npy_rows(ys.files[f]), argv[(size_t)i + 1 + f], sae_npy_rows(s.files[f]));
             return 1;
@@ -410,8 +461,17 @@ int main(int argc, char **argv)
     const size_t d_in = s.cols, d_out = tc ? ys.cols : s.cols;
     if (latents == 0)
         latents = 8 * d_in;
-    if (steps == 0)
-        steps = (s.rows + batch - 1) / batch;
+    if (k == 0) /* OpenAI's 32 (d_in 768), at most d_in / 4 */
+        k = d_in / 4 < 32 ? (d_in / 4 > 0 ? d_in / 4 : 1) : 32;
+    double passes = TOKENS_PER_LATENT * (double)latents / (double)s.rows;
+    passes = passes < 1.0 ? 1.0 : passes > MAX_PASSES ? MAX_PASSES : passes;
+    const bool planned = steps == 0;
+    if (planned)
+        steps = (size_t)ceil(passes * (double)s.rows / (double)batch);
+    if (dead_tokens == 0) { /* a latent silent for a tenth of the run is dead (OpenAI: 10M) */
+        double tenth = floor((double)steps * (double)batch / 10.0);
+        dead_tokens = tenth < 1.0 ? 1 : tenth > 1e7 ? 10000000 : (size_t)tenth;
+    }
 
     sae_model *m;
     sae_trainer *t;
@@ -447,10 +507,10 @@ int main(int argc, char **argv)
         CHECK(sae_trainer_set_param(t, SAE_TRAIN_L1_COEFF, l1));
     if (auxk > 0)
         CHECK(sae_trainer_set_param(t, SAE_TRAIN_AUXK, (double)auxk));
-    if (dead_tokens > 0)
-        CHECK(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, (double)dead_tokens));
+    CHECK(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, (double)dead_tokens));
 
-    const size_t most = batch > init_tokens ? batch : init_tokens;
+    size_t most = batch > init_tokens ? batch : init_tokens;
+    most = most > heldout ? most : heldout;
     float *x = malloc(most * d_in * sizeof(float));
     float *y = tc ? malloc(most * d_out * sizeof(float)) : NULL;
     if (x == NULL || (tc && y == NULL)) {
@@ -473,6 +533,15 @@ int main(int argc, char **argv)
         CHECK(tc ? sae_trainer_init_to(t, x, y, n) : sae_trainer_init(t, x, n));
         done = 0;
     }
+    if (heldout > 0) { /* the last file's final rows, which the streams leave out */
+        const size_t first = last_rows - heldout;
+        if (sae_npy_read(s.files[n_files - 1], first, heldout, x) != SAE_OK ||
+            (tc && sae_npy_read(ys.files[n_files - 1], first, heldout, y) != SAE_OK)) {
+            fprintf(stderr, "reading the held-out rows: %s\n", sae_last_error());
+            return 1;
+        }
+        CHECK(sae_trainer_set_heldout(t, x, tc ? y : NULL, heldout));
+    }
     /* The stream position follows from the step count alone. */
     if (seek_rows(&s, (uint64_t)done * batch) != 0 ||
         (tc && seek_rows(&ys, (uint64_t)done * batch) != 0))
@@ -484,18 +553,25 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
 
+    const double run_passes = (double)steps * (double)batch / (double)s.rows;
     if (tc)
-        fprintf(stderr, "%s %s %zu -> %zu -> %zu on %zu pairs (%zu files), %zu steps of %zu\n",
+        fprintf(stderr, "%s %s %zu -> %zu -> %zu on %zu pairs (%zu files), ",
                 sae_arch_name(arch), skip ? "skip transcoder" : "transcoder", d_in, latents,
-                d_out, s.rows, s.n_files, steps, batch);
+                d_out, s.rows, s.n_files);
     else
-        fprintf(stderr, "%s SAE %zu -> %zu on %zu rows (%zu files), %zu steps of %zu\n",
-                matryoshka ? "matryoshka" : sae_arch_name(arch), d_in, latents, s.rows, s.n_files,
-                steps, batch);
+        fprintf(stderr, "%s SAE %zu -> %zu on %zu rows (%zu files), ", matryoshka ? "matryoshka" : sae_arch_name(arch),
+                d_in, latents, s.rows, s.n_files);
+    fprintf(stderr, "%zu steps of %zu = %.3g passes (%s); ", steps, batch, run_passes,
+            planned ? "default: up to 2048 tokens per latent, at most 20 passes" : "--steps");
+    if (heldout > 0)
+        fprintf(stderr, "held out: the last %zu rows of %s\n", heldout, argv[argc - 1]);
+    else
+        fprintf(stderr, "nothing held out\n");
     const double start = now();
     double last_print = 0;
     size_t step = (size_t)done, first_step = step;
     int rc = 0;
+    unsigned warned = 0;
     while (step < steps && !stop_requested) {
         if (next_rows(&s, x, batch) != 0 || (tc && next_rows(&ys, y, batch) != 0)) {
             rc = 1;
@@ -507,10 +583,17 @@ int main(int argc, char **argv)
             break;
         }
         step++;
+        double bits;
+        sae_trainer_get_metric(t, SAE_METRIC_WARNINGS, &bits);
+        if ((unsigned)bits & ~warned) { /* each warning once, when it first holds */
+            warned |= (unsigned)bits;
+            fprintf(stderr, "warning at step %zu: %s\n", step, sae_trainer_warning(t));
+        }
         double elapsed = now() - start;
         if (elapsed - last_print >= 1.0 || step == steps) {
             last_print = elapsed;
-            double loss, fvu, l0, dead;
+            double loss, fvu, l0, dead, held;
+            sae_trainer_get_metric(t, SAE_METRIC_HELDOUT_FVU, &held);
             sae_trainer_get_metric(t, SAE_METRIC_LOSS, &loss);
             sae_trainer_get_metric(t, SAE_METRIC_FVU, &fvu);
             sae_trainer_get_metric(t, SAE_METRIC_L0, &l0);
@@ -520,10 +603,14 @@ int main(int argc, char **argv)
             human((double)step * (double)batch, tok, sizeof tok);
             human(rate, tps, sizeof tps);
             duration((double)((steps - step) * batch) / rate, left, sizeof left);
+            char held_s[32] = "";
+            if (!isnan(held))
+                snprintf(held_s, sizeof held_s, " (held-out %.4f)", held);
             fprintf(stderr,
-                    "step %zu/%zu  tokens %s  %s tok/s  loss %.4f  fvu %.4f  l0 %.1f  dead %.1f%%  "
-                    "left %s\n",
-                    step, steps, tok, tps, loss, fvu, l0, 100 * dead, left);
+                    "step %zu/%zu  pass %.1f/%.3g  tokens %s  %s tok/s  loss %.4f  fvu %.4f%s  "
+                    "l0 %.1f  dead %.1f%%  left %s\n",
+                    step, steps, (double)step * (double)batch / (double)s.rows, run_passes, tok,
+                    tps, loss, fvu, held_s, l0, 100 * dead, left);
         }
         if (every > 0 && step % every == 0 && step < steps) {
             if (sae_trainer_save(t, ckpt) != SAE_OK) {
@@ -547,6 +634,9 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr, "wrote %s\n", out);
         }
+        const char *warning = sae_trainer_warning(t);
+        if (warning != NULL)
+            fprintf(stderr, "warning: %s\n", warning);
     }
     free(x);
     free(y);

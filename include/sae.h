@@ -671,8 +671,8 @@ typedef struct sae_trainer sae_trainer;
 /* Training parameters. Defaults depend on the architecture; see docs/training.md. Parameters
  * that do not apply to the model's architecture are accepted and ignored. */
 typedef enum {
-    SAE_TRAIN_LR = 1,           /* > 0; ReLU 5e-5, TopK/BatchTopK 2e-4 / sqrt(d_sae / 2^14) */
-    SAE_TRAIN_L1_COEFF = 2,     /* >= 0, ReLU; 5 */
+    SAE_TRAIN_LR = 1, /* > 0; 2e-4 sqrt(2^14 / d_sae) 768 / d_in, <= 0.1 / sqrt(d_in); JumpReLU 7e-5 */
+    SAE_TRAIN_L1_COEFF = 2,     /* >= 0, ReLU; min(5, sqrt(d_in) / 4) */
     SAE_TRAIN_AUXK = 3,         /* whole >= 0, dead latents in the AuxK loss (0: off); 256 */
     SAE_TRAIN_AUXK_COEFF = 4,   /* >= 0; 1/32 */
     SAE_TRAIN_DEAD_TOKENS = 5,  /* whole >= 1; 10,000,000 */
@@ -692,6 +692,8 @@ typedef enum {
     SAE_TRAIN_JUMPRELU_BANDWIDTH = 19,      /* > 0, JumpReLU's pseudo-derivative width; 0.05 */
     SAE_TRAIN_JUMPRELU_INIT_THRESHOLD = 20, /* > 0, JumpReLU's threshold at init; 0.01 */
     SAE_TRAIN_L0_COEFF = 21,                /* >= 0, JumpReLU's L0 penalty coefficient; 1 */
+    SAE_TRAIN_HELDOUT_EVERY = 25,  /* whole >= 0, steps between held-out evaluations (0: only at
+                                    * TOTAL_STEPS); TOTAL_STEPS / 20 (100 if unknown), at least 1 */
     SAE_TRAIN_BF16 = 31                     /* 0 or 1: mixed precision (below); 0 */
 } sae_train_param;
 
@@ -722,8 +724,25 @@ typedef enum {
     SAE_METRIC_GRAD_NORM = 10,    /* global gradient norm of the last step, before clipping */
     SAE_METRIC_SPARSITY_LOSS = 11, /* JumpReLU: L0_COEFF (after warm-up) * mean L0; else 0 */
     SAE_METRIC_THRESHOLD_MEAN = 12, /* JumpReLU: mean threshold after the step; else 0 */
-    SAE_METRIC_PREFIX_FVU = 13     /* Matryoshka: FVU of the first group alone; else the FVU */
+    SAE_METRIC_PREFIX_FVU = 13,    /* Matryoshka: FVU of the first group alone; else the FVU */
+    /* The held-out metrics describe the tokens given to sae_trainer_set_heldout, as
+     * sae_evaluate does, at the last evaluation (every HELDOUT_EVERY steps and at TOTAL_STEPS);
+     * NaN until the first one. */
+    SAE_METRIC_HELDOUT_FVU = 14,  /* FVU on the held-out tokens (sae_evaluate's SAE_EVAL_FVU) */
+    SAE_METRIC_HELDOUT_MSE = 15,  /* MSE on the held-out tokens, caller's units */
+    SAE_METRIC_HELDOUT_L0 = 16,   /* mean active latents per held-out token */
+    SAE_METRIC_HELDOUT_STEP = 17, /* STEPS when the held-out metrics were evaluated; 0 if never */
+    SAE_METRIC_WARNINGS = 18      /* bit set of SAE_TRAIN_WARN_* in force after the last step */
 } sae_train_metric;
+
+/* Diagnostics a run raises once it is past its warm-up (the learning-rate and L1 warm-ups, and
+ * at least a tenth of TOTAL_STEPS, or 100 steps if unknown): the condition has held on every
+ * batch for the last tenth of the steps taken (at least 10 steps). sae_trainer_warning says
+ * which knob to change. */
+typedef enum {
+    SAE_TRAIN_WARN_FVU = 1, /* FVU stays above 1: worse than predicting the mean */
+    SAE_TRAIN_WARN_L0 = 2   /* L0 stays above a quarter of d_sae: not sparse */
+} sae_train_warning;
 
 /* A trainer for model m, which it trains in place (m must outlive it and must not be used by
  * another thread during a step). ReLU, TopK, BatchTopK and JumpReLU models train, SAEs and transcoders
@@ -792,6 +811,21 @@ SAE_API int sae_trainer_step_to(sae_trainer *t, const float *x, const float *y, 
 /* Reads a metric. Errors: SAE_EINVAL (NULL, unknown metric), SAE_ESTATE (a batch metric before
  * the first step; STEPS and TOKENS are 0 then). */
 SAE_API int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double *v);
+
+/* Held-out tokens for the held-out metrics: x [n][d_in] (and, for a transcoder, its targets y
+ * [n][d_out]; NULL for an SAE), copied. Tokens should not be among those stepped on. The metrics
+ * are evaluated on the current model at once if a step has been taken, then every
+ * HELDOUT_EVERY steps and at step TOTAL_STEPS. n = 0 removes the held-out set (x and y may then
+ * be NULL). Not saved in checkpoints. Errors: SAE_EINVAL (NULL t, NULL x with n > 0, non-finite
+ * values, y given for an SAE or missing for a transcoder), SAE_ENOMEM; on failure nothing
+ * changes. */
+SAE_API int sae_trainer_set_heldout(sae_trainer *t, const float *x, const float *y, size_t n);
+
+/* The warnings in force (SAE_METRIC_WARNINGS) as one sentence that names the parameter to change
+ * (and the example programs' option for it), or NULL when there are none. The string belongs to
+ * the trainer and stays valid until its next step, set_param, load, init or free. Errors: none
+ * (NULL for a NULL t). Not thread safe with a step on the same trainer. */
+SAE_API const char *sae_trainer_warning(const sae_trainer *t);
 
 /* Data-parallel training: called once per step with this process's gradient sums and its token
  * count in one buffer; it must replace the buffer with the element-wise sum over all processes

@@ -43,11 +43,29 @@ const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_JUMPRELU_BANDWIDTH] = {"jumprelu_bandwidth", K_POS, 0},
     [SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = {"jumprelu_init_threshold", K_POS, 0},
     [SAE_TRAIN_L0_COEFF] = {"l0_coeff", K_NONNEG, 0},
+    [SAE_TRAIN_HELDOUT_EVERY] = {"heldout_every", K_WHOLE, 0},
 };
 
 const char *const sae__train_metric_names[N_METRICS] = {
-    NULL, "loss", "mse", "fvu", "l0", "dead_fraction", "steps", "tokens", "auxk_loss", "lr",
-    "grad_norm", "sparsity_loss", "threshold_mean", "prefix_fvu"};
+    [SAE_METRIC_LOSS] = "loss",
+    [SAE_METRIC_MSE] = "mse",
+    [SAE_METRIC_FVU] = "fvu",
+    [SAE_METRIC_L0] = "l0",
+    [SAE_METRIC_DEAD_FRACTION] = "dead_fraction",
+    [SAE_METRIC_STEPS] = "steps",
+    [SAE_METRIC_TOKENS] = "tokens",
+    [SAE_METRIC_AUXK_LOSS] = "auxk_loss",
+    [SAE_METRIC_LR] = "lr",
+    [SAE_METRIC_GRAD_NORM] = "grad_norm",
+    [SAE_METRIC_SPARSITY_LOSS] = "sparsity_loss",
+    [SAE_METRIC_THRESHOLD_MEAN] = "threshold_mean",
+    [SAE_METRIC_PREFIX_FVU] = "prefix_fvu",
+    [SAE_METRIC_HELDOUT_FVU] = "heldout_fvu",
+    [SAE_METRIC_HELDOUT_MSE] = "heldout_mse",
+    [SAE_METRIC_HELDOUT_L0] = "heldout_l0",
+    [SAE_METRIC_HELDOUT_STEP] = "heldout_step",
+    [SAE_METRIC_WARNINGS] = "warnings",
+};
 
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l)
 {
@@ -70,30 +88,69 @@ void sae__train_layout_of(const sae_model *m, sae__train_layout *l)
 
 static bool is_sparse_arch(sae_arch a) { return a == SAE_ARCH_TOPK || a == SAE_ARCH_BATCHTOPK; }
 
+/* The learning rate for a model of this width, for every recipe (docs/training.md, "Defaults for
+ * the run"): Gao et al.'s 2e-4 / sqrt(d_sae / 2^14), fitted on GPT-2 small (d_in 768), times
+ * 768 / d_in, muP's rule for Adam (Yang et al. 2022: a matrix's rate goes as 1 / fan-in, here
+ * W_enc's d_in), and at most 0.1 / sqrt(d_in): one Adam step (about lr per element) stays under
+ * a tenth of a unit-norm row's element size. */
+static double width_lr(const sae_model *m)
+{
+    const double d_in = (double)m->d_in, d_sae = (double)m->d_sae;
+    double lr = 2e-4 / sqrt(d_sae / 16384.0) * (768.0 / d_in);
+    double cap = 0.1 / sqrt(d_in);
+    return lr < cap ? lr : cap;
+}
+
+/* Each architecture's recipe defaults, over the common ones set_defaults put first. A new
+ * architecture adds its case here (and its warning knob in train_diag.c). */
+static void arch_defaults(sae_trainer *t, double *p)
+{
+    const sae_model *m = t->m;
+    switch (m->arch) {
+    case SAE_ARCH_RELU:
+        /* Anthropic's lambda = 5 leaves about d_in / lambda^2 latents active (a latent pays for
+         * itself when its coefficient, about sqrt(d_in / L0) on inputs of norm sqrt(d_in),
+         * exceeds lambda): below d_in = 400 that is under 16, too sparse to reconstruct
+         * (measured at d_in 64: L0 2, FVU 0.29); sqrt(d_in) / 4 keeps L0 near d_in / 16. */
+        p[SAE_TRAIN_L1_COEFF] = fmin(5.0, sqrt((double)m->d_in) / 4.0);
+        p[SAE_TRAIN_GRAD_CLIP] = 1.0;
+        p[SAE_TRAIN_ADAM_EPS] = 1e-8;
+        break;
+    case SAE_ARCH_JUMPRELU:
+        /* Rajamanoharan et al. 2024: learning rate 7e-5 and Adam beta1 0, as dictionary_learning's
+         * JumpReluTrainer; SAELens's JumpReLUTrainingSAEConfig for the bandwidth 0.05, initial
+         * threshold 0.01 and L0 coefficient 1, in the units of activations scaled to mean norm
+         * sqrt(d_in), which are libsae's. */
+        p[SAE_TRAIN_LR] = 7e-5;
+        p[SAE_TRAIN_BETA1] = 0.0;
+        p[SAE_TRAIN_GRAD_CLIP] = 0.0;
+        p[SAE_TRAIN_ADAM_EPS] = 1e-8;
+        break;
+    default: /* TopK, BatchTopK (and Matryoshka, a BatchTopK model) */
+        p[SAE_TRAIN_GRAD_CLIP] = 0.0;
+        p[SAE_TRAIN_ADAM_EPS] = 6.25e-10;
+        break;
+    }
+}
+
 static void set_defaults(sae_trainer *t)
 {
-    const bool relu = !t->sparse && !t->jump;
     double *p = t->param;
-    /* Sources: docs/training.md. JumpReLU: Rajamanoharan et al. 2024 (learning rate 7e-5, Adam
-     * beta1 0, as dictionary_learning's JumpReluTrainer), SAELens's JumpReLUTrainingSAEConfig
-     * (bandwidth 0.05, initial threshold 0.01 and L0 coefficient 1, in the units of activations
-     * scaled to mean norm sqrt(d_in), which are libsae's). */
-    p[SAE_TRAIN_LR] = t->jump ? 7e-5 : relu ? 5e-5 : 2e-4 / sqrt((double)t->m->d_sae / 16384.0);
+    /* Sources: docs/training.md. */
+    p[SAE_TRAIN_LR] = width_lr(t->m);
     p[SAE_TRAIN_L1_COEFF] = 5.0;
     p[SAE_TRAIN_AUXK] = 256;
     p[SAE_TRAIN_AUXK_COEFF] = 1.0 / 32.0;
     p[SAE_TRAIN_DEAD_TOKENS] = 10e6;
     p[SAE_TRAIN_WARMUP_STEPS] = 0;
-    p[SAE_TRAIN_BETA1] = t->jump ? 0.0 : 0.9;
+    p[SAE_TRAIN_BETA1] = 0.9;
     p[SAE_TRAIN_BETA2] = 0.999;
     p[SAE_TRAIN_SEED] = 0;
     p[SAE_TRAIN_TOTAL_STEPS] = 0;
     p[SAE_TRAIN_L1_WARMUP_STEPS] = 0;
     p[SAE_TRAIN_LR_DECAY_STEPS] = 0;
-    p[SAE_TRAIN_GRAD_CLIP] = relu ? 1.0 : 0.0;
     p[SAE_TRAIN_DECODER_INIT_NORM] = 1.0; /* the contract: unit-norm rows after init */
     p[SAE_TRAIN_THRESHOLD_LR] = 0.01;
-    p[SAE_TRAIN_ADAM_EPS] = t->sparse ? 6.25e-10 : 1e-8;
     p[SAE_TRAIN_NORMALIZE_INPUT] = 1;
     /* A transcoder's b_dec starts at y's mean (sparsify's trainer), an SAE's at the geometric
      * median (OpenAI's init_from_data_). */
@@ -101,13 +158,29 @@ static void set_defaults(sae_trainer *t)
     p[SAE_TRAIN_JUMPRELU_BANDWIDTH] = 0.05;
     p[SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = 0.01;
     p[SAE_TRAIN_L0_COEFF] = 1.0;
+    p[SAE_TRAIN_HELDOUT_EVERY] = 0;
+    arch_defaults(t, p);
     memset(t->param_set, 0, sizeof t->param_set);
 }
 
+bool sae__train_param_known(int p)
+{
+    return p >= SAE_TRAIN_LR && p < N_PARAMS && sae__train_params[p].name != NULL;
+}
+
+bool sae__train_param_derived(int p)
+{
+    return p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS ||
+           p == SAE_TRAIN_HELDOUT_EVERY;
+}
+
 /* The value in force: the schedule lengths follow TOTAL_STEPS until set explicitly. */
-static double param_value(const sae_trainer *t, sae_train_param p)
+double sae__train_param_value(const sae_trainer *t, sae_train_param p)
 {
     double total = t->param[SAE_TRAIN_TOTAL_STEPS];
+    /* Twenty held-out evaluations a run: each costs about a third of a step per held-out token. */
+    if (p == SAE_TRAIN_HELDOUT_EVERY && !t->param_set[p])
+        return total > 0.0 ? fmax(1.0, floor(total / 20.0)) : 100.0;
     if (p == SAE_TRAIN_L1_WARMUP_STEPS && !t->param_set[p])
         return t->sparse ? 0.0 : floor(total / 20.0);
     if (p == SAE_TRAIN_LR_DECAY_STEPS && !t->param_set[p])
@@ -117,7 +190,7 @@ static double param_value(const sae_trainer *t, sae_train_param p)
 
 int sae__train_check_param(sae_train_param p, double v)
 {
-    if (p < SAE_TRAIN_LR || p >= N_PARAMS || sae__train_params[p].name == NULL)
+    if (!sae__train_param_known((int)p))
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
     const char *name = sae__train_params[p].name;
     bool whole = v == floor(v) && v >= 0.0 && v <= WHOLE_MAX;
@@ -196,9 +269,9 @@ int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v)
         *v = t->bf16 != NULL;
         return SAE_OK;
     }
-    if (p < SAE_TRAIN_LR || p >= N_PARAMS || sae__train_params[p].name == NULL)
+    if (!sae__train_param_known((int)p))
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
-    *v = param_value(t, p);
+    *v = sae__train_param_value(t, p);
     return SAE_OK;
 }
 
@@ -214,6 +287,10 @@ int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double 
     }
     if (which == SAE_METRIC_TOKENS) {
         *v = (double)t->tokens;
+        return SAE_OK;
+    }
+    if (sae__train_metric_is_diag(which)) { /* NaN or 0 until evaluated, never SAE_ESTATE */
+        *v = t->metric[which];
         return SAE_OK;
     }
     if (!t->have_metrics)
@@ -267,6 +344,7 @@ void sae_trainer_free(sae_trainer *t)
     free(t->group_end);
     free(t->mat_e);
     free(t->mat_s);
+    sae__train_diag_free(t);
     free(t);
 }
 
@@ -454,6 +532,7 @@ static void reset_state(sae_trainer *t)
     t->theta = 0.0;
     t->have_metrics = false;
     memset(t->metric, 0, sizeof t->metric);
+    sae__train_diag_reset(t);
     memset(t->adam_m, 0, t->lay.n_params * sizeof(float));
     memset(t->adam_v, 0, t->lay.n_params * sizeof(float));
     memset(t->since_fired, 0, t->m->d_sae * sizeof(uint64_t));
@@ -1056,9 +1135,9 @@ static void sparse_pass(sae_trainer *t, const float *x, const float *tgt, size_t
 static double schedule_lr(const sae_trainer *t)
 {
     double s = (double)t->step, lr = t->param[SAE_TRAIN_LR];
-    double warm = param_value(t, SAE_TRAIN_WARMUP_STEPS);
+    double warm = sae__train_param_value(t, SAE_TRAIN_WARMUP_STEPS);
     double total = t->param[SAE_TRAIN_TOTAL_STEPS];
-    double decay = param_value(t, SAE_TRAIN_LR_DECAY_STEPS);
+    double decay = sae__train_param_value(t, SAE_TRAIN_LR_DECAY_STEPS);
     if (warm > 0.0 && s < warm)
         lr *= (s + 1.0) / warm;
     if (total > 0.0 && decay > 0.0 && s >= total - decay) {
@@ -1072,7 +1151,7 @@ static double schedule_lr(const sae_trainer *t)
 /* ReLU's L1 coefficient, or JumpReLU's L0 coefficient, after the warm-up. */
 static double schedule_l1(const sae_trainer *t)
 {
-    double warm = param_value(t, SAE_TRAIN_L1_WARMUP_STEPS), s = (double)t->step;
+    double warm = sae__train_param_value(t, SAE_TRAIN_L1_WARMUP_STEPS), s = (double)t->step;
     double c = t->param[t->jump ? SAE_TRAIN_L0_COEFF : SAE_TRAIN_L1_COEFF];
     return warm > 0.0 && s + 1.0 < warm ? c * (s + 1.0) / warm : c;
 }
@@ -1235,6 +1314,7 @@ static int apply_step(sae_trainer *t, double lr, double lambda)
     t->tokens += n_tok;
     t->metric[SAE_METRIC_STEPS] = (double)t->step;
     t->metric[SAE_METRIC_TOKENS] = (double)t->tokens;
+    sae__train_diagnose(t);
     return SAE_OK;
 }
 

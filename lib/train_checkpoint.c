@@ -84,14 +84,15 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
         vals[nm++] = groups;
     }
     for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
-        bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
-        if (derived && !t->param_set[p])
+        if (!sae__train_param_known(p) || (sae__train_param_derived(p) && !t->param_set[p]))
             continue;
         snprintf(names[nn], sizeof names[nn], "train.param.%s", sae__train_params[p].name);
         META(names[nn++], "%.17g", t->param[p]);
     }
     if (t->have_metrics) {
         for (int k = SAE_METRIC_LOSS; k < N_METRICS; k++) {
+            if (sae__train_metric_names[k] == NULL || sae__train_metric_is_diag(k))
+                continue;
             snprintf(names[nn], sizeof names[nn], "train.metric.%s", sae__train_metric_names[k]);
             META(names[nn++], "%.17g", t->metric[k]);
         }
@@ -283,11 +284,14 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
         return rc == SAE_EFORMAT ? rc : sae__wrap(SAE_EFORMAT, "%s: __metadata__: ", st->path);
     for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
         char key[48];
-        snprintf(key, sizeof key, "train.param.%s", sae__train_params[p].name);
-        bool derived = p == SAE_TRAIN_L1_WARMUP_STEPS || p == SAE_TRAIN_LR_DECAY_STEPS;
         c->param[p] = t->param[p];
         c->param_set[p] = false;
-        if (derived && sae__st_meta(st, key) == NULL)
+        if (!sae__train_param_known(p))
+            continue;
+        snprintf(key, sizeof key, "train.param.%s", sae__train_params[p].name);
+        /* A derived default, or a parameter newer than the file, keeps this trainer's value. */
+        if ((sae__train_param_derived(p) || p == SAE_TRAIN_HELDOUT_EVERY) &&
+            sae__st_meta(st, key) == NULL)
             continue;
         if ((rc = sae__st_meta_number(st, key, false, &c->param[p])) != SAE_OK)
             return rc;
@@ -298,6 +302,8 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
     c->have_metrics = sae__st_meta(st, "train.metric.loss") != NULL;
     for (int k = SAE_METRIC_LOSS; k < N_METRICS && c->have_metrics; k++) {
         char key[48];
+        if (sae__train_metric_names[k] == NULL || sae__train_metric_is_diag(k))
+            continue;
         snprintf(key, sizeof key, "train.metric.%s", sae__train_metric_names[k]);
         if ((rc = sae__st_meta_number(st, key, true, &c->metric[k])) != SAE_OK)
             return rc;
@@ -413,6 +419,7 @@ int sae_trainer_load(sae_trainer *t, const char *path)
     memcpy(t->param, c.param, sizeof t->param);
     memcpy(t->param_set, c.param_set, sizeof t->param_set);
     memcpy(t->metric, c.metric, sizeof t->metric);
+    sae__train_diag_reset(t);
     t->have_metrics = c.have_metrics;
     t->step = c.step;
     t->tokens = c.tokens;

@@ -48,8 +48,8 @@ typedef struct {
 } sae__train_layout;
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
 
-#define N_PARAMS (SAE_TRAIN_L0_COEFF + 1)
-#define N_METRICS (SAE_METRIC_PREFIX_FVU + 1)
+#define N_PARAMS (SAE_TRAIN_HELDOUT_EVERY + 1)
+#define N_METRICS (SAE_METRIC_WARNINGS + 1)
 #define TRAIN_FORMAT_VERSION "1"
 /* Dead-latent counters saturate here so that they travel exactly as two float halves. */
 #define COUNTER_MAX (((uint64_t)1 << 48) - 1)
@@ -110,6 +110,13 @@ struct sae_trainer {
     double *colsum;          /* ReLU: per-latent sum of codes over the batch */
     sae__scored *heap;
     struct sae__train_bf16 *bf16; /* SAE_TRAIN_BF16 (train_bf16.c); NULL when off */
+
+    /* Diagnostics (train_diag.c): the held-out tokens (copies), and how many consecutive steps
+     * each warning's condition has held. Not part of a checkpoint. */
+    float *heldout_x, *heldout_y;
+    size_t heldout_n;
+    uint64_t fvu_high_run, l0_high_run;
+    char warning[640];
 };
 
 /* The latent j's share of a token's gradient g (with respect to the normalized output) when it
@@ -142,6 +149,26 @@ double sae__matryoshka_token(sae_trainer *t, size_t i, float *e, const float *xi
 
 /* Sets the groups (n = 0: none), checking the sizes against the model; fn names the caller. */
 int sae__matryoshka_set(sae_trainer *t, const size_t *sizes, size_t n, const char *fn);
+
+/* Whether p is a parameter of this build (enum values reserved for other recipes are not). */
+bool sae__train_param_known(int p);
+/* Whether p's default follows TOTAL_STEPS until set (a checkpoint stores it only when set). */
+bool sae__train_param_derived(int p);
+/* The value of p in force, including the defaults derived from TOTAL_STEPS. */
+double sae__train_param_value(const sae_trainer *t, sae_train_param p);
+
+/* Diagnostics (train_diag.c), after each successful step: the held-out evaluation when due and
+ * the warnings. */
+void sae__train_diagnose(sae_trainer *t);
+/* Frees the held-out copies. */
+void sae__train_diag_free(sae_trainer *t);
+/* Fresh diagnostics (init, load): held-out metrics NaN, no warnings. */
+void sae__train_diag_reset(sae_trainer *t);
+/* The metrics train_diag.c keeps: readable before any step, not saved in checkpoints. */
+static inline bool sae__train_metric_is_diag(int k)
+{
+    return k >= SAE_METRIC_HELDOUT_FVU && k <= SAE_METRIC_WARNINGS;
+}
 
 /* Checks a parameter value against its kind's range, as floats where the step uses floats. */
 int sae__train_check_param(sae_train_param p, double v);

@@ -579,10 +579,14 @@ START_TEST(defaults_follow_architecture_and_total_steps)
     ck_assert_ok(sae_trainer_new(&tr, relu));
     ck_assert_ok(sae_trainer_new(&tt, topk));
     double v;
+    /* The width rule (docs/training.md): 2e-4 / sqrt(d_sae / 2^14) * 768 / d_in, at most
+     * 0.1 / sqrt(d_in), for every recipe; ReLU's L1 coefficient min(5, sqrt(d_in) / 4). */
     ck_assert_ok(sae_trainer_get_param(tr, SAE_TRAIN_LR, &v));
-    ck_assert_double_eq(v, 5e-5);
+    ck_assert_double_eq_tol(v, 2e-4 * 192.0, 1e-15); /* under the cap 0.05 */
     ck_assert_ok(sae_trainer_get_param(tt, SAE_TRAIN_LR, &v));
-    ck_assert_double_eq_tol(v, 2e-4, 1e-15);
+    ck_assert_double_eq_tol(v, 2e-4 * 192.0, 1e-15);
+    ck_assert_ok(sae_trainer_get_param(tr, SAE_TRAIN_L1_COEFF, &v));
+    ck_assert_double_eq(v, 0.5);
     ck_assert_ok(sae_trainer_get_param(tt, SAE_TRAIN_AUXK_COEFF, &v));
     ck_assert_double_eq(v, 1.0 / 32);
     ck_assert_ok(sae_trainer_get_param(tr, SAE_TRAIN_GRAD_CLIP, &v));

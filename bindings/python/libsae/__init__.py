@@ -41,3 +41,8 @@ __all__ = [
     "LOAD_FLAGS", "EVAL_METRICS", "TRAIN_PARAMS", "METRICS", "ARCHITECTURES",
     "OK", "EINVAL", "ENOMEM", "EIO", "EFORMAT", "EUNSUPPORTED", "ERANGE", "ESTATE", "ECALLBACK",
 ]
+
+# Training diagnostics: the bits of Trainer.metrics()["warnings"] by name.
+from ._enums import TRAIN_WARNINGS  # noqa: E402
+
+__all__ += ["TRAIN_WARNINGS"]

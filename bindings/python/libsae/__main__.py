@@ -250,15 +250,18 @@ class Progress:
         self.start = time.monotonic()
         self.last_print = -1
 
-    def update(self, done: int, tokens: int, metrics: dict) -> None:
+    def update(self, done: int, tokens: int, metrics: dict, passes: str = "") -> None:
         if self.quiet:
             return
         elapsed = max(time.monotonic() - self.start, 1e-9)
         width = 24
         filled = int(width * done / self.total)
         eta = elapsed / done * (self.total - done) if done else 0.0
+        held = metrics.get("heldout_fvu", float("nan"))
+        held = "" if held != held else f" (held-out {held:.4f})"
         line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} steps  "
-                f"loss {metrics['loss']:.4g}  fvu {metrics['fvu']:.4f}  l0 {metrics['l0']:.1f}  "
+                f"{passes}loss {metrics['loss']:.4g}  fvu {metrics['fvu']:.4f}{held}  "
+                f"l0 {metrics['l0']:.1f}  "
                 f"dead {100 * metrics['dead_fraction']:.1f}%  {tokens / elapsed:,.0f} tok/s  "
                 f"eta {eta:.0f}s")
         if self.tty:
@@ -284,6 +287,31 @@ def _groups(text: Optional[str], d_sae: int) -> List[int]:
         raise CliError(f"--groups {text!r}: expected sizes like 16,48,192") from None
 
 
+#: The default run (docs/training.md, "Defaults for the run"): passes over the data until
+#: TOKENS_PER_LATENT * d_sae tokens, at most MAX_PASSES of them, never less than one; the last
+#: tenth of the rows (at most HELDOUT_MAX) held out for the held-out metrics.
+TOKENS_PER_LATENT, MAX_PASSES, HELDOUT_MAX = 2048, 20, 8192
+
+
+def default_k(d_in: int) -> int:
+    """OpenAI's k = 32 (GPT-2 small, d_in 768), at most d_in / 4: d_in random directions already
+    span the input, so a code with that many active latents describes any vector without
+    having learnt features (docs/training.md)."""
+    return max(1, min(32, d_in // 4))
+
+
+def plan_run(rows: int, batch: int, d_sae: int, heldout: Optional[int]) -> Tuple[int, int, float]:
+    """(held-out rows, steps, passes) of the default run over `rows` rows."""
+    if heldout is None:
+        heldout = min(rows // 10, HELDOUT_MAX)
+        if rows - heldout < batch:
+            heldout = 0
+    train = rows - heldout
+    passes = min(float(MAX_PASSES), max(1.0, TOKENS_PER_LATENT * d_sae / train))
+    steps = max(1, -(-int(passes * train) // batch))
+    return heldout, steps, passes
+
+
 def cmd_train(args) -> int:
     if not has("sae_trainer_new"):
         raise CliError("this libsae has no trainer (sae_trainer_new is missing from "
@@ -296,13 +324,14 @@ def cmd_train(args) -> int:
         target = stack.enter_context(NpyFile(args.target)) if args.target else None
         if target is not None and target.rows != rows:
             raise CliError(f"{args.target} has {target.rows} rows, {args.acts} has {rows}")
-        if rows < args.batch_size:
-            raise CliError(f"{args.acts} has {rows} rows, fewer than one batch "
-                           f"(--batch-size {args.batch_size})")
         d_sae = args.d_sae or d_in * args.expansion
+        heldout, planned, passes = plan_run(rows, args.batch_size, d_sae, args.heldout)
+        if rows - heldout < args.batch_size:
+            raise CliError(f"{args.acts} has {rows} rows ({heldout} held out), fewer than one "
+                           f"batch (--batch-size {args.batch_size})")
         kw = {}
         if args.arch in ("topk", "batchtopk", "matryoshka"):
-            kw["k"] = args.k
+            kw["k"] = args.k if args.k_given else default_k(d_in)
         elif args.k_given:
             raise CliError(f"-k applies to topk, batchtopk and matryoshka, not {args.arch}")
         groups = _groups(args.groups, d_sae) if args.arch == "matryoshka" else None
@@ -313,23 +342,39 @@ def cmd_train(args) -> int:
             m = Model.new_transcoder(arch, d_in, d_sae, target.cols, skip=args.skip, **kw)
         else:
             m = Model.new(arch, d_in, d_sae, **kw)
-        steps_planned = args.steps if args.steps is not None else rows // args.batch_size
-        params = {"seed": args.seed, "total_steps": steps_planned}
+        train_rows = rows - heldout
+        steps = args.steps if args.steps is not None else planned
+        # A latent silent for a tenth of the run is dead (OpenAI's 10M tokens, for shorter runs).
+        params = {"seed": args.seed, "total_steps": steps,
+                  "dead_tokens": max(1, min(10_000_000, steps * args.batch_size // 10))}
         for name in ("lr", "l1_coeff", "auxk", "auxk_coeff", "dead_tokens", "warmup_steps",
                      "l0_coeff", "jumprelu_bandwidth"):
             v = getattr(args, name)
             if v is not None:
                 params[name] = v
         t = Trainer(m, groups=groups, **params)
-        n0 = min(rows, args.init_tokens)
+        n0 = min(train_rows, args.init_tokens)
         t.init(acts.read(0, n0), target.read(0, n0) if target is not None else None)
-        starts = list(range(0, rows - args.batch_size + 1, args.batch_size))
-        steps = args.steps if args.steps is not None else len(starts)
+        if heldout:
+            t.set_heldout(acts.read(train_rows, heldout),
+                          target.read(train_rows, heldout) if target is not None else None)
+        starts = list(range(0, train_rows - args.batch_size + 1, args.batch_size))
+        total_passes = steps * args.batch_size / train_rows
+        if not args.quiet:
+            how = ("--steps" if args.steps is not None else
+                   f"default: up to {TOKENS_PER_LATENT} tokens per latent, at most "
+                   f"{MAX_PASSES} passes")
+            print(f"{args.arch} {d_in} -> {d_sae}: {steps} steps of {args.batch_size} = "
+                  f"{steps * args.batch_size:,} tokens, {total_passes:.3g} passes over "
+                  f"{train_rows:,} rows ({how}); "
+                  + (f"held out: the last {heldout:,} rows" if heldout else "nothing held out"),
+                  file=sys.stderr)
         rng = random.Random(args.seed)
         progress = Progress(steps, quiet=args.quiet)
         order: List[int] = []
         tokens = 0
         metrics = {}
+        warned = 0
         for step in range(1, steps + 1):
             if not order:  # a new epoch: batches in a new random order
                 order = starts[:]
@@ -338,13 +383,25 @@ def cmd_train(args) -> int:
             metrics = t.step(acts.read(at, args.batch_size),
                              target.read(at, args.batch_size) if target is not None else None)
             tokens += args.batch_size
-            progress.update(step, tokens, metrics)
+            bits = metrics.get("warnings", 0)
+            if bits & ~warned:  # each warning once, when it first holds
+                warned |= bits
+                print(f"\nwarning at step {step}: {t.warning()}", file=sys.stderr)
+            progress.update(step, tokens, metrics,
+                            f"pass {min(tokens / train_rows + 1e-9, total_passes):.1f}/"
+                            f"{total_passes:.3g}  ")
+        warning = t.warning()
         t.close()
         m.save(args.output)
     if not args.quiet:
+        held = metrics.get("heldout_fvu", float("nan"))
+        held = ("" if held != held else
+                f"; held-out fvu {held:.4f}, l0 {metrics.get('heldout_l0'):.1f}")
         print(f"wrote {args.output}: {args.arch}, d_in {d_in}, d_sae {d_sae}, {steps} steps of "
               f"{args.batch_size}; last batch fvu {metrics.get('fvu', float('nan')):.4f}, "
-              f"l0 {metrics.get('l0', float('nan')):.1f}", file=sys.stderr)
+              f"l0 {metrics.get('l0', float('nan')):.1f}{held}", file=sys.stderr)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -482,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", choices=["topk", "relu", "batchtopk", "jumprelu", "matryoshka"],
                    default="topk", help="architecture (default topk); matryoshka trains a "
                    "batchtopk model with nested group losses")
-    s.add_argument("-k", type=_positive, default=32, action=_KGiven,
-                   help="features per token for topk, batchtopk and matryoshka (default 32)")
+    s.add_argument("-k", "--k", type=_positive, default=None, action=_KGiven,
+                   help="features per token for topk, batchtopk and matryoshka (default 32, at "
+                   "most d_in / 4)")
     s.add_argument("--groups", default=None, metavar="A,B,...",
                    help="matryoshka group sizes, summing to d_sae (default d_sae/32, /16, /8, "
                    "/4 and the rest)")
@@ -494,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of features (default d_in x --expansion)")
     s.add_argument("--expansion", type=_positive, default=8, help="default 8")
     s.add_argument("--steps", type=_positive, default=None,
-                   help="Adam steps (default: one pass over the data)")
+                   help="Adam steps (default: passes over the data up to 2048 tokens per "
+                   "latent, at most 20 passes; docs/training.md)")
     s.add_argument("--batch-size", type=_positive, default=1024, help="tokens per step "
                    "(default 1024)")
     s.add_argument("--init-tokens", type=_positive, default=16384,
@@ -506,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dead-tokens", type=float, default=None)
     s.add_argument("--warmup-steps", type=float, default=None)
     s.add_argument("--seed", type=_nonneg, default=0, help="default 0")
+    s.add_argument("--heldout", type=_nonneg, default=None, metavar="N",
+                   help="rows at the end of ACTS.npy kept out of training for the held-out "
+                   "metrics (default a tenth, at most 8192; 0: none)")
     s.add_argument("--target", metavar="Y.npy", default=None,
                    help="train a transcoder predicting these rows [tokens, d_out] from ACTS.npy "
                    "(e.g. an MLP's output for its input)")

@@ -49,6 +49,12 @@ TRAIN_METRICS: Dict[str, int] = {"loss": 1, "mse": 2, "fvu": 3, "l0": 4, "dead_f
 # JumpReLU and Matryoshka (sae.h: sae_train_param 19..21, sae_train_metric 11..13).
 TRAIN_PARAMS.update({"jumprelu_bandwidth": 19, "jumprelu_init_threshold": 20, "l0_coeff": 21})
 TRAIN_METRICS.update({"sparsity_loss": 11, "threshold_mean": 12, "prefix_fvu": 13})
+# Diagnostics (held-out slice, warnings: sae.h sae_train_param 25, sae_train_metric 14..18).
+TRAIN_PARAMS["heldout_every"] = 25
+TRAIN_METRICS.update({"heldout_fvu": 14, "heldout_mse": 15, "heldout_l0": 16,
+                      "heldout_step": 17, "warnings": 18})
+#: sae_train_warning bits (Trainer.metrics()["warnings"]).
+TRAIN_WARNINGS: Dict[str, int] = {"fvu": 1, "l0": 2}
 
 
 def name_of(table: Dict[str, int], value: int):

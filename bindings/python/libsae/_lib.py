@@ -259,6 +259,11 @@ _OPTIONAL = {
     "sae_trainer_save": (_STATUS, [_h, c_char_p]),
     "sae_trainer_load": (_STATUS, [_h, c_char_p]),
 }
+# Training diagnostics: a held-out slice and the warnings (optional: newer than the trainer).
+_OPTIONAL.update({
+    "sae_trainer_set_heldout": (_STATUS, [_h, _buf, _buf, c_size_t]),
+    "sae_trainer_warning": (c_char_p, [_h]),
+})
 
 # Keep these names importable for modules that declare more signatures.
 __all__ = ["lib", "path", "has", "require", "LibsaeError", "LibraryNotFound", "EXPECTED_MAJOR",

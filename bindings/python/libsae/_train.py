@@ -13,7 +13,7 @@ from ._model import Model, _path
 
 #: sae_train_param and sae_train_metric values by name (defined in _enums).
 METRICS = TRAIN_METRICS
-_COUNTS = ("steps", "tokens")
+_COUNTS = ("steps", "tokens", "heldout_step", "warnings")
 
 
 class Trainer(Handle):
@@ -127,7 +127,9 @@ class Trainer(Handle):
 
     def metrics(self) -> Dict[str, float]:
         """The last step's batch: loss, mse, fvu, l0, dead_fraction, auxk_loss, lr, grad_norm,
-        and the counts steps and tokens (ints). Before the first step only the counts."""
+        the counts steps and tokens (ints), and the diagnostics heldout_fvu, heldout_mse,
+        heldout_l0 (NaN until evaluated), heldout_step and warnings (ints). Before the first step
+        only the counts and the diagnostics."""
         v = ctypes.c_double()
         out: Dict[str, float] = {}
         with self._use() as h:
@@ -140,6 +142,30 @@ class Trainer(Handle):
                     raise
                 out[name] = int(v.value) if name in _COUNTS else v.value
         return out
+
+    def set_heldout(self, x: Any = None, y: Any = None) -> None:
+        """Held-out tokens x [..., d_in] (a transcoder's with their targets y [..., d_out]),
+        copied: the metrics heldout_fvu, heldout_mse and heldout_l0 describe them, evaluated
+        every ``heldout_every`` steps and at ``total_steps`` (docs/training.md). None removes
+        them."""
+        require("sae_trainer_set_heldout")
+        if x is None:
+            with self._use(write=True) as h:
+                lib.sae_trainer_set_heldout(h, None, None, 0)
+            return
+        xp, keep, n, _ = B.as_input(x, self.model.d_in, "Trainer.set_heldout: x")
+        yp, keep_y = self._target(y, n, "Trainer.set_heldout")
+        with self._use(write=True, parent_write=True) as h:
+            lib.sae_trainer_set_heldout(h, xp, yp, n)
+        del keep, keep_y
+
+    def warning(self) -> Optional[str]:
+        """The run's warnings in force (metrics()["warnings"]) as a sentence naming the knob to
+        change, or None."""
+        require("sae_trainer_warning")
+        with self._use() as h:
+            w = lib.sae_trainer_warning(h)
+        return None if w is None else w.decode("utf-8", "replace")
 
     def save(self, path) -> None:
         """Writes a checkpoint: the model and everything training needs to continue bit for bit
