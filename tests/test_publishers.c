@@ -498,7 +498,7 @@ START_TEST(llama_scope_r1_refusals)
         free(file);
         checked++;
     }
-    ck_assert_uint_eq(checked, 18);
+    ck_assert_uint_eq(checked, 22);
     cJSON_Delete(all);
 }
 END_TEST
