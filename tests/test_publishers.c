@@ -582,8 +582,8 @@ END_TEST
 
 START_TEST(circuit_tracer_config_yaml)
 {
-    float w[DS * DO], th[DS];
-    tw_fill(31, w, DS * DO, 1.0f);
+    float w[DS * DI], th[DS]; /* DI > DO: big enough for every tensor below */
+    tw_fill(31, w, DS * DI, 1.0f);
     for (size_t i = 0; i < DS; i++)
         th[i] = 0.25f;
     char *dir = make_dir("ctyaml");
