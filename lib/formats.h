@@ -339,9 +339,9 @@ bool sae__torchsae_detect(const unsigned char *data, size_t size);
  * trainer config, in cfg_text when one is beside it), an OpenAI sparse_autoencoder state dict or
  * a Goodfire release (the R1 SAEs' k from config.json's "k" or from the release folder); the
  * layout is told by the keys, and any entry the layout does not have is refused. docs/formats.md
- * lists the fields. The data is copied; the caller keeps it. Errors: SAE_EFORMAT (not one of
- * these, naming the first entries; shapes; a k that cannot be known), SAE_EUNSUPPORTED (a
- * setting outside libsae's math), SAE_ENOMEM. */
+ * lists the fields. The model keeps nothing of data (the caller keeps it). Errors: SAE_EFORMAT
+ * (not one of these, naming the first entries; shapes; a k that cannot be known),
+ * SAE_EUNSUPPORTED (a setting outside libsae's math), SAE_ENOMEM. */
 int sae__torchsae_load(const unsigned char *data, size_t size, const char *path,
                        const char *cfg_text, size_t cfg_len, const char *cfg_path,
                        sae_model **out);

@@ -398,6 +398,12 @@ int main(int argc, char **argv)
         tw_tensor c2[4] = {c[0], c[1], c[4], c[5]};
         tw_safetensors(&w, c2, 4, NULL);
         pub_seed("circuit-tracer-june-2025", 0, NULL, NULL, &w);
+        /* The same layer beside its set's config.yaml (flag 8: the hyperparams part is it). */
+        pub_seed("circuit-tracer-config-yaml", 8, NULL,
+                 "model_kind: transcoder_set\nactivation: relu\nk: &k 8\n"
+                 "feature_input_hook: mlp.hook_in\nfeature_output_hook: mlp.hook_out\n"
+                 "transcoders:\n  - hf://a/b/layer_0.safetensors\n",
+                 &w);
         tw_free(&w);
         /* Llama Scope R1 (lm_saes 2025-03 layout) and the later W_E layout as a transcoder,
          * each with config.json and the 0-d dataset norms. */
