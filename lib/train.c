@@ -379,6 +379,7 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     t->sparse = is_sparse_arch(m->arch);
     t->tc = m->transcoder;
     t->jump = m->arch == SAE_ARCH_JUMPRELU;
+    t->jump_sparse_below = 0.125; /* measured: tests/bench/bench_train, docs/training.md */
     /* Unit-norm decoder rows for JumpReLU too, as Gemma Scope and dictionary_learning. */
     t->unit_dec = (t->sparse || t->jump) && !t->tc;
     t->out_scale = 1.0;

@@ -91,6 +91,8 @@ struct sae_trainer {
     float *adam_m, *adam_v;
     float *log_th; /* JumpReLU: [d_sae] log-thresholds, the master copy (the model's threshold
                       is expf of it after every step) */
+    double jump_sparse_below; /* JumpReLU: per-token sparse products when fewer than this
+                                 fraction of codes fired or sit near their thresholds */
     /* Matryoshka (a BatchTopK model with groups set): group g is latents [group_end[g-1],
      * group_end[g]); n_groups = 0 without groups. */
     size_t *group_end, n_groups;

@@ -327,7 +327,7 @@ static double jump_loss_smooth_log(const ref_model *r, const void *ctx)
  * pre-activation is near its threshold, so the codes' pattern does not change under the
  * perturbation, and the L0 term gives pre nothing, as the estimator says), and of the
  * threshold-smoothed objective for the log-thresholds. */
-static void check_jump_gradient(int apply_b_dec)
+static void check_jump_gradient(int apply_b_dec, bool sparse)
 {
     const size_t d = 6, s = 20, n = 9;
     const double lambda = 0.3, eps = 0.6;
@@ -342,6 +342,9 @@ static void check_jump_gradient(int apply_b_dec)
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 0.4));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 0.05));
     ck_assert_ok(sae_trainer_init(t, sample, 40));
+    /* The dense products, or the per-latent path the trainer takes when few codes are near
+     * their thresholds (forced either way). */
+    t->jump_sparse_below = sparse ? 2.0 : 0.0;
     capture cap = {0};
     ck_assert_ok(sae_trainer_set_allreduce(t, capture_allreduce, &cap));
     ck_assert_ok(sae_trainer_step(t, b1, n));
@@ -419,9 +422,13 @@ static void check_jump_gradient(int apply_b_dec)
     sae_model_free(m);
 }
 
-START_TEST(gradient_jumprelu) { check_jump_gradient(0); }
+START_TEST(gradient_jumprelu) { check_jump_gradient(0, false); }
 END_TEST
-START_TEST(gradient_jumprelu_b_dec_input) { check_jump_gradient(1); }
+START_TEST(gradient_jumprelu_b_dec_input) { check_jump_gradient(1, false); }
+END_TEST
+START_TEST(gradient_jumprelu_sparse) { check_jump_gradient(0, true); }
+END_TEST
+START_TEST(gradient_jumprelu_sparse_b_dec_input) { check_jump_gradient(1, true); }
 END_TEST
 
 /* ---- Matryoshka gradients ------------------------------------------------------------------ */
@@ -598,6 +605,50 @@ START_TEST(one_group_is_batchtopk)
         sae_trainer_free(t[i]);
         sae_model_free(m[i]);
     }
+}
+END_TEST
+
+/* JumpReLU's per-latent path splits across threads with one writer per sum: the weights do not
+ * depend on the thread count, nor on the path (to float rounding). */
+START_TEST(jumprelu_threads_do_not_change_the_sums)
+{
+    /* Big enough that both passes split into 4 chunks (lib/parallel.c's grain). */
+    const size_t d = 16, s = 512, n = 8192;
+    sae_model *m[3];
+    sae_trainer *t[3];
+    float *sample = make_data(256, d, 7);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_ok(sae_model_new(&m[i], SAE_ARCH_JUMPRELU, d, s));
+        ck_assert_ok(sae_model_set_param(m[i], SAE_PARAM_THREADS, i == 1 ? 1 : 4));
+        ck_assert_ok(sae_trainer_new(&t[i], m[i]));
+        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_LR, 1e-2));
+        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 1.0));
+        ck_assert_ok(sae_trainer_init(t[i], sample, 256));
+        t[i]->jump_sparse_below = i < 2 ? 2.0 : 0.0;
+    }
+    for (uint64_t step = 0; step < 10; step++) {
+        float *x = make_data(n, d, 300 + step);
+        for (int i = 0; i < 3; i++)
+            ck_assert_ok(sae_trainer_step(t[i], x, n));
+        free(x);
+    }
+    const size_t total = get_all(m[0], NULL);
+    float *w[3];
+    for (int i = 0; i < 3; i++) {
+        w[i] = tu_malloc(total * sizeof(float));
+        get_all(m[i], w[i]);
+    }
+    ck_assert_mem_eq(w[0], w[1], total * sizeof(float));
+    for (size_t q = 0; q < total; q++)
+        ck_assert_msg(fabsf(w[0][q] - w[2][q]) <= 1e-4f * (1.0f + fabsf(w[2][q])),
+                      "weight %zu: per-latent path %g, dense %g", q, (double)w[0][q],
+                      (double)w[2][q]);
+    for (int i = 0; i < 3; i++) {
+        free(w[i]);
+        sae_trainer_free(t[i]);
+        sae_model_free(m[i]);
+    }
+    free(sample);
 }
 END_TEST
 
@@ -1073,9 +1124,12 @@ static Suite *recipes_suite(void)
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, gradient_jumprelu);
     tcase_add_test(tc, gradient_jumprelu_b_dec_input);
+    tcase_add_test(tc, gradient_jumprelu_sparse);
+    tcase_add_test(tc, gradient_jumprelu_sparse_b_dec_input);
     tcase_add_test(tc, gradient_matryoshka_with_auxk);
     tcase_add_test(tc, gradient_matryoshka_with_sparse_auxk);
     tcase_add_test(tc, one_group_is_batchtopk);
+    tcase_add_test(tc, jumprelu_threads_do_not_change_the_sums);
     tcase_add_loop_test(tc, checkpoint_resumes_bit_for_bit, 0, 2);
     tcase_add_test(tc, checkpoint_groups_are_checked);
     tcase_add_test(tc, groups_are_checked);

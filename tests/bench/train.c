@@ -1,16 +1,23 @@
-/* Training speed and quality against numpy: a TopK SAE on the real residual-stream activations of
+/* Training speed and quality against numpy: SAEs on the real residual-stream activations of
  * aidreams260K (layer 2, 64 dims), trained by libsae and by the same recipe written in numpy
  * (train_numpy.py beside this file), from the same initial weights, on the same batches, for the
- * same steps. Prints FVU and L0 on the whole file, and training tokens/s, side by side.
+ * same steps. Prints FVU and L0 on the whole file, and training tokens/s, side by side, for each
+ * recipe.
  *
- *   bench_train [steps [batch]]        default 600 steps of 1024 tokens
+ *   bench_train [steps [batch [topk|jumprelu|matryoshka ...]]]   600 steps of 1024, all three
  *
- * Recipe (both sides): d_sae 512, K 16, Adam lr 2e-3 (0.9, 0.999, eps 6.25e-10), loss
- * ||x_hat - x||^2 / v (v: variance of the init sample), AuxK (256 latents, 1/32) on latents silent
- * for 100k tokens, unit-norm decoder rows (parallel gradient removed, rows renormalized). Batch s
- * is rows (s * batch + j) * 7919 mod N of the file: a fixed permutation both sides compute. */
+ * Recipes (both sides): d_sae 512, unit-norm decoder rows (parallel gradient removed, rows
+ * renormalized). Batch s is rows (s * batch + j) * 7919 mod N of the file: a fixed permutation
+ * both sides compute.
+ * - topk: K 16, Adam lr 2e-3 (0.9, 0.999, eps 6.25e-10), loss ||x_hat - x||^2 / v (v: variance
+ *   of the init sample), AuxK (256 latents, 1/32) on latents silent for 100k tokens.
+ * - jumprelu: loss ||x_hat - x||^2 + 0.2 * L0, thresholds from 0.5, bandwidth 0.1, Adam lr 4e-3
+ *   (beta1 0, eps 1e-8), no warm-up.
+ * - matryoshka: topk's settings on BatchTopK codes, groups 16, 32, 64, 128, 272; evaluated in the
+ *   threshold form. */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, mkdtemp, popen */
 #include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,29 +67,37 @@ static int evaluate(const sae_model *m, const float *x, size_t n, double *fvu, d
     return 0;
 }
 
-int main(int argc, char **argv)
+static int run(const char *recipe, const char *data, const float *all, size_t n, size_t d,
+               size_t steps, size_t batch)
 {
-    size_t steps = argc > 1 ? (size_t)atol(argv[1]) : 600, batch = argc > 2 ? (size_t)atol(argv[2]) : 1024;
-    if (steps == 0 || batch == 0) {
-        fprintf(stderr, "usage: bench_train [steps [batch]]\n");
+    const bool jump = strcmp(recipe, "jumprelu") == 0, mat = strcmp(recipe, "matryoshka") == 0;
+    if (!jump && !mat && strcmp(recipe, "topk") != 0) {
+        fprintf(stderr, "unknown recipe %s (topk, jumprelu, matryoshka)\n", recipe);
         return 2;
     }
-    const char *data = SAE_DATA_DIR "/aidreams260K/resid_layer2.npy";
-    sae_npy *a;
-    CHECK(sae_npy_open(&a, data));
-    const size_t n = sae_npy_rows(a), d = sae_npy_cols(a);
-    float *all = malloc(n * d * sizeof(float)), *x = malloc(8192 * d * sizeof(float));
-    if (all == NULL || x == NULL)
+    float *x = malloc(8192 * d * sizeof(float));
+    if (x == NULL)
         return 1;
-    CHECK(sae_npy_read(a, 0, n, all));
-    sae_npy_close(a);
-
     sae_model *m;
     sae_trainer *t;
-    CHECK(sae_model_new(&m, SAE_ARCH_TOPK, d, D_SAE));
-    CHECK(sae_model_set_param(m, SAE_PARAM_K, K));
+    CHECK(sae_model_new(&m, jump ? SAE_ARCH_JUMPRELU : mat ? SAE_ARCH_BATCHTOPK : SAE_ARCH_TOPK,
+                        d, D_SAE));
+    if (!jump)
+        CHECK(sae_model_set_param(m, SAE_PARAM_K, K));
     CHECK(sae_trainer_new(&t, m));
-    CHECK(sae_trainer_set_param(t, SAE_TRAIN_LR, 2e-3));
+    if (jump) {
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_LR, 4e-3));
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_L0_COEFF, 0.2));
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_JUMPRELU_BANDWIDTH, 0.1));
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 0.5));
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_L1_WARMUP_STEPS, 0));
+    } else {
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_LR, 2e-3));
+    }
+    if (mat) {
+        const size_t groups[5] = {16, 32, 64, 128, 272};
+        CHECK(sae_trainer_set_groups(t, groups, 5));
+    }
     CHECK(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 100000));
     /* init sample: the first 8192 rows of the permuted order */
     gather(all, n, d, 0, 8192, x);
@@ -123,8 +138,8 @@ int main(int argc, char **argv)
     /* Debian's interpreter, which python3-numpy installs into (a pyenv python3 may lack it);
      * $SAE_PYTHON overrides. */
     const char *python = getenv("SAE_PYTHON") ? getenv("SAE_PYTHON") : "/usr/bin/python3";
-    snprintf(cmd, sizeof cmd, "%s %s/train_numpy.py %s %s %zu %zu %.9g", python, SAE_BENCH_DIR,
-             data, dir, steps, batch, scale);
+    snprintf(cmd, sizeof cmd, "%s %s/train_numpy.py %s %s %zu %zu %.9g %s", python,
+             SAE_BENCH_DIR, data, dir, steps, batch, scale, recipe);
     FILE *p = popen(cmd, "r");
     double np_fvu = NAN, np_l0 = NAN, np_tps = NAN;
     char line[512];
@@ -139,8 +154,12 @@ int main(int argc, char **argv)
     remove(dir);
 
     double tps = (double)(steps * batch) / secs;
-    printf("TopK SAE %zu -> %d, K %d, %zu steps of %zu tokens on %s (%zu rows)\n", d, D_SAE, K,
-           steps, batch, data, n);
+    if (jump)
+        printf("JumpReLU SAE %zu -> %d, L0 coefficient 0.2, %zu steps of %zu tokens on %s (%zu "
+               "rows)\n", d, D_SAE, steps, batch, data, n);
+    else
+        printf("%s SAE %zu -> %d, K %d, %zu steps of %zu tokens on %s (%zu rows)\n",
+               mat ? "Matryoshka BatchTopK" : "TopK", d, D_SAE, K, steps, batch, data, n);
     printf("%-8s %10s %8s %12s\n", "", "FVU", "L0", "tokens/s");
     printf("%-8s %10.4f %8.2f %12.0f\n", "libsae", fvu, l0, tps);
     printf("%-8s %10.4f %8.2f %12.0f\n", "numpy", np_fvu, np_l0, np_tps);
@@ -148,11 +167,37 @@ int main(int argc, char **argv)
         printf("numpy run failed (is python3-numpy installed?)\n");
         return 1;
     }
-    printf("libsae / numpy: %.2fx tokens/s, FVU %+.4f\n", tps / np_tps, fvu - np_fvu);
-    free(all);
+    printf("libsae / numpy: %.2fx tokens/s, FVU %+.4f (%+.1f%%)\n\n", tps / np_tps, fvu - np_fvu,
+           100.0 * (fvu - np_fvu) / np_fvu);
     free(x);
     free(w);
     sae_trainer_free(t);
     sae_model_free(m);
     return 0;
+}
+
+int main(int argc, char **argv)
+{
+    size_t steps = argc > 1 ? (size_t)atol(argv[1]) : 600, batch = argc > 2 ? (size_t)atol(argv[2]) : 1024;
+    if (steps == 0 || batch == 0) {
+        fprintf(stderr, "usage: bench_train [steps [batch [topk|jumprelu|matryoshka ...]]]\n");
+        return 2;
+    }
+    const char *data = SAE_DATA_DIR "/aidreams260K/resid_layer2.npy";
+    sae_npy *a;
+    CHECK(sae_npy_open(&a, data));
+    const size_t n = sae_npy_rows(a), d = sae_npy_cols(a);
+    float *all = malloc(n * d * sizeof(float));
+    if (all == NULL)
+        return 1;
+    CHECK(sae_npy_read(a, 0, n, all));
+    sae_npy_close(a);
+    static const char *const every[] = {"topk", "jumprelu", "matryoshka"};
+    const char *const *recipes = argc > 3 ? (const char *const *)argv + 3 : every;
+    const int count = argc > 3 ? argc - 3 : 3;
+    int rc = 0;
+    for (int r = 0; r < count && rc == 0; r++)
+        rc = run(recipes[r], data, all, n, d, steps, batch);
+    free(all);
+    return rc;
 }
