@@ -60,8 +60,11 @@ page=""
 [ -f "$REPO/examples/server/page.html" ] && page=--page-expected
 status=0
 # shellcheck disable=SC2086
-/usr/bin/python3 "$HERE/test_server.py" "$BUILD/sae-server" "$MODEL" "$SAE" $page $node_args ||
-    status=1
+ref=""
+[ -f "$DATA/stories260K/reference.json" ] && ref="--reference $DATA/stories260K/reference.json"
+# shellcheck disable=SC2086
+/usr/bin/python3 "$HERE/test_server.py" "$BUILD/sae-server" "$MODEL" "$SAE" $page $ref \
+    $node_args || status=1
 
 for t in "$HERE"/test_cards*.py "$HERE"/test_page*.py; do
     [ -f "$t" ] || continue

@@ -1,12 +1,14 @@
 #!/usr/bin/python3
 """sae-server end to end, on localhost only, bounded in time: every endpoint; greedy generation
-against itself (streamed = not streamed, stop strings, seeds); steering (a no-op plan changes
+against llama2.c's reference.json (alone and batched) and against itself (streamed = not
+streamed, stop strings, seeds); steering (a no-op plan changes
 nothing, a clamp changes the text, the plan is per request); every bad input gets its 4xx and the
 next request still succeeds; 8 concurrent clients x 25 mixed requests, each response equal to
 the same request sent alone; a per-request timeout; a full queue (429); SIGTERM mid-stream
 loses no started response. Standard library only.
 
-usage: test_server.py SAE_SERVER MODEL.gguf SAE [--page-expected] [--openai-node SCRIPT NODE_PATH]
+usage: test_server.py SAE_SERVER MODEL.gguf SAE [--page-expected] [--reference reference.json]
+                      [--openai-node SCRIPT NODE_PATH]
 Every server runs llama.cpp on one thread: the machine may be shared, and ggml's OpenMP
 barriers spin (a descheduled sibling thread stalls a step by a scheduler slice); one thread also
 keeps ThreadSanitizer off ggml's uninstrumented OpenMP pool. SAE_SERVER_ARGS (environment):
@@ -208,6 +210,33 @@ def test_generation(s):
     check(r[0] == r[1], "the same seed samples the same text")
     check(r[0] != r[2] or r[0] != text, "a different seed samples another text")
     return text
+
+
+def test_reference(s, path):
+    """Greedy text equals llama2.c's (reference.json: the model's own run, no early stop), for
+    each case sent alone, then all cases at once (one batch), with token-id prompts."""
+    cases = json.load(open(path))["cases"]
+
+    def run(c):
+        n_new = len(c["greedy_tokens"]) - len(c["prompt_tokens"])
+        st, o = s.post("/v1/completions", completion(c["prompt_tokens"], n_new))
+        return st, (c["prompt"] + gen_text(o, False)).lstrip() if st == 200 else o
+
+    for c in cases:
+        st, text = run(c)
+        check(st == 200 and text == c["greedy_text"],
+              f"reference {c['prompt']!r}: {text!r} vs {c['greedy_text']!r}")
+    out = [None] * len(cases)
+    ths = [threading.Thread(target=lambda i=i: out.__setitem__(i, run(cases[i])))
+           for i in range(len(cases))]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(120)
+    ok = check(all(o and o[0] == 200 and o[1] == c["greedy_text"] for o, c in zip(out, cases)),
+               "reference cases decoded together in one batch")
+    print(f"reference.json: {len(cases)} greedy cases, alone and batched: "
+          f"{'equal' if ok else 'DIFFERENT'}")
 
 
 def test_steering(s, unsteered):
@@ -481,6 +510,7 @@ def main():
         raise SystemExit(__doc__)
     binary, model, sae = a[:3]
     page_expected = "--page-expected" in a
+    ref = a[a.index("--reference") + 1] if "--reference" in a else None
     node = a[a.index("--openai-node") + 1:a.index("--openai-node") + 3] if "--openai-node" in a \
         else None
     t0 = time.time()
@@ -489,6 +519,8 @@ def main():
         phases = [time.time()]
         test_endpoints(s, page_expected)
         text = test_generation(s)
+        if ref:
+            test_reference(s, ref)
         phases.append(time.time())
         test_steering(s, text)
         test_features(s)
