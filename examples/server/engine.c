@@ -384,7 +384,8 @@ int engine_new(engine **out, struct llama_model *model, const engine_dict *dicts
         e->rctx[i] = (reader_ctx){.e = e, .di = i};
         e->ent[i] = (sae_llama_entry){
             .hook = dicts[i].hook, .dict = dicts[i].dict, .reader = read_rows,
-            .user = &e->rctx[i], .keep = &e->bos, .n_keep = e->bos >= 0 ? 1 : 0,
+            .user = &e->rctx[i], .keep = p->steer_bos ? NULL : &e->bos,
+            .n_keep = !p->steer_bos && e->bos >= 0 ? 1 : 0,
             .seq_plans = e->seq_plans + i * S, .n_seq_plans = S};
     }
     if (n_dicts && sae_llama_hooks_new(&e->hooks, model, e->ent, n_dicts, err, errlen) != 0)

@@ -30,6 +30,7 @@ typedef struct {
     int n_ctx_seq;      /* tokens per sequence: prompt + generation */
     int threads;        /* llama.cpp threads */
     int queue_max;      /* jobs waiting for a slot before engine_submit refuses */
+    bool steer_bos;     /* plans steer the BOS row too (by default it is left as computed) */
 } engine_params;
 
 typedef enum { JOB_GENERATE = 0, JOB_FEATURES = 1 } job_kind;

@@ -51,6 +51,8 @@ static void usage(void)
         "  --chat-template NAME   llama.cpp template name or text (the model's; none: the\n"
         "                         messages' contents joined by newlines)\n"
         "  --model-name NAME      the \"model\" responses report (the file's base name)\n"
+        "  --steer-bos            plans steer the BOS token's row too (left alone by default,\n"
+        "                         as SAEs are trained without it)\n"
         "  -v                     llama.cpp's log\n");
 }
 
@@ -112,6 +114,7 @@ int main(int argc, char **argv)
     int max_conn = 64, queue = 64, threads = 0, max_body = 1 << 20;
     pair saes[64], stats[64];
     int n_sae = 0, n_stats = 0;
+    bool steer_bos = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
@@ -120,6 +123,9 @@ int main(int argc, char **argv)
             return 0;
         } else if (!strcmp(a, "-v")) {
             verbose = true;
+            continue;
+        } else if (!strcmp(a, "--steer-bos")) {
+            steer_bos = true;
             continue;
         }
         if (!v) {
@@ -264,7 +270,7 @@ int main(int argc, char **argv)
 
     char err[512];
     const engine_params ep = {.slots = parallel, .n_ctx_seq = ctx, .threads = threads,
-                              .queue_max = queue};
+                              .queue_max = queue, .steer_bos = steer_bos};
     if (engine_new(&s.eng, s.model, ed, s.n_dicts, &ep, err, sizeof err) != 0) {
         fprintf(stderr, "sae-server: %s\n", err);
         return 1;

@@ -3,8 +3,9 @@
 #   examples/llama.cpp/prepare.sh  llama.cpp, the GGUF models and the stories260K SAE (cached);
 #   sae-server built against them (examples/server, in SERVER_BUILD_DIR);
 #   the npm `openai` client installed once into $LIBSAE_CACHE/npm-openai;
-#   test_server.py: every endpoint, steering, bad inputs, 8 x 25 concurrent requests, timeout,
-#                   SIGTERM mid-stream, and the openai client (openai_client.mjs, Node);
+#   test_server.py: every endpoint, greedy text against reference.json, steered text against
+#                   sae-llama-cpp, bad inputs, 8 x 25 concurrent requests, timeout, a full
+#                   queue, SIGTERM mid-stream, and the openai client (openai_client.mjs, Node);
 #   then tests/server/test_cards*.py and test_page*.py (the feature cards; the page in
 #   headless Chromium), each run as `python3 TEST BUILD --model M --sae S --data D`.
 # Exit 0 all passed, 77 skipped (the npm registry cannot be reached and nothing is cached),
@@ -64,7 +65,7 @@ ref=""
 [ -f "$DATA/stories260K/reference.json" ] && ref="--reference $DATA/stories260K/reference.json"
 # shellcheck disable=SC2086
 /usr/bin/python3 "$HERE/test_server.py" "$BUILD/sae-server" "$MODEL" "$SAE" $page $ref \
-    $node_args || status=1
+    --sae-llama-cpp "$LLCPP_BUILD/sae-llama-cpp" $node_args || status=1
 
 for t in "$HERE"/test_cards*.py "$HERE"/test_page*.py; do
     [ -f "$t" ] || continue
