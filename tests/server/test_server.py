@@ -5,7 +5,7 @@ streamed, stop strings, seeds); steered text against examples/llama.cpp's sae-ll
 steering (a no-op plan changes
 nothing, a clamp changes the text, the plan is per request); every bad input gets its 4xx and the
 next request still succeeds; 8 concurrent clients x 25 mixed requests, each response equal to
-the same request sent alone; a per-request timeout; a full queue (429); SIGTERM mid-stream
+the same request sent alone; a per-request timeout; a full queue (429); a chat template; SIGTERM mid-stream
 loses no started response. Standard library only.
 
 usage: test_server.py SAE_SERVER MODEL.gguf SAE [--page-expected] [--reference reference.json]
@@ -494,6 +494,26 @@ def test_timeout(binary, model, sae):
         check(s.stop() == 0, "exit status after SIGTERM")
 
 
+def test_chat_template(binary, model, sae):
+    """--chat-template chatml: a chat is the template's text (llama_chat_apply_template) plus the
+    assistant prefix, so it generates what a completion of that text does; an unknown template
+    name stops the server at start (exit 2)."""
+    r = subprocess.run([binary, "-m", model, "--port", "0", "--chat-template", "no-such"],
+                       capture_output=True, text=True, timeout=60)
+    check(r.returncode == 2 and "does not know" in r.stderr,
+          f"an unknown --chat-template: exit {r.returncode} {r.stderr[-200:]}")
+    s = Server(binary, model, sae, "--chat-template", "chatml")
+    try:
+        text = "<|im_start|>user\nOnce upon a time<|im_end|>\n<|im_start|>assistant\n"
+        st, a = s.post("/v1/chat/completions", chat("Once upon a time", 20))
+        st2, b = s.post("/v1/completions", completion(text, 20))
+        check(st == 200 and st2 == 200 and gen_text(a, True) == gen_text(b, False)
+              and a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"],
+              f"chatml chat = completion of its text: {a} {b}")
+    finally:
+        check(s.stop() == 0, "exit status after SIGTERM")
+
+
 def test_queue_full(binary, model, sae):
     """One sequence and a queue of one: of 8 requests sent at once, at most two are held (one
     running, one waiting) and the others get 429; the server then serves again."""
@@ -593,6 +613,7 @@ def main():
     t1 = time.time()
     test_timeout(binary, model, sae)
     test_queue_full(binary, model, sae)
+    test_chat_template(binary, model, sae)
     if tool:
         test_against_sae_llama_cpp(binary, model, sae, tool)
     t2 = time.time()
