@@ -488,6 +488,10 @@ def test_timeout(binary, model, sae):
     try:
         st, o = s.post("/v1/completions", completion("Once upon a time", 120))
         check(st == 504 and o["error"]["type"] == "timeout", f"timeout: want 504, got {st} {o}")
+        st, text, fin, ev, done, err = s.stream("/v1/completions",
+                                                completion("Once upon a time", 120))
+        check(st == 200 and done and err and err["type"] == "timeout" and fin is None,
+              f"a stream past its timeout ends with an error event: {err} {fin} {done}")
         st, o = s.post("/v1/features", {"text": "Hi"})
         check(st in (200, 504), f"after a timeout the server answers ({st})")
     finally:
