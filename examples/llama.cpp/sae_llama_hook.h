@@ -26,7 +26,8 @@
  *
  * Per entry, what is written back into the graph:
  *   - plan != NULL: the plan (sae_steer_apply on the hook's rows; a transcoder's plan reads its
- *     input hook and steers its output hook, sae_steer_apply_to);
+ *     input hook and steers its output hook, sae_steer_apply_to); with seq_plans, each
+ *     sequence's rows get that sequence's plan (several plans in one batch, as sae-server does);
  *   - splice: an SAE's rows are replaced by sae_reconstruct; a transcoder's output hook by its
  *     prediction from the input hook;
  *   - zero: the rows are replaced by zeros (zero ablation);
