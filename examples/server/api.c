@@ -7,6 +7,7 @@
 #endif
 
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,12 +43,18 @@ char *api_error_json(const char *message, const char *type)
     return print(o);
 }
 
-/* The body as a JSON object, or -1 (400) */
+/* cJSON keeps the last parse error in one process-wide slot that every parse writes: requests
+ * are parsed one at a time */
+static pthread_mutex_t parse_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* The body as a JSON object, or NULL (400) */
 static cJSON *parse_body(const char *body, size_t len, api_err *e)
 {
+    pthread_mutex_lock(&parse_mu);
     cJSON *root = cJSON_ParseWithLength(body, len);
+    const char *at = root ? NULL : cJSON_GetErrorPtr();
+    pthread_mutex_unlock(&parse_mu);
     if (!root) {
-        const char *at = cJSON_GetErrorPtr();
         const long off = at && at >= body && at <= body + len ? (long)(at - body) : -1;
         fail(e, 400, "malformed JSON in the request body (near byte %ld)", off);
         return NULL;
