@@ -409,7 +409,10 @@ int api_parse_generate(server *s, const char *body, size_t len, bool chat, job *
     }
     if ((r = get_int(root, "seed", -9007199254740991.0, 9007199254740991.0, &v, e)) < 0)
         goto out;
-    j->seed = r > 0 ? (uint32_t)v : (uint32_t)time(NULL) ^ (uint32_t)atomic_fetch_add(&s->next_id, 1) * 2654435761u;
+    /* no seed: the time and a request counter, so that concurrent requests differ */
+    j->seed = r > 0 ? (uint32_t)v
+                    : (uint32_t)time(NULL) ^
+                          (uint32_t)atomic_fetch_add(&s->next_id, 1) * 2654435761u;
     if (parse_stop(root, j, e) || parse_steering(s, root, j, e))
         goto out;
     if (chat) {
@@ -616,8 +619,8 @@ char *api_features_json(const server *s, const job *j, const feat_opts *o, api_e
     for (size_t i = 0; i < n; i++) {
         cJSON *t = cJSON_CreateObject();
         char piece[256];
-        const int pk = llama_token_to_piece(s->vocab, j->prompt[i], piece, (int32_t)sizeof piece - 1,
-                                            0, true);
+        const int pk = llama_token_to_piece(s->vocab, j->prompt[i], piece,
+                                            (int32_t)sizeof piece - 1, 0, true);
         piece[pk < 0 ? 0 : pk] = 0;
         cJSON_AddNumberToObject(t, "id", j->prompt[i]);
         cJSON_AddStringToObject(t, "text", piece);

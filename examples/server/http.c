@@ -71,8 +71,8 @@ static enum MHD_Result send_api_err(struct MHD_Connection *c, req *q, const api_
     return send_error(c, q, e->status, e->message, e->type);
 }
 
-/* Waits a little for the job (for new text, or until_done for its end); ends it when its deadline has passed while it still waited for a
- * slot (a job in a slot is ended by the engine itself). */
+/* Waits a little for the job (for new text, or until_done for its end). Ends it when its
+ * deadline passed while it still waited for a slot: a job in a slot is ended by the engine. */
 static void wait_step(server *s, req *q, bool until_done)
 {
     engine_wait(s->eng, &q->j, until_done ? (size_t)-1 : q->sent, 0.5);
@@ -82,7 +82,8 @@ static void wait_step(server *s, req *q, bool until_done)
     if (late) {
         engine_cancel(s->eng, &q->j);
         engine_lock(s->eng);
-        q->j.status = JOB_TIMEOUT;
+        if (q->j.status == JOB_CANCELLED)   /* not if it ended on its own meanwhile */
+            q->j.status = JOB_TIMEOUT;
         engine_unlock(s->eng);
     }
 }

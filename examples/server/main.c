@@ -33,7 +33,8 @@ static void usage(void)
 {
     fprintf(stderr,
         "usage: sae-server -m MODEL.gguf [--sae HOOK=PATH]... [--stats HOOK=PATH]... [options]\n"
-        "  --sae HOOK=PATH        a dictionary at a hook (blocks.L.hook_resid_pre, ...); repeatable\n"
+        "  --sae HOOK=PATH        a dictionary at a hook (blocks.L.hook_resid_pre, ...);\n"
+        "                         repeatable\n"
         "  --stats HOOK=PATH      feature statistics for that hook's cards; repeatable\n"
         "  --host ADDR            listen address (127.0.0.1)\n"
         "  --port N               port (8080; 0 = any free port, printed)\n"

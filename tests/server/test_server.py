@@ -5,8 +5,8 @@ streamed, stop strings, seeds); steered text against examples/llama.cpp's sae-ll
 steering (a no-op plan changes
 nothing, a clamp changes the text, the plan is per request); every bad input gets its 4xx and the
 next request still succeeds; 8 concurrent clients x 25 mixed requests, each response equal to
-the same request sent alone; a per-request timeout; a full queue (429); a chat template; SIGTERM mid-stream
-loses no started response. Standard library only.
+the same request sent alone; a per-request timeout; a full queue (429); a chat template;
+SIGTERM mid-stream loses no started response. Standard library only.
 
 usage: test_server.py SAE_SERVER MODEL.gguf SAE [--page-expected] [--reference reference.json]
                       [--sae-llama-cpp PATH] [--openai-node SCRIPT NODE_PATH]
