@@ -326,6 +326,10 @@ const sae__torch_scalar *sae__torch_find_scalar(const sae__torch_dict *d, const 
  * gathered). Reads (and for a whole member, CRC-checks) the storage member. Errors:
  * SAE_EFORMAT (the member cannot be read), SAE_ENOMEM. */
 int sae__torch_tensor_to_float(const sae__torch_dict *d, const sae__torch_tensor *t, float *dst);
+/* The same for a 2-D tensor [rows][cols], written into dst as [cols][rows] (nn.Linear's weight
+ * into libsae's layout): a contiguous tensor is read a band of rows at a time, so no copy of the
+ * whole tensor is held. Errors: those above, SAE_EFORMAT for a tensor that is not 2-D. */
+int sae__torch_tensor_to_float_t(const sae__torch_dict *d, const sae__torch_tensor *t, float *dst);
 /* The number called name: an int, float or bool value, or a tensor of one element. Errors:
  * SAE_EFORMAT naming it when there is no such entry or it is not a number. */
 int sae__torch_number(const sae__torch_dict *d, const char *name, double *out);

@@ -1289,7 +1289,50 @@ static void gather(const sae__torch_tensor *t, const unsigned char *buf, float *
             }
 }
 
+/* A [rows][cols] band of rows r0.. (band holds nr rows) into dst's [cols][rows], in square tiles
+ * so that both the reads and the strided writes stay in cache. */
+static void scatter_band(const float *band, size_t r0, size_t nr, size_t rows, size_t cols,
+                         float *dst)
+{
+    enum { TILE = 64 };
+    for (size_t c0 = 0; c0 < cols; c0 += TILE) {
+        const size_t c1 = cols - c0 < TILE ? cols : c0 + TILE;
+        for (size_t c = c0; c < c1; c++)
+            for (size_t r = 0; r < nr; r++)
+                dst[c * rows + r0 + r] = band[r * cols + c];
+    }
+}
+
+static int tensor_to_float(const sae__torch_dict *d, const sae__torch_tensor *t, float *dst,
+                           bool transpose);
+
 int sae__torch_tensor_to_float(const sae__torch_dict *d, const sae__torch_tensor *t, float *dst)
+{
+    return tensor_to_float(d, t, dst, false);
+}
+
+int sae__torch_tensor_to_float_t(const sae__torch_dict *d, const sae__torch_tensor *t, float *dst)
+{
+    if (t->ndim != 2)
+        return sae__fail(SAE_EFORMAT, "%s: tensor '%s' has %zu dimensions, not 2", d->path,
+                         t->name, t->ndim);
+    if (t->contiguous || t->count == 0)
+        return tensor_to_float(d, t, dst, true);
+    /* A strided view: gathered whole, then transposed. */
+    float *tmp = sae__alloc(t->count, sizeof(float), t->name);
+    if (tmp == NULL)
+        return SAE_ENOMEM;
+    int rc = tensor_to_float(d, t, tmp, false);
+    if (rc == SAE_OK)
+        scatter_band(tmp, 0, t->shape[0], t->shape[0], t->shape[1], dst);
+    free(tmp);
+    return rc;
+}
+
+/* transpose: t is 2-D and contiguous; its rows are read a band at a time and written into
+ * dst as [cols][rows], so no whole-tensor copy is held. */
+static int tensor_to_float(const sae__torch_dict *d, const sae__torch_tensor *t, float *dst,
+                           bool transpose)
 {
     if (t->count == 0)
         return SAE_OK;
@@ -1305,7 +1348,24 @@ int sae__torch_tensor_to_float(const sae__torch_dict *d, const sae__torch_tensor
         return sae__fail(SAE_EFORMAT, "%s: cannot read member '%s': %s", d->path, s->member,
                          zip_strerror(d->za));
     int rc = read_exact(d, zf, s->member, NULL, t->offset * es);
-    if (rc == SAE_OK && t->contiguous) {
+    if (rc == SAE_OK && transpose) {
+        enum { BAND = 64 };
+        const size_t rows = t->shape[0], cols = t->shape[1];
+        float *band = sae__alloc(BAND * cols, sizeof(float), "transpose band");
+        unsigned char *raw = band == NULL ? NULL : sae__alloc(cols, es, "transpose row");
+        if (raw == NULL)
+            rc = SAE_ENOMEM;
+        for (size_t r0 = 0; r0 < rows && rc == SAE_OK; r0 += BAND) {
+            const size_t nr = rows - r0 < BAND ? rows - r0 : BAND;
+            for (size_t r = 0; r < nr && rc == SAE_OK; r++)
+                if ((rc = read_exact(d, zf, s->member, raw, cols * es)) == SAE_OK)
+                    convert(s->dtype, raw, cols, band + r * cols);
+            if (rc == SAE_OK)
+                scatter_band(band, r0, nr, rows, cols, dst);
+        }
+        free(raw);
+        free(band);
+    } else if (rc == SAE_OK && t->contiguous) {
         unsigned char buf[1 << 16];
         size_t per = sizeof buf / es;
         for (size_t i = 0; i < t->count && rc == SAE_OK; i += per) {
