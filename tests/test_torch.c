@@ -170,6 +170,50 @@ START_TEST(test_valid_fixtures)
 }
 END_TEST
 
+/* sae__torch_tensor_to_float_t against the row-major read, transposed here: every 2-D tensor of
+ * every valid fixture (views, strided and offset ones, every dtype, a 1 x n and an n x 1), and
+ * a tensor of another rank refused. */
+START_TEST(test_transposed_reads)
+{
+    cJSON *all = read_json("expected.json");
+    const cJSON *file;
+    size_t checked = 0, strided = 0;
+    cJSON_ArrayForEach(file, all) {
+        size_t size;
+        unsigned char *data = read_fixture(file->string, &size);
+        sae__torch_dict *d = NULL;
+        ck_assert_ok(sae__torch_open(data, size, file->string, &d));
+        for (size_t i = 0; i < d->n_tensors; i++) {
+            const sae__torch_tensor *t = &d->tensors[i];
+            float *want = tu_malloc((t->count ? t->count : 1) * sizeof(float));
+            float *got = tu_malloc((t->count ? t->count : 1) * sizeof(float));
+            if (t->ndim != 2) {
+                ck_assert_sae(sae__torch_tensor_to_float_t(d, t, got), SAE_EFORMAT);
+                ck_assert_ptr_nonnull(strstr(sae_last_error(), "not 2"));
+            } else {
+                ck_assert_ok(sae__torch_tensor_to_float(d, t, want));
+                ck_assert_ok(sae__torch_tensor_to_float_t(d, t, got));
+                const size_t rows = t->shape[0], cols = t->shape[1];
+                for (size_t r = 0; r < rows; r++)
+                    for (size_t c = 0; c < cols; c++)
+                        ck_assert_msg(memcmp(&got[c * rows + r], &want[r * cols + c],
+                                             sizeof(float)) == 0,
+                                      "%s: '%s'[%zu][%zu]", file->string, t->name, r, c);
+                checked++;
+                strided += !t->contiguous;
+            }
+            free(want);
+            free(got);
+        }
+        sae__torch_close(d);
+        free(data);
+    }
+    ck_assert_uint_ge(checked, 10);
+    ck_assert_uint_ge(strided, 1);
+    cJSON_Delete(all);
+}
+END_TEST
+
 /* Things the fixtures show about layout, checked by hand on top of the values. */
 START_TEST(test_layout)
 {
@@ -568,6 +612,7 @@ static Suite *torch_suite(void)
     tcase_add_test(tc, test_pickle_ops);
     tcase_add_test(tc, test_damaged_pickles);
     tcase_add_test(tc, test_damaged_archives);
+    tcase_add_test(tc, test_transposed_reads);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -278,6 +278,63 @@ START_TEST(test_detect)
 END_TEST
 
 /* Every cut of a file is refused cleanly (no crash, no model), or still loads whole. */
+/* A non-finite weight is refused naming [row][col] as the file holds it, also in a weight that
+ * is transposed while it is read (dl_autoencoder: storage 1 is encoder.weight [10][6], storage
+ * 3 decoder.weight [6][10]; make.py's key order). The members are replaced with libzip, which
+ * writes their new CRCs. */
+START_TEST(test_nonfinite)
+{
+    static const struct {
+        const char *member;
+        size_t index;
+        const char *needle;
+    } cases[] = {
+        {"ae/data/1", 13, "'encoder.weight'[2][1] is nan"},
+        {"ae/data/3", 59, "'decoder.weight'[5][9] is inf"},
+        {"ae/data/2", 4, "'encoder.bias'[4] is -inf"},
+    };
+    const float bad[] = {NAN, INFINITY, -INFINITY};
+    char *src = fixture("dl_autoencoder/ae.pt");
+    size_t size;
+    unsigned char *orig = tu_read_file(src, &size);
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        char *path = tu_tmp_path("torchsae_nonfinite.pt");
+        FILE *f = fopen(path, "wb");
+        ck_assert_ptr_nonnull(f);
+        ck_assert_uint_eq(fwrite(orig, 1, size, f), size);
+        fclose(f);
+        int err;
+        zip_t *za = zip_open(path, 0, &err);
+        ck_assert_ptr_nonnull(za);
+        zip_int64_t idx = zip_name_locate(za, cases[c].member, 0);
+        ck_assert_int_ge(idx, 0);
+        zip_stat_t st;
+        ck_assert_int_eq(zip_stat_index(za, (zip_uint64_t)idx, 0, &st), 0);
+        unsigned char *bytes = tu_malloc(st.size);
+        zip_file_t *zf = zip_fopen_index(za, (zip_uint64_t)idx, 0);
+        ck_assert_int_eq(zip_fread(zf, bytes, st.size), (zip_int64_t)st.size);
+        zip_fclose(zf);
+        memcpy(bytes + 4 * cases[c].index, &bad[c], sizeof(float));
+        zip_source_t *zs = zip_source_buffer(za, bytes, st.size, 0);
+        ck_assert_int_eq(zip_file_replace(za, (zip_uint64_t)idx, zs, 0), 0);
+        zip_set_file_compression(za, (zip_uint64_t)idx, ZIP_CM_STORE, 0);
+        ck_assert_int_eq(zip_close(za), 0);
+        free(bytes);
+        size_t dsize;
+        unsigned char *data = tu_read_file(path, &dsize);
+        sae_model *m = (sae_model *)0x1;
+        ck_assert_sae(sae__torchsae_load(data, dsize, path, NULL, 0, NULL, &m), SAE_EFORMAT);
+        ck_assert_ptr_null(m);
+        ck_assert_msg(strstr(sae_last_error(), cases[c].needle) != NULL, "'%s' lacks '%s'",
+                      sae_last_error(), cases[c].needle);
+        free(data);
+        free(path);
+    }
+    free(orig);
+    free(src);
+}
+END_TEST
+
 START_TEST(test_truncated)
 {
     static const char *const files[] = {"openai_topk.pt", "dl_gated/ae.pt"};
@@ -311,6 +368,7 @@ static Suite *torchsae_suite(void)
     tcase_add_test(tc, test_folder_routes);
     tcase_add_test(tc, test_detect);
     tcase_add_test(tc, test_truncated);
+    tcase_add_test(tc, test_nonfinite);
     suite_add_tcase(s, tc);
     return s;
 }
