@@ -65,6 +65,12 @@ def f32(x):
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
+def flat(a):
+    """A list of Python numbers from what the binding returns (numpy arrays when numpy is
+    installed, array.array otherwise)."""
+    return a.reshape(-1).tolist() if hasattr(a, "reshape") else list(a)
+
+
 def find(build, name):
     for root, _, files in os.walk(build):
         if name in files:
@@ -252,7 +258,7 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
         rows = npy.shape[0]
         for r in range(0, rows, BLOCK):
             n = min(BLOCK, rows - r)
-            f = m.encode(npy.read(r, n))
+            f = flat(m.encode(npy.read(r, n)))
             codes += [f[t * d_sae:(t + 1) * d_sae] for t in range(n)]
     N = len(codes)
     check(N == index["tokens"] == len(tokens), f"{N} tokens encoded")
@@ -264,7 +270,7 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
 
     dim, vocab, g, unemb = llama2c_weights(os.path.join(data, "model.bin"))
     pieces = llama2c_pieces(os.path.join(data, "tok512.bin"))
-    w_dec = m.get_tensor("W_dec")
+    w_dec = flat(m.get_tensor("W_dec"))
     scale = m.input_scale
 
     def window(t):
@@ -351,7 +357,7 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
                 if any(t["text"] != text_of(t["id"]) for t in got):
                     ok["text"] = False
                     print(f"  feature {i}: {name} texts {[t['text'] for t in got]}")
-            idx, cos = m.neighbors(i, 10)
+            idx, cos = (flat(x) for x in m.neighbors(i, 10))
             if [n["feature"] for n in c["neighbors"]] != list(idx) or \
                     [f32(n["cosine"]) for n in c["neighbors"]] != list(cos):
                 ok["nb"] = False
@@ -433,9 +439,9 @@ def bad_inputs(libsae, a, work, stats, cap, stats_bin, cards_bin, m):
     expect_error(cards(variant("fewer", lambda d: d["features"].pop())),
                  "'features' is not a list", "a feature missing")
     other = os.path.join(work, "other.safetensors")
-    w = m.get_tensor("W_dec")
     m2 = libsae.Model.load(a.sae)
-    m2.set_tensor("W_dec", [v * 1.5 for v in w])
+    w = m2.get_tensor("W_dec")
+    m2.set_tensor("W_dec", w * 1.5 if hasattr(w, "reshape") else [v * 1.5 for v in w])
     m2.save(other)
     expect_error([cards_bin, "-m", a.model, "--sae", other, "--stats", stats, "0"],
                  "made for another dictionary", "the same width, another dictionary")
