@@ -7,7 +7,7 @@ As tests/server/run.sh runs it, with no arguments: BUILD_DIR is $SERVER_BUILD (s
 build), the model and SAE are $SAE_MODEL and $SAE_DICT, sae-llama-capture and libsae.so come
 from $LLCPP_BUILD; missing ones come from examples/llama.cpp/prepare.sh (stories260K's GGUF,
 the SAE trained on its stream entering block 2). sae-server-stats and sae-server-cards are
-built by tools() below when the build does not hold them yet. The data is $LIBSAE_DATA, else
+built in BUILD_DIR (tools() below) when it does not hold them yet. The data is $LIBSAE_DATA, else
 shared/data beside the repository, else /work/shared/data (as prepare.sh finds it).
 
 (1) a capture of stories260K's texts (several shards), then sae-server-stats with non-default
@@ -164,15 +164,13 @@ def setup(argv, what):
 
 def tools(a, names):
     """{name: path} of the programs the tests run, found in the server's build or
-    examples/llama.cpp's. sae-server-stats and sae-server-cards are cards.cmake's targets: built
-    in the server's build when its CMakeLists.txt includes cards.cmake, else in a project of
-    their own beside it (BUILD-cards), which includes it after examples/llama.cpp."""
-    dirs = [a.build, a.llcpp, a.build + "-cards"]
-
+    examples/llama.cpp's. sae-server-stats and sae-server-cards (cards.cmake's targets, which
+    examples/server/CMakeLists.txt includes) are built in the server's build if they are not
+    there yet."""
     def look():
         out = {}
         for n in names:
-            for d in dirs:
+            for d in (a.build, a.llcpp):
                 try:
                     out[n] = find(d, n)
                     break
@@ -181,33 +179,18 @@ def tools(a, names):
         return out
 
     got = look()
-    ours = [n for n in ("sae-server-stats", "sae-server-cards") if n in names]
-    if all(n in got for n in names):
-        return got
-    if os.path.isfile(os.path.join(a.build, "CMakeCache.txt")) and subprocess.run(
-            ["cmake", "--build", a.build, "-j2", "--target"] + ours,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
-        return tools_found(look(), names)
-    src = a.build + "-cards-src"
-    os.makedirs(src, exist_ok=True)
-    with open(os.path.join(src, "CMakeLists.txt"), "w") as f:
-        f.write("# written by tests/server/test_cards.py: sae-server-stats and sae-server-cards\n"
-                "cmake_minimum_required(VERSION 3.25)\nproject(sae_server_cards C CXX)\n"
-                f'add_subdirectory("{REPO}/examples/llama.cpp" llama_cpp EXCLUDE_FROM_ALL)\n'
-                f'include("{REPO}/examples/server/cards.cmake")\n')
-    run(["cmake", "-S", src, "-B", a.build + "-cards", f"-DLLAMA_CPP_DIR={a.llama_cpp_dir}",
-         "-DCMAKE_BUILD_TYPE=Release"])
-    p = run(["cmake", "--build", a.build + "-cards", "-j2", "--target"] + ours)
-    if "warning:" in p.stdout + p.stderr:
-        raise RuntimeError("sae-server-stats or sae-server-cards built with warnings:\n"
-                           + p.stdout + p.stderr)
-    return tools_found(look(), names)
-
-
-def tools_found(got, names):
+    ours = [n for n in ("sae-server-stats", "sae-server-cards") if n in names and n not in got]
+    if ours:
+        if not os.path.isfile(os.path.join(a.build, "CMakeCache.txt")):
+            run(["cmake", "-S", os.path.join(REPO, "examples", "server"), "-B", a.build,
+                 f"-DLLAMA_CPP_DIR={a.llama_cpp_dir}", "-DCMAKE_BUILD_TYPE=Release"])
+        p = run(["cmake", "--build", a.build, "-j2", "--target"] + ours)
+        if "warning:" in p.stdout + p.stderr:
+            raise RuntimeError(f"{', '.join(ours)} built with warnings:\n" + p.stdout + p.stderr)
+        got = look()
     missing = [n for n in names if n not in got]
     if missing:
-        raise RuntimeError(f"cannot find or build {', '.join(missing)}")
+        raise RuntimeError(f"cannot find or build {', '.join(missing)} (in {a.build}, {a.llcpp})")
     return got
 
 
