@@ -16,7 +16,9 @@ shared/data beside the repository, else /work/shared/data (as prepare.sh finds i
     the top contexts (which tokens, their window, and the feature's value on each token);
 (2) promoted and suppressed tokens equal a float64 loop of the decoder row (/ INPUT_SCALE)
     through the final RMSNorm weight and the unembedding, both read from llama2.c's model.bin
-    (not from the GGUF), with the tokens' text from tok512.bin;
+    (not from the GGUF), with the tokens' text from tok512.bin; and, with numpy and llama.cpp's
+    gguf-py, through copies of the GGUF whose unembedding is tied to the embedding, F16 and
+    Q8_0 (each loop through the values gguf-py reads back);
 (3) nearest features equal sae_feature_neighbors (the Python binding);
 (4) cards built by 8 threads at once equal the ones built alone;
 (5) bad input gives a message and exit 1, never a crash: missing, empty, truncated, damaged and
@@ -194,6 +196,52 @@ def tools(a, names):
     return got
 
 
+def gguf_variants(a, work):
+    """Copies of the model with output.weight left out (tied: the unembedding is
+    token_embd.weight), stored as F16, and as Q8_0, written with llama.cpp's gguf-py; each with
+    the unembedding's values as gguf-py reads them back ({kind: (path, rows)}). None without
+    numpy or gguf-py."""
+    try:
+        import numpy as np
+        sys.path.insert(0, os.path.join(a.llama_cpp_dir, "src", "gguf-py"))
+        import gguf
+    except ImportError:
+        return None
+    r = gguf.GGUFReader(a.model)
+    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    out = {}
+    for kind in ("tied", "F16", "Q8_0"):
+        path = os.path.join(work, f"model-{kind}.gguf")
+        w = gguf.GGUFWriter(path, arch=arch)
+        for f in r.fields.values():
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+                continue
+            vt = f.types[0]
+            w.add_key_value(f.name, f.contents(), vt,
+                            sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+        tensors = []
+        for t in r.tensors:
+            data, ty = t.data, t.tensor_type
+            if t.name == "output.weight":
+                if kind == "tied":
+                    continue
+                ty = gguf.GGMLQuantizationType[kind]
+                data = data.astype(np.float16) if kind == "F16" else gguf.quants.quantize(data, ty)
+            tensors.append(data)
+            w.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, ty)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for data in tensors:
+            w.write_tensor_data(data)
+        w.close()
+        back = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        t = back["token_embd.weight" if kind == "tied" else "output.weight"]
+        u = gguf.quants.dequantize(t.data, t.tensor_type) if kind == "Q8_0" else t.data
+        out[kind] = (path, u.astype(np.float32).tolist())
+    return out
+
+
 def main():
     a = setup(sys.argv[1:], "the feature cards against plain loops")
     t = tools(a, ["sae-llama-capture", "sae-server-stats", "sae-server-cards", "libsae.so"])
@@ -272,6 +320,29 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
             return shown(bytes([tok - 3]))
         return shown(pieces[tok])
 
+    def same_logits(c, u):
+        """The card's promoted and suppressed tokens against a float64 loop through u:
+        logit_v = sum_j u[v][j] * (W_dec[i][j] * g[j] / INPUT_SCALE)."""
+        i = c["feature"]
+        d = [w_dec[i * dim + j] * g[j] / scale for j in range(dim)]
+        logits = []
+        for v in range(vocab):
+            acc = 0.0
+            for j in range(dim):
+                acc += u[v][j] * d[j]
+            logits.append((acc, v))
+        same = True
+        for name, ref in (("promoted", sorted(logits, key=lambda p: (-p[0], p[1]))[:10]),
+                          ("suppressed", sorted(logits, key=lambda p: (p[0], p[1]))[:10])):
+            got = c[name]
+            # cJSON prints a double with 15 significant digits when that reads back within its
+            # tolerance, so the logits agree to about 1e-15 relative
+            if [t["id"] for t in got] != [v for _, v in ref] or \
+                    any(abs(t["logit"] - l) > 1e-14 * abs(l) for t, (l, _) in zip(got, ref)):
+                same = False
+                print(f"  feature {i}: {name} {[(t['id'], t['logit']) for t in got]} vs {ref}")
+        return same
+
     def verify(cards, with_bos, label):
         """Each card against the loops; with_bos: the windows' first tokens are counted too."""
         counted = [t for t in range(N) if with_bos or positions[t] != 0]
@@ -319,24 +390,10 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
                 if any(t["text"] != text_of(t["id"]) for t in ts):
                     ok["text"] = False
                     print(f"  feature {i}: token texts {[t['text'] for t in ts]}")
-            # float64: logit_v = sum_j U[v][j] * (W_dec[i][j] * g[j] / INPUT_SCALE)
-            d = [w_dec[i * dim + j] * g[j] / scale for j in range(dim)]
-            logits = []
-            for v in range(vocab):
-                acc = 0.0
-                for j in range(dim):
-                    acc += unemb[v][j] * d[j]
-                logits.append((acc, v))
-            up = sorted(logits, key=lambda p: (-p[0], p[1]))[:10]
-            down = sorted(logits, key=lambda p: (p[0], p[1]))[:10]
-            for name, ref in (("promoted", up), ("suppressed", down)):
+            if not same_logits(c, unemb):
+                ok["logits"] = False
+            for name in ("promoted", "suppressed"):
                 got = c[name]
-                # cJSON prints a double with 15 significant digits when that reads back within
-                # its tolerance, so the logits agree to about 1e-15 relative
-                if [t["id"] for t in got] != [v for _, v in ref] or \
-                        any(abs(t["logit"] - l) > 1e-14 * abs(l) for t, (l, _) in zip(got, ref)):
-                    ok["logits"] = False
-                    print(f"  feature {i}: {name} {[(t['id'], t['logit']) for t in got]} vs {ref}")
                 if any(t["text"] != text_of(t["id"]) for t in got):
                     ok["text"] = False
                     print(f"  feature {i}: {name} texts {[t['text'] for t in got]}")
@@ -376,6 +433,18 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
     out = run([cards_bin, "-m", a.model, "--sae", a.sae, "--stats", stats_bos]
               + bos_features).stdout
     verify([json.loads(line) for line in out.splitlines()], True, "--with-bos: ")
+
+    # the unembedding stored otherwise: tied to the embedding (no output.weight), F16, Q8_0
+    variants = gguf_variants(a, work)
+    if variants is None:
+        print("note: numpy or llama.cpp's gguf-py is missing: the tied, F16 and Q8_0 "
+              "unembeddings are not checked")
+    for kind, (path, u) in (variants or {}).items():
+        out = run([cards_bin, "-m", a.model, "--sae", a.sae, "--stats", stats, "--gguf", path]
+                  + features[:4]).stdout
+        check(all(same_logits(json.loads(line), u) for line in out.splitlines()),
+              f"{kind} unembedding: promoted/suppressed equal the float64 loop through its "
+              "values (gguf-py's)")
 
     p = run([cards_bin, "-m", a.model, "--sae", a.sae, "--stats", stats, "--threads", "8"]
             + features, expect=None)
