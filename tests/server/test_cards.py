@@ -7,7 +7,7 @@ As tests/server/run.sh runs it, with no arguments: BUILD_DIR is $SERVER_BUILD (s
 build), the model and SAE are $SAE_MODEL and $SAE_DICT, sae-llama-capture and libsae.so come
 from $LLCPP_BUILD; missing ones come from examples/llama.cpp/prepare.sh (stories260K's GGUF,
 the SAE trained on its stream entering block 2). sae-server-stats and sae-server-cards are
-built by tools() below when the build does not hold them yet. The data is $LIBSAE_DATA, else
+built in BUILD_DIR (tools() below) when it does not hold them yet. The data is $LIBSAE_DATA, else
 shared/data beside the repository, else /work/shared/data (as prepare.sh finds it).
 
 (1) a capture of stories260K's texts (several shards), then sae-server-stats with non-default
@@ -16,7 +16,9 @@ shared/data beside the repository, else /work/shared/data (as prepare.sh finds i
     the top contexts (which tokens, their window, and the feature's value on each token);
 (2) promoted and suppressed tokens equal a float64 loop of the decoder row (/ INPUT_SCALE)
     through the final RMSNorm weight and the unembedding, both read from llama2.c's model.bin
-    (not from the GGUF), with the tokens' text from tok512.bin;
+    (not from the GGUF), with the tokens' text from tok512.bin; and, with numpy and llama.cpp's
+    gguf-py, through copies of the GGUF whose unembedding is tied to the embedding, F16 and
+    Q8_0 (each loop through the values gguf-py reads back);
 (3) nearest features equal sae_feature_neighbors (the Python binding);
 (4) cards built by 8 threads at once equal the ones built alone;
 (5) bad input gives a message and exit 1, never a crash: missing, empty, truncated, damaged and
@@ -63,6 +65,12 @@ def run(args, expect=0):
 
 def f32(x):
     return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def flat(a):
+    """A list of Python numbers from what the binding returns (numpy arrays when numpy is
+    installed, array.array otherwise)."""
+    return a.reshape(-1).tolist() if hasattr(a, "reshape") else list(a)
 
 
 def find(build, name):
@@ -158,15 +166,13 @@ def setup(argv, what):
 
 def tools(a, names):
     """{name: path} of the programs the tests run, found in the server's build or
-    examples/llama.cpp's. sae-server-stats and sae-server-cards are cards.cmake's targets: built
-    in the server's build when its CMakeLists.txt includes cards.cmake, else in a project of
-    their own beside it (BUILD-cards), which includes it after examples/llama.cpp."""
-    dirs = [a.build, a.llcpp, a.build + "-cards"]
-
+    examples/llama.cpp's. sae-server-stats and sae-server-cards (cards.cmake's targets, which
+    examples/server/CMakeLists.txt includes) are built in the server's build if they are not
+    there yet."""
     def look():
         out = {}
         for n in names:
-            for d in dirs:
+            for d in (a.build, a.llcpp):
                 try:
                     out[n] = find(d, n)
                     break
@@ -175,34 +181,65 @@ def tools(a, names):
         return out
 
     got = look()
-    ours = [n for n in ("sae-server-stats", "sae-server-cards") if n in names]
-    if all(n in got for n in names):
-        return got
-    if os.path.isfile(os.path.join(a.build, "CMakeCache.txt")) and subprocess.run(
-            ["cmake", "--build", a.build, "-j2", "--target"] + ours,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
-        return tools_found(look(), names)
-    src = a.build + "-cards-src"
-    os.makedirs(src, exist_ok=True)
-    with open(os.path.join(src, "CMakeLists.txt"), "w") as f:
-        f.write("# written by tests/server/test_cards.py: sae-server-stats and sae-server-cards\n"
-                "cmake_minimum_required(VERSION 3.25)\nproject(sae_server_cards C CXX)\n"
-                f'add_subdirectory("{REPO}/examples/llama.cpp" llama_cpp EXCLUDE_FROM_ALL)\n'
-                f'include("{REPO}/examples/server/cards.cmake")\n')
-    run(["cmake", "-S", src, "-B", a.build + "-cards", f"-DLLAMA_CPP_DIR={a.llama_cpp_dir}",
-         "-DCMAKE_BUILD_TYPE=Release"])
-    p = run(["cmake", "--build", a.build + "-cards", "-j2", "--target"] + ours)
-    if "warning:" in p.stdout + p.stderr:
-        raise RuntimeError("sae-server-stats or sae-server-cards built with warnings:\n"
-                           + p.stdout + p.stderr)
-    return tools_found(look(), names)
-
-
-def tools_found(got, names):
+    ours = [n for n in ("sae-server-stats", "sae-server-cards") if n in names and n not in got]
+    if ours:
+        if not os.path.isfile(os.path.join(a.build, "CMakeCache.txt")):
+            run(["cmake", "-S", os.path.join(REPO, "examples", "server"), "-B", a.build,
+                 f"-DLLAMA_CPP_DIR={a.llama_cpp_dir}", "-DCMAKE_BUILD_TYPE=Release"])
+        p = run(["cmake", "--build", a.build, "-j2", "--target"] + ours)
+        if "warning:" in p.stdout + p.stderr:
+            raise RuntimeError(f"{', '.join(ours)} built with warnings:\n" + p.stdout + p.stderr)
+        got = look()
     missing = [n for n in names if n not in got]
     if missing:
-        raise RuntimeError(f"cannot find or build {', '.join(missing)}")
+        raise RuntimeError(f"cannot find or build {', '.join(missing)} (in {a.build}, {a.llcpp})")
     return got
+
+
+def gguf_variants(a, work):
+    """Copies of the model with output.weight left out (tied: the unembedding is
+    token_embd.weight), stored as F16, and as Q8_0, written with llama.cpp's gguf-py; each with
+    the unembedding's values as gguf-py reads them back ({kind: (path, rows)}). None without
+    numpy or gguf-py."""
+    try:
+        import numpy as np
+        sys.path.insert(0, os.path.join(a.llama_cpp_dir, "src", "gguf-py"))
+        import gguf
+    except ImportError:
+        return None
+    r = gguf.GGUFReader(a.model)
+    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    out = {}
+    for kind in ("tied", "F16", "Q8_0"):
+        path = os.path.join(work, f"model-{kind}.gguf")
+        w = gguf.GGUFWriter(path, arch=arch)
+        for f in r.fields.values():
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+                continue
+            vt = f.types[0]
+            w.add_key_value(f.name, f.contents(), vt,
+                            sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+        tensors = []
+        for t in r.tensors:
+            data, ty = t.data, t.tensor_type
+            if t.name == "output.weight":
+                if kind == "tied":
+                    continue
+                ty = gguf.GGMLQuantizationType[kind]
+                data = data.astype(np.float16) if kind == "F16" else gguf.quants.quantize(data, ty)
+            tensors.append(data)
+            w.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, ty)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for data in tensors:
+            w.write_tensor_data(data)
+        w.close()
+        back = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        t = back["token_embd.weight" if kind == "tied" else "output.weight"]
+        u = gguf.quants.dequantize(t.data, t.tensor_type) if kind == "Q8_0" else t.data
+        out[kind] = (path, u.astype(np.float32).tolist())
+    return out
 
 
 def main():
@@ -252,7 +289,7 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
         rows = npy.shape[0]
         for r in range(0, rows, BLOCK):
             n = min(BLOCK, rows - r)
-            f = m.encode(npy.read(r, n))
+            f = flat(m.encode(npy.read(r, n)))
             codes += [f[t * d_sae:(t + 1) * d_sae] for t in range(n)]
     N = len(codes)
     check(N == index["tokens"] == len(tokens), f"{N} tokens encoded")
@@ -264,7 +301,7 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
 
     dim, vocab, g, unemb = llama2c_weights(os.path.join(data, "model.bin"))
     pieces = llama2c_pieces(os.path.join(data, "tok512.bin"))
-    w_dec = m.get_tensor("W_dec")
+    w_dec = flat(m.get_tensor("W_dec"))
     scale = m.input_scale
 
     def window(t):
@@ -282,6 +319,29 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
         if 3 <= tok <= 258:
             return shown(bytes([tok - 3]))
         return shown(pieces[tok])
+
+    def same_logits(c, u):
+        """The card's promoted and suppressed tokens against a float64 loop through u:
+        logit_v = sum_j u[v][j] * (W_dec[i][j] * g[j] / INPUT_SCALE)."""
+        i = c["feature"]
+        d = [w_dec[i * dim + j] * g[j] / scale for j in range(dim)]
+        logits = []
+        for v in range(vocab):
+            acc = 0.0
+            for j in range(dim):
+                acc += u[v][j] * d[j]
+            logits.append((acc, v))
+        same = True
+        for name, ref in (("promoted", sorted(logits, key=lambda p: (-p[0], p[1]))[:10]),
+                          ("suppressed", sorted(logits, key=lambda p: (p[0], p[1]))[:10])):
+            got = c[name]
+            # cJSON prints a double with 15 significant digits when that reads back within its
+            # tolerance, so the logits agree to about 1e-15 relative
+            if [t["id"] for t in got] != [v for _, v in ref] or \
+                    any(abs(t["logit"] - l) > 1e-14 * abs(l) for t, (l, _) in zip(got, ref)):
+                same = False
+                print(f"  feature {i}: {name} {[(t['id'], t['logit']) for t in got]} vs {ref}")
+        return same
 
     def verify(cards, with_bos, label):
         """Each card against the loops; with_bos: the windows' first tokens are counted too."""
@@ -330,28 +390,14 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
                 if any(t["text"] != text_of(t["id"]) for t in ts):
                     ok["text"] = False
                     print(f"  feature {i}: token texts {[t['text'] for t in ts]}")
-            # float64: logit_v = sum_j U[v][j] * (W_dec[i][j] * g[j] / INPUT_SCALE)
-            d = [w_dec[i * dim + j] * g[j] / scale for j in range(dim)]
-            logits = []
-            for v in range(vocab):
-                acc = 0.0
-                for j in range(dim):
-                    acc += unemb[v][j] * d[j]
-                logits.append((acc, v))
-            up = sorted(logits, key=lambda p: (-p[0], p[1]))[:10]
-            down = sorted(logits, key=lambda p: (p[0], p[1]))[:10]
-            for name, ref in (("promoted", up), ("suppressed", down)):
+            if not same_logits(c, unemb):
+                ok["logits"] = False
+            for name in ("promoted", "suppressed"):
                 got = c[name]
-                # cJSON prints a double with 15 significant digits when that reads back within
-                # its tolerance, so the logits agree to about 1e-15 relative
-                if [t["id"] for t in got] != [v for _, v in ref] or \
-                        any(abs(t["logit"] - l) > 1e-14 * abs(l) for t, (l, _) in zip(got, ref)):
-                    ok["logits"] = False
-                    print(f"  feature {i}: {name} {[(t['id'], t['logit']) for t in got]} vs {ref}")
                 if any(t["text"] != text_of(t["id"]) for t in got):
                     ok["text"] = False
                     print(f"  feature {i}: {name} texts {[t['text'] for t in got]}")
-            idx, cos = m.neighbors(i, 10)
+            idx, cos = (flat(x) for x in m.neighbors(i, 10))
             if [n["feature"] for n in c["neighbors"]] != list(idx) or \
                     [f32(n["cosine"]) for n in c["neighbors"]] != list(cos):
                 ok["nb"] = False
@@ -387,6 +433,18 @@ def test(libsae, a, work, capture_bin, stats_bin, cards_bin):
     out = run([cards_bin, "-m", a.model, "--sae", a.sae, "--stats", stats_bos]
               + bos_features).stdout
     verify([json.loads(line) for line in out.splitlines()], True, "--with-bos: ")
+
+    # the unembedding stored otherwise: tied to the embedding (no output.weight), F16, Q8_0
+    variants = gguf_variants(a, work)
+    if variants is None:
+        print("note: numpy or llama.cpp's gguf-py is missing: the tied, F16 and Q8_0 "
+              "unembeddings are not checked")
+    for kind, (path, u) in (variants or {}).items():
+        out = run([cards_bin, "-m", a.model, "--sae", a.sae, "--stats", stats, "--gguf", path]
+                  + features[:4]).stdout
+        check(all(same_logits(json.loads(line), u) for line in out.splitlines()),
+              f"{kind} unembedding: promoted/suppressed equal the float64 loop through its "
+              "values (gguf-py's)")
 
     p = run([cards_bin, "-m", a.model, "--sae", a.sae, "--stats", stats, "--threads", "8"]
             + features, expect=None)
@@ -433,9 +491,9 @@ def bad_inputs(libsae, a, work, stats, cap, stats_bin, cards_bin, m):
     expect_error(cards(variant("fewer", lambda d: d["features"].pop())),
                  "'features' is not a list", "a feature missing")
     other = os.path.join(work, "other.safetensors")
-    w = m.get_tensor("W_dec")
     m2 = libsae.Model.load(a.sae)
-    m2.set_tensor("W_dec", [v * 1.5 for v in w])
+    w = m2.get_tensor("W_dec")
+    m2.set_tensor("W_dec", w * 1.5 if hasattr(w, "reshape") else [v * 1.5 for v in w])
     m2.save(other)
     expect_error([cards_bin, "-m", a.model, "--sae", other, "--stats", stats, "0"],
                  "made for another dictionary", "the same width, another dictionary")
