@@ -2,9 +2,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "api.h"
 
-#ifdef SAE_SERVER_CARDS
-#include "features.h"
-#endif
+#include "feature_cards.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -746,7 +744,6 @@ char *api_card_json(const server *s, const char *hook, const char *id, api_err *
              hook);
         return NULL;
     }
-#ifdef SAE_SERVER_CARDS
     char err[512];
     cJSON *c = feature_cards_card(s->dicts[di].cards, (uint32_t)f, err, sizeof err);
     if (!c) {
@@ -755,8 +752,4 @@ char *api_card_json(const server *s, const char *hook, const char *id, api_err *
         return NULL;
     }
     return print(c);
-#else
-    fail(e, 404, "no statistics loaded: this build has no feature cards");
-    return NULL;
-#endif
 }

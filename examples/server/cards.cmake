@@ -2,7 +2,7 @@
 # llama.cpp example targets exist (add_subdirectory of examples/llama.cpp, which defines
 # libsae_llama_cpp, llcpp_capture_io, sae_shared and LLAMA_CPP_INCLUDE_DIR / GGML_INCLUDE_DIR
 # and the libraries' paths). Defines:
-#   sae_server_features   static library: features.c (features.h), for the server to link
+#   sae_server_features   static library: feature_cards.c (feature_cards.h), for the server to link
 #   sae-server-stats      the statistics pass over a capture (stats.c)
 #   sae-server-cards      tests/server/test_cards_dump.c: prints cards, the tests' driver
 foreach(t libsae_llama_cpp llcpp_capture_io sae_shared)
@@ -17,13 +17,11 @@ find_package(PkgConfig REQUIRED)
 pkg_check_modules(CARDS_CJSON REQUIRED IMPORTED_TARGET libcjson)
 set(_cards_warn -Wall -Wextra -Wpedantic -Wconversion)
 
-add_library(sae_server_features STATIC "${_cards_dir}/features.c")
+add_library(sae_server_features STATIC "${_cards_dir}/feature_cards.c")
 set_target_properties(sae_server_features PROPERTIES C_STANDARD 11 C_STANDARD_REQUIRED ON
                                                      C_EXTENSIONS OFF)
 target_compile_options(sae_server_features PRIVATE ${_cards_warn})
-# features.h shares its name with glibc's <features.h>, which every system header includes: the
-# directory must never be on the -I path, only on the path of #include "..." (-iquote).
-target_compile_options(sae_server_features PUBLIC "SHELL:-iquote ${_cards_dir}")
+target_include_directories(sae_server_features PUBLIC "${_cards_dir}")
 target_link_libraries(sae_server_features PUBLIC libsae_llama_cpp sae_shared PkgConfig::CARDS_CJSON m)
 
 add_executable(sae-server-stats "${_cards_dir}/stats.c")

@@ -297,10 +297,6 @@ static enum MHD_Result route(struct MHD_Connection *c, req *q)
                                     ? 404 : 405,
                           "no such route for this method", "invalid_request_error");
     if (!strcmp(u, "/")) {
-        if (!s->page_len)
-            return send_error(c, q, 404, "this build of sae-server has no page "
-                              "(examples/server/page.html was missing when it was configured)",
-                              "not_found_error");
         char *p = malloc(s->page_len + 1);
         if (!p)
             return MHD_NO;

@@ -14,9 +14,7 @@
 #include "http.h"
 #include "server.h"
 
-#ifdef SAE_SERVER_CARDS
-#include "features.h"
-#endif
+#include "feature_cards.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -255,18 +253,12 @@ int main(int argc, char **argv)
             fprintf(stderr, "sae-server: --stats %s: no --sae at that hook\n", stats[i].hook);
             return 2;
         }
-#ifdef SAE_SERVER_CARDS
         char err[512];
         if (feature_cards_open(&d->cards, stats[i].path, d->m, s.model, model_path, err,
                                sizeof err) != 0) {
             fprintf(stderr, "sae-server: --stats %s=%s: %s\n", stats[i].hook, stats[i].path, err);
             return 1;
         }
-#else
-        fprintf(stderr, "sae-server: --stats: this build has no feature cards "
-                        "(examples/server/features.c was missing when it was configured)\n");
-        return 2;
-#endif
     }
 
     char err[512];
@@ -298,9 +290,7 @@ int main(int argc, char **argv)
     http_stop(d, &s, timeout > 0 ? timeout + 5.0 : 3600.0);
     engine_free(s.eng);
     for (size_t i = 0; i < s.n_dicts; i++) {
-#ifdef SAE_SERVER_CARDS
         feature_cards_free(s.dicts[i].cards);
-#endif
         sae_model_free(s.dicts[i].m);
         free(s.dicts[i].hook);
         free(s.dicts[i].path);

@@ -22,7 +22,7 @@
  * is computed once and resumable, and the cards can be rebuilt with other settings in seconds.
  *
  * The output, one JSON object written atomically (temporary file, fsync, rename), is the
- * "libsae-feature-stats-1" format docs/server.md describes; examples/server/features.c reads it.
+ * "libsae-feature-stats-1" format docs/server.md describes; examples/server/feature_cards.c reads it.
  * Exit: 0 done, 1 an error (a message says which), 2 bad usage.
  */
 #define _POSIX_C_SOURCE 200809L

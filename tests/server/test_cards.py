@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""sae-server's feature cards (examples/server/features.c, stats.c) against straightforward loops.
+"""sae-server's feature cards (examples/server/feature_cards.c, stats.c) against straightforward loops.
 
 usage: test_cards.py [BUILD_DIR] [--model GGUF] [--sae PATH] [--data DIR] [--work DIR]
 

@@ -1,5 +1,5 @@
 /*
- * sae-server-cards: the feature cards of examples/server/features.c, printed; the driver of
+ * sae-server-cards: the feature cards of examples/server/feature_cards.c, printed; the driver of
  * tests/server/test_cards.py.
  *
  *   sae-server-cards -m MODEL.gguf --sae PATH --stats STATS.json [--gguf PATH] [--threads T]
@@ -8,12 +8,12 @@
  * --gguf gives feature_cards_open another file for the unembedding (a damaged one, in tests).
  * Prints each feature's card as one line of JSON. With --threads T, T threads then build every
  * listed card at once, over and over, and each must print the same as the first time
- * (features.h promises that cards may be asked for from any number of threads).
+ * (feature_cards.h promises that cards may be asked for from any number of threads).
  * Exit: 0, 1 an error (the message is printed, as the server would put it in its response),
  * 2 bad usage.
  */
 #define _POSIX_C_SOURCE 200809L
-#include "features.h"
+#include "feature_cards.h"
 
 #include <pthread.h>
 #include <stdio.h>

@@ -1,11 +1,11 @@
 /*
- * features.c: see features.h. The statistics file is read once, checked whole and kept as flat
+ * feature_cards.c: see feature_cards.h. The statistics file is read once, checked whole and kept as flat
  * arrays; a card is built from them on request, with the decoder row's logits computed then
  * (a pass over the unembedding, which stays in the GGUF file, mapped read-only: the same pages
  * llama.cpp maps, so no second copy of it is made).
  */
 #define _POSIX_C_SOURCE 200809L
-#include "features.h"
+#include "feature_cards.h"
 
 #include "ggml.h"
 #include "gguf.h"
