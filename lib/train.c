@@ -341,6 +341,8 @@ void sae_trainer_free(sae_trainer *t)
     free(t->colsum);
     sae__train_bf16_free(t->bf16);
     free(t->log_th);
+    free(t->near_idx);
+    free(t->near_ptr);
     free(t->group_end);
     free(t->mat_e);
     free(t->mat_s);
@@ -405,8 +407,11 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     if (t->tmp && !t->sparse)
         t->colsum = sae__alloc(d_sae, sizeof(double), "training scratch");
     bool extra = true;
-    if (t->jump)
-        extra = (t->log_th = sae__zalloc(d_sae, sizeof(float), "log-thresholds")) != NULL;
+    if (t->jump) { /* gT: the per-latent path's encoder gradient */
+        t->log_th = sae__zalloc(d_sae, sizeof(float), "log-thresholds");
+        t->gT = t->log_th ? sae__zalloc(d_sae * d_in, sizeof(float), "encoder gradient") : NULL;
+        extra = t->gT != NULL;
+    }
     if (m->arch == SAE_ARCH_BATCHTOPK) {
         t->mat_e = sae__alloc(m->d_out, sizeof(float), "training scratch");
         t->mat_s = t->mat_e ? sae__alloc(m->d_out, sizeof(float), "training scratch") : NULL;

@@ -17,6 +17,7 @@
 
 #include <math.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 
 void sae__jumprelu_init(sae_trainer *t)
@@ -106,27 +107,51 @@ typedef struct {
     float inv_eps, lam_eps;
 } sparse_job;
 
+/* Tokens [begin, end): token i's listed latents (u = (pre - th) / eps > -1/2: fired, or in the
+ * window) in increasing order at near_idx[near_ptr[i] .. near_ptr[i + 1]). */
+static void list_range(void *ctx, size_t begin, size_t end, size_t worker)
+{
+    (void)worker;
+    const sparse_job *j = ctx;
+    sae_trainer *t = j->t;
+    const size_t d_sae = t->m->d_sae;
+    const float *th = t->m->threshold;
+    for (size_t i = begin; i < end; i++) {
+        const float *p = j->pre + i * d_sae;
+        /* The same test as mask_one's count, so the list fills its room exactly; the bound
+         * only guards it. */
+        uint32_t *idx = t->near_idx + t->near_ptr[i], *stop = t->near_idx + t->near_ptr[i + 1];
+        for (size_t k = 0; k < d_sae && idx < stop; k++)
+            if ((p[k] - th[k]) * j->inv_eps > -0.5f)
+                *idx++ = (uint32_t)k;
+    }
+}
+
 /* Tokens [begin, end): the fired latents decode into e = b_dec - tgt [+ skip], then c scales it. */
 static void decode_range(void *ctx, size_t begin, size_t end, size_t worker)
 {
     (void)worker;
     const sparse_job *j = ctx;
-    const sae_model *m = j->t->m;
+    const sae_trainer *t = j->t;
+    const sae_model *m = t->m;
     const size_t d_out = m->d_out, d_sae = m->d_sae;
     for (size_t i = begin; i < end; i++) {
-        const float *f = j->F + i * d_sae;
+        const float *p = j->pre + i * d_sae;
         float *e = j->E + i * d_out;
-        for (size_t k = 0; k < d_sae; k++)
-            if (f[k] != 0.0f)
-                sae__axpy(d_out, f[k], m->W_dec + k * d_out, e);
-        if (j->t->tc)
-            sae__sscal(d_out, (float)j->t->out_scale, e);
+        for (size_t a = t->near_ptr[i]; a < t->near_ptr[i + 1]; a++) {
+            const size_t k = t->near_idx[a];
+            if (p[k] > m->threshold[k])
+                sae__axpy(d_out, p[k], m->W_dec + k * d_out, e);
+        }
+        if (t->tc)
+            sae__sscal(d_out, (float)t->out_scale, e);
     }
 }
 
-/* Latents [begin, end), over every token (E holds 2 c (x_hat - tgt)): dL/df_k = c 2e . W_dec[k]
- * where latent k fired or is in the window, W_dec's row k gets f_k 2e, the threshold and b_enc
- * their terms, and F's entries become dL/dpre as threshold_grads leaves them. */
+/* Latents [begin, end), over every token (E holds 2 c (x_hat - tgt), F dL/df = 2E @ W_dec'^T):
+ * where latent k fired or is in the window, the threshold gets its term; where it fired, W_dec's
+ * row k gets f_k 2e, b_enc dL/dpre_k, and the encoder column k (kept transposed in gT) dL/dpre_k
+ * times the input. */
 static void latent_range(void *ctx, size_t begin, size_t end, size_t worker)
 {
     (void)worker;
@@ -134,25 +159,31 @@ static void latent_range(void *ctx, size_t begin, size_t end, size_t worker)
     const sae_trainer *t = j->t;
     const sae_model *m = t->m;
     const size_t d_out = m->d_out, d_sae = m->d_sae;
-    const float *th = m->threshold, c = (float)t->out_scale, inv_eps = j->inv_eps;
+    const float *th = m->threshold, inv_eps = j->inv_eps;
+    const size_t d_in = m->d_in;
     float *g_wdec = t->buf + t->lay.W_dec, *g_th = t->buf + t->lay.log_th,
           *g_benc = t->buf + t->lay.b_enc;
     for (size_t i = 0; i < j->n; i++) {
-        const float *p = j->pre + i * d_sae, *e = j->E + i * d_out;
-        float *f = j->F + i * d_sae;
-        for (size_t k = begin; k < end; k++) {
-            const float u = (p[k] - th[k]) * inv_eps;
-            if (!(u > -0.5f)) { /* neither fired nor in the window */
-                f[k] = 0.0f;
-                continue;
-            }
-            const float g = c * sae__dot(d_out, e, m->W_dec + k * d_out);
-            if (f[k] != 0.0f)
-                sae__axpy(d_out, f[k], e, g_wdec + k * d_out);
+        const float *p = j->pre + i * d_sae, *e = j->E + i * d_out, *G = j->F + i * d_sae;
+        /* The token's listed latents from begin on (the list is in increasing order). */
+        size_t lo = t->near_ptr[i], hi = t->near_ptr[i + 1];
+        while (lo < hi) {
+            const size_t mid = lo + (hi - lo) / 2;
+            if (t->near_idx[mid] < begin)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        for (size_t a = lo; a < t->near_ptr[i + 1] && t->near_idx[a] < end; a++) {
+            const size_t k = t->near_idx[a];
+            const float u = (p[k] - th[k]) * inv_eps, g = G[k];
             if (u < 0.5f)
                 g_th[k] -= th[k] * inv_eps * g + j->lam_eps;
-            f[k] = f[k] != 0.0f ? g : 0.0f;
-            g_benc[k] += f[k];
+            if (!(p[k] > th[k]))
+                continue;
+            sae__axpy(d_out, p[k], e, g_wdec + k * d_out);
+            g_benc[k] += g;
+            sae__axpy(d_in, g, t->xin + i * d_in, t->gT + k * d_in);
         }
     }
 }
@@ -169,6 +200,33 @@ static void finish_error(sae_trainer *t, float *e, double *sse)
     sae__axpy(d_out, 1.0f, e, g_bdec);
 }
 
+/* Room for n tokens' list offsets; false without memory (then the dense path runs). */
+static bool ensure_lists(sae_trainer *t, size_t n)
+{
+    if (n + 1 > t->near_ptr_cap) {
+        size_t *p = realloc(t->near_ptr, (n + 1) * sizeof(size_t));
+        if (p == NULL)
+            return false;
+        t->near_ptr = p;
+        t->near_ptr_cap = n + 1;
+    }
+    t->near_ptr[0] = 0;
+    return true;
+}
+
+/* Room for count listed latents; false without memory (then the dense path runs). */
+static bool ensure_list_room(sae_trainer *t, size_t count)
+{
+    if (count > t->near_cap) {
+        uint32_t *p = realloc(t->near_idx, count * sizeof(uint32_t));
+        if (p == NULL)
+            return false;
+        t->near_idx = p;
+        t->near_cap = count;
+    }
+    return true;
+}
+
 void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n, double lambda)
 {
     sae_model *m = t->m;
@@ -181,8 +239,14 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
     const float inv_eps = (float)(1.0 / t->param[SAE_TRAIN_JUMPRELU_BANDWIDTH]);
     const float lam_eps = (float)lambda * inv_eps;
     double near = 0.0, sse = 0.0;
-    for (size_t i = 0; i < n; i++)
-        near += mask_codes(pre + i * d_sae, th, F + i * d_sae, fires, d_sae, inv_eps);
+    /* Per-token counts of the latents the per-latent path lists, when it has room for them. */
+    const bool lists = ensure_lists(t, n);
+    for (size_t i = 0; i < n; i++) {
+        const float c_i = mask_codes(pre + i * d_sae, th, F + i * d_sae, fires, d_sae, inv_eps);
+        near += c_i;
+        if (lists)
+            t->near_ptr[i + 1] = t->near_ptr[i] + (size_t)c_i;
+    }
     double l0 = 0.0; /* the firing counts started at 0 and are whole floats below 2^24 */
     for (size_t k = 0; k < d_sae; k++)
         l0 += fires[k];
@@ -190,14 +254,26 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
     sae__train_error_base(t, x, tgt, n);
     /* Few latents fired or near their thresholds (the usual case once the L0 penalty has
      * worked): vector operations on those alone beat dense products. */
-    if (near < t->jump_sparse_below * (double)n * (double)d_sae) {
+    if (lists && near < t->jump_sparse_below * (double)n * (double)d_sae &&
+        ensure_list_room(t, t->near_ptr[n])) {
         sparse_job job = {t, pre, F, E, n, inv_eps, lam_eps};
         const size_t threads = sae__model_threads(m), per = (size_t)(near / (double)n) + 1;
+        sae__parallel_for(threads, n, sae__grain(d_sae), list_range, &job);
         sae__parallel_for(threads, n, sae__grain(per * d_out), decode_range, &job);
         for (size_t i = 0; i < n; i++)
             finish_error(t, E + i * d_out, &sse);
+        /* G = dL/df = 2E @ W_dec'^T in F: one product beats a dot per listed latent. */
+        sae__sgemm(false, true, n, d_sae, d_out, c, E, d_out, m->W_dec, d_out, 0.0f, F, d_sae);
         sae__parallel_for(threads, d_sae, sae__grain(n * (1 + per * d_out / d_sae)),
                           latent_range, &job);
+        /* The encoder's columns back into W_enc's [d_in][d_sae] layout; gT is left zeroed. */
+        float *g_enc = buf + L->W_enc;
+        for (size_t k = 0; k < d_sae; k++) {
+            float *row = t->gT + k * d_in;
+            for (size_t r = 0; r < d_in; r++)
+                g_enc[r * d_sae + k] = row[r];
+            memset(row, 0, d_in * sizeof(float));
+        }
     } else {
         sae__sgemm(false, false, n, d_out, d_sae, 1.0f, F, d_sae, m->W_dec, d_out, 1.0f, E,
                    d_out);
@@ -214,13 +290,13 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
         for (size_t i = 0; i < n; i++)
             threshold_grads(pre + i * d_sae, th, F + i * d_sae, g_lt, buf + L->b_enc, d_sae,
                             inv_eps, lam_eps);
+        /* dW_enc = xin^T @ dL/dpre */
+        sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, F, d_sae, 0.0f,
+                   buf + L->W_enc, d_sae);
     }
     /* g_lt holds d loss / d theta summed over tokens: log-thresholds get theta times it */
     for (size_t k = 0; k < d_sae; k++)
         g_lt[k] *= th[k];
-    /* dW_enc = xin^T @ dL/dpre */
-    sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, F, d_sae, 0.0f, buf + L->W_enc,
-               d_sae);
     sae__train_skip_gradient(t, E, n);
     float *st = buf + L->stats;
     st[SAE__STAT_SSE] = (float)sse;

@@ -949,6 +949,7 @@ START_TEST(allreduce_keeps_processes_identical)
         ck_assert_ok(sae_trainer_set_param(ts[i], SAE_TRAIN_JUMPRELU_BANDWIDTH, 0.5));
         ck_assert_ok(sae_trainer_set_param(ts[i], SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 0.3));
         ck_assert_ok(sae_trainer_init(ts[i], sample, 100));
+        ts[i]->jump_sparse_below = 2.0; /* JumpReLU's per-latent path, listing included */
     }
     group g;
     pthread_barrier_init(&g.barrier, NULL, 2);
