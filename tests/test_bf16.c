@@ -732,10 +732,10 @@ START_TEST(bf16_training_step_matches_float64_over_rounded_products)
 END_TEST
 
 /* The same steps give the same bits on 1, 2 and 3 threads (oneDNN's team follows
- * SAE_PARAM_THREADS), for ReLU and TopK (with AuxK), every product on oneDNN. */
+ * SAE_PARAM_THREADS), for ReLU, TopK (with AuxK) and JumpReLU, every product on oneDNN. */
 START_TEST(bf16_training_is_independent_of_the_thread_count)
 {
-    const sae_arch arch = _i == 0 ? SAE_ARCH_RELU : SAE_ARCH_TOPK;
+    const sae_arch arch = _i == 0 ? SAE_ARCH_RELU : _i == 1 ? SAE_ARCH_TOPK : SAE_ARCH_JUMPRELU;
     const size_t d = 29, s = 150, n = 45, threads[] = {1, 2, 3};
     float *x = train_data(4 * n, d, 17);
     float *first = tu_malloc(d * s * 2 * sizeof *first), *w = tu_malloc(d * s * 2 * sizeof *w);
@@ -877,7 +877,7 @@ static Suite *bf16_suite(void)
     tcase_add_test(tc, training_needs_float_weights);
     tcase_add_loop_test(tc, bf16_training_step_matches_float64_over_rounded_products, 0,
                         (int)(2 * sizeof train_shapes / sizeof train_shapes[0]));
-    tcase_add_loop_test(tc, bf16_training_is_independent_of_the_thread_count, 0, 2);
+    tcase_add_loop_test(tc, bf16_training_is_independent_of_the_thread_count, 0, 3);
     tcase_add_loop_test(tc, bf16_training_reaches_the_float_fvu, 0, 2);
     tcase_add_test(tc, weight_matrices_sit_16_bytes_past_64);
     suite_add_tcase(s, tc);
