@@ -188,7 +188,11 @@ typedef enum {
 /* SAE_PARAM_BF16_WEIGHTS: 1 rounds W_enc and W_dec to bfloat16 (to nearest, ties to even) and
  * keeps only those: half the memory, and half the bytes a single token's encode or decode reads,
  * where those bytes are the time. Batches run on the CPU's bfloat16 matrix instructions where it
- * has them (AMX, AVX512-BF16: sae_model_bf16_path below), else the weights are widened for SGEMM
+ * has them (AMX, AVX512-BF16: sae_model_bf16_path below); there the model also keeps a second
+ * bfloat16 copy of W_enc and W_dec in the blocked layout those instructions read (made when the
+ * switch or sae_model_set_tensor writes them), which spares every batched product a reordering
+ * of all the weights (2.3x at 64 tokens), so the weights then take as much memory as float ones.
+ * Without those instructions the weights are widened for SGEMM
  * on every call, which makes batches slower than float weights (docs/performance.md has the
  * figures). Without those instructions arithmetic stays float32 and only the weights lose
  * precision (8 significant bits: a relative error up to 2^-8 per weight); with them the

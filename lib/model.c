@@ -161,13 +161,43 @@ int sae__model_alloc(sae_model **out, const sae__shape *shape)
     return SAE_OK;
 }
 
+/* ---- the weight matrices' memory ---------------------------------------------------------- */
+
+/* W_enc and W_dec start 16 bytes past a 64-byte boundary, as numpy's large arrays do (glibc's
+ * mmap'd blocks): OpenBLAS's SGEMM (0.3.21, SKYLAKEX kernels) took 8-20% more CPU time with its B
+ * operand on a 64-byte boundary, at 64 tokens x 2304 x 16384 on the AMX Xeon of
+ * docs/performance.md, in every one of 8 placements of A and C tried (single-threaded, thread CPU
+ * time, best of 5; tests/bench/bf16_align.c). Other tensors keep sae__alloc's alignment. */
+#define W_SHIFT_FLOATS 4
+
+static bool shifted(sae_tensor t) { return t == SAE_W_ENC || t == SAE_W_DEC; }
+
+static float *tensor_alloc(sae_tensor t, size_t count, const char *what)
+{
+    const size_t extra = shifted(t) ? W_SHIFT_FLOATS : 0;
+    if (count > SIZE_MAX / sizeof(float) - extra) {
+        sae__fail(SAE_ENOMEM, "%s: %zu floats overflow", what, count);
+        return NULL;
+    }
+    float *p = sae__alloc(count + extra, sizeof(float), what);
+    return p == NULL ? NULL : p + extra;
+}
+
+static void tensor_free(sae_tensor t, float *p)
+{
+    if (p != NULL)
+        free(p - (shifted(t) ? W_SHIFT_FLOATS : 0));
+}
+
 int sae__model_own_tensor(sae_model *m, sae_tensor t)
 {
     float **slot = sae__model_tensor_slot(m, t);
     size_t count = sae__model_tensor_count(m, t);
     if (m->owned & (1u << t))
-        free(*slot);
-    *slot = sae__zalloc(count, sizeof(float), sae__tensor_names[t]);
+        tensor_free(t, *slot);
+    *slot = tensor_alloc(t, count, sae__tensor_names[t]);
+    if (*slot != NULL)
+        memset(*slot, 0, count * sizeof(float));
     if (*slot == NULL) {
         m->owned &= ~(1u << t);
         return SAE_ENOMEM;
@@ -223,7 +253,7 @@ void sae_model_free(sae_model *m)
         return;
     for (int t = SAE_W_ENC; t < SAE__TENSOR_END; t++)
         if (m->owned & (1u << t))
-            free(*sae__model_tensor_slot(m, (sae_tensor)t));
+            tensor_free((sae_tensor)t, *sae__model_tensor_slot(m, (sae_tensor)t));
     free(m->W_enc16);
     free(m->W_dec16);
     sae__bf16_packed_free(m->W_enc16p);
@@ -499,17 +529,17 @@ int sae__model_set_bf16(sae_model *m, bool on)
         for (int t = SAE_W_ENC; t <= SAE_W_DEC; t++) {
             float **slot = sae__model_tensor_slot(m, (sae_tensor)t);
             if (m->owned & (1u << t))
-                free(*slot);
+                tensor_free((sae_tensor)t, *slot);
             *slot = NULL; /* a mapped file's pages are dropped by the kernel once unused */
             m->owned &= ~(1u << t);
         }
         m->W_enc16 = enc;
         m->W_dec16 = dec;
     } else {
-        float *enc = sae__alloc(n_enc, sizeof *enc, "W_enc");
-        float *dec = enc ? sae__alloc(n_dec, sizeof *dec, "W_dec") : NULL;
+        float *enc = tensor_alloc(SAE_W_ENC, n_enc, "W_enc");
+        float *dec = enc ? tensor_alloc(SAE_W_DEC, n_dec, "W_dec") : NULL;
         if (dec == NULL) {
-            free(enc);
+            tensor_free(SAE_W_ENC, enc);
             return SAE_ENOMEM;
         }
         sae__bf16_widen(m->W_enc16, enc, n_enc);
@@ -534,9 +564,9 @@ int sae__model_own_tensor_uninit(sae_model *m, sae_tensor t)
     float **slot = sae__model_tensor_slot(m, t);
     size_t count = sae__model_tensor_count(m, t);
     if (m->owned & (1u << t))
-        free(*slot);
+        tensor_free(t, *slot);
     m->owned &= ~(1u << t);
-    *slot = sae__alloc(count, sizeof(float), "a converted tensor");
+    *slot = tensor_alloc(t, count, "a converted tensor");
     if (*slot == NULL)
         return SAE_ENOMEM;
     m->owned |= 1u << t;
@@ -587,7 +617,7 @@ int sae__model_load_tensor(sae_model *m, sae_tensor t, const sae__safetensors *s
         if (rc != SAE_OK)
             return rc;
         if (m->owned & (1u << t))
-            free(*slot);
+            tensor_free(t, *slot);
         m->owned &= ~(1u << t);
         *slot = (float *)(void *)(m->map.data + src->offset);
         return SAE_OK;

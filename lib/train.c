@@ -17,10 +17,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Every product of a step runs in the trainer's precision (SAE_TRAIN_BF16: train_bf16.c); each
- * call site has its trainer t in scope. */
-#define sae__sgemm(...) sae__train_gemm(t, __VA_ARGS__)
-
 const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_LR] = {"lr", K_POS, 0},
     [SAE_TRAIN_L1_COEFF] = {"l1_coeff", K_NONNEG, 0},

@@ -12,6 +12,7 @@
  * The operands' copies are reserved before the step's passes (sae__train_bf16_reserve), so a
  * product never allocates; oneDNN's own scratchpad may still fail to allocate, and that failure
  * is kept and returned by the step before anything is written (sae__train_bf16_status). */
+#define SAE_TRAIN_BF16_C /* sae__sgemm is SGEMM here (train_internal.h) */
 #include "train_internal.h"
 
 #include <stdio.h>

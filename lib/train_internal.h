@@ -195,5 +195,10 @@ int sae__train_bf16_status(const sae_trainer *t);
 void sae__train_gemm(const sae_trainer *t, bool ta, bool tb, size_t M, size_t N, size_t K,
                      float alpha, const float *A, size_t lda, const float *B, size_t ldb,
                      float beta, float *C, size_t ldc);
+/* Every product of a training step, in every architecture's file, runs in the trainer's
+ * precision: the trainer t is in scope at each call site. train_bf16.c itself calls SGEMM. */
+#ifndef SAE_TRAIN_BF16_C
+#define sae__sgemm(...) sae__train_gemm(t, __VA_ARGS__)
+#endif
 
 #endif /* SAE_TRAIN_INTERNAL_H */

@@ -1,0 +1,64 @@
+/* Where the B operand of OpenBLAS's SGEMM sits relative to a 64-byte boundary, and what that does
+ * to the time of libsae's float encode product at 64 tokens (64 x 2304 @ 2304 x 16384): the
+ * measurement behind W_SHIFT_FLOATS in lib/model.c. Thread CPU time, one OpenBLAS thread, so that
+ * other jobs on a shared machine change the figures less than wall-clock time would; best of
+ * `reps` turns, the offsets taking turns. A and C are placed at each of a few offsets too.
+ *
+ *   cc -O2 tests/bench/bf16_align.c -o /tmp/bf16_align $(pkg-config --cflags --libs openblas)
+ *   OPENBLAS_NUM_THREADS=1 /tmp/bf16_align [reps]                                           */
+#define _POSIX_C_SOURCE 200809L
+#include <cblas.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static double cpu_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv)
+{
+    const int reps = argc > 1 ? atoi(argv[1]) : 5;
+    const size_t n = 64, K = 2304, N = 16384, pad = 4096;
+    char *wb = aligned_alloc(4096, K * N * sizeof(float) + pad);
+    char *ab = aligned_alloc(4096, n * K * sizeof(float) + pad);
+    char *cb = aligned_alloc(4096, n * N * sizeof(float) + pad);
+    if (wb == NULL || ab == NULL || cb == NULL)
+        return 1;
+    for (size_t i = 0; i < (K * N * sizeof(float) + pad) / sizeof(float); i++)
+        ((float *)(void *)wb)[i] = (float)(i % 13) / 13.0f;
+    for (size_t i = 0; i < (n * K * sizeof(float) + pad) / sizeof(float); i++)
+        ((float *)(void *)ab)[i] = (float)(i % 7) / 7.0f;
+    const int w_offs[] = {0, 16, 32, 48}, ac_offs[][2] = {{16, 16}, {0, 16}, {16, 0}, {0, 0}};
+    printf("ms of thread CPU time, best of %d; rows: A, C offsets; columns: W offset mod 64\n",
+           reps);
+    printf("%-12s", "A, C");
+    for (int w = 0; w < 4; w++)
+        printf(" %8d", w_offs[w]);
+    printf("\n");
+    for (int p = 0; p < 4; p++) {
+        double best[4] = {1e9, 1e9, 1e9, 1e9};
+        const float *A = (const float *)(void *)(ab + ac_offs[p][0]);
+        float *C = (float *)(void *)(cb + ac_offs[p][1]);
+        for (int r = 0; r < reps; r++)
+            for (int w = 0; w < 4; w++) {
+                const float *W = (const float *)(void *)(wb + w_offs[w]);
+                double t = cpu_now();
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)N, (int)K,
+                            1.0f, A, (int)K, W, (int)N, 0.0f, C, (int)N);
+                t = cpu_now() - t;
+                best[w] = t < best[w] ? t : best[w];
+            }
+        printf("%3d, %-7d", ac_offs[p][0], ac_offs[p][1]);
+        for (int w = 0; w < 4; w++)
+            printf(" %8.2f", best[w] * 1e3);
+        printf("\n");
+    }
+    free(wb);
+    free(ab);
+    free(cb);
+    return 0;
+}
