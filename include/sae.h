@@ -648,8 +648,9 @@ SAE_API int sae_evaluate_to(const sae_model *m, const float *x, const float *y, 
  *   threshold_i = -rect(u) / bandwidth, u = (pre_i - threshold_i) / bandwidth; nothing reaches
  *   pre through H), thresholds starting at JUMPRELU_INIT_THRESHOLD, unit-norm decoder rows as
  *   TopK; the L0 coefficient warms up over L1_WARMUP_STEPS (TOTAL_STEPS / 20 until set). Its
- *   defaults: LR 7e-5, BETA1 0, ADAM_EPS 1e-8, GRAD_CLIP 0, no LR decay. The model's threshold
- *   tensor is exp(log-threshold) after every step.
+ *   defaults: LR by the width rule (7e-5 at Gemma 2's width, as published), BETA1 0, ADAM_EPS
+ *   1e-8, GRAD_CLIP 0, no LR decay. The model's threshold tensor is exp(log-threshold) after
+ *   every step.
  * x_s = INPUT_SCALE * x is the model's scaled input: with NORMALIZE_INPUT (the default),
  * sae_trainer_init sets INPUT_SCALE so that the sample's mean norm is sqrt(d_in), and losses are
  * measured in those units.
@@ -675,7 +676,7 @@ typedef struct sae_trainer sae_trainer;
 /* Training parameters. Defaults depend on the architecture; see docs/training.md. Parameters
  * that do not apply to the model's architecture are accepted and ignored. */
 typedef enum {
-    SAE_TRAIN_LR = 1, /* > 0; 2e-4 sqrt(2^14 / d_sae) 768 / d_in, <= 0.1 / sqrt(d_in); JumpReLU 7e-5 */
+    SAE_TRAIN_LR = 1,           /* > 0; 2e-4 sqrt(2^14 / d_sae) 768 / d_in, <= 0.1 / sqrt(d_in) */
     SAE_TRAIN_L1_COEFF = 2,     /* >= 0, ReLU; min(5, sqrt(d_in) / 4) */
     SAE_TRAIN_AUXK = 3,         /* whole >= 0, dead latents in the AuxK loss (0: off); 256 */
     SAE_TRAIN_AUXK_COEFF = 4,   /* >= 0; 1/32 */
@@ -740,7 +741,7 @@ typedef enum {
 } sae_train_metric;
 
 /* Diagnostics a run raises once it is past its warm-up (the learning-rate and L1 warm-ups, and
- * at least a tenth of TOTAL_STEPS, or 100 steps if unknown): the condition has held on every
+ * at least a quarter of TOTAL_STEPS, or 100 steps if unknown): the condition has held on every
  * batch for the last tenth of the steps taken (at least 10 steps). sae_trainer_warning says
  * which knob to change. */
 typedef enum {

@@ -113,11 +113,11 @@ static void arch_defaults(sae_trainer *t, double *p)
         p[SAE_TRAIN_ADAM_EPS] = 1e-8;
         break;
     case SAE_ARCH_JUMPRELU:
-        /* Rajamanoharan et al. 2024: learning rate 7e-5 and Adam beta1 0, as dictionary_learning's
-         * JumpReluTrainer; SAELens's JumpReLUTrainingSAEConfig for the bandwidth 0.05, initial
-         * threshold 0.01 and L0 coefficient 1, in the units of activations scaled to mean norm
-         * sqrt(d_in), which are libsae's. */
-        p[SAE_TRAIN_LR] = 7e-5;
+        /* Rajamanoharan et al. 2024: Adam beta1 0, as dictionary_learning's JumpReluTrainer;
+         * SAELens's JumpReLUTrainingSAEConfig for the bandwidth 0.05, initial threshold 0.01 and
+         * L0 coefficient 1, in the units of activations scaled to mean norm sqrt(d_in), which
+         * are libsae's. Their learning rate, 7e-5 for Gemma 2 (d_in 2304, 16k latents), is what
+         * width_lr gives there (6.7e-5), so JumpReLU takes the width rule too. */
         p[SAE_TRAIN_BETA1] = 0.0;
         p[SAE_TRAIN_GRAD_CLIP] = 0.0;
         p[SAE_TRAIN_ADAM_EPS] = 1e-8;

@@ -832,7 +832,7 @@ START_TEST(jumprelu_defaults_and_init)
     const struct {
         sae_train_param p;
         double want;
-    } want[] = {{SAE_TRAIN_LR, 7e-5},
+    } want[] = {{SAE_TRAIN_LR, 0.1 / sqrt(6.0)}, /* the width rule's cap (docs/training.md) */
                 {SAE_TRAIN_BETA1, 0.0},
                 {SAE_TRAIN_ADAM_EPS, 1e-8},
                 {SAE_TRAIN_GRAD_CLIP, 0.0},

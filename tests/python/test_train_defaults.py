@@ -47,7 +47,7 @@ class TestDefaultRuns(TestCase):
         ev = m.evaluate(x[-held:])
         self.assertAlmostEqual(ev["fvu"], fvu, places=4)
         self.assertAlmostEqual(ev["l0"], l0, places=1)
-        if arch != "relu":
+        if arch not in ("relu", "jumprelu"):
             self.assertEqual(m.k, 16)  # min(32, d_in / 4)
 
     def test_relu(self):
@@ -59,6 +59,12 @@ class TestDefaultRuns(TestCase):
     def test_batchtopk(self):
         self.default_run("batchtopk")
 
+    def test_jumprelu(self):
+        self.default_run("jumprelu")
+
+    def test_matryoshka(self):
+        self.default_run("matryoshka")
+
 
 @unittest.skipIf(np is None, "needs numpy")
 class TestDiagnostics(TestCase):
@@ -68,14 +74,18 @@ class TestDiagnostics(TestCase):
         rc, err = train("--arch", "relu", "--lr", "5e-5", "--l1-coeff", "5", "--steps", "200",
                         "--batch-size", "256", ACTS, os.path.join(d, "r.safetensors"))
         self.assertEqual(rc, 0, err)
-        self.assertIn("warning at step 21: FVU has stayed above 1", err)
+        self.assertIn("warning at step 51: FVU has stayed above 1", err)
         self.assertIn("--lr", err)
         self.assertIn("--l1-coeff", err)
         # TopK with K above a quarter of the latents: L0 only, naming --k.
-        rc, err = train("--arch", "topk", "-k", "200", "--steps", "150", "--batch-size", "256",
+        rc, err = train("--arch", "topk", "-k", "400", "--steps", "150", "--batch-size", "256",
                         ACTS, os.path.join(d, "t.safetensors"))
         self.assertEqual(rc, 0, err)
-        self.assertIn("warning at step 16: L0 has stayed above a quarter of the 512 latents", err)
+        # Not before warm-up (a quarter of 150 steps), then once L0 has stayed high for 10.
+        got = re.search(r"warning at step (\d+): L0 has stayed above a quarter of the 512 "
+                        r"latents", err)
+        self.assertIsNotNone(got, err)
+        self.assertGreaterEqual(int(got.group(1)), 39)
         self.assertIn("--k", err)
         self.assertNotIn("FVU has stayed", err)
 

@@ -387,9 +387,8 @@ def cmd_train(args) -> int:
             if bits & ~warned:  # each warning once, when it first holds
                 warned |= bits
                 print(f"\nwarning at step {step}: {t.warning()}", file=sys.stderr)
-            progress.update(step, tokens, metrics,
-                            f"pass {min(tokens / train_rows + 1e-9, total_passes):.1f}/"
-                            f"{total_passes:.3g}  ")
+            done = int(10 * min(tokens / train_rows + 1e-9, total_passes)) / 10  # not rounded up
+            progress.update(step, tokens, metrics, f"pass {done:.1f}/{total_passes:.3g}  ")
         warning = t.warning()
         t.close()
         m.save(args.output)
