@@ -388,6 +388,7 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     t->out_scale = 1.0;
     sae__train_layout_of(m, &t->lay);
     set_defaults(t);
+    sae__train_diag_reset(t);
     const size_t d_sae = m->d_sae, d_in = m->d_in, wide = d_in > m->d_out ? d_in : m->d_out;
     t->buf = sae__alloc(t->lay.count, sizeof(float), "training buffer");
     t->adam_m = t->buf ? sae__zalloc(t->lay.n_params, sizeof(float), "Adam moments") : NULL;

@@ -39,7 +39,7 @@ class TestTrainer(TestCase):
     def test_state_errors(self):
         m, t = self.trainer()
         x = planted(64)
-        self.assertEqual(t.metrics(), {"steps": 0, "tokens": 0})
+        self.assertEqual(t.metrics(), {"steps": 0, "tokens": 0, "warnings": 0})
         self.assertLibsaeError(libsae.ESTATE, "", t.step, x)
         j = libsae.Model.new("gated", 4, 8)
         self.assertLibsaeError(libsae.EUNSUPPORTED, "", libsae.Trainer, j)

@@ -127,9 +127,9 @@ class Trainer(Handle):
 
     def metrics(self) -> Dict[str, float]:
         """The last step's batch: loss, mse, fvu, l0, dead_fraction, auxk_loss, lr, grad_norm,
-        the counts steps and tokens (ints), and the diagnostics heldout_fvu, heldout_mse,
-        heldout_l0 (NaN until evaluated), heldout_step and warnings (ints). Before the first step
-        only the counts and the diagnostics."""
+        the counts steps and tokens (ints), warnings (an int, TRAIN_WARNINGS bits), and once the
+        held-out tokens have been evaluated heldout_fvu, heldout_mse, heldout_l0 and heldout_step
+        (the step they describe). Before the first step only the counts and warnings."""
         v = ctypes.c_double()
         out: Dict[str, float] = {}
         with self._use() as h:
@@ -141,6 +141,9 @@ class Trainer(Handle):
                         continue
                     raise
                 out[name] = int(v.value) if name in _COUNTS else v.value
+        if not out.get("heldout_step"):  # never evaluated: no NaN entries
+            for name in ("heldout_fvu", "heldout_mse", "heldout_l0", "heldout_step"):
+                out.pop(name, None)
         return out
 
     def set_heldout(self, x: Any = None, y: Any = None) -> None:
