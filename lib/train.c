@@ -290,7 +290,7 @@ int sae_trainer_get_metric(const sae_trainer *t, sae_train_metric which, double 
         *v = (double)t->tokens;
         return SAE_OK;
     }
-    if (sae__train_metric_is_diag(which)) { /* NaN or 0 until evaluated, never SAE_ESTATE */
+    if (sae__train_metric_is_diag((int)which)) { /* NaN or 0 until evaluated, never SAE_ESTATE */
         *v = t->metric[which];
         return SAE_OK;
     }
