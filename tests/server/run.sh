@@ -55,14 +55,12 @@ if command -v node >/dev/null && [ -f "$NPM_DIR/node_modules/openai/package.json
 fi
 
 MODEL=$LLAMA_CPP_DIR/models/stories260K.gguf
-page=""
-[ -f "$REPO/examples/server/page.html" ] && page=--page-expected
 status=0
 # shellcheck disable=SC2086
 ref=""
 [ -f "$DATA/stories260K/reference.json" ] && ref="--reference $DATA/stories260K/reference.json"
 # shellcheck disable=SC2086
-/usr/bin/python3 "$HERE/test_server.py" "$BUILD/sae-server" "$MODEL" "$SAE" $page $ref \
+/usr/bin/python3 "$HERE/test_server.py" "$BUILD/sae-server" "$MODEL" "$SAE" $ref \
     --sae-llama-cpp "$LLCPP_BUILD/sae-llama-cpp" $node_args || status=1
 
 for t in "$HERE"/test_cards*.py "$HERE"/test_page*.py; do

@@ -8,7 +8,7 @@ next request still succeeds; 8 concurrent clients x 25 mixed requests, each resp
 the same request sent alone; a per-request timeout; a full queue (429); a chat template;
 SIGTERM mid-stream loses no started response. Standard library only.
 
-usage: test_server.py SAE_SERVER MODEL.gguf SAE [--page-expected] [--reference reference.json]
+usage: test_server.py SAE_SERVER MODEL.gguf SAE [--reference reference.json]
                       [--sae-llama-cpp PATH] [--openai-node SCRIPT NODE_PATH]
 Every server runs llama.cpp on one thread: the machine may be shared, and ggml's OpenMP
 barriers spin (a descheduled sibling thread stalls a step by a scheduler slice); one thread also
@@ -152,7 +152,7 @@ def clamp(f, v, op="clamp"):
     return [{"hook": HOOK, "feature": f, "op": op, "value": v}]
 
 
-def test_endpoints(s, page_expected):
+def test_endpoints(s):
     st, ctype, body = s.get("/health")
     check(st == 200 and json.loads(body)["status"] == "ok", "GET /health")
     st, ctype, body = s.get("/v1/models")
@@ -162,11 +162,8 @@ def test_endpoints(s, page_expected):
     check(st == 200 and d[0]["hook"] == HOOK and d[0]["d_sae"] == 512 and d[0]["d_in"] == 64,
           "GET /v1/features lists the dictionary")
     st, ctype, body = s.get("/")
-    if page_expected:
-        check(st == 200 and ctype.startswith("text/html") and b"<html" in body.lower(),
-              "GET / serves the page")
-    else:
-        check(st == 404 and "error" in json.loads(body), "GET / without a page: 404 JSON")
+    check(st == 200 and ctype.startswith("text/html") and b"<html" in body.lower(),
+          "GET / serves the page")
     # no --stats: the card is a 404 JSON error naming the reason
     st, ctype, body = s.get(f"/v1/features/{HOOK}/3")
     check(st == 404 and "statistics" in json.loads(body)["error"]["message"],
@@ -581,7 +578,6 @@ def main():
     if len(a) < 3:
         raise SystemExit(__doc__)
     binary, model, sae = a[:3]
-    page_expected = "--page-expected" in a
     ref = a[a.index("--reference") + 1] if "--reference" in a else None
     tool = a[a.index("--sae-llama-cpp") + 1] if "--sae-llama-cpp" in a else None
     node = a[a.index("--openai-node") + 1:a.index("--openai-node") + 3] if "--openai-node" in a \
@@ -590,7 +586,7 @@ def main():
     s = Server(binary, model, sae, "--parallel", "4", "--max-tokens", "120")
     try:
         phases = [time.time()]
-        test_endpoints(s, page_expected)
+        test_endpoints(s)
         text = test_generation(s)
         if ref:
             test_reference(s, ref)
