@@ -5,6 +5,7 @@
  * round trips (param back to 0, save and load, get and set), and what is refused. */
 #include "internal.h"
 #include "testutil.h"
+#include "trainutil.h"
 #include "train_internal.h"
 
 #include <math.h>
@@ -513,32 +514,6 @@ END_TEST
 
 /* ---- mixed-precision training (SAE_TRAIN_BF16, train_bf16.c) -------------------------------- */
 
-typedef struct {
-    float *copy;
-    size_t count;
-} grad_capture;
-
-static int capture_grad(float *buf, size_t count, void *user)
-{
-    grad_capture *c = user;
-    free(c->copy);
-    c->copy = tu_malloc(count * sizeof(float));
-    memcpy(c->copy, buf, count * sizeof(float));
-    c->count = count;
-    return 0;
-}
-
-/* Structured data: a nonzero mean and a slope across dimensions, so the codes differ. */
-static float *train_data(size_t n, size_t d, uint64_t seed)
-{
-    tu_rng r = {seed};
-    float *x = tu_malloc(n * d * sizeof *x);
-    for (size_t t = 0; t < n; t++)
-        for (size_t j = 0; j < d; j++)
-            x[t * d + j] = 0.5f + 0.3f * (float)j / (float)d + tu_normal(&r);
-    return x;
-}
-
 static double r64(double v, bool round) { return round ? (double)reference_round((float)v) : v; }
 
 /* A sum's reference: the float64 sum, its mass (sum of |terms|) and largest term. */
@@ -687,7 +662,7 @@ START_TEST(bf16_training_step_matches_float64_over_rounded_products)
     const size_t *sh = train_shapes[_i / 2];
     const size_t d = sh[0], s = sh[1], n = sh[2];
     const bool all_onednn = _i % 2 == 0;
-    float *x = train_data(8 * n, d, 5 + (uint64_t)_i);
+    float *x = tu_train_data(8 * n, d, 5 + (uint64_t)_i);
     sae_model *m;
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_RELU, d, s));
     sae_trainer *t;
@@ -701,8 +676,8 @@ START_TEST(bf16_training_step_matches_float64_over_rounded_products)
     if (all_onednn)
         sae__train_bf16_set_small(t, 0.0);
     ck_assert_ok(sae_trainer_init(t, x, 4 * n));
-    grad_capture cap = {NULL, 0};
-    ck_assert_ok(sae_trainer_set_allreduce(t, capture_grad, &cap));
+    tu_capture cap = {0};
+    ck_assert_ok(sae_trainer_set_allreduce(t, tu_capture_allreduce, &cap));
     sae__train_layout L;
     sae__train_layout_of(m, &L);
     /* The first step, and the fourth (the weights then moved by three bfloat16 steps). */
@@ -737,7 +712,7 @@ START_TEST(bf16_training_is_independent_of_the_thread_count)
 {
     const sae_arch arch = _i == 0 ? SAE_ARCH_RELU : _i == 1 ? SAE_ARCH_TOPK : SAE_ARCH_JUMPRELU;
     const size_t d = 29, s = 150, n = 45, threads[] = {1, 2, 3};
-    float *x = train_data(4 * n, d, 17);
+    float *x = tu_train_data(4 * n, d, 17);
     float *first = tu_malloc(d * s * 2 * sizeof *first), *w = tu_malloc(d * s * 2 * sizeof *w);
     for (size_t h = 0; h < 3; h++) {
         sae_model *m;

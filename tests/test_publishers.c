@@ -5,6 +5,7 @@
  * refused cases with the setting each message names. tests/python/test_publishers.py checks the
  * same layouts against numpy re-implementations of the publishers' code. */
 #include "testutil.h"
+#include "jsonutil.h"
 #include "writers.h"
 
 #include <cjson/cJSON.h>
@@ -33,13 +34,7 @@ static void remove_dir(char *dir)
     free(dir);
 }
 
-static char *in_dir(const char *dir, const char *name)
-{
-    char *p = malloc(strlen(dir) + strlen(name) + 2);
-    ck_assert_ptr_nonnull(p);
-    sprintf(p, "%s/%s", dir, name);
-    return p;
-}
+static char *in_dir(const char *dir, const char *name) { return tu_path_in(dir, name); }
 
 static void write_st(const char *dir, const char *name, const tw_tensor *t, size_t n)
 {
@@ -393,23 +388,12 @@ END_TEST
 
 /* ---- Llama Scope R1 / lm_saes 2025 (tests/fixtures/llamascope_r1/make.py) ---------------- */
 
-static char *r1_fixture(const char *rel)
-{
-    size_t len = strlen(SAE_LLAMASCOPE_R1_FIXTURES) + strlen(rel) + 2;
-    char *path = tu_malloc(len);
-    snprintf(path, len, "%s/%s", SAE_LLAMASCOPE_R1_FIXTURES, rel);
-    return path;
-}
+static char *r1_fixture(const char *rel) { return tu_path_in(SAE_LLAMASCOPE_R1_FIXTURES, rel); }
 
 static cJSON *r1_json(const char *name)
 {
     char *path = r1_fixture(name);
-    size_t size;
-    unsigned char *text = tu_read_file(path, &size);
-    text[size] = '\0';
-    cJSON *j = cJSON_Parse((const char *)text);
-    ck_assert_msg(j != NULL, "%s does not parse", path);
-    free(text);
+    cJSON *j = tu_read_json(path);
     free(path);
     return j;
 }

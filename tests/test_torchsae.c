@@ -8,6 +8,7 @@
 #endif
 #include "formats.h"
 #include "testutil.h"
+#include "jsonutil.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -16,23 +17,12 @@
 #include <string.h>
 #include <zip.h>
 
-static char *fixture(const char *rel)
-{
-    size_t len = strlen(SAE_TORCHSAE_FIXTURES) + strlen(rel) + 2;
-    char *path = tu_malloc(len);
-    snprintf(path, len, "%s/%s", SAE_TORCHSAE_FIXTURES, rel);
-    return path;
-}
+static char *fixture(const char *rel) { return tu_path_in(SAE_TORCHSAE_FIXTURES, rel); }
 
 static cJSON *read_json(const char *name)
 {
     char *path = fixture(name);
-    size_t size;
-    unsigned char *text = tu_read_file(path, &size);
-    text[size] = '\0';
-    cJSON *j = cJSON_Parse((const char *)text);
-    ck_assert_msg(j != NULL, "%s does not parse", path);
-    free(text);
+    cJSON *j = tu_read_json(path);
     free(path);
     return j;
 }

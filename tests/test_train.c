@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L /* pthread barriers */
 #include "train_internal.h"
 #include "testutil.h"
+#include "trainutil.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -31,17 +32,6 @@ typedef struct {
     const double *bd0;
 } ref_ctx;
 
-static double *dup_tensor(const sae_model *m, sae_tensor t, size_t count)
-{
-    float *f = tu_malloc(count * sizeof(float));
-    ck_assert_ok(sae_model_get_tensor(m, t, f));
-    double *d = tu_malloc(count * sizeof(double));
-    for (size_t i = 0; i < count; i++)
-        d[i] = f[i];
-    free(f);
-    return d;
-}
-
 static void ref_get(const sae_model *m, ref_model *r)
 {
     r->arch = sae_model_arch(m);
@@ -56,10 +46,10 @@ static void ref_get(const sae_model *m, ref_model *r)
         ck_assert_ok(sae_model_get_param(m, SAE_PARAM_K, &v));
         r->k = (size_t)v;
     }
-    r->We = dup_tensor(m, SAE_W_ENC, r->d_in * r->d_sae);
-    r->Wd = dup_tensor(m, SAE_W_DEC, r->d_in * r->d_sae);
-    r->be = dup_tensor(m, SAE_B_ENC, r->d_sae);
-    r->bd = dup_tensor(m, SAE_B_DEC, r->d_in);
+    r->We = tu_dup_tensor(m, SAE_W_ENC, r->d_in * r->d_sae);
+    r->Wd = tu_dup_tensor(m, SAE_W_DEC, r->d_in * r->d_sae);
+    r->be = tu_dup_tensor(m, SAE_B_ENC, r->d_sae);
+    r->bd = tu_dup_tensor(m, SAE_B_DEC, r->d_in);
 }
 
 static void ref_free(ref_model *r)
@@ -198,34 +188,6 @@ static double ref_loss(const ref_model *r, const float *x, size_t n, const ref_c
 
 /* ---- helpers ------------------------------------------------------------------------------- */
 
-/* Data with structure: a nonzero mean and a few strong directions, so codes are not all alike. */
-static float *make_data(size_t n, size_t d, uint64_t seed)
-{
-    tu_rng r = {seed};
-    float *x = tu_malloc(n * d * sizeof(float));
-    for (size_t t = 0; t < n; t++)
-        for (size_t j = 0; j < d; j++)
-            x[t * d + j] = 0.5f + 0.3f * (float)j / (float)d + tu_normal(&r);
-    return x;
-}
-
-typedef struct {
-    float *copy;
-    size_t count;
-    int calls;
-} capture;
-
-static int capture_allreduce(float *buf, size_t count, void *user)
-{
-    capture *c = user;
-    free(c->copy);
-    c->copy = tu_malloc(count * sizeof(float));
-    memcpy(c->copy, buf, count * sizeof(float));
-    c->count = count;
-    c->calls++;
-    return 0;
-}
-
 static sae_trainer *make_trainer(sae_model *m, const float *sample, size_t n)
 {
     sae_trainer *t;
@@ -243,13 +205,6 @@ static void get_all(const sae_model *m, float *out)
     ck_assert_ok(sae_model_get_tensor(m, SAE_B_DEC, out + 2 * w + sae_model_d_sae(m)));
 }
 
-static double metric(const sae_trainer *t, sae_train_metric which)
-{
-    double v;
-    ck_assert_ok(sae_trainer_get_metric(t, which, &v));
-    return v;
-}
-
 /* ---- gradients ----------------------------------------------------------------------------- */
 
 /* Takes a first step (so some latents die with DEAD_TOKENS = 1 and the AuxK normalizer is set),
@@ -262,7 +217,8 @@ static void check_gradient(sae_arch arch, int apply_b_dec, size_t auxk)
     if (arch != SAE_ARCH_RELU)
         ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 2));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_APPLY_B_DEC_TO_INPUT, apply_b_dec));
-    float *sample = make_data(40, d, 1), *b1 = make_data(n, d, 2), *b2 = make_data(n, d, 3);
+    float *sample = tu_train_data(40, d, 1), *b1 = tu_train_data(n, d, 2),
+          *b2 = tu_train_data(n, d, 3);
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 1));
@@ -271,8 +227,8 @@ static void check_gradient(sae_arch arch, int apply_b_dec, size_t auxk)
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_L1_COEFF, 0.7));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 0.05));
     ck_assert_ok(sae_trainer_init(t, sample, 40));
-    capture cap = {0};
-    ck_assert_ok(sae_trainer_set_allreduce(t, capture_allreduce, &cap));
+    tu_capture cap = {0};
+    ck_assert_ok(sae_trainer_set_allreduce(t, tu_capture_allreduce, &cap));
 
     /* Reference state after step 1: the dead set and the residual variance of batch 1. */
     ref_model r1;
@@ -330,8 +286,8 @@ static void check_gradient(sae_arch arch, int apply_b_dec, size_t auxk)
 
     /* The loss reported is the reference loss at the weights the step started from. */
     double want_loss = ref_loss(&r, b2, n, &c);
-    ck_assert_msg(fabs(metric(t, SAE_METRIC_LOSS) - want_loss) <= 1e-4 * fabs(want_loss),
-                  "loss %g, reference %g", metric(t, SAE_METRIC_LOSS), want_loss);
+    ck_assert_msg(fabs(tu_metric(t, SAE_METRIC_LOSS) - want_loss) <= 1e-4 * fabs(want_loss),
+                  "loss %g, reference %g", tu_metric(t, SAE_METRIC_LOSS), want_loss);
 
     double *params[4] = {r.We, r.Wd, r.be, r.bd};
     size_t sizes[4] = {d * s, d * s, s, d}, offs[4] = {L.W_enc, L.W_dec, L.b_enc, L.b_dec};
@@ -401,7 +357,7 @@ static void check_metrics(sae_arch arch, size_t d, size_t s, size_t k)
     ck_assert_ok(sae_model_new(&m, arch, d, s));
     if (arch != SAE_ARCH_RELU)
         ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, (double)k));
-    float *sample = make_data(50, d, 11), *x = make_data(n, d, 12);
+    float *sample = tu_train_data(50, d, 11), *x = tu_train_data(n, d, 12);
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, (double)(2 * n)));
@@ -429,16 +385,16 @@ static void check_metrics(sae_arch arch, size_t d, size_t s, size_t k)
             for (size_t j = 0; j < d; j++)
                 dev += (xs[q * d + j] - mean[j]) * (xs[q * d + j] - mean[j]);
         ck_assert_ok(sae_trainer_step(t, x, n));
-        double fvu = metric(t, SAE_METRIC_FVU), mse = metric(t, SAE_METRIC_MSE);
+        double fvu = tu_metric(t, SAE_METRIC_FVU), mse = tu_metric(t, SAE_METRIC_MSE);
         ck_assert_msg(fabs(fvu - sse / dev) <= 1e-4 * (sse / dev), "FVU %g vs %g", fvu, sse / dev);
         double want_mse = sse / (r.scale * r.scale * (double)n);
         ck_assert_msg(fabs(mse - want_mse) <= 1e-4 * want_mse, "MSE %g vs %g", mse, want_mse);
-        ck_assert_double_eq_tol(metric(t, SAE_METRIC_L0), l0 / (double)n, 1e-9);
-        ck_assert_double_eq(metric(t, SAE_METRIC_STEPS), step + 1);
-        ck_assert_double_eq(metric(t, SAE_METRIC_TOKENS), (double)(n * (size_t)(step + 1)));
+        ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_L0), l0 / (double)n, 1e-9);
+        ck_assert_double_eq(tu_metric(t, SAE_METRIC_STEPS), step + 1);
+        ck_assert_double_eq(tu_metric(t, SAE_METRIC_TOKENS), (double)(n * (size_t)(step + 1)));
         /* Nothing can be dead before DEAD_TOKENS tokens have passed. */
         if (step == 0)
-            ck_assert_double_eq(metric(t, SAE_METRIC_DEAD_FRACTION), 0.0);
+            ck_assert_double_eq(tu_metric(t, SAE_METRIC_DEAD_FRACTION), 0.0);
         free(mean);
         free(xs);
         free(pre);
@@ -447,7 +403,7 @@ static void check_metrics(sae_arch arch, size_t d, size_t s, size_t k)
         ref_free(&r);
     }
     /* After three steps (> DEAD_TOKENS), the dead are those that never fired in steps 2-3. */
-    double dead = metric(t, SAE_METRIC_DEAD_FRACTION);
+    double dead = tu_metric(t, SAE_METRIC_DEAD_FRACTION);
     ck_assert(dead >= 0.0 && dead <= 1.0);
     free(sample);
     free(x);
@@ -473,12 +429,12 @@ START_TEST(dead_fraction_counts_silent_latents)
     sae_model *m;
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_TOPK, 4, 32));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 1));
-    float *x = make_data(30, 4, 5);
+    float *x = tu_train_data(30, 4, 5);
     sae_trainer *t = make_trainer(m, x, 30);
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 60));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 1e-9));
     ck_assert_ok(sae_trainer_step(t, x, 30));
-    ck_assert_double_eq(metric(t, SAE_METRIC_DEAD_FRACTION), 0.0);
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_DEAD_FRACTION), 0.0);
     ck_assert_ok(sae_trainer_step(t, x, 30));
     /* 60 tokens without firing: every latent that was not in any token's top 1 is dead. */
     float *f = tu_malloc(30 * 32 * sizeof(float));
@@ -490,7 +446,7 @@ START_TEST(dead_fraction_counts_silent_latents)
             fired |= f[q * 32 + i] > 0.0f;
         alive += fired;
     }
-    ck_assert_double_eq_tol(metric(t, SAE_METRIC_DEAD_FRACTION), (32.0 - (double)alive) / 32.0,
+    ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_DEAD_FRACTION), (32.0 - (double)alive) / 32.0,
                             1e-12);
     ck_assert_msg(alive < 32, "with K = 1 some latents should stay silent");
     free(f);
@@ -508,7 +464,7 @@ START_TEST(init_sets_bias_scale_and_tied_unit_decoder)
     for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_BATCHTOPK; a++) {
         sae_model *m;
         ck_assert_ok(sae_model_new(&m, (sae_arch)a, d, s));
-        float *x = make_data(n, d, 21);
+        float *x = tu_train_data(n, d, 21);
         x[0] = 1000.0f; /* an outlier the geometric median ignores and the mean does not */
         sae_trainer *t = make_trainer(m, x, n);
         double scale;
@@ -613,7 +569,7 @@ START_TEST(schedules_shape_lr)
 {
     sae_model *m;
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_RELU, 3, 4));
-    float *x = make_data(8, 3, 3);
+    float *x = tu_train_data(8, 3, 3);
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 1e-3));
@@ -623,7 +579,7 @@ START_TEST(schedules_shape_lr)
     const double want[10] = {0.5e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 0.5e-3};
     for (int s = 0; s < 10; s++) {
         ck_assert_ok(sae_trainer_step(t, x, 8));
-        ck_assert_double_eq_tol(metric(t, SAE_METRIC_LR), want[s], 1e-15);
+        ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_LR), want[s], 1e-15);
     }
     free(x);
     sae_trainer_free(t);
@@ -632,15 +588,6 @@ START_TEST(schedules_shape_lr)
 END_TEST
 
 /* ---- determinism and checkpoints ----------------------------------------------------------- */
-
-static void run_steps(sae_trainer *t, size_t d, size_t from, size_t to)
-{
-    for (size_t s = from; s < to; s++) {
-        float *x = make_data(32, d, 1000 + s);
-        ck_assert_ok(sae_trainer_step(t, x, 32));
-        free(x);
-    }
-}
 
 START_TEST(same_seed_same_weights)
 {
@@ -651,13 +598,13 @@ START_TEST(same_seed_same_weights)
             ck_assert_ok(sae_model_new(&m, (sae_arch)a, 6, 20));
             if (a != SAE_ARCH_RELU)
                 ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 3));
-            float *x = make_data(64, 6, 7);
+            float *x = tu_train_data(64, 6, 7);
             sae_trainer *t;
             ck_assert_ok(sae_trainer_new(&t, m));
             ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_SEED, rep == 2 ? 8 : 7));
             ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 64));
             ck_assert_ok(sae_trainer_init(t, x, 64));
-            run_steps(t, 6, 0, 10);
+            tu_run_steps(t, 6, 0, 10);
             w[rep] = tu_malloc((2 * 6 * 20 + 26) * sizeof(float));
             get_all(m, w[rep]);
             free(x);
@@ -680,20 +627,21 @@ START_TEST(checkpoint_resumes_bit_for_bit)
         ck_assert_ok(sae_model_new(&m, (sae_arch)a, d, s));
         if (a != SAE_ARCH_RELU)
             ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 2));
-        float *x = make_data(64, d, 9);
+        float *x = tu_train_data(64, d, 9);
         sae_trainer *t;
         ck_assert_ok(sae_trainer_new(&t, m));
         ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 40));
         ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_TOTAL_STEPS, 12));
         ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR_DECAY_STEPS, 6));
         ck_assert_ok(sae_trainer_init(t, x, 64));
-        run_steps(t, d, 0, 6);
+        tu_run_steps(t, d, 0, 6);
         char *path = tu_tmp_path("train_ckpt.safetensors");
         ck_assert_ok(sae_trainer_save(t, path));
-        run_steps(t, d, 6, 12);
+        tu_run_steps(t, d, 6, 12);
         float *want = tu_malloc(total * sizeof(float)), *got = tu_malloc(total * sizeof(float));
         get_all(m, want);
-        double want_loss = metric(t, SAE_METRIC_LOSS), want_dead = metric(t, SAE_METRIC_DEAD_FRACTION);
+        double want_loss = tu_metric(t, SAE_METRIC_LOSS),
+               want_dead = tu_metric(t, SAE_METRIC_DEAD_FRACTION);
 
         /* A fresh model and trainer, from the file alone. */
         sae_model *m2;
@@ -701,17 +649,17 @@ START_TEST(checkpoint_resumes_bit_for_bit)
         sae_trainer *t2;
         ck_assert_ok(sae_trainer_new(&t2, m2));
         ck_assert_ok(sae_trainer_load(t2, path));
-        ck_assert_double_eq(metric(t2, SAE_METRIC_STEPS), 6);
+        ck_assert_double_eq(tu_metric(t2, SAE_METRIC_STEPS), 6);
         double v;
         ck_assert_ok(sae_trainer_get_param(t2, SAE_TRAIN_LR_DECAY_STEPS, &v));
         ck_assert_double_eq(v, 6);
         ck_assert_ok(sae_trainer_get_param(t2, SAE_TRAIN_DEAD_TOKENS, &v));
         ck_assert_double_eq(v, 40);
-        run_steps(t2, d, 6, 12);
+        tu_run_steps(t2, d, 6, 12);
         get_all(m2, got);
         ck_assert_mem_eq(want, got, total * sizeof(float));
-        ck_assert_double_eq(metric(t2, SAE_METRIC_LOSS), want_loss);
-        ck_assert_double_eq(metric(t2, SAE_METRIC_DEAD_FRACTION), want_dead);
+        ck_assert_double_eq(tu_metric(t2, SAE_METRIC_LOSS), want_loss);
+        ck_assert_double_eq(tu_metric(t2, SAE_METRIC_DEAD_FRACTION), want_dead);
         if (a == SAE_ARCH_BATCHTOPK) {
             double th1, th2;
             ck_assert_ok(sae_model_get_param(m, SAE_PARAM_THRESHOLD, &th1));
@@ -745,7 +693,7 @@ START_TEST(checkpoint_errors)
     ck_assert_sae(sae_trainer_save(t, path), SAE_ESTATE);
     ck_assert_sae(sae_trainer_save(NULL, path), SAE_EINVAL);
     ck_assert_sae(sae_trainer_save(t, NULL), SAE_EINVAL);
-    float *x = make_data(20, 4, 1);
+    float *x = tu_train_data(20, 4, 1);
     ck_assert_ok(sae_trainer_init(t, x, 20));
     ck_assert_ok(sae_trainer_save(t, path));
     ck_assert_sae(sae_trainer_load(to, path), SAE_EINVAL);
@@ -817,7 +765,7 @@ START_TEST(overflowing_step_fails_and_changes_nothing)
     ck_assert_ok(sae_model_new(&m, arch, d, s));
     if (arch != SAE_ARCH_RELU)
         ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 3));
-    float *x = make_data(n, d, 21);
+    float *x = tu_train_data(n, d, 21);
     sae_trainer *t = make_trainer(m, x, n);
     ck_assert_ok(sae_trainer_step(t, x, n));
     size_t size;
@@ -826,7 +774,7 @@ START_TEST(overflowing_step_fails_and_changes_nothing)
     get_all(m, w0);
     double metrics[SAE_METRIC_GRAD_NORM + 1];
     for (int k = SAE_METRIC_LOSS; k <= SAE_METRIC_GRAD_NORM; k++)
-        metrics[k] = metric(t, (sae_train_metric)k);
+        metrics[k] = tu_metric(t, (sae_train_metric)k);
 
     double lr;
     ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_LR, &lr));
@@ -840,7 +788,7 @@ START_TEST(overflowing_step_fails_and_changes_nothing)
     get_all(m, w1);
     ck_assert_mem_eq(w0, w1, sizeof w0);
     for (int k = SAE_METRIC_LOSS; k <= SAE_METRIC_GRAD_NORM; k++) {
-        double v = metric(t, (sae_train_metric)k);
+        double v = tu_metric(t, (sae_train_metric)k);
         ck_assert_msg(memcmp(&v, &metrics[k], sizeof v) == 0, "metric %d changed", k);
     }
     /* The checkpoint holds the LR: put the old one back before comparing whole states. */
@@ -853,7 +801,7 @@ START_TEST(overflowing_step_fails_and_changes_nothing)
     ck_assert_msg(memcmp(w0, w1, sizeof w0) != 0, "a sane step should change the weights");
     for (size_t i = 0; i < sizeof w1 / sizeof w1[0]; i++)
         ck_assert(isfinite(w1[i]));
-    ck_assert_double_eq(metric(t, SAE_METRIC_STEPS), 2.0);
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_STEPS), 2.0);
     free(before);
     free(x);
     sae_trainer_free(t);
@@ -870,7 +818,7 @@ START_TEST(overflowing_adam_moment_fails_and_changes_nothing)
     sae_model *m;
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_TOPK, d, s));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 2));
-    float *x = make_data(n, d, 22);
+    float *x = tu_train_data(n, d, 22);
     sae_trainer *t = make_trainer(m, x, n);
     size_t size;
     unsigned char *before = state_bytes(t, "train_moment_before.safetensors", &size);
@@ -985,7 +933,7 @@ START_TEST(checkpoint_with_unusable_values_is_refused)
     sae_model *m;
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_BATCHTOPK, 4, 8));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 2));
-    float *x = make_data(20, 4, 23);
+    float *x = tu_train_data(20, 4, 23);
     sae_trainer *t = make_trainer(m, x, 20);
     ck_assert_ok(sae_trainer_step(t, x, 20));
     char *good = tu_tmp_path("train_good.safetensors");
@@ -1039,44 +987,21 @@ END_TEST
 
 /* ---- data-parallel --------------------------------------------------------------------------- */
 
-/* Two "processes" as threads: each adds its buffer into a shared sum, waits, and copies it back. */
-typedef struct {
-    pthread_barrier_t barrier;
-    float *sum;
-    size_t count;
-    pthread_mutex_t lock;
-} group;
-
-static int thread_allreduce(float *buf, size_t count, void *user)
-{
-    group *g = user;
-    pthread_mutex_lock(&g->lock);
-    for (size_t i = 0; i < count; i++)
-        g->sum[i] += buf[i];
-    pthread_mutex_unlock(&g->lock);
-    pthread_barrier_wait(&g->barrier);
-    memcpy(buf, g->sum, count * sizeof(float));
-    if (pthread_barrier_wait(&g->barrier) == PTHREAD_BARRIER_SERIAL_THREAD)
-        memset(g->sum, 0, count * sizeof(float));
-    pthread_barrier_wait(&g->barrier);
-    return 0;
-}
-
 typedef struct {
     sae_trainer *t;
-    group *g;
+    tu_group *g;
     int rank, steps;
     size_t d, batch;
     int rc;
 } worker;
 
-/* Step s's global batch is make_data(batch, d, 500 + s); rank r takes its half (rank 1 gets
+/* Step s's global batch is tu_train_data(batch, d, 500 + s); rank r takes its half (rank 1 gets
  * nothing at step 2, so an empty local batch is covered). */
 static void *work(void *arg)
 {
     worker *w = arg;
     for (int s = 0; s < w->steps; s++) {
-        float *x = make_data(w->batch, w->d, 500 + (uint64_t)s);
+        float *x = tu_train_data(w->batch, w->d, 500 + (uint64_t)s);
         size_t half = s == 2 ? w->batch : w->batch / 2;
         const float *mine = w->rank == 0 ? x : x + half * w->d;
         size_t n = w->rank == 0 ? half : w->batch - half;
@@ -1096,7 +1021,7 @@ START_TEST(allreduce_matches_one_process_on_the_combined_batch)
     for (int a = SAE_ARCH_RELU; a <= SAE_ARCH_TOPK; a++) {
         sae_model *ms[3];
         sae_trainer *ts[3];
-        float *sample = make_data(100, d, 77);
+        float *sample = tu_train_data(100, d, 77);
         for (int i = 0; i < 3; i++) {
             ck_assert_ok(sae_model_new(&ms[i], (sae_arch)a, d, s));
             if (a != SAE_ARCH_RELU)
@@ -1107,23 +1032,19 @@ START_TEST(allreduce_matches_one_process_on_the_combined_batch)
             ck_assert_ok(sae_trainer_set_param(ts[i], SAE_TRAIN_LR, 1e-3));
             ck_assert_ok(sae_trainer_init(ts[i], sample, 100));
         }
-        group g;
-        pthread_barrier_init(&g.barrier, NULL, 2);
-        pthread_mutex_init(&g.lock, NULL);
         sae__train_layout L;
         sae__train_layout_of(ms[0], &L);
-        g.count = L.count;
-        g.sum = calloc(L.count, sizeof(float));
-        worker w[2] = {{ts[1], &g, 0, 8, d, batch, 0}, {ts[2], &g, 1, 8, d, batch, 0}};
+        tu_group *g = tu_group_new(L.count, 2);
+        worker w[2] = {{ts[1], g, 0, 8, d, batch, 0}, {ts[2], g, 1, 8, d, batch, 0}};
         for (int i = 1; i < 3; i++)
-            ck_assert_ok(sae_trainer_set_allreduce(ts[i], thread_allreduce, &g));
+            ck_assert_ok(sae_trainer_set_allreduce(ts[i], tu_thread_allreduce, g));
         pthread_t th[2];
         for (int i = 0; i < 2; i++)
             pthread_create(&th[i], NULL, work, &w[i]);
         float *one = tu_malloc(total * sizeof(float)), *p0 = tu_malloc(total * sizeof(float)),
               *p1 = tu_malloc(total * sizeof(float));
         for (int step = 0; step < 8; step++) {
-            float *x = make_data(batch, d, 500 + (uint64_t)step);
+            float *x = tu_train_data(batch, d, 500 + (uint64_t)step);
             ck_assert_ok(sae_trainer_step(ts[0], x, batch));
             free(x);
         }
@@ -1139,17 +1060,15 @@ START_TEST(allreduce_matches_one_process_on_the_combined_batch)
             ck_assert_msg(fabsf(p0[i] - one[i]) <= 1e-4f * (1.0f + fabsf(one[i])),
                           "%s weight %zu: data-parallel %g, one process %g", sae_arch_name((sae_arch)a),
                           i, (double)p0[i], (double)one[i]);
-        ck_assert_double_eq(metric(ts[1], SAE_METRIC_TOKENS), 8.0 * (double)batch);
-        ck_assert_double_eq_tol(metric(ts[1], SAE_METRIC_FVU), metric(ts[0], SAE_METRIC_FVU),
+        ck_assert_double_eq(tu_metric(ts[1], SAE_METRIC_TOKENS), 8.0 * (double)batch);
+        ck_assert_double_eq_tol(tu_metric(ts[1], SAE_METRIC_FVU), tu_metric(ts[0], SAE_METRIC_FVU),
                                 1e-4);
-        ck_assert_double_eq(metric(ts[1], SAE_METRIC_DEAD_FRACTION),
-                            metric(ts[0], SAE_METRIC_DEAD_FRACTION));
+        ck_assert_double_eq(tu_metric(ts[1], SAE_METRIC_DEAD_FRACTION),
+                            tu_metric(ts[0], SAE_METRIC_DEAD_FRACTION));
         free(one);
         free(p0);
         free(p1);
-        free(g.sum);
-        pthread_barrier_destroy(&g.barrier);
-        pthread_mutex_destroy(&g.lock);
+        tu_group_free(g);
         free(sample);
         for (int i = 0; i < 3; i++) {
             sae_trainer_free(ts[i]);
@@ -1181,7 +1100,7 @@ START_TEST(errors_are_reported_and_change_nothing)
     ck_assert_ptr_null(t);
     sae_trainer_free(NULL);
     ck_assert_ok(sae_trainer_new(&t, m));
-    float *x = make_data(10, 4, 2);
+    float *x = tu_train_data(10, 4, 2);
     ck_assert_sae(sae_trainer_step(t, x, 10), SAE_ESTATE);
     ck_assert_sae(sae_trainer_init(t, x, 0), SAE_EINVAL);
     ck_assert_sae(sae_trainer_init(t, NULL, 3), SAE_EINVAL);
@@ -1238,7 +1157,7 @@ START_TEST(errors_are_reported_and_change_nothing)
     ck_assert_sae(sae_trainer_step(t, x, 10), SAE_ECALLBACK);
     ck_assert_ok(sae_model_get_tensor(m, SAE_W_DEC, after));
     ck_assert_mem_eq(before, after, sizeof before);
-    ck_assert_double_eq(metric(t, SAE_METRIC_STEPS), 0);
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_STEPS), 0);
     ck_assert_ok(sae_trainer_set_allreduce(t, NULL, NULL));
     float huge[40];
     for (int i = 0; i < 40; i++)
@@ -1327,8 +1246,8 @@ START_TEST(recovers_planted_features)
         ck_assert_ok(sae_model_get_tensor(m, SAE_W_DEC, Wd));
         double score = mmcs(truth, n_true, Wd, s, d);
         ck_assert_msg(score >= 0.98, "%s: MMCS %.4f, FVU %.4f, L0 %.2f", sae_arch_name((sae_arch)a),
-                      score, metric(t, SAE_METRIC_FVU), metric(t, SAE_METRIC_L0));
-        ck_assert_msg(metric(t, SAE_METRIC_FVU) < 0.3, "FVU %g", metric(t, SAE_METRIC_FVU));
+                      score, tu_metric(t, SAE_METRIC_FVU), tu_metric(t, SAE_METRIC_L0));
+        ck_assert_msg(tu_metric(t, SAE_METRIC_FVU) < 0.3, "FVU %g", tu_metric(t, SAE_METRIC_FVU));
         free(x);
         sae_trainer_free(t);
         sae_model_free(m);
@@ -1341,7 +1260,7 @@ START_TEST(batchtopk_threshold_is_the_inference_form)
     sae_model *m;
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_BATCHTOPK, 5, 12));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 2));
-    float *x = make_data(30, 5, 4);
+    float *x = tu_train_data(30, 5, 4);
     sae_trainer *t = make_trainer(m, x, 30);
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_THRESHOLD_LR, 0.5));
     /* The first step's threshold is 0.5 * the smallest of the 2 * 30 kept activations. */
@@ -1362,7 +1281,7 @@ START_TEST(batchtopk_threshold_is_the_inference_form)
     double th;
     ck_assert_ok(sae_model_get_param(m, SAE_PARAM_THRESHOLD, &th));
     ck_assert_double_eq_tol(th, 0.5 * smallest, 1e-5 * smallest);
-    ck_assert_double_eq_tol(metric(t, SAE_METRIC_L0), 2.0, 1e-12);
+    ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_L0), 2.0, 1e-12);
     free(xs);
     free(pre);
     free(f);

@@ -6,6 +6,7 @@
  * sae_evaluate on the same tokens. */
 #include "sae.h"
 #include "testutil.h"
+#include "trainutil.h"
 
 #include <stdbool.h>
 #include <math.h>
@@ -65,13 +66,6 @@ static void next_batch(order *o, const acts *a, float *dst)
     }
 }
 
-static double metric(const sae_trainer *t, sae_train_metric which)
-{
-    double v;
-    ck_assert_ok(sae_trainer_get_metric(t, which, &v));
-    return v;
-}
-
 /* The architectures; the last is Matryoshka (a BatchTopK model with groups). */
 static const sae_arch ARCHS[] = {SAE_ARCH_RELU, SAE_ARCH_TOPK, SAE_ARCH_BATCHTOPK,
                                  SAE_ARCH_JUMPRELU, SAE_ARCH_BATCHTOPK};
@@ -106,7 +100,7 @@ START_TEST(default_runs_reach_low_fvu_on_shipped_activations)
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, (double)(steps * BATCH / 10)));
     ck_assert_ok(sae_trainer_init(t, a.x, train < 32768 ? train : 32768));
     ck_assert_ok(sae_trainer_set_heldout(t, hx, NULL, heldout));
-    ck_assert(isnan(metric(t, SAE_METRIC_HELDOUT_FVU)));
+    ck_assert(isnan(tu_metric(t, SAE_METRIC_HELDOUT_FVU)));
     order o = {tu_malloc(train * sizeof(size_t)), train, train, {7}};
     for (size_t i = 0; i < train; i++)
         o.perm[i] = i;
@@ -115,12 +109,13 @@ START_TEST(default_runs_reach_low_fvu_on_shipped_activations)
         next_batch(&o, &a, x);
         ck_assert_ok(sae_trainer_step(t, x, BATCH));
         /* A run that works raises no warning at any step. */
-        ck_assert_msg(metric(t, SAE_METRIC_WARNINGS) == 0.0, "%s step %zu: %s", name, s + 1,
+        ck_assert_msg(tu_metric(t, SAE_METRIC_WARNINGS) == 0.0, "%s step %zu: %s", name, s + 1,
                       sae_trainer_warning(t));
         ck_assert_ptr_null(sae_trainer_warning(t));
     }
-    const double fvu = metric(t, SAE_METRIC_HELDOUT_FVU), l0 = metric(t, SAE_METRIC_HELDOUT_L0);
-    ck_assert_double_eq(metric(t, SAE_METRIC_HELDOUT_STEP), (double)steps);
+    const double fvu = tu_metric(t, SAE_METRIC_HELDOUT_FVU),
+                 l0 = tu_metric(t, SAE_METRIC_HELDOUT_L0);
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_HELDOUT_STEP), (double)steps);
     printf("%s default run, %zu steps of %d: held-out FVU %.4f, L0 %.1f\n", name, steps, BATCH,
            fvu, l0);
     ck_assert_msg(fvu < 0.3 && l0 < 32.0, "%s: held-out FVU %g, L0 %g", name, fvu, l0);
@@ -129,7 +124,7 @@ START_TEST(default_runs_reach_low_fvu_on_shipped_activations)
     double want[3];
     ck_assert_ok(sae_evaluate(m, hx, heldout, which, 3, want));
     ck_assert_double_eq_tol(fvu, want[0], 1e-12 * want[0]);
-    ck_assert_double_eq_tol(metric(t, SAE_METRIC_HELDOUT_MSE), want[1], 1e-12 * want[1]);
+    ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_HELDOUT_MSE), want[1], 1e-12 * want[1]);
     ck_assert_double_eq_tol(l0, want[2], 1e-12 * (1 + want[2]));
     free(x);
     free(o.perm);
@@ -147,7 +142,7 @@ static void run_and_watch(sae_trainer *t, const acts *a, size_t steps, size_t fi
     for (size_t s = 0; s < steps; s++) {
         const size_t at = (s * 256 * 7919) % (a->rows - 256);
         ck_assert_ok(sae_trainer_step(t, a->x + at * a->cols, 256));
-        unsigned bits = (unsigned)metric(t, SAE_METRIC_WARNINGS);
+        unsigned bits = (unsigned)tu_metric(t, SAE_METRIC_WARNINGS);
         ck_assert_int_eq(bits != 0, sae_trainer_warning(t) != NULL);
         for (int b = 0; b < 2; b++)
             if ((bits & (1u << b)) && first[b] == 0)
@@ -184,7 +179,7 @@ START_TEST(warnings_name_the_knob_after_warmup)
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_L1_COEFF, 2));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR_DECAY_STEPS, 0));
     run_and_watch(t, &a, 200, first);
-    ck_assert_double_eq(metric(t, SAE_METRIC_WARNINGS), 0.0);
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_WARNINGS), 0.0);
     ck_assert_ptr_null(sae_trainer_warning(t));
     sae_trainer_free(t);
     sae_model_free(m);
@@ -205,7 +200,7 @@ START_TEST(warnings_name_the_knob_after_warmup)
     /* init starts afresh: no warning until warm-up is over again. */
     ck_assert_ok(sae_trainer_init(t, a.x, 16384));
     ck_assert_ptr_null(sae_trainer_warning(t));
-    ck_assert_double_eq(metric(t, SAE_METRIC_WARNINGS), 0.0);
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_WARNINGS), 0.0);
     sae_trainer_free(t);
     sae_model_free(m);
     free(a.x);
@@ -233,9 +228,9 @@ START_TEST(heldout_metrics_follow_their_schedule)
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_HELDOUT_EVERY, 4));
     ck_assert_ok(sae_trainer_init(t, x, n));
     /* Readable before any step: NaN, 0. */
-    ck_assert(isnan(metric(t, SAE_METRIC_HELDOUT_FVU)));
-    ck_assert_double_eq(metric(t, SAE_METRIC_HELDOUT_STEP), 0);
-    ck_assert_double_eq(metric(t, SAE_METRIC_WARNINGS), 0);
+    ck_assert(isnan(tu_metric(t, SAE_METRIC_HELDOUT_FVU)));
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_HELDOUT_STEP), 0);
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_WARNINGS), 0);
     /* Bad held-out sets change nothing. */
     ck_assert_sae(sae_trainer_set_heldout(NULL, x, NULL, nh), SAE_EINVAL);
     ck_assert_sae(sae_trainer_set_heldout(t, NULL, NULL, nh), SAE_EINVAL);
@@ -253,27 +248,27 @@ START_TEST(heldout_metrics_follow_their_schedule)
         if (s % 4 == 0 || s == 70) { /* every 4 steps, and at TOTAL_STEPS */
             last = s;
             ck_assert_ok(sae_evaluate(m, x + (n - nh) * d, nh, which, 3, want));
-            ck_assert_double_eq_tol(metric(t, SAE_METRIC_HELDOUT_FVU), want[0], 1e-12);
-            ck_assert_double_eq_tol(metric(t, SAE_METRIC_HELDOUT_MSE), want[1], 1e-12);
-            ck_assert_double_eq_tol(metric(t, SAE_METRIC_HELDOUT_L0), want[2], 1e-12);
+            ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_HELDOUT_FVU), want[0], 1e-12);
+            ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_HELDOUT_MSE), want[1], 1e-12);
+            ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_HELDOUT_L0), want[2], 1e-12);
         }
-        ck_assert_double_eq(metric(t, SAE_METRIC_HELDOUT_STEP), (double)last);
+        ck_assert_double_eq(tu_metric(t, SAE_METRIC_HELDOUT_STEP), (double)last);
     }
     /* A checkpoint does not carry the diagnostics: a loaded trainer has none until evaluated. */
     char *path = tu_tmp_path("heldout.ckpt");
     ck_assert_ok(sae_trainer_save(t, path));
     ck_assert_ok(sae_trainer_load(t, path));
-    ck_assert(isnan(metric(t, SAE_METRIC_HELDOUT_FVU)));
-    ck_assert_double_eq(metric(t, SAE_METRIC_HELDOUT_STEP), 0);
+    ck_assert(isnan(tu_metric(t, SAE_METRIC_HELDOUT_FVU)));
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_HELDOUT_STEP), 0);
     ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_HELDOUT_EVERY, &v));
     ck_assert_double_eq(v, 4); /* an explicit value is saved */
     /* Set after steps: evaluated at once. n = 0 removes it. */
     ck_assert_ok(sae_trainer_set_heldout(t, x, NULL, nh));
     ck_assert_ok(sae_evaluate(m, x, nh, which, 3, want));
-    ck_assert_double_eq_tol(metric(t, SAE_METRIC_HELDOUT_FVU), want[0], 1e-12);
-    ck_assert_double_eq(metric(t, SAE_METRIC_HELDOUT_STEP), 72);
+    ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_HELDOUT_FVU), want[0], 1e-12);
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_HELDOUT_STEP), 72);
     ck_assert_ok(sae_trainer_set_heldout(t, NULL, NULL, 0));
-    ck_assert(isnan(metric(t, SAE_METRIC_HELDOUT_FVU)));
+    ck_assert(isnan(tu_metric(t, SAE_METRIC_HELDOUT_FVU)));
     remove(path);
     free(path);
     sae_trainer_free(t);
@@ -287,8 +282,8 @@ START_TEST(heldout_metrics_follow_their_schedule)
     ck_assert_ok(sae_trainer_step_to(t, x, y, 100));
     ck_assert_ok(sae_trainer_set_heldout(t, x + 100 * d, y + 100 * d_out, nh));
     ck_assert_ok(sae_evaluate_to(m, x + 100 * d, y + 100 * d_out, nh, which, 3, want));
-    ck_assert_double_eq_tol(metric(t, SAE_METRIC_HELDOUT_FVU), want[0], 1e-12);
-    ck_assert_double_eq_tol(metric(t, SAE_METRIC_HELDOUT_L0), want[2], 1e-12);
+    ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_HELDOUT_FVU), want[0], 1e-12);
+    ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_HELDOUT_L0), want[2], 1e-12);
     sae_trainer_free(t);
     sae_model_free(m);
     free(x);

@@ -5,6 +5,7 @@
 #define _POSIX_C_SOURCE 200809L /* pthread barriers */
 #include "train_internal.h"
 #include "testutil.h"
+#include "trainutil.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -14,52 +15,6 @@
 #include <string.h>
 
 /* ---- helpers ------------------------------------------------------------------------------- */
-
-/* Data with structure: a nonzero mean and a few strong directions, so codes are not all alike. */
-static float *make_data(size_t n, size_t d, uint64_t seed)
-{
-    tu_rng r = {seed};
-    float *x = tu_malloc(n * d * sizeof(float));
-    for (size_t t = 0; t < n; t++)
-        for (size_t j = 0; j < d; j++)
-            x[t * d + j] = 0.5f + 0.3f * (float)j / (float)d + tu_normal(&r);
-    return x;
-}
-
-typedef struct {
-    float *copy;
-    size_t count;
-    int calls;
-} capture;
-
-static int capture_allreduce(float *buf, size_t count, void *user)
-{
-    capture *c = user;
-    free(c->copy);
-    c->copy = tu_malloc(count * sizeof(float));
-    memcpy(c->copy, buf, count * sizeof(float));
-    c->count = count;
-    c->calls++;
-    return 0;
-}
-
-static double metric(const sae_trainer *t, sae_train_metric which)
-{
-    double v;
-    ck_assert_ok(sae_trainer_get_metric(t, which, &v));
-    return v;
-}
-
-static double *dup_tensor(const sae_model *m, sae_tensor t, size_t count)
-{
-    float *f = tu_malloc(count * sizeof(float));
-    ck_assert_ok(sae_model_get_tensor(m, t, f));
-    double *d = tu_malloc(count * sizeof(double));
-    for (size_t i = 0; i < count; i++)
-        d[i] = f[i];
-    free(f);
-    return d;
-}
 
 /* Every weight of an SAE (and a JumpReLU model's thresholds) in one array. */
 static size_t get_all(const sae_model *m, float *out)
@@ -98,11 +53,11 @@ static void ref_get(const sae_model *m, ref_model *r)
         ck_assert_ok(sae_model_get_param(m, SAE_PARAM_K, &v));
         r->k = (size_t)v;
     }
-    r->We = dup_tensor(m, SAE_W_ENC, r->d * r->s);
-    r->Wd = dup_tensor(m, SAE_W_DEC, r->d * r->s);
-    r->be = dup_tensor(m, SAE_B_ENC, r->s);
-    r->bd = dup_tensor(m, SAE_B_DEC, r->d);
-    r->th = sae_model_arch(m) == SAE_ARCH_JUMPRELU ? dup_tensor(m, SAE_THRESHOLD, r->s) : NULL;
+    r->We = tu_dup_tensor(m, SAE_W_ENC, r->d * r->s);
+    r->Wd = tu_dup_tensor(m, SAE_W_DEC, r->d * r->s);
+    r->be = tu_dup_tensor(m, SAE_B_ENC, r->s);
+    r->bd = tu_dup_tensor(m, SAE_B_DEC, r->d);
+    r->th = sae_model_arch(m) == SAE_ARCH_JUMPRELU ? tu_dup_tensor(m, SAE_THRESHOLD, r->s) : NULL;
 }
 
 static void ref_free(ref_model *r)
@@ -334,7 +289,8 @@ static void check_jump_gradient(int apply_b_dec, bool sparse)
     sae_model *m;
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_JUMPRELU, d, s));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_APPLY_B_DEC_TO_INPUT, apply_b_dec));
-    float *sample = make_data(40, d, 1), *b1 = make_data(n, d, 2), *b2 = make_data(n, d, 3);
+    float *sample = tu_train_data(40, d, 1), *b1 = tu_train_data(n, d, 2),
+          *b2 = tu_train_data(n, d, 3);
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_L0_COEFF, lambda));
@@ -345,8 +301,8 @@ static void check_jump_gradient(int apply_b_dec, bool sparse)
     /* The dense products, or the per-latent path the trainer takes when few codes are near
      * their thresholds (forced either way). */
     t->jump_sparse_below = sparse ? 2.0 : 0.0;
-    capture cap = {0};
-    ck_assert_ok(sae_trainer_set_allreduce(t, capture_allreduce, &cap));
+    tu_capture cap = {0};
+    ck_assert_ok(sae_trainer_set_allreduce(t, tu_capture_allreduce, &cap));
     ck_assert_ok(sae_trainer_step(t, b1, n));
 
     ref_model r;
@@ -379,9 +335,9 @@ static void check_jump_gradient(int apply_b_dec, bool sparse)
 
     jump_args a = {b2, n, lambda, eps, NULL};
     double want_loss = jump_loss_hard(&r, &a);
-    ck_assert_msg(fabs(metric(t, SAE_METRIC_LOSS) - want_loss) <= 1e-4 * fabs(want_loss),
-                  "loss %g, reference %g", metric(t, SAE_METRIC_LOSS), want_loss);
-    ck_assert_double_eq_tol(metric(t, SAE_METRIC_SPARSITY_LOSS),
+    ck_assert_msg(fabs(tu_metric(t, SAE_METRIC_LOSS) - want_loss) <= 1e-4 * fabs(want_loss),
+                  "loss %g, reference %g", tu_metric(t, SAE_METRIC_LOSS), want_loss);
+    ck_assert_double_eq_tol(tu_metric(t, SAE_METRIC_SPARSITY_LOSS),
                             lambda * (double)fired / (double)n, 1e-5);
 
     double *params[4] = {r.We, r.Wd, r.be, r.bd};
@@ -454,7 +410,8 @@ static void check_mat_gradient(int apply_b_dec, size_t auxk)
     ck_assert_ok(sae_model_new(&m, SAE_ARCH_BATCHTOPK, d, s));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 3));
     ck_assert_ok(sae_model_set_param(m, SAE_PARAM_APPLY_B_DEC_TO_INPUT, apply_b_dec));
-    float *sample = make_data(40, d, 1), *b1 = make_data(n, d, 2), *b2 = make_data(n, d, 3);
+    float *sample = tu_train_data(40, d, 1), *b1 = tu_train_data(n, d, 2),
+          *b2 = tu_train_data(n, d, 3);
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
     ck_assert_ok(sae_trainer_set_groups(t, sizes, 3));
@@ -463,8 +420,8 @@ static void check_mat_gradient(int apply_b_dec, size_t auxk)
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_AUXK_COEFF, 0.5));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 0.05));
     ck_assert_ok(sae_trainer_init(t, sample, 40));
-    capture cap = {0};
-    ck_assert_ok(sae_trainer_set_allreduce(t, capture_allreduce, &cap));
+    tu_capture cap = {0};
+    ck_assert_ok(sae_trainer_set_allreduce(t, tu_capture_allreduce, &cap));
 
     /* After step 1: the dead set (latents batch 1 never kept) and the residual's variance. */
     ref_model r1;
@@ -533,8 +490,8 @@ static void check_mat_gradient(int apply_b_dec, size_t auxk)
     const double N = cap.copy[L.stats + SAE__STAT_TOKENS];
     mat_args a = {b2, n, &c};
     double want_loss = mat_loss(&r, &a);
-    ck_assert_msg(fabs(metric(t, SAE_METRIC_LOSS) - want_loss) <= 1e-4 * fabs(want_loss),
-                  "loss %g, reference %g", metric(t, SAE_METRIC_LOSS), want_loss);
+    ck_assert_msg(fabs(tu_metric(t, SAE_METRIC_LOSS) - want_loss) <= 1e-4 * fabs(want_loss),
+                  "loss %g, reference %g", tu_metric(t, SAE_METRIC_LOSS), want_loss);
 
     double *params[4] = {r.We, r.Wd, r.be, r.bd};
     size_t psz[4] = {d * s, d * s, s, d}, offs[4] = {L.W_enc, L.W_dec, L.b_enc, L.b_dec};
@@ -575,7 +532,7 @@ START_TEST(one_group_is_batchtopk)
     const size_t d = 6, s = 24;
     sae_model *m[2];
     sae_trainer *t[2];
-    float *sample = make_data(64, d, 5);
+    float *sample = tu_train_data(64, d, 5);
     for (int i = 0; i < 2; i++) {
         ck_assert_ok(sae_model_new(&m[i], SAE_ARCH_BATCHTOPK, d, s));
         ck_assert_ok(sae_model_set_param(m[i], SAE_PARAM_K, 3));
@@ -586,7 +543,7 @@ START_TEST(one_group_is_batchtopk)
     }
     ck_assert_ok(sae_trainer_set_groups(t[1], &s, 1));
     for (uint64_t step = 0; step < 10; step++) {
-        float *x = make_data(32, d, 100 + step);
+        float *x = tu_train_data(32, d, 100 + step);
         ck_assert_ok(sae_trainer_step(t[0], x, 32));
         ck_assert_ok(sae_trainer_step(t[1], x, 32));
         free(x);
@@ -596,8 +553,8 @@ START_TEST(one_group_is_batchtopk)
     get_all(m[0], w0);
     get_all(m[1], w1);
     ck_assert_mem_eq(w0, w1, total * sizeof(float));
-    ck_assert_double_eq(metric(t[0], SAE_METRIC_LOSS), metric(t[1], SAE_METRIC_LOSS));
-    ck_assert_double_eq(metric(t[1], SAE_METRIC_PREFIX_FVU), metric(t[1], SAE_METRIC_FVU));
+    ck_assert_double_eq(tu_metric(t[0], SAE_METRIC_LOSS), tu_metric(t[1], SAE_METRIC_LOSS));
+    ck_assert_double_eq(tu_metric(t[1], SAE_METRIC_PREFIX_FVU), tu_metric(t[1], SAE_METRIC_FVU));
     free(w0);
     free(w1);
     free(sample);
@@ -616,7 +573,7 @@ START_TEST(jumprelu_threads_do_not_change_the_sums)
     const size_t d = 16, s = 512, n = 8192;
     sae_model *m[3];
     sae_trainer *t[3];
-    float *sample = make_data(256, d, 7);
+    float *sample = tu_train_data(256, d, 7);
     for (int i = 0; i < 3; i++) {
         ck_assert_ok(sae_model_new(&m[i], SAE_ARCH_JUMPRELU, d, s));
         ck_assert_ok(sae_model_set_param(m[i], SAE_PARAM_THREADS, i == 1 ? 1 : 4));
@@ -627,7 +584,7 @@ START_TEST(jumprelu_threads_do_not_change_the_sums)
         t[i]->jump_sparse_below = i < 2 ? 2.0 : 0.0;
     }
     for (uint64_t step = 0; step < 10; step++) {
-        float *x = make_data(n, d, 300 + step);
+        float *x = tu_train_data(n, d, 300 + step);
         for (int i = 0; i < 3; i++)
             ck_assert_ok(sae_trainer_step(t[i], x, n));
         free(x);
@@ -654,15 +611,6 @@ END_TEST
 
 /* ---- checkpoints --------------------------------------------------------------------------- */
 
-static void run_steps(sae_trainer *t, size_t d, size_t from, size_t to)
-{
-    for (size_t s = from; s < to; s++) {
-        float *x = make_data(32, d, 1000 + s);
-        ck_assert_ok(sae_trainer_step(t, x, 32));
-        free(x);
-    }
-}
-
 /* A = 0: JumpReLU; 1: Matryoshka. */
 static sae_model *recipe_model(int which, size_t d, size_t s)
 {
@@ -680,7 +628,7 @@ START_TEST(checkpoint_resumes_bit_for_bit)
     const int which = _i;
     const size_t d = 5, s = 16;
     sae_model *m = recipe_model(which, d, s);
-    float *x = make_data(64, d, 9);
+    float *x = tu_train_data(64, d, 9);
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
     if (which == 1)
@@ -690,10 +638,10 @@ START_TEST(checkpoint_resumes_bit_for_bit)
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_TOTAL_STEPS, 12));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_L0_COEFF, 0.5));
     ck_assert_ok(sae_trainer_init(t, x, 64));
-    run_steps(t, d, 0, 6);
+    tu_run_steps(t, d, 0, 6);
     char *path = tu_tmp_path("train_recipes_ckpt.safetensors");
     ck_assert_ok(sae_trainer_save(t, path));
-    run_steps(t, d, 6, 12);
+    tu_run_steps(t, d, 6, 12);
     const size_t total = get_all(m, NULL);
     float *want = tu_malloc(total * sizeof(float)), *got = tu_malloc(total * sizeof(float));
     get_all(m, want);
@@ -712,18 +660,18 @@ START_TEST(checkpoint_resumes_bit_for_bit)
     double v;
     ck_assert_ok(sae_trainer_get_param(t2, SAE_TRAIN_L0_COEFF, &v));
     ck_assert_double_eq(v, 0.5);
-    run_steps(t2, d, 6, 12);
+    tu_run_steps(t2, d, 6, 12);
     get_all(m2, got);
     ck_assert_mem_eq(want, got, total * sizeof(float));
-    ck_assert_double_eq(metric(t2, SAE_METRIC_LOSS), metric(t, SAE_METRIC_LOSS));
-    ck_assert_double_eq(metric(t2, SAE_METRIC_PREFIX_FVU), metric(t, SAE_METRIC_PREFIX_FVU));
+    ck_assert_double_eq(tu_metric(t2, SAE_METRIC_LOSS), tu_metric(t, SAE_METRIC_LOSS));
+    ck_assert_double_eq(tu_metric(t2, SAE_METRIC_PREFIX_FVU), tu_metric(t, SAE_METRIC_PREFIX_FVU));
     if (which == 0) {
         /* The thresholds moved from their start and are what the model encodes with. */
-        ck_assert(metric(t, SAE_METRIC_THRESHOLD_MEAN) != 0.01);
-        ck_assert_double_eq(metric(t2, SAE_METRIC_THRESHOLD_MEAN),
-                            metric(t, SAE_METRIC_THRESHOLD_MEAN));
+        ck_assert(tu_metric(t, SAE_METRIC_THRESHOLD_MEAN) != 0.01);
+        ck_assert_double_eq(tu_metric(t2, SAE_METRIC_THRESHOLD_MEAN),
+                            tu_metric(t, SAE_METRIC_THRESHOLD_MEAN));
     } else {
-        ck_assert(metric(t, SAE_METRIC_PREFIX_FVU) > metric(t, SAE_METRIC_FVU));
+        ck_assert(tu_metric(t, SAE_METRIC_PREFIX_FVU) > tu_metric(t, SAE_METRIC_FVU));
     }
     free(want);
     free(got);
@@ -740,12 +688,12 @@ START_TEST(checkpoint_groups_are_checked)
 {
     const size_t d = 5, s = 16;
     sae_model *m = recipe_model(1, d, s);
-    float *x = make_data(64, d, 9);
+    float *x = tu_train_data(64, d, 9);
     sae_trainer *t;
     ck_assert_ok(sae_trainer_new(&t, m));
     ck_assert_ok(sae_trainer_set_groups(t, test_groups, 3));
     ck_assert_ok(sae_trainer_init(t, x, 64));
-    run_steps(t, d, 0, 2);
+    tu_run_steps(t, d, 0, 2);
     char *path = tu_tmp_path("train_recipes_groups.safetensors");
     ck_assert_ok(sae_trainer_save(t, path));
     /* A checkpoint of 16 latents in groups does not load into 8. */
@@ -851,7 +799,7 @@ START_TEST(jumprelu_defaults_and_init)
     ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_LR_DECAY_STEPS, &v));
     ck_assert_double_eq(v, 0);
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 0.25));
-    float *x = make_data(30, 6, 3);
+    float *x = tu_train_data(30, 6, 3);
     ck_assert_ok(sae_trainer_init(t, x, 30));
     float th[12], wd[72];
     ck_assert_ok(sae_model_get_tensor(m, SAE_THRESHOLD, th));
@@ -882,30 +830,8 @@ END_TEST
 /* ---- data-parallel --------------------------------------------------------------------------- */
 
 typedef struct {
-    pthread_barrier_t barrier;
-    float *sum;
-    size_t count;
-    pthread_mutex_t lock;
-} group;
-
-static int thread_allreduce(float *buf, size_t count, void *user)
-{
-    group *g = user;
-    pthread_mutex_lock(&g->lock);
-    for (size_t i = 0; i < count; i++)
-        g->sum[i] += buf[i];
-    pthread_mutex_unlock(&g->lock);
-    pthread_barrier_wait(&g->barrier);
-    memcpy(buf, g->sum, count * sizeof(float));
-    if (pthread_barrier_wait(&g->barrier) == PTHREAD_BARRIER_SERIAL_THREAD)
-        memset(g->sum, 0, count * sizeof(float));
-    pthread_barrier_wait(&g->barrier);
-    return 0;
-}
-
-typedef struct {
     sae_trainer *t;
-    group *g;
+    tu_group *g;
     int rank, steps;
     size_t d, batch;
     int rc;
@@ -915,7 +841,7 @@ static void *work(void *arg)
 {
     worker *w = arg;
     for (int s = 0; s < w->steps; s++) {
-        float *x = make_data(w->batch, w->d, 500 + (uint64_t)s);
+        float *x = tu_train_data(w->batch, w->d, 500 + (uint64_t)s);
         size_t half = w->batch / 2;
         const float *mine = w->rank == 0 ? x : x + half * w->d;
         int rc = sae_trainer_step(w->t, mine, w->rank == 0 ? half : w->batch - half);
@@ -936,7 +862,7 @@ START_TEST(allreduce_keeps_processes_identical)
     const size_t d = 6, s = 24, batch = 40;
     sae_model *ms[3];
     sae_trainer *ts[3];
-    float *sample = make_data(100, d, 77);
+    float *sample = tu_train_data(100, d, 77);
     const size_t groups[3] = {4, 8, 12};
     for (int i = 0; i < 3; i++) {
         ms[i] = recipe_model(which, d, s);
@@ -951,21 +877,17 @@ START_TEST(allreduce_keeps_processes_identical)
         ck_assert_ok(sae_trainer_init(ts[i], sample, 100));
         ts[i]->jump_sparse_below = 2.0; /* JumpReLU's per-latent path, listing included */
     }
-    group g;
-    pthread_barrier_init(&g.barrier, NULL, 2);
-    pthread_mutex_init(&g.lock, NULL);
     sae__train_layout L;
     sae__train_layout_of(ms[0], &L);
-    g.count = L.count;
-    g.sum = calloc(L.count, sizeof(float));
-    worker w[2] = {{ts[1], &g, 0, 8, d, batch, 0}, {ts[2], &g, 1, 8, d, batch, 0}};
+    tu_group *g = tu_group_new(L.count, 2);
+    worker w[2] = {{ts[1], g, 0, 8, d, batch, 0}, {ts[2], g, 1, 8, d, batch, 0}};
     for (int i = 1; i < 3; i++)
-        ck_assert_ok(sae_trainer_set_allreduce(ts[i], thread_allreduce, &g));
+        ck_assert_ok(sae_trainer_set_allreduce(ts[i], tu_thread_allreduce, g));
     pthread_t th[2];
     for (int i = 0; i < 2; i++)
         pthread_create(&th[i], NULL, work, &w[i]);
     for (int step = 0; step < 8; step++) {
-        float *x = make_data(batch, d, 500 + (uint64_t)step);
+        float *x = tu_train_data(batch, d, 500 + (uint64_t)step);
         ck_assert_ok(sae_trainer_step(ts[0], x, batch));
         free(x);
     }
@@ -985,13 +907,11 @@ START_TEST(allreduce_keeps_processes_identical)
             ck_assert_msg(fabsf(p0[i] - one[i]) <= 1e-4f * (1.0f + fabsf(one[i])),
                           "weight %zu: data-parallel %g, one process %g", i, (double)p0[i],
                           (double)one[i]);
-    ck_assert_double_eq(metric(ts[1], SAE_METRIC_TOKENS), 8.0 * (double)batch);
+    ck_assert_double_eq(tu_metric(ts[1], SAE_METRIC_TOKENS), 8.0 * (double)batch);
     free(one);
     free(p0);
     free(p1);
-    free(g.sum);
-    pthread_barrier_destroy(&g.barrier);
-    pthread_mutex_destroy(&g.lock);
+    tu_group_free(g);
     free(sample);
     for (int i = 0; i < 3; i++) {
         sae_trainer_free(ts[i]);
@@ -1103,10 +1023,11 @@ START_TEST(recovers_planted_features)
     ck_assert_ok(sae_evaluate(m, x, 4096, em, 2, ev));
     fprintf(stderr, "%s: MMCS %.4f, FVU %.4f, L0 %.2f (training batch: FVU %.4f, first group "
             "alone %.4f, L0 %.2f)\n", which == 0 ? "JumpReLU" : "Matryoshka", score, ev[0], ev[1],
-            metric(t, SAE_METRIC_FVU), metric(t, SAE_METRIC_PREFIX_FVU), metric(t, SAE_METRIC_L0));
+            tu_metric(t, SAE_METRIC_FVU), tu_metric(t, SAE_METRIC_PREFIX_FVU),
+            tu_metric(t, SAE_METRIC_L0));
     if (which == 1)
-        ck_assert_msg(metric(t, SAE_METRIC_PREFIX_FVU) < 0.25, "the first group alone: FVU %.4f",
-                      metric(t, SAE_METRIC_PREFIX_FVU));
+        ck_assert_msg(tu_metric(t, SAE_METRIC_PREFIX_FVU) < 0.25, "the first group alone: FVU %.4f",
+                      tu_metric(t, SAE_METRIC_PREFIX_FVU));
     ck_assert_msg(score >= 0.98, "MMCS %.4f, FVU %.4f, L0 %.2f", score, ev[0], ev[1]);
     ck_assert_msg(ev[1] >= 3.0 && ev[1] <= 6.0, "L0 %.2f, planted %d", ev[1], P_ACTIVE);
     ck_assert_msg(ev[0] < 0.1, "FVU %.4f", ev[0]);

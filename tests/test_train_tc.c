@@ -5,6 +5,7 @@
  * allreduce buffer's layout. */
 #include "train_internal.h"
 #include "testutil.h"
+#include "trainutil.h"
 
 #include <math.h>
 #include <stdbool.h>
@@ -23,17 +24,6 @@ typedef struct {
     double *We, *Wd, *be, *bd, *Ws;
 } ref_tc;
 
-static double *dup_tensor(const sae_model *m, sae_tensor t, size_t count)
-{
-    float *f = tu_malloc(count * sizeof(float));
-    ck_assert_ok(sae_model_get_tensor(m, t, f));
-    double *d = tu_malloc(count * sizeof(double));
-    for (size_t i = 0; i < count; i++)
-        d[i] = f[i];
-    free(f);
-    return d;
-}
-
 static void ref_get(const sae_model *m, ref_tc *r)
 {
     r->arch = sae_model_arch(m);
@@ -46,11 +36,11 @@ static void ref_get(const sae_model *m, ref_tc *r)
     if (r->arch != SAE_ARCH_RELU)
         ck_assert_ok(sae_model_get_param(m, SAE_PARAM_K, &v));
     r->k = (size_t)v;
-    r->We = dup_tensor(m, SAE_W_ENC, r->d_in * r->d_sae);
-    r->Wd = dup_tensor(m, SAE_W_DEC, r->d_sae * r->d_out);
-    r->be = dup_tensor(m, SAE_B_ENC, r->d_sae);
-    r->bd = dup_tensor(m, SAE_B_DEC, r->d_out);
-    r->Ws = r->skip ? dup_tensor(m, SAE_W_SKIP, r->d_in * r->d_out) : NULL;
+    r->We = tu_dup_tensor(m, SAE_W_ENC, r->d_in * r->d_sae);
+    r->Wd = tu_dup_tensor(m, SAE_W_DEC, r->d_sae * r->d_out);
+    r->be = tu_dup_tensor(m, SAE_B_ENC, r->d_sae);
+    r->bd = tu_dup_tensor(m, SAE_B_DEC, r->d_out);
+    r->Ws = r->skip ? tu_dup_tensor(m, SAE_W_SKIP, r->d_in * r->d_out) : NULL;
 }
 
 static void ref_free(ref_tc *r)
@@ -136,21 +126,6 @@ static double ref_loss(const ref_tc *r, const float *x, const float *y, size_t n
 
 /* ---- helpers ------------------------------------------------------------------------------- */
 
-typedef struct {
-    float *copy;
-    size_t count;
-} capture;
-
-static int capture_allreduce(float *buf, size_t count, void *user)
-{
-    capture *c = user;
-    free(c->copy);
-    c->copy = tu_malloc(count * sizeof(float));
-    memcpy(c->copy, buf, count * sizeof(float));
-    c->count = count;
-    return 0;
-}
-
 /* Pairs with structure: x with a mean and spread, y a nonlinear function of x plus a mean. */
 static void make_pairs(size_t n, size_t di, size_t dout, uint64_t seed, float **x, float **y)
 {
@@ -165,13 +140,6 @@ static void make_pairs(size_t n, size_t di, size_t dout, uint64_t seed, float **
             (*y)[t * dout + j] = 3.0f + 2.0f * (a > 0.0f ? a : 0.0f) - 0.5f * b * b;
         }
     }
-}
-
-static double metric(const sae_trainer *t, sae_train_metric which)
-{
-    double v;
-    ck_assert_ok(sae_trainer_get_metric(t, which, &v));
-    return v;
 }
 
 /* y's scale and the FVU normalizer as the trainer derives them from its init sample. */
@@ -219,8 +187,8 @@ static void check_gradient(sae_arch arch, bool skip)
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_GRAD_CLIP, 0));
     ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 0.05));
     ck_assert_ok(sae_trainer_init_to(t, xs0, ys0, ns));
-    capture cap = {0};
-    ck_assert_ok(sae_trainer_set_allreduce(t, capture_allreduce, &cap));
+    tu_capture cap = {0};
+    ck_assert_ok(sae_trainer_set_allreduce(t, tu_capture_allreduce, &cap));
     ck_assert_ok(sae_trainer_step_to(t, x1, y1, n));
 
     ref_tc r;
@@ -234,8 +202,8 @@ static void check_gradient(sae_arch arch, bool skip)
     ck_assert_uint_eq(L.n_params - L.W_skip, skip ? di * dout : 0);
     const double N = cap.copy[L.stats + SAE__STAT_TOKENS];
     double want_loss = ref_loss(&r, x2, y2, n);
-    ck_assert_msg(fabs(metric(t, SAE_METRIC_LOSS) - want_loss) <= 1e-4 * fabs(want_loss),
-                  "loss %g, reference %g", metric(t, SAE_METRIC_LOSS), want_loss);
+    ck_assert_msg(fabs(tu_metric(t, SAE_METRIC_LOSS) - want_loss) <= 1e-4 * fabs(want_loss),
+                  "loss %g, reference %g", tu_metric(t, SAE_METRIC_LOSS), want_loss);
 
     double *params[5] = {r.We, r.Wd, r.be, r.bd, r.Ws};
     const size_t sizes[5] = {di * s, s * dout, s, dout, skip ? di * dout : 0};
@@ -265,7 +233,7 @@ static void check_gradient(sae_arch arch, bool skip)
                           fd_max);
         }
     /* The metrics describe y: FVU of the prediction the step started from. */
-    ck_assert_double_gt(metric(t, SAE_METRIC_FVU), 0.0);
+    ck_assert_double_gt(tu_metric(t, SAE_METRIC_FVU), 0.0);
     free(fd);
     ref_free(&r);
     free(cap.copy);
@@ -500,7 +468,7 @@ START_TEST(checkpoint_resumes_bit_for_bit)
     for (size_t i = 0; i < di * dout; i++)
         skip_norm += fabs(Ws[i]);
     ck_assert_msg(skip_norm > 0.0, "W_skip should have trained");
-    ck_assert_double_eq(metric(t, SAE_METRIC_FVU), metric(t2, SAE_METRIC_FVU));
+    ck_assert_double_eq(tu_metric(t, SAE_METRIC_FVU), tu_metric(t2, SAE_METRIC_FVU));
 
     /* The checkpoint loads as the model it held (a skip transcoder), W_skip included. */
     ck_assert_ok(sae_trainer_save(t, path));

@@ -305,6 +305,14 @@ void tu_write_file(const char *path, const void *data, size_t size)
     ck_assert_int_eq(fclose(fp), 0);
 }
 
+char *tu_path_in(const char *dir, const char *name)
+{
+    size_t len = strlen(dir) + strlen(name) + 2;
+    char *p = tu_malloc(len);
+    snprintf(p, len, "%s/%s", dir, name);
+    return p;
+}
+
 unsigned char *tu_read_file(const char *path, size_t *size)
 {
     FILE *fp = fopen(path, "rb");

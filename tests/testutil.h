@@ -67,6 +67,8 @@ char *tu_tmp_path(const char *name);
 void tu_write_file(const char *path, const void *data, size_t size);
 /* Reads a whole file; caller frees. */
 unsigned char *tu_read_file(const char *path, size_t *size);
+/* dir/name in a fresh string; caller frees. */
+char *tu_path_in(const char *dir, const char *name);
 /* Path of a file in the shared data folder; caller frees. */
 char *tu_data_path(const char *rel);
 
