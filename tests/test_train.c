@@ -1175,27 +1175,6 @@ END_TEST
 
 /* ---- learning ------------------------------------------------------------------------------ */
 
-/* Mean over true directions of the best cosine with a learned decoder row. */
-static double mmcs(const float *truth, size_t n_true, const float *Wd, size_t s, size_t d)
-{
-    double total = 0.0;
-    for (size_t a = 0; a < n_true; a++) {
-        double best = -1.0;
-        for (size_t i = 0; i < s; i++) {
-            double dot = 0.0, nn = 0.0;
-            for (size_t j = 0; j < d; j++) {
-                dot += (double)truth[a * d + j] * Wd[i * d + j];
-                nn += (double)Wd[i * d + j] * Wd[i * d + j];
-            }
-            double c = nn > 0.0 ? dot / sqrt(nn) : 0.0;
-            if (c > best)
-                best = c;
-        }
-        total += best;
-    }
-    return total / (double)n_true;
-}
-
 static void planted(float *x, size_t n, const float *truth, size_t n_true, size_t d, tu_rng *r)
 {
     for (size_t q = 0; q < n; q++) {
@@ -1244,7 +1223,7 @@ START_TEST(recovers_planted_features)
         }
         float Wd[64 * 16];
         ck_assert_ok(sae_model_get_tensor(m, SAE_W_DEC, Wd));
-        double score = mmcs(truth, n_true, Wd, s, d);
+        double score = tu_mmcs(truth, n_true, Wd, s, d);
         ck_assert_msg(score >= 0.98, "%s: MMCS %.4f, FVU %.4f, L0 %.2f", sae_arch_name((sae_arch)a),
                       score, tu_metric(t, SAE_METRIC_FVU), tu_metric(t, SAE_METRIC_L0));
         ck_assert_msg(tu_metric(t, SAE_METRIC_FVU) < 0.3, "FVU %g", tu_metric(t, SAE_METRIC_FVU));

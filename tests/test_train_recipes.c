@@ -922,26 +922,6 @@ END_TEST
 
 /* ---- learning ------------------------------------------------------------------------------ */
 
-/* Mean over true directions of the best cosine with a learned decoder row. */
-static double mmcs(const float *truth, size_t n_true, const float *Wd, size_t s, size_t d)
-{
-    double total = 0.0;
-    for (size_t a = 0; a < n_true; a++) {
-        double best = -1.0;
-        for (size_t i = 0; i < s; i++) {
-            double dot = 0.0, nn = 0.0;
-            for (size_t j = 0; j < d; j++) {
-                dot += (double)truth[a * d + j] * Wd[i * d + j];
-                nn += (double)Wd[i * d + j] * Wd[i * d + j];
-            }
-            double c = nn > 0.0 ? dot / sqrt(nn) : 0.0;
-            best = c > best ? c : best;
-        }
-        total += best;
-    }
-    return total / (double)n_true;
-}
-
 enum { P_D = 32, P_TRUE = 48, P_SAE = 96, P_ACTIVE = 4 };
 
 /* Each token is a sum of P_ACTIVE distinct true directions with magnitudes in [0.5, 1.5]. */
@@ -1015,7 +995,7 @@ START_TEST(recovers_planted_features)
     }
     float *Wd = tu_malloc(P_SAE * P_D * sizeof(float));
     ck_assert_ok(sae_model_get_tensor(m, SAE_W_DEC, Wd));
-    double score = mmcs(truth, P_TRUE, Wd, P_SAE, P_D);
+    double score = tu_mmcs(truth, P_TRUE, Wd, P_SAE, P_D);
     /* L0 and FVU of the inference model (threshold form) on fresh data. */
     planted(x, 4096, truth, &r);
     const sae_eval_metric em[2] = {SAE_EVAL_FVU, SAE_EVAL_L0};

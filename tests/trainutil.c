@@ -3,6 +3,7 @@
 
 #include <pthread.h>
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -97,4 +98,24 @@ double *tu_dup_tensor(const sae_model *m, sae_tensor t, size_t count)
         d[i] = f[i];
     free(f);
     return d;
+}
+
+double tu_mmcs(const float *truth, size_t n_true, const float *Wd, size_t s, size_t d)
+{
+    double total = 0.0;
+    for (size_t a = 0; a < n_true; a++) {
+        double best = -1.0;
+        for (size_t i = 0; i < s; i++) {
+            double dot = 0.0, nn = 0.0;
+            for (size_t j = 0; j < d; j++) {
+                dot += (double)truth[a * d + j] * Wd[i * d + j];
+                nn += (double)Wd[i * d + j] * Wd[i * d + j];
+            }
+            double c = nn > 0.0 ? dot / sqrt(nn) : 0.0;
+            if (c > best)
+                best = c;
+        }
+        total += best;
+    }
+    return total / (double)n_true;
 }

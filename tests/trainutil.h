@@ -34,5 +34,8 @@ int tu_thread_allreduce(float *buf, size_t count, void *user);
 double tu_metric(const sae_trainer *t, sae_train_metric which);
 /* A model tensor of count floats widened to float64; caller frees. */
 double *tu_dup_tensor(const sae_model *m, sae_tensor t, size_t count);
+/* Mean over true directions (n_true rows of d) of the best cosine with a decoder row of Wd (s rows
+ * of d): how well a dictionary recovered planted features. */
+double tu_mmcs(const float *truth, size_t n_true, const float *Wd, size_t s, size_t d);
 
 #endif
