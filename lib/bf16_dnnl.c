@@ -107,18 +107,21 @@ struct sae__bf16_packed {
     void *data;
 };
 
-/* The primitive descriptor of C [n][N] (f32) = A [n][K] @ W [K][N] (both bf16) + beta * C, W in
- * w_tag's layout (dnnl_format_tag_any: the one the matmul prefers), user scratchpad. */
-static dnnl_status_t matmul_pd(size_t n, size_t K, size_t N, dnnl_format_tag_t w_tag, float beta,
+/* The primitive descriptor of C [M][N] (f32, row stride ldc) = alpha * (A [M][K] @ W [K][N]) +
+ * beta * C, A and W bf16, A in a_tag's layout and W in w_tag's (dnnl_format_tag_any: the one the
+ * matmul prefers), user scratchpad. */
+static dnnl_status_t matmul_pd(size_t M, size_t K, size_t N, dnnl_format_tag_t a_tag,
+                               dnnl_format_tag_t w_tag, size_t ldc, float alpha, float beta,
                                dnnl_primitive_desc_t *pd, const char **step)
 {
     dnnl_status_t s;
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t ops = NULL;
     dnnl_memory_desc_t a_md, w_md, c_md;
-    const dnnl_dims_t a_dims = {(dnnl_dim_t)n, (dnnl_dim_t)K},
+    const dnnl_dims_t a_dims = {(dnnl_dim_t)M, (dnnl_dim_t)K},
                       w_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
-                      c_dims = {(dnnl_dim_t)n, (dnnl_dim_t)N};
+                      c_dims = {(dnnl_dim_t)M, (dnnl_dim_t)N},
+                      c_strides = {(dnnl_dim_t)ldc, 1};
     dnnl_matmul_desc_t desc;
 #define TRY(call)                                                                                  \
     do {                                                                                           \
@@ -126,13 +129,15 @@ static dnnl_status_t matmul_pd(size_t n, size_t K, size_t N, dnnl_format_tag_t w
         if ((s = (call)) != dnnl_success)                                                          \
             goto done;                                                                             \
     } while (0)
-    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, a_tag));
     TRY(dnnl_memory_desc_init_by_tag(&w_md, 2, w_dims, dnnl_bf16, w_tag));
-    TRY(dnnl_memory_desc_init_by_tag(&c_md, 2, c_dims, dnnl_f32, dnnl_ab));
+    TRY(dnnl_memory_desc_init_by_strides(&c_md, 2, c_dims, dnnl_f32, c_strides));
     TRY(dnnl_matmul_desc_init(&desc, &a_md, &w_md, NULL, &c_md));
     TRY(dnnl_primitive_attr_create(&attr));
     TRY(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
-    if (beta != 0.0f) { /* C = A @ W + beta * C */
+    if (alpha != 1.0f) /* the scale comes before the sum */
+        TRY(dnnl_primitive_attr_set_output_scales(attr, 1, 0, &alpha));
+    if (beta != 0.0f) {
         TRY(dnnl_post_ops_create(&ops));
         TRY(dnnl_post_ops_append_sum(ops, beta));
         TRY(dnnl_primitive_attr_set_post_ops(attr, ops));
@@ -170,6 +175,61 @@ static dnnl_status_t run(dnnl_primitive_t prim, int nargs, const dnnl_exec_arg_t
     return s;
 }
 
+/* Runs the matmul of pd on threads threads, its source, weights and destination at data[0..2]
+ * (the first two only read), with a scratchpad of its own. Returns SAE_OK or the error set. */
+static int matmul_run(dnnl_primitive_desc_t pd, const dnnl_memory_desc_t *w_md,
+                      const void *const data[3], size_t threads)
+{
+    int rc = SAE_OK;
+    dnnl_status_t s;
+    const char *step = "";
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t mem[4] = {NULL, NULL, NULL, NULL};
+    void *scratch = NULL;
+    const dnnl_memory_desc_t *md[3] = {dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0),
+                                       w_md,
+                                       dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0)};
+#define TRY(call)                                                                                  \
+    do {                                                                                           \
+        step = #call;                                                                              \
+        if ((s = (call)) != dnnl_success)                                                          \
+            goto failed;                                                                           \
+    } while (0)
+    TRY(dnnl_primitive_create(&prim, pd));
+    const dnnl_memory_desc_t *scratch_md =
+        dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    const size_t scratch_bytes = scratch_md != NULL ? dnnl_memory_desc_get_size(scratch_md) : 0;
+    if (scratch_bytes > 0) {
+        if (posix_memalign(&scratch, 64, scratch_bytes) != 0) {
+            scratch = NULL;
+            rc = sae__fail(SAE_ENOMEM, "out of memory (%zu bytes of oneDNN scratchpad)",
+                           scratch_bytes);
+            goto done;
+        }
+        TRY(dnnl_memory_create(&mem[3], scratch_md, engine, scratch));
+    }
+    for (int i = 0; i < 3; i++)
+        TRY(dnnl_memory_create(&mem[i], md[i], engine, (void *)(uintptr_t)data[i]));
+#undef TRY
+    const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
+                                     {DNNL_ARG_WEIGHTS, mem[1]},
+                                     {DNNL_ARG_DST, mem[2]},
+                                     {DNNL_ARG_SCRATCHPAD, mem[3]}};
+    if ((s = run(prim, scratch_bytes > 0 ? 4 : 3, args, threads, &step)) != dnnl_success)
+        goto failed;
+    goto done;
+failed:
+    rc = dnnl_fail(step, s);
+done:
+    for (int i = 0; i < 4; i++)
+        if (mem[i] != NULL)
+            dnnl_memory_destroy(mem[i]);
+    if (prim != NULL)
+        dnnl_primitive_destroy(prim);
+    free(scratch);
+    return rc;
+}
+
 /* The matmul's preferred layout does not depend on the number of tokens (checked for 1 to 1024
  * tokens, on AMX and AVX512-BF16, with oneDNN 2.6), so one token count stands for all; a product
  * whose preferred layout differs takes W as it is instead. */
@@ -186,8 +246,8 @@ struct sae__bf16_packed *sae__bf16_pack(const uint16_t *W, size_t K, size_t N, s
     dnnl_memory_desc_t plain;
     const dnnl_dims_t dims = {(dnnl_dim_t)K, (dnnl_dim_t)N};
     const char *step;
-    bool ok = P != NULL &&
-              matmul_pd(PACK_TOKENS, K, N, dnnl_format_tag_any, 0.0f, &pd, &step) == dnnl_success;
+    bool ok = P != NULL && matmul_pd(PACK_TOKENS, K, N, dnnl_ab, dnnl_format_tag_any, N, 1.0f,
+                                     0.0f, &pd, &step) == dnnl_success;
     if (ok) {
         P->md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
         /* 64-byte alignment, as oneDNN allocates its own. */
@@ -242,17 +302,15 @@ int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, 
     narrow_job nj = {A, A16, K};
     sae__parallel_for(threads, n, sae__grain(K), narrow_range, &nj);
 
-    int rc = SAE_OK;
+    int rc;
     dnnl_status_t s;
     const char *step = "";
     dnnl_primitive_desc_t pd = NULL;
-    dnnl_primitive_t prim = NULL;
-    dnnl_memory_t mem[4] = {NULL, NULL, NULL, NULL};
-    void *scratch = NULL;
     const dnnl_memory_desc_t *w_md = NULL;
     const void *w_data = W;
     if (P != NULL) {
-        if ((s = matmul_pd(n, K, N, dnnl_format_tag_any, beta, &pd, &step)) != dnnl_success)
+        if ((s = matmul_pd(n, K, N, dnnl_ab, dnnl_format_tag_any, N, 1.0f, beta, &pd, &step)) !=
+            dnnl_success)
             goto failed;
         w_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
         if (dnnl_memory_desc_equal(w_md, &P->md))
@@ -263,53 +321,18 @@ int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, 
         }
     }
     if (pd == NULL) {
-        if ((s = matmul_pd(n, K, N, dnnl_ab, beta, &pd, &step)) != dnnl_success)
+        if ((s = matmul_pd(n, K, N, dnnl_ab, dnnl_ab, N, 1.0f, beta, &pd, &step)) != dnnl_success)
             goto failed;
         w_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
     }
-#define TRY(call)                                                                                  \
-    do {                                                                                           \
-        step = #call;                                                                              \
-        if ((s = (call)) != dnnl_success)                                                          \
-            goto failed;                                                                           \
-    } while (0)
-    TRY(dnnl_primitive_create(&prim, pd));
-    const dnnl_memory_desc_t *scratch_md =
-        dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
-    const size_t scratch_bytes = scratch_md != NULL ? dnnl_memory_desc_get_size(scratch_md) : 0;
-    if (scratch_bytes > 0) {
-        if (posix_memalign(&scratch, 64, scratch_bytes) != 0) {
-            scratch = NULL;
-            rc = sae__fail(SAE_ENOMEM, "out of memory (%zu bytes of oneDNN scratchpad)",
-                           scratch_bytes);
-            goto done;
-        }
-        TRY(dnnl_memory_create(&mem[3], scratch_md, engine, scratch));
-    }
-    TRY(dnnl_memory_create(&mem[0], dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0),
-                           engine, A16));
-    TRY(dnnl_memory_create(&mem[1], w_md, engine, (void *)(uintptr_t)w_data)); /* only read */
-    TRY(dnnl_memory_create(&mem[2], dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0),
-                           engine, C));
-#undef TRY
-    const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
-                                     {DNNL_ARG_WEIGHTS, mem[1]},
-                                     {DNNL_ARG_DST, mem[2]},
-                                     {DNNL_ARG_SCRATCHPAD, mem[3]}};
-    if ((s = run(prim, scratch_bytes > 0 ? 4 : 3, args, threads, &step)) != dnnl_success)
-        goto failed;
+    const void *const data[3] = {A16, w_data, C};
+    rc = matmul_run(pd, w_md, data, threads);
     goto done;
 failed:
     rc = dnnl_fail(step, s);
 done:
-    for (int i = 0; i < 4; i++)
-        if (mem[i] != NULL)
-            dnnl_memory_destroy(mem[i]);
-    if (prim != NULL)
-        dnnl_primitive_destroy(prim);
     if (pd != NULL)
         dnnl_primitive_desc_destroy(pd);
-    free(scratch);
     free(A16);
     return rc;
 }
@@ -320,81 +343,17 @@ int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float al
 {
     if (sae__bf16_isa() == SAE_BF16_PATH_WIDEN)
         return sae__fail(SAE_EUNSUPPORTED, "no bfloat16 matrix instructions");
-    dnnl_status_t s;
     const char *step = "";
-    int rc = SAE_OK;
-    dnnl_primitive_attr_t attr = NULL;
-    dnnl_post_ops_t ops = NULL;
     dnnl_primitive_desc_t pd = NULL;
-    dnnl_primitive_t prim = NULL;
-    dnnl_memory_t mem[4] = {NULL, NULL, NULL, NULL};
-    void *scratch = NULL;
-    dnnl_memory_desc_t a_md, b_md, c_md;
-    const dnnl_dims_t a_dims = {(dnnl_dim_t)M, (dnnl_dim_t)K},
-                      b_dims = {(dnnl_dim_t)K, (dnnl_dim_t)N},
-                      c_dims = {(dnnl_dim_t)M, (dnnl_dim_t)N},
-                      c_strides = {(dnnl_dim_t)ldc, 1};
-    dnnl_matmul_desc_t desc;
-#define TRY(call)                                                                                  \
-    do {                                                                                           \
-        step = #call;                                                                              \
-        if ((s = (call)) != dnnl_success)                                                          \
-            goto failed;                                                                           \
-    } while (0)
     /* A transposed operand is the stored matrix read column-major (tag ba): no copy. */
-    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, ta ? dnnl_ba : dnnl_ab));
-    TRY(dnnl_memory_desc_init_by_tag(&b_md, 2, b_dims, dnnl_bf16, tb ? dnnl_ba : dnnl_ab));
-    TRY(dnnl_memory_desc_init_by_strides(&c_md, 2, c_dims, dnnl_f32, c_strides));
-    TRY(dnnl_matmul_desc_init(&desc, &a_md, &b_md, NULL, &c_md));
-    TRY(dnnl_primitive_attr_create(&attr));
-    TRY(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
-    if (alpha != 1.0f) /* C = alpha * (A @ B) + beta * C: the scale comes before the sum */
-        TRY(dnnl_primitive_attr_set_output_scales(attr, 1, 0, &alpha));
-    if (beta != 0.0f) {
-        TRY(dnnl_post_ops_create(&ops));
-        TRY(dnnl_post_ops_append_sum(ops, beta));
-        TRY(dnnl_primitive_attr_set_post_ops(attr, ops));
-    }
-    TRY(dnnl_primitive_desc_create(&pd, &desc, attr, engine, NULL));
-    TRY(dnnl_primitive_create(&prim, pd));
-    const dnnl_memory_desc_t *scratch_md =
-        dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
-    const size_t scratch_bytes = scratch_md != NULL ? dnnl_memory_desc_get_size(scratch_md) : 0;
-    if (scratch_bytes > 0) {
-        if (posix_memalign(&scratch, 64, scratch_bytes) != 0) {
-            scratch = NULL;
-            rc = sae__fail(SAE_ENOMEM, "out of memory (%zu bytes of oneDNN scratchpad)",
-                           scratch_bytes);
-            goto done;
-        }
-        TRY(dnnl_memory_create(&mem[3], scratch_md, engine, scratch));
-    }
-    TRY(dnnl_memory_create(&mem[0], &a_md, engine, (void *)(uintptr_t)A)); /* only read */
-    TRY(dnnl_memory_create(&mem[1], &b_md, engine, (void *)(uintptr_t)B));
-    TRY(dnnl_memory_create(&mem[2], &c_md, engine, C));
-#undef TRY
-    const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, mem[0]},
-                                     {DNNL_ARG_WEIGHTS, mem[1]},
-                                     {DNNL_ARG_DST, mem[2]},
-                                     {DNNL_ARG_SCRATCHPAD, mem[3]}};
-    if ((s = run(prim, scratch_bytes > 0 ? 4 : 3, args, threads, &step)) != dnnl_success)
-        goto failed;
-    goto done;
-failed:
-    rc = dnnl_fail(step, s);
-done:
-    for (int i = 0; i < 4; i++)
-        if (mem[i] != NULL)
-            dnnl_memory_destroy(mem[i]);
-    if (prim != NULL)
-        dnnl_primitive_destroy(prim);
-    if (pd != NULL)
-        dnnl_primitive_desc_destroy(pd);
-    if (ops != NULL)
-        dnnl_post_ops_destroy(ops);
-    if (attr != NULL)
-        dnnl_primitive_attr_destroy(attr);
-    free(scratch);
+    const dnnl_status_t s = matmul_pd(M, K, N, ta ? dnnl_ba : dnnl_ab, tb ? dnnl_ba : dnnl_ab,
+                                      ldc, alpha, beta, &pd, &step);
+    if (s != dnnl_success)
+        return dnnl_fail(step, s);
+    const void *const data[3] = {A, B, C};
+    const int rc =
+        matmul_run(pd, dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0), data, threads);
+    dnnl_primitive_desc_destroy(pd);
     return rc;
 }
 

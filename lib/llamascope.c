@@ -59,6 +59,30 @@ static int positive(const cJSON *obj, const char *key, const char *path, double 
     return rc;
 }
 
+/* The keys SAEConfig (the release's hyperparams.json) and BaseSAEConfig (config.json) share,
+ * in the order both read them; a key a file leaves out keeps the caller's default. */
+static int read_shared(const cJSON *root, const char *p, const char **norm,
+                       bool *include_decoder_norm, bool *apply_b_dec, bool *use_bias, bool *glu,
+                       const char **hook_in, const char **hook_out)
+{
+    bool found;
+    int rc = sae__json_string(root, "norm_activation", p, norm, &found);
+    if (rc == SAE_OK)
+        rc = sae__json_bool(root, "sparsity_include_decoder_norm", p, include_decoder_norm,
+                            &found);
+    if (rc == SAE_OK)
+        rc = sae__json_bool(root, "apply_decoder_bias_to_pre_encoder", p, apply_b_dec, &found);
+    if (rc == SAE_OK)
+        rc = sae__json_bool(root, "use_decoder_bias", p, use_bias, &found);
+    if (rc == SAE_OK)
+        rc = sae__json_bool(root, "use_glu_encoder", p, glu, &found);
+    if (rc == SAE_OK)
+        rc = sae__json_string(root, "hook_point_in", p, hook_in, &found);
+    if (rc == SAE_OK)
+        rc = sae__json_string(root, "hook_point_out", p, hook_out, &found);
+    return rc;
+}
+
 static int parse_hyper(const sae__side_text *h, ls_config *c)
 {
     memset(c, 0, sizeof *c);
@@ -89,20 +113,8 @@ static int parse_hyper(const sae__side_text *h, ls_config *c)
     if (rc == SAE_OK)
         rc = sae__json_size(root, "top_k", p, &c->top_k, &found);
     if (rc == SAE_OK)
-        rc = sae__json_string(root, "norm_activation", p, &norm, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "sparsity_include_decoder_norm", p, &c->include_decoder_norm,
-                            &found);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "apply_decoder_bias_to_pre_encoder", p, &c->apply_b_dec, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "use_decoder_bias", p, &use_bias, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "use_glu_encoder", p, &glu, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_string(root, "hook_point_in", p, &in, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_string(root, "hook_point_out", p, &outp, &found);
+        rc = read_shared(root, p, &norm, &c->include_decoder_norm, &c->apply_b_dec, &use_bias,
+                         &glu, &in, &outp);
     if (rc == SAE_OK) {
         c->transcoder = in != NULL && outp != NULL && strcmp(in, outp) != 0;
         if (glu)
@@ -303,20 +315,8 @@ static int parse_r1_config(const cJSON *root, const char *p, r1_config *c)
     if (rc == SAE_OK)
         rc = sae__json_string(root, "act_fn", p, &act, &found);
     if (rc == SAE_OK)
-        rc = sae__json_string(root, "norm_activation", p, &norm, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "sparsity_include_decoder_norm", p, &c->include_decoder_norm,
-                            &found);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "apply_decoder_bias_to_pre_encoder", p, &c->apply_b_dec, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "use_decoder_bias", p, &use_bias, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_bool(root, "use_glu_encoder", p, &glu, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_string(root, "hook_point_in", p, &c->hook_in, &found);
-    if (rc == SAE_OK)
-        rc = sae__json_string(root, "hook_point_out", p, &c->hook_out, &found);
+        rc = read_shared(root, p, &norm, &c->include_decoder_norm, &c->apply_b_dec, &use_bias,
+                         &glu, &c->hook_in, &c->hook_out);
     if (rc != SAE_OK)
         return rc;
     if (c->hook_out == NULL) /* BaseSAEConfig: hook_point_out defaults to hook_point_in */

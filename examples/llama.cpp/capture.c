@@ -64,19 +64,6 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void quiet_log(enum ggml_log_level level, const char *text, void *user)
-{
-    (void)user;
-    if (level >= GGML_LOG_LEVEL_ERROR)
-        fputs(text, stderr);
-}
-
-static bool no_progress_cb(float p, void *u)
-{
-    (void)p; (void)u;
-    return true;
-}
-
 typedef struct {
     int n_hooks;
     char *hooks[MAX_HOOKS];
@@ -322,18 +309,13 @@ int main(int argc, char **argv)
         free(copy);
     }
 
-    llama_log_set(quiet_log, NULL);
-    llama_backend_init();
     struct stat mst;
     if (stat(model_path, &mst) != 0 || !S_ISREG(mst.st_mode)) {
         fprintf(stderr, "sae-llama-capture: model %s: %s\n", model_path,
                 errno ? strerror(errno) : "not a regular file");
         return 1;
     }
-    struct llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-    mp.progress_callback = no_progress_cb;
-    struct llama_model *model = llama_model_load_from_file(model_path, mp);
+    struct llama_model *model = sae_llama_load_model(model_path, false);
     if (!model) {
         fprintf(stderr, "sae-llama-capture: cannot load the model %s\n", model_path);
         return 1;

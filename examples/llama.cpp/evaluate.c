@@ -27,19 +27,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void quiet_log(enum ggml_log_level level, const char *text, void *user)
-{
-    (void)user;
-    if (level >= GGML_LOG_LEVEL_ERROR)
-        fputs(text, stderr);
-}
-
-static bool no_progress_cb(float p, void *u)
-{
-    (void)p; (void)u;
-    return true;
-}
-
 typedef struct {
     float *x, *y;
     size_t d, cap;
@@ -95,12 +82,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "sae-llama-evaluate: %s\n", err);
         return 1;
     }
-    llama_log_set(quiet_log, NULL);
-    llama_backend_init();
-    struct llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-    mp.progress_callback = no_progress_cb;
-    struct llama_model *model = llama_model_load_from_file(model_path, mp);
+    struct llama_model *model = sae_llama_load_model(model_path, false);
     if (!model) {
         fprintf(stderr, "sae-llama-evaluate: cannot load the model %s\n", model_path);
         return 1;

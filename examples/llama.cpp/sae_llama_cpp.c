@@ -167,21 +167,6 @@ typedef struct {
     sae_record h;             /* the reader's record (rows, features, calls) */
 } run_t;
 
-static bool g_verbose = false;
-
-static void log_cb(enum ggml_log_level level, const char *text, void *user)
-{
-    (void)user;
-    if (g_verbose || level >= GGML_LOG_LEVEL_ERROR)
-        fputs(text, stderr);
-}
-
-static bool no_progress(float p, void *u)
-{
-    (void)p; (void)u;
-    return true;
-}
-
 static void run_free(run_t *r)
 {
     free(r->toks);
@@ -523,7 +508,6 @@ int main(int argc, char **argv)
         usage();
         return 2;
     }
-    g_verbose = o.verbose;
 
     sae_model *sae;
     if (sae_model_load(&sae, o.sae_path) != SAE_OK) {
@@ -532,12 +516,7 @@ int main(int argc, char **argv)
     }
     const size_t d_sae = sae_model_d_sae(sae);
 
-    llama_log_set(log_cb, NULL);
-    llama_backend_init();
-    struct llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-    if (!o.verbose) mp.progress_callback = no_progress;
-    struct llama_model *model = llama_model_load_from_file(o.model_path, mp);
+    struct llama_model *model = sae_llama_load_model(o.model_path, o.verbose);
     if (!model) {
         fprintf(stderr, "sae-llama-cpp: cannot load %s\n", o.model_path);
         return 1;

@@ -563,3 +563,30 @@ int sae_llama_decode(sae_llama_hooks *h, struct llama_context *ctx, struct llama
         }
     return 0;
 }
+
+static bool log_all;
+
+static void log_cb(enum ggml_log_level level, const char *text, void *user)
+{
+    (void)user;
+    if (log_all || level >= GGML_LOG_LEVEL_ERROR)
+        fputs(text, stderr);
+}
+
+static bool no_progress(float p, void *user)
+{
+    (void)p; (void)user;
+    return true;
+}
+
+struct llama_model *sae_llama_load_model(const char *path, bool verbose)
+{
+    log_all = verbose;
+    llama_log_set(log_cb, NULL);
+    llama_backend_init();
+    struct llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    if (!verbose)
+        mp.progress_callback = no_progress;
+    return llama_model_load_from_file(path, mp);
+}

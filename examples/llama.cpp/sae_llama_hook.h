@@ -40,6 +40,7 @@
 #include "llama.h"
 #include "sae.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #ifdef __cplusplus
@@ -144,6 +145,12 @@ const char *sae_llama_hooks_error(const sae_llama_hooks *h);
 
 /* Seconds spent inside the callback, and inside libsae, since creation. */
 void sae_llama_hooks_times(const sae_llama_hooks *h, double *in_callback, double *in_libsae);
+
+/* For the example programs, once, before any other llama.cpp call: llama.cpp's log goes to stderr
+ * (only its errors unless verbose), llama_backend_init, then the model at path is loaded with
+ * every layer on the CPU, without the loading progress dots unless verbose. Returns the model,
+ * or NULL if it cannot be loaded (llama.cpp's error is on stderr). */
+struct llama_model *sae_llama_load_model(const char *path, bool verbose);
 
 #ifdef __cplusplus
 }

@@ -190,7 +190,8 @@ static int tokenize(server *s, const char *text, bool special, job *j, api_err *
     return 0;
 }
 
-static int check_prompt(const server *s, const job *j, api_err *e)
+/* The last step of reading a request: the prompt's length is checked, and the job's time starts. */
+static int admit(const server *s, job *j, api_err *e)
 {
     if (j->n_prompt < 1)
         return fail(e, 400, "the prompt is empty");
@@ -199,6 +200,7 @@ static int check_prompt(const server *s, const job *j, api_err *e)
              s->max_prompt);
         return -1;
     }
+    j->deadline = s->timeout > 0 ? engine_now() + s->timeout : 0;
     return 0;
 }
 
@@ -425,9 +427,8 @@ int api_parse_generate(server *s, const char *body, size_t len, bool chat, job *
         if (completion_prompt(s, p, j, e))
             goto out;
     }
-    if (check_prompt(s, j, e))
+    if (admit(s, j, e))
         goto out;
-    j->deadline = s->timeout > 0 ? engine_now() + s->timeout : 0;
     rc = 0;
 out:
     cJSON_Delete(root);
@@ -586,9 +587,8 @@ int api_parse_features(server *s, const char *body, size_t len, job *j, feat_opt
             o->n_sel++;
         }
     }
-    if (tokenize(s, t->valuestring, false, j, e) || check_prompt(s, j, e))
+    if (tokenize(s, t->valuestring, false, j, e) || admit(s, j, e))
         goto out;
-    j->deadline = s->timeout > 0 ? engine_now() + s->timeout : 0;
     rc = 0;
 out:
     cJSON_Delete(root);

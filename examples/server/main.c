@@ -15,6 +15,7 @@
 #include "server.h"
 
 #include "feature_cards.h"
+#include "sae_llama_hook.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -56,13 +57,6 @@ static void usage(void)
 }
 
 static bool verbose;
-
-static void log_cb(enum ggml_log_level level, const char *text, void *user)
-{
-    (void)user;
-    if (verbose || level == GGML_LOG_LEVEL_ERROR)
-        fputs(text, stderr);
-}
 
 static int int_arg(const char *opt, const char *v, long lo, long hi, int *out)
 {
@@ -176,13 +170,9 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    llama_log_set(log_cb, NULL);
-    llama_backend_init();
     static server s;
     s.model_path = model_path;
-    struct llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-    if (!(s.model = llama_model_load_from_file(model_path, mp))) {
+    if (!(s.model = sae_llama_load_model(model_path, verbose))) {
         fprintf(stderr, "sae-server: cannot load %s\n", model_path);
         return 1;
     }
