@@ -154,29 +154,10 @@ static double ref_loss(const ref_model *r, const float *x, size_t n, const ref_c
             continue;
         /* AuxK: the auxk largest dead pre-activations, rectified, reconstruct the fixed residual
          * (OpenAI: decode_sparse adds b_dec, the target adds b_dec detached). */
-        bool *taken = calloc(s, 1);
         double *dv = tu_malloc(d * sizeof(double));
         for (size_t j = 0; j < d; j++)
             dv[j] = c->e0[t * d + j] + r->bd[j] - c->bd0[j];
-        size_t n_dead = 0;
-        for (size_t i = 0; i < s; i++)
-            n_dead += c->dead[i];
-        size_t ka = c->auxk < n_dead ? c->auxk : n_dead;
-        for (size_t q = 0; q < ka; q++) {
-            size_t best = s;
-            for (size_t i = 0; i < s; i++)
-                if (c->dead[i] && !taken[i] && (best == s || pre[t * s + i] > pre[t * s + best]))
-                    best = i;
-            taken[best] = true;
-            double a = pre[t * s + best] > 0.0 ? pre[t * s + best] : 0.0;
-            for (size_t j = 0; j < d; j++)
-                dv[j] += a * r->Wd[best * d + j];
-        }
-        double aq = 0.0;
-        for (size_t j = 0; j < d; j++)
-            aq += dv[j] * dv[j];
-        total += c->coeff * aq / c->aux_norm;
-        free(taken);
+        total += c->coeff * tu_auxk_sq(dv, pre + t * s, c->dead, c->auxk, r->Wd, s, d) / c->aux_norm;
         free(dv);
     }
     free(xs);

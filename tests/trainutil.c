@@ -119,3 +119,29 @@ double tu_mmcs(const float *truth, size_t n_true, const float *Wd, size_t s, siz
     }
     return total / (double)n_true;
 }
+
+double tu_auxk_sq(double *e, const double *pre, const bool *dead, size_t auxk, const double *Wd,
+                  size_t s, size_t d)
+{
+    bool *taken = calloc(s, 1);
+    ck_assert_ptr_nonnull(taken);
+    size_t n_dead = 0;
+    for (size_t i = 0; i < s; i++)
+        n_dead += dead[i];
+    size_t ka = auxk < n_dead ? auxk : n_dead;
+    for (size_t q = 0; q < ka; q++) {
+        size_t best = s;
+        for (size_t i = 0; i < s; i++)
+            if (dead[i] && !taken[i] && (best == s || pre[i] > pre[best]))
+                best = i;
+        taken[best] = true;
+        double a = pre[best] > 0.0 ? pre[best] : 0.0;
+        for (size_t j = 0; j < d; j++)
+            e[j] += a * Wd[best * d + j];
+    }
+    double sq = 0.0;
+    for (size_t j = 0; j < d; j++)
+        sq += e[j] * e[j];
+    free(taken);
+    return sq;
+}

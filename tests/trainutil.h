@@ -3,6 +3,7 @@
 #ifndef SAE_TRAINUTIL_H
 #define SAE_TRAINUTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -37,5 +38,10 @@ double *tu_dup_tensor(const sae_model *m, sae_tensor t, size_t count);
 /* Mean over true directions (n_true rows of d) of the best cosine with a decoder row of Wd (s rows
  * of d): how well a dictionary recovered planted features. */
 double tu_mmcs(const float *truth, size_t n_true, const float *Wd, size_t s, size_t d);
+/* The float64 reference of one token's AuxK error (OpenAI 2024): the auxk largest
+ * pre-activations pre [s] among dead latents, rectified, decoded without bias through Wd [s][d]
+ * and added to the residual e [d] (overwritten); returns the sum of squares of the result. */
+double tu_auxk_sq(double *e, const double *pre, const bool *dead, size_t auxk, const double *Wd,
+                  size_t s, size_t d);
 
 #endif
