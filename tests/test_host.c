@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <float.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,7 +53,8 @@ static void *save_loop(void *arg)
     return NULL;
 }
 
-static volatile int watching;
+/* atomic: the watcher reads it while the test thread clears it (volatile is no synchronization) */
+static atomic_int watching;
 
 static void *watch_umask(void *arg)
 {
