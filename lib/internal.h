@@ -98,6 +98,34 @@ const char *sae__dtype_name(sae__dtype t);
  * numpy's astype(float32) does. */
 void sae__to_float(sae__dtype t, const unsigned char *src, size_t count, float *dst);
 
+/* The instruction sets sae__to_float can widen with, chosen once per process (the best this CPU
+ * runs; SAE_DTYPE_ISA=none or avx2 caps it, for tests and comparisons). Every path gives the
+ * scalar path's bits exactly. Exposed so that tests can run each path the CPU has. */
+typedef enum {
+    SAE__WIDEN_SCALAR = 0,
+    SAE__WIDEN_AVX2,   /* AVX2 + F16C */
+    SAE__WIDEN_AVX512, /* AVX512F */
+    SAE__WIDEN_COUNT
+} sae__widen_path;
+
+const char *sae__widen_path_name(sae__widen_path p);
+/* Whether this build has path p and this CPU (and its OS) can run it. */
+bool sae__widen_supported(sae__widen_path p);
+/* The path sae__to_float takes in this process. */
+sae__widen_path sae__widen_chosen(void);
+/* sae__to_float on path p, which must be supported. */
+void sae__to_float_on(sae__widen_path p, sae__dtype t, const unsigned char *src, size_t count,
+                      float *dst);
+void sae__to_float_scalar(sae__dtype t, const unsigned char *src, size_t count, float *dst);
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define SAE__WIDEN_X86 1
+/* dtype_x86.c: the vector loops, each compiled for its instruction set alone (one binary for
+ * every x86-64 CPU); the last few values of a call go through sae__to_float_scalar. */
+void sae__to_float_avx2(sae__dtype t, const unsigned char *src, size_t count, float *dst);
+void sae__to_float_avx512(sae__dtype t, const unsigned char *src, size_t count, float *dst);
+#endif
+
 /* ---- the model (model.c) ------------------------------------------------------------------- */
 
 /* The last architecture and one past the last tensor, for loops over them. */
