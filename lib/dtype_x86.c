@@ -29,10 +29,10 @@ __attribute__((target("avx2,f16c"))) static void f16_avx2(const unsigned char *s
         __m256i w = _mm256_cvtepu16_epi32(h);
         __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(w, exponent), exponent);
         if (!_mm256_testz_si256(special, special)) {
-            __m256i bits = _mm256_or_si256(
-                _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x8000)), 16),
-                                _mm256_set1_epi32(0x7f800000)),
-                _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x3ff)), 13));
+            __m256i sign = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x8000)), 16);
+            __m256i payload = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x3ff)), 13);
+            __m256i bits =
+                _mm256_or_si256(_mm256_or_si256(sign, _mm256_set1_epi32(0x7f800000)), payload);
             f = _mm256_blendv_ps(f, _mm256_castsi256_ps(bits), _mm256_castsi256_ps(special));
         }
         _mm256_storeu_ps(dst + i, f);
@@ -56,8 +56,10 @@ __attribute__((target("avx2"))) static void f64_avx2(const unsigned char *src, s
                                                      float *dst)
 {
     size_t i = 0;
-    for (; i + 4 <= n; i += 4)
-        _mm_storeu_ps(dst + i, _mm256_cvtpd_ps(_mm256_loadu_pd((const double *)(const void *)(src + 8 * i))));
+    for (; i + 4 <= n; i += 4) {
+        __m256d d = _mm256_loadu_pd((const double *)(const void *)(src + 8 * i));
+        _mm_storeu_ps(dst + i, _mm256_cvtpd_ps(d));
+    }
     sae__to_float_scalar(SAE__F64, src + 8 * i, n - i, dst + i);
 }
 
@@ -82,10 +84,10 @@ __attribute__((target("avx512f"))) static void f16_avx512(const unsigned char *s
         __m512i w = _mm512_cvtepu16_epi32(h);
         __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(w, exponent), exponent);
         if (special) {
-            __m512i bits = _mm512_or_si512(
-                _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0x8000)), 16),
-                                _mm512_set1_epi32(0x7f800000)),
-                _mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0x3ff)), 13));
+            __m512i sign = _mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0x8000)), 16);
+            __m512i payload = _mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0x3ff)), 13);
+            __m512i bits =
+                _mm512_or_si512(_mm512_or_si512(sign, _mm512_set1_epi32(0x7f800000)), payload);
             f = _mm512_mask_mov_ps(f, special, _mm512_castsi512_ps(bits));
         }
         _mm512_storeu_ps(dst + i, f);
