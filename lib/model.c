@@ -172,6 +172,23 @@ int sae__model_alloc(sae_model **out, const sae__shape *shape)
 
 static bool shifted(sae_tensor t) { return t == SAE_W_ENC || t == SAE_W_DEC; }
 
+/* Transparent huge pages where the kernel offers them (madvise mode is the common default),
+ * advised before the first touch so that the pages are faulted in huge. A converted load then
+ * takes 75 page faults per 150 MB tensor instead of 37 000, most of its time; and every product
+ * streaming the weights, or picking rows of W_dec at random, misses the TLB once per 2 MB
+ * instead of once per 4 KB. numpy advises the same for its arrays of 4 MB or more, so its x @ W
+ * over a 151 MB W_enc took 12% less CPU time than the same SGEMV over 4 KB pages (one OpenBLAS
+ * thread, the Xeon of docs/performance.md, whose 480 MB cache holds W_enc: the page walks, not
+ * DRAM, set the pace). Advice only: failure changes nothing. */
+static void advise_huge(void *p, size_t bytes)
+{
+    enum { HUGE = 2u << 20 };
+    uintptr_t begin = (uintptr_t)p, end = begin + bytes;
+    uintptr_t a = (begin + HUGE - 1) & ~(uintptr_t)(HUGE - 1), b = end & ~(uintptr_t)(HUGE - 1);
+    if (b > a)
+        (void)madvise((void *)a, b - a, MADV_HUGEPAGE);
+}
+
 static float *tensor_alloc(sae_tensor t, size_t count, const char *what)
 {
     const size_t extra = shifted(t) ? W_SHIFT_FLOATS : 0;
@@ -180,22 +197,9 @@ static float *tensor_alloc(sae_tensor t, size_t count, const char *what)
         return NULL;
     }
     float *p = sae__alloc(count + extra, sizeof(float), what);
-    if (p == NULL)
-        return NULL;
-    /* Transparent huge pages where the kernel offers them (madvise mode is the common default),
-     * advised before the first touch so that the pages are faulted in huge. A converted load
-     * then takes 75 page faults per 150 MB tensor instead of 37 000, most of its time; and every
-     * product streaming the weights misses the TLB once per 2 MB instead of once per 4 KB.
-     * numpy advises the same for its arrays of 4 MB or more, so its x @ W over a 151 MB W_enc
-     * took 12% less CPU time than the same SGEMV over 4 KB pages (one OpenBLAS thread, the
-     * Xeon of docs/performance.md, whose 480 MB cache holds W_enc: the page walks, not DRAM,
-     * set the pace). Advice only: failure changes nothing. */
-    enum { HUGE = 2u << 20 };
-    uintptr_t begin = (uintptr_t)p, end = begin + (count + extra) * sizeof(float);
-    uintptr_t a = (begin + HUGE - 1) & ~(uintptr_t)(HUGE - 1), b = end & ~(uintptr_t)(HUGE - 1);
-    if (b > a)
-        (void)madvise((void *)a, b - a, MADV_HUGEPAGE);
-    return p + extra;
+    if (p != NULL)
+        advise_huge(p, (count + extra) * sizeof(float));
+    return p == NULL ? NULL : p + extra;
 }
 
 static void tensor_free(sae_tensor t, float *p)
@@ -532,8 +536,11 @@ int sae__model_set_bf16(sae_model *m, bool on)
         uint16_t *enc = sae__alloc(n_enc, sizeof *enc, "bfloat16 W_enc");
         uint16_t *dec = enc ? sae__alloc(n_dec, sizeof *dec, "bfloat16 W_dec") : NULL;
         int rc = dec == NULL ? SAE_ENOMEM : SAE_OK;
-        if (rc == SAE_OK)
+        if (rc == SAE_OK) {
+            advise_huge(enc, n_enc * sizeof *enc);
+            advise_huge(dec, n_dec * sizeof *dec);
             rc = sae__bf16_narrow(m->W_enc, enc, n_enc, m->d_sae, "W_enc");
+        }
         if (rc == SAE_OK)
             rc = sae__bf16_narrow(m->W_dec, dec, n_dec, m->d_out, "W_dec");
         if (rc != SAE_OK) {
