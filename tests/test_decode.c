@@ -168,6 +168,48 @@ START_TEST(decode_refuses_bad_arguments)
 }
 END_TEST
 
+/* The finiteness check rides on the count of nonzeros, split across threads: a NaN or infinity
+ * anywhere, in codes dense enough for the GEMM or sparse enough for the row path, is refused
+ * with the first bad value named, whatever the thread count, and finite codes still decode. */
+START_TEST(decode_refuses_nonfinite_codes_across_threads)
+{
+    /* Enough tokens of enough codes for the count to be split across up to 3 threads. */
+    const size_t d_in = 9, d_sae = 2001, n = 400;
+    const float bad_values[] = {NAN, INFINITY, -INFINITY};
+    sae_model *m = tu_random_model(SAE_ARCH_RELU, d_in, d_sae, 77);
+    float *f = tu_malloc(n * d_sae * sizeof(float));
+    float *x_hat = tu_malloc(n * d_in * sizeof(float));
+    for (int dense = 0; dense <= 1; dense++) {
+        for (size_t threads = 1; threads <= 3; threads++) {
+            ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, (double)threads));
+            for (size_t b = 0; b < 3; b++) {
+                tu_rng r = {threads * 10 + b};
+                tu_fill(&r, f, n * d_sae, 0.0f, 1.0f);
+                if (!dense) /* one code in 35: the row path */
+                    for (size_t i = 0; i < n * d_sae; i++)
+                        if (i % 35 != 3)
+                            f[i] = 0.0f;
+                ck_assert_ok(sae_decode(m, f, n, x_hat));
+                /* The last token (the last thread's share) and its last code (past the
+                 * counting's blocks of 16), then a second one earlier, which is named. */
+                f[(n - 1) * d_sae + d_sae - 1] = bad_values[b];
+                ck_assert_sae(sae_decode(m, f, n, x_hat), SAE_EINVAL);
+                ck_assert_msg(strstr(sae_last_error(), "f[399][2000]") != NULL, "message: %s",
+                              sae_last_error());
+                f[250 * d_sae + 5] = bad_values[(b + 1) % 3];
+                ck_assert_sae(sae_decode(m, f, n, x_hat), SAE_EINVAL);
+                ck_assert_msg(strstr(sae_last_error(), "f[250][5]") != NULL, "message: %s",
+                              sae_last_error());
+                ck_assert_sae(sae_decode(m, f + 250 * d_sae, 1, x_hat), SAE_EINVAL);
+            }
+        }
+    }
+    free(f);
+    free(x_hat);
+    sae_model_free(m);
+}
+END_TEST
+
 static Suite *decode_suite(void)
 {
     Suite *s = suite_create("decode");
@@ -177,6 +219,7 @@ static Suite *decode_suite(void)
     tcase_add_loop_test(tc, reconstruct_equals_decode_of_encode, SAE_ARCH_RELU,
                         SAE_ARCH_JUMPRELU + 1);
     tcase_add_test(tc, decode_refuses_bad_arguments);
+    tcase_add_test(tc, decode_refuses_nonfinite_codes_across_threads);
     suite_add_tcase(s, tc);
     return s;
 }
