@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,12 +47,20 @@ static void die(const char *what)
             die(#call);                                                                            \
     } while (0)
 
+/* Buffers of 4 MB or more are advised onto transparent huge pages, as numpy (1.22 on) advises
+ * every array of that size, so that libsae's calls read and write memory of the same kind as the
+ * numpy and torch peers' arrays: with 4 KB pages under the codes and x_hat of the dense decode
+ * at n = 1024, the call took 4% more CPU time than with numpy's arrays (one thread, in turns). */
 static void *xmalloc(size_t bytes)
 {
     void *p = malloc(bytes ? bytes : 1);
     if (p == NULL) {
         fprintf(stderr, "bench_ops: out of memory (%zu bytes)\n", bytes);
         exit(1);
+    }
+    if (bytes >= ((size_t)4 << 20)) {
+        uintptr_t page = 4096, begin = ((uintptr_t)p + page - 1) & ~(page - 1);
+        (void)madvise((void *)begin, (uintptr_t)p + bytes - begin, MADV_HUGEPAGE);
     }
     return p;
 }
