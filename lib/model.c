@@ -167,7 +167,11 @@ int sae__model_alloc(sae_model **out, const sae__shape *shape)
  * mmap'd blocks): OpenBLAS's SGEMM (0.3.21, SKYLAKEX kernels) took 8-20% more CPU time with its B
  * operand on a 64-byte boundary, at 64 tokens x 2304 x 16384 on the AMX Xeon of
  * docs/performance.md, in every one of 8 placements of A and C tried (single-threaded, thread CPU
- * time, best of 5; tests/bench/bf16_align.c). Other tensors keep sae__alloc's alignment. */
+ * time, best of 5; tests/bench/bf16_align.c). Other tensors keep sae__alloc's alignment. On
+ * transparent huge pages (advise_huge below; bf16_align's buffers now are) the offset made no
+ * difference beyond the noise, for that product, the decoder's (1024 x 16384 x 2304) and one
+ * token's SGEMV (2 cores under load 7-10, best of 3-20); the shift stays for memory the kernel
+ * keeps on 4 KB pages (THP off, or no huge page free). */
 #define W_SHIFT_FLOATS 4
 
 static bool shifted(sae_tensor t) { return t == SAE_W_ENC || t == SAE_W_DEC; }
