@@ -40,6 +40,7 @@ const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = {"jumprelu_init_threshold", K_POS, 0},
     [SAE_TRAIN_L0_COEFF] = {"l0_coeff", K_NONNEG, 0},
     [SAE_TRAIN_HELDOUT_EVERY] = {"heldout_every", K_WHOLE, 0},
+    [SAE_TRAIN_BF16] = {"bf16", K_ENUM, 1, .run = true, .apply = sae__train_bf16_set},
 };
 
 const char *const sae__train_metric_names[N_METRICS] = {
@@ -155,6 +156,7 @@ static void set_defaults(sae_trainer *t)
     p[SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = 0.01;
     p[SAE_TRAIN_L0_COEFF] = 1.0;
     p[SAE_TRAIN_HELDOUT_EVERY] = 0;
+    p[SAE_TRAIN_BF16] = 0;
     arch_defaults(t, p);
     memset(t->param_set, 0, sizeof t->param_set);
 }
@@ -252,9 +254,9 @@ int sae__train_check_param(sae_train_param p, double v)
 int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v)
 {
     SAE_CHECK_NULL(t);
-    if (p == SAE_TRAIN_BF16)
-        return sae__train_bf16_set(t, v);
     int rc = sae__train_check_param(p, v);
+    if (rc == SAE_OK && sae__train_params[p].apply != NULL)
+        rc = sae__train_params[p].apply(t, v);
     if (rc != SAE_OK)
         return rc;
     t->param[p] = v;
@@ -266,10 +268,6 @@ int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v)
 {
     SAE_CHECK_NULL(t);
     SAE_CHECK_NULL(v);
-    if (p == SAE_TRAIN_BF16) {
-        *v = t->bf16 != NULL;
-        return SAE_OK;
-    }
     if (!sae__train_param_known((int)p))
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
     *v = sae__train_param_value(t, p);

@@ -48,7 +48,7 @@ typedef struct {
 } sae__train_layout;
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
 
-#define N_PARAMS (SAE_TRAIN_HELDOUT_EVERY + 1)
+#define N_PARAMS (SAE_TRAIN_BF16 + 1)
 #define N_METRICS (SAE_METRIC_WARNINGS + 1)
 #define TRAIN_FORMAT_VERSION "1"
 /* Dead-latent counters saturate here so that they travel exactly as two float halves. */
@@ -61,6 +61,13 @@ typedef struct {
     const char *name;
     param_kind kind;
     double max; /* K_ENUM: the largest value */
+    /* A run setting: how this process computes (SAE_TRAIN_BF16), not what the run trains, like
+     * the model's SAE_PARAM_THREADS. Checkpoints neither store nor restore it, so a checkpoint
+     * resumes on a machine that computes otherwise, and their format predates such settings. */
+    bool run;
+    /* Called with a validated value before the trainer stores it, for a parameter that changes
+     * more than the value (SAE_TRAIN_BF16 allocates its state); NULL for the others. */
+    int (*apply)(sae_trainer *t, double v);
 } sae__train_param_info;
 extern const sae__train_param_info sae__train_params[N_PARAMS];
 extern const char *const sae__train_metric_names[N_METRICS];
@@ -181,7 +188,7 @@ int sae__train_need_float_weights(const sae_trainer *t, const char *fn);
 
 /* ---- mixed precision (train_bf16.c): SAE_TRAIN_BF16 ---------------------------------------- */
 
-/* Sets SAE_TRAIN_BF16 (0 or 1, else SAE_EINVAL; SAE_ENOMEM). */
+/* Applies SAE_TRAIN_BF16 = v, 0 or 1 (sae__train_check_param validated it): SAE_ENOMEM. */
 int sae__train_bf16_set(sae_trainer *t, double v);
 void sae__train_bf16_free(struct sae__train_bf16 *b);
 /* For the tests: products of at most macs multiply-adds take SGEMM (2^25 unless set; 0 sends

@@ -1037,6 +1037,102 @@ START_TEST(bf16_training_reaches_the_float_fvu)
 }
 END_TEST
 
+/* The data of tests/fixtures/train/make.py: row i, column j is sin(0.7 (i + 1) + 1.3 j)
+ * (1 + i mod 3), rounded to float; 128 rows of 8. */
+static float *fixture_rows(void)
+{
+    float *x = tu_malloc(128 * 8 * sizeof *x);
+    for (size_t i = 0; i < 128; i++)
+        for (size_t j = 0; j < 8; j++)
+            x[i * 8 + j] = (float)(sin(0.7 * (double)(i + 1) + 1.3 * (double)j) *
+                                   (double)(1 + i % 3));
+    return x;
+}
+
+/* SAE_TRAIN_BF16 is a run setting of the parameter table: a checkpoint neither stores it nor
+ * changes it on load. A checkpoint written before it joined the table (tests/fixtures/train,
+ * by the build of commit 34bfaff) resumes: its 4th step gives the weights that build saved. */
+START_TEST(bf16_is_a_run_setting_checkpoints_neither_store_nor_restore)
+{
+    char *p3 = tu_path_in(SAE_TRAIN_FIXTURES, "step3.safetensors");
+    char *p4 = tu_path_in(SAE_TRAIN_FIXTURES, "step4.safetensors");
+    float *x = fixture_rows();
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, SAE_ARCH_BATCHTOPK, 8, 16));
+    sae_trainer *t;
+    ck_assert_ok(sae_trainer_new(&t, m));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 1));
+    ck_assert_ok(sae_trainer_load(t, p3));
+    double v;
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_BF16, &v));
+    ck_assert_msg(v == 1.0, "loading a checkpoint changed SAE_TRAIN_BF16 to %g", v);
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_LR, &v));
+    ck_assert(v == 0.01);
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_DEAD_TOKENS, &v));
+    ck_assert(v == 20.0);
+    ck_assert(tu_metric(t, SAE_METRIC_STEPS) == 3.0);
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 0)); /* the fixture's step was float */
+    ck_assert_ok(sae_trainer_step(t, x + 3 * 16 * 8, 16));
+    sae_model *want;
+    ck_assert_ok(sae_model_load(&want, p4));
+    const sae_tensor ts[] = {SAE_W_ENC, SAE_W_DEC, SAE_B_ENC, SAE_B_DEC};
+    const size_t counts[] = {8 * 16, 16 * 8, 16, 8};
+    for (size_t q = 0; q < 4; q++) {
+        double *a = tu_dup_tensor(m, ts[q], counts[q]), *b = tu_dup_tensor(want, ts[q], counts[q]);
+        for (size_t i = 0; i < counts[q]; i++) /* another BLAS may change the last bits */
+            ck_assert_msg(fabs(a[i] - b[i]) <= 1e-5 * (1.0 + fabs(b[i])),
+                          "tensor %d [%zu]: resumed %.9g, the old build %.9g", (int)ts[q], i,
+                          a[i], b[i]);
+        free(a);
+        free(b);
+    }
+    double th_got, th_want;
+    ck_assert_ok(sae_model_get_param(m, SAE_PARAM_THRESHOLD, &th_got));
+    ck_assert_ok(sae_model_get_param(want, SAE_PARAM_THRESHOLD, &th_want));
+    ck_assert_msg(fabs(th_got - th_want) <= 1e-5 * fabs(th_want), "threshold %.9g, old %.9g",
+                  th_got, th_want);
+
+    /* Saved with the setting on, the file does not mention it, and a trainer that loads it
+     * keeps its own. */
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 1));
+    char *saved = tu_tmp_path("bf16_run_setting.safetensors");
+    ck_assert_ok(sae_trainer_save(t, saved));
+    size_t size;
+    unsigned char *bytes = tu_read_file(saved, &size);
+    const char key[] = "train.param.bf16";
+    for (size_t i = 0; i + sizeof key - 1 <= size; i++)
+        ck_assert_msg(memcmp(bytes + i, key, sizeof key - 1) != 0, "the checkpoint stores %s",
+                      key);
+    free(bytes);
+    for (int on = 0; on < 2; on++) {
+        sae_model *m2;
+        ck_assert_ok(sae_model_new(&m2, SAE_ARCH_BATCHTOPK, 8, 16));
+        sae_trainer *t2;
+        ck_assert_ok(sae_trainer_new(&t2, m2));
+        ck_assert_ok(sae_trainer_set_param(t2, SAE_TRAIN_BF16, on));
+        ck_assert_ok(sae_trainer_load(t2, saved));
+        ck_assert_ok(sae_trainer_get_param(t2, SAE_TRAIN_BF16, &v));
+        ck_assert(v == (double)on);
+        ck_assert(tu_metric(t2, SAE_METRIC_STEPS) == 4.0);
+        ck_assert_ok(sae_trainer_step(t2, x + 4 * 16 * 8, 16)); /* in the precision asked for */
+        sae_trainer_free(t2);
+        sae_model_free(m2);
+    }
+    /* Validated by the table, as every parameter. */
+    ck_assert_sae(sae_trainer_set_param(t, SAE_TRAIN_BF16, 2), SAE_EINVAL);
+    ck_assert_ptr_nonnull(strstr(sae_last_error(), "bf16"));
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_BF16, &v));
+    ck_assert(v == 1.0);
+    sae_model_free(want);
+    sae_trainer_free(t);
+    sae_model_free(m);
+    free(saved);
+    free(x);
+    free(p3);
+    free(p4);
+}
+END_TEST
+
 /* W_enc and W_dec the model allocates start 16 bytes past a 64-byte boundary (lib/model.c,
  * W_SHIFT_FLOATS: OpenBLAS's SGEMM is slower with its B operand on the boundary), whether made
  * new or widened back from bfloat16; freeing them (ASan in tests/run) finds the block's start. */
@@ -1082,6 +1178,7 @@ static Suite *bf16_suite(void)
                         (int)(2 * (sizeof topk_cases / sizeof topk_cases[0])));
     tcase_add_loop_test(tc, bf16_training_is_independent_of_the_thread_count, 0, 3);
     tcase_add_loop_test(tc, bf16_training_reaches_the_float_fvu, 0, 2);
+    tcase_add_test(tc, bf16_is_a_run_setting_checkpoints_neither_store_nor_restore);
     tcase_add_test(tc, weight_matrices_sit_16_bytes_past_64);
     suite_add_tcase(s, tc);
     return s;
