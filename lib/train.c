@@ -40,7 +40,13 @@ const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = {"jumprelu_init_threshold", K_POS, 0},
     [SAE_TRAIN_L0_COEFF] = {"l0_coeff", K_NONNEG, 0},
     [SAE_TRAIN_HELDOUT_EVERY] = {"heldout_every", K_WHOLE, 0},
-    [SAE_TRAIN_BF16] = {"bf16", K_ENUM, 1, .run = true, .apply = sae__train_bf16_set},
+    [SAE_TRAIN_BF16] = {"bf16", K_RUN, 1},
+};
+
+/* Parameters whose setting does more than store the value: SAE_TRAIN_BF16 allocates its state.
+ * Called with a validated value; the value is stored only if this succeeds. */
+static int (*const param_apply[N_PARAMS])(sae_trainer *t, double v) = {
+    [SAE_TRAIN_BF16] = sae__train_bf16_set,
 };
 
 const char *const sae__train_metric_names[N_METRICS] = {
@@ -237,6 +243,7 @@ int sae__train_check_param(sae_train_param p, double v)
                              v);
         break;
     case K_ENUM:
+    case K_RUN:
         if (!whole || v > sae__train_params[p].max)
             return sae__fail(SAE_EINVAL, "training parameter %s must be a whole number from 0 to "
                              "%g, not %g", name, sae__train_params[p].max, v);
@@ -261,8 +268,8 @@ int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v)
 {
     SAE_CHECK_NULL(t);
     int rc = sae__train_check_param(p, v);
-    if (rc == SAE_OK && sae__train_params[p].apply != NULL)
-        rc = sae__train_params[p].apply(t, v);
+    if (rc == SAE_OK && param_apply[p] != NULL)
+        rc = param_apply[p](t, v);
     if (rc != SAE_OK)
         return rc;
     t->param[p] = v;

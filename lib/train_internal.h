@@ -55,19 +55,18 @@ void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
 #define COUNTER_MAX (((uint64_t)1 << 48) - 1)
 #define WHOLE_MAX 9007199254740992.0 /* 2^53: the largest run of whole numbers a double holds */
 
-typedef enum { K_POS, K_NONNEG, K_WHOLE, K_WHOLE_POS, K_UNIT_OPEN, K_UNIT, K_ENUM } param_kind;
+/* K_RUN: a run setting, a whole number from 0 to max (as K_ENUM) that says how this process
+ * computes (SAE_TRAIN_BF16), not what the run trains, like the model's SAE_PARAM_THREADS.
+ * Checkpoints neither store nor restore run settings, so a checkpoint resumes on a machine that
+ * computes otherwise, and their format predates them. */
+typedef enum {
+    K_POS, K_NONNEG, K_WHOLE, K_WHOLE_POS, K_UNIT_OPEN, K_UNIT, K_ENUM, K_RUN
+} param_kind;
 
 typedef struct {
     const char *name;
     param_kind kind;
-    double max; /* K_ENUM: the largest value */
-    /* A run setting: how this process computes (SAE_TRAIN_BF16), not what the run trains, like
-     * the model's SAE_PARAM_THREADS. Checkpoints neither store nor restore it, so a checkpoint
-     * resumes on a machine that computes otherwise, and their format predates such settings. */
-    bool run;
-    /* Called with a validated value before the trainer stores it, for a parameter that changes
-     * more than the value (SAE_TRAIN_BF16 allocates its state); NULL for the others. */
-    int (*apply)(sae_trainer *t, double v);
+    double max; /* K_ENUM, K_RUN: the largest value */
 } sae__train_param_info;
 extern const sae__train_param_info sae__train_params[N_PARAMS];
 extern const char *const sae__train_metric_names[N_METRICS];
