@@ -683,7 +683,7 @@ typedef enum {
     SAE_TRAIN_DEAD_TOKENS = 5,  /* whole >= 1; 10,000,000 */
     SAE_TRAIN_WARMUP_STEPS = 6, /* whole >= 0, linear learning-rate warm-up; 0 */
     SAE_TRAIN_BETA1 = 7,        /* in [0, 1); 0.9 */
-    SAE_TRAIN_BETA2 = 8,        /* in [0, 1); 0.999 */
+    SAE_TRAIN_BETA2 = 8,        /* in [0, 1); 0.999 (BatchTopK 0.99) */
     SAE_TRAIN_SEED = 9,         /* whole, 0 to 2^53; 0; seeds the decoder directions */
     SAE_TRAIN_TOTAL_STEPS = 10, /* whole >= 0, the planned run length for the schedules; 0 = unknown */
     SAE_TRAIN_L1_WARMUP_STEPS = 11, /* whole >= 0; TOTAL_STEPS / 20 until set */

@@ -40,6 +40,13 @@ const sae__train_param_info sae__train_params[N_PARAMS] = {
     [SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = {"jumprelu_init_threshold", K_POS, 0},
     [SAE_TRAIN_L0_COEFF] = {"l0_coeff", K_NONNEG, 0},
     [SAE_TRAIN_HELDOUT_EVERY] = {"heldout_every", K_WHOLE, 0},
+    [SAE_TRAIN_BF16] = {"bf16", K_RUN, 1},
+};
+
+/* Parameters whose setting does more than store the value: SAE_TRAIN_BF16 allocates its state.
+ * Called with a validated value; the value is stored only if this succeeds. */
+static int (*const param_apply[N_PARAMS])(sae_trainer *t, double v) = {
+    [SAE_TRAIN_BF16] = sae__train_bf16_set,
 };
 
 const char *const sae__train_metric_names[N_METRICS] = {
@@ -125,6 +132,12 @@ static void arch_defaults(sae_trainer *t, double *p)
     default: /* TopK, BatchTopK (and Matryoshka, a BatchTopK model) */
         p[SAE_TRAIN_GRAD_CLIP] = 0.0;
         p[SAE_TRAIN_ADAM_EPS] = 6.25e-10;
+        /* Bussmann et al.'s code for BatchTopK and for Matryoshka (config.py of
+         * bartbussmann/BatchTopK and /matryoshka_sae): Adam betas (0.9, 0.99). Its second moment
+         * then follows the last ~100 steps instead of ~1000: within 6% of the best rate of the
+         * sweep on planted features, 12% with 0.999 (docs/training.md, "The sweep"). */
+        if (m->arch == SAE_ARCH_BATCHTOPK)
+            p[SAE_TRAIN_BETA2] = 0.99;
         break;
     }
 }
@@ -155,6 +168,7 @@ static void set_defaults(sae_trainer *t)
     p[SAE_TRAIN_JUMPRELU_INIT_THRESHOLD] = 0.01;
     p[SAE_TRAIN_L0_COEFF] = 1.0;
     p[SAE_TRAIN_HELDOUT_EVERY] = 0;
+    p[SAE_TRAIN_BF16] = 0;
     arch_defaults(t, p);
     memset(t->param_set, 0, sizeof t->param_set);
 }
@@ -229,6 +243,7 @@ int sae__train_check_param(sae_train_param p, double v)
                              v);
         break;
     case K_ENUM:
+    case K_RUN:
         if (!whole || v > sae__train_params[p].max)
             return sae__fail(SAE_EINVAL, "training parameter %s must be a whole number from 0 to "
                              "%g, not %g", name, sae__train_params[p].max, v);
@@ -252,9 +267,9 @@ int sae__train_check_param(sae_train_param p, double v)
 int sae_trainer_set_param(sae_trainer *t, sae_train_param p, double v)
 {
     SAE_CHECK_NULL(t);
-    if (p == SAE_TRAIN_BF16)
-        return sae__train_bf16_set(t, v);
     int rc = sae__train_check_param(p, v);
+    if (rc == SAE_OK && param_apply[p] != NULL)
+        rc = param_apply[p](t, v);
     if (rc != SAE_OK)
         return rc;
     t->param[p] = v;
@@ -266,10 +281,6 @@ int sae_trainer_get_param(const sae_trainer *t, sae_train_param p, double *v)
 {
     SAE_CHECK_NULL(t);
     SAE_CHECK_NULL(v);
-    if (p == SAE_TRAIN_BF16) {
-        *v = t->bf16 != NULL;
-        return SAE_OK;
-    }
     if (!sae__train_param_known((int)p))
         return sae__fail(SAE_EINVAL, "unknown training parameter %d", (int)p);
     *v = sae__train_param_value(t, p);

@@ -84,7 +84,8 @@ int sae_trainer_save(const sae_trainer *t, const char *path)
         vals[nm++] = groups;
     }
     for (int p = SAE_TRAIN_LR; p < N_PARAMS; p++) {
-        if (!sae__train_param_known(p) || (sae__train_param_derived(p) && !t->param_set[p]))
+        if (!sae__train_param_known(p) || sae__train_params[p].kind == K_RUN ||
+            (sae__train_param_derived(p) && !t->param_set[p]))
             continue;
         snprintf(names[nn], sizeof names[nn], "train.param.%s", sae__train_params[p].name);
         META(names[nn++], "%.17g", t->param[p]);
@@ -288,6 +289,10 @@ static int parse_checkpoint(const sae_trainer *t, const sae__safetensors *st, ch
         c->param_set[p] = false;
         if (!sae__train_param_known(p))
             continue;
+        if (sae__train_params[p].kind == K_RUN) { /* not in the file: this process's stays */
+            c->param_set[p] = t->param_set[p];
+            continue;
+        }
         snprintf(key, sizeof key, "train.param.%s", sae__train_params[p].name);
         /* A derived default, or a parameter newer than the file, keeps this trainer's value. */
         if ((sae__train_param_derived(p) || p == SAE_TRAIN_HELDOUT_EVERY) &&

@@ -48,19 +48,25 @@ typedef struct {
 } sae__train_layout;
 void sae__train_layout_of(const sae_model *m, sae__train_layout *l);
 
-#define N_PARAMS (SAE_TRAIN_HELDOUT_EVERY + 1)
+#define N_PARAMS (SAE_TRAIN_BF16 + 1)
 #define N_METRICS (SAE_METRIC_WARNINGS + 1)
 #define TRAIN_FORMAT_VERSION "1"
 /* Dead-latent counters saturate here so that they travel exactly as two float halves. */
 #define COUNTER_MAX (((uint64_t)1 << 48) - 1)
 #define WHOLE_MAX 9007199254740992.0 /* 2^53: the largest run of whole numbers a double holds */
 
-typedef enum { K_POS, K_NONNEG, K_WHOLE, K_WHOLE_POS, K_UNIT_OPEN, K_UNIT, K_ENUM } param_kind;
+/* K_RUN: a run setting, a whole number from 0 to max (as K_ENUM) that says how this process
+ * computes (SAE_TRAIN_BF16), not what the run trains, like the model's SAE_PARAM_THREADS.
+ * Checkpoints neither store nor restore run settings, so a checkpoint resumes on a machine that
+ * computes otherwise, and their format predates them. */
+typedef enum {
+    K_POS, K_NONNEG, K_WHOLE, K_WHOLE_POS, K_UNIT_OPEN, K_UNIT, K_ENUM, K_RUN
+} param_kind;
 
 typedef struct {
     const char *name;
     param_kind kind;
-    double max; /* K_ENUM: the largest value */
+    double max; /* K_ENUM, K_RUN: the largest value */
 } sae__train_param_info;
 extern const sae__train_param_info sae__train_params[N_PARAMS];
 extern const char *const sae__train_metric_names[N_METRICS];
@@ -181,7 +187,7 @@ int sae__train_need_float_weights(const sae_trainer *t, const char *fn);
 
 /* ---- mixed precision (train_bf16.c): SAE_TRAIN_BF16 ---------------------------------------- */
 
-/* Sets SAE_TRAIN_BF16 (0 or 1, else SAE_EINVAL; SAE_ENOMEM). */
+/* Applies SAE_TRAIN_BF16 = v, 0 or 1 (sae__train_check_param validated it): SAE_ENOMEM. */
 int sae__train_bf16_set(sae_trainer *t, double v);
 void sae__train_bf16_free(struct sae__train_bf16 *b);
 /* For the tests: products of at most macs multiply-adds take SGEMM (2^25 unless set; 0 sends

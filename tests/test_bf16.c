@@ -706,6 +706,232 @@ START_TEST(bf16_training_step_matches_float64_over_rounded_products)
 }
 END_TEST
 
+/* What a TopK step reads besides the batch: the model's tensors and the trainer's state before
+ * the step (dead counters, normalizers), copied so the reference sees the step's inputs. */
+typedef struct {
+    size_t d, s, k, auxk;
+    float *We, *Wd, *be, *bd;
+    double scale, coeff, mse_norm, aux_norm;
+    bool *dead;
+} topk_before;
+
+static topk_before topk_snapshot(const sae_trainer *t)
+{
+    const sae_model *m = t->m;
+    topk_before b = {.d = m->d_in, .s = m->d_sae, .k = m->k};
+    const size_t d = b.d, s = b.s;
+    b.We = tu_malloc(d * s * sizeof *b.We), b.Wd = tu_malloc(s * d * sizeof *b.Wd);
+    b.be = tu_malloc(s * sizeof *b.be), b.bd = tu_malloc(d * sizeof *b.bd);
+    memcpy(b.We, m->W_enc, d * s * sizeof *b.We);
+    memcpy(b.Wd, m->W_dec, s * d * sizeof *b.Wd);
+    memcpy(b.be, m->b_enc, s * sizeof *b.be);
+    memcpy(b.bd, m->b_dec, d * sizeof *b.bd);
+    b.scale = m->input_scale;
+    b.auxk = (size_t)t->param[SAE_TRAIN_AUXK];
+    b.coeff = t->param[SAE_TRAIN_AUXK_COEFF];
+    b.mse_norm = t->mse_norm;
+    b.aux_norm = t->aux_norm;
+    b.dead = tu_malloc(s * sizeof *b.dead);
+    for (size_t i = 0; i < s; i++)
+        b.dead[i] = t->since_fired[i] >= (uint64_t)t->param[SAE_TRAIN_DEAD_TOKENS];
+    return b;
+}
+
+static void topk_before_free(topk_before *b)
+{
+    free(b->We), free(b->Wd), free(b->be), free(b->bd), free(b->dead);
+}
+
+/* The largest `want` of v [s] among those with take[i] (all if take is NULL), ties to the lower
+ * index, kept when positive: their indices into idx, returns how many. */
+static size_t ref_top(const float *v, const bool *take, size_t s, size_t want, size_t *idx)
+{
+    size_t kept = 0;
+    bool *used = tu_malloc(s * sizeof *used);
+    memset(used, 0, s * sizeof *used);
+    for (size_t q = 0; q < want; q++) {
+        size_t best = s;
+        for (size_t i = 0; i < s; i++)
+            if ((take == NULL || take[i]) && !used[i] && (best == s || v[i] > v[best]))
+                best = i;
+        if (best == s)
+            break;
+        used[best] = true;
+        if (v[best] > 0.0f)
+            idx[kept++] = best;
+    }
+    free(used);
+    return kept;
+}
+
+/* The TopK step's gradient sums (buf sections W_enc, W_dec, b_enc, b_dec), in float64 from the
+ * state before the step, with the operands of every matrix product rounded to bfloat16 if round.
+ * The products are the encoder's, pre = r(xin) r(W_enc) + b_enc, and, when AuxK runs dense (16
+ * AUXK >= d_sae), AuxK's: D = e + r(F_aux) r(W_dec), D' = g_aux D, dW_dec += r(F_aux)^T r(D'),
+ * G_aux = r(D') r(W_dec)^T [F_aux > 0], dW_enc += r(xin)^T r(G_aux). The sparse decoder and the
+ * per-latent backward pass (f e' into W_dec rows, e' . W_dec[i] into b_enc and W_enc columns; the
+ * AuxK latents' too when AuxK runs sparse) are float32 vector operations: not rounded. Returns
+ * how many got sums are off (printing the first few). */
+static size_t topk_grad_mismatches(const topk_before *b, const float *x, size_t n,
+                                   const float *got, const sae__train_layout *L, bool round)
+{
+    const size_t d = b->d, s = b->s;
+    const size_t auxk = b->auxk, k = b->k < s ? b->k : s;
+    size_t n_dead = 0;
+    for (size_t i = 0; i < s; i++)
+        n_dead += b->dead[i];
+    const size_t ka = b->coeff > 0.0 ? (auxk < n_dead ? auxk : n_dead) : 0;
+    const bool aux_dense = ka > 0 && 16 * ka >= s;
+    const double g_main = (float)(2.0 / b->mse_norm), g_aux = (float)(2.0 * b->coeff / b->aux_norm);
+    ref_sum *wenc = tu_malloc(d * s * sizeof *wenc), *wdec = tu_malloc(s * d * sizeof *wdec);
+    ref_sum *benc = tu_malloc(s * sizeof *benc), *bdec = tu_malloc(d * sizeof *bdec);
+    memset(wenc, 0, d * s * sizeof *wenc), memset(wdec, 0, s * d * sizeof *wdec);
+    memset(benc, 0, s * sizeof *benc), memset(bdec, 0, d * sizeof *bdec);
+    float *xs = tu_malloc(d * sizeof *xs), *xin = tu_malloc(d * sizeof *xin);
+    float *pre = tu_malloc(s * sizeof *pre);
+    double *e = tu_malloc(d * sizeof *e), *ep = tu_malloc(d * sizeof *ep);
+    double *dv = tu_malloc(d * sizeof *dv);
+    size_t *act = tu_malloc(s * sizeof *act), *aux = tu_malloc(s * sizeof *aux);
+    for (size_t t = 0; t < n; t++) {
+        for (size_t j = 0; j < d; j++) { /* float, as the trainer computes them */
+            xs[j] = (float)b->scale * x[t * d + j];
+            xin[j] = xs[j] - b->bd[j];
+        }
+        for (size_t i = 0; i < s; i++) {
+            double acc = b->be[i];
+            for (size_t j = 0; j < d; j++)
+                acc += r64(xin[j], round) * r64(b->We[j * s + i], round);
+            pre[i] = (float)acc;
+        }
+        const size_t na = ref_top(pre, NULL, s, k, act);
+        const size_t nx = ka > 0 ? ref_top(pre, b->dead, s, ka, aux) : 0;
+        for (size_t j = 0; j < d; j++) {
+            double acc = (double)b->bd[j] - xs[j];
+            for (size_t a = 0; a < na; a++)
+                acc += (double)pre[act[a]] * b->Wd[act[a] * d + j];
+            e[j] = acc;
+            ep[j] = g_main * acc;
+            ref_add(&bdec[j], ep[j]);
+        }
+        for (size_t a = 0; a < na; a++) { /* the main loss: float vector operations */
+            const size_t i = act[a];
+            double dpre = 0.0;
+            for (size_t j = 0; j < d; j++) {
+                ref_add(&wdec[i * d + j], (double)pre[i] * ep[j]);
+                dpre += ep[j] * b->Wd[i * d + j];
+            }
+            ref_add(&benc[i], dpre);
+            for (size_t j = 0; j < d; j++)
+                ref_add(&wenc[j * s + i], dpre * xin[j]);
+        }
+        if (ka == 0)
+            continue;
+        /* AuxK: every token joins the term once a latent is dead. */
+        for (size_t j = 0; j < d; j++) {
+            double acc = e[j];
+            for (size_t a = 0; a < nx; a++)
+                acc += r64(pre[aux[a]], aux_dense && round) *
+                       r64(b->Wd[aux[a] * d + j], aux_dense && round);
+            dv[j] = g_aux * acc;
+            ref_add(&bdec[j], dv[j]);
+        }
+        const bool r = aux_dense && round;
+        for (size_t a = 0; a < nx; a++) {
+            const size_t i = aux[a];
+            double ga = 0.0;
+            for (size_t j = 0; j < d; j++) {
+                ref_add(&wdec[i * d + j], r64(pre[i], r) * r64(dv[j], r));
+                ga += r64(dv[j], r) * r64(b->Wd[i * d + j], r);
+            }
+            /* The dense path holds G_aux as floats before its product. */
+            const double gq = aux_dense ? (double)(float)ga : ga;
+            ref_add(&benc[i], gq);
+            for (size_t j = 0; j < d; j++)
+                ref_add(&wenc[j * s + i], r64(xin[j], r) * r64(gq, r));
+        }
+    }
+    for (size_t j = 0; j < d; j++) /* b_dec also enters through xin = xs - b_dec */
+        for (size_t i = 0; i < s; i++)
+            ref_add(&bdec[j], -(double)b->We[j * s + i] * got[L->b_enc + i]);
+    size_t bad = 0;
+#define CHECK(section, index, rs)                                                                  \
+    do {                                                                                           \
+        const double g_ = got[L->section + (index)];                                               \
+        if (!ref_close(g_, &(rs), round) && bad++ < 5 && round)                                    \
+            fprintf(stderr, "TopK %s[%zu]: %.9g, float64 %.9g (mass %.3g)\n", #section,          \
+                    (size_t)(index), g_, (rs).sum, (rs).mass);                                     \
+    } while (0)
+    for (size_t q = 0; q < d * s; q++) {
+        CHECK(W_enc, q, wenc[q]);
+        CHECK(W_dec, q, wdec[q]);
+    }
+    for (size_t i = 0; i < s; i++)
+        CHECK(b_enc, i, benc[i]);
+    for (size_t j = 0; j < d; j++)
+        CHECK(b_dec, j, bdec[j]);
+#undef CHECK
+    void *blocks[] = {wenc, wdec, benc, bdec, xs, xin, pre, e, ep, dv, act, aux};
+    for (size_t i = 0; i < sizeof blocks / sizeof blocks[0]; i++)
+        free(blocks[i]);
+    return bad;
+}
+
+/* d_in, d_sae, tokens, AUXK: AuxK dense (16 AUXK >= d_sae) in the first and last, sparse in the
+ * second; loop index: case x (every product on oneDNN, or the default split by size). */
+static const size_t topk_cases[][4] = {{19, 70, 37, 8}, {33, 47, 9, 2}, {8, 130, 40, 16}};
+
+START_TEST(bf16_topk_step_matches_float64_over_rounded_products)
+{
+    const size_t *c = topk_cases[_i / 2];
+    const size_t d = c[0], s = c[1], n = c[2];
+    const bool all_onednn = _i % 2 == 0;
+    float *x = tu_train_data(8 * n, d, 41 + (uint64_t)_i);
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, SAE_ARCH_TOPK, d, s));
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, 4));
+    sae_trainer *t;
+    ck_assert_ok(sae_trainer_new(&t, m));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_LR, 1e-2));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_AUXK, (double)c[3]));
+    /* Latents that did not fire in the first batch are dead from the second step on. */
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, (double)n));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 1));
+    if (all_onednn)
+        sae__train_bf16_set_small(t, 0.0);
+    ck_assert_ok(sae_trainer_init(t, x, 4 * n));
+    tu_capture cap = {0};
+    ck_assert_ok(sae_trainer_set_allreduce(t, tu_capture_allreduce, &cap));
+    sae__train_layout L;
+    sae__train_layout_of(m, &L);
+    size_t aux_steps = 0;
+    /* The first step (no latent dead yet) and the third and fourth (AuxK at work). */
+    for (size_t step = 0; step < 4; step++) {
+        const bool check = step != 1;
+        topk_before b = {0};
+        if (check)
+            b = topk_snapshot(t);
+        const float *batch = x + (step % 4) * n * d;
+        ck_assert_ok(sae_trainer_step(t, batch, n));
+        if (!check)
+            continue;
+        if (step > 0)
+            aux_steps += tu_metric(t, SAE_METRIC_AUXK_LOSS) > 0.0;
+        ck_assert_msg(topk_grad_mismatches(&b, batch, n, cap.copy, &L, true) == 0,
+                      "%zu x %zu, %zu tokens, AuxK %zu, step %zu (%s): the bfloat16 TopK step's "
+                      "gradient is not the rounded products' (above)",
+                      d, s, n, c[3], step + 1, all_onednn ? "all oneDNN" : "default split");
+        ck_assert_msg(topk_grad_mismatches(&b, batch, n, cap.copy, &L, false) > 0,
+                      "the bfloat16 TopK step's gradient equals the float one's");
+        topk_before_free(&b);
+    }
+    ck_assert_msg(aux_steps == 2, "AuxK did not act in the checked steps (%zu of 2)", aux_steps);
+    free(cap.copy);
+    sae_trainer_free(t);
+    sae_model_free(m);
+    free(x);
+}
+END_TEST
+
 /* The same steps give the same bits on 1, 2 and 3 threads (oneDNN's team follows
  * SAE_PARAM_THREADS), for ReLU, TopK (with AuxK) and JumpReLU, every product on oneDNN. */
 START_TEST(bf16_training_is_independent_of_the_thread_count)
@@ -811,6 +1037,102 @@ START_TEST(bf16_training_reaches_the_float_fvu)
 }
 END_TEST
 
+/* The data of tests/fixtures/train/make.py: row i, column j is sin(0.7 (i + 1) + 1.3 j)
+ * (1 + i mod 3), rounded to float; 128 rows of 8. */
+static float *fixture_rows(void)
+{
+    float *x = tu_malloc(128 * 8 * sizeof *x);
+    for (size_t i = 0; i < 128; i++)
+        for (size_t j = 0; j < 8; j++)
+            x[i * 8 + j] = (float)(sin(0.7 * (double)(i + 1) + 1.3 * (double)j) *
+                                   (double)(1 + i % 3));
+    return x;
+}
+
+/* SAE_TRAIN_BF16 is a run setting of the parameter table: a checkpoint neither stores it nor
+ * changes it on load. A checkpoint written before it joined the table (tests/fixtures/train,
+ * by the build of commit 34bfaff) resumes: its 4th step gives the weights that build saved. */
+START_TEST(bf16_is_a_run_setting_checkpoints_neither_store_nor_restore)
+{
+    char *p3 = tu_path_in(SAE_TRAIN_FIXTURES, "step3.safetensors");
+    char *p4 = tu_path_in(SAE_TRAIN_FIXTURES, "step4.safetensors");
+    float *x = fixture_rows();
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, SAE_ARCH_BATCHTOPK, 8, 16));
+    sae_trainer *t;
+    ck_assert_ok(sae_trainer_new(&t, m));
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 1));
+    ck_assert_ok(sae_trainer_load(t, p3));
+    double v;
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_BF16, &v));
+    ck_assert_msg(v == 1.0, "loading a checkpoint changed SAE_TRAIN_BF16 to %g", v);
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_LR, &v));
+    ck_assert(v == 0.01);
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_DEAD_TOKENS, &v));
+    ck_assert(v == 20.0);
+    ck_assert(tu_metric(t, SAE_METRIC_STEPS) == 3.0);
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 0)); /* the fixture's step was float */
+    ck_assert_ok(sae_trainer_step(t, x + 3 * 16 * 8, 16));
+    sae_model *want;
+    ck_assert_ok(sae_model_load(&want, p4));
+    const sae_tensor ts[] = {SAE_W_ENC, SAE_W_DEC, SAE_B_ENC, SAE_B_DEC};
+    const size_t counts[] = {8 * 16, 16 * 8, 16, 8};
+    for (size_t q = 0; q < 4; q++) {
+        double *a = tu_dup_tensor(m, ts[q], counts[q]), *b = tu_dup_tensor(want, ts[q], counts[q]);
+        for (size_t i = 0; i < counts[q]; i++) /* another BLAS may change the last bits */
+            ck_assert_msg(fabs(a[i] - b[i]) <= 1e-5 * (1.0 + fabs(b[i])),
+                          "tensor %d [%zu]: resumed %.9g, the old build %.9g", (int)ts[q], i,
+                          a[i], b[i]);
+        free(a);
+        free(b);
+    }
+    double th_got, th_want;
+    ck_assert_ok(sae_model_get_param(m, SAE_PARAM_THRESHOLD, &th_got));
+    ck_assert_ok(sae_model_get_param(want, SAE_PARAM_THRESHOLD, &th_want));
+    ck_assert_msg(fabs(th_got - th_want) <= 1e-5 * fabs(th_want), "threshold %.9g, old %.9g",
+                  th_got, th_want);
+
+    /* Saved with the setting on, the file does not mention it, and a trainer that loads it
+     * keeps its own. */
+    ck_assert_ok(sae_trainer_set_param(t, SAE_TRAIN_BF16, 1));
+    char *saved = tu_tmp_path("bf16_run_setting.safetensors");
+    ck_assert_ok(sae_trainer_save(t, saved));
+    size_t size;
+    unsigned char *bytes = tu_read_file(saved, &size);
+    const char key[] = "train.param.bf16";
+    for (size_t i = 0; i + sizeof key - 1 <= size; i++)
+        ck_assert_msg(memcmp(bytes + i, key, sizeof key - 1) != 0, "the checkpoint stores %s",
+                      key);
+    free(bytes);
+    for (int on = 0; on < 2; on++) {
+        sae_model *m2;
+        ck_assert_ok(sae_model_new(&m2, SAE_ARCH_BATCHTOPK, 8, 16));
+        sae_trainer *t2;
+        ck_assert_ok(sae_trainer_new(&t2, m2));
+        ck_assert_ok(sae_trainer_set_param(t2, SAE_TRAIN_BF16, on));
+        ck_assert_ok(sae_trainer_load(t2, saved));
+        ck_assert_ok(sae_trainer_get_param(t2, SAE_TRAIN_BF16, &v));
+        ck_assert(v == (double)on);
+        ck_assert(tu_metric(t2, SAE_METRIC_STEPS) == 4.0);
+        ck_assert_ok(sae_trainer_step(t2, x + 4 * 16 * 8, 16)); /* in the precision asked for */
+        sae_trainer_free(t2);
+        sae_model_free(m2);
+    }
+    /* Validated by the table, as every parameter. */
+    ck_assert_sae(sae_trainer_set_param(t, SAE_TRAIN_BF16, 2), SAE_EINVAL);
+    ck_assert_ptr_nonnull(strstr(sae_last_error(), "bf16"));
+    ck_assert_ok(sae_trainer_get_param(t, SAE_TRAIN_BF16, &v));
+    ck_assert(v == 1.0);
+    sae_model_free(want);
+    sae_trainer_free(t);
+    sae_model_free(m);
+    free(saved);
+    free(x);
+    free(p3);
+    free(p4);
+}
+END_TEST
+
 /* W_enc and W_dec the model allocates start 16 bytes past a 64-byte boundary (lib/model.c,
  * W_SHIFT_FLOATS: OpenBLAS's SGEMM is slower with its B operand on the boundary), whether made
  * new or widened back from bfloat16; freeing them (ASan in tests/run) finds the block's start. */
@@ -852,8 +1174,11 @@ static Suite *bf16_suite(void)
     tcase_add_test(tc, training_needs_float_weights);
     tcase_add_loop_test(tc, bf16_training_step_matches_float64_over_rounded_products, 0,
                         (int)(2 * sizeof train_shapes / sizeof train_shapes[0]));
+    tcase_add_loop_test(tc, bf16_topk_step_matches_float64_over_rounded_products, 0,
+                        (int)(2 * (sizeof topk_cases / sizeof topk_cases[0])));
     tcase_add_loop_test(tc, bf16_training_is_independent_of_the_thread_count, 0, 3);
     tcase_add_loop_test(tc, bf16_training_reaches_the_float_fvu, 0, 2);
+    tcase_add_test(tc, bf16_is_a_run_setting_checkpoints_neither_store_nor_restore);
     tcase_add_test(tc, weight_matrices_sit_16_bytes_past_64);
     suite_add_tcase(s, tc);
     return s;

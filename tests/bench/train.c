@@ -97,6 +97,8 @@ static int run(const char *recipe, const char *data, const float *all, size_t n,
     if (mat) {
         const size_t groups[5] = {16, 32, 64, 128, 272};
         CHECK(sae_trainer_set_groups(t, groups, 5));
+        /* TopK's Adam, as train_numpy.py's (BatchTopK's default beta2 is 0.99). */
+        CHECK(sae_trainer_set_param(t, SAE_TRAIN_BETA2, 0.999));
     }
     CHECK(sae_trainer_set_param(t, SAE_TRAIN_DEAD_TOKENS, 100000));
     /* init sample: the first 8192 rows of the permuted order */

@@ -6,7 +6,7 @@ and BatchTopK: the same K; ReLU: runs at most 20% denser than the default).
 
     LIBSAE_LIBRARY=build/lib/libsae.so PYTHONPATH=bindings/python \\
         nice python3 tests/bench/train_sweep.py [--arch relu,topk,batchtopk] [--d-sae N] \\
-        [--data NAME=PATH ...] [--planted]
+        [--data NAME=PATH ...] [--planted] [--seed N]
 
 Data sets by default: /work/shared/data/stories260K/resid_mid.npy and
 /work/shared/data/aidreams260K/resid_layer2.npy (or $SAE_DATA_DIR/...), and planted features
@@ -79,6 +79,8 @@ def main():
     ap.add_argument("--data", action="append", default=None, metavar="NAME=PATH")
     ap.add_argument("--planted", action="store_true", help="also planted features")
     ap.add_argument("--no-real", action="store_true", help="only planted features")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the trainer's seed and the batch order's (the data stay the same)")
     a = ap.parse_args()
     sets = []
     if not a.no_real:
@@ -93,7 +95,7 @@ def main():
     verdicts = []
     for name, x in sets:
         for arch in a.arch.split(","):
-            d = run(x, arch, a.d_sae)
+            d = run(x, arch, a.d_sae, seed=a.seed)
             rows = [("default", d)]
             grid = [(lm, l1m) for lm in LR_MULT for l1m in (L1_MULT if arch == "relu" else (1.0,))]
             for lm, l1m in grid:
@@ -102,7 +104,7 @@ def main():
                 p = {"lr": d["lr"] * lm}
                 if arch == "relu":
                     p["l1_coeff"] = d["l1_coeff"] * l1m
-                rows.append((f"x{lm:g}/x{l1m:g}", run(x, arch, a.d_sae, **p)))
+                rows.append((f"x{lm:g}/x{l1m:g}", run(x, arch, a.d_sae, seed=a.seed, **p)))
             for tag, r in rows:
                 l1 = f"{r['l1_coeff']:.3g}" if arch == "relu" else "-"
                 print(f"| {name} | {arch} {tag} | {r['lr']:.3g} | {l1} | {r['fvu']:.4f} | "
