@@ -1,8 +1,8 @@
 /* Training speed and quality against numpy: SAEs on the real residual-stream activations of
  * aidreams260K (layer 2, 64 dims), trained by libsae and by the same recipe written in numpy
  * (train_numpy.py beside this file), from the same initial weights, on the same batches, for the
- * same steps. Prints FVU and L0 on the whole file, and training tokens/s, side by side, for each
- * recipe.
+ * same steps. Prints FVU and L0 on the whole file, and training tokens per second of wall time
+ * and of CPU time (all the process's threads), side by side, for each recipe.
  *
  *   bench_train [steps [batch [topk|jumprelu|matryoshka ...]]]   600 steps of 1024, all three
  *
@@ -43,12 +43,18 @@ enum { D_SAE = 512, K = 16, STRIDE = 7919 };
         }                                                                                          \
     } while (0)
 
-static double now(void)
+static double clock_s(clockid_t which)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(which, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+
+static double now(void) { return clock_s(CLOCK_MONOTONIC); }
+
+/* The process's CPU time, every thread's (BLAS's included): on a loaded machine wall time
+ * measures the other jobs too, CPU time only this one's work (spinning threads count). */
+static double cpu_now(void) { return clock_s(CLOCK_PROCESS_CPUTIME_ID); }
 
 static void gather(const float *all, size_t n_rows, size_t d, size_t first, size_t n, float *dst)
 {
@@ -126,12 +132,12 @@ static int run(const char *recipe, const char *data, const float *all, size_t n,
     double scale;
     CHECK(sae_model_get_param(m, SAE_PARAM_INPUT_SCALE, &scale));
 
-    double start = now();
+    double start = now(), cpu_start = cpu_now();
     for (size_t s = 0; s < steps; s++) {
         gather(all, n, d, s * batch, batch, x);
         CHECK(sae_trainer_step(t, x, batch));
     }
-    double secs = now() - start;
+    double secs = now() - start, cpu = cpu_now() - cpu_start;
     double fvu, l0;
     if (evaluate(m, all, n, &fvu, &l0) != 0)
         return 1;
@@ -143,10 +149,11 @@ static int run(const char *recipe, const char *data, const float *all, size_t n,
     snprintf(cmd, sizeof cmd, "%s %s/train_numpy.py %s %s %zu %zu %.9g %s", python,
              SAE_BENCH_DIR, data, dir, steps, batch, scale, recipe);
     FILE *p = popen(cmd, "r");
-    double np_fvu = NAN, np_l0 = NAN, np_tps = NAN;
+    double np_fvu = NAN, np_l0 = NAN, np_tps = NAN, np_cps = NAN;
     char line[512];
     while (p != NULL && fgets(line, sizeof line, p) != NULL)
-        if (sscanf(line, "numpy fvu %lf l0 %lf tok/s %lf", &np_fvu, &np_l0, &np_tps) == 3)
+        if (sscanf(line, "numpy fvu %lf l0 %lf tok/s %lf tok/cpu-s %lf", &np_fvu, &np_l0, &np_tps,
+                   &np_cps) == 4)
             break;
     int prc = p ? pclose(p) : -1;
     for (size_t i = 0; i < 4; i++) {
@@ -155,22 +162,22 @@ static int run(const char *recipe, const char *data, const float *all, size_t n,
     }
     remove(dir);
 
-    double tps = (double)(steps * batch) / secs;
+    double tps = (double)(steps * batch) / secs, cps = (double)(steps * batch) / cpu;
     if (jump)
         printf("JumpReLU SAE %zu -> %d, L0 coefficient 0.2, %zu steps of %zu tokens on %s (%zu "
                "rows)\n", d, D_SAE, steps, batch, data, n);
     else
         printf("%s SAE %zu -> %d, K %d, %zu steps of %zu tokens on %s (%zu rows)\n",
                mat ? "Matryoshka BatchTopK" : "TopK", d, D_SAE, K, steps, batch, data, n);
-    printf("%-8s %10s %8s %12s\n", "", "FVU", "L0", "tokens/s");
-    printf("%-8s %10.4f %8.2f %12.0f\n", "libsae", fvu, l0, tps);
-    printf("%-8s %10.4f %8.2f %12.0f\n", "numpy", np_fvu, np_l0, np_tps);
+    printf("%-8s %10s %8s %12s %14s\n", "", "FVU", "L0", "tokens/s", "tokens/CPU-s");
+    printf("%-8s %10.4f %8.2f %12.0f %14.0f\n", "libsae", fvu, l0, tps, cps);
+    printf("%-8s %10.4f %8.2f %12.0f %14.0f\n", "numpy", np_fvu, np_l0, np_tps, np_cps);
     if (prc != 0 || isnan(np_tps)) {
         printf("numpy run failed (is python3-numpy installed?)\n");
         return 1;
     }
-    printf("libsae / numpy: %.2fx tokens/s, FVU %+.4f (%+.1f%%)\n\n", tps / np_tps, fvu - np_fvu,
-           100.0 * (fvu - np_fvu) / np_fvu);
+    printf("libsae / numpy: %.2fx tokens/s, %.2fx tokens per CPU second, FVU %+.4f (%+.1f%%)\n\n",
+           tps / np_tps, cps / np_cps, fvu - np_fvu, 100.0 * (fvu - np_fvu) / np_fvu);
     free(x);
     free(w);
     sae_trainer_free(t);

@@ -7,8 +7,9 @@ MatryoshkaBatchTopKTrainer (nested prefix losses over BatchTopK codes, mean over
     python3 train_numpy.py DATA.npy INIT_DIR STEPS BATCH SCALE [topk|jumprelu|matryoshka]
 
 INIT_DIR holds W_enc.npy, W_dec.npy, b_enc.npy, b_dec.npy as libsae's trainer initialized them;
-SCALE is the input scale it chose. Prints "numpy fvu F l0 L tok/s T" (FVU and L0 over the whole
-file after training, training tokens per second).
+SCALE is the input scale it chose. Prints "numpy fvu F l0 L tok/s T tok/cpu-s C" (FVU and L0
+over the whole file after training, training tokens per second of wall time and per second of
+the process's CPU time, BLAS threads included).
 """
 import sys
 import time
@@ -39,13 +40,14 @@ def unit_rows_grad(g_Wdec, W_dec):
     return g_Wdec - (g_Wdec * W_dec).sum(1, keepdims=True) / (W_dec * W_dec).sum(1, keepdims=True) * W_dec
 
 
-def report(x_all, scale, encode, W_dec, b_dec, steps, batch, secs):
+def report(x_all, scale, encode, W_dec, b_dec, steps, batch, secs, cpu):
     xs = x_all * scale
     f = encode(xs)
     x_hat = (f @ W_dec + b_dec) / scale
     fvu = float(((x_all - x_hat) ** 2).sum() / ((x_all - x_all.mean(0)) ** 2).sum())
     l0 = float((f > 0).sum(1).mean())
-    print(f"numpy fvu {fvu:.6f} l0 {l0:.4f} tok/s {steps * batch / secs:.1f}")
+    print(f"numpy fvu {fvu:.6f} l0 {l0:.4f} tok/s {steps * batch / secs:.1f} "
+          f"tok/cpu-s {steps * batch / cpu:.1f}")
 
 
 def jumprelu(x_all, params, steps, batch, scale):
@@ -57,7 +59,7 @@ def jumprelu(x_all, params, steps, batch, scale):
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     inv_eps = np.float32(1.0 / JR_BANDWIDTH)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for s in range(steps):
         rows = ((s * batch + np.arange(batch)) * STRIDE) % n
         xs = x_all[rows] * scale
@@ -81,13 +83,13 @@ def jumprelu(x_all, params, steps, batch, scale):
         adam(params, [g_Wenc, g_Wdec, g_benc, g_bdec, g_th * th], m, v, s + 1, JR_LR, JR_B1,
              JR_EPS)
         W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    secs = time.perf_counter() - start
+    secs, cpu = time.perf_counter() - start, time.process_time() - cpu0
     th = np.exp(log_th)
 
     def encode(xs):
         pre = (xs - b_dec) @ W_enc + b_enc
         return pre * (pre > th)
-    report(x_all, scale, encode, W_dec, b_dec, steps, batch, secs)
+    report(x_all, scale, encode, W_dec, b_dec, steps, batch, secs, cpu)
 
 
 def batchtopk(pre, k):
@@ -116,7 +118,7 @@ def matryoshka(x_all, params, steps, batch, scale):
     aux_norm = mse_norm
     since_fired = np.zeros(D_SAE, dtype=np.int64)
     theta = 0.0
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for s in range(steps):
         rows = ((s * batch + np.arange(batch)) * STRIDE) % n
         xs = x_all[rows] * scale
@@ -165,13 +167,13 @@ def matryoshka(x_all, params, steps, batch, scale):
         var = float(((r - r.mean(0)) ** 2).sum(1).mean())
         if var > 0:
             aux_norm = var
-    secs = time.perf_counter() - start
+    secs, cpu = time.perf_counter() - start, time.process_time() - cpu0
     th = np.float32(theta)
 
     def encode(xs):
         pre = (xs - b_dec) @ W_enc + b_enc
         return pre * ((pre > th) & (pre > 0))
-    report(x_all, scale, encode, W_dec, b_dec, steps, batch, secs)
+    report(x_all, scale, encode, W_dec, b_dec, steps, batch, secs, cpu)
 
 
 def main():
@@ -197,7 +199,7 @@ def main():
     aux_norm = mse_norm
     since_fired = np.zeros(D_SAE, dtype=np.int64)
 
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for s in range(steps):
         rows = ((s * batch + np.arange(batch)) * STRIDE) % n
         xs = x_all[rows] * scale
@@ -250,7 +252,7 @@ def main():
         var = float(((r - r.mean(0)) ** 2).sum(1).mean())
         if var > 0:
             aux_norm = var
-    secs = time.perf_counter() - start
+    secs, cpu = time.perf_counter() - start, time.process_time() - cpu0
 
     xs = x_all * scale
     pre = (xs - b_dec) @ W_enc + b_enc
@@ -261,7 +263,8 @@ def main():
     x_hat = (f @ W_dec + b_dec) / scale
     fvu = float(((x_all - x_hat) ** 2).sum() / ((x_all - x_all.mean(0)) ** 2).sum())
     l0 = float((f > 0).sum(1).mean())
-    print(f"numpy fvu {fvu:.6f} l0 {l0:.4f} tok/s {steps * batch / secs:.1f}")
+    print(f"numpy fvu {fvu:.6f} l0 {l0:.4f} tok/s {steps * batch / secs:.1f} "
+          f"tok/cpu-s {steps * batch / cpu:.1f}")
 
 
 if __name__ == "__main__":
