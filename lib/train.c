@@ -394,6 +394,7 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     t->tc = m->transcoder;
     t->jump = m->arch == SAE_ARCH_JUMPRELU;
     t->jump_sparse_below = 0.125; /* measured: tests/bench/bench_train, docs/training.md */
+    t->jump_parallel_above = 33554432.0; /* 2^25: train_jumprelu.c */
     /* Unit-norm decoder rows for JumpReLU too, as Gemma Scope and dictionary_learning. */
     t->unit_dec = (t->sparse || t->jump) && !t->tc;
     t->out_scale = 1.0;

@@ -99,6 +99,9 @@ struct sae_trainer {
                       is expf of it after every step) */
     double jump_sparse_below; /* JumpReLU: per-token sparse products when fewer than this
                                  fraction of codes fired or sit near their thresholds */
+    double jump_parallel_above; /* JumpReLU: its per-latent path splits across threads above
+                                   this many element operations (a step's), else runs on the
+                                   calling thread */
     uint32_t *near_idx;      /* JumpReLU's per-latent path: each token's listed latents */
     size_t *near_ptr, near_cap, near_ptr_cap;
     /* Matryoshka (a BatchTopK model with groups set): group g is latents [group_end[g-1],

@@ -40,33 +40,25 @@ void sae__jumprelu_sync(sae_trainer *t)
  * tokens GCC no longer vectorizes them. */
 
 /* Latent k of one token: f = p * (p > th) (thresholds are positive, so a code that passes is
- * positive too), the firing count, and whether the latent needs dL/df (fired, or within the
- * kernel's window of its threshold) counted in *near. */
+ * positive too) and the firing count. */
 static inline void mask_one(const float *restrict p, const float *restrict th,
-                            float *restrict f, float *restrict fires, size_t k, float inv_eps,
-                            float *restrict near)
+                            float *restrict f, float *restrict fires, size_t k)
 {
     const bool on = p[k] > th[k];
-    const float u = (p[k] - th[k]) * inv_eps;
     f[k] = on ? p[k] : 0.0f;
     fires[k] += on ? 1.0f : 0.0f;
-    *near += (float)(on | (u > -0.5f));
 }
 
-/* One token; returns how many latents need dL/df. */
-__attribute__((noinline)) static float mask_codes(const float *restrict p,
-                                                  const float *restrict th, float *restrict f,
-                                                  float *restrict fires, size_t d_sae,
-                                                  float inv_eps)
+__attribute__((noinline)) static void mask_codes(const float *restrict p,
+                                                 const float *restrict th, float *restrict f,
+                                                 float *restrict fires, size_t d_sae)
 {
-    float lane[8] = {0};
     size_t k = 0;
     for (; k + 8 <= d_sae; k += 8)
         for (size_t q = 0; q < 8; q++)
-            mask_one(p, th, f, fires, k + q, inv_eps, lane + q);
+            mask_one(p, th, f, fires, k + q);
     for (; k < d_sae; k++)
-        mask_one(p, th, f, fires, k, inv_eps, lane);
-    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+        mask_one(p, th, f, fires, k);
 }
 
 /* Latent k of one token: g holds dL/df on entry and dL/dpre on return (the estimator passes the
@@ -96,95 +88,110 @@ __attribute__((noinline)) static void threshold_grads(const float *restrict p, c
         grads_one(p, th, g, g_th, g_benc, k, inv_eps, lam_eps);
 }
 
-/* The sparse path, in two passes that split across threads (lib/parallel.c) and give the same
- * sums whatever the thread count: every accumulator has one writer, which adds in token order.
- * Only the latents that fired or sit in the kernel's window of their thresholds are touched. */
+/* Token p's latents that need dL/df (u = (pre - th) / eps > -1/2: fired, or within the kernel's
+ * window of the threshold) into idx, in increasing order; returns how many. idx has room for
+ * d_sae: every latent is written at the next free place, which only advances for a listed one,
+ * so the loop has no branch to mispredict. */
+__attribute__((noinline)) static size_t list_token(const float *restrict p,
+                                                   const float *restrict th,
+                                                   uint32_t *restrict idx, size_t d_sae,
+                                                   float inv_eps)
+{
+    size_t c = 0;
+    for (size_t k = 0; k < d_sae; k++) {
+        idx[c] = (uint32_t)k;
+        c += (p[k] - th[k]) * inv_eps > -0.5f;
+    }
+    return c;
+}
+
+/* The per-latent path. Every sum has one writer, which adds in token order, so the sums are the
+ * same whether the tokens run in one loop on the calling thread (small batches: lib/parallel.c's
+ * threads would compete with the BLAS library's, still spinning after the encoder's product) or
+ * in two passes split across threads, by token and then by latent. */
 typedef struct {
     sae_trainer *t;
     const float *pre;
-    float *F, *E;
+    float *E;
     size_t n;
     float inv_eps, lam_eps;
 } sparse_job;
 
-/* Tokens [begin, end): token i's listed latents (u = (pre - th) / eps > -1/2: fired, or in the
- * window) in increasing order at near_idx[near_ptr[i] .. near_ptr[i + 1]). */
-static void list_range(void *ctx, size_t begin, size_t end, size_t worker)
+/* Token i: its fired latents decode into e = b_dec - tgt [+ skip] (on entry), then c scales it. */
+static void decode_token(const sparse_job *j, size_t i)
 {
-    (void)worker;
-    const sparse_job *j = ctx;
-    sae_trainer *t = j->t;
-    const size_t d_sae = t->m->d_sae;
-    const float *th = t->m->threshold;
-    for (size_t i = begin; i < end; i++) {
-        const float *p = j->pre + i * d_sae;
-        /* The same test as mask_one's count, so the list fills its room exactly; the bound
-         * only guards it. */
-        uint32_t *idx = t->near_idx + t->near_ptr[i], *stop = t->near_idx + t->near_ptr[i + 1];
-        for (size_t k = 0; k < d_sae && idx < stop; k++)
-            if ((p[k] - th[k]) * j->inv_eps > -0.5f)
-                *idx++ = (uint32_t)k;
+    const sae_trainer *t = j->t;
+    const sae_model *m = t->m;
+    const size_t d_out = m->d_out;
+    const float *p = j->pre + i * m->d_sae;
+    float *e = j->E + i * d_out;
+    for (size_t a = t->near_ptr[i]; a < t->near_ptr[i + 1]; a++) {
+        const size_t k = t->near_idx[a];
+        if (p[k] > m->threshold[k])
+            sae__axpy(d_out, p[k], m->W_dec + k * d_out, e);
     }
+    if (t->tc)
+        sae__sscal(d_out, (float)t->out_scale, e);
 }
 
-/* Tokens [begin, end): the fired latents decode into e = b_dec - tgt [+ skip], then c scales it. */
 static void decode_range(void *ctx, size_t begin, size_t end, size_t worker)
 {
     (void)worker;
-    const sparse_job *j = ctx;
+    for (size_t i = begin; i < end; i++)
+        decode_token(ctx, i);
+}
+
+/* Token i's listed latents at near_idx[a0 .. a1) (E holds 2 c (x_hat - tgt)): for each, g =
+ * dL/df_k = 2e . W_dec'[k]; the threshold gets its term where k is in the window; where k fired,
+ * W_dec's row k gets f_k 2e, b_enc g, the encoder column k (kept transposed in gT) g times the
+ * input, and the firing count one. */
+static void backprop_token(const sparse_job *j, size_t i, size_t a0, size_t a1)
+{
     const sae_trainer *t = j->t;
     const sae_model *m = t->m;
-    const size_t d_out = m->d_out, d_sae = m->d_sae;
-    for (size_t i = begin; i < end; i++) {
-        const float *p = j->pre + i * d_sae;
-        float *e = j->E + i * d_out;
-        for (size_t a = t->near_ptr[i]; a < t->near_ptr[i + 1]; a++) {
-            const size_t k = t->near_idx[a];
-            if (p[k] > m->threshold[k])
-                sae__axpy(d_out, p[k], m->W_dec + k * d_out, e);
-        }
-        if (t->tc)
-            sae__sscal(d_out, (float)t->out_scale, e);
+    const size_t d_out = m->d_out, d_in = m->d_in;
+    const float *th = m->threshold, *e = j->E + i * d_out, *p = j->pre + i * m->d_sae;
+    const float *xin = t->xin + i * d_in, *W_dec = m->W_dec, c = (float)t->out_scale;
+    const float inv_eps = j->inv_eps, lam_eps = j->lam_eps;
+    float *g_wdec = t->buf + t->lay.W_dec, *g_th = t->buf + t->lay.log_th,
+          *g_benc = t->buf + t->lay.b_enc, *fires = t->buf + t->lay.fires, *gT = t->gT;
+    for (size_t a = a0; a < a1; a++) {
+        const size_t k = t->near_idx[a];
+        const float u = (p[k] - th[k]) * inv_eps;
+        const float g = c * sae__dot(d_out, e, W_dec + k * d_out);
+        if (u < 0.5f)
+            g_th[k] -= th[k] * inv_eps * g + lam_eps;
+        if (!(p[k] > th[k]))
+            continue;
+        sae__axpy(d_out, p[k], e, g_wdec + k * d_out);
+        g_benc[k] += g;
+        sae__axpy(d_in, g, xin, gT + k * d_in);
+        fires[k] += 1.0f;
     }
 }
 
-/* Latents [begin, end), over every token (E holds 2 c (x_hat - tgt), F dL/df = 2E @ W_dec'^T):
- * where latent k fired or is in the window, the threshold gets its term; where it fired, W_dec's
- * row k gets f_k 2e, b_enc dL/dpre_k, and the encoder column k (kept transposed in gT) dL/dpre_k
- * times the input. */
+/* The first of near_idx[lo .. hi) (increasing) that is at least k, or hi. */
+static size_t list_find(const uint32_t *idx, size_t lo, size_t hi, size_t k)
+{
+    while (lo < hi) {
+        const size_t mid = lo + (hi - lo) / 2;
+        if (idx[mid] < k)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Latents [begin, end), over every token: each token's listed latents in that range. */
 static void latent_range(void *ctx, size_t begin, size_t end, size_t worker)
 {
     (void)worker;
     const sparse_job *j = ctx;
     const sae_trainer *t = j->t;
-    const sae_model *m = t->m;
-    const size_t d_out = m->d_out, d_sae = m->d_sae;
-    const float *th = m->threshold, inv_eps = j->inv_eps;
-    const size_t d_in = m->d_in;
-    float *g_wdec = t->buf + t->lay.W_dec, *g_th = t->buf + t->lay.log_th,
-          *g_benc = t->buf + t->lay.b_enc;
     for (size_t i = 0; i < j->n; i++) {
-        const float *p = j->pre + i * d_sae, *e = j->E + i * d_out, *G = j->F + i * d_sae;
-        /* The token's listed latents from begin on (the list is in increasing order). */
-        size_t lo = t->near_ptr[i], hi = t->near_ptr[i + 1];
-        while (lo < hi) {
-            const size_t mid = lo + (hi - lo) / 2;
-            if (t->near_idx[mid] < begin)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        for (size_t a = lo; a < t->near_ptr[i + 1] && t->near_idx[a] < end; a++) {
-            const size_t k = t->near_idx[a];
-            const float u = (p[k] - th[k]) * inv_eps, g = G[k];
-            if (u < 0.5f)
-                g_th[k] -= th[k] * inv_eps * g + j->lam_eps;
-            if (!(p[k] > th[k]))
-                continue;
-            sae__axpy(d_out, p[k], e, g_wdec + k * d_out);
-            g_benc[k] += g;
-            sae__axpy(d_in, g, t->xin + i * d_in, t->gT + k * d_in);
-        }
+        const size_t lo = list_find(t->near_idx, t->near_ptr[i], t->near_ptr[i + 1], begin);
+        backprop_token(j, i, lo, list_find(t->near_idx, lo, t->near_ptr[i + 1], end));
     }
 }
 
@@ -214,15 +221,38 @@ static bool ensure_lists(sae_trainer *t, size_t n)
     return true;
 }
 
-/* Room for count listed latents; false without memory (then the dense path runs). */
+/* Room for count listed latents, grown by half again at least so that a step's listing
+ * reallocates a few times, not per token; false without memory (then the dense path runs). */
 static bool ensure_list_room(sae_trainer *t, size_t count)
 {
     if (count > t->near_cap) {
-        uint32_t *p = realloc(t->near_idx, count * sizeof(uint32_t));
+        size_t want = t->near_cap + t->near_cap / 2;
+        if (want < count || want > SIZE_MAX / sizeof(uint32_t))
+            want = count;
+        uint32_t *p = realloc(t->near_idx, want * sizeof(uint32_t));
         if (p == NULL)
             return false;
         t->near_idx = p;
-        t->near_cap = count;
+        t->near_cap = want;
+    }
+    return true;
+}
+
+/* Lists every token's latents that need dL/df, when they number fewer than budget in all and
+ * memory allows; false otherwise (then the dense path runs). */
+static bool list_batch(sae_trainer *t, size_t n, float inv_eps, double budget)
+{
+    const size_t d_sae = t->m->d_sae;
+    if (!ensure_lists(t, n))
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        if (!ensure_list_room(t, t->near_ptr[i] + d_sae))
+            return false;
+        t->near_ptr[i + 1] = t->near_ptr[i] + list_token(t->pre + i * d_sae, t->m->threshold,
+                                                         t->near_idx + t->near_ptr[i], d_sae,
+                                                         inv_eps);
+        if ((double)t->near_ptr[i + 1] >= budget)
+            return false;
     }
     return true;
 }
@@ -238,34 +268,34 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
     float *fires = buf + L->fires, *g_lt = buf + L->log_th;
     const float inv_eps = (float)(1.0 / t->param[SAE_TRAIN_JUMPRELU_BANDWIDTH]);
     const float lam_eps = (float)lambda * inv_eps;
-    double near = 0.0, sse = 0.0;
-    /* Per-token counts of the latents the per-latent path lists, when it has room for them. */
-    const bool lists = ensure_lists(t, n);
-    for (size_t i = 0; i < n; i++) {
-        const float c_i = mask_codes(pre + i * d_sae, th, F + i * d_sae, fires, d_sae, inv_eps);
-        near += c_i;
-        if (lists)
-            t->near_ptr[i + 1] = t->near_ptr[i] + (size_t)c_i;
-    }
-    double l0 = 0.0; /* the firing counts started at 0 and are whole floats below 2^24 */
-    for (size_t k = 0; k < d_sae; k++)
-        l0 += fires[k];
-    /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
-    sae__train_error_base(t, x, tgt, n);
+    double sse = 0.0;
     /* Few latents fired or near their thresholds (the usual case once the L0 penalty has
      * worked): vector operations on those alone beat dense products. */
-    if (lists && near < t->jump_sparse_below * (double)n * (double)d_sae &&
-        ensure_list_room(t, t->near_ptr[n])) {
-        sparse_job job = {t, pre, F, E, n, inv_eps, lam_eps};
-        const size_t threads = sae__model_threads(m), per = (size_t)(near / (double)n) + 1;
-        sae__parallel_for(threads, n, sae__grain(d_sae), list_range, &job);
-        sae__parallel_for(threads, n, sae__grain(per * d_out), decode_range, &job);
-        for (size_t i = 0; i < n; i++)
-            finish_error(t, E + i * d_out, &sse);
-        /* G = dL/df = 2E @ W_dec'^T in F: one product beats a dot per listed latent. */
-        sae__sgemm(false, true, n, d_sae, d_out, c, E, d_out, m->W_dec, d_out, 0.0f, F, d_sae);
-        sae__parallel_for(threads, d_sae, sae__grain(n * (1 + per * d_out / d_sae)),
-                          latent_range, &job);
+    const bool sparse = list_batch(t, n, inv_eps, t->jump_sparse_below * (double)n * (double)d_sae);
+    /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
+    sae__train_error_base(t, x, tgt, n);
+    if (sparse) {
+        sparse_job job = {t, pre, E, n, inv_eps, lam_eps};
+        const size_t listed = t->near_ptr[n], per = listed / n + 1;
+        const size_t threads = sae__model_threads(m);
+        const size_t grain = sae__grain(n * (1 + per * d_out / d_sae));
+        /* A listed latent costs a dot and an axpy of d_out, a fired one an axpy of d_in more.
+         * Threads pay off only on large steps: lib/parallel.c's are created per call, and the
+         * BLAS library's (OpenBLAS's) keep spinning on the cores for a while after the
+         * encoder's product, so that ours compete with them (docs/training.md, "Measured"). */
+        const double work = (double)listed * (double)(2 * d_out + d_in) + (double)n;
+        if (work <= t->jump_parallel_above || sae__parallel_chunks(threads, d_sae, grain) == 1) {
+            for (size_t i = 0; i < n; i++) {
+                decode_token(&job, i);
+                finish_error(t, E + i * d_out, &sse);
+                backprop_token(&job, i, t->near_ptr[i], t->near_ptr[i + 1]);
+            }
+        } else {
+            sae__parallel_for(threads, n, sae__grain(per * d_out), decode_range, &job);
+            for (size_t i = 0; i < n; i++)
+                finish_error(t, E + i * d_out, &sse);
+            sae__parallel_for(threads, d_sae, grain, latent_range, &job);
+        }
         /* The encoder's columns back into W_enc's [d_in][d_sae] layout; gT is left zeroed. */
         float *g_enc = buf + L->W_enc;
         for (size_t k = 0; k < d_sae; k++) {
@@ -275,6 +305,8 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
             memset(row, 0, d_in * sizeof(float));
         }
     } else {
+        for (size_t i = 0; i < n; i++)
+            mask_codes(pre + i * d_sae, th, F + i * d_sae, fires, d_sae);
         sae__sgemm(false, false, n, d_out, d_sae, 1.0f, F, d_sae, m->W_dec, d_out, 1.0f, E,
                    d_out);
         for (size_t i = 0; i < n; i++) {
@@ -294,6 +326,9 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
         sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, F, d_sae, 0.0f,
                    buf + L->W_enc, d_sae);
     }
+    double l0 = 0.0; /* the firing counts started at 0 and are whole floats below 2^24 */
+    for (size_t k = 0; k < d_sae; k++)
+        l0 += fires[k];
     /* g_lt holds d loss / d theta summed over tokens: log-thresholds get theta times it */
     for (size_t k = 0; k < d_sae; k++)
         g_lt[k] *= th[k];

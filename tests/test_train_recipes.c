@@ -563,6 +563,7 @@ START_TEST(jumprelu_threads_do_not_change_the_sums)
         ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 1.0));
         ck_assert_ok(sae_trainer_init(t[i], sample, 256));
         t[i]->jump_sparse_below = i < 2 ? 2.0 : 0.0;
+        t[i]->jump_parallel_above = 0.0; /* split whenever there are threads */
     }
     for (uint64_t step = 0; step < 10; step++) {
         float *x = tu_train_data(n, d, 300 + step);
@@ -581,6 +582,52 @@ START_TEST(jumprelu_threads_do_not_change_the_sums)
         ck_assert_msg(fabsf(w[0][q] - w[2][q]) <= 1e-4f * (1.0f + fabsf(w[2][q])),
                       "weight %zu: per-latent path %g, dense %g", q, (double)w[0][q],
                       (double)w[2][q]);
+    for (int i = 0; i < 3; i++) {
+        free(w[i]);
+        sae_trainer_free(t[i]);
+        sae_model_free(m[i]);
+    }
+    free(sample);
+}
+END_TEST
+
+/* Below JUMP_PARALLEL_ABOVE element operations the per-latent path runs token by token on the
+ * calling thread, above it in two passes split across threads: both add every sum in token
+ * order, so they give the same bits (the same thread count either side of the threshold, and
+ * one thread). */
+START_TEST(jumprelu_calling_thread_and_split_agree)
+{
+    const size_t d = 16, s = 512, n = 8192;
+    const double above[3] = {0.0, 1e300, 0.0};
+    sae_model *m[3];
+    sae_trainer *t[3];
+    float *sample = tu_train_data(256, d, 8);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_ok(sae_model_new(&m[i], SAE_ARCH_JUMPRELU, d, s));
+        ck_assert_ok(sae_model_set_param(m[i], SAE_PARAM_THREADS, i == 2 ? 1 : 3));
+        ck_assert_ok(sae_trainer_new(&t[i], m[i]));
+        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_LR, 1e-2));
+        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 1.0));
+        ck_assert_ok(sae_trainer_init(t[i], sample, 256));
+        t[i]->jump_sparse_below = 2.0;
+        t[i]->jump_parallel_above = above[i];
+    }
+    for (uint64_t step = 0; step < 6; step++) {
+        float *x = tu_train_data(n, d, 400 + step);
+        for (int i = 0; i < 3; i++)
+            ck_assert_ok(sae_trainer_step(t[i], x, n));
+        free(x);
+    }
+    /* The latents fired (so decoder rows, encoder columns and thresholds all took gradients). */
+    ck_assert_double_gt(tu_metric(t[0], SAE_METRIC_L0), 1.0);
+    const size_t total = get_all(m[0], NULL);
+    float *w[3];
+    for (int i = 0; i < 3; i++) {
+        w[i] = tu_malloc(total * sizeof(float));
+        get_all(m[i], w[i]);
+    }
+    ck_assert_mem_eq(w[0], w[1], total * sizeof(float));
+    ck_assert_mem_eq(w[0], w[2], total * sizeof(float));
     for (int i = 0; i < 3; i++) {
         free(w[i]);
         sae_trainer_free(t[i]);
@@ -1013,6 +1060,7 @@ static Suite *recipes_suite(void)
     tcase_add_test(tc, gradient_matryoshka_with_sparse_auxk);
     tcase_add_test(tc, one_group_is_batchtopk);
     tcase_add_test(tc, jumprelu_threads_do_not_change_the_sums);
+    tcase_add_test(tc, jumprelu_calling_thread_and_split_agree);
     tcase_add_loop_test(tc, checkpoint_resumes_bit_for_bit, 0, 2);
     tcase_add_test(tc, checkpoint_groups_are_checked);
     tcase_add_test(tc, groups_are_checked);

@@ -6,6 +6,9 @@
  *
  *   bench_train [steps [batch [topk|jumprelu|matryoshka ...]]]   600 steps of 1024, all three
  *
+ * $SAE_BENCH_THREADS sets libsae's SAE_PARAM_THREADS (default 0: every core); $SAE_PYTHON the
+ * interpreter that runs the numpy side.
+ *
  * Recipes (both sides): d_sae 512, unit-norm decoder rows (parallel gradient removed, rows
  * renormalized). Batch s is rows (s * batch + j) * 7919 mod N of the file: a fixed permutation
  * both sides compute.
@@ -90,6 +93,8 @@ static int run(const char *recipe, const char *data, const float *all, size_t n,
                         d, D_SAE));
     if (!jump)
         CHECK(sae_model_set_param(m, SAE_PARAM_K, K));
+    if (getenv("SAE_BENCH_THREADS") != NULL)
+        CHECK(sae_model_set_param(m, SAE_PARAM_THREADS, atof(getenv("SAE_BENCH_THREADS"))));
     CHECK(sae_trainer_new(&t, m));
     if (jump) {
         CHECK(sae_trainer_set_param(t, SAE_TRAIN_LR, 4e-3));
