@@ -880,41 +880,6 @@ static void relu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n
     st[SAE__STAT_L0] = (float)l0;
 }
 
-/* The index of the k-th largest (1-based) of v[0..len), rearranging v: quickselect with a
- * median-of-three pivot, deterministic for given data. */
-static float kth_largest(float *v, size_t len, size_t k)
-{
-    size_t lo = 0, hi = len - 1, want = k - 1;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        float a = v[lo], b = v[mid], c = v[hi];
-        float pivot = (a > b) ? ((b > c) ? b : (a > c ? c : a)) : ((a > c) ? a : (b > c ? c : b));
-        size_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pivot)
-                i++;
-            while (v[j] < pivot)
-                j--;
-            if (i <= j) {
-                float tmp = v[i];
-                v[i] = v[j];
-                v[j] = tmp;
-                i++;
-                if (j == 0)
-                    break;
-                j--;
-            }
-        }
-        if (want <= j)
-            hi = j;
-        else if (want >= i)
-            lo = i;
-        else
-            return v[want];
-    }
-    return v[want];
-}
-
 /* TopK: per token the K largest pre-activations (ties: lower index), kept when positive. */
 static void select_topk(sae_trainer *t, size_t n)
 {
@@ -930,44 +895,6 @@ static void select_topk(sae_trainer *t, size_t n)
         }
     }
     t->act_ptr[n] = used;
-}
-
-/* BatchTopK: the k * n largest positive pre-activations of the whole batch (ties: lower flat
- * index). Returns the smallest kept value, or 0 if none was kept. */
-static float select_batchtopk(sae_trainer *t, size_t n)
-{
-    const size_t d_sae = t->m->d_sae;
-    const size_t k = t->m->k < d_sae ? t->m->k : d_sae;
-    size_t positive = 0;
-    for (size_t i = 0; i < n * d_sae; i++)
-        if (t->pre[i] > 0.0f)
-            t->dense[positive++] = t->pre[i];
-    size_t want = k * n < positive ? k * n : positive;
-    float cut = 0.0f;
-    size_t ties = 0;
-    if (want > 0) {
-        cut = kth_largest(t->dense, positive, want);
-        size_t above = 0;
-        for (size_t i = 0; i < n * d_sae; i++)
-            above += t->pre[i] > cut;
-        ties = want - above;
-    }
-    size_t used = 0;
-    for (size_t i = 0; i < n; i++) {
-        t->act_ptr[i] = used;
-        const float *row = t->pre + i * d_sae;
-        for (size_t j = 0; j < d_sae && want > 0; j++) {
-            bool take = row[j] > cut || (row[j] == cut && ties > 0 && row[j] > 0.0f);
-            if (!take)
-                continue;
-            if (row[j] == cut)
-                ties--;
-            t->act_idx[used] = (uint32_t)j;
-            t->act_val[used++] = row[j];
-        }
-    }
-    t->act_ptr[n] = used;
-    return cut;
 }
 
 /* AuxK: per token the AUXK largest pre-activations among the dead latents, kept when positive
@@ -1033,7 +960,7 @@ static void sparse_pass(sae_trainer *t, const float *x, const float *tgt, size_t
         select_topk(t, n);
     } else {
         size_t k = m->k < d_sae ? m->k : d_sae;
-        float cut = select_batchtopk(t, n);
+        float cut = sae__train_select_batchtopk(t, n);
         if (t->act_ptr[n] > 0 && k > 0) {
             st[SAE__STAT_MIN] = cut;
             st[SAE__STAT_MIN_COUNT] = 1.0f;

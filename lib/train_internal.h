@@ -143,6 +143,11 @@ void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float
 void sae__train_error_base(sae_trainer *t, const float *x, const float *tgt, size_t n);
 void sae__train_skip_gradient(sae_trainer *t, const float *G, size_t n);
 
+/* BatchTopK: the k * n largest positive pre-activations of the batch (t->pre [n][d_sae]; ties
+ * to the lower flat index) into act_idx / act_val / act_ptr, using t->dense as scratch
+ * (train_batchtopk.c). Returns the smallest kept value, or 0 if none was kept. */
+float sae__train_select_batchtopk(sae_trainer *t, size_t n);
+
 /* JumpReLU's dense pass over n tokens (train_jumprelu.c): pre holds the pre-activations; fills
  * the gradient sections (log_th included), firing counts, SSE, LOSS and L0. lambda is the L0
  * coefficient after its warm-up. */

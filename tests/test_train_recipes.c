@@ -637,6 +637,82 @@ START_TEST(jumprelu_calling_thread_and_split_agree)
 }
 END_TEST
 
+/* BatchTopK's selection (train_batchtopk.c) against sorting the whole batch: the k n largest
+ * positive values, ties to the lower flat index, listed per token in index order, and the cut.
+ * Batches made to be hard: values spread over many octaves, many ties at the cut, zeros,
+ * negatives, subnormals (the bucket +0 shares), +inf, fewer positives than k n, none. */
+static int by_value_then_index(const void *a, const void *b)
+{
+    const float *const *x = a, *const *y = b;
+    if (**x != **y)
+        return **x > **y ? -1 : 1;
+    return *x < *y ? -1 : *x > *y;
+}
+
+START_TEST(batchtopk_selection_is_the_sorted_one)
+{
+    const size_t d = 4, s = 40, n = 25, k = 3;
+    sae_model *m;
+    ck_assert_ok(sae_model_new(&m, SAE_ARCH_BATCHTOPK, d, s));
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_K, (double)k));
+    sae_trainer *t;
+    ck_assert_ok(sae_trainer_new(&t, m));
+    float *x = tu_train_data(n, d, 31);
+    ck_assert_ok(sae_trainer_init(t, x, n));
+    ck_assert_ok(sae_trainer_step(t, x, n)); /* the scratch for n tokens */
+    const float pool[] = {2.0f, 1.0f, 1.0f, 0.5f, 0.0f, -0.0f, -1.0f, 1e-40f, 3e-41f, 1.0f};
+    const float *order[25 * 40];
+    tu_rng r = {5};
+    for (int kind = 0; kind < 7; kind++) {
+        for (size_t q = 0; q < n * s; q++) {
+            const float z = tu_normal(&r);
+            float v = kind == 0   ? z * expf(4.0f * tu_normal(&r))       /* many octaves */
+                      : kind == 1 ? pool[tu_next(&r) % 10]                /* ties at the cut */
+                      : kind == 2 ? -fabsf(z)                             /* none positive */
+                      : kind == 3 ? (tu_next(&r) % 40 == 0 ? fabsf(z) : -1.0f) /* too few */
+                      : kind == 4 ? (z > 0.0f ? 1e-39f * z : z)           /* subnormal cut */
+                      : kind == 5 ? (tu_next(&r) % 300 == 0 ? INFINITY : z) /* +inf */
+                                  : 1.0f + 0x1p-20f * (float)(tu_next(&r) % 4); /* one bucket */
+            t->pre[q] = v;
+        }
+        size_t positive = 0;
+        for (size_t q = 0; q < n * s; q++)
+            if (t->pre[q] > 0.0f)
+                order[positive++] = t->pre + q;
+        qsort(order, positive, sizeof order[0], by_value_then_index);
+        const size_t want = k * n < positive ? k * n : positive;
+        bool *taken = calloc(n * s, 1);
+        for (size_t q = 0; q < want; q++)
+            taken[order[q] - t->pre] = true;
+        const float cut = sae__train_select_batchtopk(t, n);
+        ck_assert_msg(cut == (want > 0 ? *order[want - 1] : 0.0f), "batch %d: cut %g, sorted %g",
+                      kind, (double)cut, want > 0 ? (double)*order[want - 1] : 0.0);
+        ck_assert_uint_eq(t->act_ptr[n], want);
+        size_t a = 0;
+        for (size_t i = 0; i < n; i++) {
+            ck_assert_uint_eq(t->act_ptr[i], a);
+            for (size_t j = 0; j < s; j++) {
+                if (!taken[i * s + j])
+                    continue;
+                ck_assert_msg(a < t->act_ptr[i + 1] && t->act_idx[a] == j &&
+                                  t->act_val[a] == t->pre[i * s + j],
+                              "batch %d: token %zu latent %zu should be listed", kind, i, j);
+                a++;
+            }
+            ck_assert_uint_eq(t->act_ptr[i + 1], a);
+        }
+        free(taken);
+        if (kind == 2)
+            ck_assert_uint_eq(want, 0);
+        if (kind == 3)
+            ck_assert_uint_lt(want, k * n);
+    }
+    free(x);
+    sae_trainer_free(t);
+    sae_model_free(m);
+}
+END_TEST
+
 /* ---- checkpoints --------------------------------------------------------------------------- */
 
 /* A = 0: JumpReLU; 1: Matryoshka. */
@@ -1061,6 +1137,7 @@ static Suite *recipes_suite(void)
     tcase_add_test(tc, one_group_is_batchtopk);
     tcase_add_test(tc, jumprelu_threads_do_not_change_the_sums);
     tcase_add_test(tc, jumprelu_calling_thread_and_split_agree);
+    tcase_add_test(tc, batchtopk_selection_is_the_sorted_one);
     tcase_add_loop_test(tc, checkpoint_resumes_bit_for_bit, 0, 2);
     tcase_add_test(tc, checkpoint_groups_are_checked);
     tcase_add_test(tc, groups_are_checked);
