@@ -12,7 +12,7 @@
 
 #include <string.h>
 
-enum { KEY_SHIFT = 20, KEYS = 1 << (32 - KEY_SHIFT) };
+enum { KEY_SHIFT = 20, KEYS = 1 << (32 - KEY_SHIFT), SCREEN = 16 };
 
 /* v's bucket: its top 12 bits. Positive values (finite or +inf) have keys 0 to 0x7F8 in their
  * order, with key 0 shared by +0 and the positive subnormals; negative ones have keys from
@@ -57,6 +57,18 @@ static float kth_largest(float *v, size_t len, size_t k)
             return v[want];
     }
     return v[want];
+}
+
+/* Whether any of v[0..SCREEN) is at least cut (counted in lanes, so that -O2 vectorizes it). */
+static bool reaches(const float *restrict v, float cut)
+{
+    int lane[SCREEN] = {0};
+    for (size_t q = 0; q < SCREEN; q++)
+        lane[q] = v[q] >= cut;
+    int any = 0;
+    for (size_t q = 0; q < SCREEN; q++)
+        any |= lane[q];
+    return any != 0;
 }
 
 /* The cut: with want = min(keep, how many of v[0..count) are positive), the want-th largest
@@ -104,14 +116,22 @@ float sae__train_select_batchtopk(sae_trainer *t, size_t n)
     for (size_t i = 0; i < n; i++) {
         t->act_ptr[i] = used;
         const float *row = t->pre + i * d_sae;
-        for (size_t j = 0; j < d_sae && want > 0; j++) {
-            bool take = row[j] > cut || (row[j] == cut && ties > 0 && row[j] > 0.0f);
-            if (!take)
+        for (size_t j0 = 0; j0 < d_sae && want > 0; j0 += SCREEN) {
+            const size_t j1 = j0 + SCREEN <= d_sae ? j0 + SCREEN : d_sae;
+            /* Few values reach the cut: a block of SCREEN is screened with compares the
+             * compiler vectorizes, and looked at value by value only if one does. */
+            if (j1 - j0 == SCREEN && !reaches(row + j0, cut))
                 continue;
-            if (row[j] == cut)
-                ties--;
-            t->act_idx[used] = (uint32_t)j;
-            t->act_val[used++] = row[j];
+            for (size_t j = j0; j < j1; j++) {
+                /* the cut is positive: a value equal to it is too */
+                bool take = row[j] > cut || (row[j] == cut && ties > 0);
+                if (!take)
+                    continue;
+                if (row[j] == cut)
+                    ties--;
+                t->act_idx[used] = (uint32_t)j;
+                t->act_val[used++] = row[j];
+            }
         }
     }
     t->act_ptr[n] = used;
