@@ -4,7 +4,7 @@
  *
  * The cut (the (k n)-th largest positive value) is found exactly without sorting or
  * partitioning the batch: positive floats order as their bit patterns do, so one counting pass
- * over the batch by the top 12 bits (sign, exponent, 3 mantissa bits) finds the bucket that
+ * over the batch by the top 11 bits (sign, exponent, 2 mantissa bits) finds the bucket that
  * holds the cut and how many values lie above it, and only that bucket's values (a small
  * fraction) are gathered and selected among. Partitioning all positive values instead was most
  * of a Matryoshka step at 64 -> 512 (its branches mispredict on every other value). */
@@ -12,11 +12,13 @@
 
 #include <string.h>
 
-enum { KEY_SHIFT = 20, KEYS = 1 << (32 - KEY_SHIFT), SCREEN = 16 };
+/* 2^11 counters (16 KB on the stack); +inf's key, the largest a positive value has. */
+enum { KEY_SHIFT = 21, KEYS = 1 << (32 - KEY_SHIFT), KEY_INF = 0x7F800000 >> KEY_SHIFT };
+enum { SCREEN = 16 };
 
-/* v's bucket: its top 12 bits. Positive values (finite or +inf) have keys 0 to 0x7F8 in their
- * order, with key 0 shared by +0 and the positive subnormals; negative ones have keys from
- * 0x800, the NaNs arithmetic makes 0x7FC or 0xFFC. */
+/* v's bucket: its top 11 bits. Positive values (finite or +inf) have keys 0 to KEY_INF in their
+ * order, with key 0 shared by +0 and the smallest positive subnormals; negative ones have keys
+ * from KEYS / 2, and the NaNs arithmetic makes keys above KEY_INF. */
 static inline size_t key_of(float v)
 {
     uint32_t u;
@@ -87,7 +89,7 @@ static float batch_cut(const float *v, size_t count, size_t keep, float *scratch
     if (*want == 0)
         return 0.0f;
     /* From the largest key down to the one that holds the want-th largest. */
-    size_t b = 0x7F8, higher = 0;
+    size_t b = KEY_INF, higher = 0;
     while (b > 0 && higher + hist[b] < *want)
         higher += hist[b--];
     size_t m = 0;
@@ -95,7 +97,7 @@ static float batch_cut(const float *v, size_t count, size_t keep, float *scratch
         if (key_of(v[i]) == b && v[i] > 0.0f)
             scratch[m++] = v[i];
     size_t rank = *want - higher;
-    if (rank > m) /* only if signalling NaNs (key 0x7F8) were counted above: none arise */
+    if (rank > m) /* only if signalling NaNs (key KEY_INF) were counted above: none arise */
         rank = m;
     const float cut = kth_largest(scratch, m, rank);
     size_t over = 0;
