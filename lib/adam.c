@@ -7,7 +7,7 @@
 
 /* The step's constants, in float as the update uses them. */
 typedef struct {
-    float step_size, inv_bc2_sqrt, b1, b2, c1, c2, eps;
+    float step_size, inv_bc2_sqrt, b1, b2, c1, c2, eps, scale, clip;
 } consts;
 
 static consts consts_of(const sae__adam *a)
@@ -17,15 +17,18 @@ static consts consts_of(const sae__adam *a)
     const double bc2 = 1.0 - pow(a->beta2, (double)a->step);
     consts c = {(float)(a->lr / bc1),        (float)(1.0 / sqrt(bc2)),  (float)a->beta1,
                 (float)a->beta2,             (float)(1.0 - a->beta1),   (float)(1.0 - a->beta2),
-                (float)a->eps};
+                (float)a->eps,               a->scale,                  a->clip};
     return c;
 }
 
 /* One element's new moment estimates and parameter. sae__adam_check and sae__adam_update both
  * compute through this one function, so the values the check approves are the values written. */
-static inline void step1(const consts *c, float p, float g, float m, float v, float *p1, float *m1,
+static inline void step1(const consts *c, float p, float g0, float m, float v, float *p1, float *m1,
                          float *v1)
 {
+    /* Two roundings, as the two scaling passes over the buffer this replaces made (times 1 is
+     * exact, so without clipping g is g0 * scale). */
+    const float g = g0 * c->scale * c->clip;
     float mi = c->b1 * m + c->c1 * g;
     float vi = c->b2 * v + c->c2 * g * g;
     *m1 = mi;
@@ -94,4 +97,27 @@ int sae__adam_check(const float *p, const float *g, const float *m, const float 
         }
     }
     return 0;
+}
+
+double sae__adam_sumsq(const float *g, size_t n, float scale, int *finite)
+{
+    double lane[LANES] = {0};
+    int ok[LANES] = {1, 1, 1, 1, 1, 1, 1, 1};
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (size_t q = 0; q < LANES; q++) {
+            const double s = (double)(g[i + q] * scale);
+            lane[q] += s * s;
+            ok[q] &= finite1(g[i + q]);
+        }
+    for (; i < n; i++) {
+        const double s = (double)(g[i] * scale);
+        lane[0] += s * s;
+        ok[0] &= finite1(g[i]);
+    }
+    int all = 1;
+    for (size_t q = 0; q < LANES; q++)
+        all &= ok[q];
+    *finite = all;
+    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
 }

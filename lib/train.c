@@ -939,8 +939,65 @@ void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float
     if (t->tc) /* g . W_dec'[j] = c g . W_dec[j] */
         dpre *= (float)t->out_scale;
     t->buf[t->lay.b_enc + j] += dpre;
-    sae__axpy(d_in, dpre, xin, t->gT + (size_t)j * d_in);
-    t->touched[j] = 1;
+    float *col = t->gT + (size_t)j * d_in;
+    if (t->touched[j]) {
+        sae__axpy(d_in, dpre, xin, col);
+    } else {
+        /* The column's first share is stored, not added: gT is not kept zeroed between steps
+         * (a pass of its own at large batches). 0 + keeps the sums' rounding of -0. */
+        for (size_t r = 0; r < d_in; r++)
+            col[r] = 0.0f + dpre * xin[r];
+        t->touched[j] = 1;
+    }
+}
+
+/* Moving the encoder gradient from gT [d_sae][d_in] into W_enc's layout [d_in][d_sae]: tiles of
+ * UNT x UNT, so that each tile's reads and writes stay in a few cache lines (a column at a time
+ * misses the cache on every write), over the threads by blocks of latents. */
+enum { UNT = 16 };
+
+typedef struct {
+    sae_trainer *t;
+    float *g_enc;
+} untranspose_job;
+
+static void untranspose_range(void *ctx, size_t b0, size_t b1, size_t worker)
+{
+    (void)worker;
+    const untranspose_job *job = ctx;
+    sae_trainer *t = job->t;
+    const size_t d_in = t->m->d_in, d_sae = t->m->d_sae;
+    float *g_enc = job->g_enc;
+    for (size_t b = b0; b < b1; b++) {
+        const size_t j0 = b * UNT, nj = d_sae - j0 < UNT ? d_sae - j0 : UNT;
+        /* The block's latents with a column this step; untouched columns stay as they are. */
+        size_t list[UNT], count = 0;
+        for (size_t q = 0; q < nj; q++) {
+            if (t->touched == NULL || t->touched[j0 + q])
+                list[count++] = q;
+            if (t->touched != NULL)
+                t->touched[j0 + q] = 0;
+        }
+        if (count == 0)
+            continue;
+        const float *rows = t->gT + j0 * d_in;
+        for (size_t r0 = 0; r0 < d_in; r0 += UNT) {
+            const size_t r1 = d_in - r0 < UNT ? d_in : r0 + UNT;
+            for (size_t r = r0; r < r1; r++)
+                for (size_t c = 0; c < count; c++)
+                    g_enc[r * d_sae + j0 + list[c]] = rows[list[c] * d_in + r];
+        }
+        if (t->touched == NULL)
+            memset(t->gT + j0 * d_in, 0, nj * d_in * sizeof(float));
+    }
+}
+
+void sae__train_untranspose(sae_trainer *t, float *g_enc)
+{
+    const size_t blocks = (t->m->d_sae + UNT - 1) / UNT;
+    untranspose_job job = {t, g_enc};
+    sae__parallel_for(sae__model_threads(t->m), blocks, sae__grain(UNT * t->m->d_in),
+                      untranspose_range, &job);
 }
 
 /* TopK and BatchTopK: only the active (and AuxK) latents' rows and columns get gradients. Per
@@ -1054,17 +1111,9 @@ static void sparse_pass(sae_trainer *t, const float *x, const float *tgt, size_t
             for (size_t a = t->aux_ptr[i]; a < t->aux_ptr[i + 1]; a++)
                 sae__train_backprop_latent(t, t->aux_idx[a], t->aux_val[a], d, xin);
     }
-    /* Encoder columns back into W_enc's [d_in][d_sae] layout; gT is left zeroed for next time. */
+    /* Encoder columns back into W_enc's [d_in][d_sae] layout. */
     float *g_enc = buf + L->W_enc;
-    for (size_t j = 0; j < d_sae; j++) {
-        if (!t->touched[j])
-            continue;
-        float *row = t->gT + j * d_in;
-        for (size_t r = 0; r < d_in; r++)
-            g_enc[r * d_sae + j] = row[r];
-        memset(row, 0, d_in * sizeof(float));
-        t->touched[j] = 0;
-    }
+    sae__train_untranspose(t, g_enc);
     if (aux_dense)
         sae__sgemm(true, false, d_in, d_sae, n, 1.0f, t->xin, d_in, GA, d_sae, 1.0f, g_enc, d_sae);
     /* The main loss reaches W_skip; the AuxK term does not (its target, the residual, is held
@@ -1075,6 +1124,129 @@ static void sparse_pass(sae_trainer *t, const float *x, const float *tgt, size_t
     st[SAE__STAT_SSE_PREFIX] = (float)(t->n_groups > 0 ? sse_first : sse);
     st[SAE__STAT_AUX] = (float)aux;
     st[SAE__STAT_L0] = (float)t->act_ptr[n];
+}
+
+/* ---- the optimizer's passes ---------------------------------------------------------------- */
+
+/* At Gemma size (75M parameters, 302 MB per array) a step's time outside the products is passes
+ * over memory: the passes below read the gradient sums once for their norm and finiteness, then
+ * read weights, gradient and moments once to check the step and once more to write it. Scaling
+ * (1/N, clipping), the decoder rows' projection, their renormalization and their norms happen on
+ * the way, row by row in cache, instead of as passes of their own; and two cores share each. */
+
+enum {
+    SUMSQ_BLOCK = 1 << 16, /* gradient elements per partial sum: the norm's order is fixed */
+    FLAT_ROW = 1 << 12     /* elements per unit of work in the flat sections */
+};
+
+typedef struct {
+    const float *g;
+    size_t n;
+    float scale;
+    double *partial; /* [blocks] */
+    int *finite;     /* [blocks] */
+} sumsq_job;
+
+static void sumsq_range(void *ctx, size_t b, size_t e, size_t worker)
+{
+    (void)worker;
+    sumsq_job *j = ctx;
+    for (size_t k = b; k < e; k++) {
+        const size_t i0 = k * SUMSQ_BLOCK, len = j->n - i0 < SUMSQ_BLOCK ? j->n - i0 : SUMSQ_BLOCK;
+        j->partial[k] = sae__adam_sumsq(j->g + i0, len, j->scale, &j->finite[k]);
+    }
+}
+
+/* One section's Adam step, as rows of `width` elements (the last may be shorter). The decoder's
+ * rows (dec) get the gradient scaled into a scratch row and, with unit-norm rows, its component
+ * along the row removed (OpenAI's unit_norm_decoder_grad_adjustment_); after the update the row
+ * is renormalized and its norm stored, as sae__model_weights_changed would. */
+typedef struct {
+    sae_trainer *t;
+    float *p;
+    const float *g;
+    float *m, *v;
+    size_t n, width;
+    bool dec, write;
+    sae__adam adam;
+    float *scratch; /* [chunks][width] when dec */
+    int *what;      /* [chunks]: the check's first failure in the chunk, 0 if none */
+    size_t *bad;    /* [chunks]: its index in the section */
+} adam_job;
+
+static void adam_range(void *ctx, size_t r0, size_t r1, size_t worker)
+{
+    adam_job *j = ctx;
+    sae_model *m = j->t->m;
+    for (size_t r = r0; r < r1; r++) {
+        const size_t i0 = r * j->width, len = j->n - i0 < j->width ? j->n - i0 : j->width;
+        float *p = j->p + i0;
+        const float *g = j->g + i0;
+        sae__adam a = j->adam;
+        if (j->dec) {
+            float *s = j->scratch + worker * j->width;
+            for (size_t c = 0; c < len; c++)
+                s[c] = g[c] * a.scale * a.clip;
+            if (j->t->unit_dec) {
+                float ww = sae__sdot(len, p, p);
+                if (ww > 0.0f)
+                    sae__saxpy(len, -sae__sdot(len, s, p) / ww, p, s);
+            }
+            a.scale = a.clip = 1.0f;
+            g = s;
+        }
+        if (!j->write) {
+            size_t i;
+            int what = sae__adam_check(p, g, j->m + i0, j->v + i0, len, &a, &i);
+            if (what != 0) {
+                j->what[worker] = what;
+                j->bad[worker] = i0 + i;
+                return;
+            }
+            continue;
+        }
+        sae__adam_update(p, g, j->m + i0, j->v + i0, len, &a);
+        if (!j->dec)
+            continue;
+        if (j->t->unit_dec) {
+            float nrm = sae__snrm2(len, p);
+            if (nrm > 0.0f && isfinite(1.0f / nrm)) {
+                sae__sscal(len, 1.0f / nrm, p);
+            } else if (nrm > 0.0f) {
+                /* A norm below 1 / FLT_MAX has no float reciprocal: divide. */
+                for (size_t c = 0; c < len; c++)
+                    p[c] /= nrm;
+            }
+        }
+        m->dec_norm[r] = sae__dec_row_norm(m, r);
+    }
+}
+
+/* The chunks adam_section splits a section of n elements in rows of width into. */
+static size_t adam_chunks(const sae_trainer *t, size_t n, size_t width)
+{
+    return sae__parallel_chunks(sae__model_threads(t->m), (n + width - 1) / width,
+                                sae__grain(width));
+}
+
+/* Checks (write false) or applies one section's step over threads; on a failed check returns
+ * its kind (sae__adam_check's) with *bad the first failing index, else 0. */
+static int adam_section(sae_trainer *t, adam_job *j, size_t *bad)
+{
+    const size_t rows = (j->n + j->width - 1) / j->width;
+    const size_t chunks = adam_chunks(t, j->n, j->width);
+    int what[64] = {0}; /* sae__parallel_chunks makes at most 64 */
+    size_t at[64];
+    j->what = what;
+    j->bad = at;
+    sae__parallel_for(sae__model_threads(t->m), rows, sae__grain(j->width), adam_range, j);
+    for (size_t w = 0; w < chunks; w++) {
+        if (what[w] != 0) {
+            *bad = at[w];
+            return what[w];
+        }
+    }
+    return 0;
 }
 
 /* ---- the step ------------------------------------------------------------------------------ */
@@ -1115,25 +1287,42 @@ static int apply_step(sae_trainer *t, double lr, double lambda)
     float *buf = t->buf, *st = buf + L->stats;
     const double N = round((double)st[SAE__STAT_TOKENS]);
     float *g = buf; /* the gradient sections are contiguous from 0 to n_params */
-    sae__sscal(L->n_params, (float)(1.0 / N), g);
+    /* The gradient is the sums times 1/N (and the clipping factor): Adam scales as it reads. */
+    const float inv_n = (float)(1.0 / N);
+    const size_t blocks = (L->n_params + SUMSQ_BLOCK - 1) / SUMSQ_BLOCK;
+    const size_t dec_chunks = adam_chunks(t, d_out * d_sae, d_out);
+    double *partial = sae__alloc(blocks ? blocks : 1, sizeof(double), "step scratch");
+    int *finite = sae__alloc(blocks ? blocks : 1, sizeof(int), "step scratch");
+    float *scratch = sae__alloc(dec_chunks * d_out, sizeof(float), "step scratch");
+    if (partial == NULL || finite == NULL || scratch == NULL) {
+        free(partial);
+        free(finite);
+        free(scratch);
+        return SAE_ENOMEM;
+    }
+    sumsq_job sj = {g, L->n_params, inv_n, partial, finite};
+    sae__parallel_for(sae__model_threads(m), blocks, sae__grain(SUMSQ_BLOCK), sumsq_range,
+                      &sj);
     double gnorm = 0.0;
-    for (size_t i = 0; i < L->n_params; i++)
-        gnorm += (double)g[i] * g[i];
+    bool all_finite = true;
+    for (size_t k = 0; k < blocks; k++) {
+        gnorm += partial[k];
+        all_finite &= finite[k] != 0;
+    }
+    free(partial);
+    free(finite);
+    if (!all_finite) {
+        free(scratch);
+        return sae__fail(SAE_ERANGE,
+                         "sae_trainer_step: the gradient is not finite at step %llu (learning "
+                         "rate too high, or activations too large?)",
+                         (unsigned long long)t->step);
+    }
     gnorm = sqrt(gnorm);
     double clip = t->param[SAE_TRAIN_GRAD_CLIP];
+    float clip_by = 1.0f;
     if (clip > 0.0 && gnorm > clip) /* torch's clip_grad_norm_ */
-        sae__sscal(L->n_params, (float)(clip / (gnorm + 1e-6)), g);
-    if (t->unit_dec) {
-        /* Unit-norm rows: remove the gradient's component along each row (OpenAI's
-         * unit_norm_decoder_grad_adjustment_). */
-        for (size_t j = 0; j < d_sae; j++) {
-            const float *w = m->W_dec + j * d_in;
-            float *gj = g + L->W_dec + j * d_in;
-            float ww = sae__sdot(d_in, w, w);
-            if (ww > 0.0f)
-                sae__saxpy(d_in, -sae__sdot(d_in, gj, w) / ww, w, gj);
-        }
-    }
+        clip_by = (float)(clip / (gnorm + 1e-6));
     /* A transcoder's gradient is that of its normalized parameters (W_dec' = c W_dec, ...): Adam
      * steps those, and the change reaches the model's own divided by the same factor (the
      * learning rate for W_dec and b_dec is lr / c, for W_skip lr * INPUT_SCALE / c). */
@@ -1151,16 +1340,23 @@ static int apply_step(sae_trainer *t, double lr, double lambda)
                  {t->log_th, L->log_th, L->n_params - L->log_th, 0, "log_threshold", lr}};
     /* Empty sections (no W_skip, no log-thresholds) are skipped. */
     const size_t n_parts = 6;
+    adam_job jobs[6];
+    for (size_t q = 0; q < n_parts; q++) {
+        const bool dec = part[q].p == m->W_dec;
+        jobs[q] = (adam_job){t, part[q].p, g + part[q].at, t->adam_m + part[q].at,
+                             t->adam_v + part[q].at, part[q].n, dec ? d_out : FLAT_ROW, dec, false,
+                             {part[q].lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
+                              t->param[SAE_TRAIN_ADAM_EPS], t->step + 1, inv_n, clip_by},
+                             scratch, NULL, NULL};
+    }
     for (size_t q = 0; q < n_parts; q++) {
         if (part[q].n == 0)
             continue;
         size_t i;
-        sae__adam adam = {part[q].lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
-                          t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
-        int what = sae__adam_check(part[q].p, g + part[q].at, t->adam_m + part[q].at,
-                                   t->adam_v + part[q].at, part[q].n, &adam, &i);
+        int what = adam_section(t, &jobs[q], &i);
         if (what == 0)
             continue;
+        free(scratch);
         const char *of = what == 1 ? "the Adam first moment of " : what == 2 ? "the Adam second "
                                                                               "moment of " : "";
         char where[48];
@@ -1180,37 +1376,27 @@ static int apply_step(sae_trainer *t, double lr, double lambda)
         double r = t->param[SAE_TRAIN_THRESHOLD_LR];
         double kept_min = (double)st[SAE__STAT_MIN] / round((double)st[SAE__STAT_MIN_COUNT]);
         theta = (1.0 - r) * t->theta + r * kept_min;
-        if (!isfinite((float)theta))
+        if (!isfinite((float)theta)) {
+            free(scratch);
             return sae__fail(SAE_ERANGE, "sae_trainer_step: step %llu would make the BatchTopK "
                              "threshold %g, not a finite float; the model and trainer are "
                              "unchanged", (unsigned long long)t->step, theta);
+        }
     }
 
     /* Nothing has changed until here; from here on nothing fails. */
     for (size_t q = 0; q < n_parts; q++) {
         if (part[q].n == 0)
             continue;
-        sae__adam adam = {part[q].lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
-                          t->param[SAE_TRAIN_ADAM_EPS], t->step + 1};
-        sae__adam_update(part[q].p, g + part[q].at, t->adam_m + part[q].at,
-                         t->adam_v + part[q].at, part[q].n, &adam);
+        size_t i;
+        jobs[q].write = true;
+        (void)adam_section(t, &jobs[q], &i);
     }
-    if (t->unit_dec) {
-        for (size_t j = 0; j < d_sae; j++) {
-            float *w = m->W_dec + j * d_in;
-            float nrm = sae__snrm2(d_in, w);
-            if (nrm > 0.0f && isfinite(1.0f / nrm)) {
-                sae__sscal(d_in, 1.0f / nrm, w);
-            } else if (nrm > 0.0f) {
-                /* A norm below 1 / FLT_MAX has no float reciprocal: divide. */
-                for (size_t c = 0; c < d_in; c++)
-                    w[c] /= nrm;
-            }
-        }
-    }
+    free(scratch);
     if (t->jump)
         sae__jumprelu_sync(t);
-    sae__model_weights_changed(m);
+    if (m->mag_scale != NULL) /* the decoder norms are done; the rest of the model's caches */
+        sae__model_weights_changed(m);
 
     /* Dead-latent counters, from the global firing counts. */
     const uint64_t n_tok = (uint64_t)N;
@@ -1316,11 +1502,6 @@ static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
     double tokens = (double)t->buf[t->lay.stats + SAE__STAT_TOKENS];
     if (!(tokens >= 0.5))
         return sae__fail(SAE_EINVAL, "sae_trainer_step: no process had any tokens in this step");
-    if ((rc = sae__check_finite(t->buf, t->lay.n_params, 0, "gradient")) != SAE_OK)
-        return sae__fail(SAE_ERANGE,
-                         "sae_trainer_step: the gradient is not finite at step %llu (learning "
-                         "rate too high, or activations too large?)",
-                         (unsigned long long)t->step);
     return apply_step(t, lr, lambda);
 }
 

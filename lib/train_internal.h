@@ -10,10 +10,13 @@
 
 /* One Adam step over a flat array, computed as torch.optim.Adam does (no weight decay):
  * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps),
- * with t = step (1 for the first step). p, g, m and v are separate arrays (restrict). */
+ * with t = step (1 for the first step). p, g, m and v are separate arrays (restrict). The g Adam
+ * sees is the array's times scale, then times clip, each product rounded to float (scale = clip
+ * = 1: the array as it is), so the step reads the gradient sums without a pass scaling them. */
 typedef struct {
     double lr, beta1, beta2, eps;
     uint64_t step;
+    float scale, clip;
 } sae__adam;
 void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, const sae__adam *a);
 /* Whether sae__adam_update with the same arguments would leave every p, m and v finite, reading
@@ -21,6 +24,9 @@ void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, co
  * element i that would not be, with *bad = i. The update computes exactly what this checks. */
 int sae__adam_check(const float *p, const float *g, const float *m, const float *v, size_t n,
                     const sae__adam *a, size_t *bad);
+/* The sum of the squares of g[i] * scale (rounded to float, squared in double) over [0, n), in
+ * an order fixed by n alone; *finite = 1 if every g[i] is finite, else 0. */
+double sae__adam_sumsq(const float *g, size_t n, float scale, int *finite);
 
 /* The per-step buffer handed to the allreduce callback: offsets (in floats) of its sections. The
  * gradient sections are sums over the process's tokens of the per-token loss's gradient, in the
@@ -136,6 +142,11 @@ struct sae_trainer {
  * fired with activation f (train.c): W_dec row, b_enc and the encoder column (in gT). */
 void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g,
                                 const float *xin);
+/* Writes gT's columns into g_enc [d_in][d_sae] (the W_enc gradient section) and clears their
+ * marks: with t->touched, the marked ones (their first share was stored, so gT's other rows hold
+ * stale values), the others left as they are; without (NULL), every column, and gT is zeroed
+ * after. Tiled and threaded (train.c). */
+void sae__train_untranspose(sae_trainer *t, float *g_enc);
 
 /* The part of the error the codes do not make, b_dec - tgt [+ x @ W_skip] (unscaled),
  * into t->err [n][d_out]; and W_skip's gradient from G [n][d_out], the gradient with respect to
