@@ -23,14 +23,20 @@ static consts consts_of(const sae__adam *a)
 
 /* One element's new moment estimates and parameter. sae__adam_check and sae__adam_update both
  * compute through this one function, so the values the check approves are the values written. */
-static inline void step1(const consts *c, float p, float g0, float m, float v, float *p1, float *m1,
-                         float *v1)
+static inline void moments1(const consts *c, float g0, float m, float v, float *m1, float *v1)
 {
     /* Two roundings, as the two scaling passes over the buffer this replaces made (times 1 is
      * exact, so without clipping g is g0 * scale). */
     const float g = g0 * c->scale * c->clip;
-    float mi = c->b1 * m + c->c1 * g;
-    float vi = c->b2 * v + c->c2 * g * g;
+    *m1 = c->b1 * m + c->c1 * g;
+    *v1 = c->b2 * v + c->c2 * g * g;
+}
+
+static inline void step1(const consts *c, float p, float g0, float m, float v, float *p1, float *m1,
+                         float *v1)
+{
+    float mi, vi;
+    moments1(c, g0, m, v, &mi, &vi);
     *m1 = mi;
     *v1 = vi;
     *p1 = p - c->step_size * mi / (sqrtf(vi) * c->inv_bc2_sqrt + c->eps);
@@ -60,14 +66,54 @@ static inline int finite1(float x) { return fabsf(x) <= FLT_MAX; }
 /* Elements checked between tests of the flags: the loop runs without an exit inside. */
 enum { CHECK_BLOCK = 1024 };
 
+/* The largest |m1| for which the parameter's new value is sure to be finite when |p| <= FLT_MAX / 2
+ * and 0 <= v1 <= FLT_MAX; 0 when no bound holds (eps = 0: the divisor may be 0). With v1 >= 0
+ * the divisor sqrt(v1) / sqrt(1 - b2^t) + eps is at least eps, so |step_size * m1 / divisor| is
+ * at most about step_size |m1| / eps: this bound keeps it below FLT_MAX / 8 (and step_size * m1
+ * finite), with room for every rounding. */
+static float sure_bound(const consts *c)
+{
+    if (!(c->eps > 0.0f))
+        return 0.0f;
+    double k = (double)FLT_MAX / 8.0 * (c->eps < 1.0f ? (double)c->eps : 1.0);
+    if (c->step_size > 0.0f)
+        k /= (double)c->step_size;
+    return k >= (double)FLT_MAX ? FLT_MAX : (float)k;
+}
+
 int sae__adam_check(const float *p, const float *g, const float *m, const float *v, size_t n,
                     const sae__adam *a, size_t *bad)
 {
     const consts c = consts_of(a);
+    const float sure = sure_bound(&c), p_max = FLT_MAX / 2;
     for (size_t i0 = 0; i0 < n; i0 += CHECK_BLOCK) {
         const size_t i1 = n - i0 < CHECK_BLOCK ? n : i0 + CHECK_BLOCK;
-        int ok[LANES] = {1, 1, 1, 1, 1, 1, 1, 1};
         size_t i = i0;
+        if (sure > 0.0f) {
+            /* Bounds that imply the exact test without its square root and division; a block
+             * they do not clear takes the exact test below. */
+            int fast[LANES] = {1, 1, 1, 1, 1, 1, 1, 1};
+            for (; i + LANES <= i1; i += LANES)
+                for (size_t q = 0; q < LANES; q++) {
+                    float m1, v1;
+                    moments1(&c, g[i + q], m[i + q], v[i + q], &m1, &v1);
+                    fast[q] &= (fabsf(m1) <= sure) & (v1 >= 0.0f) & (v1 <= FLT_MAX) &
+                               (fabsf(p[i + q]) <= p_max);
+                }
+            int all = 1;
+            for (size_t q = 0; q < LANES; q++)
+                all &= fast[q];
+            for (; i < i1; i++) {
+                float m1, v1;
+                moments1(&c, g[i], m[i], v[i], &m1, &v1);
+                all &= (fabsf(m1) <= sure) & (v1 >= 0.0f) & (v1 <= FLT_MAX) &
+                       (fabsf(p[i]) <= p_max);
+            }
+            if (all)
+                continue;
+            i = i0;
+        }
+        int ok[LANES] = {1, 1, 1, 1, 1, 1, 1, 1};
         for (; i + LANES <= i1; i += LANES)
             for (size_t q = 0; q < LANES; q++) {
                 float p1, m1, v1;
@@ -101,23 +147,32 @@ int sae__adam_check(const float *p, const float *g, const float *m, const float 
 
 double sae__adam_sumsq(const float *g, size_t n, float scale, int *finite)
 {
+    /* Squares of floats never overflow a double, nor do 2^64 of them: the sum is finite exactly
+     * when every g is (a NaN stays NaN, an infinity times scale > 0 stays infinite). */
     double lane[LANES] = {0};
-    int ok[LANES] = {1, 1, 1, 1, 1, 1, 1, 1};
     size_t i = 0;
     for (; i + LANES <= n; i += LANES)
         for (size_t q = 0; q < LANES; q++) {
             const double s = (double)(g[i + q] * scale);
             lane[q] += s * s;
-            ok[q] &= finite1(g[i + q]);
         }
     for (; i < n; i++) {
         const double s = (double)(g[i] * scale);
         lane[0] += s * s;
-        ok[0] &= finite1(g[i]);
     }
-    int all = 1;
-    for (size_t q = 0; q < LANES; q++)
-        all &= ok[q];
-    *finite = all;
-    return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    const double sum =
+        ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    *finite = isfinite(sum);
+    return sum;
+}
+
+void sae__adam_scaled(float *restrict dst, const float *restrict g, size_t n, const sae__adam *a)
+{
+    const consts c = consts_of(a);
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (size_t q = 0; q < LANES; q++)
+            dst[i + q] = g[i + q] * c.scale * c.clip;
+    for (; i < n; i++)
+        dst[i] = g[i] * c.scale * c.clip;
 }

@@ -809,6 +809,63 @@ void sae__train_skip_gradient(sae_trainer *t, const float *G, size_t n)
 /* ReLU: dense, every matrix product one SGEMM. Per token the loss is
  * ||x_hat_s - x_s||^2 + lambda * sum_i f_i ||W_dec[i]||; a transcoder's is the same in its
  * normalized units, ||c (y_hat - y)||^2 + lambda * sum_i f_i ||c W_dec[i]||. */
+/* ReLU's passes over the [n][d_sae] codes run over threads by ranges of latents, each latent's
+ * sums over the tokens in token order (the same sums as one thread makes). */
+typedef struct {
+    sae_trainer *t;
+    float *f, *G;
+    size_t n;
+    float c, lam;
+    double *l1, *l0; /* [chunks] */
+} relu_job;
+
+/* f = relu(pre) and its sums: L1 (of f ||W_dec'||), L0, per-latent sums and firing counts. */
+static void relu_codes_range(void *ctx, size_t k0, size_t k1, size_t worker)
+{
+    relu_job *j = ctx;
+    sae_trainer *t = j->t;
+    const size_t d_sae = t->m->d_sae;
+    const float *dec_norm = t->m->dec_norm;
+    float *fires = t->buf + t->lay.fires;
+    double *colsum = t->colsum, l1 = 0.0, l0 = 0.0;
+    for (size_t k = k0; k < k1; k++)
+        colsum[k] = 0.0;
+    for (size_t i = 0; i < j->n; i++) {
+        float *fr = j->f + i * d_sae;
+        for (size_t k = k0; k < k1; k++)
+            fr[k] = fr[k] > 0.0f ? fr[k] : 0.0f;
+        for (size_t k = k0; k < k1; k++) {
+            if (fr[k] > 0.0f) {
+                l1 += (double)fr[k] * dec_norm[k] * j->c;
+                colsum[k] += fr[k];
+                l0 += 1.0;
+                fires[k] += 1.0f;
+            }
+        }
+    }
+    j->l1[worker] = l1;
+    j->l0[worker] = l0;
+}
+
+/* G = dL/df masked by f > 0 into dL/dpre, with the L1 term; b_enc's gradient sums it. */
+static void relu_grad_range(void *ctx, size_t k0, size_t k1, size_t worker)
+{
+    (void)worker;
+    relu_job *j = ctx;
+    sae_trainer *t = j->t;
+    const size_t d_sae = t->m->d_sae;
+    const float *dec_norm = t->m->dec_norm;
+    float *g_benc = t->buf + t->lay.b_enc;
+    for (size_t i = 0; i < j->n; i++) {
+        float *gr = j->G + i * d_sae;
+        const float *fr = j->f + i * d_sae;
+        for (size_t k = k0; k < k1; k++) {
+            gr[k] = fr[k] > 0.0f ? gr[k] + j->lam * dec_norm[k] : 0.0f;
+            g_benc[k] += gr[k];
+        }
+    }
+}
+
 static void relu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n, double lambda)
 {
     sae_model *m = t->m;
@@ -816,46 +873,37 @@ static void relu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n
     const float c = (float)t->out_scale;
     float *buf = t->buf, *f = t->pre, *E = t->err, *G = t->dense;
     const sae__train_layout *L = &t->lay;
-    for (size_t i = 0; i < n * d_sae; i++)
-        f[i] = f[i] > 0.0f ? f[i] : 0.0f;
+    const size_t threads = sae__model_threads(m), grain = sae__grain(n);
+    const size_t chunks = sae__parallel_chunks(threads, d_sae, grain);
+    double l1s[64] = {0}, l0s[64] = {0}; /* sae__parallel_chunks makes at most 64 */
+    relu_job job = {t, f, G, n, c, (float)lambda * c, l1s, l0s};
+    sae__parallel_for(threads, d_sae, grain, relu_codes_range, &job);
+    double sse = 0.0, l1 = 0.0, l0 = 0.0;
+    for (size_t w = 0; w < chunks; w++) {
+        l1 += l1s[w];
+        l0 += l0s[w];
+    }
     /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
     sae__train_error_base(t, x, tgt, n);
     sae__sgemm(false, false, n, d_in, d_sae, 1.0f, f, d_sae, m->W_dec, d_in, 1.0f, E, d_in);
     if (t->tc)
         sae__sscal(n * d_in, c, E);
-    double sse = 0.0, l1 = 0.0, l0 = 0.0;
-    float *fires = buf + L->fires, *sum_err = buf + L->sum_err;
-    double *colsum = t->colsum;
-    memset(colsum, 0, d_sae * sizeof(double));
+    float *sum_err = buf + L->sum_err;
+    const double *colsum = t->colsum;
     for (size_t i = 0; i < n; i++) {
         for (size_t j = 0; j < d_in; j++) {
             float e = E[i * d_in + j];
             sse += (double)e * e;
             sum_err[j] += e;
         }
-        const float *fr = f + i * d_sae;
-        for (size_t k = 0; k < d_sae; k++) {
-            if (fr[k] > 0.0f) {
-                l1 += (double)fr[k] * m->dec_norm[k] * c;
-                colsum[k] += fr[k];
-                l0 += 1.0;
-                fires[k] += 1.0f;
-            }
-        }
     }
     /* dL/dx_hat = 2 E */
     sae__sscal(n * d_in, 2.0f, E);
     /* G = dL/df = 2E @ W_dec'^T + lambda * ||W_dec'[i]||, masked by f > 0 into dL/dpre */
     sae__sgemm(false, true, n, d_sae, d_in, c, E, d_in, m->W_dec, d_in, 0.0f, G, d_sae);
-    const float lam = (float)lambda * c;
-    float *g_benc = buf + L->b_enc, *g_bdec = buf + L->b_dec;
+    sae__parallel_for(threads, d_sae, grain, relu_grad_range, &job);
+    float *g_bdec = buf + L->b_dec;
     for (size_t i = 0; i < n; i++) {
-        float *gr = G + i * d_sae;
-        const float *fr = f + i * d_sae;
-        for (size_t k = 0; k < d_sae; k++) {
-            gr[k] = fr[k] > 0.0f ? gr[k] + lam * m->dec_norm[k] : 0.0f;
-            g_benc[k] += gr[k];
-        }
         for (size_t j = 0; j < d_in; j++)
             g_bdec[j] += E[i * d_in + j];
     }
@@ -1185,8 +1233,7 @@ static void adam_range(void *ctx, size_t r0, size_t r1, size_t worker)
         sae__adam a = j->adam;
         if (j->dec) {
             float *s = j->scratch + worker * j->width;
-            for (size_t c = 0; c < len; c++)
-                s[c] = g[c] * a.scale * a.clip;
+            sae__adam_scaled(s, g, len, &a);
             if (j->t->unit_dec) {
                 float ww = sae__sdot(len, p, p);
                 if (ww > 0.0f)
@@ -1477,8 +1524,11 @@ static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
             (rc = sae__train_bf16_reserve(t, n)) != SAE_OK)
             return rc;
     }
-    /* The model has no tokens at stake until here, and is changed only by apply_step. */
-    memset(t->buf, 0, t->lay.count * sizeof(float));
+    /* The model has no tokens at stake until here, and is changed only by apply_step. ReLU's
+     * products write the weight gradients whole (beta = 0): zeroing them first would be a pass of
+     * its own over 2 d_in d_sae floats. */
+    const size_t written = n > 0 && !t->sparse && !t->jump ? t->lay.b_enc : 0;
+    memset(t->buf + written, 0, (t->lay.count - written) * sizeof(float));
     const double lr = schedule_lr(t), lambda = t->sparse ? 0.0 : schedule_l1(t);
     if (n > 0) {
         encode_batch(t, x, n);

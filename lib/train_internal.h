@@ -25,8 +25,10 @@ void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, co
 int sae__adam_check(const float *p, const float *g, const float *m, const float *v, size_t n,
                     const sae__adam *a, size_t *bad);
 /* The sum of the squares of g[i] * scale (rounded to float, squared in double) over [0, n), in
- * an order fixed by n alone; *finite = 1 if every g[i] is finite, else 0. */
+ * an order fixed by n alone; *finite = 1 if every g[i] is finite, else 0 (scale > 0). */
 double sae__adam_sumsq(const float *g, size_t n, float scale, int *finite);
+/* dst = the gradient g as sae__adam_update with a would see it (scale, then clip). */
+void sae__adam_scaled(float *dst, const float *g, size_t n, const sae__adam *a);
 
 /* The per-step buffer handed to the allreduce callback: offsets (in floats) of its sections. The
  * gradient sections are sums over the process's tokens of the per-token loss's gradient, in the
