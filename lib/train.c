@@ -816,18 +816,17 @@ typedef struct {
     float *f, *G;
     size_t n;
     float c, lam;
-    double *l1, *l0; /* [chunks] */
+    double *l0; /* [chunks] */
 } relu_job;
 
-/* f = relu(pre) and its sums: L1 (of f ||W_dec'||), L0, per-latent sums and firing counts. */
+/* f = relu(pre) and its sums: L0, per-latent sums and firing counts. */
 static void relu_codes_range(void *ctx, size_t k0, size_t k1, size_t worker)
 {
     relu_job *j = ctx;
     sae_trainer *t = j->t;
     const size_t d_sae = t->m->d_sae;
-    const float *dec_norm = t->m->dec_norm;
     float *fires = t->buf + t->lay.fires;
-    double *colsum = t->colsum, l1 = 0.0, l0 = 0.0;
+    double *colsum = t->colsum, l0 = 0.0;
     for (size_t k = k0; k < k1; k++)
         colsum[k] = 0.0;
     for (size_t i = 0; i < j->n; i++) {
@@ -836,14 +835,12 @@ static void relu_codes_range(void *ctx, size_t k0, size_t k1, size_t worker)
             fr[k] = fr[k] > 0.0f ? fr[k] : 0.0f;
         for (size_t k = k0; k < k1; k++) {
             if (fr[k] > 0.0f) {
-                l1 += (double)fr[k] * dec_norm[k] * j->c;
                 colsum[k] += fr[k];
                 l0 += 1.0;
                 fires[k] += 1.0f;
             }
         }
     }
-    j->l1[worker] = l1;
     j->l0[worker] = l0;
 }
 
@@ -875,14 +872,15 @@ static void relu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n
     const sae__train_layout *L = &t->lay;
     const size_t threads = sae__model_threads(m), grain = sae__grain(n);
     const size_t chunks = sae__parallel_chunks(threads, d_sae, grain);
-    double l1s[64] = {0}, l0s[64] = {0}; /* sae__parallel_chunks makes at most 64 */
-    relu_job job = {t, f, G, n, c, (float)lambda * c, l1s, l0s};
+    double l0s[64] = {0}; /* sae__parallel_chunks makes at most 64 */
+    relu_job job = {t, f, G, n, c, (float)lambda * c, l0s};
     sae__parallel_for(threads, d_sae, grain, relu_codes_range, &job);
     double sse = 0.0, l1 = 0.0, l0 = 0.0;
-    for (size_t w = 0; w < chunks; w++) {
-        l1 += l1s[w];
-        l0 += l0s[w];
-    }
+    for (size_t w = 0; w < chunks; w++)
+        l0 += l0s[w]; /* whole numbers: exact in any order */
+    /* The L1 sum by latent, sum_k ||W_dec'[k]|| sum_t f_tk: the same whatever the threads. */
+    for (size_t k = 0; k < d_sae; k++)
+        l1 += t->colsum[k] * m->dec_norm[k] * c;
     /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
     sae__train_error_base(t, x, tgt, n);
     sae__sgemm(false, false, n, d_in, d_sae, 1.0f, f, d_sae, m->W_dec, d_in, 1.0f, E, d_in);
