@@ -346,6 +346,7 @@ void sae_trainer_free(sae_trainer *t)
     free(t->since_fired);
     free(t->gT);
     free(t->touched);
+    free(t->touched_list);
     free(t->heap);
     free(t->dead);
     free(t->dead_pre);
@@ -410,7 +411,9 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     if (t->tmp && t->sparse) {
         t->gT = sae__zalloc(d_sae * d_in, sizeof(float), "encoder gradient");
         t->touched = t->gT ? sae__zalloc(d_sae, 1, "training scratch") : NULL;
-        t->heap = t->touched ? sae__alloc(d_sae, sizeof *t->heap, "top-k heap") : NULL;
+        t->touched_list =
+            t->touched ? sae__alloc(d_sae, sizeof(uint32_t), "training scratch") : NULL;
+        t->heap = t->touched_list ? sae__alloc(d_sae, sizeof *t->heap, "top-k heap") : NULL;
         t->dead = t->heap ? sae__alloc(d_sae, sizeof *t->dead, "dead latents") : NULL;
         t->dead_pre = t->dead ? sae__alloc(d_sae, sizeof(float), "dead latents") : NULL;
         if (t->dead_pre == NULL) {
@@ -997,53 +1000,57 @@ void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float
     }
 }
 
-/* Moving the encoder gradient from gT [d_sae][d_in] into W_enc's layout [d_in][d_sae]: tiles of
- * UNT x UNT, so that each tile's reads and writes stay in a few cache lines (a column at a time
- * misses the cache on every write), over the threads by blocks of latents. */
+/* Moving the encoder gradient from gT [d_sae][d_in] into W_enc's layout [d_in][d_sae], whole rows
+ * of W_enc's at a time (zeros where no column was touched): one sequential write of the section
+ * instead of zeroing it at the start of the step and then writing a column at a time, which
+ * misses the cache (and the TLB) on every element. Rows go by blocks of UNT, so each cache line
+ * of gT read serves UNT rows; blocks split over the threads. */
 enum { UNT = 16 };
 
 typedef struct {
     sae_trainer *t;
     float *g_enc;
+    const uint32_t *list; /* the touched latents in order; NULL: every latent */
+    size_t count;
 } untranspose_job;
 
 static void untranspose_range(void *ctx, size_t b0, size_t b1, size_t worker)
 {
     (void)worker;
     const untranspose_job *job = ctx;
-    sae_trainer *t = job->t;
-    const size_t d_in = t->m->d_in, d_sae = t->m->d_sae;
-    float *g_enc = job->g_enc;
-    for (size_t b = b0; b < b1; b++) {
-        const size_t j0 = b * UNT, nj = d_sae - j0 < UNT ? d_sae - j0 : UNT;
-        /* The block's latents with a column this step; untouched columns stay as they are. */
-        size_t list[UNT], count = 0;
-        for (size_t q = 0; q < nj; q++) {
-            if (t->touched == NULL || t->touched[j0 + q])
-                list[count++] = q;
-            if (t->touched != NULL)
-                t->touched[j0 + q] = 0;
-        }
-        if (count == 0)
+    const size_t d_in = job->t->m->d_in, d_sae = job->t->m->d_sae;
+    const float *gT = job->t->gT;
+    for (size_t r = b0 * UNT; r < b1 * UNT && r < d_in; r++) {
+        float *row = job->g_enc + r * d_sae;
+        if (job->list == NULL) {
+            for (size_t j = 0; j < d_sae; j++)
+                row[j] = gT[j * d_in + r];
             continue;
-        const float *rows = t->gT + j0 * d_in;
-        for (size_t r0 = 0; r0 < d_in; r0 += UNT) {
-            const size_t r1 = d_in - r0 < UNT ? d_in : r0 + UNT;
-            for (size_t r = r0; r < r1; r++)
-                for (size_t c = 0; c < count; c++)
-                    g_enc[r * d_sae + j0 + list[c]] = rows[list[c] * d_in + r];
         }
-        if (t->touched == NULL)
-            memset(t->gT + j0 * d_in, 0, nj * d_in * sizeof(float));
+        if (job->count < d_sae)
+            memset(row, 0, d_sae * sizeof(float));
+        for (size_t c = 0; c < job->count; c++)
+            row[job->list[c]] = gT[(size_t)job->list[c] * d_in + r];
     }
 }
 
 void sae__train_untranspose(sae_trainer *t, float *g_enc)
 {
-    const size_t blocks = (t->m->d_sae + UNT - 1) / UNT;
-    untranspose_job job = {t, g_enc};
-    sae__parallel_for(sae__model_threads(t->m), blocks, sae__grain(UNT * t->m->d_in),
+    const size_t d_in = t->m->d_in, d_sae = t->m->d_sae;
+    untranspose_job job = {t, g_enc, NULL, 0};
+    if (t->touched != NULL) {
+        uint32_t *list = t->touched_list;
+        for (size_t j = 0; j < d_sae; j++) {
+            if (t->touched[j])
+                list[job.count++] = (uint32_t)j;
+            t->touched[j] = 0;
+        }
+        job.list = list;
+    }
+    sae__parallel_for(sae__model_threads(t->m), (d_in + UNT - 1) / UNT, sae__grain(UNT * d_sae),
                       untranspose_range, &job);
+    if (t->touched == NULL)
+        memset(t->gT, 0, d_sae * d_in * sizeof(float));
 }
 
 /* TopK and BatchTopK: only the active (and AuxK) latents' rows and columns get gradients. Per
@@ -1523,9 +1530,9 @@ static int step_pair(sae_trainer *t, const float *x, const float *y, size_t n, b
             return rc;
     }
     /* The model has no tokens at stake until here, and is changed only by apply_step. ReLU's
-     * products write the weight gradients whole (beta = 0): zeroing them first would be a pass of
-     * its own over 2 d_in d_sae floats. */
-    const size_t written = n > 0 && !t->sparse && !t->jump ? t->lay.b_enc : 0;
+     * products write the weight gradients whole (beta = 0), and the sparse pass writes W_enc's
+     * whole (sae__train_untranspose): zeroing them first would be a pass of its own. */
+    const size_t written = n == 0 || t->jump ? 0 : t->sparse ? t->lay.W_dec : t->lay.b_enc;
     memset(t->buf + written, 0, (t->lay.count - written) * sizeof(float));
     const double lr = schedule_lr(t), lambda = t->sparse ? 0.0 : schedule_l1(t);
     if (n > 0) {

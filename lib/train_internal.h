@@ -128,6 +128,7 @@ struct sae_trainer {
     size_t *act_ptr, *aux_ptr;
     float *gT;               /* [d_sae][d_in] W_enc gradient, transposed so rows are contiguous */
     unsigned char *touched;  /* rows of gT written this step */
+    uint32_t *touched_list;  /* [d_sae] scratch: those rows' indices */
     double *colsum;          /* ReLU: per-latent sum of codes over the batch */
     sae__scored *heap;
     struct sae__train_bf16 *bf16; /* SAE_TRAIN_BF16 (train_bf16.c); NULL when off */
@@ -144,10 +145,10 @@ struct sae_trainer {
  * fired with activation f (train.c): W_dec row, b_enc and the encoder column (in gT). */
 void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float *g,
                                 const float *xin);
-/* Writes gT's columns into g_enc [d_in][d_sae] (the W_enc gradient section) and clears their
- * marks: with t->touched, the marked ones (their first share was stored, so gT's other rows hold
- * stale values), the others left as they are; without (NULL), every column, and gT is zeroed
- * after. Tiled and threaded (train.c). */
+/* Writes the W_enc gradient section g_enc [d_in][d_sae] whole from gT's rows and clears their
+ * marks: with t->touched, the marked rows (their first share was stored, so gT's other rows hold
+ * stale values) and zeros for the others; without (NULL), every row, and gT is zeroed after.
+ * Threaded (train.c). */
 void sae__train_untranspose(sae_trainer *t, float *g_enc);
 
 /* The part of the error the codes do not make, b_dec - tgt [+ x @ W_skip] (unscaled),
