@@ -346,7 +346,6 @@ void sae_trainer_free(sae_trainer *t)
     free(t->since_fired);
     free(t->gT);
     free(t->touched);
-    free(t->touched_list);
     free(t->heap);
     free(t->dead);
     free(t->dead_pre);
@@ -411,9 +410,7 @@ int sae_trainer_new(sae_trainer **out, sae_model *m)
     if (t->tmp && t->sparse) {
         t->gT = sae__zalloc(d_sae * d_in, sizeof(float), "encoder gradient");
         t->touched = t->gT ? sae__zalloc(d_sae, 1, "training scratch") : NULL;
-        t->touched_list =
-            t->touched ? sae__alloc(d_sae, sizeof(uint32_t), "training scratch") : NULL;
-        t->heap = t->touched_list ? sae__alloc(d_sae, sizeof *t->heap, "top-k heap") : NULL;
+        t->heap = t->touched ? sae__alloc(d_sae, sizeof *t->heap, "top-k heap") : NULL;
         t->dead = t->heap ? sae__alloc(d_sae, sizeof *t->dead, "dead latents") : NULL;
         t->dead_pre = t->dead ? sae__alloc(d_sae, sizeof(float), "dead latents") : NULL;
         if (t->dead_pre == NULL) {
@@ -1000,18 +997,16 @@ void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float
     }
 }
 
-/* Moving the encoder gradient from gT [d_sae][d_in] into W_enc's layout [d_in][d_sae], whole rows
- * of W_enc's at a time (zeros where no column was touched): one sequential write of the section
- * instead of zeroing it at the start of the step and then writing a column at a time, which
- * misses the cache (and the TLB) on every element. Rows go by blocks of UNT, so each cache line
- * of gT read serves UNT rows; blocks split over the threads. */
-enum { UNT = 16 };
+/* Moving the encoder gradient from gT [d_sae][d_in] into W_enc's layout [d_in][d_sae], whole (zeros
+ * where no column was touched): one write of the section instead of zeroing it at the start of
+ * the step and then writing a column at a time, which misses the cache and the TLB on every
+ * element. Tiles of UNT_J latents by UNT_R rows keep the gT lines (one per latent) and the pages
+ * of both layouts a tile touches in cache and TLB; blocks of latents split over the threads. */
+enum { UNT_J = 256, UNT_R = 16 };
 
 typedef struct {
     sae_trainer *t;
     float *g_enc;
-    const uint32_t *list; /* the touched latents in order; NULL: every latent */
-    size_t count;
 } untranspose_job;
 
 static void untranspose_range(void *ctx, size_t b0, size_t b1, size_t worker)
@@ -1020,36 +1015,30 @@ static void untranspose_range(void *ctx, size_t b0, size_t b1, size_t worker)
     const untranspose_job *job = ctx;
     const size_t d_in = job->t->m->d_in, d_sae = job->t->m->d_sae;
     const float *gT = job->t->gT;
-    for (size_t r = b0 * UNT; r < b1 * UNT && r < d_in; r++) {
-        float *row = job->g_enc + r * d_sae;
-        if (job->list == NULL) {
-            for (size_t j = 0; j < d_sae; j++)
-                row[j] = gT[j * d_in + r];
-            continue;
+    const unsigned char *touched = job->t->touched;
+    const size_t j0 = b0 * UNT_J, j1 = b1 * UNT_J < d_sae ? b1 * UNT_J : d_sae;
+    for (size_t jb = j0; jb < j1; jb += UNT_J) {
+        const size_t je = j1 - jb < UNT_J ? j1 : jb + UNT_J;
+        for (size_t r0 = 0; r0 < d_in; r0 += UNT_R) {
+            const size_t r1 = d_in - r0 < UNT_R ? d_in : r0 + UNT_R;
+            for (size_t r = r0; r < r1; r++) {
+                float *row = job->g_enc + r * d_sae;
+                for (size_t j = jb; j < je; j++)
+                    row[j] = touched == NULL || touched[j] ? gT[j * d_in + r] : 0.0f;
+            }
         }
-        if (job->count < d_sae)
-            memset(row, 0, d_sae * sizeof(float));
-        for (size_t c = 0; c < job->count; c++)
-            row[job->list[c]] = gT[(size_t)job->list[c] * d_in + r];
     }
 }
 
 void sae__train_untranspose(sae_trainer *t, float *g_enc)
 {
     const size_t d_in = t->m->d_in, d_sae = t->m->d_sae;
-    untranspose_job job = {t, g_enc, NULL, 0};
-    if (t->touched != NULL) {
-        uint32_t *list = t->touched_list;
-        for (size_t j = 0; j < d_sae; j++) {
-            if (t->touched[j])
-                list[job.count++] = (uint32_t)j;
-            t->touched[j] = 0;
-        }
-        job.list = list;
-    }
-    sae__parallel_for(sae__model_threads(t->m), (d_in + UNT - 1) / UNT, sae__grain(UNT * d_sae),
-                      untranspose_range, &job);
-    if (t->touched == NULL)
+    untranspose_job job = {t, g_enc};
+    sae__parallel_for(sae__model_threads(t->m), (d_sae + UNT_J - 1) / UNT_J,
+                      sae__grain(UNT_J * d_in), untranspose_range, &job);
+    if (t->touched != NULL)
+        memset(t->touched, 0, d_sae);
+    else
         memset(t->gT, 0, d_sae * d_in * sizeof(float));
 }
 

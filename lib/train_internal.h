@@ -128,7 +128,6 @@ struct sae_trainer {
     size_t *act_ptr, *aux_ptr;
     float *gT;               /* [d_sae][d_in] W_enc gradient, transposed so rows are contiguous */
     unsigned char *touched;  /* rows of gT written this step */
-    uint32_t *touched_list;  /* [d_sae] scratch: those rows' indices */
     double *colsum;          /* ReLU: per-latent sum of codes over the batch */
     sae__scored *heap;
     struct sae__train_bf16 *bf16; /* SAE_TRAIN_BF16 (train_bf16.c); NULL when off */
