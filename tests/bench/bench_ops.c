@@ -88,7 +88,11 @@ static double best_time(op_fn fn, void *ctx)
 
 /* best_time for several calls at once, taking turns (one call of each per round, at least 5
  * rounds and 1 s per call on average, at most 200 rounds): on a shared machine the load then
- * weighs on each alike, so their ratios hold better than those of times taken one after another. */
+ * weighs on each alike, so their ratios hold better than those of times taken one after another.
+ * Each timed call follows an untimed one of the same operation, as the peers' repeated calls (and
+ * best_time's) follow each other: the models' weights together exceed the last-level cache, so
+ * without it a call would come right after another model's. (On the Xeon of docs/performance.md
+ * this changed no row measurably: the one-token rows here stay some 25% above the first table's.) */
 static void best_times_interleaved(op_fn const *fn, void *const *ctxs, size_t count, double *best)
 {
     double total = 0;
@@ -96,6 +100,8 @@ static void best_times_interleaved(op_fn const *fn, void *const *ctxs, size_t co
         best[i] = 1e300;
     for (int rounds = 0; rounds < 200 && (rounds < 5 || total < 1.0 * (double)count); rounds++)
         for (size_t i = 0; i < count; i++) {
+            if (fn[i](ctxs[i]) != SAE_OK)
+                die("warm-up call");
             double start = bench_now();
             if (fn[i](ctxs[i]) != SAE_OK)
                 die("timed call");

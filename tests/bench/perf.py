@@ -428,7 +428,9 @@ ROWS = [
     # weights, gated, GroupMax, per-token LAYER_NORM.
     ("encode, timed in turns with the rows below", "encode_ref", "relu",
      "the encode (relu) row's peers; libsae's SAE encode again, one call in turn with each of the "
-     "next five encodes, which the goals compare with"),
+     "next five encodes, which the goals compare with (each timed call of a model follows an "
+     "untimed one of the same model, so that its weights are as warm in the last-level cache "
+     "as the peers' repeated calls leave theirs)"),
     ("transcoder encode", "encode_transcoder", "relu", "relu(x @ W_enc + b_enc)"),
     ("transcoder encode, with skip", "encode_transcoder_skip", "relu",
      "as above (W_skip does not enter the codes)"),
