@@ -10,11 +10,18 @@ typedef struct {
     float step_size, inv_bc2_sqrt, b1, b2, c1, c2, eps, scale, clip;
 } consts;
 
+/* The bias corrections in double: 1 - 0.999^t loses most of its digits in float early on. */
+void sae__adam_prepare(sae__adam *a)
+{
+    a->bias1 = 1.0 - pow(a->beta1, (double)a->step);
+    a->bias2 = 1.0 - pow(a->beta2, (double)a->step);
+}
+
 static consts consts_of(const sae__adam *a)
 {
-    /* The bias corrections in double: 1 - 0.999^t loses most of its digits in float early on. */
-    const double bc1 = 1.0 - pow(a->beta1, (double)a->step);
-    const double bc2 = 1.0 - pow(a->beta2, (double)a->step);
+    /* Neither is ever 0 once set: step >= 1 and beta < 1. */
+    const double bc1 = a->bias1 != 0.0 ? a->bias1 : 1.0 - pow(a->beta1, (double)a->step);
+    const double bc2 = a->bias2 != 0.0 ? a->bias2 : 1.0 - pow(a->beta2, (double)a->step);
     consts c = {(float)(a->lr / bc1),        (float)(1.0 / sqrt(bc2)),  (float)a->beta1,
                 (float)a->beta2,             (float)(1.0 - a->beta1),   (float)(1.0 - a->beta2),
                 (float)a->eps,               a->scale,                  a->clip};

@@ -1387,8 +1387,9 @@ static int apply_step(sae_trainer *t, double lr, double lambda)
         jobs[q] = (adam_job){t, part[q].p, g + part[q].at, t->adam_m + part[q].at,
                              t->adam_v + part[q].at, part[q].n, dec ? d_out : FLAT_ROW, dec, false,
                              {part[q].lr, t->param[SAE_TRAIN_BETA1], t->param[SAE_TRAIN_BETA2],
-                              t->param[SAE_TRAIN_ADAM_EPS], t->step + 1, inv_n, clip_by},
+                              t->param[SAE_TRAIN_ADAM_EPS], t->step + 1, inv_n, clip_by, 0.0, 0.0},
                              scratch, NULL, NULL};
+        sae__adam_prepare(&jobs[q].adam);
     }
     for (size_t q = 0; q < n_parts; q++) {
         if (part[q].n == 0)

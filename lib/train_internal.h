@@ -17,7 +17,12 @@ typedef struct {
     double lr, beta1, beta2, eps;
     uint64_t step;
     float scale, clip;
+    /* 1 - beta^step, or 0 until sae__adam_prepare sets them: a step's sections call the update a
+     * row at a time, and the two pow() calls per call were 2% of a small model's step. */
+    double bias1, bias2;
 } sae__adam;
+/* Sets a's bias corrections for its step (the same values every call would compute). */
+void sae__adam_prepare(sae__adam *a);
 void sae__adam_update(float *p, const float *g, float *m, float *v, size_t n, const sae__adam *a);
 /* Whether sae__adam_update with the same arguments would leave every p, m and v finite, reading
  * only: 0 if so; else 1 (first moment), 2 (second moment) or 3 (the parameter) for the first

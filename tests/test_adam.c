@@ -59,8 +59,9 @@ START_TEST(update_reads_unscaled_sums_as_two_scaling_passes)
         if (clips[c] != 1.0f)
             for (size_t i = 0; i < n; i++)
                 gs[i] *= clips[c];
-        sae__adam a = {1e-3, 0.9, 0.999, 1e-8, 3, inv, clips[c]};
-        sae__adam plain = {1e-3, 0.9, 0.999, 1e-8, 3, 1.0f, 1.0f};
+        sae__adam a = {1e-3, 0.9, 0.999, 1e-8, 3, inv, clips[c], 0.0, 0.0};
+        sae__adam plain = {1e-3, 0.9, 0.999, 1e-8, 3, 1.0f, 1.0f, 0.0, 0.0};
+        sae__adam_prepare(&a); /* the bias corrections set once, plain's computed per call */
         sae__adam_update(p, g, m, v, n, &a);
         sae__adam_update(p2, gs, m2, v2, n, &plain);
         ck_assert_mem_eq(p, p2, n * sizeof(float));
@@ -131,7 +132,7 @@ START_TEST(check_answers_as_the_update_writes)
                     break;
                 default: break;
                 }
-                sae__adam a = {lrs[l], 0.9, 0.999, epss[e], 1, 1.0f / 64.0f, 1.0f};
+                sae__adam a = {lrs[l], 0.9, 0.999, epss[e], 1, 1.0f / 64.0f, 1.0f, 0.0, 0.0};
                 size_t bad = 0, want_bad = 0;
                 int want = first_bad_after_update(p, g, m, v, n, &a, &want_bad);
                 int got = sae__adam_check(p, g, m, v, n, &a, &bad);
