@@ -297,13 +297,7 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
             sae__parallel_for(threads, d_sae, grain, latent_range, &job);
         }
         /* The encoder's columns back into W_enc's [d_in][d_sae] layout; gT is left zeroed. */
-        float *g_enc = buf + L->W_enc;
-        for (size_t k = 0; k < d_sae; k++) {
-            float *row = t->gT + k * d_in;
-            for (size_t r = 0; r < d_in; r++)
-                g_enc[r * d_sae + k] = row[r];
-            memset(row, 0, d_in * sizeof(float));
-        }
+        sae__train_untranspose(t, buf + L->W_enc);
     } else {
         for (size_t i = 0; i < n; i++)
             mask_codes(pre + i * d_sae, th, F + i * d_sae, fires, d_sae);

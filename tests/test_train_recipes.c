@@ -546,22 +546,44 @@ START_TEST(one_group_is_batchtopk)
 }
 END_TEST
 
+/* Three JumpReLU trainers d -> s on the same init sample (seed), with the thread counts given,
+ * LR 1e-2 and thresholds from 1; the caller sets the paths (jump_* fields) and frees them. */
+static float *jumprelu_trio(size_t d, size_t s, const size_t threads[3], uint64_t seed,
+                            sae_model *m[3], sae_trainer *t[3])
+{
+    float *sample = tu_train_data(256, d, seed);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_ok(sae_model_new(&m[i], SAE_ARCH_JUMPRELU, d, s));
+        ck_assert_ok(sae_model_set_param(m[i], SAE_PARAM_THREADS, (double)threads[i]));
+        ck_assert_ok(sae_trainer_new(&t[i], m[i]));
+        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_LR, 1e-2));
+        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 1.0));
+        ck_assert_ok(sae_trainer_init(t[i], sample, 256));
+    }
+    return sample;
+}
+
+/* All weights of m[0..3) in w[0..3) (allocated here). */
+static size_t get_trio(sae_model *const m[3], float *w[3])
+{
+    const size_t total = get_all(m[0], NULL);
+    for (int i = 0; i < 3; i++) {
+        w[i] = tu_malloc(total * sizeof(float));
+        get_all(m[i], w[i]);
+    }
+    return total;
+}
+
 /* JumpReLU's per-latent path splits across threads with one writer per sum: the weights do not
  * depend on the thread count, nor on the path (to float rounding). */
 START_TEST(jumprelu_threads_do_not_change_the_sums)
 {
     /* Big enough that both passes split into 4 chunks (lib/parallel.c's grain). */
-    const size_t d = 16, s = 512, n = 8192;
+    const size_t d = 16, s = 512, n = 8192, threads[3] = {4, 1, 4};
     sae_model *m[3];
     sae_trainer *t[3];
-    float *sample = tu_train_data(256, d, 7);
+    float *sample = jumprelu_trio(d, s, threads, 7, m, t);
     for (int i = 0; i < 3; i++) {
-        ck_assert_ok(sae_model_new(&m[i], SAE_ARCH_JUMPRELU, d, s));
-        ck_assert_ok(sae_model_set_param(m[i], SAE_PARAM_THREADS, i == 1 ? 1 : 4));
-        ck_assert_ok(sae_trainer_new(&t[i], m[i]));
-        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_LR, 1e-2));
-        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 1.0));
-        ck_assert_ok(sae_trainer_init(t[i], sample, 256));
         t[i]->jump_sparse_below = i < 2 ? 2.0 : 0.0;
         t[i]->jump_parallel_above = 0.0; /* split whenever there are threads */
     }
@@ -571,12 +593,8 @@ START_TEST(jumprelu_threads_do_not_change_the_sums)
             ck_assert_ok(sae_trainer_step(t[i], x, n));
         free(x);
     }
-    const size_t total = get_all(m[0], NULL);
     float *w[3];
-    for (int i = 0; i < 3; i++) {
-        w[i] = tu_malloc(total * sizeof(float));
-        get_all(m[i], w[i]);
-    }
+    const size_t total = get_trio(m, w);
     ck_assert_mem_eq(w[0], w[1], total * sizeof(float));
     for (size_t q = 0; q < total; q++)
         ck_assert_msg(fabsf(w[0][q] - w[2][q]) <= 1e-4f * (1.0f + fabsf(w[2][q])),
@@ -597,18 +615,12 @@ END_TEST
  * one thread). */
 START_TEST(jumprelu_calling_thread_and_split_agree)
 {
-    const size_t d = 16, s = 512, n = 8192;
+    const size_t d = 16, s = 512, n = 8192, threads[3] = {3, 3, 1};
     const double above[3] = {0.0, 1e300, 0.0};
     sae_model *m[3];
     sae_trainer *t[3];
-    float *sample = tu_train_data(256, d, 8);
+    float *sample = jumprelu_trio(d, s, threads, 8, m, t);
     for (int i = 0; i < 3; i++) {
-        ck_assert_ok(sae_model_new(&m[i], SAE_ARCH_JUMPRELU, d, s));
-        ck_assert_ok(sae_model_set_param(m[i], SAE_PARAM_THREADS, i == 2 ? 1 : 3));
-        ck_assert_ok(sae_trainer_new(&t[i], m[i]));
-        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_LR, 1e-2));
-        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 1.0));
-        ck_assert_ok(sae_trainer_init(t[i], sample, 256));
         t[i]->jump_sparse_below = 2.0;
         t[i]->jump_parallel_above = above[i];
     }
@@ -620,12 +632,8 @@ START_TEST(jumprelu_calling_thread_and_split_agree)
     }
     /* The latents fired (so decoder rows, encoder columns and thresholds all took gradients). */
     ck_assert_double_gt(tu_metric(t[0], SAE_METRIC_L0), 1.0);
-    const size_t total = get_all(m[0], NULL);
     float *w[3];
-    for (int i = 0; i < 3; i++) {
-        w[i] = tu_malloc(total * sizeof(float));
-        get_all(m[i], w[i]);
-    }
+    const size_t total = get_trio(m, w);
     ck_assert_mem_eq(w[0], w[1], total * sizeof(float));
     ck_assert_mem_eq(w[0], w[2], total * sizeof(float));
     for (int i = 0; i < 3; i++) {
