@@ -301,6 +301,15 @@ int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float al
 /* Remakes (t = SAE_W_ENC or SAE_W_DEC) or frees (the model holds float weights) m's packed copy
  * of W_enc16 or W_dec16: every write of those calls it. */
 void sae__bf16_repack(sae_model *m, sae_tensor t);
+/* Whether C = A @ W of n tokens ([n][K] @ [K][N], float32) goes to oneDNN's sgemm rather than BLAS:
+ * measured on AVX-512 for a few tokens over large weights (sgemm_dnnl.c); SAE_SGEMM=blas or
+ * onednn overrides. Always false without oneDNN. */
+bool sae__sgemm_dnnl_wanted(size_t n, size_t K, size_t N);
+/* C [n][N] = A [n][K] @ W [K][N] + beta * C in float32 by oneDNN on `threads` threads: true, or
+ * false if oneDNN refused (without it, or out of memory: it checks its arguments and takes its
+ * memory before it writes C, so C is then untouched and BLAS can take the product). */
+bool sae__sgemm_dnnl(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
+                     float *C, size_t threads);
 /* The panel path with a given panel width, for the tests. */
 int sae__bf16_gemm_panels(const sae_model *m, const uint16_t *W, size_t K, size_t N,
                           const float *A, size_t n, float *C, size_t panel_cols);

@@ -263,7 +263,8 @@ int sae__weights_product(const sae_model *m, sae_tensor t, const float *A, size_
     if (W16 == NULL) {
         if (n == 1)
             sae__sgemv(true, K, N, 1.0f, W, N, A, 1, beta, C, 1);
-        else
+        else if (!sae__sgemm_dnnl_wanted(n, K, N) ||
+                 !sae__sgemm_dnnl(n, K, N, A, W, beta, C, sae__model_threads(m)))
             sae__sgemm(false, false, n, N, K, 1.0f, A, K, W, N, beta, C, N);
         return SAE_OK;
     }
