@@ -476,9 +476,12 @@ static int cmd_time(const char *dir, const char *out, const size_t *ns, size_t n
 
 /* Issue 14's rows, in a process of their own (six models of 302 MB): a transcoder without and
  * with its skip connection, gated and GroupMax SAEs and the ReLU SAE with LAYER_NORM inputs, each
- * encode timed in turns with the plain ReLU SAE's encode ("encode_ref"), which the goals compare
- * them with; then each transcoder's whole prediction, and a one-feature clamp of the gated SAE.
- * Outputs at n = 64 go to OUT for the agreement check. */
+ * encode timed in turns with the plain ReLU SAE's encode ("encode_ref"; lines "turns ..."), which
+ * the goals compare them with, and then alone in repeated calls as the peers are timed (lines
+ * "time ...": with six models' weights taking turns, little of any one stays in the last-level
+ * cache between its calls, which repeated calls of one keep); then each transcoder's whole
+ * prediction, and a one-feature clamp of the gated SAE. Outputs at n = 64 go to OUT for the
+ * agreement check. */
 static int cmd_kinds(const char *dir, const char *out, const size_t *ns, size_t n_ns)
 {
     data d;
@@ -526,7 +529,9 @@ static int cmd_kinds(const char *dir, const char *out, const size_t *ns, size_t 
         }
         best_times_interleaved(fns, ctxs, ENCODES, best);
         for (size_t r = 0; r < ENCODES; r++) {
-            print_time(encodes[r].op, encodes[r].arch, n, best[r]);
+            printf("turns %s %s %zu %.9g\n", encodes[r].op, arch_names[encodes[r].arch], n,
+                   best[r]);
+            print_time(encodes[r].op, encodes[r].arch, n, best_time(op_encode, &c[r]));
             if (n == 64 && encodes[r].out != NULL)
                 write_out(out, encodes[r].out, c[r].f, n, d.d_sae);
             release(&c[r]);
