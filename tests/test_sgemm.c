@@ -45,17 +45,42 @@ static void check_product(size_t n, size_t K, size_t N, const float *A, const fl
         }
 }
 
+/* Random A [MAX_TOKENS][K], W [K][N] and C0 [MAX_TOKENS][N] for shape i, and room for C. */
+typedef struct {
+    size_t K, N;
+    float *A, *W, *C0, *C;
+} operands;
+
+static operands make_operands(int i, uint64_t seed)
+{
+    operands o = {shapes[i][0], shapes[i][1], NULL, NULL, NULL, NULL};
+    tu_rng r = {seed};
+    o.A = tu_malloc(MAX_TOKENS * o.K * sizeof *o.A);
+    o.W = tu_malloc(o.K * o.N * sizeof *o.W);
+    o.C0 = tu_malloc(MAX_TOKENS * o.N * sizeof *o.C0);
+    o.C = tu_malloc(MAX_TOKENS * o.N * sizeof *o.C);
+    tu_fill(&r, o.A, MAX_TOKENS * o.K, -1.0f, 1.0f);
+    tu_fill(&r, o.W, o.K * o.N, -1.0f, 1.0f);
+    tu_fill(&r, o.C0, MAX_TOKENS * o.N, -4.0f, 4.0f);
+    return o;
+}
+
+static void free_operands(operands *o)
+{
+    free(o->A);
+    free(o->W);
+    free(o->C0);
+    free(o->C);
+}
+
 START_TEST(product_matches_float64_loops)
 {
     if (!have_onednn())
         return;
-    const size_t K = shapes[_i][0], N = shapes[_i][1];
-    tu_rng r = {(uint64_t)_i + 1};
-    float *A = tu_malloc(MAX_TOKENS * K * sizeof *A), *W = tu_malloc(K * N * sizeof *W);
-    float *C0 = tu_malloc(MAX_TOKENS * N * sizeof *C0), *C = tu_malloc(MAX_TOKENS * N * sizeof *C);
-    tu_fill(&r, A, MAX_TOKENS * K, -1.0f, 1.0f);
-    tu_fill(&r, W, K * N, -1.0f, 1.0f);
-    tu_fill(&r, C0, MAX_TOKENS * N, -4.0f, 4.0f);
+    operands o = make_operands(_i, (uint64_t)_i + 1);
+    const size_t K = o.K, N = o.N;
+    const float *A = o.A, *W = o.W, *C0 = o.C0;
+    float *C = o.C;
     for (size_t n = 1; n <= MAX_TOKENS; n++)
         for (int acc = 0; acc < 2; acc++) {
             const float beta = acc ? 1.0f : 0.0f;
@@ -63,10 +88,7 @@ START_TEST(product_matches_float64_loops)
             ck_assert(sae__sgemm_dnnl(n, K, N, A, W, beta, C, 2));
             check_product(n, K, N, A, W, beta, C0, C);
         }
-    free(A);
-    free(W);
-    free(C0);
-    free(C);
+    free_operands(&o);
 }
 END_TEST
 
@@ -74,12 +96,10 @@ START_TEST(thread_counts_give_the_same_bits)
 {
     if (!have_onednn())
         return;
-    const size_t K = shapes[_i][0], N = shapes[_i][1];
-    tu_rng r = {(uint64_t)_i + 11};
-    float *A = tu_malloc(MAX_TOKENS * K * sizeof *A), *W = tu_malloc(K * N * sizeof *W);
-    float *C1 = tu_malloc(MAX_TOKENS * N * sizeof *C1), *C = tu_malloc(MAX_TOKENS * N * sizeof *C);
-    tu_fill(&r, A, MAX_TOKENS * K, -1.0f, 1.0f);
-    tu_fill(&r, W, K * N, -1.0f, 1.0f);
+    operands o = make_operands(_i, (uint64_t)_i + 11);
+    const size_t K = o.K, N = o.N;
+    const float *A = o.A, *W = o.W;
+    float *C1 = o.C0, *C = o.C;
     for (size_t n = 2; n <= MAX_TOKENS; n++) {
         ck_assert(sae__sgemm_dnnl(n, K, N, A, W, 0.0f, C1, 1));
         for (size_t threads = 2; threads <= 3; threads++) {
@@ -88,10 +108,7 @@ START_TEST(thread_counts_give_the_same_bits)
                           "n %zu, %zu x %zu: %zu threads differ from 1", n, K, N, threads);
         }
     }
-    free(A);
-    free(W);
-    free(C1);
-    free(C);
+    free_operands(&o);
 }
 END_TEST
 
