@@ -310,6 +310,13 @@ bool sae__sgemm_dnnl_wanted(size_t n, size_t K, size_t N);
  * memory before it writes C, so C is then untouched and BLAS can take the product). */
 bool sae__sgemm_dnnl(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
                      float *C, size_t threads);
+/* y[0..n) += sum of a[r] * rows[r][0..n) over r < 4 (bfloat16 rows), or a * row[0..n), with the
+ * row kernels of path p (supported by this CPU), which every bfloat16 product of a few tokens and
+ * every sparse decode of bfloat16 weights use on the path sae__widen_chosen names: for the tests,
+ * which compare the paths' bits. */
+void sae__bf16_add_rows_on(sae__widen_path p, size_t n, const float a[4], const uint16_t *rows[4],
+                           float *y);
+void sae__bf16_add_row_on(sae__widen_path p, size_t n, float a, const uint16_t *row, float *y);
 /* The panel path with a given panel width, for the tests. */
 int sae__bf16_gemm_panels(const sae_model *m, const uint16_t *W, size_t K, size_t N,
                           const float *A, size_t n, float *C, size_t panel_cols);

@@ -1156,6 +1156,72 @@ START_TEST(weight_matrices_sit_16_bytes_past_64)
 }
 END_TEST
 
+/* The row kernels of every bfloat16 product of a few tokens and of sparse decodes: each path this
+ * CPU runs (AVX2; AVX-512 takes the AVX2 copy) gives the baseline's bits, for lengths 0 to 70
+ * (whole vectors and tails) at every start within a vector, coefficients of both signs and
+ * zero. */
+START_TEST(row_kernels_give_the_baselines_bits_on_every_path)
+{
+    enum { LONGEST = 70, STARTS = 8, SPAN = LONGEST + STARTS };
+    tu_rng r = {91};
+    uint16_t *rows = tu_malloc(4 * SPAN * sizeof *rows);
+    float *y0 = tu_malloc(SPAN * sizeof *y0), *want = tu_malloc(SPAN * sizeof *want);
+    float *got = tu_malloc(SPAN * sizeof *got);
+    for (size_t i = 0; i < 4 * SPAN; i++) {
+        const float v = tu_normal(&r);
+        uint32_t u;
+        memcpy(&u, &v, sizeof u);
+        rows[i] = (uint16_t)(u >> 16);
+    }
+    tu_fill(&r, y0, SPAN, -3.0f, 3.0f);
+    const float a[4] = {tu_normal(&r), -tu_uniform(&r, 0.5f, 2.0f), 0.0f, tu_normal(&r)};
+    for (int p = SAE__WIDEN_AVX2; p < SAE__WIDEN_COUNT; p++) {
+        if (!sae__widen_supported((sae__widen_path)p)) {
+            fprintf(stderr, "bf16 row kernels: path %s not tested: this CPU or build lacks it\n",
+                    sae__widen_path_name((sae__widen_path)p));
+            continue;
+        }
+        for (size_t start = 0; start < STARTS; start++)
+            for (size_t n = 0; n <= LONGEST; n++) {
+                const uint16_t *four[4] = {rows + start, rows + SPAN + start,
+                                           rows + 2 * SPAN + start, rows + 3 * SPAN + start};
+                memcpy(want, y0, SPAN * sizeof *want);
+                memcpy(got, y0, SPAN * sizeof *got);
+                sae__bf16_add_rows_on(SAE__WIDEN_SCALAR, n, a, four, want + start);
+                sae__bf16_add_rows_on((sae__widen_path)p, n, a, four, got + start);
+                ck_assert_msg(memcmp(got, want, SPAN * sizeof *got) == 0,
+                              "four rows, path %s, n %zu, start %zu: bits differ",
+                              sae__widen_path_name((sae__widen_path)p), n, start);
+                sae__bf16_add_row_on(SAE__WIDEN_SCALAR, n, a[1], four[2], want + start);
+                sae__bf16_add_row_on((sae__widen_path)p, n, a[1], four[2], got + start);
+                ck_assert_msg(memcmp(got, want, SPAN * sizeof *got) == 0,
+                              "one row, path %s, n %zu, start %zu: bits differ",
+                              sae__widen_path_name((sae__widen_path)p), n, start);
+            }
+    }
+    /* and the baseline itself against float64 sums of the same terms, rounded once at the end */
+    const uint16_t *four[4] = {rows, rows + SPAN, rows + 2 * SPAN, rows + 3 * SPAN};
+    memcpy(got, y0, SPAN * sizeof *got);
+    sae__bf16_add_rows_on(SAE__WIDEN_SCALAR, LONGEST, a, four, got);
+    for (size_t i = 0; i < LONGEST; i++) {
+        double want_i = y0[i], mag = fabs(want_i);
+        for (int k = 0; k < 4; k++) {
+            const uint32_t u = (uint32_t)four[k][i] << 16;
+            float w;
+            memcpy(&w, &u, sizeof w);
+            want_i += (double)a[k] * w;
+            mag += fabs((double)a[k] * w);
+        }
+        ck_assert_msg(fabs(got[i] - want_i) <= 8 * 1.2e-7 * mag, "baseline [%zu]: %.9g vs %.9g", i,
+                      (double)got[i], want_i);
+    }
+    free(rows);
+    free(y0);
+    free(want);
+    free(got);
+}
+END_TEST
+
 static Suite *bf16_suite(void)
 {
     Suite *s = suite_create("bf16");
@@ -1180,6 +1246,7 @@ static Suite *bf16_suite(void)
     tcase_add_loop_test(tc, bf16_training_reaches_the_float_fvu, 0, 2);
     tcase_add_test(tc, bf16_is_a_run_setting_checkpoints_neither_store_nor_restore);
     tcase_add_test(tc, weight_matrices_sit_16_bytes_past_64);
+    tcase_add_test(tc, row_kernels_give_the_baselines_bits_on_every_path);
     suite_add_tcase(s, tc);
     return s;
 }
