@@ -7,6 +7,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,6 +206,53 @@ START_TEST(encode_and_decode_through_the_choice)
 }
 END_TEST
 
+/* Calls from several threads at once on one model, each with its own OpenMP team in oneDNN: every
+ * thread's codes are the bits one call alone gives. */
+typedef struct {
+    const sae_model *m;
+    const float *x;
+    size_t n;
+    float *f;
+    int rc;
+} encode_job;
+
+static void *encode_thread(void *arg)
+{
+    encode_job *j = arg;
+    for (int round = 0; round < 4 && j->rc == SAE_OK; round++)
+        j->rc = sae_encode(j->m, j->x, j->n, j->f);
+    return NULL;
+}
+
+START_TEST(concurrent_calls_give_one_calls_bits)
+{
+    enum { CALLERS = 3 };
+    const size_t d_in = 1024, d_sae = 4096, n = 8;
+    sae_model *m = tu_random_model(SAE_ARCH_RELU, d_in, d_sae, 9);
+    ck_assert_ok(sae_model_set_param(m, SAE_PARAM_THREADS, 2));
+    tu_rng r = {5};
+    float *x = tu_malloc(n * d_in * sizeof *x), *want = tu_malloc(n * d_sae * sizeof *want);
+    tu_fill(&r, x, n * d_in, -2.0f, 2.0f);
+    ck_assert_ok(sae_encode(m, x, n, want));
+    encode_job jobs[CALLERS];
+    pthread_t threads[CALLERS];
+    for (int t = 0; t < CALLERS; t++) {
+        jobs[t] = (encode_job){m, x, n, tu_malloc(n * d_sae * sizeof(float)), SAE_OK};
+        ck_assert_int_eq(pthread_create(&threads[t], NULL, encode_thread, &jobs[t]), 0);
+    }
+    for (int t = 0; t < CALLERS; t++) {
+        ck_assert_int_eq(pthread_join(threads[t], NULL), 0);
+        ck_assert_int_eq(jobs[t].rc, SAE_OK);
+        ck_assert_msg(memcmp(jobs[t].f, want, n * d_sae * sizeof *want) == 0,
+                      "caller %d's codes differ from one call's", t);
+        free(jobs[t].f);
+    }
+    free(x);
+    free(want);
+    sae_model_free(m);
+}
+END_TEST
+
 static Suite *sgemm_suite(void)
 {
     Suite *s = suite_create("sgemm");
@@ -214,6 +262,7 @@ static Suite *sgemm_suite(void)
     tcase_add_loop_test(tc, thread_counts_give_the_same_bits, 0, SHAPES);
     tcase_add_test(tc, choice_follows_the_measurements_and_the_override);
     tcase_add_test(tc, encode_and_decode_through_the_choice);
+    tcase_add_test(tc, concurrent_calls_give_one_calls_bits);
     suite_add_tcase(s, tc);
     return s;
 }
