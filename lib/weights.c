@@ -46,68 +46,29 @@ static void widen(const uint16_t *restrict src, float *restrict dst, size_t n)
         dst[i] = widen1(src[i]);
 }
 
-/* The row kernels below are compiled for the baseline and again for AVX2 (target attributes on
- * copies of one inlined body); the copy for the instruction set sae__to_float uses is chosen at
- * run time (dtype.c: the best this CPU runs; SAE_DTYPE_ISA caps it). x86-64's baseline SSE2
- * widens and adds 4 floats per instruction, which left a one-token sparse decode at 7.3 us where
- * the AVX2 copy takes 4.1 (bench_ops decode_sparse_bf16, n = 1). weights.c is compiled without
- * FMA contraction (AVX-512 CPUs have FMA), so every copy rounds alike: the same bits on every CPU
- * (test_bf16 checks them against the baseline's). */
-#define ALWAYS_INLINE inline __attribute__((always_inline))
-
-/* Eight lanes written out (GCC's and clang's vector extensions): at -O2 the compilers vectorize
- * the plain loop only as wide as SSE. */
-typedef uint16_t halves8 __attribute__((vector_size(16)));
-typedef uint32_t words8 __attribute__((vector_size(32)));
-typedef float floats8 __attribute__((vector_size(32)));
-
-/* Through pointers, not by value: a 32-byte vector passed by value changes the ABI without AVX,
- * which the compilers warn of even where the call is inlined. */
-static ALWAYS_INLINE void widen8(floats8 *f, const uint16_t *p)
-{
-    halves8 h;
-    memcpy(&h, p, sizeof h);
-    const words8 u = __builtin_convertvector(h, words8) << 16;
-    memcpy(f, &u, sizeof *f);
-}
-
 /* y[0..n) += sum over r < 4 of a[r] * rows[r][0..n): four rows per pass over y, which halves the
  * loads and stores of y against one row at a time, the limit once the rows stream from memory. */
-typedef void widen8_fn(floats8 *f, const uint16_t *p);
-
-static ALWAYS_INLINE void rows4_body(widen8_fn *widen8, size_t n, const float a[4],
-                                     const uint16_t *restrict r0, const uint16_t *restrict r1,
-                                     const uint16_t *restrict r2, const uint16_t *restrict r3,
-                                     float *restrict y)
+static void rows4_base(size_t n, const float a[4], const uint16_t *restrict r0,
+                       const uint16_t *restrict r1, const uint16_t *restrict r2,
+                       const uint16_t *restrict r3, float *restrict y)
 {
     const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        floats8 w0, w1, w2, w3, acc;
-        widen8(&w0, r0 + i);
-        widen8(&w1, r1 + i);
-        widen8(&w2, r2 + i);
-        widen8(&w3, r3 + i);
-        memcpy(&acc, y + i, sizeof acc);
-        acc += (a0 * w0 + a1 * w1) + (a2 * w2 + a3 * w3);
-        memcpy(y + i, &acc, sizeof acc);
-    }
+    for (; i + 8 <= n; i += 8)
+        for (size_t q = 0; q < 8; q++)
+            y[i + q] += (a0 * widen1(r0[i + q]) + a1 * widen1(r1[i + q])) +
+                        (a2 * widen1(r2[i + q]) + a3 * widen1(r3[i + q]));
     for (; i < n; i++)
         y[i] += (a0 * widen1(r0[i]) + a1 * widen1(r1[i])) +
                 (a2 * widen1(r2[i]) + a3 * widen1(r3[i]));
 }
 
-static ALWAYS_INLINE void row_body(widen8_fn *widen8, size_t n, float a,
-                                   const uint16_t *restrict r, float *restrict y)
+static void row_base(size_t n, float a, const uint16_t *restrict r, float *restrict y)
 {
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        floats8 w, acc;
-        widen8(&w, r + i);
-        memcpy(&acc, y + i, sizeof acc);
-        acc += a * w;
-        memcpy(y + i, &acc, sizeof acc);
-    }
+    for (; i + 8 <= n; i += 8)
+        for (size_t q = 0; q < 8; q++)
+            y[i + q] += a * widen1(r[i + q]);
     for (; i < n; i++)
         y[i] += a * widen1(r[i]);
 }
@@ -116,32 +77,51 @@ typedef void rows4_fn(size_t, const float[4], const uint16_t *restrict, const ui
                       const uint16_t *restrict, const uint16_t *restrict, float *restrict);
 typedef void row_fn(size_t, float, const uint16_t *restrict, float *restrict);
 
-#define ROW_KERNELS(suffix, attributes, widen8)                                                    \
-    attributes static void rows4_##suffix(size_t n, const float a[4],                              \
-                                          const uint16_t *restrict r0,                             \
-                                          const uint16_t *restrict r1,                             \
-                                          const uint16_t *restrict r2,                             \
-                                          const uint16_t *restrict r3, float *restrict y)          \
-    {                                                                                              \
-        rows4_body(widen8, n, a, r0, r1, r2, r3, y);                                               \
-    }                                                                                              \
-    attributes static void row_##suffix(size_t n, float a, const uint16_t *restrict r,             \
-                                        float *restrict y)                                         \
-    {                                                                                              \
-        row_body(widen8, n, a, r, y);                                                              \
-    }
-
-ROW_KERNELS(base, , widen8)
 #ifdef SAE__WIDEN_X86
-/* One instruction for the eight zero-extensions, which GCC 12 makes two and an insert of the
- * generic code. */
-__attribute__((target("avx2"))) static ALWAYS_INLINE void widen8_avx2(floats8 *f,
-                                                                      const uint16_t *p)
+/* The same kernels for AVX2, chosen at run time with the path sae__to_float takes (dtype.c: the
+ * best this CPU runs; SAE_DTYPE_ISA caps it): compiled for x86-64's baseline, the loops above
+ * widen and add 4 floats per instruction, which left a one-token sparse decode at 7.3 us where
+ * these take 4.1 (bench_ops decode_sparse_bf16, n = 1). Eight lanes a step, one zero-extending
+ * load each; the operations in the baseline's order and weights.c compiled without FMA
+ * contraction (AVX-512 CPUs have FMA), so both give the same bits on every CPU (test_bf16 checks
+ * them). */
+__attribute__((target("avx2"))) static inline __m256 widen8(const uint16_t *p)
 {
-    const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)p)), 16);
-    memcpy(f, &u, sizeof *f);
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)p)), 16));
 }
-ROW_KERNELS(avx2, __attribute__((target("avx2"))), widen8_avx2)
+
+__attribute__((target("avx2"))) static void rows4_avx2(size_t n, const float a[4],
+                                                       const uint16_t *restrict r0,
+                                                       const uint16_t *restrict r1,
+                                                       const uint16_t *restrict r2,
+                                                       const uint16_t *restrict r3,
+                                                       float *restrict y)
+{
+    const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]);
+    const __m256 a2 = _mm256_set1_ps(a[2]), a3 = _mm256_set1_ps(a[3]);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 s01 = _mm256_add_ps(_mm256_mul_ps(a0, widen8(r0 + i)),
+                                         _mm256_mul_ps(a1, widen8(r1 + i)));
+        const __m256 s23 = _mm256_add_ps(_mm256_mul_ps(a2, widen8(r2 + i)),
+                                         _mm256_mul_ps(a3, widen8(r3 + i)));
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_add_ps(s01, s23)));
+    }
+    rows4_base(n - i, a, r0 + i, r1 + i, r2 + i, r3 + i, y + i);
+}
+
+__attribute__((target("avx2"))) static void row_avx2(size_t n, float a,
+                                                     const uint16_t *restrict r,
+                                                     float *restrict y)
+{
+    const __m256 av = _mm256_set1_ps(a);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i,
+                         _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(av, widen8(r + i))));
+    row_base(n - i, a, r + i, y + i);
+}
 #define ON_X86(f, fallback) f
 #else
 #define ON_X86(f, fallback) fallback
@@ -153,7 +133,7 @@ static const struct {
 } row_kernels[SAE__WIDEN_COUNT] = {
     [SAE__WIDEN_SCALAR] = {rows4_base, row_base},
     [SAE__WIDEN_AVX2] = {ON_X86(rows4_avx2, rows4_base), ON_X86(row_avx2, row_base)},
-    /* Eight lanes keep up with the rows streaming in; AVX-512's sixteen measured no faster. */
+    /* AVX2's eight lanes; sixteen are untried. */
     [SAE__WIDEN_AVX512] = {ON_X86(rows4_avx2, rows4_base), ON_X86(row_avx2, row_base)},
 };
 
