@@ -115,6 +115,7 @@ struct sae_trainer {
     double jump_parallel_above; /* JumpReLU: its per-latent path splits across threads above
                                    this many element operations (a step's), else runs on the
                                    calling thread */
+    bool jump_portable; /* JumpReLU: the portable kernels even where AVX-512's run (tests) */
     uint32_t *near_idx;      /* JumpReLU's per-latent path: each token's listed latents */
     size_t *near_ptr, near_cap, near_ptr_cap;
     /* Matryoshka (a BatchTopK model with groups set): group g is latents [group_end[g-1],

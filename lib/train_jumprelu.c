@@ -88,14 +88,46 @@ __attribute__((noinline)) static void threshold_grads(const float *restrict p, c
         grads_one(p, th, g, g_th, g_benc, k, inv_eps, lam_eps);
 }
 
+/* ---- the per-latent path's kernels -------------------------------------------------------
+ *
+ * Each in two builds that give the same bits: portable C (fixed inner counts, so that -O2
+ * vectorizes it for any x86-64 or other CPU), and AVX-512 (target attributes and a check of the
+ * CPU when the pass starts: the library stays one binary). At d_out 64 a listed latent costs a
+ * dot and up to three axpys of 64 floats; with SSE's 4 lanes those were most of a step (issue 19).
+ * The same bits need the same operations in the same order, element by element: the axpys are
+ * elementwise, so any width gives the same bits; the dot is defined with 16 lanes (lane q sums
+ * elements q, q + 16, ... in order, from +0) and a fixed tree over the lanes, which is one
+ * AVX-512 register or four SSE ones. No contraction into FMA (lib/CMakeLists.txt builds this
+ * file with -ffp-contract=off): the portable build runs on CPUs without FMA. */
+
+typedef struct {
+    const float *W_dec, *th;
+    float *g_wdec, *g_th, *g_benc, *fires, *gT;
+    size_t d_out, d_in;
+    float c, inv_eps, lam_eps;
+} backprop_args;
+
+static float dot16(size_t n, const float *restrict x, const float *restrict y)
+{
+    float lane[16] = {0};
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (size_t q = 0; q < 16; q++)
+            lane[q] += x[i + q] * y[i + q];
+    for (size_t q = 0; i + q < n; q++)
+        lane[q] += x[i + q] * y[i + q];
+    for (size_t h = 8; h > 0; h /= 2)
+        for (size_t q = 0; q < h; q++)
+            lane[q] += lane[q + h];
+    return lane[0];
+}
+
 /* Token p's latents that need dL/df (u = (pre - th) / eps > -1/2: fired, or within the kernel's
  * window of the threshold) into idx, in increasing order; returns how many. idx has room for
  * d_sae: every latent is written at the next free place, which only advances for a listed one,
  * so the loop has no branch to mispredict. */
-__attribute__((noinline)) static size_t list_token(const float *restrict p,
-                                                   const float *restrict th,
-                                                   uint32_t *restrict idx, size_t d_sae,
-                                                   float inv_eps)
+static size_t list_portable(const float *restrict p, const float *restrict th,
+                            uint32_t *restrict idx, size_t d_sae, float inv_eps)
 {
     size_t c = 0;
     for (size_t k = 0; k < d_sae; k++) {
@@ -105,33 +137,225 @@ __attribute__((noinline)) static size_t list_token(const float *restrict p,
     return c;
 }
 
+/* e[0..d_out) += p[k] W_dec[k] for the fired latents of idx[0..count), in that order. */
+static void decode_portable(const backprop_args *b, const float *restrict p,
+                            const uint32_t *restrict idx, size_t count, float *restrict e)
+{
+    for (size_t a = 0; a < count; a++) {
+        const size_t k = idx[a];
+        if (p[k] > b->th[k])
+            sae__axpy(b->d_out, p[k], b->W_dec + k * b->d_out, e);
+    }
+}
+
+/* One token's listed latents idx[0..count) (e holds 2 c (x_hat - tgt)): for each, g = dL/df_k =
+ * c 2e . W_dec[k]; the threshold gets its term where k is in the window; where k fired, W_dec's
+ * row k gets f_k 2e, b_enc g, the encoder column k (kept transposed in gT) g times the input,
+ * and the firing count one. */
+static void backprop_portable(const backprop_args *b, const float *restrict p,
+                              const float *restrict e, const float *restrict xin,
+                              const uint32_t *restrict idx, size_t count)
+{
+    const size_t d_out = b->d_out, d_in = b->d_in;
+    for (size_t a = 0; a < count; a++) {
+        const size_t k = idx[a];
+        const float u = (p[k] - b->th[k]) * b->inv_eps;
+        const float g = b->c * dot16(d_out, e, b->W_dec + k * d_out);
+        if (u < 0.5f)
+            b->g_th[k] -= b->th[k] * b->inv_eps * g + b->lam_eps;
+        if (!(p[k] > b->th[k]))
+            continue;
+        sae__axpy(d_out, p[k], e, b->g_wdec + k * d_out);
+        b->g_benc[k] += g;
+        sae__axpy(d_in, g, xin, b->gT + k * d_in);
+        b->fires[k] += 1.0f;
+    }
+}
+
+#ifdef SAE__WIDEN_X86
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f")))
+
+/* The lanes [0, n) of a 16-lane block (n < 16 at the tail, else all). */
+AVX512 static inline __mmask16 lanes(size_t n)
+{
+    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+}
+
+/* dot16's sum: lanes kept apart, the tail's lanes added where it has elements, then its tree. */
+AVX512 static inline float dot_avx512(size_t n, const float *x, const float *y)
+{
+    __m512 acc = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        const __mmask16 m = lanes(n - i);
+        const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i),
+                                          _mm512_maskz_loadu_ps(m, y + i));
+        acc = _mm512_mask_add_ps(acc, m, acc, prod);
+    }
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+/* y[0..n) += a x[0..n) */
+AVX512 static inline void axpy_avx512(size_t n, float a, const float *x, float *y)
+{
+    const __m512 va = _mm512_set1_ps(a);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i),
+                                              _mm512_mul_ps(va, _mm512_loadu_ps(x + i))));
+    if (i < n) {
+        const __mmask16 m = lanes(n - i);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i),
+                                                      _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, x + i))));
+    }
+}
+
+/* list_portable's list: 16 comparisons at a time, the listed indices packed together. The
+ * packed block is stored whole (c + 16 <= k + 16 <= d_sae: inside idx's room) except the last. */
+AVX512 static size_t list_avx512(const float *restrict p, const float *restrict th,
+                                 uint32_t *restrict idx, size_t d_sae, float inv_eps)
+{
+    const __m512 ie = _mm512_set1_ps(inv_eps), lo = _mm512_set1_ps(-0.5f);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i k16 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    size_t c = 0;
+    for (size_t k = 0; k < d_sae; k += 16) {
+        const __mmask16 in = lanes(d_sae - k);
+        const __m512 u = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, p + k),
+                                                     _mm512_maskz_loadu_ps(in, th + k)), ie);
+        const __mmask16 hit = _mm512_mask_cmp_ps_mask(in, u, lo, _CMP_GT_OQ);
+        const __m512i packed = _mm512_maskz_compress_epi32(hit, k16);
+        const unsigned count = (unsigned)__builtin_popcount((unsigned)hit);
+        if (k + 16 <= d_sae)
+            _mm512_storeu_si512((void *)(idx + c), packed);
+        else
+            _mm512_mask_storeu_epi32(idx + c, lanes(count), packed);
+        c += count;
+        k16 = _mm512_add_epi32(k16, step);
+    }
+    return c;
+}
+
+AVX512 static void decode_avx512(const backprop_args *b, const float *restrict p,
+                                 const uint32_t *restrict idx, size_t count, float *restrict e)
+{
+    const size_t d_out = b->d_out;
+    /* 64 columns of e at a time in registers across the token's latents: each element still
+     * gains its terms in the list's order. */
+    for (size_t j = 0; j < d_out; j += 64) {
+        const size_t left = d_out - j;
+        const __mmask16 m0 = lanes(left), m1 = left > 16 ? lanes(left - 16) : 0,
+                        m2 = left > 32 ? lanes(left - 32) : 0,
+                        m3 = left > 48 ? lanes(left - 48) : 0;
+        __m512 e0 = _mm512_maskz_loadu_ps(m0, e + j), e1 = _mm512_maskz_loadu_ps(m1, e + j + 16),
+               e2 = _mm512_maskz_loadu_ps(m2, e + j + 32),
+               e3 = _mm512_maskz_loadu_ps(m3, e + j + 48);
+        for (size_t a = 0; a < count; a++) {
+            const size_t k = idx[a];
+            if (!(p[k] > b->th[k]))
+                continue;
+            const __m512 f = _mm512_set1_ps(p[k]);
+            const float *w = b->W_dec + k * d_out + j;
+            e0 = _mm512_add_ps(e0, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m0, w)));
+            e1 = _mm512_add_ps(e1, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m1, w + 16)));
+            e2 = _mm512_add_ps(e2, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m2, w + 32)));
+            e3 = _mm512_add_ps(e3, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m3, w + 48)));
+        }
+        _mm512_mask_storeu_ps(e + j, m0, e0);
+        _mm512_mask_storeu_ps(e + j + 16, m1, e1);
+        _mm512_mask_storeu_ps(e + j + 32, m2, e2);
+        _mm512_mask_storeu_ps(e + j + 48, m3, e3);
+    }
+}
+
+/* backprop_portable's sums, with the 16-lane kernels. Inlined into two callers, one with the
+ * widths 64 (the compiler then unrolls the rows into registers) and one with any. */
+AVX512 static inline __attribute__((always_inline)) void
+backprop_avx512_at(const backprop_args *b, size_t d_out, size_t d_in, const float *restrict p,
+                   const float *restrict e, const float *restrict xin,
+                   const uint32_t *restrict idx, size_t count)
+{
+    const float *th = b->th;
+    const float inv_eps = b->inv_eps, lam_eps = b->lam_eps, c = b->c;
+    for (size_t a = 0; a < count; a++) {
+        const size_t k = idx[a];
+        const float u = (p[k] - th[k]) * inv_eps;
+        const float g = c * dot_avx512(d_out, e, b->W_dec + k * d_out);
+        if (u < 0.5f)
+            b->g_th[k] -= th[k] * inv_eps * g + lam_eps;
+        if (!(p[k] > th[k]))
+            continue;
+        axpy_avx512(d_out, p[k], e, b->g_wdec + k * d_out);
+        b->g_benc[k] += g;
+        axpy_avx512(d_in, g, xin, b->gT + k * d_in);
+        b->fires[k] += 1.0f;
+    }
+}
+
+AVX512 static void backprop_avx512(const backprop_args *b, const float *restrict p,
+                                   const float *restrict e, const float *restrict xin,
+                                   const uint32_t *restrict idx, size_t count)
+{
+    if (b->d_out == 64 && b->d_in == 64)
+        backprop_avx512_at(b, 64, 64, p, e, xin, idx, count);
+    else
+        backprop_avx512_at(b, b->d_out, b->d_in, p, e, xin, idx, count);
+}
+#endif
+
+/* The kernels a pass uses: AVX-512 where the CPU runs it, unless the trainer asks for the
+ * portable ones (jump_portable: tests compare the two). */
+typedef struct {
+    size_t (*list)(const float *restrict, const float *restrict, uint32_t *restrict, size_t,
+                   float);
+    void (*decode)(const backprop_args *, const float *restrict, const uint32_t *restrict, size_t,
+                   float *restrict);
+    void (*backprop)(const backprop_args *, const float *restrict, const float *restrict,
+                     const float *restrict, const uint32_t *restrict, size_t);
+} kernels;
+
+static kernels kernels_for(const sae_trainer *t)
+{
+#ifdef SAE__WIDEN_X86
+    /* libgcc's and compiler-rt's answers include the OS's consent (XCR0) to the registers. */
+    __builtin_cpu_init();
+    if (!t->jump_portable && __builtin_cpu_supports("avx512f"))
+        return (kernels){list_avx512, decode_avx512, backprop_avx512};
+#else
+    (void)t;
+#endif
+    return (kernels){list_portable, decode_portable, backprop_portable};
+}
+
 /* The per-latent path. Every sum has one writer, which adds in token order, so the sums are the
  * same whether the tokens run in one loop on the calling thread (small batches: lib/parallel.c's
  * threads would compete with the BLAS library's, still spinning after the encoder's product) or
  * in two passes split across threads, by token and then by latent. */
 typedef struct {
-    sae_trainer *t;
+    const sae_trainer *t;
+    backprop_args b;
+    kernels k;
     const float *pre;
     float *E;
     size_t n;
-    float inv_eps, lam_eps;
 } sparse_job;
 
 /* Token i: its fired latents decode into e = b_dec - tgt [+ skip] (on entry), then c scales it. */
 static void decode_token(const sparse_job *j, size_t i)
 {
     const sae_trainer *t = j->t;
-    const sae_model *m = t->m;
-    const size_t d_out = m->d_out;
-    const float *p = j->pre + i * m->d_sae;
-    float *e = j->E + i * d_out;
-    for (size_t a = t->near_ptr[i]; a < t->near_ptr[i + 1]; a++) {
-        const size_t k = t->near_idx[a];
-        if (p[k] > m->threshold[k])
-            sae__axpy(d_out, p[k], m->W_dec + k * d_out, e);
-    }
+    float *e = j->E + i * j->b.d_out;
+    j->k.decode(&j->b, j->pre + i * t->m->d_sae, t->near_idx + t->near_ptr[i],
+                t->near_ptr[i + 1] - t->near_ptr[i], e);
     if (t->tc)
-        sae__sscal(d_out, (float)t->out_scale, e);
+        sae__sscal(j->b.d_out, j->b.c, e);
 }
 
 static void decode_range(void *ctx, size_t begin, size_t end, size_t worker)
@@ -141,33 +365,12 @@ static void decode_range(void *ctx, size_t begin, size_t end, size_t worker)
         decode_token(ctx, i);
 }
 
-/* Token i's listed latents at near_idx[a0 .. a1) (E holds 2 c (x_hat - tgt)): for each, g =
- * dL/df_k = 2e . W_dec'[k]; the threshold gets its term where k is in the window; where k fired,
- * W_dec's row k gets f_k 2e, b_enc g, the encoder column k (kept transposed in gT) g times the
- * input, and the firing count one. */
+/* Token i's listed latents at near_idx[a0 .. a1). */
 static void backprop_token(const sparse_job *j, size_t i, size_t a0, size_t a1)
 {
     const sae_trainer *t = j->t;
-    const sae_model *m = t->m;
-    const size_t d_out = m->d_out, d_in = m->d_in;
-    const float *th = m->threshold, *e = j->E + i * d_out, *p = j->pre + i * m->d_sae;
-    const float *xin = t->xin + i * d_in, *W_dec = m->W_dec, c = (float)t->out_scale;
-    const float inv_eps = j->inv_eps, lam_eps = j->lam_eps;
-    float *g_wdec = t->buf + t->lay.W_dec, *g_th = t->buf + t->lay.log_th,
-          *g_benc = t->buf + t->lay.b_enc, *fires = t->buf + t->lay.fires, *gT = t->gT;
-    for (size_t a = a0; a < a1; a++) {
-        const size_t k = t->near_idx[a];
-        const float u = (p[k] - th[k]) * inv_eps;
-        const float g = c * sae__dot(d_out, e, W_dec + k * d_out);
-        if (u < 0.5f)
-            g_th[k] -= th[k] * inv_eps * g + lam_eps;
-        if (!(p[k] > th[k]))
-            continue;
-        sae__axpy(d_out, p[k], e, g_wdec + k * d_out);
-        g_benc[k] += g;
-        sae__axpy(d_in, g, xin, gT + k * d_in);
-        fires[k] += 1.0f;
-    }
+    j->k.backprop(&j->b, j->pre + i * t->m->d_sae, j->E + i * j->b.d_out, t->xin + i * j->b.d_in,
+                  t->near_idx + a0, a1 - a0);
 }
 
 /* The first of near_idx[lo .. hi) (increasing) that is at least k, or hi. */
@@ -240,7 +443,8 @@ static bool ensure_list_room(sae_trainer *t, size_t count)
 
 /* Lists every token's latents that need dL/df, when they number fewer than budget in all and
  * memory allows; false otherwise (then the dense path runs). */
-static bool list_batch(sae_trainer *t, size_t n, float inv_eps, double budget)
+static bool list_batch(sae_trainer *t, const kernels *k, size_t n, float inv_eps,
+                       double budget)
 {
     const size_t d_sae = t->m->d_sae;
     if (!ensure_lists(t, n))
@@ -248,9 +452,9 @@ static bool list_batch(sae_trainer *t, size_t n, float inv_eps, double budget)
     for (size_t i = 0; i < n; i++) {
         if (!ensure_list_room(t, t->near_ptr[i] + d_sae))
             return false;
-        t->near_ptr[i + 1] = t->near_ptr[i] + list_token(t->pre + i * d_sae, t->m->threshold,
-                                                         t->near_idx + t->near_ptr[i], d_sae,
-                                                         inv_eps);
+        t->near_ptr[i + 1] = t->near_ptr[i] + k->list(t->pre + i * d_sae, t->m->threshold,
+                                                       t->near_idx + t->near_ptr[i], d_sae,
+                                                       inv_eps);
         if ((double)t->near_ptr[i + 1] >= budget)
             return false;
     }
@@ -271,11 +475,16 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
     double sse = 0.0;
     /* Few latents fired or near their thresholds (the usual case once the L0 penalty has
      * worked): vector operations on those alone beat dense products. */
-    const bool sparse = list_batch(t, n, inv_eps, t->jump_sparse_below * (double)n * (double)d_sae);
+    const kernels k = kernels_for(t);
+    const bool sparse =
+        list_batch(t, &k, n, inv_eps, t->jump_sparse_below * (double)n * (double)d_sae);
     /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
     sae__train_error_base(t, x, tgt, n);
     if (sparse) {
-        sparse_job job = {t, pre, E, n, inv_eps, lam_eps};
+        const backprop_args b = {m->W_dec, th,     buf + L->W_dec, g_lt, buf + L->b_enc,
+                                 fires,    t->gT, d_out,          d_in, c,
+                                 inv_eps,  lam_eps};
+        sparse_job job = {t, b, k, pre, E, n};
         const size_t listed = t->near_ptr[n], per = listed / n + 1;
         const size_t threads = sae__model_threads(m);
         const size_t grain = sae__grain(n * (1 + per * d_out / d_sae));
