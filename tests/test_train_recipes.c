@@ -645,6 +645,80 @@ START_TEST(jumprelu_calling_thread_and_split_agree)
 }
 END_TEST
 
+/* JumpReLU's per-latent path has AVX-512 kernels (listing, decode, backward) and portable ones
+ * that give the same bits: the trainers' lists and every tensor agree after each step, for an
+ * SAE at the widths whose backward is specialized (64), one with vector tails everywhere
+ * (23 -> 101) and a skip transcoder (23 -> 101 -> 40, its output scale in the decode); the third
+ * trainer of each runs the portable kernels split across threads. On a CPU without AVX-512 the
+ * first trainer runs the portable kernels too (the test says so). */
+START_TEST(jumprelu_avx512_and_portable_kernels_agree)
+{
+    const size_t shapes[3][3] = {{64, 512, 64}, {23, 101, 23}, {23, 101, 40}};
+    const size_t d_in = shapes[_i][0], s = shapes[_i][1], d_out = shapes[_i][2], n = 300;
+    const bool tc = _i == 2;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f"))
+        fprintf(stderr, "jumprelu_avx512_and_portable_kernels_agree: no AVX-512 on this CPU, "
+                        "portable kernels on both sides\n");
+    sae_model *m[3];
+    sae_trainer *t[3];
+    float *sx = tu_train_data(256, d_in, 9), *sy = tc ? tu_train_data(256, d_out, 10) : NULL;
+    for (int i = 0; i < 3; i++) {
+        if (tc)
+            ck_assert_ok(sae_model_new_transcoder(&m[i], SAE_ARCH_JUMPRELU, d_in, s, d_out, 1));
+        else
+            ck_assert_ok(sae_model_new(&m[i], SAE_ARCH_JUMPRELU, d_in, s));
+        ck_assert_ok(sae_model_set_param(m[i], SAE_PARAM_THREADS, i == 2 ? 3.0 : 1.0));
+        ck_assert_ok(sae_trainer_new(&t[i], m[i]));
+        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_LR, 1e-2));
+        ck_assert_ok(sae_trainer_set_param(t[i], SAE_TRAIN_JUMPRELU_INIT_THRESHOLD, 0.5));
+        ck_assert_ok(tc ? sae_trainer_init_to(t[i], sx, sy, 256) : sae_trainer_init(t[i], sx, 256));
+        t[i]->jump_sparse_below = 2.0;
+        t[i]->jump_portable = i > 0;
+        t[i]->jump_parallel_above = i == 2 ? 0.0 : 1e300;
+    }
+    for (uint64_t step = 0; step < 6; step++) {
+        float *x = tu_train_data(n, d_in, 600 + step), *y = tc ? tu_train_data(n, d_out, 700 + step)
+                                                               : NULL;
+        for (int i = 0; i < 3; i++)
+            ck_assert_ok(tc ? sae_trainer_step_to(t[i], x, y, n) : sae_trainer_step(t[i], x, n));
+        for (int i = 1; i < 3; i++) {
+            ck_assert_mem_eq(t[0]->near_ptr, t[i]->near_ptr, (n + 1) * sizeof(size_t));
+            ck_assert_mem_eq(t[0]->near_idx, t[i]->near_idx, t[0]->near_ptr[n] * sizeof(uint32_t));
+        }
+        free(x);
+        free(y);
+    }
+    /* Latents fired, and some sat in the threshold's window unfired. */
+    ck_assert_double_gt(tu_metric(t[0], SAE_METRIC_L0), 1.0);
+    ck_assert_double_gt((double)t[0]->near_ptr[n] / (double)n, tu_metric(t[0], SAE_METRIC_L0));
+    const struct {
+        sae_tensor which;
+        size_t count;
+    } parts[] = {{SAE_W_ENC, d_in * s}, {SAE_W_DEC, s * d_out}, {SAE_B_ENC, s},
+                 {SAE_B_DEC, d_out},    {SAE_THRESHOLD, s},     {SAE_W_SKIP, d_in * d_out}};
+    for (size_t q = 0; q < sizeof parts / sizeof parts[0]; q++) {
+        if (!sae_model_has_tensor(m[0], parts[q].which))
+            continue;
+        float *w[3];
+        for (int i = 0; i < 3; i++) {
+            w[i] = tu_malloc(parts[q].count * sizeof(float));
+            ck_assert_ok(sae_model_get_tensor(m[i], parts[q].which, w[i]));
+        }
+        ck_assert_mem_eq(w[0], w[1], parts[q].count * sizeof(float));
+        ck_assert_mem_eq(w[0], w[2], parts[q].count * sizeof(float));
+        for (int i = 0; i < 3; i++)
+            free(w[i]);
+    }
+    for (int i = 0; i < 3; i++) {
+        sae_trainer_free(t[i]);
+        sae_model_free(m[i]);
+    }
+    free(sx);
+    free(sy);
+}
+END_TEST
+
 /* BatchTopK's selection (train_batchtopk.c) against sorting the whole batch: the k n largest
  * positive values, ties to the lower flat index, listed per token in index order, and the cut.
  * Batches made to be hard: values spread over many octaves, many ties at the cut, zeros,
@@ -1145,6 +1219,7 @@ static Suite *recipes_suite(void)
     tcase_add_test(tc, one_group_is_batchtopk);
     tcase_add_test(tc, jumprelu_threads_do_not_change_the_sums);
     tcase_add_test(tc, jumprelu_calling_thread_and_split_agree);
+    tcase_add_loop_test(tc, jumprelu_avx512_and_portable_kernels_agree, 0, 3);
     tcase_add_test(tc, batchtopk_selection_is_the_sorted_one);
     tcase_add_loop_test(tc, checkpoint_resumes_bit_for_bit, 0, 2);
     tcase_add_test(tc, checkpoint_groups_are_checked);
