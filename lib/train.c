@@ -355,6 +355,10 @@ void sae_trainer_free(sae_trainer *t)
     free(t->log_th);
     free(t->near_idx);
     free(t->near_ptr);
+    free(t->near_val);
+    free(t->lat_ptr);
+    free(t->lat_tok);
+    free(t->lat_val);
     free(t->group_end);
     free(t->mat_e);
     free(t->mat_s);

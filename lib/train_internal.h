@@ -118,6 +118,11 @@ struct sae_trainer {
     bool jump_portable; /* JumpReLU: the portable kernels even where AVX-512's run (tests) */
     uint32_t *near_idx;      /* JumpReLU's per-latent path: each token's listed latents */
     size_t *near_ptr, near_cap, near_ptr_cap;
+    float *near_val;         /* their pre-activations (near_cap of them too) */
+    size_t *lat_ptr;         /* the lists by latent: latent k's from lat_ptr[k] to [k + 1] */
+    uint32_t *lat_tok;       /* the tokens, increasing within a latent */
+    float *lat_val;          /* their pre-activations */
+    size_t lat_cap;
     /* Matryoshka (a BatchTopK model with groups set): group g is latents [group_end[g-1],
      * group_end[g]); n_groups = 0 without groups. */
     size_t *group_end, n_groups;

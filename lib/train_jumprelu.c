@@ -98,11 +98,19 @@ __attribute__((noinline)) static void threshold_grads(const float *restrict p, c
  * elementwise, so any width gives the same bits; the dot is defined with 16 lanes (lane q sums
  * elements q, q + 16, ... in order, from +0) and a fixed tree over the lanes, which is one
  * AVX-512 register or four SSE ones. No contraction into FMA (lib/CMakeLists.txt builds this
- * file with -ffp-contract=off): the portable build runs on CPUs without FMA. */
+ * file with -ffp-contract=off): the portable build runs on CPUs without FMA.
+ *
+ * The backward runs latent by latent over the tokens that list it (the lists transposed once a
+ * step): the decoder row and the latent's sums stay in registers (in L1 at other widths) while
+ * the tokens' errors and inputs stream past, where token by token every listed latent's three
+ * rows were read and two written back. Each sum still adds its terms in token order. */
 
 typedef struct {
-    const float *W_dec, *th;
+    const float *W_dec, *th, *E, *xin;
     float *g_wdec, *g_th, *g_benc, *fires, *gT;
+    const size_t *lat_ptr;   /* latent k's tokens: lat_tok[lat_ptr[k] .. lat_ptr[k + 1]) */
+    const uint32_t *lat_tok; /* increasing within a latent */
+    const float *lat_val;    /* each one's pre-activation */
     size_t d_out, d_in;
     float c, inv_eps, lam_eps;
 } backprop_args;
@@ -123,52 +131,57 @@ static float dot16(size_t n, const float *restrict x, const float *restrict y)
 }
 
 /* Token p's latents that need dL/df (u = (pre - th) / eps > -1/2: fired, or within the kernel's
- * window of the threshold) into idx, in increasing order; returns how many. idx has room for
- * d_sae: every latent is written at the next free place, which only advances for a listed one,
- * so the loop has no branch to mispredict. */
+ * window of the threshold) into idx, in increasing order, and their pre-activations into val;
+ * returns how many. idx and val have room for d_sae: every latent is written at the next free
+ * place, which only advances for a listed one, so the loop has no branch to mispredict. */
 static size_t list_portable(const float *restrict p, const float *restrict th,
-                            uint32_t *restrict idx, size_t d_sae, float inv_eps)
+                            uint32_t *restrict idx, float *restrict val, size_t d_sae,
+                            float inv_eps)
 {
     size_t c = 0;
     for (size_t k = 0; k < d_sae; k++) {
         idx[c] = (uint32_t)k;
+        val[c] = p[k];
         c += (p[k] - th[k]) * inv_eps > -0.5f;
     }
     return c;
 }
 
-/* e[0..d_out) += p[k] W_dec[k] for the fired latents of idx[0..count), in that order. */
-static void decode_portable(const backprop_args *b, const float *restrict p,
-                            const uint32_t *restrict idx, size_t count, float *restrict e)
+/* e[0..d_out) += val[a] W_dec[idx[a]] for the fired latents of a token's list, in its order. */
+static void decode_portable(const backprop_args *b, const uint32_t *restrict idx,
+                            const float *restrict val, size_t count, float *restrict e)
 {
     for (size_t a = 0; a < count; a++) {
         const size_t k = idx[a];
-        if (p[k] > b->th[k])
-            sae__axpy(b->d_out, p[k], b->W_dec + k * b->d_out, e);
+        if (val[a] > b->th[k])
+            sae__axpy(b->d_out, val[a], b->W_dec + k * b->d_out, e);
     }
 }
 
-/* One token's listed latents idx[0..count) (e holds 2 c (x_hat - tgt)): for each, g = dL/df_k =
- * c 2e . W_dec[k]; the threshold gets its term where k is in the window; where k fired, W_dec's
+/* Latents [k0, k1), each over its tokens (E holds 2 c (x_hat - tgt)): g = dL/df_k = c 2e .
+ * W_dec[k]; the threshold gets its term where the token is in the window; where k fired, W_dec's
  * row k gets f_k 2e, b_enc g, the encoder column k (kept transposed in gT) g times the input,
  * and the firing count one. */
-static void backprop_portable(const backprop_args *b, const float *restrict p,
-                              const float *restrict e, const float *restrict xin,
-                              const uint32_t *restrict idx, size_t count)
+static void backward_portable(const backprop_args *b, size_t k0, size_t k1)
 {
     const size_t d_out = b->d_out, d_in = b->d_in;
-    for (size_t a = 0; a < count; a++) {
-        const size_t k = idx[a];
-        const float u = (p[k] - b->th[k]) * b->inv_eps;
-        const float g = b->c * dot16(d_out, e, b->W_dec + k * d_out);
-        if (u < 0.5f)
-            b->g_th[k] -= b->th[k] * b->inv_eps * g + b->lam_eps;
-        if (!(p[k] > b->th[k]))
-            continue;
-        sae__axpy(d_out, p[k], e, b->g_wdec + k * d_out);
-        b->g_benc[k] += g;
-        sae__axpy(d_in, g, xin, b->gT + k * d_in);
-        b->fires[k] += 1.0f;
+    for (size_t k = k0; k < k1; k++) {
+        const float *w = b->W_dec + k * d_out, th = b->th[k];
+        float *gw = b->g_wdec + k * d_out, *gt = b->gT + k * d_in;
+        for (size_t a = b->lat_ptr[k]; a < b->lat_ptr[k + 1]; a++) {
+            const size_t i = b->lat_tok[a];
+            const float p = b->lat_val[a], *e = b->E + i * d_out;
+            const float u = (p - th) * b->inv_eps;
+            const float g = b->c * dot16(d_out, e, w);
+            if (u < 0.5f)
+                b->g_th[k] -= th * b->inv_eps * g + b->lam_eps;
+            if (!(p > th))
+                continue;
+            sae__axpy(d_out, p, e, gw);
+            b->g_benc[k] += g;
+            sae__axpy(d_in, g, b->xin + i * d_in, gt);
+            b->fires[k] += 1.0f;
+        }
     }
 }
 
@@ -182,7 +195,17 @@ AVX512 static inline __mmask16 lanes(size_t n)
     return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
 }
 
-/* dot16's sum: lanes kept apart, the tail's lanes added where it has elements, then its tree. */
+/* dot16's tree over the lanes of acc. */
+AVX512 static inline float lanes_sum(__m512 acc)
+{
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+/* dot16's sum: lanes kept apart, the tail's lanes added where it has elements, then the tree. */
 AVX512 static inline float dot_avx512(size_t n, const float *x, const float *y)
 {
     __m512 acc = _mm512_setzero_ps();
@@ -195,11 +218,7 @@ AVX512 static inline float dot_avx512(size_t n, const float *x, const float *y)
                                           _mm512_maskz_loadu_ps(m, y + i));
         acc = _mm512_mask_add_ps(acc, m, acc, prod);
     }
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
-    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    return lanes_sum(acc);
 }
 
 /* y[0..n) += a x[0..n) */
@@ -212,15 +231,17 @@ AVX512 static inline void axpy_avx512(size_t n, float a, const float *x, float *
                                               _mm512_mul_ps(va, _mm512_loadu_ps(x + i))));
     if (i < n) {
         const __mmask16 m = lanes(n - i);
-        _mm512_mask_storeu_ps(y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i),
-                                                      _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, x + i))));
+        const __m512 ax = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, x + i));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), ax));
     }
 }
 
-/* list_portable's list: 16 comparisons at a time, the listed indices packed together. The
- * packed block is stored whole (c + 16 <= k + 16 <= d_sae: inside idx's room) except the last. */
+/* list_portable's list: 16 comparisons at a time, the listed indices and values packed
+ * together. The packed blocks are stored whole (c + 16 <= k + 16 <= d_sae: inside the room)
+ * except the last. */
 AVX512 static size_t list_avx512(const float *restrict p, const float *restrict th,
-                                 uint32_t *restrict idx, size_t d_sae, float inv_eps)
+                                 uint32_t *restrict idx, float *restrict val, size_t d_sae,
+                                 float inv_eps)
 {
     const __m512 ie = _mm512_set1_ps(inv_eps), lo = _mm512_set1_ps(-0.5f);
     const __m512i step = _mm512_set1_epi32(16);
@@ -228,23 +249,27 @@ AVX512 static size_t list_avx512(const float *restrict p, const float *restrict 
     size_t c = 0;
     for (size_t k = 0; k < d_sae; k += 16) {
         const __mmask16 in = lanes(d_sae - k);
-        const __m512 u = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, p + k),
-                                                     _mm512_maskz_loadu_ps(in, th + k)), ie);
+        const __m512 pk = _mm512_maskz_loadu_ps(in, p + k);
+        const __m512 u = _mm512_mul_ps(_mm512_sub_ps(pk, _mm512_maskz_loadu_ps(in, th + k)), ie);
         const __mmask16 hit = _mm512_mask_cmp_ps_mask(in, u, lo, _CMP_GT_OQ);
         const __m512i packed = _mm512_maskz_compress_epi32(hit, k16);
+        const __m512 values = _mm512_maskz_compress_ps(hit, pk);
         const unsigned count = (unsigned)__builtin_popcount((unsigned)hit);
-        if (k + 16 <= d_sae)
+        if (k + 16 <= d_sae) {
             _mm512_storeu_si512((void *)(idx + c), packed);
-        else
+            _mm512_storeu_ps(val + c, values);
+        } else {
             _mm512_mask_storeu_epi32(idx + c, lanes(count), packed);
+            _mm512_mask_storeu_ps(val + c, lanes(count), values);
+        }
         c += count;
         k16 = _mm512_add_epi32(k16, step);
     }
     return c;
 }
 
-AVX512 static void decode_avx512(const backprop_args *b, const float *restrict p,
-                                 const uint32_t *restrict idx, size_t count, float *restrict e)
+AVX512 static void decode_avx512(const backprop_args *b, const uint32_t *restrict idx,
+                                 const float *restrict val, size_t count, float *restrict e)
 {
     const size_t d_out = b->d_out;
     /* 64 columns of e at a time in registers across the token's latents: each element still
@@ -259,9 +284,9 @@ AVX512 static void decode_avx512(const backprop_args *b, const float *restrict p
                e3 = _mm512_maskz_loadu_ps(m3, e + j + 48);
         for (size_t a = 0; a < count; a++) {
             const size_t k = idx[a];
-            if (!(p[k] > b->th[k]))
+            if (!(val[a] > b->th[k]))
                 continue;
-            const __m512 f = _mm512_set1_ps(p[k]);
+            const __m512 f = _mm512_set1_ps(val[a]);
             const float *w = b->W_dec + k * d_out + j;
             e0 = _mm512_add_ps(e0, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m0, w)));
             e1 = _mm512_add_ps(e1, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m1, w + 16)));
@@ -275,50 +300,98 @@ AVX512 static void decode_avx512(const backprop_args *b, const float *restrict p
     }
 }
 
-/* backprop_portable's sums, with the 16-lane kernels. Inlined into two callers, one with the
- * widths 64 (the compiler then unrolls the rows into registers) and one with any. */
-AVX512 static inline __attribute__((always_inline)) void
-backprop_avx512_at(const backprop_args *b, size_t d_out, size_t d_in, const float *restrict p,
-                   const float *restrict e, const float *restrict xin,
-                   const uint32_t *restrict idx, size_t count)
+/* backward_portable at d_out = d_in = 64: the decoder row, its gradient and the encoder
+ * column's in four registers each, the latent's scalars in registers, for all its tokens. */
+AVX512 static void backward_avx512_64(const backprop_args *b, size_t k)
 {
-    const float *th = b->th;
-    const float inv_eps = b->inv_eps, lam_eps = b->lam_eps, c = b->c;
-    for (size_t a = 0; a < count; a++) {
-        const size_t k = idx[a];
-        const float u = (p[k] - th[k]) * inv_eps;
-        const float g = c * dot_avx512(d_out, e, b->W_dec + k * d_out);
+    const float th = b->th[k], inv_eps = b->inv_eps, lam_eps = b->lam_eps, c = b->c;
+    const float *w = b->W_dec + k * 64;
+    float *gw = b->g_wdec + k * 64, *gt = b->gT + k * 64;
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16),
+                 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
+    __m512 a0 = _mm512_loadu_ps(gw), a1 = _mm512_loadu_ps(gw + 16), a2 = _mm512_loadu_ps(gw + 32),
+           a3 = _mm512_loadu_ps(gw + 48);
+    __m512 t0 = _mm512_loadu_ps(gt), t1 = _mm512_loadu_ps(gt + 16), t2 = _mm512_loadu_ps(gt + 32),
+           t3 = _mm512_loadu_ps(gt + 48);
+    float g_th = b->g_th[k], g_benc = b->g_benc[k], fires = b->fires[k];
+    for (size_t a = b->lat_ptr[k]; a < b->lat_ptr[k + 1]; a++) {
+        const size_t i = b->lat_tok[a];
+        const float p = b->lat_val[a], *e = b->E + i * 64;
+        const __m512 e0 = _mm512_loadu_ps(e), e1 = _mm512_loadu_ps(e + 16),
+                     e2 = _mm512_loadu_ps(e + 32), e3 = _mm512_loadu_ps(e + 48);
+        __m512 acc = _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(e0, w0));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(e1, w1));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(e2, w2));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(e3, w3));
+        const float u = (p - th) * inv_eps;
+        const float g = c * lanes_sum(acc);
         if (u < 0.5f)
-            b->g_th[k] -= th[k] * inv_eps * g + lam_eps;
-        if (!(p[k] > th[k]))
+            g_th -= th * inv_eps * g + lam_eps;
+        if (!(p > th))
             continue;
-        axpy_avx512(d_out, p[k], e, b->g_wdec + k * d_out);
-        b->g_benc[k] += g;
-        axpy_avx512(d_in, g, xin, b->gT + k * d_in);
-        b->fires[k] += 1.0f;
+        const __m512 vp = _mm512_set1_ps(p), vg = _mm512_set1_ps(g);
+        a0 = _mm512_add_ps(a0, _mm512_mul_ps(vp, e0));
+        a1 = _mm512_add_ps(a1, _mm512_mul_ps(vp, e1));
+        a2 = _mm512_add_ps(a2, _mm512_mul_ps(vp, e2));
+        a3 = _mm512_add_ps(a3, _mm512_mul_ps(vp, e3));
+        g_benc += g;
+        const float *x = b->xin + i * 64;
+        t0 = _mm512_add_ps(t0, _mm512_mul_ps(vg, _mm512_loadu_ps(x)));
+        t1 = _mm512_add_ps(t1, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 16)));
+        t2 = _mm512_add_ps(t2, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 32)));
+        t3 = _mm512_add_ps(t3, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 48)));
+        fires += 1.0f;
     }
+    _mm512_storeu_ps(gw, a0);
+    _mm512_storeu_ps(gw + 16, a1);
+    _mm512_storeu_ps(gw + 32, a2);
+    _mm512_storeu_ps(gw + 48, a3);
+    _mm512_storeu_ps(gt, t0);
+    _mm512_storeu_ps(gt + 16, t1);
+    _mm512_storeu_ps(gt + 32, t2);
+    _mm512_storeu_ps(gt + 48, t3);
+    b->g_th[k] = g_th;
+    b->g_benc[k] = g_benc;
+    b->fires[k] = fires;
 }
 
-AVX512 static void backprop_avx512(const backprop_args *b, const float *restrict p,
-                                   const float *restrict e, const float *restrict xin,
-                                   const uint32_t *restrict idx, size_t count)
+/* backward_portable at any widths: the rows are the latent's own, so they stay in L1. */
+AVX512 static void backward_avx512(const backprop_args *b, size_t k0, size_t k1)
 {
-    if (b->d_out == 64 && b->d_in == 64)
-        backprop_avx512_at(b, 64, 64, p, e, xin, idx, count);
-    else
-        backprop_avx512_at(b, b->d_out, b->d_in, p, e, xin, idx, count);
+    const size_t d_out = b->d_out, d_in = b->d_in;
+    for (size_t k = k0; k < k1; k++) {
+        if (d_out == 64 && d_in == 64) {
+            backward_avx512_64(b, k);
+            continue;
+        }
+        const float *w = b->W_dec + k * d_out, th = b->th[k];
+        float *gw = b->g_wdec + k * d_out, *gt = b->gT + k * d_in;
+        for (size_t a = b->lat_ptr[k]; a < b->lat_ptr[k + 1]; a++) {
+            const size_t i = b->lat_tok[a];
+            const float p = b->lat_val[a], *e = b->E + i * d_out;
+            const float u = (p - th) * b->inv_eps;
+            const float g = b->c * dot_avx512(d_out, e, w);
+            if (u < 0.5f)
+                b->g_th[k] -= th * b->inv_eps * g + b->lam_eps;
+            if (!(p > th))
+                continue;
+            axpy_avx512(d_out, p, e, gw);
+            b->g_benc[k] += g;
+            axpy_avx512(d_in, g, b->xin + i * d_in, gt);
+            b->fires[k] += 1.0f;
+        }
+    }
 }
 #endif
 
 /* The kernels a pass uses: AVX-512 where the CPU runs it, unless the trainer asks for the
  * portable ones (jump_portable: tests compare the two). */
 typedef struct {
-    size_t (*list)(const float *restrict, const float *restrict, uint32_t *restrict, size_t,
-                   float);
-    void (*decode)(const backprop_args *, const float *restrict, const uint32_t *restrict, size_t,
+    size_t (*list)(const float *restrict, const float *restrict, uint32_t *restrict,
+                   float *restrict, size_t, float);
+    void (*decode)(const backprop_args *, const uint32_t *restrict, const float *restrict, size_t,
                    float *restrict);
-    void (*backprop)(const backprop_args *, const float *restrict, const float *restrict,
-                     const float *restrict, const uint32_t *restrict, size_t);
+    void (*backward)(const backprop_args *, size_t, size_t);
 } kernels;
 
 static kernels kernels_for(const sae_trainer *t)
@@ -327,24 +400,22 @@ static kernels kernels_for(const sae_trainer *t)
     /* libgcc's and compiler-rt's answers include the OS's consent (XCR0) to the registers. */
     __builtin_cpu_init();
     if (!t->jump_portable && __builtin_cpu_supports("avx512f"))
-        return (kernels){list_avx512, decode_avx512, backprop_avx512};
+        return (kernels){list_avx512, decode_avx512, backward_avx512};
 #else
     (void)t;
 #endif
-    return (kernels){list_portable, decode_portable, backprop_portable};
+    return (kernels){list_portable, decode_portable, backward_portable};
 }
 
 /* The per-latent path. Every sum has one writer, which adds in token order, so the sums are the
- * same whether the tokens run in one loop on the calling thread (small batches: lib/parallel.c's
- * threads would compete with the BLAS library's, still spinning after the encoder's product) or
- * in two passes split across threads, by token and then by latent. */
+ * same whether the steps run on the calling thread (small batches: lib/parallel.c's threads
+ * would compete with the BLAS library's, still spinning after the encoder's product) or split
+ * across threads, the decode by token and the backward by latent. */
 typedef struct {
     const sae_trainer *t;
     backprop_args b;
     kernels k;
-    const float *pre;
     float *E;
-    size_t n;
 } sparse_job;
 
 /* Token i: its fired latents decode into e = b_dec - tgt [+ skip] (on entry), then c scales it. */
@@ -352,7 +423,7 @@ static void decode_token(const sparse_job *j, size_t i)
 {
     const sae_trainer *t = j->t;
     float *e = j->E + i * j->b.d_out;
-    j->k.decode(&j->b, j->pre + i * t->m->d_sae, t->near_idx + t->near_ptr[i],
+    j->k.decode(&j->b, t->near_idx + t->near_ptr[i], t->near_val + t->near_ptr[i],
                 t->near_ptr[i + 1] - t->near_ptr[i], e);
     if (t->tc)
         sae__sscal(j->b.d_out, j->b.c, e);
@@ -365,37 +436,11 @@ static void decode_range(void *ctx, size_t begin, size_t end, size_t worker)
         decode_token(ctx, i);
 }
 
-/* Token i's listed latents at near_idx[a0 .. a1). */
-static void backprop_token(const sparse_job *j, size_t i, size_t a0, size_t a1)
-{
-    const sae_trainer *t = j->t;
-    j->k.backprop(&j->b, j->pre + i * t->m->d_sae, j->E + i * j->b.d_out, t->xin + i * j->b.d_in,
-                  t->near_idx + a0, a1 - a0);
-}
-
-/* The first of near_idx[lo .. hi) (increasing) that is at least k, or hi. */
-static size_t list_find(const uint32_t *idx, size_t lo, size_t hi, size_t k)
-{
-    while (lo < hi) {
-        const size_t mid = lo + (hi - lo) / 2;
-        if (idx[mid] < k)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-/* Latents [begin, end), over every token: each token's listed latents in that range. */
 static void latent_range(void *ctx, size_t begin, size_t end, size_t worker)
 {
     (void)worker;
     const sparse_job *j = ctx;
-    const sae_trainer *t = j->t;
-    for (size_t i = 0; i < j->n; i++) {
-        const size_t lo = list_find(t->near_idx, t->near_ptr[i], t->near_ptr[i + 1], begin);
-        backprop_token(j, i, lo, list_find(t->near_idx, lo, t->near_ptr[i + 1], end));
-    }
+    j->k.backward(&j->b, begin, end);
 }
 
 /* dL/dx_hat and the error's statistics: e = c (x_hat - tgt) on entry, 2e on return; adds
@@ -424,40 +469,87 @@ static bool ensure_lists(sae_trainer *t, size_t n)
     return true;
 }
 
-/* Room for count listed latents, grown by half again at least so that a step's listing
- * reallocates a few times, not per token; false without memory (then the dense path runs). */
+/* A list's new capacity for count entries of 4 bytes: half again at least, so that a step's
+ * listing reallocates a few times, not per token. */
+static size_t grown(size_t cap, size_t count)
+{
+    size_t want = cap + cap / 2;
+    return want < count || want > SIZE_MAX / 4 ? count : want;
+}
+
+/* Room for count listed latents in near_idx and near_val; false without memory (then the dense
+ * path runs). */
 static bool ensure_list_room(sae_trainer *t, size_t count)
 {
-    if (count > t->near_cap) {
-        size_t want = t->near_cap + t->near_cap / 2;
-        if (want < count || want > SIZE_MAX / sizeof(uint32_t))
-            want = count;
-        uint32_t *p = realloc(t->near_idx, want * sizeof(uint32_t));
-        if (p == NULL)
-            return false;
-        t->near_idx = p;
-        t->near_cap = want;
-    }
+    if (count <= t->near_cap)
+        return true;
+    const size_t want = grown(t->near_cap, count);
+    uint32_t *idx = realloc(t->near_idx, want * sizeof *idx);
+    if (idx == NULL)
+        return false;
+    t->near_idx = idx;
+    float *val = realloc(t->near_val, want * sizeof *val);
+    if (val == NULL)
+        return false;
+    t->near_val = val;
+    t->near_cap = want;
     return true;
 }
 
 /* Lists every token's latents that need dL/df, when they number fewer than budget in all and
  * memory allows; false otherwise (then the dense path runs). */
-static bool list_batch(sae_trainer *t, const kernels *k, size_t n, float inv_eps,
+static bool list_batch(sae_trainer *t, const kernels *kern, size_t n, float inv_eps,
                        double budget)
 {
     const size_t d_sae = t->m->d_sae;
     if (!ensure_lists(t, n))
         return false;
     for (size_t i = 0; i < n; i++) {
-        if (!ensure_list_room(t, t->near_ptr[i] + d_sae))
+        const size_t at = t->near_ptr[i];
+        if (!ensure_list_room(t, at + d_sae))
             return false;
-        t->near_ptr[i + 1] = t->near_ptr[i] + k->list(t->pre + i * d_sae, t->m->threshold,
-                                                       t->near_idx + t->near_ptr[i], d_sae,
-                                                       inv_eps);
+        t->near_ptr[i + 1] = at + kern->list(t->pre + i * d_sae, t->m->threshold,
+                                              t->near_idx + at, t->near_val + at, d_sae, inv_eps);
         if ((double)t->near_ptr[i + 1] >= budget)
             return false;
     }
+    return true;
+}
+
+/* The token lists transposed into latent lists (lat_ptr, lat_tok, lat_val; each latent's tokens
+ * in increasing order), by counting; false without memory (then the dense path runs). */
+static bool transpose_lists(sae_trainer *t, size_t n)
+{
+    const size_t d_sae = t->m->d_sae, listed = t->near_ptr[n];
+    if (t->lat_ptr == NULL && (t->lat_ptr = malloc((d_sae + 2) * sizeof(size_t))) == NULL)
+        return false;
+    if (listed > t->lat_cap) {
+        const size_t want = grown(t->lat_cap, listed);
+        uint32_t *tok = realloc(t->lat_tok, want * sizeof *tok);
+        if (tok == NULL)
+            return false;
+        t->lat_tok = tok;
+        float *val = realloc(t->lat_val, want * sizeof *val);
+        if (val == NULL)
+            return false;
+        t->lat_val = val;
+        t->lat_cap = want;
+    }
+    /* Latent k's count at ptr[k + 2], so that the sums leave its start at ptr[k + 1]: the
+     * scatter advances that as its cursor, which leaves it at k's end, k + 1's start. */
+    size_t *ptr = t->lat_ptr;
+    memset(ptr, 0, (d_sae + 2) * sizeof(size_t));
+    const uint32_t *idx = t->near_idx;
+    for (size_t a = 0; a < listed; a++)
+        ptr[idx[a] + 2]++;
+    for (size_t k = 2; k < d_sae + 2; k++)
+        ptr[k] += ptr[k - 1];
+    for (size_t i = 0; i < n; i++)
+        for (size_t a = t->near_ptr[i]; a < t->near_ptr[i + 1]; a++) {
+            const size_t at = ptr[idx[a] + 1]++;
+            t->lat_tok[at] = (uint32_t)i;
+            t->lat_val[at] = t->near_val[a];
+        }
     return true;
 }
 
@@ -475,16 +567,19 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
     double sse = 0.0;
     /* Few latents fired or near their thresholds (the usual case once the L0 penalty has
      * worked): vector operations on those alone beat dense products. */
-    const kernels k = kernels_for(t);
+    const kernels kern = kernels_for(t);
     const bool sparse =
-        list_batch(t, &k, n, inv_eps, t->jump_sparse_below * (double)n * (double)d_sae);
+        list_batch(t, &kern, n, inv_eps, t->jump_sparse_below * (double)n * (double)d_sae) &&
+        transpose_lists(t, n);
     /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
     sae__train_error_base(t, x, tgt, n);
     if (sparse) {
-        const backprop_args b = {m->W_dec, th,     buf + L->W_dec, g_lt, buf + L->b_enc,
-                                 fires,    t->gT, d_out,          d_in, c,
-                                 inv_eps,  lam_eps};
-        sparse_job job = {t, b, k, pre, E, n};
+        const backprop_args b = {
+            .W_dec = m->W_dec, .th = th, .E = E, .xin = t->xin, .g_wdec = buf + L->W_dec,
+            .g_th = g_lt, .g_benc = buf + L->b_enc, .fires = fires, .gT = t->gT,
+            .lat_ptr = t->lat_ptr, .lat_tok = t->lat_tok, .lat_val = t->lat_val, .d_out = d_out,
+            .d_in = d_in, .c = c, .inv_eps = inv_eps, .lam_eps = lam_eps};
+        sparse_job job = {t, b, kern, E};
         const size_t listed = t->near_ptr[n], per = listed / n + 1;
         const size_t threads = sae__model_threads(m);
         const size_t grain = sae__grain(n * (1 + per * d_out / d_sae));
@@ -497,8 +592,8 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
             for (size_t i = 0; i < n; i++) {
                 decode_token(&job, i);
                 finish_error(t, E + i * d_out, &sse);
-                backprop_token(&job, i, t->near_ptr[i], t->near_ptr[i + 1]);
             }
+            kern.backward(&b, 0, d_sae);
         } else {
             sae__parallel_for(threads, n, sae__grain(per * d_out), decode_range, &job);
             for (size_t i = 0; i < n; i++)
