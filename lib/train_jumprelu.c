@@ -283,15 +283,19 @@ AVX512 static void decode_avx512(const backprop_args *b, const uint32_t *restric
                e2 = _mm512_maskz_loadu_ps(m2, e + j + 32),
                e3 = _mm512_maskz_loadu_ps(m3, e + j + 48);
         for (size_t a = 0; a < count; a++) {
+            /* A listed latent that did not fire adds nothing: masked, not branched around
+             * (which one fired is as good as random to the branch predictor). */
             const size_t k = idx[a];
-            if (!(val[a] > b->th[k]))
-                continue;
+            const __mmask16 on = (__mmask16)-(int)(val[a] > b->th[k]);
             const __m512 f = _mm512_set1_ps(val[a]);
             const float *w = b->W_dec + k * d_out + j;
-            e0 = _mm512_add_ps(e0, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m0, w)));
-            e1 = _mm512_add_ps(e1, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m1, w + 16)));
-            e2 = _mm512_add_ps(e2, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m2, w + 32)));
-            e3 = _mm512_add_ps(e3, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m3, w + 48)));
+            e0 = _mm512_mask_add_ps(e0, on, e0, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m0, w)));
+            e1 = _mm512_mask_add_ps(e1, on, e1,
+                                    _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m1, w + 16)));
+            e2 = _mm512_mask_add_ps(e2, on, e2,
+                                    _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m2, w + 32)));
+            e3 = _mm512_mask_add_ps(e3, on, e3,
+                                    _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m3, w + 48)));
         }
         _mm512_mask_storeu_ps(e + j, m0, e0);
         _mm512_mask_storeu_ps(e + j + 16, m1, e1);
@@ -301,7 +305,10 @@ AVX512 static void decode_avx512(const backprop_args *b, const uint32_t *restric
 }
 
 /* backward_portable at d_out = d_in = 64: the decoder row, its gradient and the encoder
- * column's in four registers each, the latent's scalars in registers, for all its tokens. */
+ * column's in four registers each, the latent's scalars in registers, for all its tokens. The
+ * window's and the firing's terms are masked in, not branched to (either is as good as random
+ * to the branch predictor, and a miss stalls the next tokens' loads): a masked add leaves the
+ * sum's bits as they were. */
 AVX512 static void backward_avx512_64(const backprop_args *b, size_t k)
 {
     const float th = b->th[k], inv_eps = b->inv_eps, lam_eps = b->lam_eps, c = b->c;
@@ -313,7 +320,9 @@ AVX512 static void backward_avx512_64(const backprop_args *b, size_t k)
            a3 = _mm512_loadu_ps(gw + 48);
     __m512 t0 = _mm512_loadu_ps(gt), t1 = _mm512_loadu_ps(gt + 16), t2 = _mm512_loadu_ps(gt + 32),
            t3 = _mm512_loadu_ps(gt + 48);
-    float g_th = b->g_th[k], g_benc = b->g_benc[k], fires = b->fires[k];
+    __m128 g_th = _mm_set_ss(b->g_th[k]), g_benc = _mm_set_ss(b->g_benc[k]),
+           fires = _mm_set_ss(b->fires[k]);
+    const __m128 one = _mm_set_ss(1.0f);
     for (size_t a = b->lat_ptr[k]; a < b->lat_ptr[k + 1]; a++) {
         const size_t i = b->lat_tok[a];
         const float p = b->lat_val[a], *e = b->E + i * 64;
@@ -325,22 +334,21 @@ AVX512 static void backward_avx512_64(const backprop_args *b, size_t k)
         acc = _mm512_add_ps(acc, _mm512_mul_ps(e3, w3));
         const float u = (p - th) * inv_eps;
         const float g = c * lanes_sum(acc);
-        if (u < 0.5f)
-            g_th -= th * inv_eps * g + lam_eps;
-        if (!(p > th))
-            continue;
+        const __mmask8 win = (__mmask8)(u < 0.5f), fired8 = (__mmask8)(p > th);
+        const __mmask16 fired = (__mmask16)-(int)(p > th);
+        g_th = _mm_mask_sub_ss(g_th, win, g_th, _mm_set_ss(th * inv_eps * g + lam_eps));
         const __m512 vp = _mm512_set1_ps(p), vg = _mm512_set1_ps(g);
-        a0 = _mm512_add_ps(a0, _mm512_mul_ps(vp, e0));
-        a1 = _mm512_add_ps(a1, _mm512_mul_ps(vp, e1));
-        a2 = _mm512_add_ps(a2, _mm512_mul_ps(vp, e2));
-        a3 = _mm512_add_ps(a3, _mm512_mul_ps(vp, e3));
-        g_benc += g;
+        a0 = _mm512_mask_add_ps(a0, fired, a0, _mm512_mul_ps(vp, e0));
+        a1 = _mm512_mask_add_ps(a1, fired, a1, _mm512_mul_ps(vp, e1));
+        a2 = _mm512_mask_add_ps(a2, fired, a2, _mm512_mul_ps(vp, e2));
+        a3 = _mm512_mask_add_ps(a3, fired, a3, _mm512_mul_ps(vp, e3));
+        g_benc = _mm_mask_add_ss(g_benc, fired8, g_benc, _mm_set_ss(g));
         const float *x = b->xin + i * 64;
-        t0 = _mm512_add_ps(t0, _mm512_mul_ps(vg, _mm512_loadu_ps(x)));
-        t1 = _mm512_add_ps(t1, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 16)));
-        t2 = _mm512_add_ps(t2, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 32)));
-        t3 = _mm512_add_ps(t3, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 48)));
-        fires += 1.0f;
+        t0 = _mm512_mask_add_ps(t0, fired, t0, _mm512_mul_ps(vg, _mm512_loadu_ps(x)));
+        t1 = _mm512_mask_add_ps(t1, fired, t1, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 16)));
+        t2 = _mm512_mask_add_ps(t2, fired, t2, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 32)));
+        t3 = _mm512_mask_add_ps(t3, fired, t3, _mm512_mul_ps(vg, _mm512_loadu_ps(x + 48)));
+        fires = _mm_mask_add_ss(fires, fired8, fires, one);
     }
     _mm512_storeu_ps(gw, a0);
     _mm512_storeu_ps(gw + 16, a1);
@@ -350,9 +358,9 @@ AVX512 static void backward_avx512_64(const backprop_args *b, size_t k)
     _mm512_storeu_ps(gt + 16, t1);
     _mm512_storeu_ps(gt + 32, t2);
     _mm512_storeu_ps(gt + 48, t3);
-    b->g_th[k] = g_th;
-    b->g_benc[k] = g_benc;
-    b->fires[k] = fires;
+    b->g_th[k] = _mm_cvtss_f32(g_th);
+    b->g_benc[k] = _mm_cvtss_f32(g_benc);
+    b->fires[k] = _mm_cvtss_f32(fires);
 }
 
 /* backward_portable at any widths: the rows are the latent's own, so they stay in L1. */
