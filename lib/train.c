@@ -741,6 +741,25 @@ int sae_trainer_init_to(sae_trainer *t, const float *x, const float *y, size_t n
 
 /* ---- the forward and backward passes ------------------------------------------------------- */
 
+/* One token's xs = s x and xin = xs - a b_dec. The restrict-qualified arguments and the fixed
+ * inner count let -O2 vectorize it (through t-> it could not tell the rows from the model). */
+static void scale_row(const float *restrict x, const float *restrict b_dec, float *restrict xs,
+                      float *restrict xin, size_t count, float s, float a)
+{
+    size_t j = 0;
+    for (; j + 8 <= count; j += 8)
+        for (size_t q = 0; q < 8; q++) {
+            const float v = s * x[j + q];
+            xs[j + q] = v;
+            xin[j + q] = v - a * b_dec[j + q];
+        }
+    for (; j < count; j++) {
+        const float v = s * x[j];
+        xs[j] = v;
+        xin[j] = v - a * b_dec[j];
+    }
+}
+
 /* xs = scale * x; xin = xs - apply * b_dec (the encoder's input); pre = xin @ W_enc + b_enc. */
 static void encode_batch(sae_trainer *t, const float *x, size_t n)
 {
@@ -748,11 +767,7 @@ static void encode_batch(sae_trainer *t, const float *x, size_t n)
     const size_t d_in = m->d_in, d_sae = m->d_sae;
     const float s = m->input_scale, a = m->apply_b_dec ? 1.0f : 0.0f;
     for (size_t i = 0; i < n; i++) {
-        for (size_t j = 0; j < d_in; j++) {
-            float v = s * x[i * d_in + j];
-            t->xs[i * d_in + j] = v;
-            t->xin[i * d_in + j] = v - a * m->b_dec[j];
-        }
+        scale_row(x + i * d_in, m->b_dec, t->xs + i * d_in, t->xin + i * d_in, d_in, s, a);
         memcpy(t->pre + i * d_sae, m->b_enc, d_sae * sizeof(float));
     }
     sae__sgemm(false, false, n, d_sae, d_in, 1.0f, t->xin, d_in, m->W_enc, d_sae, 1.0f, t->pre,
