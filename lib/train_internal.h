@@ -172,9 +172,9 @@ void sae__train_skip_gradient(sae_trainer *t, const float *G, size_t n);
  * (train_batchtopk.c). Returns the smallest kept value, or 0 if none was kept. */
 float sae__train_select_batchtopk(sae_trainer *t, size_t n);
 
-/* JumpReLU's dense pass over n tokens (train_jumprelu.c): pre holds the pre-activations; fills
- * the gradient sections (log_th included), firing counts, SSE, LOSS and L0. lambda is the L0
- * coefficient after its warm-up. */
+/* JumpReLU's pass over n tokens (train_jumprelu.c): xin holds the encoder's input, and the pass
+ * encodes it into pre itself (a block of tokens at a time); fills the gradient sections (log_th
+ * included), firing counts, SSE, LOSS and L0. lambda is the L0 coefficient after its warm-up. */
 void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t n, double lambda);
 /* Sets the log-thresholds to log(JUMPRELU_INIT_THRESHOLD) and the model's threshold to match. */
 void sae__jumprelu_init(sae_trainer *t);
