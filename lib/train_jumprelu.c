@@ -119,15 +119,23 @@ static float dot16(size_t n, const float *restrict x, const float *restrict y)
 {
     float lane[16] = {0};
     size_t i = 0;
+    /* Unrolled whole (GCC and clang read the pragma), so that the lanes stay in four registers
+     * rather than in memory between blocks. */
     for (; i + 16 <= n; i += 16)
+#pragma GCC unroll 16
         for (size_t q = 0; q < 16; q++)
             lane[q] += x[i + q] * y[i + q];
     for (size_t q = 0; i + q < n; q++)
         lane[q] += x[i + q] * y[i + q];
-    for (size_t h = 8; h > 0; h /= 2)
-        for (size_t q = 0; q < h; q++)
-            lane[q] += lane[q + h];
-    return lane[0];
+    /* The tree with fixed counts, which -O2 unrolls (a loop over the halving width kept the
+     * lanes on the stack). */
+    for (size_t q = 0; q < 8; q++)
+        lane[q] += lane[q + 8];
+    for (size_t q = 0; q < 4; q++)
+        lane[q] += lane[q + 4];
+    for (size_t q = 0; q < 2; q++)
+        lane[q] += lane[q + 2];
+    return lane[0] + lane[1];
 }
 
 /* Token p's latents that need dL/df (u = (pre - th) / eps > -1/2: fired, or within the kernel's
