@@ -200,7 +200,7 @@ static void backward_portable(const backprop_args *b, size_t k0, size_t k1)
 /* The lanes [0, n) of a 16-lane block (n < 16 at the tail, else all). */
 AVX512 static inline __mmask16 lanes(size_t n)
 {
-    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+    return (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1u);
 }
 
 /* dot16's tree over the lanes of acc. */
