@@ -16,6 +16,7 @@
 #include "train_internal.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -410,12 +411,23 @@ typedef struct {
     void (*backward)(const backprop_args *, size_t, size_t);
 } kernels;
 
+#ifdef SAE__WIDEN_X86
+static pthread_once_t avx512_once = PTHREAD_ONCE_INIT;
+static bool avx512; /* written once, under avx512_once, before any trainer reads it */
+
+static void check_avx512(void)
+{
+    /* libgcc's and compiler-rt's answers include the OS's consent (XCR0) to the registers. */
+    __builtin_cpu_init();
+    avx512 = __builtin_cpu_supports("avx512f");
+}
+#endif
+
 static kernels kernels_for(const sae_trainer *t)
 {
 #ifdef SAE__WIDEN_X86
-    /* libgcc's and compiler-rt's answers include the OS's consent (XCR0) to the registers. */
-    __builtin_cpu_init();
-    if (!t->jump_portable && __builtin_cpu_supports("avx512f"))
+    pthread_once(&avx512_once, check_avx512);
+    if (!t->jump_portable && avx512)
         return (kernels){list_avx512, decode_avx512, backward_avx512};
 #else
     (void)t;
