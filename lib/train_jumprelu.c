@@ -10,9 +10,10 @@
  *   d H / d theta_i   = -(1 / eps) rect((pre_i - theta_i) / eps)      (nothing reaches pre_i)
  * and the threshold is trained as log_th, so its gradient is theta times the one above. These
  * are the exact derivatives of the objective with f_i and H smoothed over the kernel in theta
- * (tests/test_train_recipes.c checks them that way). Dense like ReLU's pass: every matrix
- * product is one SGEMM, and the threshold's gradient needs dL/df for every latent near its
- * threshold, fired or not. */
+ * (tests/test_train_recipes.c checks them that way). The threshold's gradient needs dL/df for
+ * every latent near its threshold, fired or not. While many codes are (the first steps), the pass
+ * is dense like ReLU's, every matrix product one SGEMM; once few are, it lists them and works on
+ * those alone (the per-latent path below). */
 #include "train_internal.h"
 
 #include <math.h>
