@@ -813,7 +813,7 @@ def main():
                       "codes": codes, "ns": ns, "scale_n": scale_n, "scale_d": scale_d,
                       "mem_c": mem_c, "mem_t": mem_t, "load_out": load_out,
                       "inter_out": inter_out, "bf16_out": bf16_out}))
-    write_doc(args.out, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d,
+    write_doc(args.out, info, bounds, b, c, turns, p, agree, codes, ns, scale_n, scale_d,
               scale_peers if not args.quick else {}, mem_c, mem_t, load_out, inter_out, bf16_out,
               load_start, load_end,
               time.time() - started)
@@ -999,8 +999,8 @@ def targets_bf16(bf16_out, info):
     return L
 
 
-def write_doc(path, info, bounds, b, c, p, agree, codes, ns, scale_n, scale_d, scale_peers, mem_c,
-              mem_t, load_out, inter_out, bf16_out, load_start, load_end, elapsed):
+def write_doc(path, info, bounds, b, c, turns, p, agree, codes, ns, scale_n, scale_d, scale_peers,
+              mem_c, mem_t, load_out, inter_out, bf16_out, load_start, load_end, elapsed):
     L = []
     w_mb = 2 * D_IN * D_SAE * 4 / 1e6
     L += ["# Performance", "",
