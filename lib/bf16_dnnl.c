@@ -1,6 +1,6 @@
 /* bfloat16 weight products on the CPU's bfloat16 matrix instructions (AMX tiles, else AVX512-BF16
  * dot products) through oneDNN's matmul (C API, dnnl.h), the library torch uses for the same
- * products. Built only when CMake finds oneDNN (SAE_HAVE_DNNL); without it, or on a CPU without
+ * products; and the same matmul in float32 for the few-token products sgemm_dnnl.c gives it. Built only when CMake finds oneDNN (SAE_HAVE_DNNL); without it, or on a CPU without
  * those instructions, sae__bf16_isa says SAE_BF16_PATH_WIDEN and weights.c widens the weights for
  * SGEMM as before.
  *
@@ -49,17 +49,22 @@ static sae_bf16_path path = SAE_BF16_PATH_WIDEN;
 static void init(void)
 {
     const char *cap = getenv("SAE_BF16_ISA");
-    if (cap != NULL && strcmp(cap, "none") == 0)
-        return;
     if (cap != NULL && strcmp(cap, "avx512_bf16") == 0)
         (void)dnnl_set_max_cpu_isa(dnnl_cpu_isa_avx512_core_bf16);
+    /* The engine serves the float32 products (sgemm_dnnl.c) whatever the bfloat16 path. */
+    if (dnnl_engine_create(&engine, dnnl_cpu, 0) != dnnl_success) {
+        engine = NULL;
+        return;
+    }
+    if (cap != NULL && strcmp(cap, "none") == 0)
+        return;
     const dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
     /* Each ISA value is a bit mask containing the ones below it. */
     const bool amx = ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) ==
                      (unsigned)dnnl_cpu_isa_avx512_core_amx;
     const bool bf16 = ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_bf16) ==
                       (unsigned)dnnl_cpu_isa_avx512_core_bf16;
-    if (!bf16 || dnnl_engine_create(&engine, dnnl_cpu, 0) != dnnl_success)
+    if (!bf16)
         return;
     path = amx ? SAE_BF16_PATH_AMX : SAE_BF16_PATH_AVX512_BF16;
 }
@@ -110,9 +115,10 @@ struct sae__bf16_packed {
 /* The primitive descriptor of C [M][N] (f32, row stride ldc) = alpha * (A [M][K] @ W [K][N]) +
  * beta * C, A and W bf16, A in a_tag's layout and W in w_tag's (dnnl_format_tag_any: the one the
  * matmul prefers), user scratchpad. */
-static dnnl_status_t matmul_pd(size_t M, size_t K, size_t N, dnnl_format_tag_t a_tag,
-                               dnnl_format_tag_t w_tag, size_t ldc, float alpha, float beta,
-                               dnnl_primitive_desc_t *pd, const char **step)
+static dnnl_status_t matmul_pd(dnnl_data_type_t type, size_t M, size_t K, size_t N,
+                               dnnl_format_tag_t a_tag, dnnl_format_tag_t w_tag, size_t ldc,
+                               float alpha, float beta, dnnl_primitive_desc_t *pd,
+                               const char **step)
 {
     dnnl_status_t s;
     dnnl_primitive_attr_t attr = NULL;
@@ -129,8 +135,8 @@ static dnnl_status_t matmul_pd(size_t M, size_t K, size_t N, dnnl_format_tag_t a
         if ((s = (call)) != dnnl_success)                                                          \
             goto done;                                                                             \
     } while (0)
-    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, dnnl_bf16, a_tag));
-    TRY(dnnl_memory_desc_init_by_tag(&w_md, 2, w_dims, dnnl_bf16, w_tag));
+    TRY(dnnl_memory_desc_init_by_tag(&a_md, 2, a_dims, type, a_tag));
+    TRY(dnnl_memory_desc_init_by_tag(&w_md, 2, w_dims, type, w_tag));
     TRY(dnnl_memory_desc_init_by_strides(&c_md, 2, c_dims, dnnl_f32, c_strides));
     TRY(dnnl_matmul_desc_init(&desc, &a_md, &w_md, NULL, &c_md));
     TRY(dnnl_primitive_attr_create(&attr));
@@ -246,7 +252,7 @@ struct sae__bf16_packed *sae__bf16_pack(const uint16_t *W, size_t K, size_t N, s
     dnnl_memory_desc_t plain;
     const dnnl_dims_t dims = {(dnnl_dim_t)K, (dnnl_dim_t)N};
     const char *step;
-    bool ok = P != NULL && matmul_pd(PACK_TOKENS, K, N, dnnl_ab, dnnl_format_tag_any, N, 1.0f,
+    bool ok = P != NULL && matmul_pd(dnnl_bf16, PACK_TOKENS, K, N, dnnl_ab, dnnl_format_tag_any, N, 1.0f,
                                      0.0f, &pd, &step) == dnnl_success;
     if (ok) {
         P->md = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
@@ -309,8 +315,8 @@ int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, 
     const dnnl_memory_desc_t *w_md = NULL;
     const void *w_data = W;
     if (P != NULL) {
-        if ((s = matmul_pd(n, K, N, dnnl_ab, dnnl_format_tag_any, N, 1.0f, beta, &pd, &step)) !=
-            dnnl_success)
+        if ((s = matmul_pd(dnnl_bf16, n, K, N, dnnl_ab, dnnl_format_tag_any, N, 1.0f, beta, &pd,
+                           &step)) != dnnl_success)
             goto failed;
         w_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
         if (dnnl_memory_desc_equal(w_md, &P->md))
@@ -321,7 +327,8 @@ int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, 
         }
     }
     if (pd == NULL) {
-        if ((s = matmul_pd(n, K, N, dnnl_ab, dnnl_ab, N, 1.0f, beta, &pd, &step)) != dnnl_success)
+        if ((s = matmul_pd(dnnl_bf16, n, K, N, dnnl_ab, dnnl_ab, N, 1.0f, beta, &pd, &step)) !=
+            dnnl_success)
             goto failed;
         w_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
     }
@@ -346,11 +353,30 @@ int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float al
     const char *step = "";
     dnnl_primitive_desc_t pd = NULL;
     /* A transposed operand is the stored matrix read column-major (tag ba): no copy. */
-    const dnnl_status_t s = matmul_pd(M, K, N, ta ? dnnl_ba : dnnl_ab, tb ? dnnl_ba : dnnl_ab,
-                                      ldc, alpha, beta, &pd, &step);
+    const dnnl_status_t s = matmul_pd(dnnl_bf16, M, K, N, ta ? dnnl_ba : dnnl_ab,
+                                      tb ? dnnl_ba : dnnl_ab, ldc, alpha, beta, &pd, &step);
     if (s != dnnl_success)
         return dnnl_fail(step, s);
     const void *const data[3] = {A, B, C};
+    const int rc =
+        matmul_run(pd, dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0), data, threads);
+    dnnl_primitive_desc_destroy(pd);
+    return rc;
+}
+
+int sae__f32_dnnl_matmul(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
+                         float *C, size_t threads)
+{
+    (void)sae__bf16_isa();
+    if (engine == NULL)
+        return sae__fail(SAE_EUNSUPPORTED, "oneDNN: no CPU engine");
+    const char *step = "";
+    dnnl_primitive_desc_t pd = NULL;
+    const dnnl_status_t s =
+        matmul_pd(dnnl_f32, n, K, N, dnnl_ab, dnnl_ab, N, 1.0f, beta, &pd, &step);
+    if (s != dnnl_success)
+        return dnnl_fail(step, s);
+    const void *const data[3] = {A, W, C};
     const int rc =
         matmul_run(pd, dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0), data, threads);
     dnnl_primitive_desc_destroy(pd);
@@ -366,6 +392,13 @@ int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, 
                            size_t threads)
 {
     (void)W, (void)P, (void)K, (void)N, (void)A, (void)n, (void)C, (void)beta, (void)threads;
+    return sae__fail(SAE_EUNSUPPORTED, "libsae was built without oneDNN");
+}
+
+int sae__f32_dnnl_matmul(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
+                         float *C, size_t threads)
+{
+    (void)n, (void)K, (void)N, (void)A, (void)W, (void)beta, (void)C, (void)threads;
     return sae__fail(SAE_EUNSUPPORTED, "libsae was built without oneDNN");
 }
 

@@ -298,14 +298,20 @@ void sae__bf16_packed_free(struct sae__bf16_packed *P);
 int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
                         const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
                         size_t threads);
+/* C [n][N] = A [n][K] @ W [K][N] + beta * C in float32 by oneDNN's matmul on `threads` threads
+ * (sgemm_dnnl.c chooses it). Errors: SAE_EUNSUPPORTED (no oneDNN), SAE_ENOMEM; C is then
+ * untouched (oneDNN checks its arguments and takes its memory before it writes). */
+int sae__f32_dnnl_matmul(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
+                         float *C, size_t threads);
 /* Remakes (t = SAE_W_ENC or SAE_W_DEC) or frees (the model holds float weights) m's packed copy
  * of W_enc16 or W_dec16: every write of those calls it. */
 void sae__bf16_repack(sae_model *m, sae_tensor t);
-/* Whether C = A @ W of n tokens ([n][K] @ [K][N], float32) goes to oneDNN's sgemm rather than BLAS:
+/* Whether C = A @ W of n tokens ([n][K] @ [K][N], float32) goes to oneDNN rather than BLAS:
  * measured on AVX-512 for a few tokens over large weights (sgemm_dnnl.c); SAE_SGEMM=blas or
  * onednn overrides. Always false without oneDNN. */
 bool sae__sgemm_dnnl_wanted(size_t n, size_t K, size_t N);
-/* C [n][N] = A [n][K] @ W [K][N] + beta * C in float32 by oneDNN on `threads` threads: true, or
+/* C [n][N] = A [n][K] @ W [K][N] + beta * C in float32 by oneDNN on `threads` threads (its
+ * matmul, or its sgemm for a sum at least twice the output width): true, or
  * false if oneDNN refused (without it, or out of memory: it checks its arguments and takes its
  * memory before it writes C, so C is then untouched and BLAS can take the product). */
 bool sae__sgemm_dnnl(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,

@@ -1,21 +1,23 @@
-/* float32 weight products of a few tokens through oneDNN's sgemm.
+/* float32 weight products of a few tokens through oneDNN.
  *
- * With few tokens a product reads every weight once and does little with it, so its time is the
- * time to stream the weights from memory. OpenBLAS's SGEMM (SkylakeX kernels) first copies the
- * weights into packed panels, which reads them, writes them and reads them again: on the 2-core
- * AVX-512 Xeon of docs/performance.md, 2304 x 16384 weights, two tokens took 16-21 ms against
- * 3.7-4.5 ms for one token's SGEMV. oneDNN's sgemm (dnnl_sgemm, the same library torch uses, and
- * libsae's already for bfloat16 products) reads the weights where they are at this size: 6.7-8.5
- * ms for two tokens, about half OpenBLAS's time from 2 to 24 tokens for the encoder's shape, and up
- * to a few hundred tokens for the decoder's (16384 x 2304), where its long sums favour it.
- *
- * Taken only where that was measured: a CPU on which oneDNN runs its AVX-512 kernels (capped to
- * AVX2, oneDNN lost to OpenBLAS's Haswell kernels at 2, 8, 16 and 32 tokens), weights of 4M
- * elements or more (below that both take microseconds, and an OpenMP team's start-up costs more
- * than it saves), and 2 to SMALL_MAX tokens (LARGE_MAX when the sum is at least twice the output
- * width). One token stays on SGEMV, which oneDNN did not beat. SAE_SGEMM=blas keeps every product
- * on BLAS; SAE_SGEMM=onednn sends every float product of 2 or more tokens here whatever its size,
- * for the tests. */
+ * With few tokens a product reads every weight once and does little with each, so its time is
+ * the time to stream the weights from memory. OpenBLAS's SGEMM (SkylakeX kernels) first copies
+ * the weights into packed panels, which reads them, writes them and reads them again: on the
+ * 2-core AVX-512 Xeon of docs/performance.md, over 2304 x 16384 weights, two tokens took 18-21 ms
+ * against 3.7-4.5 ms for one token's SGEMV. oneDNN, the library torch uses and libsae already
+ * uses for bfloat16 products, reads them where they are. Measured there, idle, each routine
+ * timed in turns with OpenBLAS (ms, OpenBLAS / oneDNN):
+ *   encoder's shape, 2304 x 16384, oneDNN's matmul (brgemm kernels): n = 2 18.5 / 10.0,
+ *   8 21.0 / 11.1, 16 22.2 / 12.1, 64 30.6 / 21.0, 256 66.4 / 59.6, 1024 214 / 222;
+ *   decoder's shape, 16384 x 2304 (a long sum into a narrow output), where the matmul lost to
+ *   OpenBLAS at 64 tokens, oneDNN's sgemm: n = 8 20.1 / 13.3, 64 31.1 / 16.1, 256 61.6 / 51.8.
+ * So from 2 to SMALL_MAX tokens over weights of 4M elements or more, on a CPU where oneDNN runs
+ * its AVX-512 kernels, the product goes to the matmul, or to the sgemm when the sum is at least
+ * twice the output width. Capped to AVX2, oneDNN's sgemm lost to OpenBLAS's Haswell kernels at 2,
+ * 8, 16 and 32 tokens, so other CPUs keep BLAS; below 4M weights both take microseconds and an
+ * OpenMP team's start costs more than it saves; one token stays on SGEMV. SAE_SGEMM=blas keeps
+ * every product on BLAS; SAE_SGEMM=onednn sends every float product of 2 or more tokens here
+ * whatever its size, for the tests. */
 #include "internal.h"
 
 #ifdef SAE_HAVE_DNNL
@@ -29,7 +31,7 @@
 extern int omp_get_max_threads(void);
 extern void omp_set_num_threads(int);
 
-enum { SMALL_MAX = 24, LARGE_MAX = 256 };
+enum { SMALL_MAX = 256 };
 #define MIN_WEIGHTS ((size_t)1 << 22)
 
 typedef enum { CHOICE_NEVER, CHOICE_MEASURED, CHOICE_ALWAYS } choice;
@@ -61,14 +63,14 @@ bool sae__sgemm_dnnl_wanted(size_t n, size_t K, size_t N)
         return false;
     if (mode == CHOICE_ALWAYS)
         return true;
-    if (K * N < MIN_WEIGHTS)
-        return false;
-    return n <= (K >= 2 * N ? LARGE_MAX : SMALL_MAX);
+    return K * N >= MIN_WEIGHTS && n <= SMALL_MAX;
 }
 
 bool sae__sgemm_dnnl(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
                      float *C, size_t threads)
 {
+    if (K < 2 * N)
+        return sae__f32_dnnl_matmul(n, K, N, A, W, beta, C, threads) == SAE_OK;
     const int saved_threads = omp_get_max_threads();
     omp_set_num_threads(threads > 1024 ? 1024 : (int)threads);
     const dnnl_status_t s =

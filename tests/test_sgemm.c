@@ -1,7 +1,8 @@
-/* float32 weight products of a few tokens through oneDNN's sgemm (lib/sgemm_dnnl.c): the product
- * against float64 loops on odd shapes, 1 to 40 tokens, with and without accumulation; the same
- * bits on 1, 2 and 3 threads; which products take it; and encodes and decodes through the public
- * calls where the choice sends them there. Without oneDNN the product tests say so and stop. */
+/* float32 weight products of a few tokens through oneDNN (lib/sgemm_dnnl.c: its matmul, or its
+ * sgemm for long sums into narrow outputs): the product against float64 loops on odd shapes of
+ * both kinds, 1 to 40 tokens, with and without accumulation; the same bits on 1, 2 and 3
+ * threads; which products take it; and encodes and decodes through the public calls where the
+ * choice sends them there. Without oneDNN the product tests say so and stop. */
 #include "testutil.h"
 #include "internal.h"
 
@@ -121,8 +122,8 @@ START_TEST(thread_counts_give_the_same_bits)
 END_TEST
 
 /* What the choice should be in this process: SAE_SGEMM's override, else oneDNN's AVX-512 kernels
- * (AVX-512 F, BW, VL and DQ: oneDNN's avx512_core) for 2 to 24 tokens over 4M weights or more,
- * to 256 when the sum is at least twice the output. */
+ * (AVX-512 F, BW, VL and DQ: oneDNN's avx512_core) for 2 to 256 tokens over 4M weights or
+ * more. */
 static bool expected_choice(size_t n, size_t K, size_t N)
 {
     const char *want = getenv("SAE_SGEMM");
@@ -133,14 +134,14 @@ static bool expected_choice(size_t n, size_t K, size_t N)
     __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    return avx512 && K * N >= ((size_t)1 << 22) && n <= (K >= 2 * N ? 256 : 24);
+    return avx512 && K * N >= ((size_t)1 << 22) && n <= 256;
 }
 
 START_TEST(choice_follows_the_measurements_and_the_override)
 {
     static const size_t cases[][3] = {
-        {1, 2304, 16384},   {2, 2304, 16384},  {24, 2304, 16384}, {25, 2304, 16384},
-        {64, 2304, 16384},  {2, 16384, 2304},  {256, 16384, 2304}, {257, 16384, 2304},
+        {1, 2304, 16384},   {2, 2304, 16384},  {64, 2304, 16384},  {256, 2304, 16384},
+        {257, 2304, 16384}, {2, 16384, 2304},  {256, 16384, 2304}, {257, 16384, 2304},
         {8, 1024, 4096},    {8, 1024, 4095},   {8, 64, 512},       {1000, 16384, 2304},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
