@@ -158,12 +158,20 @@ done:
     return s;
 }
 
+/* Sets the calling thread's OpenMP team to `threads` for one oneDNN call; returns the count to
+ * restore after it. */
+static int team_of(size_t threads)
+{
+    const int saved_threads = omp_get_max_threads();
+    omp_set_num_threads(threads > 1024 ? 1024 : (int)threads);
+    return saved_threads;
+}
+
 /* Runs prim with args on the calling thread's OpenMP team of `threads`. */
 static dnnl_status_t run(dnnl_primitive_t prim, int nargs, const dnnl_exec_arg_t *args,
                          size_t threads, const char **step)
 {
-    const int saved_threads = omp_get_max_threads();
-    omp_set_num_threads(threads > 1024 ? 1024 : (int)threads);
+    const int saved_threads = team_of(threads);
     dnnl_stream_t stream = NULL;
     dnnl_status_t s = dnnl_stream_create(&stream, engine, dnnl_stream_default_flags);
     *step = "dnnl_stream_create";
@@ -344,24 +352,32 @@ done:
     return rc;
 }
 
+/* One matmul of the given operands made and run (matmul_pd's arguments, data as matmul_run's). */
+static int matmul_once(dnnl_data_type_t type, size_t M, size_t K, size_t N,
+                       dnnl_format_tag_t a_tag, dnnl_format_tag_t w_tag, size_t ldc, float alpha,
+                       float beta, const void *const data[3], size_t threads)
+{
+    const char *step = "";
+    dnnl_primitive_desc_t pd = NULL;
+    const dnnl_status_t s = matmul_pd(type, M, K, N, a_tag, w_tag, ldc, alpha, beta, &pd, &step);
+    if (s != dnnl_success)
+        return dnnl_fail(step, s);
+    const int rc =
+        matmul_run(pd, dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0), data, threads);
+    dnnl_primitive_desc_destroy(pd);
+    return rc;
+}
+
 int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
                         const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
                         size_t threads)
 {
     if (sae__bf16_isa() == SAE_BF16_PATH_WIDEN)
         return sae__fail(SAE_EUNSUPPORTED, "no bfloat16 matrix instructions");
-    const char *step = "";
-    dnnl_primitive_desc_t pd = NULL;
-    /* A transposed operand is the stored matrix read column-major (tag ba): no copy. */
-    const dnnl_status_t s = matmul_pd(dnnl_bf16, M, K, N, ta ? dnnl_ba : dnnl_ab,
-                                      tb ? dnnl_ba : dnnl_ab, ldc, alpha, beta, &pd, &step);
-    if (s != dnnl_success)
-        return dnnl_fail(step, s);
     const void *const data[3] = {A, B, C};
-    const int rc =
-        matmul_run(pd, dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0), data, threads);
-    dnnl_primitive_desc_destroy(pd);
-    return rc;
+    /* A transposed operand is the stored matrix read column-major (tag ba): no copy. */
+    return matmul_once(dnnl_bf16, M, K, N, ta ? dnnl_ba : dnnl_ab, tb ? dnnl_ba : dnnl_ab, ldc,
+                       alpha, beta, data, threads);
 }
 
 int sae__f32_dnnl_matmul(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
@@ -370,17 +386,19 @@ int sae__f32_dnnl_matmul(size_t n, size_t K, size_t N, const float *A, const flo
     (void)sae__bf16_isa();
     if (engine == NULL)
         return sae__fail(SAE_EUNSUPPORTED, "oneDNN: no CPU engine");
-    const char *step = "";
-    dnnl_primitive_desc_t pd = NULL;
-    const dnnl_status_t s =
-        matmul_pd(dnnl_f32, n, K, N, dnnl_ab, dnnl_ab, N, 1.0f, beta, &pd, &step);
-    if (s != dnnl_success)
-        return dnnl_fail(step, s);
     const void *const data[3] = {A, W, C};
-    const int rc =
-        matmul_run(pd, dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0), data, threads);
-    dnnl_primitive_desc_destroy(pd);
-    return rc;
+    return matmul_once(dnnl_f32, n, K, N, dnnl_ab, dnnl_ab, N, 1.0f, beta, data, threads);
+}
+
+int sae__f32_dnnl_sgemm(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
+                        float *C, size_t threads)
+{
+    const int saved_threads = team_of(threads);
+    const dnnl_status_t s =
+        dnnl_sgemm('N', 'N', (dnnl_dim_t)n, (dnnl_dim_t)N, (dnnl_dim_t)K, 1.0f, A, (dnnl_dim_t)K,
+                   W, (dnnl_dim_t)N, beta, C, (dnnl_dim_t)N);
+    omp_set_num_threads(saved_threads);
+    return s == dnnl_success ? SAE_OK : dnnl_fail("dnnl_sgemm", s);
 }
 
 #else /* without oneDNN: the widening path only */
@@ -397,6 +415,13 @@ int sae__bf16_dnnl_product(const uint16_t *W, const struct sae__bf16_packed *P, 
 
 int sae__f32_dnnl_matmul(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
                          float *C, size_t threads)
+{
+    (void)n, (void)K, (void)N, (void)A, (void)W, (void)beta, (void)C, (void)threads;
+    return sae__fail(SAE_EUNSUPPORTED, "libsae was built without oneDNN");
+}
+
+int sae__f32_dnnl_sgemm(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
+                        float *C, size_t threads)
 {
     (void)n, (void)K, (void)N, (void)A, (void)W, (void)beta, (void)C, (void)threads;
     return sae__fail(SAE_EUNSUPPORTED, "libsae was built without oneDNN");

@@ -298,11 +298,14 @@ void sae__bf16_packed_free(struct sae__bf16_packed *P);
 int sae__bf16_dnnl_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
                         const uint16_t *A, const uint16_t *B, float beta, float *C, size_t ldc,
                         size_t threads);
-/* C [n][N] = A [n][K] @ W [K][N] + beta * C in float32 by oneDNN's matmul on `threads` threads
- * (sgemm_dnnl.c chooses it). Errors: SAE_EUNSUPPORTED (no oneDNN), SAE_ENOMEM; C is then
- * untouched (oneDNN checks its arguments and takes its memory before it writes). */
+/* C [n][N] = A [n][K] @ W [K][N] + beta * C in float32 by oneDNN's matmul, or by its sgemm, on
+ * `threads` threads (sgemm_dnnl.c chooses which). Errors: SAE_EUNSUPPORTED (no oneDNN),
+ * SAE_ENOMEM; C is then untouched (oneDNN checks its arguments and takes its memory before it
+ * writes). */
 int sae__f32_dnnl_matmul(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
                          float *C, size_t threads);
+int sae__f32_dnnl_sgemm(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
+                        float *C, size_t threads);
 /* Remakes (t = SAE_W_ENC or SAE_W_DEC) or frees (the model holds float weights) m's packed copy
  * of W_enc16 or W_dec16: every write of those calls it. */
 void sae__bf16_repack(sae_model *m, sae_tensor t);

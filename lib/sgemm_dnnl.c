@@ -20,16 +20,13 @@
  * whatever its size, for the tests. */
 #include "internal.h"
 
-#ifdef SAE_HAVE_DNNL
-
-#include <oneapi/dnnl/dnnl.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* libgomp's, which libdnnl links: declared here so that no OpenMP flags are needed. */
-extern int omp_get_max_threads(void);
-extern void omp_set_num_threads(int);
+#ifdef SAE_HAVE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#endif
 
 enum { SMALL_MAX = 256 };
 #define MIN_WEIGHTS ((size_t)1 << 22)
@@ -41,6 +38,7 @@ static choice mode = CHOICE_NEVER;
 
 static void init(void)
 {
+#ifdef SAE_HAVE_DNNL
     const char *want = getenv("SAE_SGEMM");
     if (want != NULL && strcmp(want, "blas") == 0)
         return;
@@ -54,6 +52,7 @@ static void init(void)
     const unsigned avx512 = (unsigned)dnnl_cpu_isa_avx512_core;
     if ((isa & avx512) == avx512)
         mode = CHOICE_MEASURED;
+#endif
 }
 
 bool sae__sgemm_dnnl_wanted(size_t n, size_t K, size_t N)
@@ -69,30 +68,7 @@ bool sae__sgemm_dnnl_wanted(size_t n, size_t K, size_t N)
 bool sae__sgemm_dnnl(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
                      float *C, size_t threads)
 {
-    if (K < 2 * N)
-        return sae__f32_dnnl_matmul(n, K, N, A, W, beta, C, threads) == SAE_OK;
-    const int saved_threads = omp_get_max_threads();
-    omp_set_num_threads(threads > 1024 ? 1024 : (int)threads);
-    const dnnl_status_t s =
-        dnnl_sgemm('N', 'N', (dnnl_dim_t)n, (dnnl_dim_t)N, (dnnl_dim_t)K, 1.0f, A, (dnnl_dim_t)K,
-                   W, (dnnl_dim_t)N, beta, C, (dnnl_dim_t)N);
-    omp_set_num_threads(saved_threads);
-    return s == dnnl_success;
+    const int rc = K < 2 * N ? sae__f32_dnnl_matmul(n, K, N, A, W, beta, C, threads)
+                             : sae__f32_dnnl_sgemm(n, K, N, A, W, beta, C, threads);
+    return rc == SAE_OK;
 }
-
-#else
-
-bool sae__sgemm_dnnl_wanted(size_t n, size_t K, size_t N)
-{
-    (void)n, (void)K, (void)N;
-    return false;
-}
-
-bool sae__sgemm_dnnl(size_t n, size_t K, size_t N, const float *A, const float *W, float beta,
-                     float *C, size_t threads)
-{
-    (void)n, (void)K, (void)N, (void)A, (void)W, (void)beta, (void)C, (void)threads;
-    return false;
-}
-
-#endif

@@ -760,21 +760,27 @@ static void scale_row(const float *restrict x, const float *restrict b_dec, floa
     }
 }
 
+void sae__train_encode_rows(sae_trainer *t, size_t i0, size_t rows)
+{
+    const sae_model *m = t->m;
+    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    for (size_t r = 0; r < rows; r++)
+        memcpy(t->pre + r * d_sae, m->b_enc, d_sae * sizeof(float));
+    sae__sgemm(false, false, rows, d_sae, d_in, 1.0f, t->xin + i0 * d_in, d_in, m->W_enc, d_sae,
+               1.0f, t->pre, d_sae);
+}
+
 /* xs = scale * x; xin = xs - apply * b_dec (the encoder's input); pre = xin @ W_enc + b_enc
  * (JumpReLU's pass encodes itself, a block of tokens at a time: train_jumprelu.c). */
 static void encode_batch(sae_trainer *t, const float *x, size_t n)
 {
     const sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
+    const size_t d_in = m->d_in;
     const float s = m->input_scale, a = m->apply_b_dec ? 1.0f : 0.0f;
     for (size_t i = 0; i < n; i++)
         scale_row(x + i * d_in, m->b_dec, t->xs + i * d_in, t->xin + i * d_in, d_in, s, a);
-    if (t->jump)
-        return;
-    for (size_t i = 0; i < n; i++)
-        memcpy(t->pre + i * d_sae, m->b_enc, d_sae * sizeof(float));
-    sae__sgemm(false, false, n, d_sae, d_in, 1.0f, t->xin, d_in, m->W_enc, d_sae, 1.0f, t->pre,
-               d_sae);
+    if (!t->jump)
+        sae__train_encode_rows(t, 0, n);
 }
 
 /* Statistics every architecture reports: sums of c (tgt - b_dec) and its square, for the FVU

@@ -161,6 +161,10 @@ void sae__train_backprop_latent(sae_trainer *t, uint32_t j, float f, const float
  * Threaded (train.c). */
 void sae__train_untranspose(sae_trainer *t, float *g_enc);
 
+/* t->pre's rows [0, rows) = t->xin's rows [i0, i0 + rows) @ W_enc + b_enc (train.c: the whole
+ * batch for every architecture but JumpReLU, whose pass encodes a block of tokens at a time). */
+void sae__train_encode_rows(sae_trainer *t, size_t i0, size_t rows);
+
 /* The part of the error the codes do not make, b_dec - tgt [+ x @ W_skip] (unscaled),
  * into t->err [n][d_out]; and W_skip's gradient from G [n][d_out], the gradient with respect to
  * the normalized output (train.c). */

@@ -498,34 +498,23 @@ static size_t grown(size_t cap, size_t count)
     return want < count || want > SIZE_MAX / 4 ? count : want;
 }
 
-/* Room for count listed latents in near_idx and near_val; false without memory (then the dense
- * path runs). */
-static bool ensure_list_room(sae_trainer *t, size_t count)
+/* Room for count entries in a list's two arrays (indices, values) of capacity *cap; false
+ * without memory (then the dense path runs; what was reallocated stays the trainer's). */
+static bool ensure_pair_room(uint32_t **idx, float **val, size_t *cap, size_t count)
 {
-    if (count <= t->near_cap)
+    if (count <= *cap)
         return true;
-    const size_t want = grown(t->near_cap, count);
-    uint32_t *idx = realloc(t->near_idx, want * sizeof *idx);
-    if (idx == NULL)
+    const size_t want = grown(*cap, count);
+    uint32_t *i = realloc(*idx, want * sizeof *i);
+    if (i == NULL)
         return false;
-    t->near_idx = idx;
-    float *val = realloc(t->near_val, want * sizeof *val);
-    if (val == NULL)
+    *idx = i;
+    float *v = realloc(*val, want * sizeof *v);
+    if (v == NULL)
         return false;
-    t->near_val = val;
-    t->near_cap = want;
+    *val = v;
+    *cap = want;
     return true;
-}
-
-/* pre's rows [0, rows) = xin's rows [i0, i0 + rows) @ W_enc + b_enc. */
-static void encode_rows(sae_trainer *t, size_t i0, size_t rows)
-{
-    const sae_model *m = t->m;
-    const size_t d_in = m->d_in, d_sae = m->d_sae;
-    for (size_t r = 0; r < rows; r++)
-        memcpy(t->pre + r * d_sae, m->b_enc, d_sae * sizeof(float));
-    sae__sgemm(false, false, rows, d_sae, d_in, 1.0f, t->xin + i0 * d_in, d_in, m->W_enc, d_sae,
-               1.0f, t->pre, d_sae);
 }
 
 /* Encodes the batch and lists every token's latents that need dL/df, when they number fewer
@@ -546,10 +535,10 @@ static bool list_batch(sae_trainer *t, const kernels *kern, size_t n, float inv_
     const size_t block = 131072 / d_sae > 64 ? 131072 / d_sae : 64;
     for (size_t i0 = 0; i0 < n; i0 += block) {
         const size_t rows = n - i0 < block ? n - i0 : block;
-        encode_rows(t, i0, rows);
+        sae__train_encode_rows(t, i0, rows);
         for (size_t r = 0; r < rows; r++) {
             const size_t i = i0 + r, at = t->near_ptr[i];
-            if (!ensure_list_room(t, at + d_sae))
+            if (!ensure_pair_room(&t->near_idx, &t->near_val, &t->near_cap, at + d_sae))
                 return false;
             t->near_ptr[i + 1] =
                 at + kern->list(t->pre + r * d_sae, t->m->threshold, t->near_idx + at,
@@ -568,18 +557,8 @@ static bool transpose_lists(sae_trainer *t, size_t n)
     const size_t d_sae = t->m->d_sae, listed = t->near_ptr[n];
     if (t->lat_ptr == NULL && (t->lat_ptr = malloc((d_sae + 2) * sizeof(size_t))) == NULL)
         return false;
-    if (listed > t->lat_cap) {
-        const size_t want = grown(t->lat_cap, listed);
-        uint32_t *tok = realloc(t->lat_tok, want * sizeof *tok);
-        if (tok == NULL)
-            return false;
-        t->lat_tok = tok;
-        float *val = realloc(t->lat_val, want * sizeof *val);
-        if (val == NULL)
-            return false;
-        t->lat_val = val;
-        t->lat_cap = want;
-    }
+    if (!ensure_pair_room(&t->lat_tok, &t->lat_val, &t->lat_cap, listed))
+        return false;
     /* Latent k's count at ptr[k + 2], so that the sums leave its start at ptr[k + 1]: the
      * scatter advances that as its cursor, which leaves it at k's end, k + 1's start. */
     size_t *ptr = t->lat_ptr;
@@ -617,7 +596,7 @@ void sae__jumprelu_pass(sae_trainer *t, const float *x, const float *tgt, size_t
         list_batch(t, &kern, n, inv_eps, t->jump_sparse_below * (double)n * (double)d_sae) &&
         transpose_lists(t, n);
     if (!sparse)
-        encode_rows(t, 0, n);
+        sae__train_encode_rows(t, 0, n);
     /* E = c (f @ W_dec + b_dec [+ x @ W_skip] - tgt) */
     sae__train_error_base(t, x, tgt, n);
     if (sparse) {

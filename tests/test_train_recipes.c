@@ -19,16 +19,21 @@
 /* Every weight of an SAE (and a JumpReLU model's thresholds) in one array. */
 static size_t get_all(const sae_model *m, float *out)
 {
-    const size_t d = sae_model_d_in(m), s = sae_model_d_sae(m), w = d * s;
-    if (out != NULL) {
-        ck_assert_ok(sae_model_get_tensor(m, SAE_W_ENC, out));
-        ck_assert_ok(sae_model_get_tensor(m, SAE_W_DEC, out + w));
-        ck_assert_ok(sae_model_get_tensor(m, SAE_B_ENC, out + 2 * w));
-        ck_assert_ok(sae_model_get_tensor(m, SAE_B_DEC, out + 2 * w + s));
-        if (sae_model_arch(m) == SAE_ARCH_JUMPRELU)
-            ck_assert_ok(sae_model_get_tensor(m, SAE_THRESHOLD, out + 2 * w + s + d));
+    const size_t d = sae_model_d_in(m), s = sae_model_d_sae(m), o = sae_model_d_out(m);
+    const struct {
+        sae_tensor which;
+        size_t count;
+    } parts[] = {{SAE_W_ENC, d * s}, {SAE_W_DEC, s * o},     {SAE_B_ENC, s},
+                 {SAE_B_DEC, o},     {SAE_THRESHOLD, s},     {SAE_W_SKIP, d * o}};
+    size_t total = 0;
+    for (size_t q = 0; q < sizeof parts / sizeof parts[0]; q++) {
+        if (!sae_model_has_tensor(m, parts[q].which))
+            continue;
+        if (out != NULL)
+            ck_assert_ok(sae_model_get_tensor(m, parts[q].which, out + total));
+        total += parts[q].count;
     }
-    return 2 * w + s + d + (sae_model_arch(m) == SAE_ARCH_JUMPRELU ? s : 0);
+    return total;
 }
 
 /* ---- float64 references -------------------------------------------------------------------- */
@@ -574,6 +579,27 @@ static size_t get_trio(sae_model *const m[3], float *w[3])
     return total;
 }
 
+/* steps steps of n fresh tokens of width d (seeds seed, seed + 1, ...) through each trainer. */
+static void step_trio(sae_trainer *const t[3], size_t n, size_t d, uint64_t steps, uint64_t seed)
+{
+    for (uint64_t step = 0; step < steps; step++) {
+        float *x = tu_train_data(n, d, seed + step);
+        for (int i = 0; i < 3; i++)
+            ck_assert_ok(sae_trainer_step(t[i], x, n));
+        free(x);
+    }
+}
+
+/* Frees the trainers, models and weights of a trio. */
+static void free_trio(sae_model *const m[3], sae_trainer *const t[3], float *const w[3])
+{
+    for (int i = 0; i < 3; i++) {
+        free(w[i]);
+        sae_trainer_free(t[i]);
+        sae_model_free(m[i]);
+    }
+}
+
 /* JumpReLU's per-latent path splits across threads with one writer per sum: the weights do not
  * depend on the thread count, nor on the path (to float rounding). */
 START_TEST(jumprelu_threads_do_not_change_the_sums)
@@ -587,12 +613,7 @@ START_TEST(jumprelu_threads_do_not_change_the_sums)
         t[i]->jump_sparse_below = i < 2 ? 2.0 : 0.0;
         t[i]->jump_parallel_above = 0.0; /* split whenever there are threads */
     }
-    for (uint64_t step = 0; step < 10; step++) {
-        float *x = tu_train_data(n, d, 300 + step);
-        for (int i = 0; i < 3; i++)
-            ck_assert_ok(sae_trainer_step(t[i], x, n));
-        free(x);
-    }
+    step_trio(t, n, d, 10, 300);
     float *w[3];
     const size_t total = get_trio(m, w);
     ck_assert_mem_eq(w[0], w[1], total * sizeof(float));
@@ -600,11 +621,7 @@ START_TEST(jumprelu_threads_do_not_change_the_sums)
         ck_assert_msg(fabsf(w[0][q] - w[2][q]) <= 1e-4f * (1.0f + fabsf(w[2][q])),
                       "weight %zu: per-latent path %g, dense %g", q, (double)w[0][q],
                       (double)w[2][q]);
-    for (int i = 0; i < 3; i++) {
-        free(w[i]);
-        sae_trainer_free(t[i]);
-        sae_model_free(m[i]);
-    }
+    free_trio(m, t, w);
     free(sample);
 }
 END_TEST
@@ -624,23 +641,14 @@ START_TEST(jumprelu_calling_thread_and_split_agree)
         t[i]->jump_sparse_below = 2.0;
         t[i]->jump_parallel_above = above[i];
     }
-    for (uint64_t step = 0; step < 6; step++) {
-        float *x = tu_train_data(n, d, 400 + step);
-        for (int i = 0; i < 3; i++)
-            ck_assert_ok(sae_trainer_step(t[i], x, n));
-        free(x);
-    }
+    step_trio(t, n, d, 6, 400);
     /* The latents fired (so decoder rows, encoder columns and thresholds all took gradients). */
     ck_assert_double_gt(tu_metric(t[0], SAE_METRIC_L0), 1.0);
     float *w[3];
     const size_t total = get_trio(m, w);
     ck_assert_mem_eq(w[0], w[1], total * sizeof(float));
     ck_assert_mem_eq(w[0], w[2], total * sizeof(float));
-    for (int i = 0; i < 3; i++) {
-        free(w[i]);
-        sae_trainer_free(t[i]);
-        sae_model_free(m[i]);
-    }
+    free_trio(m, t, w);
     free(sample);
 }
 END_TEST
@@ -692,28 +700,11 @@ START_TEST(jumprelu_avx512_and_portable_kernels_agree)
     /* Latents fired, and some sat in the threshold's window unfired. */
     ck_assert_double_gt(tu_metric(t[0], SAE_METRIC_L0), 1.0);
     ck_assert_double_gt((double)t[0]->near_ptr[n] / (double)n, tu_metric(t[0], SAE_METRIC_L0));
-    const struct {
-        sae_tensor which;
-        size_t count;
-    } parts[] = {{SAE_W_ENC, d_in * s}, {SAE_W_DEC, s * d_out}, {SAE_B_ENC, s},
-                 {SAE_B_DEC, d_out},    {SAE_THRESHOLD, s},     {SAE_W_SKIP, d_in * d_out}};
-    for (size_t q = 0; q < sizeof parts / sizeof parts[0]; q++) {
-        if (!sae_model_has_tensor(m[0], parts[q].which))
-            continue;
-        float *w[3];
-        for (int i = 0; i < 3; i++) {
-            w[i] = tu_malloc(parts[q].count * sizeof(float));
-            ck_assert_ok(sae_model_get_tensor(m[i], parts[q].which, w[i]));
-        }
-        ck_assert_mem_eq(w[0], w[1], parts[q].count * sizeof(float));
-        ck_assert_mem_eq(w[0], w[2], parts[q].count * sizeof(float));
-        for (int i = 0; i < 3; i++)
-            free(w[i]);
-    }
-    for (int i = 0; i < 3; i++) {
-        sae_trainer_free(t[i]);
-        sae_model_free(m[i]);
-    }
+    float *w[3];
+    const size_t total = get_trio(m, w);
+    ck_assert_mem_eq(w[0], w[1], total * sizeof(float));
+    ck_assert_mem_eq(w[0], w[2], total * sizeof(float));
+    free_trio(m, t, w);
     free(sx);
     free(sy);
 }
